@@ -1,0 +1,29 @@
+"""Per-output-channel FP8 E4M3 weights, as AMD Quark 0.11 exports its ``ptpc_fp8`` scheme.
+
+Quark's weight path for a BF16 matrix: the per-row amax is taken in the weight's dtype, the scale is
+``amax / 448`` in that dtype (an all-zero row gets FP32 eps), the weight is divided by the scale in that
+dtype, clamped to +-448 and cast to ``float8_e4m3fn``. The scale is exported in the weight's dtype, shape [out].
+Those roundings are part of the format: an "equivalent" FP32 computation gives different bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from requant.constants import FP8_E4M3_MAX
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (float8_e4m3fn [out, in], scale [out] in weight.dtype)."""
+    if weight.dim() != 2:
+        raise ValueError(f"per-channel FP8 expects a 2-D weight, got shape {tuple(weight.shape)}")
+    amax = weight.abs().amax(dim=1)
+    scale = amax / FP8_E4M3_MAX
+    eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=weight.dtype, device=weight.device)
+    scale = torch.where(scale == 0, eps, scale)
+    data = (weight / scale.unsqueeze(1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return data, scale
+
+
+def dequantize_fp8_per_channel(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (data.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)).to(dtype)

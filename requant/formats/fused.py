@@ -1,0 +1,136 @@
+"""Fused INT4 (compressed-tensors pack-quantized) -> MXFP4 (Quark 0.11) without BF16 matrices.
+
+Why a lookup table is exact: an INT4 group and an MX block are the same 32 input columns, so inside a
+block every weight is ``w = bf16(q * s)`` for one BF16 scale ``s = sign * M * 2**E`` (M in [1, 2)).
+Scaling by a power of two commutes with BF16 rounding while values stay normal, so the block's MX
+exponent is ``E - 127 + k(M, m) - 2`` where ``m = max |q|`` and ``k`` depends only on ``bf16(m * M)``,
+and every element ``w / 2**e = bf16(q * M) / 2**(k - 2)`` depends only on ``(sign, M, m, q)``.
+That is 2 * 128 * 9 block classes; for each we tabulate, with the reference encoder, the output byte
+for every input byte (two nibbles in, two FP4 codes out: the INT4 and FP4 nibble orders agree on
+little-endian words). Converting a block is then one table gather per byte.
+
+Blocks whose scale is so small or large that products go subnormal/overflow or the E8M0 exponent
+clamps (never the case in real checkpoints, but reachable by adversarial input) are re-encoded by
+the reference path, so the result is bit-exact for every input.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from requant.constants import (
+    BF16_EXP_MASK,
+    BF16_MANT_BITS,
+    E8M0_BIAS,
+    INT4_GROUP_SIZE,
+    INT4_OFFSET,
+    MX_BLOCK_SIZE,
+)
+from requant.formats.int4 import dequantize_int4, packed_columns
+from requant.formats.mxfp4 import e2m1_codes, quantize_mxfp4, shared_exponent
+
+_MANTISSAS = 1 << BF16_MANT_BITS  # 128 BF16 mantissas
+_MAXABS = 9  # max |q| in 0..8
+_CLASSES = 2 * _MANTISSAS * _MAXABS
+_BYTES_PER_BLOCK = MX_BLOCK_SIZE // 2
+# BF16 biased exponents for which every product q*s (|q| <= 8) is a normal BF16 and the block exponent
+# E - 127 + k - 2 (k in 0..4) stays inside [-127, 127] without touching Inf: the table is exact there.
+_SAFE_EXP_MIN, _SAFE_EXP_MAX = 3, 240
+
+
+@lru_cache(maxsize=8)
+def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte table uint8 [CLASSES * 256], exponent offset int32 [CLASSES]) built by the reference encoder.
+
+    Class index = (sign * 128 + mantissa) * 9 + m. The offset k - 2 is the block exponent relative to
+    the scale's unbiased exponent (unused, 0, for m == 0: an all-zero block is written as byte 0).
+    """
+    sign = torch.arange(2).repeat_interleave(_MANTISSAS * _MAXABS)
+    mant = torch.arange(_MANTISSAS).repeat_interleave(_MAXABS).repeat(2)
+    maxabs = torch.arange(_MAXABS).repeat(2 * _MANTISSAS)
+    # representative scale with exponent 0: +-(1 + mant/128)
+    bits = ((sign << 15) | (E8M0_BIAS << BF16_MANT_BITS) | mant).to(torch.int16)
+    s = bits.view(torch.bfloat16).to(torch.float32)
+    amax = (maxabs.to(torch.float32) * s.abs()).to(torch.bfloat16).to(torch.float32)
+    exp = shared_exponent(amax)  # = k - 2 since the representative scale has exponent 0
+    q = torch.arange(-INT4_OFFSET, 16 - INT4_OFFSET, dtype=torch.float32)
+    values = (q.unsqueeze(0) * s.unsqueeze(1)).to(torch.bfloat16).to(torch.float32)
+    codes = e2m1_codes(values / torch.exp2(exp.to(torch.float32)).unsqueeze(1))  # [CLASSES, 16 nibbles]
+    byte = torch.arange(256)
+    table = codes[:, byte & 0xF] | (codes[:, byte >> 4] << 4)  # [CLASSES, 256]
+    zero = maxabs == 0
+    table[zero] = 0
+    exp = torch.where(zero, torch.zeros_like(exp), exp)
+    return table.reshape(-1).contiguous().to(device), exp.to(torch.int32).to(device)
+
+
+def int4_to_mxfp4(
+    data_packed: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    rows_per_block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
+
+    Streams ``rows_per_block`` rows at a time; memory beyond the output is a few bytes per element
+    of one row block.
+    """
+    if scale.dtype != torch.bfloat16:
+        raise ValueError(f"fused INT4->MXFP4 needs BF16 group scales, got {scale.dtype}")
+    if in_features % MX_BLOCK_SIZE or INT4_GROUP_SIZE != MX_BLOCK_SIZE:
+        raise ValueError(f"input dimension {in_features} is not a multiple of {MX_BLOCK_SIZE}")
+    out_features = data_packed.shape[0]
+    n_blocks = in_features // MX_BLOCK_SIZE
+    if data_packed.shape[1] != packed_columns(in_features) or tuple(scale.shape) != (out_features, n_blocks):
+        raise ValueError(
+            f"packed {tuple(data_packed.shape)} / scale {tuple(scale.shape)} do not fit shape ({out_features}, {in_features})"
+        )
+    device = data_packed.device
+    table, exp_offset = _tables(str(device))
+    packed_out = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+    scale_out = torch.empty(out_features, n_blocks, dtype=torch.uint8, device=device)
+    nibble_bytes = data_packed.contiguous().view(torch.uint8)  # little-endian: low nibble first
+    scale_bits = scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+
+    for r0 in range(0, out_features, rows_per_block):
+        r1 = min(r0 + rows_per_block, out_features)
+        blocks = nibble_bytes[r0:r1].view(r1 - r0, n_blocks, _BYTES_PER_BLOCK)
+        lo, hi = blocks & 0xF, blocks >> 4
+        top = torch.maximum(lo, hi).amax(dim=-1).to(torch.int32)
+        bottom = torch.minimum(lo, hi).amin(dim=-1).to(torch.int32)
+        maxabs = torch.maximum(top - INT4_OFFSET, INT4_OFFSET - bottom)
+
+        bits = scale_bits[r0:r1]
+        exponent = (bits >> BF16_MANT_BITS) & BF16_EXP_MASK
+        cls = ((bits >> 15) * _MANTISSAS + (bits & (_MANTISSAS - 1))) * _MAXABS + maxabs
+        # index = class * 256 + input byte; int32 arithmetic in place (mixed-dtype broadcasts are slow)
+        index = blocks.to(torch.int32).add_((cls * 256).unsqueeze(-1))
+        torch.index_select(table, 0, index.view(-1), out=packed_out[r0:r1].view(-1))
+        block_exp = exponent - E8M0_BIAS + exp_offset[cls]
+        scale_out[r0:r1] = torch.where(maxabs == 0, 0, block_exp + E8M0_BIAS).to(torch.uint8)
+
+        unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
+        if bool(unsafe.any()):
+            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out)
+    return packed_out, scale_out
+
+
+def _reencode_blocks(
+    data_packed: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    r0: int,
+    r1: int,
+    unsafe: torch.Tensor,
+    packed_out: torch.Tensor,
+    scale_out: torch.Tensor,
+) -> None:
+    """Reference path for the rows holding blocks outside the table's exact range."""
+    rows = unsafe.any(dim=1).nonzero().flatten() + r0
+    weight = dequantize_int4(data_packed[rows], scale[rows], in_features)
+    packed, scales = quantize_mxfp4(weight)
+    packed_out[rows] = packed
+    scale_out[rows] = scales
+

@@ -1,0 +1,88 @@
+"""MXFP4 (OCP MX v1.0, E2M1 elements + E8M0 block scales) as AMD Quark 0.11 exports it.
+
+This is the plain-torch reference: readable, bit-exact against Quark's ``real_quantized`` export
+(``scale_calculation_mode="even"``, round-half-even elements, saturation at +-6, zero as +0).
+The fused INT4 -> MXFP4 kernel in :mod:`requant.formats.fused` is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from requant.constants import (
+    E2M1_EMAX,
+    E2M1_MAX,
+    E2M1_SIGN_BIT,
+    E2M1_VALUES,
+    E8M0_BIAS,
+    EVEN_ROUND_ADD,
+    FP32_EXP_BIAS,
+    FP32_MANT_BITS,
+    MX_BLOCK_SIZE,
+    SCALE_EXP_MAX,
+    SCALE_EXP_MIN,
+)
+
+
+def shared_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Quark's "even" block exponent for FP32 block maxima ``amax`` (>= 0), as int32 in [-127, 127].
+
+    Round amax to one mantissa bit (carry into the exponent at >= 1.75 * 2**n), take its exponent,
+    subtract E2M1's emax. Zero and FP32 subnormals give the minimum; a carry into the Inf exponent
+    (amax >= 1.75 * 2**127) gives the maximum, as Quark's ``log2(inf)`` does.
+    """
+    bits = amax.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    biased = ((bits + EVEN_ROUND_ADD) >> FP32_MANT_BITS) & 0xFF
+    exp = biased - FP32_EXP_BIAS - E2M1_EMAX
+    exp = torch.where(biased == 0, torch.full_like(exp, SCALE_EXP_MIN), exp)
+    exp = torch.where(biased == 0xFF, torch.full_like(exp, SCALE_EXP_MAX), exp)
+    return exp.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).to(torch.int32)
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """FP32 values already divided by the block scale -> 4-bit E2M1 codes (uint8, 0..15).
+
+    Round half to even on the E2M1 grid: the step is 0.5 below 2, 1 in [2, 4) and 2 from 4 upward;
+    torch.round is half-to-even, and the even grid points coincide with even mantissas. Saturates at
+    6. A value that rounds to zero is +0 whatever its sign.
+    """
+    mag = x.abs()
+    fine = torch.round(mag * 2) / 2
+    mid = torch.round(mag)
+    coarse = torch.round(mag / 2) * 2
+    val = torch.where(mag < 2, fine, torch.where(mag < 4, mid, coarse)).clamp(max=E2M1_MAX)
+    # grid value -> magnitude code: v*2 below 2, v+2 in [2, 4), v/2+4 from 4 (0,.5,1,1.5,2,3,4,6 -> 0..7)
+    code = torch.where(val < 2, val * 2, torch.where(val < 4, val + 2, val / 2 + 4)).to(torch.uint8)
+    negative = (x < 0) & (code != 0)
+    return code | (negative.to(torch.uint8) * E2M1_SIGN_BIT)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., n] -> uint8 [..., n/2]; element 2k in the low nibble, 2k+1 in the high."""
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n/2] -> uint8 codes [..., n]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference encoder: weight [..., in] (in % 32 == 0) -> (packed uint8 [..., in/2], E8M0 uint8 [..., in/32])."""
+    if weight.shape[-1] % MX_BLOCK_SIZE:
+        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK_SIZE}, got {tuple(weight.shape)}")
+    x = weight.to(torch.float32).reshape(*weight.shape[:-1], -1, MX_BLOCK_SIZE)
+    exp = shared_exponent(x.abs().amax(dim=-1))
+    scaled = x / torch.exp2(exp.to(torch.float32)).unsqueeze(-1)
+    codes = e2m1_codes(scaled).reshape(weight.shape)
+    return pack_fp4(codes), (exp + E8M0_BIAS).to(torch.uint8)
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(packed uint8 [..., in/2], E8M0 uint8 [..., in/32]) -> values [..., in]."""
+    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
+    values = lut[unpack_fp4(packed).long()]
+    blocks = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
+    scale = torch.exp2(scale_e8m0.to(torch.float32) - E8M0_BIAS).unsqueeze(-1)
+    return (blocks * scale).reshape(values.shape).to(dtype)
