@@ -1,0 +1,121 @@
+"""Turning finished layer jobs into a checkpoint: index, config, verbatim copies, model card, and the
+provenance manifest, which is written last. A directory without the manifest is incomplete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from requant.io.safetensors import sha256_file
+from requant.job import JobResult
+from requant.plan import CONFIG_FILE, INDEX_FILE, Plan
+from requant.quark_config import output_config
+
+MANIFEST_FILE = "requant-manifest.json"
+MODEL_CARD = "README.md"
+UPSTREAM_CARD = "UPSTREAM_README.md"
+MANIFEST_VERSION = 1
+_VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, inputs: dict[str, dict],
+             upstream: dict[str, str]) -> dict[str, Any]:
+    """Write everything but the shards (which the jobs wrote) into ``out_dir``; returns the manifest."""
+    out_dir = Path(out_dir)
+    results = sorted(results, key=lambda r: r.output_file)
+    weight_map = {name: r.output_file for r in results for name in r.tensors}
+    total = sum(_nbytes(info) for r in results for info in r.tensors.values())
+    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
+    for file in plan.extra_files:
+        dst = out_dir / (UPSTREAM_CARD if file == MODEL_CARD else file)
+        storage.copy_file_to(file, dst)
+    stats = {s.name: _stat(s) for r in results for s in r.stats}
+    (out_dir / MODEL_CARD).write_text(model_card(plan, upstream, stats))
+    outputs = {r.output_file: {"size": r.size, "sha256": r.sha256} for r in results}
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir).as_posix()
+        if path.is_file() and rel not in outputs and rel != MANIFEST_FILE:
+            outputs[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {
+        "requant_manifest": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "upstream": upstream,
+        "recipe": {"name": plan.recipe.name, "format": plan.recipe.format, "source": plan.recipe.source,
+                   "targets": dict(plan.recipe.targets), "min_snr_db": plan.recipe.min_snr_db,
+                   "warnings": list(plan.recipe.warnings)},
+        "versions": library_versions(),
+        "inputs": inputs,
+        "outputs": dict(sorted(outputs.items())),
+        "tensors": {name: {"file": r.output_file, **info} for r in results for name, info in sorted(r.tensors.items())},
+        "sources": {name: outs for r in results for name, outs in sorted(r.sources.items())},
+        "stats": stats,
+        "jobs": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("tensors", "sources", "stats")} for r in results],
+    }
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _nbytes(info: dict) -> int:
+    from requant.io.safetensors import DTYPES
+
+    return math.prod(info["shape"]) * DTYPES[info["dtype"]][1]
+
+
+def _stat(stat) -> dict[str, Any]:
+    exact = math.isinf(stat.snr_db) and stat.snr_db > 0
+    return {"target": stat.target, "snr_db": None if exact else round(stat.snr_db, 3), "exact": exact,
+            "rows_sampled": stat.rows_sampled, "rows": stat.rows}
+
+
+def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict]) -> str:
+    snrs = [s["snr_db"] for s in stats.values() if s["snr_db"] is not None]
+    lines = [
+        f"# {upstream.get('id', 'model')} — {plan.recipe.name}",
+        "",
+        f"Re-quantized by requant from `{upstream.get('id')}` (revision `{upstream.get('revision')}`).",
+        "",
+        "## Recipe",
+        "",
+        plan.recipe.description,
+        "",
+        "| tensor class | target |",
+        "|---|---|",
+        *[f"| {cls} | {target} |" for cls, target in plan.recipe.targets],
+        "",
+    ]
+    for warning in plan.recipe.warnings:
+        lines += [f"> **Serving note:** {warning}", ""]
+    if snrs:
+        lines += [
+            "## Re-quantization error",
+            "",
+            f"{len(snrs)} quantized modules; SNR against the BF16 weights: min {min(snrs):.2f} dB, "
+            f"mean {sum(snrs) / len(snrs):.2f} dB (details in `{MANIFEST_FILE}`).",
+            "",
+        ]
+    lines += ["## Quality", "", "Not evaluated yet.", "", "## Provenance", "",
+              f"Inputs, outputs, hashes and library versions: `{MANIFEST_FILE}`. "
+              f"The upstream model card is kept verbatim as `{UPSTREAM_CARD}` when present.", ""]
+    return "\n".join(lines)

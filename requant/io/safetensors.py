@@ -1,0 +1,219 @@
+"""safetensors without unpickling and without reading whole shards.
+
+Reading: parse and fully validate the JSON header (bounds, sizes, overlaps, dtypes) from the first
+bytes of a shard, then fetch single tensors by byte range. Writing: a streaming writer that puts the
+header first (all shapes are known from the plan) and then one tensor at a time, hashing as it goes,
+so a job never holds more than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from requant.errors import CheckpointError
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F64": (torch.float64, 8),
+}
+TORCH_TO_NAME = {t: name for name, (t, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+HEADER_PREFIX = 8
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a shard: where its bytes are (absolute file offsets) and what they mean."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+def header_length(prefix: bytes, file: str, file_size: int) -> int:
+    if file_size < HEADER_PREFIX or len(prefix) < HEADER_PREFIX:
+        raise CheckpointError(file, f"truncated: {file_size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:HEADER_PREFIX])
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(file, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if HEADER_PREFIX + n > file_size:
+        raise CheckpointError(file, f"header length {n} runs past the end of the file ({file_size} bytes)")
+    return n
+
+
+def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate a safetensors header and return its tensors (absolute offsets) and metadata."""
+    try:
+        raw = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(file, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(file, "header is not a JSON object")
+    metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(file, "__metadata__ must map strings to strings")
+    base = HEADER_PREFIX + len(header)
+    data_len = file_size - base
+    entries: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        entries[name] = _entry(name, info, file, base, data_len)
+    spans = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    cursor = base
+    for prev, entry in zip([None, *spans[:-1]], spans):
+        if entry.start < cursor:
+            raise CheckpointError(file, f"bytes {entry.start}..{entry.end} overlap tensor {prev.name}", entry.name)
+        if entry.start > cursor:
+            raise CheckpointError(file, f"gap of {entry.start - cursor} bytes before this tensor", entry.name)
+        cursor = entry.end
+    if cursor != file_size:
+        raise CheckpointError(file, f"tensor data ends at byte {cursor} but the file has {file_size} bytes")
+    return entries, metadata
+
+
+def _entry(name: str, info: object, file: str, base: int, data_len: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise CheckpointError(file, "header entry is not an object", name)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(file, f"unknown dtype {dtype!r}", name)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(file, f"shape {shape!r} is not a list of non-negative integers", name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(file, f"data_offsets {offsets!r} is not a pair of integers", name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(file, f"data_offsets {offsets} are not ordered", name)
+    if end > data_len:
+        raise CheckpointError(file, f"data_offsets {offsets} run past the end of the data ({data_len} bytes); truncated shard?", name)
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise CheckpointError(file, f"{dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}", name)
+    return TensorEntry(name, file, dtype, tuple(shape), base + begin, base + end)
+
+
+def read_header(storage, file: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Read and validate one shard's header with two small range reads."""
+    size = storage.size(file)
+    n = header_length(storage.read_range(file, 0, min(HEADER_PREFIX, size)), file, size)
+    return parse_header(storage.read_range(file, HEADER_PREFIX, HEADER_PREFIX + n), file, size)
+
+
+def bytes_to_tensor(data: bytes | bytearray, entry: TensorEntry) -> torch.Tensor:
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).reshape(entry.shape)
+
+
+def read_tensor(storage, entry: TensorEntry) -> torch.Tensor:
+    """Fetch exactly one tensor's bytes."""
+    return bytes_to_tensor(storage.read_range(entry.file, entry.start, entry.end), entry)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a writer will put in a file, known before the data exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def layout(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Order tensors as safetensors does (largest element size first, then name), which keeps every
+    tensor aligned to its element size without padding between tensors."""
+    return sorted(specs, key=lambda s: (-DTYPES[s.dtype][1], s.name))
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose layout is fixed up front (all shapes come from the plan).
+
+    Tensors may arrive in any order: each is written at its own offset, so a job holds one tensor at
+    a time. ``close`` checks every declared tensor arrived and returns the file's sha256.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        self._offsets: dict[str, tuple[int, TensorSpec]] = {}
+        for spec in layout(specs):
+            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            self._offsets[spec.name] = (offset, spec)
+            offset += spec.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._base = HEADER_PREFIX + len(blob)
+        self._written: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._file.truncate(self._base + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._offsets or name in self._written:
+            raise RuntimeError(f"{self.path}: tensor {name} was not declared or is written twice")
+        offset, spec = self._offsets[name]
+        if TORCH_TO_NAME.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"{self.path}: {name} is {tensor.dtype}{tuple(tensor.shape)}, declared {spec.dtype}{spec.shape}")
+        data = tensor.detach().cpu().contiguous()
+        if data.numel():
+            self._file.seek(self._base + offset)
+            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        self._written.add(name)
+
+    def close(self) -> str:
+        """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing."""
+        self._file.close()
+        missing = sorted(set(self._offsets) - self._written)
+        if missing:
+            self.path.unlink(missing_ok=True)
+            raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
+        return sha256_file(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,101 @@
+"""Where checkpoints live. The core only needs byte ranges, whole small files and a file list.
+
+``LocalDir`` is the local implementation; object storage plugs in behind the same interface.
+Paths are always relative, '/'-separated, and may not leave the root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from requant.errors import CheckpointError
+
+
+def check_relative(path: str, where: str) -> str:
+    """Reject absolute paths, '..' components and empty names (an index must not point outside)."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or "\\" in path or any(part in ("..", "") for part in path.split("/")):
+        raise CheckpointError(where, f"path {path!r} is outside the checkpoint (absolute or '..')")
+    return str(p)
+
+
+class Storage(Protocol):
+    """Read side of a checkpoint location."""
+
+    uri: str
+
+    def size(self, path: str) -> int: ...
+
+    def read_range(self, path: str, start: int, end: int) -> bytes: ...
+
+    def read_bytes(self, path: str) -> bytes: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def list_files(self) -> list[str]: ...
+
+    def sha256(self, path: str) -> str: ...
+
+    def copy_file_to(self, path: str, dst: Path) -> None: ...
+
+
+class LocalDir:
+    """A checkpoint directory on a local (or mounted) file system."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.uri = str(self.root)
+
+    def _path(self, path: str) -> Path:
+        full = (self.root / check_relative(path, self.uri)).resolve()
+        if self.root not in full.parents and full != self.root:
+            raise CheckpointError(self.uri, f"path {path!r} resolves outside the checkpoint")
+        return full
+
+    def size(self, path: str) -> int:
+        try:
+            return self._path(path).stat().st_size
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        with open(self._path(path), "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise CheckpointError(f"{self.uri}/{path}", f"short read: wanted bytes {start}..{end}, file ends first")
+        return data
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self._path(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
+
+    def exists(self, path: str) -> bool:
+        return self._path(path).is_file()
+
+    def list_files(self) -> list[str]:
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file() and not p.is_symlink()
+        )
+
+    def sha256(self, path: str) -> str:
+        from requant.io.safetensors import sha256_file
+
+        return sha256_file(self._path(path))
+
+    def copy_file_to(self, path: str, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(path), dst)
+
+
+def open_storage(uri: str) -> Storage:
+    if "://" in uri:
+        raise CheckpointError(uri, "only local directories are supported by this build")
+    if not Path(uri).is_dir():
+        raise CheckpointError(uri, "not a directory")
+    return LocalDir(uri)

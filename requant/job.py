@@ -1,0 +1,140 @@
+"""Running one layer job: read its tensors by byte range, transcode, write its own output shard.
+
+This is the single job function both the local path (``requant convert --local``) and the
+distributed flow execute, so their outputs are byte-identical by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from requant.errors import CheckpointError
+from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_channel
+from requant.formats.fused import int4_to_mxfp4
+from requant.formats.int4 import dequantize_int4
+from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from requant.io.safetensors import SafetensorsWriter, read_tensor
+from requant.io.storage import Storage
+from requant.plan import LayerJob, TensorTask
+
+SNR_SAMPLE_ROWS = 64  # rows per tensor used for the error statistics (evenly spaced, deterministic)
+
+
+@dataclass(frozen=True)
+class TensorStat:
+    """Error of a re-quantized module against its high-precision (BF16) weights."""
+
+    name: str
+    target: str
+    snr_db: float
+    rows_sampled: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: str
+    output_file: str
+    sha256: str
+    size: int
+    bytes_in: int
+    seconds: float
+    host: str
+    tensors: dict[str, dict] = field(default_factory=dict)  # output name -> {dtype, shape}
+    sources: dict[str, list[str]] = field(default_factory=dict)  # upstream name -> output names
+    stats: tuple[TensorStat, ...] = ()
+
+
+def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu") -> JobResult:
+    start = time.perf_counter()
+    path = Path(out_dir) / job.output_file
+    writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name})
+    stats: list[TensorStat] = []
+    try:
+        for task in job.tasks:
+            outputs, stat = transcode(task, source, device)
+            for spec, tensor in zip(task.outputs, outputs):
+                writer.write(spec.name, tensor)
+            if stat is not None:
+                stats.append(stat)
+        digest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return JobResult(
+        job=job.name,
+        output_file=job.output_file,
+        sha256=digest,
+        size=path.stat().st_size,
+        bytes_in=job.bytes_in,
+        seconds=time.perf_counter() - start,
+        host=socket.gethostname(),
+        tensors={s.name: {"dtype": s.dtype, "shape": list(s.shape)} for s in job.specs},
+        sources={e.name: [s.name for s in t.outputs] for t in job.tasks for e in t.inputs},
+        stats=tuple(stats),
+    )
+
+
+def transcode(task: TensorTask, source: Storage, device: str = "cpu") -> tuple[list[torch.Tensor], TensorStat | None]:
+    """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats."""
+    if task.kind == "copy":
+        (entry,) = task.inputs
+        tensor = read_tensor(source, entry)
+        _check_finite(tensor, entry.file, entry.name)
+        return [tensor], None
+    if task.kind == "int4":
+        packed, scale = _read_int4(task, source)
+        packed, scale = packed.to(device), scale.to(device)
+        in_features = task.shape[1]
+        if task.target == "mxfp4":
+            out = list(int4_to_mxfp4(packed, scale, in_features))
+        else:
+            weight = dequantize_int4(packed, scale, in_features)
+            out = [weight] if task.target == "unquantized" else list(quantize_fp8_per_channel(weight))
+        reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
+    else:
+        (entry,) = task.inputs
+        weight = read_tensor(source, entry)
+        _check_finite(weight, entry.file, entry.name)
+        weight = weight.to(device)
+        out = list(quantize_mxfp4(weight) if task.target == "mxfp4" else quantize_fp8_per_channel(weight))
+        reference = lambda rows: weight[rows]  # noqa: E731
+    stat = None if task.target == "unquantized" else _error_stat(task, out, reference)
+    return [t.cpu() for t in out], stat
+
+
+def _read_int4(task: TensorTask, source: Storage) -> tuple[torch.Tensor, torch.Tensor]:
+    packed_e, scale_e, shape_e = task.inputs
+    shape = read_tensor(source, shape_e).tolist()
+    if tuple(shape) != task.shape:
+        raise CheckpointError(shape_e.file, f"weight_shape is {shape}, config implies {list(task.shape)}", shape_e.name)
+    scale = read_tensor(source, scale_e)
+    _check_finite(scale, scale_e.file, scale_e.name)
+    return read_tensor(source, packed_e), scale
+
+
+def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(file, f"{bad} NaN/Inf values", name)
+
+
+def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorStat:
+    rows = task.shape[0]
+    sample = torch.linspace(0, rows - 1, min(rows, SNR_SAMPLE_ROWS)).round().long().unique()
+    ref = reference(sample.to(out[0].device)).to(torch.float32)
+    if task.target == "mxfp4":
+        got = dequantize_mxfp4(out[0][sample], out[1][sample])
+    else:
+        rows_fp8 = out[0].view(torch.uint8)[sample].view(out[0].dtype)  # CPU indexing has no FP8 kernel
+        got = dequantize_fp8_per_channel(rows_fp8, out[1][sample])
+    signal = float(ref.double().pow(2).sum())
+    noise = float((ref.double() - got.double()).pow(2).sum())
+    snr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+    return TensorStat(task.name, task.target, snr, len(sample), rows)

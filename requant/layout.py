@@ -1,0 +1,174 @@
+"""What a Kimi-K2.6 / DeepseekV3-family checkpoint must contain, derived from its config.json.
+
+Nothing here is hard-coded to K2.6's sizes: every shape comes from the config, so the same code
+checks the real 61-layer model and the small synthetic ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from requant.errors import CheckpointError
+
+# Architectures whose text part is DeepseekV3 with MLA and sigmoid/noaux_tc MoE routing.
+# KimiK25 is the VLM wrapper (text under ``language_model.``); the others are text-only.
+VLM_ARCHITECTURES = {"KimiK25ForConditionalGeneration"}
+TEXT_ARCHITECTURES = {"DeepseekV3ForCausalLM", "KimiK2ForCausalLM"}
+VLM_TEXT_PREFIX = "language_model."
+
+# Tensor classes a recipe maps to targets. Patterns are fnmatch on module names (the tensor name
+# without its last component), checked in order; the first match wins.
+CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vision_tower", ("vision_tower.*",)),
+    ("mm_projector", ("mm_projector.*",)),
+    ("routed_expert", ("*.mlp.experts.*",)),
+    ("shared_expert", ("*.mlp.shared_experts.*",)),
+    ("router", ("*.mlp.gate",)),
+    ("dense_mlp", ("*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj")),
+    ("norm", ("*norm",)),
+    ("attention", ("*.self_attn.*",)),
+    ("embedding", ("*embed_tokens",)),
+    ("lm_head", ("*lm_head",)),
+)
+TENSOR_CLASSES = tuple(name for name, _ in CLASS_PATTERNS)
+INT4_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+
+
+def classify(module: str) -> str | None:
+    for cls, patterns in CLASS_PATTERNS:
+        if any(fnmatch.fnmatchcase(module, p) for p in patterns):
+            return cls
+    return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of config.json the converter reads; ``raw`` is kept verbatim for the output."""
+
+    raw: dict[str, Any]
+    text: dict[str, Any]
+    prefix: str  # "language_model." for the VLM wrapper, "" for text-only checkpoints
+    quantization: dict[str, Any] | None  # upstream compressed-tensors config, if any
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text["num_hidden_layers"])
+
+
+def load_config(data: bytes, file: str = "config.json") -> ModelConfig:
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(file, f"not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(file, "not a JSON object")
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or len(archs) != 1:
+        raise CheckpointError(file, f"expected one entry in 'architectures', got {archs!r}")
+    arch = archs[0]
+    if arch in VLM_ARCHITECTURES:
+        text, prefix = raw.get("text_config"), VLM_TEXT_PREFIX
+        if not isinstance(text, dict):
+            raise CheckpointError(file, f"{arch} needs a 'text_config' object")
+    elif arch in TEXT_ARCHITECTURES:
+        text, prefix = raw, ""
+    else:
+        supported = ", ".join(sorted(VLM_ARCHITECTURES | TEXT_ARCHITECTURES))
+        raise CheckpointError(file, f"unknown architecture {arch!r}; supported: {supported}")
+    quant = text.get("quantization_config") or raw.get("quantization_config")
+    _check_text_config(text, file)
+    return ModelConfig(raw=raw, text=text, prefix=prefix, quantization=quant)
+
+
+_REQUIRED_INT = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
+    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "vocab_size", "first_k_dense_replace",
+)
+
+
+def _check_text_config(text: dict[str, Any], file: str) -> None:
+    for key in _REQUIRED_INT:
+        value = text.get(key)
+        if type(value) is not int or value < 0:
+            raise CheckpointError(file, f"text config field {key!r} must be a non-negative integer, got {value!r}")
+
+
+def check_int4_config(quant: dict[str, Any] | None, file: str = "config.json") -> None:
+    """The upstream quantization must be compressed-tensors pack-quantized symmetric INT4, group 32."""
+    if quant is None:
+        return
+    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
+        raise CheckpointError(
+            file, f"quantization_config {quant.get('quant_method')!r}/{quant.get('format')!r} is not compressed-tensors pack-quantized"
+        )
+    for name, group in (quant.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"), w.get("symmetric"))
+        if got != (4, "int", "group", 32, True):
+            raise CheckpointError(
+                file, f"config group {name}: weights {got} are not (num_bits 4, int, group, group_size 32, symmetric)"
+            )
+
+
+def expected_modules(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every text weight the config implies, as ``{module: weight shape}`` (1-D for norms)."""
+    t, p = cfg.text, cfg.prefix
+    hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    nope, rope, v_dim = t["qk_nope_head_dim"], t["qk_rope_head_dim"], t["v_head_dim"]
+    kv_rank, q_rank = t["kv_lora_rank"], t.get("q_lora_rank")
+    experts, moe_inter = t["n_routed_experts"], t["moe_intermediate_size"]
+    shared = t.get("n_shared_experts") or 0
+    freq = t.get("moe_layer_freq", 1) or 1
+    mods: dict[str, tuple[int, ...]] = {
+        f"{p}model.embed_tokens": (t["vocab_size"], hidden),
+        f"{p}model.norm": (hidden,),
+    }
+    if not t.get("tie_word_embeddings", False):
+        mods[f"{p}lm_head"] = (t["vocab_size"], hidden)
+    for i in range(cfg.num_layers):
+        L = f"{p}model.layers.{i}"
+        mods[f"{L}.input_layernorm"] = (hidden,)
+        mods[f"{L}.post_attention_layernorm"] = (hidden,)
+        a = f"{L}.self_attn"
+        if q_rank:
+            mods[f"{a}.q_a_proj"] = (q_rank, hidden)
+            mods[f"{a}.q_a_layernorm"] = (q_rank,)
+            mods[f"{a}.q_b_proj"] = (heads * (nope + rope), q_rank)
+        else:
+            mods[f"{a}.q_proj"] = (heads * (nope + rope), hidden)
+        mods[f"{a}.kv_a_proj_with_mqa"] = (kv_rank + rope, hidden)
+        mods[f"{a}.kv_a_layernorm"] = (kv_rank,)
+        mods[f"{a}.kv_b_proj"] = (heads * (nope + v_dim), kv_rank)
+        mods[f"{a}.o_proj"] = (hidden, heads * v_dim)
+        if i >= t["first_k_dense_replace"] and i % freq == 0:
+            mods[f"{L}.mlp.gate"] = (experts, hidden)
+            if shared:
+                _mlp(mods, f"{L}.mlp.shared_experts", moe_inter * shared, hidden)
+            for e in range(experts):
+                _mlp(mods, f"{L}.mlp.experts.{e}", moe_inter, hidden)
+        else:
+            _mlp(mods, f"{L}.mlp", t["intermediate_size"], hidden)
+    return mods
+
+
+def _mlp(mods: dict[str, tuple[int, ...]], base: str, inter: int, hidden: int) -> None:
+    mods[f"{base}.gate_proj"] = (inter, hidden)
+    mods[f"{base}.up_proj"] = (inter, hidden)
+    mods[f"{base}.down_proj"] = (hidden, inter)
+
+
+def layer_of(name: str, prefix: str) -> int | None:
+    """Decoder layer index of a tensor name, or None for embeddings, head, vision tower, projector."""
+    head = f"{prefix}model.layers."
+    if not name.startswith(head):
+        return None
+    index = name[len(head) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def router_bias_expected(cfg: ModelConfig) -> bool:
+    return cfg.text.get("topk_method") == "noaux_tc"

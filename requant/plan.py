@@ -1,0 +1,298 @@
+"""Planning: read config.json, the index and every shard header (never tensor data), validate all of
+it, and cut the model into layer jobs. All problems are reported together, before any conversion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
+from requant.errors import CheckpointError, PlanError
+from requant.formats.int4 import packed_columns
+from requant.io.safetensors import TensorEntry, TensorSpec, read_header
+from requant.io.storage import Storage, check_relative
+from requant.layout import (
+    INT4_SUFFIXES,
+    ModelConfig,
+    check_int4_config,
+    classify,
+    expected_modules,
+    layer_of,
+    load_config,
+    router_bias_expected,
+)
+from requant.quark_config import is_quark_linear_weight
+from requant.recipe import Recipe
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+SINGLE_SHARD = "model.safetensors"
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+NON_LAYER_JOB = "non-layer"
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One unit of work inside a job: a module to transcode, or one tensor to copy verbatim.
+
+    kind: "copy" (bytes out == bytes in), "int4" (compressed-tensors INT4 module) or "dense"
+    (a high-precision ``weight`` to quantize). ``inputs`` are the upstream tensors it reads.
+    """
+
+    name: str
+    kind: str
+    target: str
+    inputs: tuple[TensorEntry, ...]
+    shape: tuple[int, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(e.nbytes for e in self.inputs)
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """Everything one worker does for one decoder layer (or for the non-layer tensors)."""
+
+    index: int
+    name: str
+    output_file: str
+    tasks: tuple[TensorTask, ...]
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [spec for task in self.tasks for spec in task.outputs]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.bytes_in for t in self.tasks)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str
+    recipe: Recipe
+    config: ModelConfig
+    jobs: tuple[LayerJob, ...]
+    input_shards: tuple[tuple[str, int], ...]  # (file, size)
+    extra_files: tuple[str, ...]  # copied byte for byte
+    excluded_modules: tuple[str, ...]  # Quark "exclude": linear weights left unquantized
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(size for _, size in self.input_shards)
+
+
+def build_plan(storage: Storage, recipe: Recipe) -> Plan:
+    config = load_config(storage.read_bytes(CONFIG_FILE), f"{storage.uri}/{CONFIG_FILE}")
+    check_int4_config(config.quantization, f"{storage.uri}/{CONFIG_FILE}")
+    problems: list[str] = []
+    weight_map, shards = _weight_map(storage, problems)
+    entries = _headers(storage, shards, weight_map, problems)
+    tasks = _tasks(config, recipe, entries, problems)
+    covered = {e.name for t in tasks for e in t.inputs}
+    problems += [f"{e.file}: {e.name}: not covered by recipe {recipe.name}" for n, e in sorted(entries.items()) if n not in covered and not problems]
+    if problems:
+        raise PlanError(problems)
+    files = set(storage.list_files())
+    extra = tuple(sorted(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_FILE, CONFIG_FILE)))
+    stray = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
+    if stray:
+        raise PlanError([f"{storage.uri}/{f}: shard is not referenced by {INDEX_FILE}" for f in stray])
+    jobs = _jobs(tasks, config)
+    excluded = tuple(sorted(
+        spec.name.rsplit(".", 1)[0]
+        for job in jobs for task in job.tasks if task.target == "unquantized"
+        for spec in task.outputs if is_quark_linear_weight(spec.name)
+    ))
+    sizes = tuple((f, storage.size(f)) for f in shards)
+    return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded)
+
+
+def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], list[str]]:
+    where = f"{storage.uri}/{INDEX_FILE}"
+    if not storage.exists(INDEX_FILE):
+        if storage.exists(SINGLE_SHARD):
+            return {}, [SINGLE_SHARD]
+        raise CheckpointError(where, "missing (and there is no single model.safetensors)")
+    try:
+        index = json.loads(storage.read_bytes(INDEX_FILE))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(where, f"not a valid index ({exc})") from exc
+    shards = []
+    for file in sorted(set(weight_map.values())):
+        try:
+            check_relative(file, where)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if not storage.exists(file):
+            problems.append(f"{where}: names {file}, which does not exist")
+            continue
+        shards.append(file)
+    return weight_map, shards
+
+
+def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> dict[str, TensorEntry]:
+    entries: dict[str, TensorEntry] = {}
+    for file in shards:
+        try:
+            header, _ = read_header(storage, file)
+        except CheckpointError as exc:
+            problems.append(f"{storage.uri}/{exc}")
+            continue
+        for name, entry in header.items():
+            if weight_map and weight_map.get(name) != file:
+                problems.append(f"{storage.uri}/{file}: {name}: in this shard but the index says {weight_map.get(name)!r}")
+            elif name in entries:
+                problems.append(f"{storage.uri}/{file}: {name}: also stored in {entries[name].file}")
+            else:
+                entries[name] = entry
+    for name, file in weight_map.items():
+        if file in shards and name not in entries:
+            problems.append(f"{storage.uri}/{file}: {name}: listed in the index but missing from the shard")
+    return entries
+
+
+def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry], problems: list[str]) -> list[TensorTask]:
+    by_module: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
+    for name, entry in entries.items():
+        module, _, param = name.rpartition(".")
+        by_module[module][param] = entry
+    expected = expected_modules(config)
+    tasks: list[TensorTask] = []
+    for module, shape in expected.items():
+        params = by_module.get(module)
+        if not params:
+            problems.append(f"{module}: missing (config.json implies a weight of shape {list(shape)})")
+            continue
+        task = _module_task(module, shape, params, recipe, problems)
+        if task:
+            tasks.append(task)
+    if router_bias_expected(config):
+        for module in (m for m in expected if m.endswith(".mlp.gate")):
+            bias = by_module.get(module, {}).get("e_score_correction_bias")
+            if bias is None:
+                problems.append(f"{module}.e_score_correction_bias: missing (topk_method noaux_tc needs it)")
+            elif bias.shape != (expected[module][0],) or bias.dtype not in FLOAT_DTYPES:
+                problems.append(f"{bias.file}: {bias.name}: {bias.dtype}{list(bias.shape)}, config implies a float [{expected[module][0]}]")
+            else:
+                tasks.append(_copy_task(bias))
+    for module, params in by_module.items():
+        known: set[str] = set()
+        if module in expected:
+            known = {"weight"} if "weight" in params else set(INT4_SUFFIXES)
+        if module in expected and module.endswith(".mlp.gate"):
+            known.add("e_score_correction_bias")
+        for param, entry in params.items():
+            if param in known:
+                continue
+            cls = classify(module)
+            if module in expected or cls not in ("vision_tower", "mm_projector"):
+                problems.append(f"{entry.file}: {entry.name}: unexpected tensor (not implied by config.json)")
+                continue
+            tasks.append(_vision_task(entry, recipe, problems))
+    return tasks
+
+
+def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe, problems: list[str]) -> TensorTask | None:
+    cls = classify(module)
+    target = recipe.target(cls) if cls else "unquantized"
+    if "weight_packed" in params or "weight_shape" in params or ("weight_scale" in params and "weight" not in params):
+        return _int4_task(module, shape, params, target, problems)
+    weight = params.get("weight")
+    if weight is None:
+        problems.append(f"{module}.weight: missing")
+        return None
+    if weight.shape != shape:
+        problems.append(f"{weight.file}: {weight.name}: shape {list(weight.shape)}, config implies {list(shape)}")
+        return None
+    if weight.dtype not in FLOAT_DTYPES:
+        problems.append(f"{weight.file}: {weight.name}: dtype {weight.dtype}, expected one of {FLOAT_DTYPES}")
+        return None
+    if target == "unquantized":
+        return _copy_task(weight)
+    if not _quantizable(weight.name, weight.file, shape, problems):
+        return None
+    return TensorTask(module, "dense", target, (weight,), shape, _quantized_outputs(module, shape, target, weight.dtype))
+
+
+def _int4_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], target: str, problems: list[str]) -> TensorTask | None:
+    missing = [s for s in INT4_SUFFIXES if s not in params]
+    anchor = next(iter(params.values()))
+    if missing:
+        have = ", ".join(sorted(params))
+        problems.append(f"{anchor.file}: {module}: has {have} but not {', '.join(missing)}")
+        return None
+    packed, scale, shape_t = (params[s] for s in INT4_SUFFIXES)
+    out, inp = shape
+    ok = True
+    if inp % INT4_GROUP_SIZE:
+        problems.append(f"{packed.file}: {packed.name}: input dimension {inp} is not a multiple of {INT4_GROUP_SIZE}")
+        ok = False
+    checks = (
+        (packed, "I32", (out, packed_columns(inp))),
+        (scale, "BF16", (out, -(-inp // INT4_GROUP_SIZE))),
+    )
+    for entry, dtype, want in checks:
+        if entry.dtype != dtype or entry.shape != want:
+            problems.append(f"{entry.file}: {entry.name}: {entry.dtype}{list(entry.shape)}, config implies {dtype}{list(want)}")
+            ok = False
+    if shape_t.dtype not in ("I32", "I64") or shape_t.shape != (2,):
+        problems.append(f"{shape_t.file}: {shape_t.name}: {shape_t.dtype}{list(shape_t.shape)}, expected I32/I64[2]")
+        ok = False
+    if ok and target != "unquantized":
+        ok = _quantizable(f"{module}.weight", packed.file, shape, problems)
+    if not ok:
+        return None
+    outputs = _quantized_outputs(module, shape, target, "BF16")
+    return TensorTask(module, "int4", target, (packed, scale, shape_t), shape, outputs)
+
+
+def _quantizable(name: str, file: str, shape: tuple[int, ...], problems: list[str]) -> bool:
+    if len(shape) != 2 or shape[1] % MX_BLOCK_SIZE:
+        problems.append(f"{file}: {name}: shape {list(shape)}: input dimension is not a multiple of {MX_BLOCK_SIZE}")
+        return False
+    return True
+
+
+def _quantized_outputs(module: str, shape: tuple[int, ...], target: str, hp_dtype: str) -> tuple[TensorSpec, ...]:
+    out, inp = shape
+    if target == "mxfp4":
+        return (TensorSpec(f"{module}.weight", "U8", (out, inp // 2)), TensorSpec(f"{module}.weight_scale", "U8", (out, inp // MX_BLOCK_SIZE)))
+    if target == "fp8_per_channel":
+        return (TensorSpec(f"{module}.weight", "F8_E4M3", shape), TensorSpec(f"{module}.weight_scale", hp_dtype, (out,)))
+    return (TensorSpec(f"{module}.weight", hp_dtype, shape),)
+
+
+def _copy_task(entry: TensorEntry) -> TensorTask:
+    return TensorTask(entry.name, "copy", "unquantized", (entry,), entry.shape, (TensorSpec(entry.name, entry.dtype, entry.shape),))
+
+
+def _vision_task(entry: TensorEntry, recipe: Recipe, problems: list[str]) -> TensorTask:
+    module, _, param = entry.name.rpartition(".")
+    target = recipe.target(classify(module))
+    if target == "unquantized" or param != "weight" or not is_quark_linear_weight(entry.name) or len(entry.shape) != 2:
+        return _copy_task(entry)
+    _quantizable(entry.name, entry.file, entry.shape, problems)
+    return TensorTask(module, "dense", target, (entry,), entry.shape, _quantized_outputs(module, entry.shape, target, entry.dtype))
+
+
+def _jobs(tasks: list[TensorTask], config: ModelConfig) -> tuple[LayerJob, ...]:
+    groups: dict[int | None, list[TensorTask]] = defaultdict(list)
+    for task in tasks:
+        groups[layer_of(task.inputs[0].name, config.prefix)].append(task)
+    keys = sorted(groups, key=lambda k: -1 if k is None else k)
+    total = len(keys)
+    jobs = []
+    for i, key in enumerate(keys):
+        name = NON_LAYER_JOB if key is None else f"layer-{key:03d}"
+        ordered = tuple(sorted(groups[key], key=lambda t: t.name))
+        jobs.append(LayerJob(i, name, f"model-{i + 1:05d}-of-{total:05d}.safetensors", ordered))
+    return tuple(jobs)

@@ -1,0 +1,287 @@
+"""Synthetic upstream checkpoints with Kimi-K2.6's exact layout, for tests and benchmarks.
+
+``tiny`` has every kind of tensor at toy sizes (seconds to build); ``k26-topology`` has K2.6's exact
+topology (61 layers, layer 0 dense, 384 routed + 1 shared expert, top-8, MLA) at small widths.
+Routed experts are INT4 quantized the way compressed-tensors' symmetric group quantizer does it and
+packed by compressed-tensors' own ``pack_to_int32``; shards are cut by size, so layers straddle
+shard boundaries as in the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from requant.constants import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
+from requant.errors import RequantError
+from requant.layout import VLM_TEXT_PREFIX
+from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
+
+
+@dataclass(frozen=True)
+class Profile:
+    layers: int
+    hidden: int
+    intermediate: int
+    moe_intermediate: int
+    experts: int
+    top_k: int
+    heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope: int
+    qk_rope: int
+    v_head: int
+    vocab: int
+    vision_hidden: int
+    vision_blocks: int
+    shards: int
+
+
+PROFILES = {
+    "tiny": Profile(layers=3, hidden=128, intermediate=256, moe_intermediate=64, experts=8, top_k=2, heads=4,
+                    q_lora_rank=64, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=1024,
+                    vision_hidden=64, vision_blocks=1, shards=4),
+    "k26-topology": Profile(layers=61, hidden=64, intermediate=128, moe_intermediate=32, experts=384, top_k=8, heads=2,
+                            q_lora_rank=32, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=1024,
+                            vision_hidden=32, vision_blocks=2, shards=16),
+}
+
+
+def text_config(p: Profile, bos: int, eos: int) -> dict:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "ep_size": 1,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": p.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": p.intermediate,
+        "kv_lora_rank": p.kv_lora_rank,
+        "max_position_embeddings": 262144,
+        "model_type": "kimi_k2",
+        "moe_intermediate_size": p.moe_intermediate,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": p.experts,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": p.heads,
+        "num_experts_per_tok": p.top_k,
+        "num_hidden_layers": p.layers,
+        "num_key_value_heads": p.heads,
+        "num_nextn_predict_layers": 0,
+        "pretraining_tp": 1,
+        "q_lora_rank": p.q_lora_rank,
+        "qk_nope_head_dim": p.qk_nope,
+        "qk_rope_head_dim": p.qk_rope,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096, "type": "yarn",
+        },
+        "rope_theta": 50000.0,
+        "routed_scaling_factor": 2.827,
+        "scoring_func": "sigmoid",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "v_head_dim": p.v_head,
+        "vocab_size": p.vocab,
+        "quantization_config": {
+            "config_groups": {
+                "group_0": {
+                    "input_activations": None,
+                    "output_activations": None,
+                    "targets": ["Linear"],
+                    "weights": {
+                        "actorder": None, "block_structure": None, "dynamic": False, "group_size": INT4_GROUP_SIZE,
+                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                        "symmetric": True, "type": "int",
+                    },
+                }
+            },
+            "format": "pack-quantized",
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
+                       "re:.*mlp\\.gate$", "re:vision_tower.*", "re:mm_projector.*"],
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+        },
+    }
+
+
+def model_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "auto_map": {
+            "AutoConfig": "configuration_kimi_k25.KimiK25Config",
+            "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+        },
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "ignore_index": -100,
+        "media_placeholder_token_id": media,
+        "model_type": "kimi_k25",
+        "pad_token_id": pad,
+        "text_config": text_config(p, bos, eos),
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.56.2",
+        "use_unified_vision_chunk": True,
+        "vision_config": {
+            "init_pos_emb_height": 64, "init_pos_emb_width": 64, "merge_kernel_size": [2, 2],
+            "mm_hidden_size": p.vision_hidden, "mm_projector_type": "patchmerger", "model_type": "kimi_vit",
+            "patch_size": 14, "projector_hidden_act": "gelu", "projector_ln_eps": 1e-05,
+            "text_hidden_size": p.hidden, "vt_hidden_size": p.vision_hidden, "vt_intermediate_size": 2 * p.vision_hidden,
+            "vt_num_attention_heads": 2, "vt_num_hidden_layers": p.vision_blocks,
+        },
+    }
+
+
+class _Weights:
+    """Deterministic tensors from one seeded generator."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def linear(self, out: int, inp: int) -> torch.Tensor:
+        return (torch.randn(out, inp, generator=self.gen) / inp**0.5).to(torch.bfloat16)
+
+    def norm(self, n: int) -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(n, generator=self.gen)).to(torch.bfloat16)
+
+    def int4_experts(self, count: int, out: int, inp: int) -> list[dict[str, torch.Tensor]]:
+        """``count`` INT4 expert matrices: symmetric group-32 min-max quantization of N(0, 1/inp) weights."""
+        w = torch.randn(count * out, inp // INT4_GROUP_SIZE, INT4_GROUP_SIZE, generator=self.gen) / inp**0.5
+        scale = (w.abs().amax(dim=-1, keepdim=True) / ((INT4_MAX - INT4_MIN) / 2)).to(torch.bfloat16)
+        q = torch.round(w / scale.float()).clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(count * out, inp)
+        packed = pack_to_int32(q, num_bits=4).reshape(count, out, -1)
+        scale = scale.reshape(count, out, -1)
+        shape = torch.tensor([out, inp], dtype=torch.int32)
+        return [{"weight_packed": packed[e].clone(), "weight_scale": scale[e].clone(), "weight_shape": shape.clone()} for e in range(count)]
+
+
+def _tensors(p: Profile, w: _Weights):
+    """(name, tensor) in checkpoint order: embeddings, layers in order, final norm and head, vision."""
+    lm = f"{VLM_TEXT_PREFIX}model"
+    yield f"{lm}.embed_tokens.weight", w.linear(p.vocab, p.hidden)
+    for i in range(p.layers):
+        L = f"{lm}.layers.{i}"
+        a = f"{L}.self_attn"
+        yield f"{L}.input_layernorm.weight", w.norm(p.hidden)
+        yield f"{L}.post_attention_layernorm.weight", w.norm(p.hidden)
+        yield f"{a}.q_a_proj.weight", w.linear(p.q_lora_rank, p.hidden)
+        yield f"{a}.q_a_layernorm.weight", w.norm(p.q_lora_rank)
+        yield f"{a}.q_b_proj.weight", w.linear(p.heads * (p.qk_nope + p.qk_rope), p.q_lora_rank)
+        yield f"{a}.kv_a_proj_with_mqa.weight", w.linear(p.kv_lora_rank + p.qk_rope, p.hidden)
+        yield f"{a}.kv_a_layernorm.weight", w.norm(p.kv_lora_rank)
+        yield f"{a}.kv_b_proj.weight", w.linear(p.heads * (p.qk_nope + p.v_head), p.kv_lora_rank)
+        yield f"{a}.o_proj.weight", w.linear(p.hidden, p.heads * p.v_head)
+        if i == 0:
+            yield from _mlp(f"{L}.mlp", p.intermediate, p.hidden, w)
+            continue
+        yield f"{L}.mlp.gate.weight", (0.02 * torch.randn(p.experts, p.hidden, generator=w.gen)).to(torch.bfloat16)
+        yield f"{L}.mlp.gate.e_score_correction_bias", 0.01 * torch.randn(p.experts, generator=w.gen)
+        yield from _mlp(f"{L}.mlp.shared_experts", p.moe_intermediate, p.hidden, w)
+        shapes = {"gate_proj": (p.moe_intermediate, p.hidden), "up_proj": (p.moe_intermediate, p.hidden),
+                  "down_proj": (p.hidden, p.moe_intermediate)}
+        mats = {proj: w.int4_experts(p.experts, *shape) for proj, shape in shapes.items()}
+        for e in range(p.experts):
+            for proj in shapes:
+                for param, tensor in mats[proj][e].items():
+                    yield f"{L}.mlp.experts.{e}.{proj}.{param}", tensor
+    yield f"{lm}.norm.weight", w.norm(p.hidden)
+    yield f"{VLM_TEXT_PREFIX}lm_head.weight", w.linear(p.vocab, p.hidden)
+    v, vi = p.vision_hidden, 2 * p.vision_hidden
+    yield "vision_tower.patch_embed.proj.weight", (0.02 * torch.randn(v, 3, 14, 14, generator=w.gen)).to(torch.bfloat16)
+    yield "vision_tower.patch_embed.proj.bias", torch.zeros(v, dtype=torch.bfloat16)
+    for b in range(p.vision_blocks):
+        B = f"vision_tower.encoder.blocks.{b}"
+        yield f"{B}.norm0.weight", w.norm(v)
+        yield f"{B}.norm0.bias", torch.zeros(v, dtype=torch.bfloat16)
+        yield f"{B}.wqkv.weight", w.linear(3 * v, v)
+        yield f"{B}.wqkv.bias", torch.zeros(3 * v, dtype=torch.bfloat16)
+        yield f"{B}.wo.weight", w.linear(v, v)
+        yield f"{B}.norm1.weight", w.norm(v)
+        yield f"{B}.mlp.fc0.weight", w.linear(vi, v)
+        yield f"{B}.mlp.fc1.weight", w.linear(v, vi)
+    yield "vision_tower.encoder.final_layernorm.weight", w.norm(v)
+    yield "mm_projector.pre_norm.weight", w.norm(v)
+    yield "mm_projector.proj.0.weight", w.linear(4 * v, 4 * v)
+    yield "mm_projector.proj.0.bias", torch.zeros(4 * v, dtype=torch.bfloat16)
+    yield "mm_projector.proj.2.weight", w.linear(p.hidden, 4 * v)
+    yield "mm_projector.proj.2.bias", torch.zeros(p.hidden, dtype=torch.bfloat16)
+
+
+def _mlp(base: str, inter: int, hidden: int, w: _Weights):
+    yield f"{base}.gate_proj.weight", w.linear(inter, hidden)
+    yield f"{base}.up_proj.weight", w.linear(inter, hidden)
+    yield f"{base}.down_proj.weight", w.linear(hidden, inter)
+
+
+LICENSE_TEXT = """Synthetic test checkpoint generated by requant.
+
+The tensors in this directory are random numbers with the layout of Moonshot AI's Kimi-K2.6; they
+carry no trained weights. The file exists so that tools copy license files through verbatim.
+"""
+
+REMOTE_CODE_STUB = '''# Stand-in for the upstream repository's remote code (configuration_kimi_k25.py).
+# requant copies files like this byte for byte and never imports or executes them.
+raise RuntimeError("remote code must never be executed by requant")
+'''
+
+
+def synthesize(dst: str | Path, profile: str = "tiny", seed: int = 0, progress: bool = True) -> Path:
+    if profile not in PROFILES:
+        raise RequantError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise RequantError(f"{dst}: exists and is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(dst, vocab_size=p.vocab, seed=seed)
+    tensors = list(tqdm(_tensors(p, _Weights(seed)), desc=f"synth {profile}", unit=" tensors", disable=not progress))
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    budget = -(-total // p.shards)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    used = 0
+    for name, tensor in tensors:
+        if used >= budget * len(shards) and len(shards) < p.shards:
+            shards.append([])
+        shards[-1].append((name, tensor))
+        used += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for i, group in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors"
+        save_file(dict(group), str(dst / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = model_config(p, ids["[BOS]"], ids["[EOS]"], ids["[PAD]"], ids["<|media_pad|>"])
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": ids["<|im_end|>"], "max_length": 262144, "do_sample": True,
+                  "temperature": 1.0, "top_p": 0.95}
+    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (dst / "LICENSE").write_text(LICENSE_TEXT)
+    (dst / "configuration_kimi_k25.py").write_text(REMOTE_CODE_STUB)
+    (dst / "README.md").write_text(f"# Synthetic Kimi-K2.6 layout ({profile}, seed {seed})\n\nRandom INT4/BF16 weights; see LICENSE.\n")
+    return dst
+
+
+__all__ = ["PROFILES", "SPECIAL_TOKENS", "synthesize"]
