@@ -21,7 +21,7 @@ from tqdm import tqdm
 from requant.constants import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
 from requant.errors import RequantError
 from requant.layout import VLM_TEXT_PREFIX
-from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
+from requant.tokenizer import write_tokenizer
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,11 @@ class _Weights:
 
     def int4_experts(self, count: int, out: int, inp: int) -> list[dict[str, torch.Tensor]]:
         """``count`` INT4 expert matrices: symmetric group-32 min-max quantization of N(0, 1/inp) weights."""
-        w = torch.randn(count * out, inp // INT4_GROUP_SIZE, INT4_GROUP_SIZE, generator=self.gen) / inp**0.5
+        groups = -(-inp // INT4_GROUP_SIZE)  # a partial last group gets its own scale, as in compressed-tensors
+        w = torch.randn(count * out, inp, generator=self.gen) / inp**0.5
+        w = torch.nn.functional.pad(w, (0, groups * INT4_GROUP_SIZE - inp)).reshape(count * out, groups, INT4_GROUP_SIZE)
         scale = (w.abs().amax(dim=-1, keepdim=True) / ((INT4_MAX - INT4_MIN) / 2)).to(torch.bfloat16)
-        q = torch.round(w / scale.float()).clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(count * out, inp)
+        q = torch.round(w / scale.float()).clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(count * out, -1)[:, :inp]
         packed = pack_to_int32(q, num_bits=4).reshape(count, out, -1)
         scale = scale.reshape(count, out, -1)
         shape = torch.tensor([out, inp], dtype=torch.int32)
@@ -247,10 +249,14 @@ raise RuntimeError("remote code must never be executed by requant")
 '''
 
 
-def synthesize(dst: str | Path, profile: str = "tiny", seed: int = 0, progress: bool = True) -> Path:
-    if profile not in PROFILES:
+def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, progress: bool = True) -> Path:
+    """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile."""
+    if isinstance(profile, Profile):
+        p, profile = profile, "custom"
+    elif profile in PROFILES:
+        p = PROFILES[profile]
+    else:
         raise RequantError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    p = PROFILES[profile]
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise RequantError(f"{dst}: exists and is not empty")
@@ -283,5 +289,3 @@ def synthesize(dst: str | Path, profile: str = "tiny", seed: int = 0, progress: 
     (dst / "README.md").write_text(f"# Synthetic Kimi-K2.6 layout ({profile}, seed {seed})\n\nRandom INT4/BF16 weights; see LICENSE.\n")
     return dst
 
-
-__all__ = ["PROFILES", "SPECIAL_TOKENS", "synthesize"]

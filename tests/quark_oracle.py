@@ -1,21 +1,64 @@
-"""Run AMD Quark 0.11's own file-to-file export (the reference output) in a separate process.
+"""AMD Quark 0.11, the reference implementation of the target format, used two ways by the tests.
 
-Usage: python tests/quark_oracle.py SRC DST SCHEME PATTERN [PATTERN ...]
-
-Quark sets torch's global default dtype from config.json and compiles kernels on first import, so
-the tests call it through this script instead of importing it into the test process.
+* In process: ``quark_quantize_weight`` runs the same per-tensor sequence as Quark's file-to-file
+  exporter (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale) on one weight.
+* As a script: ``python tests/quark_oracle.py SRC JOBS_JSON`` runs Quark's own
+  ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude"}`` in the JSON list. A
+  separate process, because that function sets torch's global default dtype from config.json.
 """
 
+from __future__ import annotations
+
+import json
 import sys
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def _weight_spec(scheme: str):
+    from quark.torch.quantization.config.template import LLMTemplate
+
+    return LLMTemplate.get("kimi_k25").get_config(scheme=scheme).global_quant_config.weight
+
+
+def quark_quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight bytes, weight_scale) exactly as Quark's file-to-file export stores them."""
+    import quark
+    from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
+    from quark.torch.utils.pack import create_pack_method
+
+    spec = _weight_spec(scheme)
+    quantizer = FakeQuantizeBase.get_fake_quantize(spec)
+    quantizer.enable_observer()
+    quantizer.disable_fake_quant()
+    quantizer(weight)
+    q = quark.torch.kernel.scaled_real_quantize(
+        spec.dtype.value, weight, quantizer.scale, quantizer.zero_point, spec.ch_axis, spec.group_size,
+        quantizer.quant_min, quantizer.quant_max, spec.round_method.value, spec.qscheme.value,
+    )
+    packed = create_pack_method(qscheme=spec.qscheme.value, dtype=spec.dtype.value).pack(q, False)
+    scale = quantizer.scale
+    if getattr(spec, "scale_format", None) == "e8m0":
+        scale = (torch.log2(scale).round().to(torch.int16).clamp(-127, 127) + 127).to(torch.uint8)
+    return packed, scale.contiguous()
+
+
+def quark_config_dict(scheme: str, exclude: list[str]) -> dict:
+    from quark.torch.quantization.config.template import LLMTemplate
+
+    return LLMTemplate.get("kimi_k25").get_config(scheme=scheme, exclude_layers=exclude).to_dict()
 
 
 def main() -> None:
-    src, dst, scheme, *exclude = sys.argv[1:]
+    src, jobs = sys.argv[1], json.loads(sys.argv[2])
     from quark.torch.quantization.config.template import LLMTemplate
     from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
 
-    config = LLMTemplate.get("kimi_k25").get_config(scheme=scheme, exclude_layers=exclude)
-    quantize_model_per_safetensor(src, config, dst, device="cpu")
+    for job in jobs:
+        config = LLMTemplate.get("kimi_k25").get_config(scheme=job["scheme"], exclude_layers=job["exclude"])
+        quantize_model_per_safetensor(src, config, job["dst"], device="cpu")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Shared fixtures: one synthetic upstream per session, Quark's reference exports computed once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from requant.synth import synthesize
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+# Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are
+# what a Quark user would pass for the same coverage, independent of requant's own class table.
+AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
+                    "*shared_experts*", "*mm_projector*", "*vision_tower*"]
+QUARK_EQUIVALENT = {
+    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"]),
+    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE),
+    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE),
+    "bf16-staging": ("mxfp4", ["*"]),  # everything excluded: Quark only decompresses
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("upstream") / "tiny", "tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
+    """Quark 0.11.2's own file-to-file export of the tiny upstream, for every recipe, in one process."""
+    root = tmp_path_factory.mktemp("quark")
+    jobs = [{"dst": str(root / name), "scheme": scheme, "exclude": exclude}
+            for name, (scheme, exclude) in QUARK_EQUIVALENT.items()]
+    proc = subprocess.run([sys.executable, str(TESTS / "quark_oracle.py"), str(tiny_upstream), json.dumps(jobs)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: root / name for name in QUARK_EQUIVALENT}

@@ -1,0 +1,91 @@
+"""The fused INT4 -> MXFP4 table kernel against the reference path and against Quark."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quark_oracle import quark_quantize_weight
+from requant.formats.fused import int4_to_mxfp4
+from requant.formats.int4 import dequantize_int4
+from requant.formats.mxfp4 import quantize_mxfp4
+
+
+def _reference(packed, scale, in_features):
+    return quantize_mxfp4(dequantize_int4(packed, scale, in_features))
+
+
+def _random_int4(rows, cols, seed, scale_bits=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=g)
+    if scale_bits is None:
+        scale = (torch.rand(rows, cols // 32, generator=g) * 0.02 + 1e-4).to(torch.bfloat16)
+    else:
+        scale = scale_bits.to(torch.int16).view(torch.bfloat16).reshape(rows, cols // 32)
+    return pack_to_int32(q, num_bits=4), scale, q
+
+
+def test_matches_reference_and_quark_on_kimi_shaped_rows():
+    packed, scale, _ = _random_int4(96, 7168, seed=0)
+    fused = int4_to_mxfp4(packed, scale, 7168, rows_per_block=40)  # ragged last row block
+    reference = _reference(packed, scale, 7168)
+    quark = quark_quantize_weight(dequantize_int4(packed, scale, 7168), "mxfp4")
+    for ours, ref, q in zip(fused, reference, quark):
+        assert torch.equal(ours, ref) and torch.equal(ours, q)
+
+
+def test_all_zero_and_single_value_blocks():
+    q = torch.zeros(4, 64, dtype=torch.int8)
+    q[1, 3] = -8  # max |q| = 8 from the negative side
+    q[2, 40] = 7
+    q[3, :] = 1
+    scale = torch.full((4, 2), 0.0107421875, dtype=torch.bfloat16)
+    packed = pack_to_int32(q, num_bits=4)
+    fused = int4_to_mxfp4(packed, scale, 64)
+    assert fused[1][0].tolist() == [0, 0]  # all-zero blocks: scale byte 0, codes 0
+    for ours, ref in zip(fused, _reference(packed, scale, 64)):
+        assert torch.equal(ours, ref)
+
+
+# Scale bit patterns spanning every BF16 class: zero, subnormal, tiny and huge exponents (the table's
+# fallback range), negative scales, every mantissa.
+@st.composite
+def scale_patterns(draw, n):
+    out = []
+    for _ in range(n):
+        kind = draw(st.sampled_from(["normal", "normal", "edge", "zero", "subnormal"]))
+        sign = draw(st.integers(0, 1)) << 15
+        if kind == "zero":
+            out.append(sign)
+        elif kind == "subnormal":
+            out.append(sign | draw(st.integers(1, 0x7F)))
+        else:
+            exp = draw(st.integers(100, 130)) if kind == "normal" else draw(st.sampled_from([1, 2, 3, 4, 239, 240, 241, 250]))
+            out.append(sign | exp << 7 | draw(st.integers(0, 0x7F)))
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.data())
+def test_matches_reference_for_every_scale_class(seed, data):
+    rows, cols = 6, 128
+    bits = data.draw(scale_patterns(rows * cols // 32))
+    packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=bits)
+    fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4)
+    reference = _reference(packed, scale, cols)
+    assert torch.equal(fused[1], reference[1])
+    assert torch.equal(fused[0], reference[0])
+
+
+@pytest.mark.parametrize("bad", ["scale_dtype", "shape"])
+def test_rejects_inconsistent_inputs(bad):
+    packed, scale, _ = _random_int4(4, 64, seed=3)
+    if bad == "scale_dtype":
+        scale = scale.float()
+    else:
+        packed = packed[:, :-1]
+    with pytest.raises(ValueError):
+        int4_to_mxfp4(packed, scale, 64)
