@@ -46,11 +46,11 @@ def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, d
     try:
         inputs = hash_inputs(storage, plan, progress)
         results: list[JobResult] = []
-        bar = tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B", unit_scale=True, disable=not progress)
-        for job in plan.jobs:
-            results.append(run_job(job, storage, staging, device=device))
-            bar.update(job.bytes_in)
-        bar.close()
+        with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
+                  unit_scale=True, disable=not progress) as bar:
+            for job in plan.jobs:
+                results.append(run_job(job, storage, staging, device=device))
+                bar.update(job.bytes_in)
         upstream = {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name, "revision": revision or "local"}
         manifest = assemble(plan, results, staging, storage, inputs, upstream)
         if dst_path.exists():

@@ -86,7 +86,7 @@ def transcode(task: TensorTask, source: Storage, device: str = "cpu") -> tuple[l
     if task.kind == "copy":
         (entry,) = task.inputs
         tensor = read_tensor(source, entry)
-        _check_finite(tensor, entry.file, entry.name)
+        _check_finite(tensor, f"{source.uri}/{entry.file}", entry.name)
         return [tensor], None
     if task.kind == "int4":
         packed, scale = _read_int4(task, source)
@@ -101,7 +101,7 @@ def transcode(task: TensorTask, source: Storage, device: str = "cpu") -> tuple[l
     else:
         (entry,) = task.inputs
         weight = read_tensor(source, entry)
-        _check_finite(weight, entry.file, entry.name)
+        _check_finite(weight, f"{source.uri}/{entry.file}", entry.name)
         weight = weight.to(device)
         out = list(quantize_mxfp4(weight) if task.target == "mxfp4" else quantize_fp8_per_channel(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
@@ -113,9 +113,9 @@ def _read_int4(task: TensorTask, source: Storage) -> tuple[torch.Tensor, torch.T
     packed_e, scale_e, shape_e = task.inputs
     shape = read_tensor(source, shape_e).tolist()
     if tuple(shape) != task.shape:
-        raise CheckpointError(shape_e.file, f"weight_shape is {shape}, config implies {list(task.shape)}", shape_e.name)
+        raise CheckpointError(f"{source.uri}/{shape_e.file}", f"weight_shape is {shape}, config implies {list(task.shape)}", shape_e.name)
     scale = read_tensor(source, scale_e)
-    _check_finite(scale, scale_e.file, scale_e.name)
+    _check_finite(scale, f"{source.uri}/{scale_e.file}", scale_e.name)
     return read_tensor(source, packed_e), scale
 
 

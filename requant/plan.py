@@ -91,10 +91,13 @@ def build_plan(storage: Storage, recipe: Recipe) -> Plan:
     check_int4_config(config.quantization, f"{storage.uri}/{CONFIG_FILE}")
     problems: list[str] = []
     weight_map, shards = _weight_map(storage, problems)
-    entries = _headers(storage, shards, weight_map, problems)
-    tasks = _tasks(config, recipe, entries, problems)
+    entries, readable = _headers(storage, shards, weight_map, problems)
+    # tensors the index puts in a missing or unreadable shard were reported once, with their shard
+    unreadable = {name for name, file in weight_map.items() if file not in readable}
+    tasks = _tasks(config, recipe, entries, unreadable, problems)
     covered = {e.name for t in tasks for e in t.inputs}
     problems += [f"{e.file}: {e.name}: not covered by recipe {recipe.name}" for n, e in sorted(entries.items()) if n not in covered and not problems]
+    problems = [p if p.startswith(storage.uri) else f"{storage.uri}/{p}" for p in problems]
     if problems:
         raise PlanError(problems)
     files = set(storage.list_files())
@@ -139,14 +142,16 @@ def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], 
     return weight_map, shards
 
 
-def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> dict[str, TensorEntry]:
+def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> tuple[dict[str, TensorEntry], set[str]]:
     entries: dict[str, TensorEntry] = {}
+    readable: set[str] = set()
     for file in shards:
         try:
             header, _ = read_header(storage, file)
         except CheckpointError as exc:
             problems.append(f"{storage.uri}/{exc}")
             continue
+        readable.add(file)
         for name, entry in header.items():
             if weight_map and weight_map.get(name) != file:
                 problems.append(f"{storage.uri}/{file}: {name}: in this shard but the index says {weight_map.get(name)!r}")
@@ -155,12 +160,13 @@ def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], pr
             else:
                 entries[name] = entry
     for name, file in weight_map.items():
-        if file in shards and name not in entries:
+        if file in readable and name not in entries:
             problems.append(f"{storage.uri}/{file}: {name}: listed in the index but missing from the shard")
-    return entries
+    return entries, readable
 
 
-def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry], problems: list[str]) -> list[TensorTask]:
+def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry], unreadable: set[str],
+           problems: list[str]) -> list[TensorTask]:
     by_module: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
     for name, entry in entries.items():
         module, _, param = name.rpartition(".")
@@ -169,6 +175,8 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
     tasks: list[TensorTask] = []
     for module, shape in expected.items():
         params = by_module.get(module)
+        if not params and any(f"{module}.{p}" in unreadable for p in ("weight", *INT4_SUFFIXES)):
+            continue
         if not params:
             problems.append(f"{module}: missing (config.json implies a weight of shape {list(shape)})")
             continue
@@ -178,6 +186,8 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
     if router_bias_expected(config):
         for module in (m for m in expected if m.endswith(".mlp.gate")):
             bias = by_module.get(module, {}).get("e_score_correction_bias")
+            if bias is None and f"{module}.e_score_correction_bias" in unreadable:
+                continue
             if bias is None:
                 problems.append(f"{module}.e_score_correction_bias: missing (topk_method noaux_tc needs it)")
             elif bias.shape != (expected[module][0],) or bias.dtype not in FLOAT_DTYPES:

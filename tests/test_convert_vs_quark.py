@@ -1,0 +1,95 @@
+"""requant convert --local against AMD Quark 0.11.2's own file-to-file export of the same input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import QUARK_EQUIVALENT
+from requant.convert import convert_local
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_upstream):
+    root = tmp_path_factory.mktemp("requant")
+    for recipe in QUARK_EQUIVALENT:
+        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+    return root
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("recipe", list(QUARK_EQUIVALENT))
+def test_tensors_equal_quark_export(recipe, converted, quark_exports):
+    ours, theirs = _tensors(converted / recipe), _tensors(quark_exports[recipe])
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+        assert _raw(a) == _raw(b), name
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("recipe", list(QUARK_EQUIVALENT))
+def test_config_equals_quark_export(recipe, converted, quark_exports):
+    ours = json.loads((converted / recipe / "config.json").read_text())
+    theirs = json.loads((quark_exports[recipe] / "config.json").read_text())
+    if recipe == "bf16-staging":
+        # Quark always writes a config, here one that excludes everything; bf16-staging writes none.
+        theirs.pop("quantization_config")
+        assert "quantization_config" not in ours
+    assert ours == theirs
+    assert list(ours.get("quantization_config", {})) == list(theirs.get("quantization_config", {}))  # key order too
+    assert "quantization_config" not in ours["text_config"]
+
+
+def test_router_difference_between_mxfp4_recipes(converted):
+    seed = json.loads((converted / "kimi-k2.6-mxfp4" / "config.json").read_text())["quantization_config"]
+    amd = json.loads((converted / "amd-kimi-mxfp4" / "config.json").read_text())["quantization_config"]
+    router = "language_model.model.layers.1.mlp.gate"
+    assert router in amd["exclude"] and router not in seed["exclude"]
+    tensors = _tensors(converted / "kimi-k2.6-mxfp4")
+    assert tensors[f"{router}.weight"].dtype == torch.uint8 and f"{router}.weight_scale" in tensors
+    assert tensors[f"{router}.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_copies_other_files_verbatim(converted, tiny_upstream):
+    out = converted / "kimi-k2.6-mxfp4"
+    for name in ("LICENSE", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "configuration_kimi_k25.py"):
+        assert (out / name).read_bytes() == (tiny_upstream / name).read_bytes(), name
+    assert (out / "UPSTREAM_README.md").read_bytes() == (tiny_upstream / "README.md").read_bytes()
+    card = (out / "README.md").read_text()
+    assert "kimi-k2.6-mxfp4" in card and "vLLM" in card
+
+
+def test_local_conversion_is_deterministic(tmp_path, tiny_upstream, converted):
+    convert_local(str(tiny_upstream), str(tmp_path / "again"), "kimi-k2.6-mxfp4", progress=False)
+    first = json.loads((converted / "kimi-k2.6-mxfp4" / "requant-manifest.json").read_text())["outputs"]
+    second = json.loads((tmp_path / "again" / "requant-manifest.json").read_text())["outputs"]
+    shards = [f for f in first if f.endswith(".safetensors")]
+    assert shards and all(first[f] == second[f] for f in shards)
+
+
+def test_manifest_provenance(converted, tiny_upstream):
+    manifest = json.loads((converted / "fp8-reference" / "requant-manifest.json").read_text())
+    upstream_names = set(json.loads((tiny_upstream / "model.safetensors.index.json").read_text())["weight_map"])
+    assert set(manifest["sources"]) == upstream_names  # every upstream tensor accounted for
+    assert set(manifest["inputs"]["shards"]) == {p.name for p in tiny_upstream.glob("*.safetensors")}
+    assert manifest["versions"]["torch"].startswith("2.9.1")
+    stats = manifest["stats"]
+    assert len(stats) == 2 * 8 * 3 and all(s["snr_db"] > 25 for s in stats.values())
