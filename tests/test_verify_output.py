@@ -1,0 +1,75 @@
+"""requant verify: a finished checkpoint passes; missing, corrupt, extra or unpublished output fails."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from requant.cli import main
+from requant.convert import convert_local
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_upstream):
+    out = tmp_path_factory.mktemp("verify") / "mx"
+    convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    return out
+
+
+@pytest.fixture
+def copy(good, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(good, dst)
+    return dst
+
+
+def _verify(path, capsys):
+    rc = main(["verify", str(path)])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_finished_output_verifies(good, capsys):
+    rc, text = _verify(good, capsys)
+    assert rc == 0 and "203 upstream tensors accounted for" in text
+
+
+def test_flipped_byte_in_a_shard_is_caught(copy, capsys):
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and shard.name in text and "sha256" in text
+
+
+def test_missing_manifest_means_incomplete(copy, capsys):
+    (copy / "requant-manifest.json").unlink()
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "incomplete" in text
+
+
+def test_missing_shard_and_extra_file(copy, capsys):
+    shard = sorted(copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    (copy / "stray.safetensors").write_bytes(b"x")
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and shard.name in text and "stray.safetensors" in text
+
+
+def test_config_edit_is_caught(copy, capsys):
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"]["exclude"].append("language_model.model.layers.1.mlp.experts.0.up_proj")
+    (copy / "config.json").write_text(json.dumps(config))
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "config.json" in text
+
+
+def test_snr_bound_from_recipe(copy, capsys):
+    manifest = json.loads((copy / "requant-manifest.json").read_text())
+    manifest["recipe"]["min_snr_db"] = 99.0
+    (copy / "requant-manifest.json").write_text(json.dumps(manifest))
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "below the recipe's 99.0 dB" in text
