@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from requant.io.safetensors import sha256_file
+from requant.io.safetensors import sha256_file, tensor_nbytes
 from requant.job import JobResult
 from requant.plan import CONFIG_FILE, INDEX_FILE, Plan
 from requant.quark_config import output_config
@@ -45,7 +45,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     out_dir = Path(out_dir)
     results = sorted(results, key=lambda r: r.output_file)
     weight_map = {name: r.output_file for r in results for name in r.tensors}
-    total = sum(_nbytes(info) for r in results for info in r.tensors.values())
+    total = sum(tensor_nbytes(info["dtype"], info["shape"]) for r in results for info in r.tensors.values())
     write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
     for file in plan.extra_files:
@@ -75,12 +75,6 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
     return manifest
-
-
-def _nbytes(info: dict) -> int:
-    from requant.io.safetensors import DTYPES
-
-    return math.prod(info["shape"]) * DTYPES[info["dtype"]][1]
 
 
 def _stat(stat) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--local", action="store_true", help="run every layer job in this process")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--device", default="cpu", help="torch device for the kernels (cpu, cuda, cuda:1, ...)")
+    c.add_argument("--threads", type=int, default=1, help="row threads per expert matrix (torch itself then uses 1)")
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="also write results.json and results.md into this directory")
     b.add_argument("--skip-checkpoint", action="store_true", help="kernel benchmarks only")
     b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--upstream", help="existing k26-topology upstream to convert (default: synthesize one)")
     return p
 
 
@@ -69,8 +71,12 @@ def _run(args: argparse.Namespace) -> int:
             raise RequantError("only --local conversion is available in this build (the Ray flow runs the same jobs)")
         from requant.convert import convert_local
 
+        if args.threads > 1:
+            import torch
+
+            torch.set_num_threads(1)
         manifest = convert_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
-                                 upstream_id=args.upstream_id, revision=args.revision)
+                                 upstream_id=args.upstream_id, revision=args.revision, threads=args.threads)
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {args.dst}: {len(manifest['tensors'])} tensors in {sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards")

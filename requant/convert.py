@@ -33,7 +33,8 @@ def hash_inputs(storage: Storage, plan: Plan, progress: bool = True) -> dict[str
 
 
 def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
-                  progress: bool = True, upstream_id: str | None = None, revision: str | None = None) -> dict[str, Any]:
+                  progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
+                  threads: int = 1) -> dict[str, Any]:
     storage = open_storage(src)
     plan = build_plan(storage, load_recipe(recipe))
     dst_path = Path(dst).resolve()
@@ -49,7 +50,7 @@ def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, d
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not progress) as bar:
             for job in plan.jobs:
-                results.append(run_job(job, storage, staging, device=device))
+                results.append(run_job(job, storage, staging, device=device, threads=threads))
                 bar.update(job.bytes_in)
         upstream = {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name, "revision": revision or "local"}
         manifest = assemble(plan, results, staging, storage, inputs, upstream)

@@ -51,14 +51,15 @@ class JobResult:
     stats: tuple[TensorStat, ...] = ()
 
 
-def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu") -> JobResult:
+def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1) -> JobResult:
+    """Convert one job's tensors into ``out_dir / job.output_file``; ``threads`` row threads per matrix."""
     start = time.perf_counter()
     path = Path(out_dir) / job.output_file
     writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name})
     stats: list[TensorStat] = []
     try:
         for task in job.tasks:
-            outputs, stat = transcode(task, source, device)
+            outputs, stat = transcode(task, source, device, threads)
             for spec, tensor in zip(task.outputs, outputs):
                 writer.write(spec.name, tensor)
             if stat is not None:
@@ -81,7 +82,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu") 
     )
 
 
-def transcode(task: TensorTask, source: Storage, device: str = "cpu") -> tuple[list[torch.Tensor], TensorStat | None]:
+def transcode(task: TensorTask, source: Storage, device: str = "cpu", threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
     """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats."""
     if task.kind == "copy":
         (entry,) = task.inputs
@@ -93,7 +94,7 @@ def transcode(task: TensorTask, source: Storage, device: str = "cpu") -> tuple[l
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
         if task.target == "mxfp4":
-            out = list(int4_to_mxfp4(packed, scale, in_features))
+            out = list(int4_to_mxfp4(packed, scale, in_features, threads=threads))
         else:
             weight = dequantize_int4(packed, scale, in_features)
             out = [weight] if task.target == "unquantized" else list(quantize_fp8_per_channel(weight))
@@ -127,8 +128,9 @@ def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
 
 def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorStat:
     rows = task.shape[0]
-    sample = torch.linspace(0, rows - 1, min(rows, SNR_SAMPLE_ROWS)).round().long().unique()
-    ref = reference(sample.to(out[0].device)).to(torch.float32)
+    step = max(1, rows // SNR_SAMPLE_ROWS)
+    sample = torch.arange(0, rows, step, device=out[0].device)[:SNR_SAMPLE_ROWS]
+    ref = reference(sample).to(torch.float32)
     if task.target == "mxfp4":
         got = dequantize_mxfp4(out[0][sample], out[1][sample])
     else:

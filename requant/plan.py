@@ -4,6 +4,7 @@ it, and cut the model into layer jobs. All problems are reported together, befor
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -87,6 +88,14 @@ class Plan:
 
 
 def build_plan(storage: Storage, recipe: Recipe) -> Plan:
+    plan = _build_plan(storage, recipe)
+    # A K2.6 plan is ~10^6 small immutable objects; keep the cyclic GC from rescanning them forever.
+    gc.collect()
+    gc.freeze()
+    return plan
+
+
+def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     config = load_config(storage.read_bytes(CONFIG_FILE), f"{storage.uri}/{CONFIG_FILE}")
     check_int4_config(config.quantization, f"{storage.uri}/{CONFIG_FILE}")
     problems: list[str] = []

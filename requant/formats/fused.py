@@ -16,6 +16,7 @@ the reference path, so the result is bit-exact for every input.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
@@ -71,11 +72,13 @@ def int4_to_mxfp4(
     scale: torch.Tensor,
     in_features: int,
     rows_per_block: int = 256,
+    threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
 
     Streams ``rows_per_block`` rows at a time; memory beyond the output is a few bytes per element
-    of one row block.
+    of one row block. ``threads > 1`` converts row blocks concurrently (torch releases the GIL in its
+    ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription.
     """
     if scale.dtype != torch.bfloat16:
         raise ValueError(f"fused INT4->MXFP4 needs BF16 group scales, got {scale.dtype}")
@@ -94,13 +97,13 @@ def int4_to_mxfp4(
     nibble_bytes = data_packed.contiguous().view(torch.uint8)  # little-endian: low nibble first
     scale_bits = scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
 
-    for r0 in range(0, out_features, rows_per_block):
+    def convert_rows(r0: int) -> None:
         r1 = min(r0 + rows_per_block, out_features)
         blocks = nibble_bytes[r0:r1].view(r1 - r0, n_blocks, _BYTES_PER_BLOCK)
+        # max |q| = max(max(n), 16 - min(n)) - 8 over the block's stored nibbles n = q + 8: one reduction
         lo, hi = blocks & 0xF, blocks >> 4
-        top = torch.maximum(lo, hi).amax(dim=-1).to(torch.int32)
-        bottom = torch.minimum(lo, hi).amin(dim=-1).to(torch.int32)
-        maxabs = torch.maximum(top - INT4_OFFSET, INT4_OFFSET - bottom)
+        reach = torch.maximum(torch.maximum(lo, hi), torch.minimum(lo, hi).neg_().add_(2 * INT4_OFFSET))
+        maxabs = reach.amax(dim=-1).to(torch.int32) - INT4_OFFSET
 
         bits = scale_bits[r0:r1]
         exponent = (bits >> BF16_MANT_BITS) & BF16_EXP_MASK
@@ -114,7 +117,19 @@ def int4_to_mxfp4(
         unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
         if bool(unsafe.any()):
             _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out)
+
+    starts = range(0, out_features, rows_per_block)
+    if threads > 1 and len(starts) > 1:
+        list(_pool(threads).map(convert_rows, starts))
+    else:
+        for r0 in starts:
+            convert_rows(r0)
     return packed_out, scale_out
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="requant-fused")
 
 
 def _reencode_blocks(

@@ -117,7 +117,7 @@ def _entry(name: str, info: object, file: str, base: int, data_len: int) -> Tens
         raise CheckpointError(file, f"data_offsets {offsets} are not ordered", name)
     if end > data_len:
         raise CheckpointError(file, f"data_offsets {offsets} run past the end of the data ({data_len} bytes); truncated shard?", name)
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = tensor_nbytes(dtype, shape)
     if end - begin != expected:
         raise CheckpointError(file, f"{dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}", name)
     return TensorEntry(name, file, dtype, tuple(shape), base + begin, base + end)
@@ -151,7 +151,11 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    return math.prod(shape) * DTYPES[dtype][1]
 
 
 def layout(specs: list[TensorSpec]) -> list[TensorSpec]:

@@ -48,12 +48,24 @@ class LocalDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         self.uri = str(self.root)
+        self._resolved: dict[str, Path] = {}
+        self._handles: dict[str, int] = {}  # open descriptors of shards being range-read
 
     def _path(self, path: str) -> Path:
-        full = (self.root / check_relative(path, self.uri)).resolve()
-        if self.root not in full.parents and full != self.root:
-            raise CheckpointError(self.uri, f"path {path!r} resolves outside the checkpoint")
+        full = self._resolved.get(path)
+        if full is None:
+            full = (self.root / check_relative(path, self.uri)).resolve()
+            if self.root not in full.parents and full != self.root:
+                raise CheckpointError(self.uri, f"path {path!r} resolves outside the checkpoint")
+            self._resolved[path] = full
         return full
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "uri": self.uri, "_resolved": {}, "_handles": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_handles", {}).values():
+            os.close(fd)
 
     def size(self, path: str) -> int:
         try:
@@ -62,9 +74,15 @@ class LocalDir:
             raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
-        with open(self._path(path), "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
+        fd = self._handles.get(path)
+        if fd is None:
+            if len(self._handles) >= 64:
+                os.close(self._handles.pop(next(iter(self._handles))))
+            try:
+                fd = self._handles[path] = os.open(self._path(path), os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
+        data = os.pread(fd, end - start, start)
         if len(data) != end - start:
             raise CheckpointError(f"{self.uri}/{path}", f"short read: wanted bytes {start}..{end}, file ends first")
         return data

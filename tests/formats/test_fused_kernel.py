@@ -31,10 +31,11 @@ def _random_int4(rows, cols, seed, scale_bits=None):
 def test_matches_reference_and_quark_on_kimi_shaped_rows():
     packed, scale, _ = _random_int4(96, 7168, seed=0)
     fused = int4_to_mxfp4(packed, scale, 7168, rows_per_block=40)  # ragged last row block
+    threaded = int4_to_mxfp4(packed, scale, 7168, rows_per_block=16, threads=2)
     reference = _reference(packed, scale, 7168)
     quark = quark_quantize_weight(dequantize_int4(packed, scale, 7168), "mxfp4")
-    for ours, ref, q in zip(fused, reference, quark):
-        assert torch.equal(ours, ref) and torch.equal(ours, q)
+    for ours, par, ref, q in zip(fused, threaded, reference, quark):
+        assert torch.equal(ours, ref) and torch.equal(ours, q) and torch.equal(par, ours)
 
 
 def test_all_zero_and_single_value_blocks():

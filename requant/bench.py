@@ -1,0 +1,215 @@
+"""``requant bench``: kernel and whole-checkpoint throughput, measured side by side in one run.
+
+Kernel: one Kimi-K2.6 expert matrix (2048 x 7168), counted as MB/s of BF16-equivalent input, for the
+fused INT4 -> MXFP4 kernel, the plain-torch reference path, Quark 0.11's per-tensor MXFP4 path on the
+same weights (with a bit-identity check), and a plain BF16 copy of the tensor (the memory roofline),
+each on 1 thread and on all cores. Checkpoint: ``requant convert --local`` against Quark's
+file-to-file export of the same k26-topology input, wall time and peak RSS of each process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable
+
+import torch
+
+from requant.formats.fused import int4_to_mxfp4
+from requant.formats.int4 import dequantize_int4
+from requant.formats.mxfp4 import quantize_mxfp4
+
+EXPERT_SHAPE = (2048, 7168)  # Kimi-K2.6 gate/up projection: moe_intermediate_size x hidden_size
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up (tables, allocator)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return median(samples)
+
+
+def _quark_mxfp4() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """Quark's per-tensor path as its file-to-file exporter runs it, or None without amd-quark."""
+    try:
+        import quark
+        from quark.torch.quantization.config.template import LLMTemplate
+        from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
+        from quark.torch.utils.pack import create_pack_method
+    except ImportError:
+        return None
+    spec = LLMTemplate.get("kimi_k25").get_config(scheme="mxfp4").global_quant_config.weight
+
+    def run(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quantizer = FakeQuantizeBase.get_fake_quantize(spec)
+        quantizer.enable_observer()
+        quantizer.disable_fake_quant()
+        quantizer(weight)
+        q = quark.torch.kernel.scaled_real_quantize(
+            spec.dtype.value, weight, quantizer.scale, quantizer.zero_point, spec.ch_axis, spec.group_size,
+            quantizer.quant_min, quantizer.quant_max, spec.round_method.value, spec.qscheme.value)
+        packed = create_pack_method(qscheme=spec.qscheme.value, dtype=spec.dtype.value).pack(q, False)
+        scale = (torch.log2(quantizer.scale).round().to(torch.int16).clamp(-127, 127) + 127).to(torch.uint8)
+        return packed, scale
+
+    return run
+
+
+def kernel_bench(repeats: int = 5) -> dict[str, Any]:
+    from requant.synth import _Weights
+
+    rows, cols = EXPERT_SHAPE
+    expert = _Weights(seed=0).int4_experts(1, rows, cols)[0]
+    packed, scale = expert["weight_packed"], expert["weight_scale"]
+    weight = dequantize_int4(packed, scale, cols)
+    mb = weight.numel() * 2 / 1e6
+    quark = _quark_mxfp4()
+    copy_dst = torch.empty_like(weight)
+    fused_out = int4_to_mxfp4(packed, scale, cols)
+    identical = {"reference": all(torch.equal(a, b) for a, b in zip(fused_out, quantize_mxfp4(weight)))}
+    if quark:
+        identical["quark"] = all(torch.equal(a, b) for a, b in zip(fused_out, quark(weight)))
+    cores = os.cpu_count() or 1
+    cases = {
+        "fused INT4->MXFP4": lambda: int4_to_mxfp4(packed, scale, cols),
+        f"fused INT4->MXFP4, {cores} row threads": lambda: int4_to_mxfp4(packed, scale, cols, threads=cores),
+        "reference INT4->BF16->MXFP4": lambda: quantize_mxfp4(dequantize_int4(packed, scale, cols)),
+        "BF16 copy, fresh output (clone)": lambda: weight.clone(),
+        "BF16 copy into a preallocated tensor": lambda: copy_dst.copy_(weight),
+    }
+    if quark:
+        cases["Quark 0.11 MXFP4 (BF16 in)"] = lambda: quark(weight)
+    threads_all = torch.get_num_threads()
+    results: dict[str, dict[str, float]] = {}
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        for name, fn in cases.items():
+            if "row threads" in name and threads > 1:
+                continue  # row threads use one torch thread each
+            reps = 1 if name.startswith("Quark") else repeats
+            results.setdefault(name, {})[f"{threads}t"] = mb / _time(fn, reps)
+    torch.set_num_threads(threads_all)
+    out: dict[str, Any] = {"shape": list(EXPERT_SHAPE), "bf16_mb": mb, "mb_per_s": results, "bit_identical": identical}
+    fused, copy = results["fused INT4->MXFP4"], results["BF16 copy, fresh output (clone)"]
+    out["fused_vs_copy_1t"] = fused["1t"] / copy["1t"]
+    out["fused_vs_copy_into_1t"] = fused["1t"] / results["BF16 copy into a preallocated tensor"]["1t"]
+    parallel = results[f"fused INT4->MXFP4, {cores} row threads"]["1t"]
+    out["fused_all_cores_mb_per_s"] = max(parallel, fused.get(f"{cores}t", 0.0))
+    if quark:
+        q = results["Quark 0.11 MXFP4 (BF16 in)"]
+        out["fused_vs_quark"] = {k: fused[k] / q[k] for k in fused}
+    return out
+
+
+def _run_measured(cmd: list[str]) -> dict[str, float]:
+    """Run a command; wall time and the child's own peak RSS (from wait4, not sampling)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{err[-2000:]}")
+    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+QUARK_FILE2FILE = """
+import sys
+from quark.torch.quantization.config.template import LLMTemplate
+from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
+config = LLMTemplate.get("kimi_k25").get_config(scheme="mxfp4", exclude_layers=sys.argv[3:])
+quantize_model_per_safetensor(sys.argv[1], config, sys.argv[2], device="cpu")
+"""
+SEED_RECIPE_EXCLUDE = ["*self_attn*", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
+                       "*shared_experts*", "*mm_projector*", "*vision_tower*"]
+IMPORT_BASELINE = "import torch, requant.job, requant.plan"
+
+
+def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool) -> dict[str, Any]:
+    from requant.io.storage import LocalDir
+    from requant.plan import build_plan
+    from requant.recipe import load_recipe
+    from requant.synth import synthesize
+
+    if upstream is None:
+        upstream = synthesize(work / "k26-topology", "k26-topology", seed=0, progress=False)
+    plan = build_plan(LocalDir(upstream), load_recipe("kimi-k2.6-mxfp4"))
+    out: dict[str, Any] = {"upstream": str(upstream), "jobs": len(plan.jobs), "model_mb": plan.bytes_in / 1e6,
+                           "largest_job_mb": max(j.bytes_in for j in plan.jobs) / 1e6}
+    out["python_torch_baseline"] = _run_measured([sys.executable, "-c", IMPORT_BASELINE])
+    requant_bin = [sys.executable, "-m", "requant.cli"]
+    out["requant"] = _run_measured([*requant_bin, "convert", str(upstream), str(work / "requant-out"),
+                                    "--recipe", "kimi-k2.6-mxfp4", "--local"])
+    if with_quark:
+        out["quark"] = _run_measured([sys.executable, "-c", QUARK_FILE2FILE, str(upstream), str(work / "quark-out"),
+                                      *SEED_RECIPE_EXCLUDE])
+        out["speedup_vs_quark"] = out["quark"]["seconds"] / out["requant"]["seconds"]
+        out["bit_identical_to_quark"] = _same_tensors(work / "requant-out", work / "quark-out")
+    return out
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    from safetensors import safe_open
+
+    def load(d: Path) -> dict[str, bytes]:
+        out = {}
+        for shard in sorted(d.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                out.update({k: f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in f.keys()})
+        return out
+
+    return load(a) == load(b)
+
+
+def render(results: dict[str, Any]) -> str:
+    k = results["kernel"]
+    threads = list(next(iter(k["mb_per_s"].values())))
+    lines = [f"## Kernel: one expert matrix {k['shape'][0]}x{k['shape'][1]} ({k['bf16_mb']:.1f} MB of BF16)", "",
+             "| path | " + " | ".join(f"MB/s ({t})" for t in threads) + " |", "|---|" + "---:|" * len(threads)]
+    for name, row in k["mb_per_s"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[t]:.0f}" if t in row else "" for t in threads) + " |")
+    lines += ["", f"- fused / BF16 copy (clone), 1 thread: {k['fused_vs_copy_1t']:.0%}; "
+                  f"/ copy into a preallocated tensor: {k['fused_vs_copy_into_1t']:.0%}",
+              f"- fused on all cores: {k['fused_all_cores_mb_per_s']:.0f} MB/s"]
+    if "fused_vs_quark" in k:
+        lines.append("- fused / Quark: " + ", ".join(f"{v:.1f}x ({t})" for t, v in k["fused_vs_quark"].items()))
+    lines.append(f"- bit-identical: {k['bit_identical']}")
+    c = results.get("checkpoint")
+    if c:
+        base = c["python_torch_baseline"]["peak_rss_mb"]
+        lines += ["", f"## Checkpoint: {c['jobs']} jobs, {c['model_mb']:.0f} MB upstream, largest job {c['largest_job_mb']:.1f} MB", "",
+                  "| converter | wall s | peak RSS MB | RSS over python+torch baseline MB |", "|---|---:|---:|---:|"]
+        for name in ("requant", "quark"):
+            if name in c:
+                r = c[name]
+                lines.append(f"| {name} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base:.0f} |")
+        if "speedup_vs_quark" in c:
+            lines += ["", f"- requant is {c['speedup_vs_quark']:.1f}x faster than Quark's file-to-file; "
+                          f"outputs bit-identical: {c['bit_identical_to_quark']}"]
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(args) -> dict[str, Any]:
+    results: dict[str, Any] = {"kernel": kernel_bench(args.repeats)}
+    if not args.skip_checkpoint:
+        with tempfile.TemporaryDirectory(prefix="requant-bench-") as tmp:
+            upstream = Path(args.upstream) if getattr(args, "upstream", None) else None
+            results["checkpoint"] = checkpoint_bench(upstream, Path(tmp), with_quark=_quark_mxfp4() is not None)
+    text = render(results)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(args.out) / "results.md").write_text(text)
+    print(json.dumps(results, indent=2) if args.json else text)
+    return results
