@@ -28,7 +28,7 @@ flow-run: install
 	@echo "checkpoint: $(OUT)/kimi-k2.6-mxfp4"
 
 bench: install
-	$(BIN)/requant bench --out bench-results
+	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) bench-results

@@ -111,16 +111,26 @@ def kernel_bench(repeats: int = 5) -> dict[str, Any]:
     return out
 
 
+# A small launcher forks the measured command, so the child's peak RSS (getrusage of children) is its
+# own and not the pages a fork would inherit from this (large) benchmark process.
+_LAUNCHER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - start
+if proc.returncode:
+    sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+    sys.exit(proc.returncode)
+print(json.dumps({"seconds": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
 def _run_measured(cmd: list[str]) -> dict[str, float]:
-    """Run a command; wall time and the child's own peak RSS (from wait4, not sampling)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{err[-2000:]}")
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    """Run a command; its wall time and its own peak RSS."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
 
 
 QUARK_FILE2FILE = """
@@ -135,16 +145,25 @@ SEED_RECIPE_EXCLUDE = ["*self_attn*", "*lm_head", "*mlp.gate_proj", "*mlp.up_pro
 IMPORT_BASELINE = "import torch, requant.job, requant.plan"
 
 
-def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool) -> dict[str, Any]:
+def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers: int | None = None) -> dict[str, Any]:
+    """requant vs Quark file-to-file on k26-topology (``layers`` keeps only the first N decoder layers:
+    Quark needs ~20 ms per tensor here, over an hour for all 61 layers on 2 cores)."""
+    import dataclasses
+
     from requant.io.storage import LocalDir
     from requant.plan import build_plan
     from requant.recipe import load_recipe
-    from requant.synth import synthesize
+    from requant.synth import PROFILES, synthesize
 
     if upstream is None:
-        upstream = synthesize(work / "k26-topology", "k26-topology", seed=0, progress=False)
+        profile = PROFILES["k26-topology"]
+        if layers:
+            profile = dataclasses.replace(profile, layers=layers)
+        upstream = synthesize(work / "k26-topology", profile, seed=0, progress=False)
     plan = build_plan(LocalDir(upstream), load_recipe("kimi-k2.6-mxfp4"))
-    out: dict[str, Any] = {"upstream": str(upstream), "jobs": len(plan.jobs), "model_mb": plan.bytes_in / 1e6,
+    tensors = sum(len(t.inputs) for j in plan.jobs for t in j.tasks)
+    out: dict[str, Any] = {"upstream": str(upstream), "layers": plan.config.num_layers, "tensors": tensors,
+                           "jobs": len(plan.jobs), "model_mb": plan.bytes_in / 1e6,
                            "largest_job_mb": max(j.bytes_in for j in plan.jobs) / 1e6}
     out["python_torch_baseline"] = _run_measured([sys.executable, "-c", IMPORT_BASELINE])
     requant_bin = [sys.executable, "-m", "requant.cli"]
@@ -187,7 +206,8 @@ def render(results: dict[str, Any]) -> str:
     c = results.get("checkpoint")
     if c:
         base = c["python_torch_baseline"]["peak_rss_mb"]
-        lines += ["", f"## Checkpoint: {c['jobs']} jobs, {c['model_mb']:.0f} MB upstream, largest job {c['largest_job_mb']:.1f} MB", "",
+        lines += ["", f"## Checkpoint: k26-topology, {c['layers']} layers, {c['tensors']} tensors, {c['jobs']} jobs, "
+                      f"{c['model_mb']:.0f} MB upstream, largest job {c['largest_job_mb']:.1f} MB", "",
                   "| converter | wall s | peak RSS MB | RSS over python+torch baseline MB |", "|---|---:|---:|---:|"]
         for name in ("requant", "quark"):
             if name in c:
@@ -205,7 +225,8 @@ def run_bench(args) -> dict[str, Any]:
     if not args.skip_checkpoint:
         with tempfile.TemporaryDirectory(prefix="requant-bench-") as tmp:
             upstream = Path(args.upstream) if getattr(args, "upstream", None) else None
-            results["checkpoint"] = checkpoint_bench(upstream, Path(tmp), with_quark=_quark_mxfp4() is not None)
+            results["checkpoint"] = checkpoint_bench(upstream, Path(tmp), with_quark=_quark_mxfp4() is not None,
+                                                     layers=args.layers)
     text = render(results)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-checkpoint", action="store_true", help="kernel benchmarks only")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--upstream", help="existing k26-topology upstream to convert (default: synthesize one)")
+    b.add_argument("--layers", type=int, default=9,
+                   help="decoder layers of the synthesized k26-topology model (61 = all; Quark takes over an hour then)")
     return p
 
 

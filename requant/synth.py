@@ -268,7 +268,9 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     used = 0
     for name, tensor in tensors:
-        if used >= budget * len(shards) and len(shards) < p.shards:
+        # cut between modules (never inside an INT4 triple), as save_pretrained's shards fall
+        module_changes = not shards[-1] or shards[-1][-1][0].rsplit(".", 1)[0] != name.rsplit(".", 1)[0]
+        if used >= budget * len(shards) and len(shards) < p.shards and module_changes:
             shards.append([])
         shards[-1].append((name, tensor))
         used += tensor.numel() * tensor.element_size()
