@@ -19,6 +19,7 @@ from requant.plan import CONFIG_FILE, INDEX_FILE, Plan
 from requant.quark_config import output_config
 
 MANIFEST_FILE = "requant-manifest.json"
+RUN_STATE_DIR = ".requant"  # per-run job records used to resume; not part of the checkpoint
 MODEL_CARD = "README.md"
 UPSTREAM_CARD = "UPSTREAM_README.md"
 MANIFEST_VERSION = 1
@@ -40,24 +41,25 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, inputs: dict[str, dict],
-             upstream: dict[str, str]) -> dict[str, Any]:
-    """Write everything but the shards (which the jobs wrote) into ``out_dir``; returns the manifest."""
+             upstream: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Write everything but the shards (which the jobs wrote) into ``out_dir``: index, config, copied
+    files, model card and, last, the manifest. Returns the manifest and the files written before it."""
     out_dir = Path(out_dir)
+    written = [INDEX_FILE, CONFIG_FILE, MODEL_CARD]
     results = sorted(results, key=lambda r: r.output_file)
     weight_map = {name: r.output_file for r in results for name in r.tensors}
     total = sum(tensor_nbytes(info["dtype"], info["shape"]) for r in results for info in r.tensors.values())
     write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
     for file in plan.extra_files:
-        dst = out_dir / (UPSTREAM_CARD if file == MODEL_CARD else file)
-        storage.copy_file_to(file, dst)
+        name = UPSTREAM_CARD if file == MODEL_CARD else file
+        storage.copy_file_to(file, out_dir / name)
+        written.append(name)
     stats = {s.name: _stat(s) for r in results for s in r.stats}
     (out_dir / MODEL_CARD).write_text(model_card(plan, upstream, stats))
     outputs = {r.output_file: {"size": r.size, "sha256": r.sha256} for r in results}
-    for path in sorted(out_dir.rglob("*")):
-        rel = path.relative_to(out_dir).as_posix()
-        if path.is_file() and rel not in outputs and rel != MANIFEST_FILE:
-            outputs[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    for name in written:
+        outputs[name] = {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
     manifest = {
         "requant_manifest": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -74,7 +76,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "jobs": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("tensors", "sources", "stats")} for r in results],
     }
     write_json(out_dir / MANIFEST_FILE, manifest)
-    return manifest
+    return manifest, written
 
 
 def _stat(stat) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, d
                 results.append(run_job(job, storage, staging, device=device, threads=threads))
                 bar.update(job.bytes_in)
         upstream = {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name, "revision": revision or "local"}
-        manifest = assemble(plan, results, staging, storage, inputs, upstream)
+        manifest, _ = assemble(plan, results, staging, storage, inputs, upstream)
         if dst_path.exists():
             shutil.rmtree(dst_path)
         os.replace(staging, dst_path)

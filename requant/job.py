@@ -6,6 +6,8 @@ distributed flow execute, so their outputs are byte-identical by construction.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import socket
 import time
@@ -49,6 +51,18 @@ class JobResult:
     tensors: dict[str, dict] = field(default_factory=dict)  # output name -> {dtype, shape}
     sources: dict[str, list[str]] = field(default_factory=dict)  # upstream name -> output names
     stats: tuple[TensorStat, ...] = ()
+
+
+def result_to_json(result: JobResult) -> bytes:
+    data = dataclasses.asdict(result)
+    data["stats"] = [dict(s, snr_db=None if math.isinf(s["snr_db"]) else s["snr_db"]) for s in data["stats"]]
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def result_from_json(raw: bytes) -> JobResult:
+    data = json.loads(raw)
+    stats = tuple(TensorStat(**dict(s, snr_db=math.inf if s["snr_db"] is None else s["snr_db"])) for s in data.pop("stats"))
+    return JobResult(**data, stats=stats)
 
 
 def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1) -> JobResult:

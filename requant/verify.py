@@ -10,52 +10,49 @@ error statistics are within the recipe's bound.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-from requant.assemble import MANIFEST_FILE
+from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR
 from requant.errors import CheckpointError, VerifyError
-from requant.io.safetensors import read_header, sha256_file
-from requant.io.storage import LocalDir
+from requant.io.safetensors import read_header
+from requant.io.storage import open_storage
 from requant.plan import CONFIG_FILE, INDEX_FILE
 
 # dtypes of a quantized module's outputs, per recipe format
 QUANTIZED_DTYPES = {"mxfp4": ("U8", "U8"), "fp8_per_channel": ("F8_E4M3", None)}
 
 
-def verify(path: str) -> dict:
-    root = Path(path)
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise VerifyError([f"{root}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
-    manifest = json.loads(manifest_path.read_text())
+def verify(uri: str) -> dict:
+    """Check the checkpoint at ``uri`` (a directory or s3://...) against its manifest."""
+    storage = open_storage(uri)
+    if not storage.exists(MANIFEST_FILE):
+        raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
+    manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
     problems: list[str] = []
-    _check_files(root, manifest, problems)
-    storage = LocalDir(root)
+    _check_files(storage, manifest, problems)
     _check_tensors(storage, manifest, problems)
-    _check_config(root, manifest, problems)
+    _check_config(storage, manifest, problems)
     _check_stats(manifest, problems)
     if problems:
         raise VerifyError(problems)
     return {"files": len(manifest["outputs"]), "tensors": len(manifest["tensors"]), "upstream_tensors": len(manifest["sources"])}
 
 
-def _check_files(root: Path, manifest: dict, problems: list[str]) -> None:
+def _check_files(storage, manifest: dict, problems: list[str]) -> None:
     listed = manifest["outputs"]
+    present = set(storage.list_files())
     for rel, info in listed.items():
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{path}: listed in the manifest but missing")
-        elif path.stat().st_size != info["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {info['size']}")
-        elif sha256_file(path) != info["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (corrupted or modified)")
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in listed and rel != MANIFEST_FILE:
-            problems.append(f"{path}: not listed in the manifest")
+        where = f"{storage.uri}/{rel}"
+        if rel not in present:
+            problems.append(f"{where}: listed in the manifest but missing")
+        elif storage.size(rel) != info["size"]:
+            problems.append(f"{where}: {storage.size(rel)} bytes, manifest says {info['size']}")
+        elif storage.sha256(rel) != info["sha256"]:
+            problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
+    for rel in sorted(present - set(listed) - {MANIFEST_FILE}):
+        if not rel.startswith(RUN_STATE_DIR + "/"):
+            problems.append(f"{storage.uri}/{rel}: not listed in the manifest")
 
 
-def _check_tensors(storage: LocalDir, manifest: dict, problems: list[str]) -> None:
+def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
     tensors = manifest["tensors"]
     seen: dict[str, str] = {}
     for file in sorted({t["file"] for t in tensors.values()}):
@@ -74,7 +71,7 @@ def _check_tensors(storage: LocalDir, manifest: dict, problems: list[str]) -> No
     for name, info in tensors.items():
         if name not in seen and storage.exists(info["file"]):
             problems.append(f"{info['file']}: {name}: missing from the shard")
-    index = json.loads((Path(storage.uri) / INDEX_FILE).read_text())["weight_map"]
+    index = json.loads(storage.read_bytes(INDEX_FILE))["weight_map"]
     if index != {n: t["file"] for n, t in tensors.items()}:
         problems.append(f"{INDEX_FILE}: weight_map disagrees with the manifest's tensors")
     for upstream, outputs in manifest["sources"].items():
@@ -91,8 +88,8 @@ def _check_tensors(storage: LocalDir, manifest: dict, problems: list[str]) -> No
             problems.append(f"{module}: weight {weight['dtype']} / scale {scale['dtype']} do not match {fmt}")
 
 
-def _check_config(root: Path, manifest: dict, problems: list[str]) -> None:
-    config = json.loads((root / CONFIG_FILE).read_text())
+def _check_config(storage, manifest: dict, problems: list[str]) -> None:
+    config = json.loads(storage.read_bytes(CONFIG_FILE))
     fmt = manifest["recipe"]["format"]
     nested = [k for k, v in config.items() if isinstance(v, dict) and "quantization_config" in v]
     if nested:

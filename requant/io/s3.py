@@ -141,6 +141,11 @@ class S3Storage:
 
         return self._call(path, stream)
 
+    def recorded_sha256(self, path: str) -> str | None:
+        """The sha256 this tool stored as metadata when it uploaded the object (S3 verified the bytes)."""
+        head = self.head(path)
+        return None if head is None else head.get("Metadata", {}).get("sha256")
+
     def copy_file_to(self, path: str, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         self._call(path, lambda: self.s3.download_file(self.bucket, self.key(path), str(dst)))

@@ -110,10 +110,58 @@ class LocalDir:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(path), dst)
 
+    # --- write side (same calls as S3Storage) ---------------------------------------------------
+    def ensure_bucket(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
-def open_storage(uri: str) -> Storage:
+    def head(self, path: str) -> dict | None:
+        full = self._path(path)
+        return {"ContentLength": full.stat().st_size} if full.is_file() else None
+
+    def put_file(self, path: str, local: Path, sha256: str | None = None) -> dict:
+        """Copy into place through a temporary name, so a reader never sees half a file."""
+        from requant.io.safetensors import sha256_file
+
+        dst = self._path(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dst)
+        return {"size": dst.stat().st_size, "sha256": sha256 or sha256_file(dst)}
+
+    def put_bytes(self, path: str, data: bytes, if_none_match: bool = False) -> bool:
+        dst = self._path(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if if_none_match:
+            try:
+                with open(dst, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+        return True
+
+    def delete(self, path: str) -> None:
+        self._path(path).unlink(missing_ok=True)
+
+
+def open_storage(uri: str, create: bool = False):
+    """A Storage for a local directory, ``s3://bucket/prefix`` or ``hf://org/repo@revision``."""
+    if uri.startswith("s3://"):
+        from requant.io.s3 import S3Storage
+
+        return S3Storage(uri)
+    if uri.startswith("hf://"):
+        from requant.io.hf import HfStorage
+
+        return HfStorage(uri)
     if "://" in uri:
-        raise CheckpointError(uri, "only local directories are supported by this build")
+        raise CheckpointError(uri, "unsupported URI scheme (use a directory, s3:// or hf://)")
+    if create:
+        Path(uri).mkdir(parents=True, exist_ok=True)
     if not Path(uri).is_dir():
         raise CheckpointError(uri, "not a directory")
     return LocalDir(uri)

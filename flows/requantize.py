@@ -1,0 +1,96 @@
+"""The requantize flow: plan and validate, fan the layer jobs out over Ray, publish, verify.
+
+Parameters: upstream URI (directory, s3://bucket/prefix or hf://org/repo@revision), recipe, output
+URI (directory or s3://). Ray: a local cluster by default, ``RAY_ADDRESS`` to join one. Tensors move
+through object storage; only plans and small results go through Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect_ray.context import remote_options
+from prefect_ray.task_runners import RayTaskRunner
+from tqdm import tqdm
+
+from requant import pipeline
+from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
+
+
+def ray_runner() -> RayTaskRunner:
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray for the duration of the flow run."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    init_kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if not address:
+        init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
+    return RayTaskRunner(address=address, init_kwargs=init_kwargs)
+
+
+@flow(name="requantize", task_runner=ray_runner(), log_prints=True)
+def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
+               upstream_id: str | None = None, device: str = "cpu", threads: int = 1, num_cpus: float = 1,
+               num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    plan = plan_checkpoint(upstream, recipe)  # raises PlanError with every problem before any job runs
+    key = pipeline.run_key(plan, revision)
+    pipeline.begin_run(output)
+    logger.info("run %s: %d layer jobs, %.1f MB in, recipe %s", key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
+    for warning in plan.recipe.warnings:
+        logger.warning(warning)
+
+    progress_id = create_progress_artifact(0.0, key="requantize-progress", description=f"layer jobs of run {key}")
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 3, "retry_exceptions": False}
+    if resources:
+        options["resources"] = resources
+    with remote_options(**options):
+        digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
+        futures = [convert_layer.submit(job, upstream, output, key, device=device, threads=threads) for job in plan.jobs]
+    outcomes = []
+    with tqdm(total=len(futures), desc=f"requantize {recipe}", unit=" jobs", disable=not progress) as bar:
+        for future in as_completed(futures):
+            outcomes.append(future.result())
+            bar.update(1)
+            update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(futures))
+    convert_seconds = time.perf_counter() - started
+    results = [o["result"] for o in outcomes]
+    inputs = {"shards": {f: d.result() for f, d in digests.items()},
+              "files": {f: pipeline.input_digest(upstream, f) for f in ("config.json", *plan.extra_files)}}
+    meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned",
+            "run_key": key}
+    manifest = publish_checkpoint(plan, results, upstream, output, inputs, meta)
+    summary = verify_checkpoint(output)
+    skipped = sum(o["skipped"] for o in outcomes)
+    _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds)
+    return {"output": output, "run_key": key, "jobs": len(outcomes), "skipped": skipped,
+            "nodes": sorted({o["node"] for o in outcomes}), "tensors": len(manifest["tensors"])}
+
+
+def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds) -> None:
+    rows = []
+    for o in sorted(outcomes, key=lambda o: o["result"].output_file):
+        r = o["result"]
+        snrs = [s.snr_db for s in r.stats]
+        rows.append({"job": r.job, "tensors": len(r.tensors), "bytes_in": r.bytes_in, "bytes_out": r.size,
+                     "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
+                     "node": o["node"], "skipped": o["skipped"]})
+    create_table_artifact(rows, key="requantize-jobs", description=f"one row per layer job of run {key}")
+    create_markdown_artifact(
+        "\n".join([
+            f"# requantize: {plan.recipe.name}",
+            "",
+            f"- checkpoint: `{output}` (manifest `{output.rstrip('/')}/requant-manifest.json`)",
+            f"- upstream: `{plan.source}`",
+            f"- run key: `{key}`; jobs: {len(outcomes)} ({skipped} resumed from an earlier run)",
+            f"- verified: {summary['tensors']} tensors in {summary['files']} files, "
+            f"{summary['upstream_tensors']} upstream tensors accounted for",
+            f"- wall time: {seconds:.1f} s (layer jobs {convert_seconds:.1f} s)",
+            *[f"- **warning:** {w}" for w in plan.recipe.warnings],
+        ]),
+        key="requantize-summary",
+    )

@@ -1,0 +1,101 @@
+"""A plan's jobs against any destination (directory or S3), resumable and published atomically.
+
+Pure functions: the Prefect tasks call them on Ray workers, tests call them directly. Per run
+(upstream, revision, recipe and library versions hash to a run key) each finished job leaves its
+shard at its final name and then a small record under ``.requant/runs/<key>/``. A rerun skips every
+job whose record exists and whose shard still has the recorded size and sha256. The checkpoint is
+published by writing ``requant-manifest.json`` last; a run first removes any old manifest, so a
+prefix is complete exactly when its manifest exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, assemble, library_versions
+from requant.errors import CheckpointError
+from requant.io.storage import open_storage
+from requant.job import JobResult, result_from_json, result_to_json, run_job
+from requant.plan import LayerJob, Plan
+
+
+def run_key(plan: Plan, revision: str | None) -> str:
+    """Same upstream bytes, recipe and library versions -> same key -> resumable outputs."""
+    identity = {
+        "source": plan.source,
+        "revision": revision,
+        "shards": plan.input_shards,
+        "recipe": dataclasses.asdict(plan.recipe) | {"source": None},
+        "versions": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_path(key: str, job: LayerJob) -> str:
+    return f"{RUN_STATE_DIR}/runs/{key}/{job.name}.json"
+
+
+def stored_sha256(storage, path: str) -> str:
+    """The sha256 of an output object: recorded at upload for S3 (S3 checked the bytes then), recomputed
+    for local files."""
+    recorded = getattr(storage, "recorded_sha256", None)
+    return (recorded(path) if recorded else None) or storage.sha256(path)
+
+
+def completed(dest, key: str, job: LayerJob) -> JobResult | None:
+    """The earlier result of ``job`` in run ``key`` if its shard is still intact, else None."""
+    record = record_path(key, job)
+    if not dest.exists(record):
+        return None
+    result = result_from_json(dest.read_bytes(record))
+    head = dest.head(job.output_file)
+    if head is None or head["ContentLength"] != result.size or stored_sha256(dest, job.output_file) != result.sha256:
+        return None
+    return result
+
+
+def begin_run(dest_uri: str) -> None:
+    """Unpublish: whatever sits at the destination is incomplete until this run writes its manifest."""
+    dest = open_storage(dest_uri, create=True)
+    dest.ensure_bucket()
+    if dest.exists(MANIFEST_FILE):
+        dest.delete(MANIFEST_FILE)
+
+
+def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
+                threads: int = 1) -> tuple[JobResult, bool]:
+    """Run one job unless run ``key`` already finished it; returns (result, skipped)."""
+    source, dest = open_storage(source_uri), open_storage(dest_uri, create=True)
+    done = completed(dest, key, job)
+    if done is not None:
+        return done, True
+    with tempfile.TemporaryDirectory(prefix=f"requant-{job.name}-") as tmp:
+        result = run_job(job, source, Path(tmp), device=device, threads=threads)
+        dest.put_file(job.output_file, Path(tmp) / job.output_file, sha256=result.sha256)
+    dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
+    return result, False
+
+
+def input_digest(source_uri: str, file: str) -> dict[str, Any]:
+    source = open_storage(source_uri)
+    return {"size": source.size(file), "sha256": stored_sha256(source, file)}
+
+
+def publish(plan: Plan, results: list[JobResult], source_uri: str, dest_uri: str, inputs: dict[str, Any],
+            upstream: dict[str, str]) -> dict[str, Any]:
+    """Write index, config, copied files and model card, then the manifest, at the destination."""
+    source, dest = open_storage(source_uri), open_storage(dest_uri, create=True)
+    missing = sorted({j.output_file for j in plan.jobs} - {r.output_file for r in results})
+    if missing:
+        raise CheckpointError(dest.uri, f"cannot publish: {len(missing)} job outputs missing, e.g. {missing[0]}")
+    with tempfile.TemporaryDirectory(prefix="requant-publish-") as tmp:
+        manifest, files = assemble(plan, results, Path(tmp), source, inputs, upstream)
+        for name in files:
+            dest.put_file(name, Path(tmp) / name)
+        dest.put_file(MANIFEST_FILE, Path(tmp) / MANIFEST_FILE)
+    return manifest

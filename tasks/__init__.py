@@ -1,0 +1,1 @@
+"""Prefect tasks: each one calls a single requant library function."""
