@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test flow-run bench clean
+.PHONY: install test flow-run services-up services-down convert-local bench bench-flow clean
 
 install: $(STAMP)
 
@@ -18,17 +18,26 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# The main job on embedded defaults: a synthetic Kimi-K2.6-layout upstream,
-# converted with the seed card's recipe, then verified against its manifest.
+# The main job on embedded defaults: SeaweedFS (a real S3 server on loopback), a synthetic
+# Kimi-K2.6-layout upstream in it, the requantize flow (Prefect + local Ray), verification.
 flow-run: install
+	$(BIN)/python -m flows.run
+
+services-up: install
+	$(BIN)/python -m flows.services up
+
+services-down: install
+	$(BIN)/python -m flows.services down
+
+# Local conversion without services, into ./out (the same layer jobs, in one process).
+convert-local: install
 	rm -rf $(OUT)/upstream-tiny $(OUT)/kimi-k2.6-mxfp4
 	$(BIN)/requant synth $(OUT)/upstream-tiny --profile tiny --seed 0
 	$(BIN)/requant convert $(OUT)/upstream-tiny $(OUT)/kimi-k2.6-mxfp4 --recipe kimi-k2.6-mxfp4 --local
 	$(BIN)/requant verify $(OUT)/kimi-k2.6-mxfp4
-	@echo "checkpoint: $(OUT)/kimi-k2.6-mxfp4"
 
 bench: install
 	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
 
 clean:
-	rm -rf $(OUT) bench-results
+	rm -rf $(OUT) bench-results .services

@@ -25,8 +25,12 @@ from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_ch
 def ray_runner() -> RayTaskRunner:
     """Join ``RAY_ADDRESS`` when set, else start a local Ray for the duration of the flow run."""
     address = os.environ.get("RAY_ADDRESS") or None
-    init_kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    # Workers need the object-store endpoint; credentials are expected on the nodes themselves
+    # (instance roles, mounted secrets), so they are not copied into Ray's runtime environment.
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION"}
+    init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded}}
     if not address:
+        init_kwargs["include_dashboard"] = False
         init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
     return RayTaskRunner(address=address, init_kwargs=init_kwargs)
 
@@ -45,7 +49,9 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         logger.warning(warning)
 
     progress_id = create_progress_artifact(0.0, key="requantize-progress", description=f"layer jobs of run {key}")
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 3, "retry_exceptions": False}
+    # SPREAD: layer jobs are I/O heavy, so use every node's network and disk rather than packing them.
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 3, "retry_exceptions": False,
+               "scheduling_strategy": "SPREAD"}
     if resources:
         options["resources"] = resources
     with remote_options(**options):

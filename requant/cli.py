@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--recipe", required=True, help="built-in recipe name or path to a recipe YAML")
-    c.add_argument("--local", action="store_true", help="run every layer job in this process")
+    c.add_argument("--local", action="store_true",
+                   help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--device", default="cpu", help="torch device for the kernels (cpu, cuda, cuda:1, ...)")
     c.add_argument("--threads", type=int, default=1, help="row threads per expert matrix (torch itself then uses 1)")
@@ -70,7 +71,12 @@ def _run(args: argparse.Namespace) -> int:
         print(synthesize(args.dst, args.profile, args.seed))
     elif args.command == "convert":
         if not args.local:
-            raise RequantError("only --local conversion is available in this build (the Ray flow runs the same jobs)")
+            from flows.requantize import requantize
+
+            summary = requantize(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
+                                 upstream_id=args.upstream_id, device=args.device, threads=args.threads)
+            print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
+            return 0
         from requant.convert import convert_local
 
         if args.threads > 1:

@@ -42,6 +42,7 @@ class SeaweedServer:
     data_dir: str
     s3_port: int
     log: str
+    ports: dict[str, int]
 
     @property
     def endpoint(self) -> str:
@@ -60,11 +61,12 @@ def weed_binary() -> str:
     return found
 
 
-def start(data_dir: str | Path, timeout: float = 60.0) -> SeaweedServer:
+def start(data_dir: str | Path, timeout: float = 60.0, ports: dict[str, int] | None = None) -> SeaweedServer:
+    """Start weed on free loopback ports (or the given ones, to restart a server in place)."""
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     taken: set[int] = set()
-    ports = {name: _free_port(taken) for name in SERVICES}
+    ports = ports or {name: _free_port(taken) for name in SERVICES}
     args = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
             "-volume.preStopSeconds=0"]
@@ -73,7 +75,7 @@ def start(data_dir: str | Path, timeout: float = 60.0) -> SeaweedServer:
     log = data / "weed.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log))
+    server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log), dict(ports))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
