@@ -39,5 +39,8 @@ convert-local: install
 bench: install
 	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
 
+bench-flow: install
+	$(BIN)/python -m flows.bench --out bench-results
+
 clean:
 	rm -rf $(OUT) bench-results .services

@@ -42,6 +42,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe)  # raises PlanError with every problem before any job runs
+    timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     pipeline.begin_run(output)
     logger.info("run %s: %d layer jobs, %.1f MB in, recipe %s", key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
@@ -64,17 +65,26 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
             bar.update(1)
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(futures))
     convert_seconds = time.perf_counter() - started
+    timings["jobs"] = convert_seconds - timings["plan"]
     results = [o["result"] for o in outcomes]
     inputs = {"shards": {f: d.result() for f, d in digests.items()},
               "files": {f: pipeline.input_digest(upstream, f) for f in ("config.json", *plan.extra_files)}}
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned",
             "run_key": key}
+    mark = time.perf_counter()
     manifest = publish_checkpoint(plan, results, upstream, output, inputs, meta)
+    timings["publish"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     summary = verify_checkpoint(output)
+    timings["verify"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+    timings["transcode_sum"] = sum(o["result"].seconds for o in outcomes if not o["skipped"])
+    timings["upload_sum"] = sum(o["upload_seconds"] for o in outcomes)
     skipped = sum(o["skipped"] for o in outcomes)
     _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds)
     return {"output": output, "run_key": key, "jobs": len(outcomes), "skipped": skipped,
-            "nodes": sorted({o["node"] for o in outcomes}), "tensors": len(manifest["tensors"])}
+            "nodes": sorted({o["node"] for o in outcomes}), "tensors": len(manifest["tensors"]),
+            "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings}
 
 
 def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds) -> None:

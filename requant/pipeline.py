@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,26 @@ def begin_run(dest_uri: str) -> None:
         dest.delete(MANIFEST_FILE)
 
 
+@dataclasses.dataclass(frozen=True)
+class JobOutcome:
+    result: JobResult
+    skipped: bool  # finished by an earlier run of the same key
+    upload_seconds: float = 0.0
+
+
 def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                threads: int = 1) -> tuple[JobResult, bool]:
-    """Run one job unless run ``key`` already finished it; returns (result, skipped)."""
+                threads: int = 1) -> JobOutcome:
+    """Run one job unless run ``key`` already finished it."""
     source, dest = open_storage(source_uri), open_storage(dest_uri, create=True)
     done = completed(dest, key, job)
     if done is not None:
-        return done, True
+        return JobOutcome(done, True)
     with tempfile.TemporaryDirectory(prefix=f"requant-{job.name}-") as tmp:
         result = run_job(job, source, Path(tmp), device=device, threads=threads)
+        start = time.perf_counter()
         dest.put_file(job.output_file, Path(tmp) / job.output_file, sha256=result.sha256)
     dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
-    return result, False
+    return JobOutcome(result, False, time.perf_counter() - start)
 
 
 def input_digest(source_uri: str, file: str) -> dict[str, Any]:

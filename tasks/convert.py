@@ -41,8 +41,9 @@ def hash_input(source_uri: str, file: str) -> dict[str, Any]:
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job.name}")
 def convert_layer(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
                   threads: int = 1) -> dict[str, Any]:
-    result, skipped = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads)
-    return {"result": result, "skipped": skipped, "node": _node()}
+    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads)
+    return {"result": outcome.result, "skipped": outcome.skipped, "upload_seconds": outcome.upload_seconds,
+            "node": _node()}
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5)

@@ -15,16 +15,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-# Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are
-# what a Quark user would pass for the same coverage, independent of requant's own class table.
-AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
-                    "*shared_experts*", "*mm_projector*", "*vision_tower*"]
-QUARK_EQUIVALENT = {
-    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"]),
-    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE),
-    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE),
-    "bf16-staging": ("mxfp4", ["*"]),  # everything excluded: Quark only decompresses
-}
+from quark_oracle import QUARK_EQUIVALENT  # noqa: E402
 
 
 @pytest.fixture(scope="session")

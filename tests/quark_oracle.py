@@ -45,6 +45,18 @@ def quark_quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tens
     return packed, scale.contiguous()
 
 
+# Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are
+# what a Quark user would pass for the same coverage, independent of requant's own class table.
+AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
+                    "*shared_experts*", "*mm_projector*", "*vision_tower*"]
+QUARK_EQUIVALENT = {
+    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"]),
+    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE),
+    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE),
+    "bf16-staging": ("mxfp4", ["*"]),  # everything excluded: Quark only decompresses
+}
+
+
 def quark_config_dict(scheme: str, exclude: list[str]) -> dict:
     from quark.torch.quantization.config.template import LLMTemplate
 

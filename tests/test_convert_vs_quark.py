@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import QUARK_EQUIVALENT
+from quark_oracle import QUARK_EQUIVALENT
 from requant.convert import convert_local
 
 

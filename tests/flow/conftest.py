@@ -4,7 +4,6 @@ this machine (head + two worker nodes with custom resources), and a temporary Pr
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from requant import seaweed
 from requant.convert import convert_local
-from requant.io.s3 import S3Storage
+from flows.run import upload_dir
 from requant.seaweed import _free_port
 from requant.synth import PROFILES, synthesize
 
@@ -62,18 +61,10 @@ def prefect_api(ray_cluster):
         yield PREFECT_API_URL.value()
 
 
-def upload(local: Path, uri: str) -> None:
-    storage = S3Storage(uri)
-    storage.ensure_bucket()
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            storage.put_file(path.relative_to(local).as_posix(), path)
-
-
 @pytest.fixture(scope="session")
 def s3_tiny(s3_server, tiny_upstream) -> str:
     uri = "s3://upstream/tiny"
-    upload(tiny_upstream, uri)
+    upload_dir(tiny_upstream, uri)
     return uri
 
 
@@ -96,12 +87,8 @@ def medium_reference(medium_upstream, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_medium(s3_server, medium_upstream) -> str:
     uri = "s3://upstream/k26-6"
-    upload(medium_upstream, uri)
+    upload_dir(medium_upstream, uri)
     return uri
-
-
-def shards_of(storage, names) -> dict[str, str]:
-    return {n: storage.sha256(n) for n in names}
 
 
 @pytest.fixture
@@ -111,5 +98,3 @@ def clean_prefix():
 
     return f"s3://outputs/{uuid.uuid4().hex[:8]}"
 
-
-__all__ = ["upload", "shards_of", "shutil"]

@@ -14,7 +14,7 @@ import pytest
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
 from requant.seaweed import start, stop
-from conftest import upload
+from flows.run import upload_dir
 
 pytestmark = pytest.mark.services
 
@@ -152,7 +152,7 @@ def test_bad_input_fails_at_plan_time(prefect_api, s3_server, tiny_upstream, tmp
     index = json.loads((up / "model.safetensors.index.json").read_text())
     index["weight_map"].pop("language_model.model.layers.2.mlp.experts.7.down_proj.weight_scale")
     (up / "model.safetensors.index.json").write_text(json.dumps(index))
-    upload(up, "s3://upstream/bad-tiny")
+    upload_dir(up, "s3://upstream/bad-tiny")
     with pytest.raises(PlanError) as info:
         _run(upstream="s3://upstream/bad-tiny", output=clean_prefix, recipe="kimi-k2.6-mxfp4")
     assert len(info.value.problems) >= 2 and last.name in str(info.value.problems)
