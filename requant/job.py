@@ -21,7 +21,8 @@ from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_cha
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from requant.io.safetensors import SafetensorsWriter, read_tensor
+from requant.io.ranges import CoalescingReader
+from requant.io.safetensors import SafetensorsWriter
 from requant.io.storage import Storage
 from requant.plan import LayerJob, TensorTask
 
@@ -71,9 +72,11 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     path = Path(out_dir) / job.output_file
     writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name})
     stats: list[TensorStat] = []
+    reader = CoalescingReader(source, [e for t in job.tasks for e in t.inputs])
     try:
-        for task in job.tasks:
-            outputs, stat = transcode(task, source, device, threads)
+        # read in file order so spans are fetched once; the writer places tensors by name anyway
+        for task in sorted(job.tasks, key=lambda t: (t.inputs[0].file, t.inputs[0].start)):
+            outputs, stat = transcode(task, reader, device, threads)
             for spec, tensor in zip(task.outputs, outputs):
                 writer.write(spec.name, tensor)
             if stat is not None:
@@ -96,11 +99,11 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     )
 
 
-def transcode(task: TensorTask, source: Storage, device: str = "cpu", threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
+def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
     """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats."""
     if task.kind == "copy":
         (entry,) = task.inputs
-        tensor = read_tensor(source, entry)
+        tensor = source.read(entry)
         _check_finite(tensor, f"{source.uri}/{entry.file}", entry.name)
         return [tensor], None
     if task.kind == "int4":
@@ -115,7 +118,7 @@ def transcode(task: TensorTask, source: Storage, device: str = "cpu", threads: i
         reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
     else:
         (entry,) = task.inputs
-        weight = read_tensor(source, entry)
+        weight = source.read(entry)
         _check_finite(weight, f"{source.uri}/{entry.file}", entry.name)
         weight = weight.to(device)
         out = list(quantize_mxfp4(weight) if task.target == "mxfp4" else quantize_fp8_per_channel(weight))
@@ -124,14 +127,14 @@ def transcode(task: TensorTask, source: Storage, device: str = "cpu", threads: i
     return [t.cpu() for t in out], stat
 
 
-def _read_int4(task: TensorTask, source: Storage) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_int4(task: TensorTask, source: CoalescingReader) -> tuple[torch.Tensor, torch.Tensor]:
     packed_e, scale_e, shape_e = task.inputs
-    shape = read_tensor(source, shape_e).tolist()
+    shape = source.read(shape_e).tolist()
     if tuple(shape) != task.shape:
         raise CheckpointError(f"{source.uri}/{shape_e.file}", f"weight_shape is {shape}, config implies {list(task.shape)}", shape_e.name)
-    scale = read_tensor(source, scale_e)
+    scale = source.read(scale_e)
     _check_finite(scale, f"{source.uri}/{scale_e.file}", scale_e.name)
-    return read_tensor(source, packed_e), scale
+    return source.read(packed_e), scale
 
 
 def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:

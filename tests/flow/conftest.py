@@ -19,13 +19,17 @@ from requant.synth import PROFILES, synthesize
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+RESTARTED: list = []  # servers a test restarted in place (new PIDs) to stop at session end
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     server = seaweed.start(tmp_path_factory.mktemp("seaweed"))
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield server
-    seaweed.stop(server)
+    for running in [server, *RESTARTED]:
+        seaweed.stop(running)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -14,6 +14,7 @@ import pytest
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
 from requant.seaweed import start, stop
+from conftest import RESTARTED
 from flows.run import upload_dir
 
 pytestmark = pytest.mark.services
@@ -133,7 +134,7 @@ def test_s3_restart_during_a_run(prefect_api, s3_server, s3_medium, medium_refer
     _wait_for(lambda: len(_records(clean_prefix)) >= 1, 300, "a finished layer job")
     stop(s3_server, grace=1.0)
     time.sleep(3)
-    start(s3_server.data_dir, ports=s3_server.ports)
+    RESTARTED.append(start(s3_server.data_dir, ports=s3_server.ports))
     output, _ = proc.communicate(timeout=600)
     if proc.returncode != 0:  # a clear failure is allowed; then a rerun must resume and complete
         assert "unreachable" in output or "Error" in output, output[-3000:]
@@ -170,3 +171,14 @@ def test_verify_reads_s3_and_catches_a_flipped_object(prefect_api, s3_tiny, clea
     storage.put_bytes("model-00002-of-00004.safetensors", bytes(data))
     assert main(["verify", clean_prefix]) == 2
     assert "model-00002-of-00004.safetensors" in capsys.readouterr().err
+
+
+def test_local_directories_as_source_and_destination(prefect_api, tiny_upstream, tiny_local_reference, tmp_path):
+    from requant.verify import verify
+
+    out = tmp_path / "flow-out"
+    summary, _ = _run(upstream=str(tiny_upstream), output=str(out), recipe="kimi-k2.6-mxfp4")
+    assert verify(str(out))["upstream_tensors"] == 203 and summary["skipped"] == 0
+    ref = json.loads((tiny_local_reference / "requant-manifest.json").read_text())["outputs"]
+    got = json.loads((out / "requant-manifest.json").read_text())["outputs"]
+    assert all(got[f] == ref[f] for f in ref if f.endswith(".safetensors") or f in COMPARED)

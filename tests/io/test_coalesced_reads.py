@@ -1,0 +1,37 @@
+"""Coalesced range reads return exactly the tensors single reads return, with far fewer requests."""
+
+from __future__ import annotations
+
+import torch
+
+from requant.io.ranges import CoalescingReader, plan_spans
+from requant.io.safetensors import TensorEntry, read_header, read_tensor
+from requant.io.storage import LocalDir
+
+
+class CountingStorage(LocalDir):
+    calls = 0
+
+    def read_range(self, path, start, end):
+        CountingStorage.calls += 1
+        return super().read_range(path, start, end)
+
+
+def test_spans_merge_neighbours_and_respect_caps():
+    e = [TensorEntry(f"t{i}", "f", "U8", (10,), 100 + 10 * i, 110 + 10 * i) for i in range(5)]
+    far = TensorEntry("far", "f", "U8", (10,), 10_000_000, 10_000_010)
+    spans = plan_spans([*e, far], max_span=35, max_gap=1000)
+    assert spans["t0"] == spans["t2"] != spans["t3"]  # cap 35 bytes -> three tensors per span
+    assert spans["far"].start == 10_000_000  # gap too large -> its own span
+
+
+def test_reader_returns_the_same_tensors_with_fewer_requests(tiny_upstream):
+    storage = CountingStorage(tiny_upstream)
+    entries = []
+    for shard in sorted(p.name for p in tiny_upstream.glob("*.safetensors")):
+        entries += list(read_header(storage, shard)[0].values())
+    CountingStorage.calls = 0
+    reader = CoalescingReader(storage, entries)
+    for entry in sorted(entries, key=lambda e: (e.file, e.start)):
+        assert torch.equal(reader.read(entry).view(torch.uint8), read_tensor(LocalDir(tiny_upstream), entry).view(torch.uint8))
+    assert reader.requests == CountingStorage.calls <= 8 < len(entries)
