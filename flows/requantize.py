@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
@@ -57,7 +58,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         options["resources"] = resources
     with remote_options(**options):
         digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
-        futures = [convert_layer.submit(job, upstream, output, key, device=device, threads=threads) for job in plan.jobs]
+        futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads)
+                   for job in plan.jobs]
     outcomes = []
     with tqdm(total=len(futures), desc=f"requantize {recipe}", unit=" jobs", disable=not progress) as bar:
         for future in as_completed(futures):
@@ -72,7 +74,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned",
             "run_key": key}
     mark = time.perf_counter()
-    manifest = publish_checkpoint(plan, results, upstream, output, inputs, meta)
+    # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
+    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta)
     timings["publish"] = time.perf_counter() - mark
     mark = time.perf_counter()
     summary = verify_checkpoint(output)

@@ -4,7 +4,6 @@ provenance manifest, which is written last. A directory without the manifest is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -26,6 +25,9 @@ MANIFEST_VERSION = 1
 _VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")
 
 
+JOB_FIELDS = ("job", "output_file", "sha256", "size", "bytes_in", "seconds", "host")
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
@@ -36,8 +38,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+def write_json(path: Path, data: Any, pretty: bool = True) -> None:
+    """``pretty=False`` for the large files (index, manifest): json's C encoder only runs without indent."""
+    text = json.dumps(data, indent=2 if pretty else None, separators=None if pretty else (",", ":"),
+                      ensure_ascii=False, allow_nan=False)
+    path.write_text(text + "\n")
 
 
 def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, inputs: dict[str, dict],
@@ -49,7 +54,8 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     results = sorted(results, key=lambda r: r.output_file)
     weight_map = {name: r.output_file for r in results for name in r.tensors}
     total = sum(tensor_nbytes(info["dtype"], info["shape"]) for r in results for info in r.tensors.values())
-    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+               pretty=False)
     write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
     for file in plan.extra_files:
         name = UPSTREAM_CARD if file == MODEL_CARD else file
@@ -73,9 +79,9 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "tensors": {name: {"file": r.output_file, **info} for r in results for name, info in sorted(r.tensors.items())},
         "sources": {name: outs for r in results for name, outs in sorted(r.sources.items())},
         "stats": stats,
-        "jobs": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("tensors", "sources", "stats")} for r in results],
+        "jobs": [{f: getattr(r, f) for f in JOB_FIELDS} for r in results],
     }
-    write_json(out_dir / MANIFEST_FILE, manifest)
+    write_json(out_dir / MANIFEST_FILE, manifest, pretty=False)
     return manifest, written
 
 

@@ -7,12 +7,19 @@ import os
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import BaseAnnotation
 
 from requant import pipeline
 from requant.io.storage import open_storage
 from requant.plan import LayerJob, Plan, build_plan
 from requant.recipe import load_recipe
 from requant.verify import verify
+
+
+def _plain(value: Any) -> Any:
+    """The flow passes large plans inside prefect's ``quote`` so Prefect does not walk them."""
+    return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
 def _node() -> str:
@@ -27,31 +34,33 @@ def _node() -> str:
     return os.uname().nodename
 
 
-@task(name="plan", retries=2, retry_delay_seconds=5)
+# Plans and job lists hold ~10^5 tensor descriptions: hashing them for Prefect's default input cache key
+# costs more than the work, and resume is handled by requant's own job records in object storage.
+@task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def plan_checkpoint(source_uri: str, recipe: str) -> Plan:
     """Read config, index and every shard header; fail with all problems before any job runs."""
     return build_plan(open_storage(source_uri), load_recipe(recipe))
 
 
-@task(name="hash-input", retries=2, retry_delay_seconds=5)
+@task(name="hash-input", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def hash_input(source_uri: str, file: str) -> dict[str, Any]:
     return pipeline.input_digest(source_uri, file)
 
 
-@task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job.name}")
-def convert_layer(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
+@task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
+def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
                   threads: int = 1) -> dict[str, Any]:
     outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads)
     return {"result": outcome.result, "skipped": outcome.skipped, "upload_seconds": outcome.upload_seconds,
             "node": _node()}
 
 
-@task(name="publish", retries=2, retry_delay_seconds=5)
+@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str, inputs: dict[str, Any],
                        upstream: dict[str, str]) -> dict[str, Any]:
-    return pipeline.publish(plan, results, source_uri, dest_uri, inputs, upstream)
+    return pipeline.publish(_plain(plan), _plain(results), source_uri, dest_uri, inputs, upstream)
 
 
-@task(name="verify")
+@task(name="verify", cache_policy=NO_CACHE)
 def verify_checkpoint(dest_uri: str) -> dict[str, Any]:
     return verify(dest_uri)
