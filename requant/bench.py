@@ -41,28 +41,9 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
 
 def _quark_mxfp4() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """Quark's per-tensor path as its file-to-file exporter runs it, or None without amd-quark."""
-    try:
-        import quark
-        from quark.torch.quantization.config.template import LLMTemplate
-        from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
-        from quark.torch.utils.pack import create_pack_method
-    except ImportError:
-        return None
-    spec = LLMTemplate.get("kimi_k25").get_config(scheme="mxfp4").global_quant_config.weight
+    from requant.quark_reference import quark_available, quark_quantize_weight
 
-    def run(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quantizer = FakeQuantizeBase.get_fake_quantize(spec)
-        quantizer.enable_observer()
-        quantizer.disable_fake_quant()
-        quantizer(weight)
-        q = quark.torch.kernel.scaled_real_quantize(
-            spec.dtype.value, weight, quantizer.scale, quantizer.zero_point, spec.ch_axis, spec.group_size,
-            quantizer.quant_min, quantizer.quant_max, spec.round_method.value, spec.qscheme.value)
-        packed = create_pack_method(qscheme=spec.qscheme.value, dtype=spec.dtype.value).pack(q, False)
-        scale = (torch.log2(quantizer.scale).round().to(torch.int16).clamp(-127, 127) + 127).to(torch.uint8)
-        return packed, scale
-
-    return run
+    return (lambda weight: quark_quantize_weight(weight, "mxfp4")) if quark_available() else None
 
 
 def kernel_bench(repeats: int = 5) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """AMD Quark 0.11, the reference implementation of the target format, used two ways by the tests.
 
-* In process: ``quark_quantize_weight`` runs the same per-tensor sequence as Quark's file-to-file
-  exporter (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale) on one weight.
+* In process: ``quark_quantize_weight`` (requant.quark_reference) runs the same per-tensor sequence
+  as Quark's file-to-file exporter (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale).
 * As a script: ``python tests/quark_oracle.py SRC JOBS_JSON`` runs Quark's own
   ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude"}`` in the JSON list. A
   separate process, because that function sets torch's global default dtype from config.json.
@@ -11,38 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import lru_cache
 
-import torch
-
-
-@lru_cache(maxsize=None)
-def _weight_spec(scheme: str):
-    from quark.torch.quantization.config.template import LLMTemplate
-
-    return LLMTemplate.get("kimi_k25").get_config(scheme=scheme).global_quant_config.weight
-
-
-def quark_quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight bytes, weight_scale) exactly as Quark's file-to-file export stores them."""
-    import quark
-    from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
-    from quark.torch.utils.pack import create_pack_method
-
-    spec = _weight_spec(scheme)
-    quantizer = FakeQuantizeBase.get_fake_quantize(spec)
-    quantizer.enable_observer()
-    quantizer.disable_fake_quant()
-    quantizer(weight)
-    q = quark.torch.kernel.scaled_real_quantize(
-        spec.dtype.value, weight, quantizer.scale, quantizer.zero_point, spec.ch_axis, spec.group_size,
-        quantizer.quant_min, quantizer.quant_max, spec.round_method.value, spec.qscheme.value,
-    )
-    packed = create_pack_method(qscheme=spec.qscheme.value, dtype=spec.dtype.value).pack(q, False)
-    scale = quantizer.scale
-    if getattr(spec, "scale_format", None) == "e8m0":
-        scale = (torch.log2(scale).round().to(torch.int16).clamp(-127, 127) + 127).to(torch.uint8)
-    return packed, scale.contiguous()
+from requant.quark_reference import quark_quantize_weight  # noqa: F401 (re-exported for the tests)
 
 
 # Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are
