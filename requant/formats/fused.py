@@ -30,7 +30,7 @@ from requant.constants import (
     MX_BLOCK_SIZE,
 )
 from requant.formats.int4 import dequantize_int4, packed_columns
-from requant.formats.mxfp4 import e2m1_codes, quantize_mxfp4, shared_exponent
+from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, shared_exponent
 
 _MANTISSAS = 1 << BF16_MANT_BITS  # 128 BF16 mantissas
 _MAXABS = 9  # max |q| in 0..8
@@ -58,7 +58,7 @@ def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     exp = shared_exponent(amax)  # = k - 2 since the representative scale has exponent 0
     q = torch.arange(-INT4_OFFSET, 16 - INT4_OFFSET, dtype=torch.float32)
     values = (q.unsqueeze(0) * s.unsqueeze(1)).to(torch.bfloat16).to(torch.float32)
-    codes = e2m1_codes(values / torch.exp2(exp.to(torch.float32)).unsqueeze(1))  # [CLASSES, 16 nibbles]
+    codes = e2m1_codes((values.double() * pow2_f64(-exp).unsqueeze(1)).float())  # [CLASSES, 16 nibbles]
     byte = torch.arange(256)
     table = codes[:, byte & 0xF] | (codes[:, byte >> 4] << 4)  # [CLASSES, 256]
     zero = maxabs == 0
@@ -71,13 +71,13 @@ def int4_to_mxfp4(
     data_packed: torch.Tensor,
     scale: torch.Tensor,
     in_features: int,
-    rows_per_block: int = 256,
+    rows_per_block: int | None = None,
     threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
 
-    Streams ``rows_per_block`` rows at a time; memory beyond the output is a few bytes per element
-    of one row block. ``threads > 1`` converts row blocks concurrently (torch releases the GIL in its
+    Streams ``rows_per_block`` rows at a time (default: 256 on CPU, the whole matrix on a GPU); memory
+    beyond the output is a few bytes per element of one row block. ``threads > 1`` converts row blocks concurrently (torch releases the GIL in its
     ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription.
     """
     if scale.dtype != torch.bfloat16:
@@ -91,6 +91,8 @@ def int4_to_mxfp4(
             f"packed {tuple(data_packed.shape)} / scale {tuple(scale.shape)} do not fit shape ({out_features}, {in_features})"
         )
     device = data_packed.device
+    if rows_per_block is None:  # CPU: blocks that stay in cache; GPU: one launch set per matrix
+        rows_per_block = 256 if device.type == "cpu" else max(out_features, 1)
     table, exp_offset = _tables(str(device))
     packed_out = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
     scale_out = torch.empty(out_features, n_blocks, dtype=torch.uint8, device=device)

@@ -39,6 +39,16 @@ def shared_exponent(amax: torch.Tensor) -> torch.Tensor:
     return exp.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).to(torch.int32)
 
 
+def pow2_f64(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact 2**exponent (|exponent| <= 1022) as float64, built from its bits.
+
+    Scaling by it in float64 is exact for every FP32 input, subnormals included. GPU ``exp2`` and FP32
+    division are not exact for subnormal powers of two (seen on an H200: exp2(-127) and x / 2**-127
+    were off by an ulp), so the block scale never goes through them.
+    """
+    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """FP32 values already divided by the block scale -> 4-bit E2M1 codes (uint8, 0..15).
 
@@ -74,7 +84,7 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK_SIZE}, got {tuple(weight.shape)}")
     x = weight.to(torch.float32).reshape(*weight.shape[:-1], -1, MX_BLOCK_SIZE)
     exp = shared_exponent(x.abs().amax(dim=-1))
-    scaled = x / torch.exp2(exp.to(torch.float32)).unsqueeze(-1)
+    scaled = (x.double() * pow2_f64(-exp).unsqueeze(-1)).float()
     codes = e2m1_codes(scaled).reshape(weight.shape)
     return pack_fp4(codes), (exp + E8M0_BIAS).to(torch.uint8)
 
@@ -84,5 +94,5 @@ def dequantize_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor, dtype: torc
     lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
     values = lut[unpack_fp4(packed).long()]
     blocks = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
-    scale = torch.exp2(scale_e8m0.to(torch.float32) - E8M0_BIAS).unsqueeze(-1)
-    return (blocks * scale).reshape(values.shape).to(dtype)
+    scale = pow2_f64(scale_e8m0.to(torch.int64) - E8M0_BIAS).unsqueeze(-1)
+    return (blocks.double() * scale).reshape(values.shape).to(dtype)
