@@ -69,8 +69,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     convert_seconds = time.perf_counter() - started
     timings["jobs"] = convert_seconds - timings["plan"]
     results = [o["result"] for o in outcomes]
-    inputs = {"shards": {f: d.result() for f, d in digests.items()},
-              "files": {f: pipeline.input_digest(upstream, f) for f in ("config.json", *plan.extra_files)}}
+    inputs = pipeline.input_record(upstream, plan, shards={f: d.result() for f, d in digests.items()})
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned",
             "run_key": key}
     mark = time.perf_counter()

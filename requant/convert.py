@@ -17,19 +17,11 @@ from tqdm import tqdm
 
 from requant.assemble import assemble
 from requant.errors import RequantError
-from requant.io.storage import LocalDir, Storage, open_storage
+from requant.io.storage import LocalDir, open_storage
 from requant.job import JobResult, run_job
-from requant.plan import Plan, build_plan
+from requant.pipeline import input_record
+from requant.plan import build_plan
 from requant.recipe import load_recipe
-
-
-def hash_inputs(storage: Storage, plan: Plan, progress: bool = True) -> dict[str, Any]:
-    """sha256 of every upstream file this conversion reads or copies (the provenance record)."""
-    shards = {}
-    for file, size in tqdm(plan.input_shards, desc="hash inputs", unit=" shards", disable=not progress):
-        shards[file] = {"size": size, "sha256": storage.sha256(file)}
-    files = {f: {"size": storage.size(f), "sha256": storage.sha256(f)} for f in ("config.json", *plan.extra_files)}
-    return {"shards": shards, "files": files}
 
 
 def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
@@ -45,7 +37,7 @@ def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, d
     staging = dst_path.with_name(f".{dst_path.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:
-        inputs = hash_inputs(storage, plan, progress)
+        inputs = input_record(storage, plan, progress=progress)
         results: list[JobResult] = []
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not progress) as bar:

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, assemble, library_versions
 from requant.errors import CheckpointError
 from requant.io.storage import open_storage
 from requant.job import JobResult, result_from_json, result_to_json, run_job
-from requant.plan import LayerJob, Plan
+from requant.plan import CONFIG_FILE, LayerJob, Plan
 
 
 def run_key(plan: Plan, revision: str | None) -> str:
@@ -90,9 +92,19 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     return JobOutcome(result, False, time.perf_counter() - start)
 
 
-def input_digest(source_uri: str, file: str) -> dict[str, Any]:
-    source = open_storage(source_uri)
+def input_digest(source, file: str) -> dict[str, Any]:
+    """Size and sha256 of one upstream file; ``source`` is a Storage or its URI."""
+    source = open_storage(source) if isinstance(source, str) else source
     return {"size": source.size(file), "sha256": stored_sha256(source, file)}
+
+
+def input_record(source, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
+    """The manifest's provenance of the inputs: every shard read and every file copied. ``shards`` may
+    come precomputed (the flow hashes them in parallel tasks)."""
+    if shards is None:
+        files = tqdm(plan.input_shards, desc="hash inputs", unit=" shards", disable=not progress)
+        shards = {f: input_digest(source, f) for f, _ in files}
+    return {"shards": shards, "files": {f: input_digest(source, f) for f in (CONFIG_FILE, *plan.extra_files)}}
 
 
 def publish(plan: Plan, results: list[JobResult], source_uri: str, dest_uri: str, inputs: dict[str, Any],

@@ -41,10 +41,11 @@ def _check_files(storage, manifest: dict, problems: list[str]) -> None:
     present = set(storage.list_files())
     for rel, info in listed.items():
         where = f"{storage.uri}/{rel}"
-        if rel not in present:
+        size = storage.size(rel) if rel in present else None
+        if size is None:
             problems.append(f"{where}: listed in the manifest but missing")
-        elif storage.size(rel) != info["size"]:
-            problems.append(f"{where}: {storage.size(rel)} bytes, manifest says {info['size']}")
+        elif size != info["size"]:
+            problems.append(f"{where}: {size} bytes, manifest says {info['size']}")
         elif storage.sha256(rel) != info["sha256"]:
             problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
     for rel in sorted(present - set(listed) - {MANIFEST_FILE}):
