@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from requant.errors import PlanError, RequantError, VerifyError
@@ -44,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--upstream", help="existing k26-topology upstream to convert (default: synthesize one)")
     b.add_argument("--layers", type=int, default=9,
                    help="decoder layers of the synthesized k26-topology model (61 = all; Quark takes over an hour then)")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible reference server for a checkpoint (dir or s3://)")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("REQUANT_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $REQUANT_API_KEY; prefer the variable, "
+                         "command lines are visible to other users)")
+    sv.add_argument("--served-model-name", help="model name clients send (default: the checkpoint's last path part)")
+    sv.add_argument("--max-model-len", type=int, default=8192, help="prompt + completion tokens per request")
+    sv.add_argument("--max-pending", type=int, default=16, help="requests in flight before 429")
+    sv.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    sv.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    sv.add_argument("--log-level", default="warning")
     return p
 
 
@@ -103,6 +118,16 @@ def _run(args: argparse.Namespace) -> int:
         for r in recipes if not args.json else []:
             quantized = [c for c, t in r.targets if t != "unquantized"]
             print(f"{r.name:18s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
+    elif args.command == "serve":
+        from requant.serving.server import serve
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+              served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+              max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level)
     elif args.command == "bench":
         from requant.bench import run_bench
 

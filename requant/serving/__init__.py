@@ -1,0 +1,1 @@
+"""Serving a converted checkpoint: a reference OpenAI-compatible server, engine launchers, the smoke test."""

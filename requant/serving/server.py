@@ -1,0 +1,201 @@
+"""``requant serve``: an OpenAI-compatible HTTP server over the reference model (FastAPI + uvicorn).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (also streamed as SSE).
+Bounded by design: request bodies over ``max_body_bytes`` get 413, more than ``max_pending`` requests
+in flight get 429, prompt + max_tokens beyond the context get 400; every error is an OpenAI-style JSON
+body. Binds to 127.0.0.1 unless told otherwise; with an API key, /v1/* needs ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from requant.serving.generate import Generator
+from requant.serving.protocol import RequestError, completion_body, completion_id, parse_completion
+
+log = logging.getLogger("requant.serve")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, or while they stream in)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_error(send, RequestError(f"request body over {self.limit} bytes", status=413))
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_error(send, RequestError(f"request body over {self.limit} bytes", status=413))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_error(send, err: RequestError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(generator: Generator, served_model: str, api_key: str | None = None,
+               max_body_bytes: int = 4 << 20, max_pending: int = 16) -> FastAPI:
+    app = FastAPI(title="requant reference server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    pending = {"n": 0}
+    created = int(time.time())
+
+    def error(err: RequestError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):                    # never a raw traceback to clients
+        log.exception("unexpected error serving %s", request.url.path)
+        return error(RequestError("internal error", status=500, kind="server_error"))
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return error(RequestError(f"no route {request.method} {request.url.path}", status=404, kind="not_found_error"))
+
+    @app.exception_handler(405)
+    async def bad_method(request: Request, exc):
+        return error(RequestError(f"method {request.method} not allowed on {request.url.path}", status=405))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorized(request):
+            return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
+        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
+                                            "owned_by": "requant", "max_model_len": generator.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        if not authorized(request):
+            return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
+        try:
+            req = parse_completion(await request.body(), served_model)
+            prompts = [generator.encode(p) for p in req.prompts]
+            for ids in prompts:
+                if len(ids) + req.params.max_tokens > generator.max_model_len:
+                    raise RequestError(
+                        f"this model's maximum context length is {generator.max_model_len} tokens; the request "
+                        f"has {len(ids)} prompt tokens and max_tokens {req.params.max_tokens}", "max_tokens")
+                if not ids:
+                    raise RequestError("prompt is empty after tokenization", "prompt")
+        except RequestError as err:
+            return error(err)
+        if pending["n"] >= max_pending:
+            return error(RequestError(f"server busy: {max_pending} requests in flight", status=429, kind="rate_limit_error"))
+        pending["n"] += 1
+        if req.stream:
+            return StreamingResponse(_stream(generator, req, prompts, pending), media_type="text/event-stream")
+        try:
+            return await _complete(generator, req, prompts)
+        finally:
+            pending["n"] -= 1
+
+    return app
+
+
+async def _complete(generator: Generator, req, prompts: list[list[int]]) -> dict[str, Any]:
+    cid, choices, used_prompt, used_completion = completion_id(), [], 0, 0
+    for p, ids in enumerate(prompts):
+        used_prompt += len(ids)
+        for j in range(req.n):
+            out = await anyio.to_thread.run_sync(generator.complete, ids, req.params, j)
+            used_completion += out.completion_tokens
+            choices.append({"index": p * req.n + j, "text": out.text, "logprobs": out.logprobs,
+                            "finish_reason": out.finish_reason})
+    return completion_body(cid, req.model, choices, used_prompt, used_completion)
+
+
+async def _stream(generator: Generator, req, prompts: list[list[int]], pending: dict):
+    """SSE: one chunk per text delta, a final chunk per choice with its finish_reason, then [DONE]."""
+    cid, loop = completion_id(), asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def chunk(index: int, text: str, finish: str | None) -> str:
+        body = completion_body(cid, req.model, [{"index": index, "text": text, "logprobs": None,
+                                                 "finish_reason": finish}], 0, 0)
+        body.pop("usage")
+        return f"data: {json.dumps(body)}\n\n"
+
+    def work():
+        try:
+            for p, ids in enumerate(prompts):
+                for j in range(req.n):
+                    index = p * req.n + j
+                    out = generator.complete(ids, req.params, j, cancelled=stop.is_set,
+                                             on_text=lambda t, i=index: loop.call_soon_threadsafe(queue.put_nowait, chunk(i, t, None)))
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk(index, "", out.finish_reason))
+        except Exception:                                                    # reported to the client, logged here
+            log.exception("streaming completion failed")
+            err = RequestError("internal error", status=500, kind="server_error")
+            loop.call_soon_threadsafe(queue.put_nowait, f"data: {json.dumps(err.body())}\n\n")
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    task = loop.run_in_executor(None, work)
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+        yield "data: [DONE]\n\n"
+    finally:
+        stop.set()
+        await task
+        pending["n"] -= 1
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_model_name: str | None = None, max_model_len: int = 8192, max_body_bytes: int = 4 << 20,
+          max_pending: int = 16, log_level: str = "info") -> None:
+    import uvicorn
+
+    name = served_model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    started = time.perf_counter()
+    generator = Generator.from_checkpoint(checkpoint, max_model_len)
+    counts = ", ".join(f"{k}={v}" for k, v in generator.model.schemes.items())
+    print(f"requant serve: loaded {name} ({counts} linear modules) in {time.perf_counter() - started:.1f}s; "
+          f"http://{host}:{port}/v1", flush=True)
+    app = create_app(generator, name, api_key, max_body_bytes, max_pending)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                limit_concurrency=max_pending * 4)

@@ -1,0 +1,34 @@
+"""Serving fixtures: the tiny upstream converted to the variants we serve, and one running reference server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from requant.convert import convert_local
+from requant.serving.engines import launch, load_engines
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("kimi-k2.6-mxfp4", "fp8-reference", "bf16-staging")
+
+
+@pytest.fixture(scope="session")
+def tiny_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    out = {"upstream": tiny_upstream}
+    for recipe in VARIANTS:
+        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+        out[recipe] = root / recipe
+    return out
+
+
+@pytest.fixture(scope="session")
+def mxfp4_server(tiny_variants, tmp_path_factory):
+    """`requant serve` on the MXFP4 variant, a real subprocess on a free loopback port."""
+    engine = launch(load_engines()["reference"], str(tiny_variants["kimi-k2.6-mxfp4"]), served_model_name="tiny-mxfp4",
+                    log_dir=tmp_path_factory.mktemp("serve-logs"), max_model_len=2048)
+    yield engine
+    engine.stop()

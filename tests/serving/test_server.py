@@ -1,0 +1,139 @@
+"""`requant serve` over HTTP: the OpenAI completions surface lm-eval and the smoke test rely on, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from requant.serving.engines import launch, load_engines
+
+PROMPT = "Question: Tom has 3 boxes with 12 apples each. How many apples?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def client(mxfp4_server):
+    with httpx.Client(base_url=mxfp4_server.base_url, timeout=120) as c:
+        yield c
+
+
+def complete(client, **body) -> dict:
+    r = client.post("/v1/completions", json={"model": "tiny-mxfp4", "prompt": PROMPT, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-mxfp4"] and models["object"] == "list"
+
+
+def test_greedy_is_deterministic_and_only_the_continuation(client):
+    a = complete(client, max_tokens=20, temperature=0)
+    b = complete(client, max_tokens=20, temperature=0, seed=1234, some_unknown_field={"x": 1})
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] != ""
+    assert not a["choices"][0]["text"].startswith("Question:")
+    assert a["object"] == "text_completion" and a["usage"]["prompt_tokens"] > 10
+    assert a["usage"]["total_tokens"] == a["usage"]["prompt_tokens"] + a["usage"]["completion_tokens"]
+
+
+def test_max_tokens_and_finish_reason(client):
+    body = complete(client, max_tokens=7, temperature=0, ignore_eos=True)
+    assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_strings_are_honoured_and_cut(client):
+    text = complete(client, max_tokens=30, temperature=0)["choices"][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    body = complete(client, max_tokens=30, temperature=0, stop=["@@never@@", stop])
+    choice = body["choices"][0]
+    assert choice["text"] == text[:text.find(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    a = complete(client, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)["choices"][0]["text"]
+    b = complete(client, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)["choices"][0]["text"]
+    c = complete(client, max_tokens=12, temperature=0.8, top_p=0.9, seed=8)["choices"][0]["text"]
+    assert a == b and a != c
+
+
+def test_list_prompts_and_n(client):
+    r = client.post("/v1/completions", json={"model": "tiny-mxfp4", "prompt": ["a b", "c d"], "n": 2,
+                                             "max_tokens": 3, "temperature": 1.0, "seed": 3})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+
+
+def test_logprobs_and_echo(client):
+    body = complete(client, max_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert value <= 0 and token in top and 3 <= len(top) <= 4
+        assert value == pytest.approx(max(top.values()), abs=1e-9)       # greedy picks the top token
+    echoed = complete(client, max_tokens=2, temperature=0, echo=True, logprobs=0)
+    assert echoed["choices"][0]["text"].startswith(PROMPT)
+    assert echoed["choices"][0]["logprobs"]["token_logprobs"][0] is None
+
+
+def test_streaming_matches_the_plain_response(client):
+    plain = complete(client, max_tokens=16, temperature=0)["choices"][0]
+    deltas, finish, done = [], None, False
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-mxfp4", "prompt": PROMPT, "max_tokens": 16,
+                                                        "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            deltas.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+    assert done and "".join(deltas) == plain["text"] and finish == plain["finish_reason"]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": "tiny-mxfp4"}).encode(), 400, "'prompt' is required"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": [1, 2]}).encode(), 400, "token-id prompts"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "max_tokens": 0}).encode(), 400, "at least 1"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "max_tokens": -5}).encode(), 400, "at least 1"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "max_tokens": 10 ** 9}).encode(), 400, "maximum context length"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "max_tokens": "5"}).encode(), 400, "must be an integer"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "temperature": 9}).encode(), 400, "between"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "stop": [""]}).encode(), 400, "'stop'"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "stop": ["a"] * 100}).encode(), 400, "stop strings"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x", "logprobs": 1000}).encode(), 400, "between"),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "does not exist"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "word " * 3000}).encode(), 400, "maximum context length"),
+    (json.dumps({"model": "tiny-mxfp4", "prompt": "x" * (5 << 20)}).encode(), 413, "request body over"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(client, body, status, needle):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert client.get("/health").status_code == 200
+
+
+def test_unknown_route_and_method(client):
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/v1/completions").status_code == 405
+
+
+def test_api_key_is_required_when_set(tiny_variants, tmp_path):
+    with launch(load_engines()["reference"], str(tiny_variants["fp8-reference"]), served_model_name="fp8",
+                log_dir=tmp_path, api_key="test-key-123", max_model_len=512) as server:
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": "fp8", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(url, json=body).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+        assert httpx.post(url, json=body, headers=server.headers()).status_code == 200
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+        assert "test-key-123" not in server.log_path.read_text()
