@@ -1,0 +1,209 @@
+"""Render a :class:`~requant.evaluation.compare.Comparison`: markdown report, table rows, PNG plot, card section.
+
+Accuracies print as percentages, differences in percentage points (pp). The plot uses matplotlib's Agg
+canvas directly (no pyplot, so no global figure state and nothing ever shown).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from requant.errors import RequantError
+from requant.evaluation.compare import PAIRED_TESTS, Comparison, FilterComparison, VariantScores
+
+QUALITY_HEADING = re.compile(r"^## Quality[ \t]*$", re.MULTILINE)
+NEXT_SECTION = re.compile(r"^## ", re.MULTILINE)
+CANDIDATE_COLOR, REFERENCE_COLOR = "#1f77b4", "#9a9a9a"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _pp(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:+.2f}"
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def _acc(v: VariantScores) -> str:
+    return f"{_pct(v.mean)} ± {_pct(v.stdev)}"
+
+
+def _per_seed(v: VariantScores) -> str:
+    return ", ".join(f"{s}: {_pct(x)}" for s, x in zip(v.seeds, v.per_seed))
+
+
+def _welch(fc: FilterComparison) -> str:
+    w = fc.welch
+    if not math.isfinite(w.p_value):
+        return "n/a"
+    df = "n/a" if not math.isfinite(w.df) else f"{w.df:.1f}"
+    return f"t = {w.t:.2f}, df {df}, p = {_p(w.p_value)}"
+
+
+def _gate_cell(fc: FilterComparison) -> str:
+    return "not gated" if not fc.gated else ("**FAIL**" if fc.failed else "pass")
+
+
+def _setup(c: Comparison) -> str:
+    seeds = "/".join(str(s) for s in c.shared_seeds)
+    return (f"lm-eval `gsm8k`, {c.num_fewshot}-shot, exact match; {c.n_items} items and seeds {seeds} "
+            f"shared by both variants")
+
+
+def _tests_table(c: Comparison) -> list[str]:
+    lines = ["| filter | Δ (pp) | Welch (over seeds) | McNemar b / c, exact p | bootstrap 95% CI (pp), p | gate |",
+             "|---|---|---|---|---|---|"]
+    for fc in c.filters:
+        mc, bs = fc.mcnemar, fc.bootstrap
+        lines.append(f"| {fc.filter} | {_pp(fc.delta)} | {_welch(fc)} | {mc.b} / {mc.c}, p = {_p(mc.p_exact)} "
+                     f"| [{_pp(bs.ci_low)}, {_pp(bs.ci_high)}], p = {_p(bs.p_value)} | {_gate_cell(fc)} |")
+    return lines
+
+
+def _verdict_lines(c: Comparison) -> list[str]:
+    lines = [f"**Gate: {c.verdict}.** {c.gate.describe()} (gate: {c.gate.source}).", ""]
+    lines += [f"- {fc.reason}" for fc in c.filters]
+    lines += [f"- Note: {note}" for note in c.notes]
+    n_boot = c.filters[0].bootstrap.n_boot if c.filters else 0
+    lines += ["", (f"Δ = candidate − reference. McNemar pools {len(c.shared_seeds)} seed(s) × {c.n_items} items: "
+                   "b = candidate right and reference wrong, c = the reverse. The bootstrap resamples items "
+                   f"({n_boot} resamples) using each item's mean over seeds.")]
+    return lines
+
+
+def _smoke_lines(smoke: dict[str, Any] | None, heading: str) -> list[str]:
+    if smoke is None:
+        return []
+    if not isinstance(smoke, dict) or "passed" not in smoke or not isinstance(smoke.get("checks", []), list):
+        raise RequantError("smoke report: expected a mapping with 'passed' (bool) and 'checks' (list)")
+    lines = ["", f"{heading} Smoke test: {'passed' if smoke['passed'] else 'FAILED'}", ""]
+    for k, check in enumerate(smoke.get("checks", [])):
+        if not isinstance(check, dict) or "name" not in check or "passed" not in check:
+            raise RequantError(f"smoke report: checks[{k}] needs 'name' and 'passed'")
+        detail = f": {check['detail']}" if check.get("detail") else ""
+        lines.append(f"- {'✅' if check['passed'] else '❌'} {check['name']}{detail}")
+    return lines
+
+
+def markdown(comparison: Comparison, smoke: dict[str, Any] | None = None) -> str:
+    """A concise standalone report: accuracies, tests, gate verdict and, if given, the smoke test."""
+    c = comparison
+    lines = [f"# GSM8K: {c.candidate} vs {c.reference}: {c.verdict}", "", _setup(c) + ".", "",
+             "| variant | filter | accuracy % (mean ± stdev) | per seed % |", "|---|---|---|---|"]
+    for v in ("candidate", "reference"):
+        for fc in c.filters:
+            scores = getattr(fc, v)
+            lines.append(f"| {scores.variant} ({v}) | {fc.filter} | {_acc(scores)} | {_per_seed(scores)} |")
+    lines += ["", *_tests_table(c), "", *_verdict_lines(c), *_smoke_lines(smoke, "##")]
+    return "\n".join(lines) + "\n"
+
+
+def quality_section(comparison: Comparison, smoke: dict[str, Any] | None = None, figure: str | None = None) -> str:
+    """The body of a model card's ``## Quality`` section (no heading); ``figure`` links a plot by relative path."""
+    c = comparison
+    lines = [f"GSM8K against `{c.reference}`: {_setup(c)}. Accuracy in %, mean ± stdev over seeds.", "",
+             (f"| filter | this model (`{c.candidate}`) | `{c.reference}` | Δ (pp) | Welch p | McNemar p | "
+              "bootstrap 95% CI (pp) |"), "|---|---|---|---|---|---|---|"]
+    for fc in c.filters:
+        lines.append(f"| {fc.filter} | {_acc(fc.candidate)} | {_acc(fc.reference)} | {_pp(fc.delta)} "
+                     f"| {_p(fc.welch.p_value)} | {_p(fc.mcnemar.p_exact)} "
+                     f"| [{_pp(fc.bootstrap.ci_low)}, {_pp(fc.bootstrap.ci_high)}] |")
+    lines += ["", *_verdict_lines(c)]
+    if figure:
+        lines += ["", f"![GSM8K accuracy per seed]({figure})"]
+    lines += _smoke_lines(smoke, "###")
+    return "\n".join(lines) + "\n"
+
+
+def fill_quality_section(card_text: str, section_body: str) -> str:
+    """Replace the body of the card's ``## Quality`` section (up to the next ``## `` heading or the end)."""
+    headings = list(QUALITY_HEADING.finditer(card_text))
+    if not headings:
+        raise RequantError("model card has no '## Quality' section to fill; regenerate the card with requant")
+    if len(headings) > 1:
+        raise RequantError(f"model card has {len(headings)} '## Quality' sections; expected exactly one")
+    if NEXT_SECTION.search(section_body):
+        raise RequantError("quality section body contains a '## ' heading; use '###' or deeper inside the section")
+    start = headings[0].end()
+    following = NEXT_SECTION.search(card_text, start)
+    end = following.start() if following else len(card_text)
+    body = "\n\n" + section_body.strip("\n") + "\n" + ("\n" if following else "")
+    return card_text[:start] + body + card_text[end:]
+
+
+def table_rows(comparison: Comparison) -> list[dict[str, Any]]:
+    """One flat row per filter (str, float and int values; undefined statistics are None), e.g. for a
+    Prefect table artifact. Accuracies are fractions, ``*_pp`` fields percentage points."""
+    def num(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    rows = []
+    for fc in comparison.filters:
+        rows.append({
+            "filter": fc.filter,
+            "candidate": fc.candidate.variant, "candidate_mean": num(fc.candidate.mean),
+            "candidate_stdev": num(fc.candidate.stdev),
+            "reference": fc.reference.variant, "reference_mean": num(fc.reference.mean),
+            "reference_stdev": num(fc.reference.stdev),
+            "delta_pp": num(100 * fc.delta),
+            "welch_t": num(fc.welch.t), "welch_df": num(fc.welch.df), "welch_p": num(fc.welch.p_value),
+            "mcnemar_b": fc.mcnemar.b, "mcnemar_c": fc.mcnemar.c, "mcnemar_p_exact": num(fc.mcnemar.p_exact),
+            "bootstrap_delta_pp": num(100 * fc.bootstrap.delta), "bootstrap_ci_low_pp": num(100 * fc.bootstrap.ci_low),
+            "bootstrap_ci_high_pp": num(100 * fc.bootstrap.ci_high), "bootstrap_p": num(fc.bootstrap.p_value),
+            "gate_test": PAIRED_TESTS[comparison.gate.paired_test], "gate_p": num(fc.gate_p_value),
+            "gate": _gate_cell(fc).strip("*"), "reason": fc.reason, "verdict": comparison.verdict,
+        })
+    return rows
+
+
+def plot(comparison: Comparison, path: str | Path) -> Path:
+    """Grouped bars (mean accuracy per filter and variant, stdev error bars, seed points) as a PNG."""
+    c = comparison
+    path = Path(path)
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.36
+    values = []
+    for k, fc in enumerate(c.filters):
+        for offset, scores, color, role in ((-width / 2, fc.candidate, CANDIDATE_COLOR, "candidate"),
+                                            (width / 2, fc.reference, REFERENCE_COLOR, "reference")):
+            x, mean, sd = k + offset, 100 * scores.mean, 100 * scores.stdev
+            ax.bar(x, mean, width * 0.95, yerr=sd, capsize=5, color=color, alpha=0.85,
+                   label=f"{scores.variant} ({role})" if k == 0 else None)
+            seeds = 100 * np.asarray(scores.per_seed)
+            jitter = np.linspace(-width / 3, width / 3, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+            ax.scatter(x + jitter, seeds, s=22, color="white", edgecolor="black", linewidth=0.8, zorder=3,
+                       label="seed" if k == 0 and role == "candidate" else None)
+            ax.annotate(f"{mean:.2f}", (x, max(mean + sd, *seeds)), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=9)
+            values += [mean - sd, mean + sd, *seeds]
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(1.0, 0.5 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + 2.0 * pad))
+    ax.set_xticks(range(len(c.filters)), [fc.filter for fc in c.filters])
+    ax.set_ylabel("exact match, % (axis does not start at 0)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncols=3, fontsize=8, framealpha=0.9)
+    deltas = ", ".join(f"{fc.filter} Δ {_pp(fc.delta)} pp" for fc in c.filters)
+    ax.set_title(f"{deltas}\nmean ± stdev over seeds {'/'.join(map(str, c.shared_seeds))}, {c.num_fewshot}-shot",
+                 fontsize=9)
+    fig.suptitle(f"GSM8K: {c.candidate} vs {c.reference}: {c.verdict}", fontsize=12, fontweight="bold",
+                 color="#2e7d32" if c.passed else "#c62828")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
