@@ -24,7 +24,7 @@ from flows.run import upload_dir
 RUN_ONE = """
 import json, sys
 from flows.requantize import requantize
-print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe="kimi-k2.6-mxfp4", progress=False)))
+print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False)))
 """
 
 

@@ -19,7 +19,9 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
 
+from flows.evaluate import evaluate as evaluate_flow
 from requant import pipeline
+from requant.errors import RequantError
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
 
 
@@ -39,29 +41,56 @@ def ray_runner() -> RayTaskRunner:
 @flow(name="requantize", task_runner=ray_runner(), log_prints=True)
 def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
                upstream_id: str | None = None, device: str = "cpu", threads: int = 1, num_cpus: float = 1,
-               num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True) -> dict[str, Any]:
+               num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True,
+               evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
+               engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
+               gsm8k_dir: str | None = None, gate: str | None = None) -> dict[str, Any]:
+    """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
+    ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison."""
+    meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
+    resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
+    summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")
+    if evaluate:
+        reference_output = reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{reference_recipe}"
+        if reference_output.rstrip("/") == output.rstrip("/"):
+            raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
+        summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
+                                        resources_opts, progress, "reference")
+        summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
+                                              limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress)
+    return summary
+
+
+def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
+             resources_opts: dict, progress: bool, role: str) -> dict[str, Any]:
+    """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused."""
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe)  # raises PlanError with every problem before any job runs
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
+    if pipeline.published_key(output) == key:
+        summary = verify_checkpoint(output)
+        logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
+        return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
+                "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings}
     pipeline.begin_run(output)
-    logger.info("run %s: %d layer jobs, %.1f MB in, recipe %s", key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
+    logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
     for warning in plan.recipe.warnings:
         logger.warning(warning)
 
-    progress_id = create_progress_artifact(0.0, key="requantize-progress", description=f"layer jobs of run {key}")
+    progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
     # SPREAD: layer jobs are I/O heavy, so use every node's network and disk rather than packing them.
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 3, "retry_exceptions": False,
-               "scheduling_strategy": "SPREAD"}
-    if resources:
-        options["resources"] = resources
+    options = {"num_cpus": resources_opts["num_cpus"], "num_gpus": resources_opts["num_gpus"], "max_retries": 3,
+               "retry_exceptions": False, "scheduling_strategy": "SPREAD"}
+    if resources_opts.get("resources"):
+        options["resources"] = resources_opts["resources"]
     with remote_options(**options):
         digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
         futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads)
                    for job in plan.jobs]
     outcomes = []
-    with tqdm(total=len(futures), desc=f"requantize {recipe}", unit=" jobs", disable=not progress) as bar:
+    with tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar:
         for future in as_completed(futures):
             outcomes.append(future.result())
             bar.update(1)
@@ -70,11 +99,9 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     timings["jobs"] = convert_seconds - timings["plan"]
     results = [o["result"] for o in outcomes]
     inputs = pipeline.input_record(upstream, plan, shards={f: d.result() for f, d in digests.items()})
-    meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned",
-            "run_key": key}
     mark = time.perf_counter()
     # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
-    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta)
+    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key})
     timings["publish"] = time.perf_counter() - mark
     mark = time.perf_counter()
     summary = verify_checkpoint(output)
@@ -83,13 +110,13 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     timings["transcode_sum"] = sum(o["result"].seconds for o in outcomes if not o["skipped"])
     timings["upload_sum"] = sum(o["upload_seconds"] for o in outcomes)
     skipped = sum(o["skipped"] for o in outcomes)
-    _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds)
-    return {"output": output, "run_key": key, "jobs": len(outcomes), "skipped": skipped,
+    _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds, role)
+    return {"output": output, "recipe": recipe, "run_key": key, "reused": False, "jobs": len(outcomes), "skipped": skipped,
             "nodes": sorted({o["node"] for o in outcomes}), "tensors": len(manifest["tensors"]),
             "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings}
 
 
-def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds) -> None:
+def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:
     rows = []
     for o in sorted(outcomes, key=lambda o: o["result"].output_file):
         r = o["result"]
@@ -97,7 +124,7 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
         rows.append({"job": r.job, "tensors": len(r.tensors), "bytes_in": r.bytes_in, "bytes_out": r.size,
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
                      "node": o["node"], "skipped": o["skipped"]})
-    create_table_artifact(rows, key="requantize-jobs", description=f"one row per layer job of run {key}")
+    create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")
     create_markdown_artifact(
         "\n".join([
             f"# requantize: {plan.recipe.name}",
@@ -110,5 +137,5 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
             f"- wall time: {seconds:.1f} s (layer jobs {convert_seconds:.1f} s)",
             *[f"- **warning:** {w}" for w in plan.recipe.warnings],
         ]),
-        key="requantize-summary",
+        key=f"{role}-summary",
     )

@@ -1,8 +1,9 @@
 """``make flow-run``: the main job on embedded defaults, on a fresh machine with no other set-up.
 
 Starts SeaweedFS (unless ``make services-up`` already did), writes the ``tiny`` synthetic upstream into
-it, runs the requantize flow with the seed card's recipe, verifies the published checkpoint and
-prints where it is.
+it, runs the requantize flow with the seed card's recipe (verified), produces or reuses the
+fp8-reference variant, smoke-tests the candidate on the reference server and compares both on GSM8K
+(a few items per seed, so it finishes in minutes), and prints where the report is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from requant.io.s3 import S3Storage
 from requant.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
+# Offline GSM8K for this workplace; elsewhere the hub dataset (openai/gsm8k) is used.
+SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def default_gsm8k_dir() -> str | None:
+    env = os.environ.get("REQUANT_GSM8K_DIR")
+    if env:
+        return env
+    return str(SHARED_GSM8K) if (SHARED_GSM8K / "test.jsonl").is_file() else None
 
 
 def upload_dir(local: Path, uri: str) -> None:
@@ -33,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="kimi-k2.6-mxfp4")
     parser.add_argument("--profile", default="tiny", choices=["tiny", "k26-topology"])
     parser.add_argument("--bucket", default="requant")
+    parser.add_argument("--eval-limit", type=int, default=5, help="GSM8K items per seed (0 = all 1319)")
+    parser.add_argument("--no-eval", action="store_true", help="convert and verify only")
+    parser.add_argument("--gsm8k-dir", default=default_gsm8k_dir(),
+                        help="train.jsonl/test.jsonl directory (default: $REQUANT_GSM8K_DIR, ../shared/data/gsm8k, else the hub)")
     args = parser.parse_args(argv)
 
     server = seaweed.load_state(STATE)
@@ -49,9 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             upload_dir(local, upstream)
         from flows.requantize import requantize
 
-        summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}")
+        summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}",
+                             evaluate=not args.no_eval, eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir)
         print(f"\ncheckpoint: {output}  ({summary['tensors']} tensors, {summary['jobs']} layer jobs, "
               f"{summary['skipped']} resumed, verified)")
+        if "evaluation" in summary:
+            ev = summary["evaluation"]
+            print(f"reference: {summary['reference']['output']} ({'reused' if summary['reference']['reused'] else 'converted'})")
+            print(f"smoke test: {'passed' if ev['smoke']['passed'] else 'FAILED'} (top-1 agreement "
+                  f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
+            for name, sc in ev["scores"].items():
+                print(f"GSM8K {name}: candidate {100 * sc['candidate']:.2f}% vs reference {100 * sc['reference']:.2f}% "
+                      f"(delta {100 * sc['delta']:+.2f} pp)")
+            print(f"gate: {ev['verdict']}\nreport: {ev['report']}\nplot:   {ev['plot']}")
         if not started_here:
             print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
     finally:

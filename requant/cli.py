@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from requant.errors import PlanError, RequantError, VerifyError
 
@@ -59,6 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=4 << 20)
     sv.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     sv.add_argument("--log-level", default="warning")
+
+    sm = sub.add_parser("smoke", help="smoke-test a running OpenAI-compatible server (exit 1 on failure)")
+    sm.add_argument("base_url", help="server root, e.g. http://127.0.0.1:8000")
+    sm.add_argument("--model", help="served model name (default: the first of /v1/models)")
+    sm.add_argument("--reference-url", help="a server with the reference variant, for the numeric agreement check")
+    sm.add_argument("--reference-model")
+    sm.add_argument("--limits", help="YAML overriding requant/serving/smoke.yaml")
+    sm.add_argument("--out", help="write the result JSON here")
+
+    ev = sub.add_parser("eval", help="GSM8K through lm-eval against a running server's /v1/completions")
+    ev.add_argument("base_url")
+    ev.add_argument("--model", help="served model name (default: the first of /v1/models)")
+    ev.add_argument("--variant", help="name recorded in the result (default: the model name)")
+    ev.add_argument("--seeds", default="42,1234,7777", help="comma-separated; one lm-eval run per seed")
+    ev.add_argument("--num-fewshot", type=int, default=3)
+    ev.add_argument("--limit", type=int, help="items per seed (default: all 1319)")
+    ev.add_argument("--gsm8k-dir", help="directory with train.jsonl and test.jsonl (default: the hub's openai/gsm8k)")
+    ev.add_argument("--num-concurrent", type=int, default=1)
+    ev.add_argument("--out", default="gsm8k-eval", help="output directory (per-seed sample logs, gsm8k.json)")
+
+    cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
+    cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
+    cp.add_argument("reference", help="reference's eval directory")
+    cp.add_argument("--gate", help="gate YAML (default: requant/evaluation/gate.yaml)")
+    cp.add_argument("--smoke", help="a `requant smoke --out` JSON to include")
+    cp.add_argument("--out", default="gsm8k-report", help="directory for report.json, report.md, gsm8k.png")
     return p
 
 
@@ -89,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
             from flows.requantize import requantize
 
             summary = requantize(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
-                                 upstream_id=args.upstream_id, device=args.device, threads=args.threads)
+                                 upstream_id=args.upstream_id, device=args.device, threads=args.threads,
+                                 evaluate=False)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import convert_local
@@ -128,6 +156,41 @@ def _run(args: argparse.Namespace) -> int:
         serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name, max_model_len=args.max_model_len,
               max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level)
+    elif args.command == "smoke":
+        from requant.serving.engines import attach
+        from requant.serving.smoke import dumps, format_result, load_limits, smoke_test
+
+        key = os.environ.get("REQUANT_API_KEY") or None
+        engine = attach(args.base_url, args.model, key)
+        reference = attach(args.reference_url, args.reference_model, key) if args.reference_url else None
+        result = smoke_test(engine, reference, load_limits(args.limits))
+        print(format_result(result))
+        if args.out:
+            Path(args.out).write_text(dumps(result) + "\n")
+        return 0 if result["passed"] else 1
+    elif args.command == "eval":
+        from requant.evaluation.gsm8k import run_gsm8k
+        from requant.serving.engines import attach
+
+        key = os.environ.get("REQUANT_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+        engine = attach(args.base_url, args.model, key)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        result = run_gsm8k(engine.base_url, engine.served_model_name, variant=args.variant or engine.served_model_name,
+                           seeds=seeds, num_fewshot=args.num_fewshot, limit=args.limit, gsm8k_dir=args.gsm8k_dir,
+                           out_dir=args.out, num_concurrent=args.num_concurrent, api_key=key)
+        for name, per_seed in result.scores.items():
+            values = ", ".join(f"{seed}: {100 * v:.2f}%" for seed, v in per_seed.items())
+            print(f"gsm8k {name}: {values}")
+        print(f"per-sample logs and gsm8k.json in {args.out}")
+    elif args.command == "compare":
+        from requant.evaluation.downstream import write_report
+        from requant.evaluation.gsm8k import load_result
+
+        smoke = json.loads(Path(args.smoke).read_text()) if args.smoke else None
+        comparison, _ = write_report(load_result(args.candidate), load_result(args.reference), smoke, Path(args.out),
+                                     args.gate)
+        print((Path(args.out) / "report.md").read_text())
+        return 0 if comparison.passed else 1
     elif args.command == "bench":
         from requant.bench import run_bench
 

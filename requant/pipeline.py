@@ -62,12 +62,26 @@ def completed(dest, key: str, job: LayerJob) -> JobResult | None:
     return result
 
 
+def published_key(dest_uri: str) -> str | None:
+    """The run key of the checkpoint published at ``dest_uri`` (None when nothing complete is there)."""
+    try:
+        dest = open_storage(dest_uri)
+        if not dest.exists(MANIFEST_FILE):
+            return None
+        return json.loads(dest.read_bytes(MANIFEST_FILE)).get("upstream", {}).get("run_key")
+    except Exception:  # unreadable or absent: treat as not published; the conversion will surface real faults
+        return None
+
+
 def begin_run(dest_uri: str) -> None:
     """Unpublish: whatever sits at the destination is incomplete until this run writes its manifest."""
     dest = open_storage(dest_uri, create=True)
     dest.ensure_bucket()
     if dest.exists(MANIFEST_FILE):
         dest.delete(MANIFEST_FILE)
+    for name in dest.list_files():
+        if name.startswith("eval/"):                # evaluations of the previous contents are stale now
+            dest.delete(name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ COMPARED = ("config.json", "model.safetensors.index.json")
 def _run(**kwargs):
     from flows.requantize import requantize
 
-    state = requantize(progress=False, return_state=True, **kwargs)
+    state = requantize(progress=False, evaluate=False, return_state=True, **kwargs)
     return state.result(), state.state_details.flow_run_id
 
 
@@ -81,7 +81,7 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
 
 def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4"):
     code = ("import sys; from flows.requantize import requantize; "
-            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False)")
+            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluate=False)")
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

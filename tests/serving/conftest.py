@@ -32,3 +32,22 @@ def mxfp4_server(tiny_variants, tmp_path_factory):
                     log_dir=tmp_path_factory.mktemp("serve-logs"), max_model_len=2048)
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The original GSM8K rows (MIT) shipped beside the repository; REQUANT_GSM8K_DIR overrides."""
+    import os
+
+    path = Path(os.environ.get("REQUANT_GSM8K_DIR") or Path(__file__).resolve().parents[3] / "shared/data/gsm8k")
+    if not (path / "test.jsonl").is_file():
+        raise FileNotFoundError(f"GSM8K data not found at {path}; set REQUANT_GSM8K_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fp8_server(tiny_variants, tmp_path_factory):
+    engine = launch(load_engines()["reference"], str(tiny_variants["fp8-reference"]), served_model_name="tiny-fp8",
+                    log_dir=tmp_path_factory.mktemp("serve-logs"), max_model_len=2048)
+    yield engine
+    engine.stop()

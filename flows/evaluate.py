@@ -1,0 +1,115 @@
+"""The evaluate flow: serve a checkpoint and its reference, smoke-test, GSM8K on both, compare, publish.
+
+Engines are launched on the machine running this flow (the reference server on CPU here; vLLM, ATOM or
+SGLang on a GPU node, see requant/serving/engines.yaml), or attached with ``base_url`` when already
+running. Reports land next to the checkpoint under ``eval/`` (listed in its manifest) and as Prefect
+artifacts; the checkpoint's model card gets its Quality section. A failing smoke test or gate fails
+the flow run, after its report has been published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from requant.errors import RequantError
+from requant.evaluation.downstream import PLOT_PNG, EvalSettings, cached_result, scratch_dir
+from requant.evaluation.report import table_rows
+from requant.serving.engines import RunningEngine, attach, launch, load_engines
+from requant.serving.smoke import format_result
+from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _engine(stack: ExitStack, uri: str, base_url: str | None, engine: str, engines_file: str | None, log_dir: Path,
+            tp: int, max_model_len: int) -> RunningEngine:
+    api_key = os.environ.get("REQUANT_API_KEY") or None
+    if base_url:
+        return attach(base_url, None, api_key)
+    spec = load_engines(engines_file)[engine]
+    return stack.enter_context(launch(spec, uri, served_model_name=_name(uri), log_dir=log_dir, tp=tp,
+                                      max_model_len=max_model_len, api_key=api_key))
+
+
+def _object_url(uri: str, name: str) -> str:
+    """A link for the Prefect UI: the S3 endpoint URL of an object, or a file:// path for local checkpoints."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+        return f"{endpoint.rstrip('/')}/{uri[5:].rstrip('/')}/{name}"
+    return Path(uri, name).resolve().as_uri()
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_url: str | None = None,
+             reference_base_url: str | None = None, seeds: list[int] = (42, 1234, 7777), num_fewshot: int = 3,
+             limit: int | None = None, gsm8k_dir: str | None = None, gate: str | None = None,
+             smoke_limits: str | None = None, engines_file: str | None = None, tp: int = 1,
+             max_model_len: int = 16384, progress: bool = True) -> dict[str, Any]:
+    settings = EvalSettings(tuple(seeds), num_fewshot, limit, gsm8k_dir)
+    started = time.perf_counter()
+    with scratch_dir() as tmp:
+        work = Path(tmp)
+        return _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
+                         engines_file, tp, max_model_len, progress, work, started)
+
+
+def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
+              engines_file, tp, max_model_len, progress, work: Path, started: float) -> dict[str, Any]:
+    logger = get_run_logger()
+    with ExitStack() as engines:
+        cand = _engine(engines, checkpoint, base_url, engine, engines_file, work / "logs", tp, max_model_len)
+        ref = _engine(engines, reference, reference_base_url, engine, engines_file, work / "logs", tp, max_model_len)
+        logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
+
+        smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name, smoke_limits)
+        print(format_result(smoke))
+        create_markdown_artifact("```\n" + format_result(smoke) + "\n```", key="smoke-test",
+                                 description=f"smoke test of {checkpoint}")
+        report_dir = work / "report"
+        if not smoke["passed"]:
+            report_dir.mkdir(parents=True)
+            (report_dir / "smoke.json").write_text(json.dumps(smoke, indent=2))
+            publish_eval(checkpoint, str(report_dir), None, {"smoke_passed": False})
+            raise RequantError(f"smoke test failed for {checkpoint}; evaluation stopped (see eval/smoke.json)")
+
+        key = settings.protocol_key(engine if not reference_base_url else "external")
+        ref_result = cached_result(reference, key)
+        if ref_result is None:
+            ref_dir = work / "reference-eval"
+            ref_result = run_gsm8k_eval(ref.base_url, ref.served_model_name, _name(reference), settings, str(ref_dir), progress)
+            publish_eval(reference, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=f"eval/gsm8k-{key}")
+        else:
+            logger.info("reusing the reference's GSM8K result %s/eval/gsm8k-%s", reference, key)
+        cand_result = run_gsm8k_eval(cand.base_url, cand.served_model_name, _name(checkpoint), settings,
+                                     str(report_dir / "candidate"), progress)
+    eval_seconds = time.perf_counter() - started
+
+    context = {"checkpoint": checkpoint, "reference": reference, "engine": engine, "protocol_key": key,
+               "settings": {"seeds": list(settings.seeds), "num_fewshot": settings.num_fewshot, "limit": settings.limit,
+                            "data": settings.gsm8k_dir or "hub:openai/gsm8k"}, "seconds": round(eval_seconds, 1)}
+    comparison, quality = build_report(cand_result, ref_result, smoke, str(report_dir), gate, context)
+    summary = {"verdict": comparison.verdict, "smoke_passed": True, "protocol_key": key,
+               "scores": {fc.filter: {"candidate": fc.candidate.mean, "reference": fc.reference.mean,
+                                      "delta": fc.delta} for fc in comparison.filters}}
+    publish_eval(checkpoint, str(report_dir), quality, summary)
+    report_md = (report_dir / "report.md").read_text()
+    create_markdown_artifact(report_md, key="gsm8k-report", description=f"GSM8K comparison of {checkpoint}")
+    create_table_artifact(table_rows(comparison), key="gsm8k-scores", description="accuracy per variant and filter")
+    create_link_artifact(_object_url(checkpoint, f"eval/{PLOT_PNG}"), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
+    create_link_artifact(_object_url(checkpoint, "eval/report.json"), link_text="report.json", key="gsm8k-report-json")
+    result = {"checkpoint": checkpoint, "reference": reference, "verdict": comparison.verdict,
+              "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/eval/report.md",
+              "plot": f"{checkpoint.rstrip('/')}/eval/{PLOT_PNG}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}
+    if not comparison.passed:
+        raise RequantError(f"GSM8K gate failed for {checkpoint}: " + "; ".join(fc.reason for fc in comparison.filters if fc.failed))
+    return result

@@ -1,0 +1,50 @@
+"""Attach an evaluation to a published checkpoint: report files under ``eval/``, the model card's Quality
+section, and the manifest, which lists every eval file with its size and sha256 so ``requant verify``
+covers them like the weights. The manifest is rewritten last, as at publish time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from requant.assemble import MANIFEST_FILE, MODEL_CARD
+from requant.errors import RequantError
+from requant.evaluation.report import fill_quality_section
+from requant.io.safetensors import sha256_file
+from requant.io.storage import open_storage
+
+EVAL_DIR = "eval"
+
+
+def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
+                       summary: dict[str, Any] | None = None, prefix: str = EVAL_DIR) -> list[str]:
+    """Upload ``local_dir`` to ``<uri>/<prefix>/``, replacing an earlier evaluation there; returns object names."""
+    storage = open_storage(uri)
+    if not storage.exists(MANIFEST_FILE):
+        raise RequantError(f"{storage.uri}: no {MANIFEST_FILE}; evaluate only published checkpoints")
+    manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+    outputs: dict[str, dict] = manifest["outputs"]
+    stale = [name for name in outputs if name.startswith(prefix + "/")]
+    uploaded = []
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        name = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+        digest = sha256_file(path)
+        storage.put_file(name, path, sha256=digest)
+        outputs[name] = {"size": path.stat().st_size, "sha256": digest}
+        uploaded.append(name)
+    for name in stale:
+        if name not in uploaded:
+            storage.delete(name)
+            del outputs[name]
+    if quality is not None:
+        card = fill_quality_section(storage.read_bytes(MODEL_CARD).decode("utf-8"), quality).encode("utf-8")
+        storage.put_bytes(MODEL_CARD, card)
+        outputs[MODEL_CARD] = {"size": len(card), "sha256": hashlib.sha256(card).hexdigest()}
+    if summary is not None:
+        manifest.setdefault("evaluations", {})[prefix] = summary
+    manifest["outputs"] = dict(sorted(outputs.items()))
+    storage.put_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    return uploaded

@@ -1,0 +1,72 @@
+"""requantize -> reference variant -> smoke test -> GSM8K comparison, on SeaweedFS, Ray and a Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from requant.assemble import MANIFEST_FILE
+from requant.io.s3 import S3Storage
+from requant.verify import verify
+
+pytestmark = pytest.mark.services
+
+GSM8K = Path(__file__).resolve().parents[3] / "shared/data/gsm8k"
+
+
+def _latest_artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))),
+                                     sort=ArtifactSort.CREATED_DESC)
+    latest = {}
+    for a in arts:
+        latest.setdefault(a.key, a)
+    return latest
+
+
+def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_tiny, clean_prefix):
+    from flows.requantize import requantize
+
+    gsm8k = os.environ.get("REQUANT_GSM8K_DIR") or str(GSM8K)
+    output = f"{clean_prefix}/kimi-k2.6-mxfp4"
+    summary = requantize(upstream=s3_tiny, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
+                         eval_limit=2, gsm8k_dir=gsm8k)
+    reference = f"{clean_prefix}/fp8-reference"
+    assert summary["reference"]["output"] == reference and not summary["reference"]["reused"]
+    ev = summary["evaluation"]
+    assert ev["smoke"]["passed"] and ev["verdict"] == "PASS"
+    assert set(ev["scores"]) == {"flexible-extract", "strict-match"}
+
+    # Reports next to the checkpoint, covered by its manifest, and the card's Quality section filled in.
+    cand = S3Storage(output)
+    names = set(cand.list_files())
+    assert {"eval/report.json", "eval/report.md", "eval/gsm8k.png", "eval/smoke.json"} <= names
+    assert {f"eval/candidate/seed-{s}/samples.jsonl" for s in (42, 1234, 7777)} <= names
+    manifest = json.loads(cand.read_bytes(MANIFEST_FILE))
+    assert "eval/report.json" in manifest["outputs"] and manifest["evaluations"]["eval"]["verdict"] == "PASS"
+    report = json.loads(cand.read_bytes("eval/report.json"))
+    assert report["comparison"]["shared_seeds"] == [42, 1234, 7777] and report["comparison"]["n_items"] == 2
+    card = cand.read_bytes("README.md").decode()
+    assert "Not evaluated yet" not in card and "Gate: PASS" in card
+    verify(output)
+    verify(reference)                                     # its cached GSM8K run is in its manifest too
+    assert any(n.startswith("eval/gsm8k-") for n in S3Storage(reference).list_files())
+
+    arts = _latest_artifacts(["smoke-test", "gsm8k-report", "gsm8k-scores", "gsm8k-plot", "reference-summary"])
+    assert "PASSED" in arts["smoke-test"].data and "GSM8K" in arts["gsm8k-report"].data
+    assert len(json.loads(arts["gsm8k-scores"].data)) >= 2
+    assert "/eval/gsm8k.png)" in arts["gsm8k-plot"].data
+
+    # A second run reuses both published checkpoints (same run keys) and the reference's GSM8K result.
+    again = requantize(upstream=s3_tiny, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
+                       eval_limit=2, gsm8k_dir=gsm8k)
+    assert again["reused"] and again["reference"]["reused"]
+    assert again["evaluation"]["scores"] == ev["scores"]
+    verify(output)
