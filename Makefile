@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test flow-run services-up services-down convert-local bench bench-flow clean
+.PHONY: install test flow-run services-up services-down convert-local bench bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ convert-local: install
 
 bench: install
 	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
+
+# Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
+bench-serve: install
+	$(BIN)/requant bench-serve --out bench-results --gsm8k-dir $(or $(REQUANT_GSM8K_DIR),../shared/data/gsm8k)
 
 bench-flow: install
 	$(BIN)/python -m flows.bench --out bench-results

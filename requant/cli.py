@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-concurrent", type=int, default=1)
     ev.add_argument("--out", default="gsm8k-eval", help="output directory (per-seed sample logs, gsm8k.json)")
 
+    bs = sub.add_parser("bench-serve", help="reference-server tokens/s per variant and lm-eval time per 100 items")
+    bs.add_argument("--out", help="write serve.json and serve.md here")
+    bs.add_argument("--eval-items", type=int, default=20, help="GSM8K items for the lm-eval timing (0 = skip)")
+    bs.add_argument("--gsm8k-dir", default=os.environ.get("REQUANT_GSM8K_DIR"), help="offline GSM8K (needed for the lm-eval timing)")
+
     cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
     cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
     cp.add_argument("reference", help="reference's eval directory")
@@ -191,6 +196,10 @@ def _run(args: argparse.Namespace) -> int:
                                      args.gate)
         print((Path(args.out) / "report.md").read_text())
         return 0 if comparison.passed else 1
+    elif args.command == "bench-serve":
+        from requant.serving.bench import format_results, run_bench_serve
+
+        print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=args.gsm8k_dir)))
     elif args.command == "bench":
         from requant.bench import run_bench
 
