@@ -41,7 +41,7 @@ bench: install
 
 # Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
 bench-serve: install
-	$(BIN)/requant bench-serve --out bench-results --gsm8k-dir $(or $(REQUANT_GSM8K_DIR),../shared/data/gsm8k)
+	$(BIN)/requant bench-serve --out bench-results
 
 bench-flow: install
 	$(BIN)/python -m flows.bench --out bench-results

@@ -19,15 +19,14 @@ from requant.io.s3 import S3Storage
 from requant.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
-# Offline GSM8K for this workplace; elsewhere the hub dataset (openai/gsm8k) is used.
-SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 def default_gsm8k_dir() -> str | None:
-    env = os.environ.get("REQUANT_GSM8K_DIR")
-    if env:
-        return env
-    return str(SHARED_GSM8K) if (SHARED_GSM8K / "test.jsonl").is_file() else None
+    """An offline GSM8K copy ($REQUANT_GSM8K_DIR or shared/data/gsm8k beside the repository), else the hub's."""
+    from requant.evaluation.gsm8k import find_local_gsm8k
+
+    found = find_local_gsm8k(__file__)
+    return str(found) if found else None
 
 
 def upload_dir(local: Path, uri: str) -> None:

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bs = sub.add_parser("bench-serve", help="reference-server tokens/s per variant and lm-eval time per 100 items")
     bs.add_argument("--out", help="write serve.json and serve.md here")
     bs.add_argument("--eval-items", type=int, default=20, help="GSM8K items for the lm-eval timing (0 = skip)")
-    bs.add_argument("--gsm8k-dir", default=os.environ.get("REQUANT_GSM8K_DIR"), help="offline GSM8K (needed for the lm-eval timing)")
+    bs.add_argument("--gsm8k-dir", help="offline GSM8K for the lm-eval timing (default: $REQUANT_GSM8K_DIR or shared/data/gsm8k)")
 
     cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
     cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
@@ -197,9 +197,11 @@ def _run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "report.md").read_text())
         return 0 if comparison.passed else 1
     elif args.command == "bench-serve":
+        from requant.evaluation.gsm8k import find_local_gsm8k
         from requant.serving.bench import format_results, run_bench_serve
 
-        print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=args.gsm8k_dir)))
+        gsm8k = args.gsm8k_dir or find_local_gsm8k()
+        print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
     elif args.command == "bench":
         from requant.bench import run_bench
 

@@ -47,6 +47,20 @@ def server_root(base_url: str) -> str:
     return root
 
 
+def find_local_gsm8k(start: str | Path | None = None) -> Path | None:
+    """A local GSM8K copy: ``$REQUANT_GSM8K_DIR``, else the first ``shared/data/gsm8k`` beside ``start`` (default:
+    this source tree) or one of its parents (the workplace keeps one next to the repository). None if absent."""
+    env = os.environ.get("REQUANT_GSM8K_DIR")
+    if env:
+        return Path(env)
+    here = Path(start or __file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "shared" / "data" / "gsm8k"
+        if (candidate / "test.jsonl").is_file() and (candidate / "train.jsonl").is_file():
+            return candidate
+    return None
+
+
 def check_gsm8k_dir(gsm8k_dir: str | Path) -> dict[str, Path]:
     """The split files of a local GSM8K copy, each checked to be JSONL rows with ``question`` and ``answer``."""
     files = {}

@@ -19,20 +19,18 @@ import yaml
 from gold_backend import JUNK_NUMBER, GoldBackend
 
 from requant.errors import RequantError
-from requant.evaluation.gsm8k import item_outcomes, load_result, run_gsm8k, server_root
+from requant.evaluation.gsm8k import find_local_gsm8k, item_outcomes, load_result, run_gsm8k, server_root
 from requant.evaluation.results import FILTERS, GSM8KResult
 
-DATA_DIR = Path(os.environ.get("REQUANT_GSM8K_DIR") or Path(__file__).resolve().parents[3] / "shared/data/gsm8k")
+DATA_DIR = find_local_gsm8k(__file__) or Path("REQUANT_GSM8K_DIR-not-set-and-no-shared/data/gsm8k-found")
 MODEL = "gold-model"
 SEEDS = (42, 1234, 7777)
 FEWSHOT = 3
 SMALL = 8            # items per seed in the multi-seed run
 UNTIL = ["Question:", "</s>", "<|im_end|>"]   # lm-eval 0.4.13 gsm8k.yaml generation_kwargs.until
 
-pytestmark = [
-    pytest.mark.oracle,
-    pytest.mark.skipif(not (DATA_DIR / "test.jsonl").is_file(), reason=f"no GSM8K copy at {DATA_DIR}"),
-]
+# No skip when the data is missing: these are oracle checks, so a missing copy fails loudly.
+pytestmark = [pytest.mark.oracle]
 
 
 def read_jsonl(path: Path) -> list[dict]:

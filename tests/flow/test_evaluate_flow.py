@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from requant.assemble import MANIFEST_FILE
+from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.io.s3 import S3Storage
 from requant.verify import verify
 
 pytestmark = pytest.mark.services
 
-GSM8K = Path(__file__).resolve().parents[3] / "shared/data/gsm8k"
 
 
 def _latest_artifacts(keys):
@@ -34,7 +32,7 @@ def _latest_artifacts(keys):
 def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_tiny, clean_prefix):
     from flows.requantize import requantize
 
-    gsm8k = os.environ.get("REQUANT_GSM8K_DIR") or str(GSM8K)
+    gsm8k = str(find_local_gsm8k(__file__))
     output = f"{clean_prefix}/kimi-k2.6-mxfp4"
     summary = requantize(upstream=s3_tiny, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
                          eval_limit=2, gsm8k_dir=gsm8k)

@@ -36,12 +36,12 @@ def mxfp4_server(tiny_variants, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
-    """The original GSM8K rows (MIT) shipped beside the repository; REQUANT_GSM8K_DIR overrides."""
-    import os
+    """The original GSM8K rows (MIT) kept beside the repository; REQUANT_GSM8K_DIR overrides."""
+    from requant.evaluation.gsm8k import find_local_gsm8k
 
-    path = Path(os.environ.get("REQUANT_GSM8K_DIR") or Path(__file__).resolve().parents[3] / "shared/data/gsm8k")
-    if not (path / "test.jsonl").is_file():
-        raise FileNotFoundError(f"GSM8K data not found at {path}; set REQUANT_GSM8K_DIR")
+    path = find_local_gsm8k(__file__)
+    if path is None:
+        raise FileNotFoundError("no GSM8K copy found (shared/data/gsm8k beside the repository); set REQUANT_GSM8K_DIR")
     return path
 
 
