@@ -1,0 +1,78 @@
+"""The watch-upstream flow: on a schedule, start a requantize deployment run for each new upstream revision.
+
+Each tick looks up the newest revision, reads the ledger of attempts for it, asks Prefect for the state
+of the run each attempt started, and either does nothing (converted, or a run is in progress), starts
+the first attempt, retries a failed one (up to ``max_attempts``), or reports that it gave up. Starting an
+attempt is a conditional write in the ledger first, so concurrent watchers start one run, never two.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from requant.watch import Decision, Ledger, decide, latest_revision
+
+
+def _states(flow_run_ids: list[str]) -> dict[str, str]:
+    states = {}
+    with get_client(sync_client=True) as client:
+        for run_id in flow_run_ids:
+            try:
+                run = client.read_flow_run(run_id)
+            except Exception:  # deleted or unknown run: treated as failed by decide()
+                continue
+            states[run_id] = run.state.type.value if run.state else "PENDING"
+    return states
+
+
+@flow(name="watch-upstream", log_prints=True)
+def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxfp4",
+                   deployment: str = "requantize/requantize", ledger: str | None = None, ref: str = "main",
+                   max_attempts: int = 3, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``upstream``: hf://org/repo or a mirror (refs/<ref> + snapshots/<revision>/); outputs go to
+    ``<output_root>/<revision>/<recipe>``; the ledger defaults to ``<output_root>/.requant-watch``."""
+    logger = get_run_logger()
+    latest = latest_revision(upstream, ref)
+    book = Ledger(ledger or f"{output_root.rstrip('/')}/.requant-watch")
+    attempts = book.attempts(latest.revision)
+    decision = decide(attempts, _states([a.flow_run_id for a in attempts if a.flow_run_id]), max_attempts, time.time())
+    output = f"{output_root.rstrip('/')}/{latest.revision}/{recipe}"
+    started = None
+    if decision.action == "submit":
+        watcher = f"{socket.gethostname()}:{os.getpid()}"
+        if book.claim(latest.revision, decision.attempt, watcher):
+            run = run_deployment(deployment, timeout=0, as_subflow=False,
+                                 parameters={"upstream": latest.snapshot, "revision": latest.revision, "output": output,
+                                             "recipe": recipe, "upstream_id": upstream, **(parameters or {})})
+            book.record_run(latest.revision, decision.attempt, str(run.id), output)
+            started = str(run.id)
+            logger.info("revision %s: started %s attempt %d (flow run %s)", latest.revision, deployment,
+                        decision.attempt, run.id)
+        else:
+            decision = Decision("wait", decision.attempt, f"attempt {decision.attempt} claimed by another watcher")
+    if not started:
+        log = logger.warning if decision.action == "give-up" else logger.info
+        log("revision %s: %s (%s)", latest.revision, decision.action, decision.reason)
+    _ledger_artifact(book)
+    return {"revision": latest.revision, "action": decision.action if started is None else "submitted",
+            "attempt": decision.attempt, "reason": decision.reason, "flow_run_id": started, "output": output}
+
+
+def _ledger_artifact(book: Ledger) -> None:
+    rows = []
+    for revision in book.revisions():
+        attempts = book.attempts(revision)
+        states = _states([a.flow_run_id for a in attempts if a.flow_run_id])
+        for a in attempts:
+            rows.append({"revision": revision, "attempt": a.number, "flow_run": a.flow_run_id or "",
+                         "state": states.get(a.flow_run_id or "", "not started"), "output": a.output or "",
+                         "claimed_by": a.watcher, "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.claimed_at))})
+    create_table_artifact(rows, key="upstream-ledger", description=f"conversion attempts per upstream revision ({book.uri})")

@@ -1,0 +1,123 @@
+"""Which upstream revision is newest, which ones were converted, and what a watcher should do next.
+
+Upstream revisions: a Hugging Face repo (``hf://org/repo``: the commit its branch points to), or a
+mirror in object storage or a directory laid out like the Hugging Face cache: ``refs/<branch>`` holds
+the revision id and ``snapshots/<revision>/`` the checkpoint of that revision.
+
+The ledger lives in the artifact store, one object per conversion attempt
+(``<ledger>/<revision>/attempt-<k>.json``). A watcher claims attempt k with a conditional write
+(S3 ``If-None-Match: *``; ``O_EXCL`` on a directory), so of any number of concurrent watchers exactly one
+starts attempt k; the winner then records the flow run it started (``attempt-<k>.run.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from requant.errors import RequantError
+from requant.io.storage import open_storage
+
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Prefect state types: a run in one of these may still finish; the others are final.
+ACTIVE_STATES = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
+FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass(frozen=True)
+class UpstreamRevision:
+    revision: str
+    snapshot: str          # what requantize reads for this revision
+
+
+def latest_revision(upstream: str, ref: str = "main") -> UpstreamRevision:
+    if upstream.startswith("hf://"):
+        repo = upstream[len("hf://"):].split("@", 1)[0]
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(repo, revision=ref).sha
+        return UpstreamRevision(sha, f"hf://{repo}@{sha}")
+    storage = open_storage(upstream)
+    marker = f"refs/{ref}"
+    if not storage.exists(marker):
+        raise RequantError(f"{upstream}: no {marker}; a mirror keeps snapshots/<revision>/ and refs/<branch> "
+                           "(the Hugging Face cache layout)")
+    revision = storage.read_bytes(marker).decode("utf-8", "replace").strip()
+    if not REVISION_RE.match(revision):
+        raise RequantError(f"{upstream}/{marker}: {revision[:100]!r} is not a revision id")
+    return UpstreamRevision(revision, f"{upstream.rstrip('/')}/snapshots/{revision}")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    revision: str
+    number: int
+    claimed_at: float
+    watcher: str
+    flow_run_id: str | None = None
+    output: str | None = None
+
+
+class Ledger:
+    """Conversion attempts per revision, in object storage or a directory."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.storage = open_storage(uri, create=True)
+        if hasattr(self.storage, "ensure_bucket"):
+            self.storage.ensure_bucket()
+
+    def attempts(self, revision: str) -> list[Attempt]:
+        prefix = f"{revision}/attempt-"
+        found = []
+        for name in self.storage.list_files():
+            m = re.fullmatch(re.escape(prefix) + r"(\d+)\.json", name)
+            if not m:
+                continue
+            claim = json.loads(self.storage.read_bytes(name))
+            run_name = f"{prefix}{m.group(1)}.run.json"
+            run = json.loads(self.storage.read_bytes(run_name)) if self.storage.exists(run_name) else {}
+            found.append(Attempt(revision, int(m.group(1)), claim["claimed_at"], claim["watcher"],
+                                 run.get("flow_run_id"), run.get("output")))
+        return sorted(found, key=lambda a: a.number)
+
+    def revisions(self) -> list[str]:
+        return sorted({name.split("/", 1)[0] for name in self.storage.list_files() if "/attempt-" in name})
+
+    def claim(self, revision: str, number: int, watcher: str) -> bool:
+        body = json.dumps({"revision": revision, "attempt": number, "watcher": watcher, "claimed_at": time.time()})
+        return self.storage.put_bytes(f"{revision}/attempt-{number}.json", body.encode(), if_none_match=True)
+
+    def record_run(self, revision: str, number: int, flow_run_id: str, output: str) -> None:
+        body = json.dumps({"flow_run_id": flow_run_id, "output": output, "recorded_at": time.time()})
+        self.storage.put_bytes(f"{revision}/attempt-{number}.run.json", body.encode())
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str            # "submit" | "wait" | "done" | "give-up"
+    attempt: int           # the attempt to submit (submit) or the latest one
+    reason: str
+
+
+def decide(attempts: list[Attempt], states: dict[str, str], max_attempts: int, now: float,
+           claim_timeout_s: float = 600.0) -> Decision:
+    """What to do about one revision, given its attempts and the Prefect state type of each recorded run."""
+    if not attempts:
+        return Decision("submit", 1, "new revision")
+    last = attempts[-1]
+    if last.flow_run_id is None:
+        if now - last.claimed_at < claim_timeout_s:
+            return Decision("wait", last.number, "attempt claimed, run not recorded yet")
+        state = "CRASHED"                        # the claiming watcher died before starting a run
+    else:
+        state = states.get(last.flow_run_id, "MISSING")
+    if state == "COMPLETED":
+        return Decision("done", last.number, f"converted by attempt {last.number}")
+    if state in ACTIVE_STATES:
+        return Decision("wait", last.number, f"attempt {last.number} is {state.lower()}")
+    if last.number >= max_attempts:
+        return Decision("give-up", last.number, f"{last.number} attempts failed (last: {state.lower()}); not retrying")
+    return Decision("submit", last.number + 1, f"attempt {last.number} ended {state.lower()}; retrying")

@@ -1,0 +1,94 @@
+"""watch-upstream on a real Prefect server with SeaweedFS as the ledger store: one requantize run per new
+revision, also with two watchers at once; nothing when nothing changed; failed runs retried, then given up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+WATCH = """
+import json, sys
+from flows.watch import watch_upstream
+print("RESULT " + json.dumps(watch_upstream(upstream=sys.argv[1], output_root=sys.argv[2], ledger=sys.argv[3])))
+"""
+
+
+@pytest.fixture(scope="module")
+def deployment(prefect_api):
+    """A requantize deployment without a worker: runs it is asked for stay scheduled, which is what we count."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("requantize")
+        return client.create_deployment(flow_id=flow_id, name="requantize", entrypoint="flows/requantize.py:requantize")
+
+
+def _runs(deployment_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def _set_state(run_id, state):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, state=state, force=True)
+
+
+def _watch(mirror, out, ledger):
+    from flows.watch import watch_upstream
+
+    return watch_upstream(upstream=str(mirror), output_root=out, ledger=ledger)
+
+
+def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_server, deployment, tmp_path):
+    from prefect.states import Completed, Failed
+
+    mirror, out, ledger = tmp_path / "mirror", "s3://outputs/watch", f"s3://ledger/{uuid.uuid4().hex[:8]}"
+    (mirror / "refs").mkdir(parents=True)
+    (mirror / "refs/main").write_text("rev-a")
+
+    first = _watch(mirror, out, ledger)
+    runs = _runs(deployment)
+    assert first["action"] == "submitted" and len(runs) == 1
+    assert runs[0].parameters["revision"] == "rev-a" and runs[0].parameters["upstream"] == f"{mirror}/snapshots/rev-a"
+    assert runs[0].parameters["output"] == f"{out}/rev-a/kimi-k2.6-mxfp4"
+    assert _watch(mirror, out, ledger)["action"] == "wait" and len(_runs(deployment)) == 1      # still scheduled
+    _set_state(runs[0].id, Completed())
+    assert _watch(mirror, out, ledger)["action"] == "done" and len(_runs(deployment)) == 1
+
+    # A new revision and two watchers started at the same moment: one run.
+    (mirror / "refs/main").write_text("rev-b")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    procs = [subprocess.Popen([sys.executable, "-c", WATCH, str(mirror), out, ledger], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    assert sorted(r["action"] for r in results) == ["submitted", "wait"]
+    new = [r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]
+    assert len(new) == 1
+
+    # A failed conversion is retried on the next tick, up to max_attempts (3), then given up, visibly.
+    for attempt in (2, 3):
+        _set_state(new[-1].id, Failed())
+        retry = _watch(mirror, out, ledger)
+        assert retry["action"] == "submitted" and retry["attempt"] == attempt
+        new = sorted([r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"], key=lambda r: r.created)
+        assert len(new) == attempt
+    _set_state(new[-1].id, Failed())
+    gave_up = _watch(mirror, out, ledger)
+    assert gave_up["action"] == "give-up" and "3 attempts failed" in gave_up["reason"]
+    assert len([r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]) == 3
