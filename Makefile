@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test flow-run services-up services-down convert-local bench bench-serve bench-flow clean
+.PHONY: install test browser flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# tests/ops drives the Prefect UI with Debian's chromium (headless); install it when missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: could not install chromium (needs apt-get as root); tests/ops/test_prefect_ui.py will fail"
 
 # The main job on embedded defaults: SeaweedFS (a real S3 server on loopback), a synthetic
 # Kimi-K2.6-layout upstream in it, the requantize flow (Prefect + local Ray), verification.
@@ -28,6 +34,17 @@ services-up: install
 
 services-down: install
 	$(BIN)/python -m flows.services down
+
+# Prefect UI on http://127.0.0.1:4200 with SeaweedFS, a process worker and the deployments of prefect.yaml.
+ui: install
+	$(BIN)/python -m flows.ui up
+
+ui-down: install
+	$(BIN)/python -m flows.ui down
+
+# Register the deployments against the Prefect server PREFECT_API_URL points at.
+deploy: install
+	$(BIN)/python -m flows.ui deploy
 
 # Local conversion without services, into ./out (the same layer jobs, in one process).
 convert-local: install

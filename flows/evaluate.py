@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from requant.errors import RequantError
 from requant.evaluation.downstream import PLOT_PNG, EvalSettings, cached_result, scratch_dir
+from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.report import table_rows
 from requant.serving.engines import RunningEngine, attach, launch, load_engines
 from requant.serving.smoke import format_result
@@ -55,6 +56,9 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
              limit: int | None = None, gsm8k_dir: str | None = None, gate: str | None = None,
              smoke_limits: str | None = None, engines_file: str | None = None, tp: int = 1,
              max_model_len: int = 16384, progress: bool = True) -> dict[str, Any]:
+    if gsm8k_dir is None:                      # an offline copy beside the repository if there is one, else the hub
+        found = find_local_gsm8k()
+        gsm8k_dir = str(found) if found else None
     settings = EvalSettings(tuple(seeds), num_fewshot, limit, gsm8k_dir)
     started = time.perf_counter()
     with scratch_dir() as tmp:

@@ -33,6 +33,8 @@ def ray_runner() -> RayTaskRunner:
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION"}
     init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded}}
     if not address:
+        # "local": always a fresh instance; a bare ray.init() would attach to any `ray start` cluster on the host
+        init_kwargs["address"] = "local"
         init_kwargs["include_dashboard"] = False
         init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
     return RayTaskRunner(address=address, init_kwargs=init_kwargs)

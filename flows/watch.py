@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from requant.watch import Decision, Ledger, decide, latest_revision
 
@@ -27,7 +28,7 @@ def _states(flow_run_ids: list[str]) -> dict[str, str]:
         for run_id in flow_run_ids:
             try:
                 run = client.read_flow_run(run_id)
-            except Exception:  # deleted or unknown run: treated as failed by decide()
+            except ObjectNotFound:  # a deleted run: decide() treats a missing state as failed
                 continue
             states[run_id] = run.state.type.value if run.state else "PENDING"
     return states

@@ -1,0 +1,97 @@
+"""`make ui` for real: a Prefect server on loopback, SeaweedFS, the prefect.yaml deployments, a process worker.
+A requantize deployment run goes through the worker, then headless Chromium must show it in the UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("ui")
+    port = _free_port()
+    up = subprocess.run([sys.executable, "-m", "flows.ui", "up", "--state-dir", str(state_dir), "--port", str(port)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        yield json.loads((state_dir / "ui.json").read_text()) | {"state_dir": state_dir}
+    finally:
+        subprocess.run([sys.executable, "-m", "flows.ui", "down", "--state-dir", str(state_dir)], cwd=ROOT,
+                       capture_output=True, timeout=120)
+
+
+def _client_settings(ui):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: ui["api_url"]})
+
+
+def _page(url: str, expect: list[str], screenshot: Path) -> str:
+    """Render ``url`` in headless Chromium until every ``expect`` string is in the DOM (the UI loads data
+    asynchronously); keep a screenshot. Fails with what was missing."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is required for the UI test (make test installs it with apt-get)"
+    dom = ""
+    for budget in (10000, 20000, 40000):
+        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--virtual-time-budget={budget}",
+                "--window-size=1440,1000"]
+        dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+        if all(e in dom for e in expect):
+            subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
+            return dom
+    missing = [e for e in expect if e not in dom]
+    raise AssertionError(f"{url}: {missing} not shown ({len(dom)} bytes of DOM)")
+
+
+def test_deploy_registers_three_deployments_with_the_schedule(ui):
+    from prefect.client.orchestration import get_client
+
+    with _client_settings(ui), get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert set(deployments) >= {"requantize", "evaluate", "watch-upstream"}
+        assert all(d.work_pool_name == "requant-process" for d in deployments.values())
+        schedules = deployments["watch-upstream"].schedules
+        assert [s.schedule.cron for s in schedules] == ["0 */6 * * *"] and schedules[0].active
+        assert deployments["requantize"].parameters["recipe"] == "kimi-k2.6-mxfp4"
+        assert deployments["requantize"].entrypoint == "flows.requantize:requantize"
+
+
+def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui):
+    from prefect.deployments import run_deployment
+
+    from requant.seaweed import load_state
+    from requant.verify import verify
+
+    with _client_settings(ui):
+        run = run_deployment("requantize/requantize", parameters={"evaluate": False, "progress": False}, timeout=900)
+    assert run.state.is_completed(), run.state
+    os.environ.update(load_state(ui["state_dir"] / "seaweed.json").env())
+    verify("s3://requant/checkpoints/tiny/kimi-k2.6-mxfp4")
+
+    SCREENSHOTS.mkdir(exist_ok=True)
+    _page(f"{ui['ui_url']}/deployments", ["requantize", "evaluate", "watch-upstream"],
+          SCREENSHOTS / "prefect-ui-deployments.png")
+    _page(f"{ui['ui_url']}/runs", [run.name, "Completed"], SCREENSHOTS / "prefect-ui-runs.png")
+    _page(f"{ui['ui_url']}/runs/flow-run/{run.id}", [run.name, "Completed"], SCREENSHOTS / "prefect-ui-flow-run.png")
+    _page(f"{ui['ui_url']}/artifacts", ["requantize-summary", "requantize-jobs", "requantize-progress"],
+          SCREENSHOTS / "prefect-ui-artifacts.png")
+    assert (SCREENSHOTS / "prefect-ui-runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
