@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from flows.run import upload_dir
 from requant import seaweed
 from requant.io.s3 import S3Storage
 from requant.synth import synthesize
-from flows.run import upload_dir
 
 RUN_ONE = """
 import json, sys

@@ -33,10 +33,15 @@ def _name(uri: str) -> str:
 
 
 def _engine(stack: ExitStack, uri: str, base_url: str | None, engine: str, engines_file: str | None, log_dir: Path,
-            tp: int, max_model_len: int) -> RunningEngine:
+            tp: int, max_model_len: int, on_ray: bool = False, gpus: float | None = None) -> RunningEngine:
     api_key = os.environ.get("REQUANT_API_KEY") or None
     if base_url:
         return attach(base_url, None, api_key)
+    if on_ray:
+        from flows.engines import ray_engine
+
+        return stack.enter_context(ray_engine(engine, engines_file, uri, _name(uri), tp, max_model_len,
+                                              num_gpus=tp if gpus is None else gpus))
     spec = load_engines(engines_file)[engine]
     return stack.enter_context(launch(spec, uri, served_model_name=_name(uri), log_dir=log_dir, tp=tp,
                                       max_model_len=max_model_len, api_key=api_key))
@@ -55,7 +60,10 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
              reference_base_url: str | None = None, seeds: list[int] = (42, 1234, 7777), num_fewshot: int = 3,
              limit: int | None = None, gsm8k_dir: str | None = None, gate: str | None = None,
              smoke_limits: str | None = None, engines_file: str | None = None, tp: int = 1,
-             max_model_len: int = 16384, progress: bool = True) -> dict[str, Any]:
+             max_model_len: int = 16384, engine_on_ray: bool = False, engine_gpus: float | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """``engine_on_ray``: start each engine in a Ray actor holding ``engine_gpus`` (default ``tp``) GPUs on a
+    cluster node instead of in this process; ``base_url``/``reference_base_url`` attach to running servers."""
     if gsm8k_dir is None:                      # an offline copy beside the repository if there is one, else the hub
         found = find_local_gsm8k()
         gsm8k_dir = str(found) if found else None
@@ -63,16 +71,18 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
     started = time.perf_counter()
     with scratch_dir() as tmp:
         work = Path(tmp)
+        placement = {"on_ray": engine_on_ray, "gpus": engine_gpus}
         return _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
-                         engines_file, tp, max_model_len, progress, work, started)
+                         engines_file, tp, max_model_len, progress, work, started, placement)
 
 
 def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
-              engines_file, tp, max_model_len, progress, work: Path, started: float) -> dict[str, Any]:
+              engines_file, tp, max_model_len, progress, work: Path, started: float, placement: dict) -> dict[str, Any]:
     logger = get_run_logger()
     with ExitStack() as engines:
-        cand = _engine(engines, checkpoint, base_url, engine, engines_file, work / "logs", tp, max_model_len)
-        ref = _engine(engines, reference, reference_base_url, engine, engines_file, work / "logs", tp, max_model_len)
+        cand = _engine(engines, checkpoint, base_url, engine, engines_file, work / "logs", tp, max_model_len, **placement)
+        ref = _engine(engines, reference, reference_base_url, engine, engines_file, work / "logs", tp, max_model_len,
+                      **placement)
         logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
 
         smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name, smoke_limits)
@@ -99,6 +109,7 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
     eval_seconds = time.perf_counter() - started
 
     context = {"checkpoint": checkpoint, "reference": reference, "engine": engine, "protocol_key": key,
+               "engines": {"candidate": cand.engine, "reference": ref.engine, "candidate_url": cand.base_url},
                "settings": {"seeds": list(settings.seeds), "num_fewshot": settings.num_fewshot, "limit": settings.limit,
                             "data": settings.gsm8k_dir or "hub:openai/gsm8k"}, "seconds": round(eval_seconds, 1)}
     comparison, quality = build_report(cand_result, ref_result, smoke, str(report_dir), gate, context)

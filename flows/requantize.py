@@ -46,7 +46,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True,
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
-               gsm8k_dir: str | None = None, gate: str | None = None) -> dict[str, Any]:
+               gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
+               tp: int = 1) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison."""
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
@@ -59,7 +60,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
                                         resources_opts, progress, "reference")
         summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
-                                              limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress)
+                                              limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
+                                              engine_on_ray=engine_on_ray, tp=tp)
     return summary
 
 

@@ -68,3 +68,23 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_tiny, cl
     assert again["reused"] and again["reference"]["reused"]
     assert again["evaluation"]["scores"] == ev["scores"]
     verify(output)
+
+
+def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny_upstream, tmp_path):
+    """engine_on_ray: each engine lives in a Ray actor on a cluster node (here: CPU nodes, 0 GPUs)."""
+    from flows.evaluate import evaluate
+    from requant.convert import convert_local
+
+    for recipe in ("kimi-k2.6-mxfp4", "fp8-reference"):
+        convert_local(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
+    result = evaluate(str(tmp_path / "kimi-k2.6-mxfp4"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
+                      gsm8k_dir=str(find_local_gsm8k(__file__)), engine_on_ray=True, engine_gpus=0, progress=False)
+    assert result["smoke"]["passed"] and result["verdict"] == "PASS"
+    import httpx
+
+    report = json.loads((tmp_path / "kimi-k2.6-mxfp4" / "eval" / "report.json").read_text())
+    engines = report["context"]["engines"]
+    assert engines["candidate"].startswith("reference (ray actor on node ") and "ray actor" in engines["reference"]
+    with pytest.raises(httpx.ConnectError):                                     # torn down with its actor
+        httpx.get(engines["candidate_url"] + "/health", timeout=5)
+    verify(str(tmp_path / "kimi-k2.6-mxfp4"))
