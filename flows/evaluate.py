@@ -47,7 +47,7 @@ def _engine(stack: ExitStack, uri: str, base_url: str | None, engine: str, engin
                                       max_model_len=max_model_len, api_key=api_key))
 
 
-def _object_url(uri: str, name: str) -> str:
+def object_url(uri: str, name: str) -> str:
     """A link for the Prefect UI: the S3 endpoint URL of an object, or a file:// path for local checkpoints."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
@@ -120,8 +120,8 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
     report_md = (report_dir / "report.md").read_text()
     create_markdown_artifact(report_md, key="gsm8k-report", description=f"GSM8K comparison of {checkpoint}")
     create_table_artifact(table_rows(comparison), key="gsm8k-scores", description="accuracy per variant and filter")
-    create_link_artifact(_object_url(checkpoint, f"eval/{PLOT_PNG}"), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
-    create_link_artifact(_object_url(checkpoint, "eval/report.json"), link_text="report.json", key="gsm8k-report-json")
+    create_link_artifact(object_url(checkpoint, f"eval/{PLOT_PNG}"), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
+    create_link_artifact(object_url(checkpoint, "eval/report.json"), link_text="report.json", key="gsm8k-report-json")
     result = {"checkpoint": checkpoint, "reference": reference, "verdict": comparison.verdict,
               "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/eval/report.md",
               "plot": f"{checkpoint.rstrip('/')}/eval/{PLOT_PNG}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}

@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
@@ -20,6 +21,7 @@ from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
 
 from flows.evaluate import evaluate as evaluate_flow
+from flows.evaluate import object_url
 from requant import pipeline
 from requant.errors import RequantError
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
@@ -129,6 +131,7 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
                      "node": o["node"], "skipped": o["skipped"]})
     create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")
+    create_link_artifact(object_url(output, "requant-manifest.json"), link_text=f"manifest of {output}", key=f"{role}-manifest")
     create_markdown_artifact(
         "\n".join([
             f"# requantize: {plan.recipe.name}",
