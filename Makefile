@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test browser flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
+.PHONY: install test browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ ui-down: install
 # Register the deployments against the Prefect server PREFECT_API_URL points at.
 deploy: install
 	$(BIN)/python -m flows.ui deploy
+
+# The hardening suite at full counts (CI runs it at a shorter count in make test), then its table.
+hardening: install
+	REQUANT_HARDENING=full $(BIN)/python -m pytest -q tests/hardening
+	$(BIN)/python tests/hardening/report.py
 
 # Local conversion without services, into ./out (the same layer jobs, in one process).
 convert-local: install

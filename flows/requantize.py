@@ -8,12 +8,18 @@ through object storage; only plans and small results go through Ray.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
@@ -26,13 +32,17 @@ from requant import pipeline
 from requant.errors import RequantError
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
 
+# Never copied into Ray's runtime environment (visible in Ray's job metadata and dashboard).
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+
 
 def ray_runner() -> RayTaskRunner:
     """Join ``RAY_ADDRESS`` when set, else start a local Ray for the duration of the flow run."""
     address = os.environ.get("RAY_ADDRESS") or None
     # Workers need the object-store endpoint; credentials are expected on the nodes themselves
     # (instance roles, mounted secrets), so they are not copied into Ray's runtime environment.
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION"}
+    forwarded = {k: v for k, v in os.environ.items()
+                 if (k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION") and not SECRET_NAME.search(k)}
     init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded}}
     if not address:
         # "local": always a fresh instance; a bare ray.init() would attach to any `ray start` cluster on the host

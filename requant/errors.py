@@ -7,13 +7,19 @@ class RequantError(Exception):
     """Base class: anything the user can fix (bad input, bad arguments, incomplete output)."""
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """Names from untrusted files, made safe for a one-line message: control characters escaped, length capped."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
 class CheckpointError(RequantError):
     """A checkpoint file is malformed; the message names the file and, where known, the tensor."""
 
     def __init__(self, file: str, message: str, tensor: str | None = None):
         self.file, self.tensor = file, tensor
-        where = f"{file}: {tensor}" if tensor else file
-        super().__init__(f"{where}: {message}")
+        where = f"{printable(file)}: {printable(tensor)}" if tensor else printable(file)
+        super().__init__(f"{where}: {printable(message, 400)}")
 
 
 class PlanError(RequantError):

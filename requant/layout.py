@@ -66,8 +66,8 @@ def load_config(data: bytes, file: str = "config.json") -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(file, "not a JSON object")
     archs = raw.get("architectures") or []
-    if not isinstance(archs, list) or len(archs) != 1:
-        raise CheckpointError(file, f"expected one entry in 'architectures', got {archs!r}")
+    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
+        raise CheckpointError(file, f"expected one architecture name in 'architectures', got {str(archs)[:80]}")
     arch = archs[0]
     if arch in VLM_ARCHITECTURES:
         text, prefix = raw.get("text_config"), VLM_TEXT_PREFIX
@@ -101,11 +101,17 @@ def check_int4_config(quant: dict[str, Any] | None, file: str = "config.json") -
     """The upstream quantization must be compressed-tensors pack-quantized symmetric INT4, group 32."""
     if quant is None:
         return
+    if not isinstance(quant, dict):
+        raise CheckpointError(file, f"quantization_config must be an object, got {type(quant).__name__}")
     if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
         raise CheckpointError(
             file, f"quantization_config {quant.get('quant_method')!r}/{quant.get('format')!r} is not compressed-tensors pack-quantized"
         )
-    for name, group in (quant.get("config_groups") or {}).items():
+    groups = quant.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights") or {}, dict)
+                                               for g in groups.values()):
+        raise CheckpointError(file, "quantization_config.config_groups must map names to objects with 'weights' objects")
+    for name, group in groups.items():
         w = group.get("weights") or {}
         got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"), w.get("symmetric"))
         if got != (4, "int", "group", 32, True):

@@ -96,14 +96,19 @@ def build_plan(storage: Storage, recipe: Recipe) -> Plan:
 
 
 def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
-    config = load_config(storage.read_bytes(CONFIG_FILE), f"{storage.uri}/{CONFIG_FILE}")
-    check_int4_config(config.quantization, f"{storage.uri}/{CONFIG_FILE}")
+    where = f"{storage.uri}/{CONFIG_FILE}"
+    config = load_config(storage.read_bytes(CONFIG_FILE), where)
+    check_int4_config(config.quantization, where)
     problems: list[str] = []
     weight_map, shards = _weight_map(storage, problems)
     entries, readable = _headers(storage, shards, weight_map, problems)
     # tensors the index puts in a missing or unreadable shard were reported once, with their shard
     unreadable = {name for name, file in weight_map.items() if file not in readable}
-    tasks = _tasks(config, recipe, entries, unreadable, problems)
+    try:
+        tasks = _tasks(config, recipe, entries, unreadable, problems)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        # config.json is untrusted input; a field of an unexpected type or size surfaces here
+        raise CheckpointError(where, f"text config has an unexpected structure ({type(exc).__name__}: {exc})") from exc
     covered = {e.name for t in tasks for e in t.inputs}
     problems += [f"{e.file}: {e.name}: not covered by recipe {recipe.name}" for n, e in sorted(entries.items()) if n not in covered and not problems]
     problems = [p if p.startswith(storage.uri) else f"{storage.uri}/{p}" for p in problems]

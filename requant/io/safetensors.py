@@ -106,8 +106,8 @@ def _entry(name: str, info: object, file: str, base: int, data_len: int) -> Tens
     if not isinstance(info, dict):
         raise CheckpointError(file, "header entry is not an object", name)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise CheckpointError(file, f"unknown dtype {dtype!r}", name)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(file, f"unknown dtype {str(dtype)[:40]!r}", name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(file, f"shape {shape!r} is not a list of non-negative integers", name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):

@@ -95,3 +95,35 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui):
     _page(f"{ui['ui_url']}/artifacts", ["requantize-summary", "requantize-jobs", "requantize-progress"],
           SCREENSHOTS / "prefect-ui-artifacts.png")
     assert (SCREENSHOTS / "prefect-ui-runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui):
+    """watch-upstream as deployed (the 6-hourly schedule's flow), run by the worker against the seeded mirror:
+    it starts requantize for the mirror's revision, which the worker then completes."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with _client_settings(ui):
+        watch = run_deployment("watch-upstream/watch-upstream", timeout=600,
+                               parameters={"parameters": {"evaluate": False, "progress": False}})
+        assert watch.state.is_completed(), watch.state
+        deadline = time.monotonic() + 600
+        with get_client(sync_client=True) as client:
+            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-tiny-seed0"]
+            assert len(started) == 1, started               # the watcher started exactly one conversion
+            while True:
+                run = client.read_flow_run(started[0].id)
+                if run.state.is_final() or time.monotonic() > deadline:
+                    break
+                time.sleep(3)
+            assert run.state.is_completed(), run.state
+            assert run.parameters["output"] == "s3://requant/revisions/tiny/synthetic-tiny-seed0/kimi-k2.6-mxfp4"
+            again = run_deployment("watch-upstream/watch-upstream", timeout=600,
+                                   parameters={"parameters": {"evaluate": False, "progress": False}})
+            assert again.state.is_completed()
+            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-tiny-seed0"]
+            assert len(rerun) == 1                           # converted: nothing new to start
+    _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
+          SCREENSHOTS / "prefect-ui-requantize-deployment.png")
