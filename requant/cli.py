@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=8192, help="prompt + completion tokens per request")
     sv.add_argument("--max-pending", type=int, default=16, help="requests in flight before 429")
     sv.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may stall (then 408)")
     sv.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     sv.add_argument("--log-level", default="warning")
 
@@ -160,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-              max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level)
+              max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level,
+              body_timeout_s=args.body_timeout)
     elif args.command == "smoke":
         from requant.serving.engines import attach
         from requant.serving.smoke import dumps, format_result, load_limits, smoke_test

@@ -27,10 +27,11 @@ log = logging.getLogger("requant.serve")
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, or while they stream in)."""
+    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, or while they stream in) and
+    bodies that stall for ``timeout_s`` between chunks (408), so slow clients cannot hold requests open."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,7 +43,10 @@ class BodyLimit:
 
         async def limited():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise _Stalled() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -53,9 +57,15 @@ class BodyLimit:
             await self.app(scope, limited, send)
         except _TooLarge:
             await _send_error(send, RequestError(f"request body over {self.limit} bytes", status=413))
+        except _Stalled:
+            await _send_error(send, RequestError(f"request body stalled for {self.timeout_s:.0f}s", status=408))
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _Stalled(Exception):
     pass
 
 
@@ -67,9 +77,9 @@ async def _send_error(send, err: RequestError) -> None:
 
 
 def create_app(generator: Generator, served_model: str, api_key: str | None = None,
-               max_body_bytes: int = 4 << 20, max_pending: int = 16) -> FastAPI:
+               max_body_bytes: int = 4 << 20, max_pending: int = 16, body_timeout_s: float = 30.0) -> FastAPI:
     app = FastAPI(title="requant reference server", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
     pending = {"n": 0}
     created = int(time.time())
 
@@ -187,7 +197,7 @@ async def _stream(generator: Generator, req, prompts: list[list[int]], pending: 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_model_len: int = 8192, max_body_bytes: int = 4 << 20,
-          max_pending: int = 16, log_level: str = "info") -> None:
+          max_pending: int = 16, log_level: str = "info", body_timeout_s: float = 30.0) -> None:
     import uvicorn
 
     name = served_model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
@@ -196,6 +206,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     counts = ", ".join(f"{k}={v}" for k, v in generator.model.schemes.items())
     print(f"requant serve: loaded {name} ({counts} linear modules) in {time.perf_counter() - started:.1f}s; "
           f"http://{host}:{port}/v1", flush=True)
-    app = create_app(generator, name, api_key, max_body_bytes, max_pending)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                limit_concurrency=max_pending * 4)
+    app = create_app(generator, name, api_key, max_body_bytes, max_pending, body_timeout_s)
+    # No uvicorn limit_concurrency: it answers 503 to every new connection, health checks included, once
+    # that many are open, so stalled clients could starve the server. Work is bounded by max_pending (429)
+    # and stalled bodies by BodyLimit's timeout (408).
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
