@@ -18,8 +18,12 @@ class CheckpointError(RequantError):
 
     def __init__(self, file: str, message: str, tensor: str | None = None):
         self.file, self.tensor = file, tensor
+        self.detail = message
         where = f"{printable(file)}: {printable(tensor)}" if tensor else printable(file)
         super().__init__(f"{where}: {printable(message, 400)}")
+
+    def __reduce__(self):  # errors cross process boundaries (Ray tasks, Prefect results) intact
+        return (type(self), (self.file, self.detail, self.tensor))
 
 
 class PlanError(RequantError):
@@ -30,6 +34,9 @@ class PlanError(RequantError):
         head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, first: {problems[0]}"
         super().__init__(head)
 
+    def __reduce__(self):
+        return (type(self), (self.problems,))
+
 
 class VerifyError(RequantError):
     """An output checkpoint is incomplete or does not match its manifest."""
@@ -38,3 +45,6 @@ class VerifyError(RequantError):
         self.problems = problems
         head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, first: {problems[0]}"
         super().__init__(head)
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))

@@ -107,9 +107,20 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
 
 
 def input_digest(source, file: str) -> dict[str, Any]:
-    """Size and sha256 of one upstream file; ``source`` is a Storage or its URI."""
+    """Size and sha256 of the bytes of one upstream file as read now; ``source`` is a Storage or its URI.
+
+    Where the source publishes a digest (the hub's LFS sha256; the sha256 metadata of objects requant
+    uploaded), the bytes read must match it: a bit flip in storage or in transit fails the run here, before
+    anything is published. Elsewhere the manifest pins what was read.
+    """
     source = open_storage(source) if isinstance(source, str) else source
-    return {"size": source.size(file), "sha256": stored_sha256(source, file)}
+    computed = source.sha256(file)
+    recorded = getattr(source, "recorded_sha256", None)
+    published = recorded(file) if recorded else None
+    if published and published != computed:
+        raise CheckpointError(f"{source.uri}/{file}", f"sha256 of the bytes read ({computed[:16]}...) differs from "
+                              f"the published {published[:16]}...: corrupted in storage or in transit")
+    return {"size": source.size(file), "sha256": computed, "verified_against_published": bool(published)}
 
 
 def input_record(source, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:

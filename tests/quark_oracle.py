@@ -14,7 +14,6 @@ import sys
 
 from requant.quark_reference import quark_quantize_weight  # noqa: F401 (re-exported for the tests)
 
-
 # Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are
 # what a Quark user would pass for the same coverage, independent of requant's own class table.
 AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",

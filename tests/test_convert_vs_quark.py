@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from quark_oracle import QUARK_EQUIVALENT
 from safetensors import safe_open
 
-from quark_oracle import QUARK_EQUIVALENT
 from requant.convert import convert_local
 
 

@@ -52,3 +52,4 @@ def _attempt(n, run="r", claimed=0.0):
 def test_decision_table(attempts, states, expected):
     d = decide(attempts, states, max_attempts=3, now=1000.0, claim_timeout_s=600)
     assert (d.action, d.attempt) == expected and d.reason
+

@@ -40,7 +40,7 @@ class HfStorage:
         if self._info is None:
             try:
                 info = self._api().model_info(self.repo, revision=self.revision, files_metadata=True)
-            except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the same way
+            except Exception as exc:
                 raise RequantError(f"{self.uri}: cannot read the repository ({type(exc).__name__}: {exc})") from exc
             self.resolved_revision = info.sha
             self._info = {}
@@ -87,8 +87,12 @@ class HfStorage:
         return sorted(self._files())
 
     def sha256(self, path: str) -> str:
-        published = self._files().get(path, {}).get("sha256")
-        return published or hashlib.sha256(self._get(path)).hexdigest()
+        """The digest of the bytes actually downloaded (compare with ``recorded_sha256``)."""
+        return hashlib.sha256(self._get(path)).hexdigest()
+
+    def recorded_sha256(self, path: str) -> str | None:
+        """The sha256 the hub publishes for an LFS file (None for small non-LFS files)."""
+        return self._files().get(path, {}).get("sha256")
 
     def copy_file_to(self, path: str, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)

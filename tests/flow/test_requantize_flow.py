@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
+from conftest import RESTARTED
 
+from flows.run import upload_dir
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
 from requant.seaweed import start, stop
-from conftest import RESTARTED
-from flows.run import upload_dir
 
 pytestmark = pytest.mark.services
 

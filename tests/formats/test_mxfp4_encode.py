@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from quark_oracle import quark_quantize_weight
+
 from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4, unpack_fp4
 
 # A block whose amax is 6.0 gets scale 2**0 (6 = 1.5 * 2**2; 1.5 rounds to one mantissa bit without

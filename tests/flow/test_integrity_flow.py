@@ -1,0 +1,31 @@
+"""A bit flip in an upstream object that carries a published sha256 fails the requantize flow before it
+publishes anything; the output prefix holds no manifest, so nothing looks complete."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.run import upload_dir
+from requant.assemble import MANIFEST_FILE
+from requant.io.s3 import S3Storage
+
+pytestmark = pytest.mark.services
+
+
+def test_corrupted_upstream_object_fails_the_flow_before_publish(prefect_api, s3_server, tiny_upstream, clean_prefix):
+    from flows.requantize import requantize
+
+    uri = "s3://upstream/tiny-bitrot"
+    upload_dir(tiny_upstream, uri)
+    storage = S3Storage(uri)
+    victim = sorted(p.name for p in tiny_upstream.glob("*.safetensors"))[1]
+    data = bytearray((tiny_upstream / victim).read_bytes())
+    data[-5] ^= 0x10
+    storage.s3.put_object(Bucket=storage.bucket, Key=storage.key(victim), Body=bytes(data),
+                          Metadata={"sha256": storage.recorded_sha256(victim)})
+    state = requantize(upstream=uri, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False,
+                       return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=f"{victim}.*differs from the published"):
+        state.result()
+    assert not S3Storage(clean_prefix).exists(MANIFEST_FILE)
