@@ -19,7 +19,7 @@ from requant.synth import PROFILES, synthesize
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-RESTARTED: list = []  # servers a test restarted in place (new PIDs) to stop at session end
+from flow_support import RESTARTED
 
 
 @pytest.fixture(scope="session")

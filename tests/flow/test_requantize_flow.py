@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import RESTARTED
+from flow_support import RESTARTED
 
 from flows.run import upload_dir
 from requant.errors import PlanError

@@ -6,6 +6,7 @@ the default (CI) runs a shorter seed count of the same tests."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections import Counter, defaultdict
@@ -24,6 +25,8 @@ class Ledger:
     """What one area of the suite did: inputs tried, outcome counts, anything lost (must stay 0)."""
 
     def record(self, area: str, outcome: str, lost: bool = False) -> None:
+        if not _rows:
+            atexit.register(write_report)  # also when only tests outside tests/hardening recorded something
         row = _rows[area]
         row["tried"] += 1
         row["outcomes"][outcome] += 1
