@@ -115,6 +115,14 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     if problems:
         raise PlanError(problems)
     files = set(storage.list_files())
+    bad_names = []
+    for f in sorted(files):                      # names come from the store; copies must not escape the output
+        try:
+            check_relative(f, f"{storage.uri}/{f}")
+        except CheckpointError as exc:
+            bad_names.append(str(exc))
+    if bad_names:
+        raise PlanError(bad_names)
     extra = tuple(sorted(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_FILE, CONFIG_FILE)))
     stray = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
     if stray:

@@ -74,3 +74,20 @@ def test_materialize_refuses_names_outside_the_target(name, tmp_path, monkeypatc
         engines.materialize("s3://bucket/ckpt", tmp_path / "copy")
     assert not (tmp_path / "escape.txt").exists()
     ledger.record("trust: path traversal in object names", "refused")
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "sub/../../evil.txt", "/abs.txt"])
+def test_planner_refuses_upstream_file_names_outside_the_checkpoint(name, tiny_upstream, ledger):
+    """An object store can list keys like '<prefix>/../x'; copying such a 'file' would write outside the output."""
+    from requant.errors import PlanError
+    from requant.io.storage import LocalDir
+    from requant.plan import build_plan
+    from requant.recipe import load_recipe
+
+    class Listing(LocalDir):
+        def list_files(self):
+            return [*super().list_files(), name]
+
+    with pytest.raises(PlanError, match="outside the checkpoint"):
+        build_plan(Listing(tiny_upstream), load_recipe("kimi-k2.6-mxfp4"))
+    ledger.record("trust: path traversal in object names", "refused")
