@@ -29,7 +29,7 @@ from tqdm import tqdm
 from flows.evaluate import evaluate as evaluate_flow
 from flows.evaluate import object_url
 from requant import pipeline
-from requant.errors import RequantError
+from requant.errors import RequantError, VerifyError
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
 
 # Never copied into Ray's runtime environment (visible in Ray's job metadata and dashboard).
@@ -120,7 +120,11 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key})
     timings["publish"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    summary = verify_checkpoint(output)
+    try:
+        summary = verify_checkpoint(output)
+    except VerifyError:
+        pipeline.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
+        raise
     timings["verify"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     timings["transcode_sum"] = sum(o["result"].seconds for o in outcomes if not o["skipped"])

@@ -90,11 +90,26 @@ _REQUIRED_INT = (
 )
 
 
+# Upper bounds far above any released model (K2.6: 61 layers, 384 experts, 64 heads, hidden 7168, vocab
+# 163840). The planner enumerates modules from these numbers, so an absurd value in a corrupt or hostile
+# config.json must be refused before it can size a loop or an allocation.
+_COUNT_LIMITS = {"num_hidden_layers": 1024, "n_routed_experts": 1 << 16, "num_attention_heads": 1 << 12,
+                 "first_k_dense_replace": 1024, "num_experts_per_tok": 1 << 10, "n_shared_experts": 64}
+_SIZE_LIMIT = 1 << 22
+
+
 def _check_text_config(text: dict[str, Any], file: str) -> None:
     for key in _REQUIRED_INT:
         value = text.get(key)
         if type(value) is not int or value < 0:
-            raise CheckpointError(file, f"text config field {key!r} must be a non-negative integer, got {value!r}")
+            raise CheckpointError(file, f"text config field {key!r} must be a non-negative integer, got {str(value)[:40]}")
+        limit = _COUNT_LIMITS.get(key, _SIZE_LIMIT)
+        if value > limit:
+            raise CheckpointError(file, f"text config field {key!r} = {value} is beyond any plausible model (limit {limit})")
+    for key in ("num_experts_per_tok", "n_shared_experts", "q_lora_rank", "n_group", "topk_group"):
+        value = text.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value <= _COUNT_LIMITS.get(key, _SIZE_LIMIT)):
+            raise CheckpointError(file, f"text config field {key!r} = {str(value)[:40]} is not a plausible integer")
 
 
 def check_int4_config(quant: dict[str, Any] | None, file: str = "config.json") -> None:

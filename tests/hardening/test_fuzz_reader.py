@@ -11,6 +11,7 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from hardening_support import scale
@@ -124,7 +125,7 @@ def mutated_json(draw, original: dict, paths: list[list[str]]):
         if not isinstance(target, dict):          # an earlier mutation replaced a parent
             continue
         target[path[-1]] = draw(json_values | st.sampled_from(["../../etc/passwd", "/abs/model.safetensors",
-                                                                "missing.safetensors", -1, 0, 2 ** 40]))
+                                                                "missing.safetensors", -1, 0, 2 ** 40, 10 ** 7]))
     return doc
 
 
@@ -157,7 +158,10 @@ def test_mutated_config_and_index(tmp_path_factory, clean_upstream, ledger, data
         paths = [["weight_map", k] for k in list(original["weight_map"])[:40]] + [["weight_map"], ["metadata"]]
     (root / which).unlink()
     (root / which).write_text(json.dumps(data.draw(mutated_json(original, paths))))
+    rss = psutil.Process().memory_info().rss
     ledger.record(f"{which} fuzz", _plan_outcome(root))
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown < 512 << 20, f"planning a mutated {which} grew memory by {grown >> 20} MB"
 
 
 def test_malformed_json_files(tmp_path, clean_upstream, ledger):
