@@ -4,10 +4,11 @@ provenance manifest, which is written last. A directory without the manifest is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         outputs[name] = {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
     manifest = {
         "requant_manifest": MANIFEST_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "upstream": upstream,
         "recipe": {"name": plan.recipe.name, "format": plan.recipe.format, "source": plan.recipe.source,
                    "targets": dict(plan.recipe.targets), "min_snr_db": plan.recipe.min_snr_db,
@@ -81,8 +82,20 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "stats": stats,
         "jobs": [{f: getattr(r, f) for f in JOB_FIELDS} for r in results],
     }
-    write_json(out_dir / MANIFEST_FILE, manifest, pretty=False)
+    write_json(out_dir / MANIFEST_FILE, seal(manifest), pretty=False)
     return manifest, written
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Record the manifest's own sha256 (of its canonical JSON without this field) so that `verify` catches
+    an edit or a flipped byte in the manifest itself, not only in the files it lists."""
+    manifest["digest"] = manifest_digest(manifest)
+    return manifest
 
 
 def _stat(stat) -> dict[str, Any]:

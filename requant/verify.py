@@ -10,7 +10,8 @@ error statistics are within the recipe's bound.
 from __future__ import annotations
 
 import json
-from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR
+
+from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, manifest_digest
 from requant.errors import CheckpointError, VerifyError
 from requant.io.safetensors import read_header
 from requant.io.storage import open_storage
@@ -25,7 +26,13 @@ def verify(uri: str) -> dict:
     storage = open_storage(uri)
     if not storage.exists(MANIFEST_FILE):
         raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
-    manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+    where = f"{storage.uri}/{MANIFEST_FILE}"
+    try:
+        manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VerifyError([f"{where}: not valid JSON ({type(exc).__name__}); corrupted or truncated"]) from exc
+    if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
+        raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
     _check_files(storage, manifest, problems)
     _check_tensors(storage, manifest, problems)

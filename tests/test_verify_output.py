@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from requant.assemble import seal
 from requant.cli import main
 from requant.convert import convert_local
 
@@ -70,6 +71,14 @@ def test_config_edit_is_caught(copy, capsys):
 def test_snr_bound_from_recipe(copy, capsys):
     manifest = json.loads((copy / "requant-manifest.json").read_text())
     manifest["recipe"]["min_snr_db"] = 99.0
-    (copy / "requant-manifest.json").write_text(json.dumps(manifest))
+    (copy / "requant-manifest.json").write_text(json.dumps(seal(manifest)))     # as if written that way
     rc, text = _verify(copy, capsys)
     assert rc == 2 and "below the recipe's 99.0 dB" in text
+
+
+def test_manifest_edit_is_caught(copy, capsys):
+    manifest = json.loads((copy / "requant-manifest.json").read_text())
+    manifest["upstream"]["revision"] = "someone-elses"
+    (copy / "requant-manifest.json").write_text(json.dumps(manifest))
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "digest does not match" in text

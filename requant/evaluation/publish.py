@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from requant.assemble import MANIFEST_FILE, MODEL_CARD
+from requant.assemble import MANIFEST_FILE, MODEL_CARD, seal
 from requant.errors import RequantError
 from requant.evaluation.report import fill_quality_section
 from requant.io.safetensors import sha256_file
@@ -46,5 +46,5 @@ def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
     if summary is not None:
         manifest.setdefault("evaluations", {})[prefix] = summary
     manifest["outputs"] = dict(sorted(outputs.items()))
-    storage.put_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    storage.put_bytes(MANIFEST_FILE, (json.dumps(seal(manifest), indent=2) + "\n").encode("utf-8"))
     return uploaded
