@@ -35,8 +35,12 @@ def verify(uri: str) -> dict:
         raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
     _check_files(storage, manifest, problems)
-    _check_tensors(storage, manifest, problems)
-    _check_config(storage, manifest, problems)
+    for check in (_check_tensors, _check_config):
+        try:
+            check(storage, manifest, problems)
+        except (KeyError, TypeError, AttributeError) as exc:   # a corrupted file with an unexpected structure
+            problems.append(f"{storage.uri}: {check.__name__[7:]} check failed on unexpected content "
+                            f"({type(exc).__name__}: {str(exc)[:80]})")
     _check_stats(manifest, problems)
     if problems:
         raise VerifyError(problems)
@@ -79,7 +83,7 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
     for name, info in tensors.items():
         if name not in seen and storage.exists(info["file"]):
             problems.append(f"{info['file']}: {name}: missing from the shard")
-    index = json.loads(storage.read_bytes(INDEX_FILE))["weight_map"]
+    index = (_json(storage, INDEX_FILE, problems) or {}).get("weight_map")
     if index != {n: t["file"] for n, t in tensors.items()}:
         problems.append(f"{INDEX_FILE}: weight_map disagrees with the manifest's tensors")
     for upstream, outputs in manifest["sources"].items():
@@ -96,8 +100,23 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
             problems.append(f"{module}: weight {weight['dtype']} / scale {scale['dtype']} do not match {fmt}")
 
 
+def _json(storage, name: str, problems: list[str]) -> dict | None:
+    """A JSON object from the checkpoint, or None with a problem recorded (corrupted files must not crash verify)."""
+    try:
+        data = json.loads(storage.read_bytes(name))
+    except (UnicodeDecodeError, ValueError) as exc:
+        problems.append(f"{storage.uri}/{name}: not valid JSON ({type(exc).__name__})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{storage.uri}/{name}: not a JSON object")
+        return None
+    return data
+
+
 def _check_config(storage, manifest: dict, problems: list[str]) -> None:
-    config = json.loads(storage.read_bytes(CONFIG_FILE))
+    config = _json(storage, CONFIG_FILE, problems)
+    if config is None:
+        return
     fmt = manifest["recipe"]["format"]
     nested = [k for k, v in config.items() if isinstance(v, dict) and "quantization_config" in v]
     if nested:
