@@ -128,3 +128,23 @@ def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny
     with pytest.raises(httpx.ConnectError):                                     # torn down with its actor
         httpx.get(engines["candidate_url"] + "/health", timeout=5)
     verify(str(tmp_path / "kimi-k2.6-mxfp4"))
+
+
+def test_a_failing_smoke_test_stops_the_evaluation(prefect_api, tiny_upstream, tmp_path):
+    """A candidate with other weights fails the agreement check: no GSM8K run, the smoke result is published."""
+    from flows.evaluate import evaluate
+    from requant.convert import convert_local
+    from requant.synth import synthesize
+
+    other = synthesize(tmp_path / "other-upstream", "tiny", seed=1, progress=False)
+    convert_local(str(other), str(tmp_path / "candidate"), "kimi-k2.6-mxfp4", progress=False)
+    convert_local(str(tiny_upstream), str(tmp_path / "fp8-reference"), "fp8-reference", progress=False)
+    state = evaluate(str(tmp_path / "candidate"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
+                     gsm8k_dir=str(find_local_gsm8k(__file__)), progress=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="smoke test failed"):
+        state.result()
+    smoke = json.loads((tmp_path / "candidate" / "eval" / "smoke.json").read_text())
+    assert not smoke["passed"] and not (tmp_path / "candidate" / "eval" / "report.json").exists()
+    assert not any((tmp_path / "fp8-reference").glob("eval/gsm8k-*"))             # the reference was not evaluated
+    verify(str(tmp_path / "candidate"))
