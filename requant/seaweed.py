@@ -4,6 +4,8 @@ started on free loopback ports and stopped by PID. Used by ``make services-up``/
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -144,3 +146,18 @@ def load_state(path: Path) -> SeaweedServer | None:
     return server
 
 
+
+
+@contextlib.contextmanager
+def exported_env(server: SeaweedServer):
+    """Point boto3 (AWS_* variables) at ``server`` for the duration; the previous values come back after."""
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -25,16 +25,10 @@ from flow_support import RESTARTED
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     server = seaweed.start(tmp_path_factory.mktemp("seaweed"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    for running in [server, *RESTARTED]:
-        seaweed.stop(running)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with seaweed.exported_env(server):
+        yield server
+        for running in [server, *RESTARTED]:
+            seaweed.stop(running)
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,10 @@ from requant.verify import verify
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    import os
-
     server = seaweed.start(tmp_path_factory.mktemp("seaweed-integrity"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    seaweed.stop(server)
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    with seaweed.exported_env(server):
+        yield server
+        seaweed.stop(server)
 
 
 @pytest.fixture(scope="module")

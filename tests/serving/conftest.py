@@ -25,13 +25,17 @@ def tiny_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
-def mxfp4_server(tiny_variants, tmp_path_factory):
-    """`requant serve` on the MXFP4 variant, a real subprocess on a free loopback port."""
-    engine = launch(load_engines()["reference"], str(tiny_variants["kimi-k2.6-mxfp4"]), served_model_name="tiny-mxfp4",
+def _serve(path: Path, name: str, tmp_path_factory):
+    """`requant serve` on one variant, a real subprocess on a free loopback port."""
+    engine = launch(load_engines()["reference"], str(path), served_model_name=name,
                     log_dir=tmp_path_factory.mktemp("serve-logs"), max_model_len=2048)
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def mxfp4_server(tiny_variants, tmp_path_factory):
+    yield from _serve(tiny_variants["kimi-k2.6-mxfp4"], "tiny-mxfp4", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +51,4 @@ def gsm8k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def fp8_server(tiny_variants, tmp_path_factory):
-    engine = launch(load_engines()["reference"], str(tiny_variants["fp8-reference"]), served_model_name="tiny-fp8",
-                    log_dir=tmp_path_factory.mktemp("serve-logs"), max_model_len=2048)
-    yield engine
-    engine.stop()
+    yield from _serve(tiny_variants["fp8-reference"], "tiny-fp8", tmp_path_factory)
