@@ -49,15 +49,17 @@ def server_root(base_url: str) -> str:
 
 def find_local_gsm8k(start: str | Path | None = None) -> Path | None:
     """A local GSM8K copy: ``$REQUANT_GSM8K_DIR``, else the first ``shared/data/gsm8k`` beside ``start`` (default:
-    this source tree) or one of its parents (the workplace keeps one next to the repository). None if absent."""
+    this source tree) or one of its parents (the workplace keeps one next to the repository), else the copy in the
+    repository's tests/data/gsm8k. None if absent."""
     env = os.environ.get("REQUANT_GSM8K_DIR")
     if env:
         return Path(env)
     here = Path(start or __file__).resolve()
     for parent in here.parents:
-        candidate = parent / "shared" / "data" / "gsm8k"
-        if (candidate / "test.jsonl").is_file() and (candidate / "train.jsonl").is_file():
-            return candidate
+        # the workplace copy beside the repository, else the repository's own copy (tests/data/gsm8k, MIT)
+        for candidate in (parent / "shared" / "data" / "gsm8k", parent / "tests" / "data" / "gsm8k"):
+            if (candidate / "test.jsonl").is_file() and (candidate / "train.jsonl").is_file():
+                return candidate
     return None
 
 
