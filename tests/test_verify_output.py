@@ -10,6 +10,9 @@ import pytest
 from requant.assemble import seal
 from requant.cli import main
 from requant.convert import convert_local
+from requant.errors import VerifyError
+from requant.evaluation.publish import publish_evaluation
+from requant.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +85,25 @@ def test_manifest_edit_is_caught(copy, capsys):
     (copy / "requant-manifest.json").write_text(json.dumps(manifest))
     rc, text = _verify(copy, capsys)
     assert rc == 2 and "digest does not match" in text
+
+
+def test_flipped_byte_in_an_eval_report_is_caught(copy, tmp_path):
+    """README: `requant verify` re-checks a published checkpoint including its eval/ reports."""
+    report = tmp_path / "report"
+    (report / "candidate").mkdir(parents=True)
+    (report / "report.md").write_text("# GSM8K comparison\n\n| filter | candidate | reference |\n| strict-match | "
+                                      "93.6 | 94.0 |\n\nVerdict: pass\n")
+    (report / "report.json").write_text(json.dumps({"comparison": {"verdict": "pass"}}) + "\n")
+    (report / "candidate" / "gsm8k.json").write_text(json.dumps({"scores": {"strict-match": {"42": 0.936}}}) + "\n")
+    uploaded = publish_evaluation(str(copy), report, quality="GSM8K strict-match 93.6 vs 94.0: pass.",
+                                  summary={"verdict": "pass"})
+    assert "eval/report.md" in uploaded
+    verify(str(copy))                                    # the published evaluation verifies as it is
+    target = copy / "eval" / "report.md"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01                         # same size: only the digest can tell
+    target.write_bytes(bytes(data))
+    with pytest.raises(VerifyError) as info:
+        verify(str(copy))
+    assert len(info.value.problems) == 1, info.value.problems
+    assert "eval/report.md" in info.value.problems[0] and "sha256" in info.value.problems[0]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from requant.errors import CheckpointError
+from requant.errors import CheckpointError, os_failure
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -38,7 +39,11 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
 }
 TORCH_TO_NAME = {t: name for name, (t, _) in DTYPES.items()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE in safetensors/src/tensor.rs)
+MAX_JSON_DEPTH = 127  # serde_json's recursion limit: the library refuses a header nested deeper
+# torch sizes, strides and storage offsets are int64: a shape whose dims (zeros counted as 1) span more bytes
+# cannot become a tensor even when it is empty (the library refuses most such shapes, torch the rest)
+MAX_SHAPE_BYTES = 2 ** 63 - 1
 HEADER_PREFIX = 8
 
 
@@ -76,12 +81,15 @@ def header_length(prefix: bytes, file: str, file_size: int) -> int:
 def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate a safetensors header and return its tensors (absolute offsets) and metadata."""
     try:
-        raw = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(header.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                         parse_float=_finite_float, parse_int=_json_int)
+        _check_json_tree(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, _StrictJSON
         raise CheckpointError(file, f"header is not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(file, "header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # JSON null: no metadata, as the library reads it
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(file, "__metadata__ must map strings to strings")
     base = HEADER_PREFIX + len(header)
@@ -102,6 +110,51 @@ def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, Te
     return entries, metadata
 
 
+class _StrictJSON(ValueError):
+    """JSON that Python's json module accepts but serde_json (the safetensors library's parser) refuses."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):  # json keeps the last silently; other readers may keep the first
+        raise _StrictJSON(f"duplicate key {next(k for k in keys if keys.count(k) > 1)[:40]!r}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise _StrictJSON(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _StrictJSON(f"number {text[:40]} is out of range")
+    return value
+
+
+def _json_int(text: str) -> int | float:
+    """serde_json reads -0 and integers outside i64/u64 as floats: they are then not valid shapes or offsets."""
+    value = int(text)
+    return _finite_float(text) if text == "-0" or not -2 ** 63 <= value < 2 ** 64 else value
+
+
+def _check_json_tree(raw: object) -> None:
+    """No nesting deeper than serde_json allows, no lone surrogate escapes (serde_json refuses both)."""
+    level, depth = [raw], 0
+    while level := [n for n in level if isinstance(n, (dict, list))]:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise _StrictJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = [x for n in level for x in (n.items() if isinstance(n, dict) else n)]
+        level = [v for x in items for v in (x if isinstance(x, tuple) else (x,))]
+        for s in level:
+            if isinstance(s, str) and not s.isascii():
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise _StrictJSON(f"string {s[:40]!r} holds a lone surrogate escape") from exc
+
+
 def _entry(name: str, info: object, file: str, base: int, data_len: int) -> TensorEntry:
     if not isinstance(info, dict):
         raise CheckpointError(file, "header entry is not an object", name)
@@ -110,6 +163,8 @@ def _entry(name: str, info: object, file: str, base: int, data_len: int) -> Tens
         raise CheckpointError(file, f"unknown dtype {str(dtype)[:40]!r}", name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(file, f"shape {shape!r} is not a list of non-negative integers", name)
+    if math.prod(max(d, 1) for d in shape) * DTYPES[dtype][1] > MAX_SHAPE_BYTES:
+        raise CheckpointError(file, f"shape {shape!r} overflows torch's 64-bit sizes", name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise CheckpointError(file, f"data_offsets {offsets!r} is not a pair of integers", name)
     begin, end = offsets
@@ -184,10 +239,17 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)
         self._base = HEADER_PREFIX + len(blob)
         self._written: set[str] = set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-        self._file.truncate(self._base + offset)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+        except OSError as exc:
+            raise os_failure(self.path, exc, "creating the output shard") from exc
+        try:
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
+            self._file.truncate(self._base + offset)
+        except OSError as exc:
+            self.abort()
+            raise os_failure(self.path, exc, "writing the output shard") from exc
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._offsets or name in self._written:
@@ -197,13 +259,23 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {name} is {tensor.dtype}{tuple(tensor.shape)}, declared {spec.dtype}{spec.shape}")
         data = tensor.detach().cpu().contiguous()
         if data.numel():
-            self._file.seek(self._base + offset)
-            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            try:
+                self._file.seek(self._base + offset)
+                self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            except OSError as exc:
+                raise os_failure(self.path, exc, f"writing tensor {name}") from exc
         self._written.add(name)
 
-    def close(self) -> str:
-        """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing."""
-        self._file.close()
+    def close(self, fsync: bool = False) -> str:
+        """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing.
+        ``fsync``: on stable storage before returning (a resumable run records the shard as done next)."""
+        try:
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            raise os_failure(self.path, exc, "finishing the output shard") from exc
         missing = sorted(set(self._offsets) - self._written)
         if missing:
             self.path.unlink(missing_ok=True)
@@ -211,8 +283,16 @@ class SafetensorsWriter:
         return sha256_file(self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        """Close and delete the partial file. Never raises: it runs while another error is on its way out
+        (closing flushes buffered bytes, which fails again on a full disk), and must not replace it."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

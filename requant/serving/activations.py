@@ -17,9 +17,17 @@ from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 
 def mxfp4_qdq(x: torch.Tensor) -> torch.Tensor:
-    """Per 32-element block along the last dim: Quark "even" E8M0 scale, E2M1 RNE elements, back to x.dtype."""
+    """Per 32-element block along the last dim: Quark "even" E8M0 scale, E2M1 RNE elements, back to x.dtype.
+
+    A block holding a NaN has a NaN scale (OCP MX reserves E8M0 0xFF for it), so all 32 of its values come
+    back NaN, as Quark's FP32 quantizer and torchao's MX cast do; without this such a block silently became
+    zeros. The weight encoder never sees a NaN (jobs refuse non-finite tensors), so only this path needs it.
+    """
     packed, scale = quantize_mxfp4(x)
-    return dequantize_mxfp4(packed, scale, torch.float32).to(x.dtype)
+    out = dequantize_mxfp4(packed, scale, torch.float32)
+    blocks = x.reshape(*x.shape[:-1], -1, MX_BLOCK_SIZE)
+    out = out.reshape(blocks.shape).masked_fill(blocks.isnan().any(dim=-1, keepdim=True), float("nan"))
+    return out.reshape(x.shape).to(x.dtype)
 
 
 def fp8_per_token_qdq(x: torch.Tensor) -> torch.Tensor:
