@@ -36,23 +36,40 @@ from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_ch
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
-def ray_runner() -> RayTaskRunner:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray for the duration of the flow run."""
+def ray_settings() -> tuple[str | None, dict[str, Any]]:
+    """Ray address and ``ray.init`` arguments from the environment of the flow run (not of the import)."""
     address = os.environ.get("RAY_ADDRESS") or None
     # Workers need the object-store endpoint; credentials are expected on the nodes themselves
     # (instance roles, mounted secrets), so they are not copied into Ray's runtime environment.
     forwarded = {k: v for k, v in os.environ.items()
                  if (k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION") and not SECRET_NAME.search(k)}
-    init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded}}
+    init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded},
+                                   "namespace": "prefect"}
     if not address:
         # "local": always a fresh instance; a bare ray.init() would attach to any `ray start` cluster on the host
         init_kwargs["address"] = "local"
         init_kwargs["include_dashboard"] = False
         init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
-    return RayTaskRunner(address=address, init_kwargs=init_kwargs)
+    return address, init_kwargs
 
 
-@flow(name="requantize", task_runner=ray_runner(), log_prints=True)
+class EnvRayTaskRunner(RayTaskRunner):
+    """prefect-ray's runner, configured when a flow run enters it: ``RAY_ADDRESS`` (join a cluster) or a
+    local Ray, as the environment says at that moment. Built at import time, the flow would keep whatever
+    Ray the first importer's environment named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def duplicate(self) -> EnvRayTaskRunner:
+        return type(self)()
+
+    def __enter__(self):
+        self.address, self.init_kwargs = ray_settings()
+        return super().__enter__()
+
+
+@flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
 def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
                upstream_id: str | None = None, device: str = "cpu", threads: int = 1, num_cpus: float = 1,
                num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True,
@@ -90,6 +107,16 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
         logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
         return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
                 "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings}
+    with pipeline.output_lease(output, key) as lease:  # a second run on this output fails here, naming us
+        if lease.took_over:
+            logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
+        return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, resources_opts,
+                             progress, role, started, timings)
+
+
+def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, resources_opts, progress, role,
+                  started, timings) -> dict[str, Any]:
+    logger = get_run_logger()
     pipeline.begin_run(output)
     logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
     for warning in plan.recipe.warnings:
@@ -103,7 +130,8 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
         options["resources"] = resources_opts["resources"]
     with remote_options(**options):
         digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
-        futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads)
+        futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads,
+                                        lease_generation=lease.generation)
                    for job in plan.jobs]
     outcomes = []
     with tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar:
@@ -116,8 +144,10 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     results = [o["result"] for o in outcomes]
     inputs = pipeline.input_record(upstream, plan, shards={f: d.result() for f, d in digests.items()})
     mark = time.perf_counter()
+    lease.check()
     # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
-    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key})
+    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key},
+                                  lease_generation=lease.generation)
     timings["publish"] = time.perf_counter() - mark
     mark = time.perf_counter()
     try:

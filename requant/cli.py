@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except RequantError as exc:
         print(f"requant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a failure the library did not name more precisely: still one line, status 2
+        from requant.errors import os_failure
+
+        print(f"requant {args.command}: error: {os_failure('?', exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"requant {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -126,17 +131,20 @@ def _run(args: argparse.Namespace) -> int:
                                  evaluate=False)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
-        from requant.convert import convert_local
+        from requant.convert import run_local
 
         if args.threads > 1:
             import torch
 
             torch.set_num_threads(1)
-        manifest = convert_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
-                                 upstream_id=args.upstream_id, revision=args.revision, threads=args.threads)
+        run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
+                        upstream_id=args.upstream_id, revision=args.revision, threads=args.threads)
+        manifest = run.manifest
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"wrote {args.dst}: {len(manifest['tensors'])} tensors in {sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards")
+        resumed = f" ({run.resumed} of {run.jobs} layer jobs resumed from an interrupted run)" if run.resumed else ""
+        print(f"wrote {args.dst}: {len(manifest['tensors'])} tensors in "
+              f"{sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards{resumed}")
     elif args.command == "verify":
         from requant.verify import verify
 

@@ -1,55 +1,151 @@
 """Local conversion: plan, run every layer job in this process, assemble, publish atomically.
 
-Everything is written into a hidden staging directory next to the destination, which is renamed into
-place only after the manifest is written: an interrupted or failed run never leaves a directory that
-looks complete.
+Everything is written into a hidden staging directory next to the destination, ``.DST.partial-<run key>``,
+which is renamed into place only after the manifest is written: an interrupted or failed run never leaves a
+directory that looks complete. While it runs, the conversion holds a lease on the destination
+(``.DST.requant-lease/``, see :mod:`requant.lease`), so a second conversion into the same destination fails
+at once instead of both reporting success.
+
+Resume: each finished layer job leaves its shard (fsynced) and then a record in the staging directory, as
+the flow does in object storage. A rerun of the same run key (same upstream bytes, recipe and library
+versions) after a crash or ``kill -9`` reuses every shard that still matches its record and removes the
+staging directories of other run keys, which no live run can own while we hold the lease.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from requant.assemble import assemble
-from requant.errors import RequantError
+from requant.assemble import RUN_STATE_DIR, assemble
+from requant.errors import RequantError, SystemFailure, os_failure
 from requant.io.storage import LocalDir, open_storage
-from requant.job import JobResult, run_job
-from requant.pipeline import input_record
+from requant.job import JobResult, result_to_json, run_job
+from requant.lease import Lease
+from requant.pipeline import HEADER_ALLOWANCE, completed, human_bytes, input_record, record_path, run_key
 from requant.plan import build_plan
 from requant.recipe import load_recipe
 
 
-def convert_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
-                  progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
-                  threads: int = 1) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LocalPaths:
+    dst: Path
+    staging: Path
+    lease_dir: str  # relative to dst's parent
+
+    @classmethod
+    def for_destination(cls, dst: str, key: str) -> LocalPaths:
+        dst_path = Path(dst).resolve()
+        return cls(dst_path, dst_path.with_name(f".{dst_path.name}.partial-{key}"), f".{dst_path.name}.requant-lease")
+
+    def other_staging(self) -> list[Path]:
+        return [p for p in self.dst.parent.glob(f".{self.dst.name}.partial-*") if p != self.staging]
+
+
+def check_free_space(path: Path, needed: int, what: str, name: Path | None = None) -> None:
+    """Fail before starting when ``path``'s file system cannot take ``needed`` more bytes (errors name
+    ``name``, default ``path``)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as exc:
+        raise os_failure(probe, exc, f"checking free space for {what}") from exc
+    if free < needed:
+        raise SystemFailure(f"{name or path}: not enough free space for {what}: needs {human_bytes(needed)}, "
+                            f"{human_bytes(free)} available on {probe}")
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    manifest: dict[str, Any]
+    jobs: int
+    resumed: int  # layer jobs whose shards an interrupted run of the same key had finished
+
+
+def convert_local(src: str, dst: str, recipe: str, **options) -> dict[str, Any]:
+    """Convert ``src`` into ``dst`` with ``recipe``; returns the manifest (options: see :func:`run_local`)."""
+    return run_local(src, dst, recipe, **options).manifest
+
+
+def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
+              progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
+              threads: int = 1) -> LocalRun:
     storage = open_storage(src)
-    plan = build_plan(storage, load_recipe(recipe))
-    dst_path = Path(dst).resolve()
-    if dst_path.exists() and not overwrite:
-        raise RequantError(f"{dst_path}: already exists (pass --overwrite to replace it)")
     if not isinstance(storage, LocalDir):
         raise RequantError("local conversion reads local directories only")
-    staging = dst_path.with_name(f".{dst_path.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+    plan = build_plan(storage, load_recipe(recipe))
+    key = run_key(plan, revision)
+    paths = LocalPaths.for_destination(dst, key)
+    if paths.dst.exists() and not overwrite:
+        raise RequantError(f"{paths.dst}: already exists (pass --overwrite to replace it)")
+    try:
+        paths.dst.parent.mkdir(parents=True, exist_ok=True)
+        parent = LocalDir(paths.dst.parent)
+    except OSError as exc:
+        raise os_failure(paths.dst.parent, exc, "creating the destination's parent directory") from exc
+    try:
+        lease = Lease(parent, paths.lease_dir, key, str(paths.dst)).acquire()
+    except OSError as exc:
+        raise os_failure(paths.dst.parent, exc, "taking the destination's lease") from exc
+    try:
+        if paths.dst.exists() and not overwrite:  # finished by a run that held the lease before us
+            raise RequantError(f"{paths.dst}: already exists (pass --overwrite to replace it)")
+        for stale in paths.other_staging():
+            shutil.rmtree(stale, ignore_errors=True)
+        return _convert(plan, storage, paths, key, device, threads, progress,
+                        {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name,
+                         "revision": revision or "local", "run_key": key}, lease)
+    finally:
+        lease.release()
+        try:
+            (paths.dst.parent / paths.lease_dir).rmdir()  # empty unless another run took the lease meanwhile
+        except OSError:
+            pass
+
+
+def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: int, progress: bool,
+             upstream: dict[str, str], lease: Lease) -> LocalRun:
+    staged = LocalDir(paths.staging)
+    done = {job.name: completed(staged, key, job) for job in plan.jobs}
+    todo = [job for job in plan.jobs if done[job.name] is None]
+    check_free_space(paths.staging, sum(j.bytes_out + HEADER_ALLOWANCE for j in todo), "the output shards", paths.dst)
+    try:
+        paths.staging.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise os_failure(paths.staging, exc, "creating the staging directory") from exc
     try:
         inputs = input_record(storage, plan, progress=progress)
-        results: list[JobResult] = []
+        results: list[JobResult] = [r for r in done.values() if r is not None]
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not progress) as bar:
-            for job in plan.jobs:
-                results.append(run_job(job, storage, staging, device=device, threads=threads))
+            bar.update(sum(j.bytes_in for j in plan.jobs if done[j.name] is not None))
+            if len(results):
+                bar.set_postfix_str(f"{len(results)} jobs resumed")
+            for job in todo:
+                result = run_job(job, storage, paths.staging, device=device, threads=threads, fsync=True)
+                staged.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
+                results.append(result)
                 bar.update(job.bytes_in)
-        upstream = {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name, "revision": revision or "local"}
-        manifest, _ = assemble(plan, results, staging, storage, inputs, upstream)
-        if dst_path.exists():
-            shutil.rmtree(dst_path)
-        os.replace(staging, dst_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        manifest, _ = assemble(plan, results, paths.staging, storage, inputs, upstream)
+        lease.check()
+        shutil.rmtree(paths.staging / RUN_STATE_DIR)
+        if paths.dst.exists():
+            shutil.rmtree(paths.dst)
+        os.replace(paths.staging, paths.dst)
+    except OSError as exc:
+        # disk full, permission denied, read-only: finished shards stay staged for a rerun to resume
+        raise os_failure(paths.staging, exc, "converting") from exc
+    except SystemFailure:
         raise
-    return manifest
+    except BaseException as exc:
+        if isinstance(exc, RequantError):  # bad input fails the same way again: nothing worth keeping
+            shutil.rmtree(paths.staging, ignore_errors=True)
+        raise
+    return LocalRun(manifest, len(plan.jobs), len(plan.jobs) - len(todo))

@@ -48,3 +48,19 @@ class VerifyError(RequantError):
 
     def __reduce__(self):
         return (type(self), (self.problems,))
+
+
+class SystemFailure(RequantError):
+    """The operating system or the object store refused an operation (disk full, permission denied,
+    read-only file system, credentials refused, ...): one line naming the path or URI and the cause."""
+
+
+def os_failure(path: object, exc: OSError, doing: str = "") -> SystemFailure:
+    """A one-line error for an OSError on ``path`` (``exc.filename`` wins when the OS named the file)."""
+    import errno
+
+    where = exc.filename if getattr(exc, "filename", None) else path
+    code = errno.errorcode.get(exc.errno or 0, "")
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return SystemFailure(f"{printable(str(where), 300)}: {cause}{f' ({code})' if code else ''}"
+                         f"{f' while {doing}' if doing else ''}")

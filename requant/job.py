@@ -66,7 +66,8 @@ def result_from_json(raw: bytes) -> JobResult:
     return JobResult(**data, stats=stats)
 
 
-def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1) -> JobResult:
+def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1,
+            fsync: bool = False) -> JobResult:
     """Convert one job's tensors into ``out_dir / job.output_file``; ``threads`` row threads per matrix."""
     start = time.perf_counter()
     path = Path(out_dir) / job.output_file
@@ -81,7 +82,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
                 writer.write(spec.name, tensor)
             if stat is not None:
                 stats.append(stat)
-        digest = writer.close()
+        digest = writer.close(fsync=fsync)
     except BaseException:
         writer.abort()
         raise

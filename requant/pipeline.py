@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +22,62 @@ from typing import Any
 from tqdm import tqdm
 
 from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, assemble, library_versions
-from requant.errors import CheckpointError
+from requant.errors import CheckpointError, SystemFailure, os_failure
 from requant.io.storage import open_storage
 from requant.job import JobResult, result_from_json, result_to_json, run_job
+from requant.lease import Lease, LeaseLost, current_generation
 from requant.plan import CONFIG_FILE, LayerJob, Plan
+
+LEASE_DIR = f"{RUN_STATE_DIR}/lease"
+HEADER_ALLOWANCE = 1 << 20  # per output shard, on top of its tensor bytes (JSON header, padding)
+
+
+def output_lease(dest_uri: str, key: str) -> Lease:
+    """The lease run ``key`` takes on ``dest_uri`` before writing anything there (see requant.lease)."""
+    dest = open_storage(dest_uri, create=True)
+    dest.ensure_bucket()
+    return Lease(dest, LEASE_DIR, key, dest.uri)
+
+
+def check_lease(dest, generation: int | None) -> None:
+    """Workers confirm their run still holds the output before each write; a run presumed dead and taken
+    over must not overwrite the new holder's shards."""
+    if generation is None:
+        return
+    current = current_generation(dest, LEASE_DIR)
+    if current != generation:
+        raise LeaseLost(f"{dest.uri}: the output's lease is generation {current}, this run holds {generation}: "
+                        f"another run took over; not writing")
+
+
+def scratch_dir() -> Path:
+    """Where layer jobs stage their shard before upload: $REQUANT_SCRATCH, else the system temp dir."""
+    return Path(os.environ.get("REQUANT_SCRATCH") or tempfile.gettempdir())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def check_scratch(job: LayerJob, scratch: Path) -> None:
+    """Fail before converting when the scratch space is missing or too small for this job's shard."""
+    import shutil
+
+    needed = job.bytes_out + HEADER_ALLOWANCE
+    if not scratch.is_dir():
+        raise SystemFailure(f"{scratch}: scratch directory does not exist (set REQUANT_SCRATCH or TMPDIR to a "
+                            f"directory with {human_bytes(needed)} free)")
+    try:
+        free = shutil.disk_usage(scratch).free
+    except OSError as exc:
+        raise os_failure(scratch, exc, "checking scratch space") from exc
+    if free < needed:
+        raise SystemFailure(f"{scratch}: not enough scratch space for {job.name}: needs {human_bytes(needed)}, "
+                            f"{human_bytes(free)} available")
 
 
 def run_key(plan: Plan, revision: str | None) -> str:
@@ -92,16 +145,24 @@ class JobOutcome:
 
 
 def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                threads: int = 1) -> JobOutcome:
-    """Run one job unless run ``key`` already finished it."""
+                threads: int = 1, lease_generation: int | None = None) -> JobOutcome:
+    """Run one job unless run ``key`` already finished it; writes only while the run holds the output."""
     source, dest = open_storage(source_uri), open_storage(dest_uri, create=True)
     done = completed(dest, key, job)
     if done is not None:
         return JobOutcome(done, True)
-    with tempfile.TemporaryDirectory(prefix=f"requant-{job.name}-") as tmp:
+    scratch = scratch_dir()
+    check_scratch(job, scratch)
+    try:
+        tmp_dir = tempfile.TemporaryDirectory(prefix=f"requant-{job.name}-", dir=scratch)
+    except OSError as exc:
+        raise os_failure(scratch, exc, "creating the job's scratch directory") from exc
+    with tmp_dir as tmp:
         result = run_job(job, source, Path(tmp), device=device, threads=threads)
         start = time.perf_counter()
+        check_lease(dest, lease_generation)
         dest.put_file(job.output_file, Path(tmp) / job.output_file, sha256=result.sha256)
+    check_lease(dest, lease_generation)
     dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
     return JobOutcome(result, False, time.perf_counter() - start)
 
@@ -133,9 +194,10 @@ def input_record(source, plan: Plan, shards: dict[str, dict] | None = None, prog
 
 
 def publish(plan: Plan, results: list[JobResult], source_uri: str, dest_uri: str, inputs: dict[str, Any],
-            upstream: dict[str, str]) -> dict[str, Any]:
+            upstream: dict[str, str], lease_generation: int | None = None) -> dict[str, Any]:
     """Write index, config, copied files and model card, then the manifest, at the destination."""
     source, dest = open_storage(source_uri), open_storage(dest_uri, create=True)
+    check_lease(dest, lease_generation)
     missing = sorted({j.output_file for j in plan.jobs} - {r.output_file for r in results})
     if missing:
         raise CheckpointError(dest.uri, f"cannot publish: {len(missing)} job outputs missing, e.g. {missing[0]}")
@@ -143,5 +205,6 @@ def publish(plan: Plan, results: list[JobResult], source_uri: str, dest_uri: str
         manifest, files = assemble(plan, results, Path(tmp), source, inputs, upstream)
         for name in files:
             dest.put_file(name, Path(tmp) / name)
+        check_lease(dest, lease_generation)
         dest.put_file(MANIFEST_FILE, Path(tmp) / MANIFEST_FILE)
     return manifest

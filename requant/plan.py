@@ -71,6 +71,11 @@ class LayerJob:
     def bytes_in(self) -> int:
         return sum(t.bytes_in for t in self.tasks)
 
+    @property
+    def bytes_out(self) -> int:
+        """Size of the output shard's tensor data (the header adds a few KB)."""
+        return sum(spec.nbytes for spec in self.specs)
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -49,16 +49,17 @@ def hash_input(source_uri: str, file: str) -> dict[str, Any]:
 
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                  threads: int = 1) -> dict[str, Any]:
-    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads)
+                  threads: int = 1, lease_generation: int | None = None) -> dict[str, Any]:
+    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads,
+                                   lease_generation=lease_generation)
     return {"result": outcome.result, "skipped": outcome.skipped, "upload_seconds": outcome.upload_seconds,
             "node": _node()}
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str, inputs: dict[str, Any],
-                       upstream: dict[str, str]) -> dict[str, Any]:
-    return pipeline.publish(_plain(plan), _plain(results), source_uri, dest_uri, inputs, upstream)
+                       upstream: dict[str, str], lease_generation: int | None = None) -> dict[str, Any]:
+    return pipeline.publish(_plain(plan), _plain(results), source_uri, dest_uri, inputs, upstream, lease_generation)
 
 
 @task(name="verify", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from requant.errors import CheckpointError, RequantError
+from requant.errors import CheckpointError, RequantError, SystemFailure
 from requant.io.storage import check_relative
 
 T = TypeVar("T")
@@ -40,15 +40,34 @@ def client():
     return boto3.client("s3", config=config, region_name=os.environ.get("AWS_REGION", "us-east-1"))
 
 
+def client_env() -> dict[str, str]:
+    """The object-store settings this process uses, as environment variables for a child process (an engine
+    reading s3:// itself): endpoint, region and the credentials boto3 resolved here, whether they came from
+    the environment, a profile or a role, so the child reads with exactly the same identity."""
+    import boto3
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_ENDPOINT_URL") or k in ("AWS_REGION", "AWS_CA_BUNDLE")}
+    credentials = boto3.Session().get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = frozen.access_key, frozen.secret_key
+        if frozen.token:
+            env["AWS_SESSION_TOKEN"] = frozen.token
+    return env
+
+
 def _retrying(what: str, fn: Callable[[], T]) -> T:
     """Retry connection-level failures (server restarting, network blips) with exponential backoff."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import ReadTimeoutError
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError, ReadTimeoutError
 
     delay, deadline = 0.5, time.monotonic() + RETRY_SECONDS
     while True:
         try:
             return fn()
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise SystemFailure(f"{what}: no object-store credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+                                f"AWS_SECRET_ACCESS_KEY, a profile, or a node role") from exc
         except (BotoConnectionError, ReadTimeoutError) as exc:
             if time.monotonic() + delay > deadline:
                 raise RequantError(f"{what}: object storage unreachable for {RETRY_SECONDS:.0f}s ({exc})") from exc
@@ -56,9 +75,29 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
             delay = min(delay * 2, 10)
 
 
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 def _missing(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound")
+    return _code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+REFUSED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+           "AuthorizationHeaderMalformed", "AllAccessDisabled")
+
+
+def describe_client_error(uri: str, exc: Exception) -> RequantError:
+    """One line for an object-store refusal: what was refused, why, and what to check."""
+    code = _code(exc)
+    if code in REFUSED:
+        return SystemFailure(f"{uri}: credentials refused by the object store ({code}); check AWS_ACCESS_KEY_ID / "
+                             f"AWS_SECRET_ACCESS_KEY (or the node's role) and the endpoint "
+                             f"{os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL') or '(AWS default)'}")
+    if code == "NoSuchBucket":
+        return SystemFailure(f"{uri}: bucket {uri[5:].split('/', 1)[0]!r} does not exist ({code})")
+    message = getattr(exc, "response", {}).get("Error", {}).get("Message") or str(exc)
+    return SystemFailure(f"{uri}: object store error {code or type(exc).__name__}: {message}")
 
 
 class S3Storage:
@@ -84,24 +123,45 @@ class S3Storage:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def _call(self, path: str, fn: Callable[[], T]) -> T:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import ClientError
 
         try:
             return _retrying(f"{self.uri}/{path}", fn)
+        except S3UploadFailedError as exc:  # the transfer manager wraps the ClientError of the failed part
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ClientError):
+                raise describe_client_error(f"{self.uri}/{path}", cause) from exc
+            raise SystemFailure(f"{self.uri}/{path}: upload failed: {exc}") from exc
         except ClientError as exc:
             if _missing(exc):
                 raise CheckpointError(f"{self.uri}/{path}", "object is missing") from exc
-            raise RequantError(f"{self.uri}/{path}: {exc}") from exc
+            raise describe_client_error(f"{self.uri}/{path}", exc) from exc
 
     # --- read side ---------------------------------------------------------------------------------
     def size(self, path: str) -> int:
         return self._call(path, lambda: self.s3.head_object(Bucket=self.bucket, Key=self.key(path)))["ContentLength"]
 
     def head(self, path: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
         try:
-            return self._call(path, lambda: self.s3.head_object(Bucket=self.bucket, Key=self.key(path)))
-        except CheckpointError:
-            return None
+            return _retrying(f"{self.uri}/{path}", lambda: self.s3.head_object(Bucket=self.bucket, Key=self.key(path)))
+        except ClientError as exc:
+            if _missing(exc):  # HEAD has no body: a missing bucket also answers 404; tell the two apart
+                self._check_bucket(f"{self.uri}/{path}")
+                return None
+            raise describe_client_error(f"{self.uri}/{path}", exc) from exc
+
+    def _check_bucket(self, uri: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            _retrying(uri, lambda: self.s3.head_bucket(Bucket=self.bucket))
+        except ClientError as exc:
+            if _missing(exc) or _code(exc) == "NoSuchBucket":
+                raise SystemFailure(f"{uri}: bucket {self.bucket!r} does not exist") from exc
+            raise describe_client_error(uri, exc) from exc
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         if end <= start:
@@ -152,12 +212,21 @@ class S3Storage:
 
     # --- write side --------------------------------------------------------------------------------
     def ensure_bucket(self) -> None:
+        """Create the output's bucket if it does not exist (and say clearly when that is not allowed)."""
         from botocore.exceptions import ClientError
 
         try:
             _retrying(self.uri, lambda: self.s3.head_bucket(Bucket=self.bucket))
-        except ClientError:
+            return
+        except ClientError as exc:
+            if not (_missing(exc) or _code(exc) == "NoSuchBucket"):
+                raise describe_client_error(self.uri, exc) from exc
+        try:
             _retrying(self.uri, lambda: self.s3.create_bucket(Bucket=self.bucket))
+        except ClientError as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise SystemFailure(f"{self.uri}: bucket {self.bucket!r} does not exist and could not be created "
+                                    f"({_code(exc)})") from exc
 
     def put_file(self, path: str, local: Path, sha256: str | None = None) -> dict:
         """Multipart upload with per-part SHA256 checksums; the hex sha256 goes into object metadata."""
@@ -183,7 +252,7 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
-            raise RequantError(f"{self.uri}/{path}: {exc}") from exc
+            raise describe_client_error(f"{self.uri}/{path}", exc) from exc
         return True
 
     def delete(self, path: str) -> None:

@@ -96,9 +96,12 @@ class LocalDir:
     def exists(self, path: str) -> bool:
         return self._path(path).is_file()
 
-    def list_files(self) -> list[str]:
+    def list_files(self, under: str = "") -> list[str]:
+        base = self._path(under) if under else self.root
+        if not base.is_dir():
+            return []
         return sorted(
-            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file() and not p.is_symlink()
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.is_symlink()
         )
 
     def sha256(self, path: str) -> str:
