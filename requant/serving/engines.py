@@ -136,6 +136,10 @@ def launch(spec: EngineSpec, model: str, *, served_model_name: str, log_dir: str
     command = build_command(spec, model, host=host, port=port, served_model_name=served_model_name, tp=tp,
                             max_model_len=max_model_len, trust_remote_code=trust_remote_code, extra_args=extra_args)
     child_env = {**os.environ, **(env or {})}
+    if model.startswith("s3://"):  # the engine reads object storage itself: with the flow's own identity
+        from requant.io.s3 import client_env
+
+        child_env = {k: v for k, v in child_env.items() if not k.startswith("AWS_")} | client_env() | (env or {})
     if api_key:
         if not spec.api_key_env:
             raise RequantError(f"engine {spec.name!r} has no api_key_env; cannot pass an API key safely")

@@ -4,8 +4,7 @@ this machine (head + two worker nodes with custom resources), and a temporary Pr
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,38 +15,37 @@ from requant.convert import convert_local
 from requant.seaweed import _free_port
 from requant.synth import PROFILES, synthesize
 
-RAY = str(Path(sys.executable).with_name("ray"))
+from flow_support import RayCluster, S3Service
 
-
-from flow_support import RESTARTED
+# The session's S3 identity. Its secret is scanned for in every object, artifact and log of an evaluated run
+# (tests/flow/test_evaluate_flow.py), so it must be the secret actually in use, not a decoy.
+S3_ACCESS_KEY = "requant-tests"
+S3_SECRET = f"s3-SECRET-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    server = seaweed.start(tmp_path_factory.mktemp("seaweed"))
-    with seaweed.exported_env(server):
-        yield server
-        for running in [server, *RESTARTED]:
-            seaweed.stop(running)
+    service = S3Service(seaweed.start(tmp_path_factory.mktemp("seaweed"), access_key=S3_ACCESS_KEY,
+                                      secret_key=S3_SECRET))
+    with seaweed.exported_env(service.current):
+        yield service
+    service.stop()
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
-    port = _free_port(set())
+    """Head + two worker nodes with custom resources, all children of this process; stopped by their own
+    process trees (never `ray stop`, which would stop any other Ray on the host)."""
     # loopback-only test cluster; token auth is for clusters reachable from other hosts
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    common = ["--disable-usage-stats", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
-    subprocess.run([RAY, "stop", "--force"], capture_output=True)
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], check=True,
-                   capture_output=True)
-    address = f"127.0.0.1:{port}"
-    for name in ("worker_a", "worker_b"):
-        subprocess.run([RAY, "start", f"--address={address}", f'--resources={{"{name}": 1}}', *common], check=True,
-                       capture_output=True)
-    os.environ["RAY_ADDRESS"] = address
-    yield address
-    os.environ.pop("RAY_ADDRESS", None)
-    subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        cluster = RayCluster(_free_port(set()), dict(os.environ), tmp_path_factory.mktemp("ray-logs"))
+        try:
+            cluster.start({"worker_a": {"worker_a": 1}, "worker_b": {"worker_b": 1}})
+            mp.setenv("RAY_ADDRESS", cluster.address)
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -32,10 +32,9 @@ def _latest_artifacts(keys):
 
 
 FAKE_API_KEY = "sk-requant-fake-SECRET-7f3a19"
-FAKE_AWS_SECRET = "aws-fake-SECRET-91c2d4e8"
 
 
-def _scan_for_secrets(prefixes) -> list[str]:
+def _scan_for_secrets(prefixes, secrets) -> list[str]:
     """Every object under the prefixes, every Prefect artifact and every Prefect log line."""
     from prefect.client.orchestration import get_client
 
@@ -45,14 +44,14 @@ def _scan_for_secrets(prefixes) -> list[str]:
         for name in storage.list_files():
             data = storage.read_bytes(name)
             scanned += 1
-            hits += [f"{prefix}/{name}" for secret in (FAKE_API_KEY, FAKE_AWS_SECRET) if secret.encode() in data]
+            hits += [f"{prefix}/{name}" for secret in secrets if secret.encode() in data]
     with get_client(sync_client=True) as client:
         for art in client.read_artifacts():
             scanned += 1
-            hits += [f"artifact {art.key}" for secret in (FAKE_API_KEY, FAKE_AWS_SECRET) if secret in str(art.data)]
+            hits += [f"artifact {art.key}" for secret in secrets if secret in str(art.data)]
         for log in client.read_logs():
             scanned += 1
-            hits += [f"log {log.name}" for secret in (FAKE_API_KEY, FAKE_AWS_SECRET) if secret in log.message]
+            hits += [f"log {log.name}" for secret in secrets if secret in log.message]
     assert scanned > 50
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hardening"))
     from hardening_support import Ledger
@@ -63,13 +62,13 @@ def _scan_for_secrets(prefixes) -> list[str]:
     return hits
 
 
-def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_tiny, clean_prefix, monkeypatch):
-    """Also with an API key on the engines (lm-eval and the smoke test must authenticate) and a known fake
-    S3 secret: neither may appear in any object, artifact or log afterwards."""
+def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, s3_tiny, clean_prefix, monkeypatch):
+    """Also with an API key on the engines (lm-eval and the smoke test must authenticate). The session's S3
+    server enforces its own identity, so the engines the flow launches read s3:// only if they get the flow's
+    credentials; neither that secret nor the API key may appear in any object, artifact or log afterwards."""
     from flows.requantize import requantize
 
     monkeypatch.setenv("REQUANT_API_KEY", FAKE_API_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS_SECRET)
 
     gsm8k = str(find_local_gsm8k(__file__))
     output = f"{clean_prefix}/kimi-k2.6-mxfp4"
@@ -107,7 +106,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_tiny, cl
     assert again["reused"] and again["reference"]["reused"]
     assert again["evaluation"]["scores"] == ev["scores"]
     verify(output)
-    assert _scan_for_secrets([output, reference]) == []
+    assert _scan_for_secrets([output, reference], (FAKE_API_KEY, s3_server.secret_key)) == []
 
 
 def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny_upstream, tmp_path):

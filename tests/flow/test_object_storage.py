@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
 import torch
 
@@ -39,6 +42,13 @@ def test_multipart_upload_keeps_sha256(s3_server, tmp_path, monkeypatch):
     assert storage.size("big.bin") == blob.stat().st_size
     assert storage.sha256("big.bin") == info["sha256"] == storage.recorded_sha256("big.bin")
     assert storage.read_range("big.bin", 5 * 1024 * 1024 - 3, 5 * 1024 * 1024 + 3) == blob.read_bytes()[5 * 1024 * 1024 - 3 : 5 * 1024 * 1024 + 3]
+    # The server kept it as 3 parts, each checked by SHA256: its composite checksum is the SHA256 of the
+    # parts' SHA256 digests, which we recompute from the bytes, so a part sent without a checksum fails here.
+    head = storage.s3.head_object(Bucket="multipart", Key="x/big.bin", ChecksumMode="ENABLED")
+    data, part = blob.read_bytes(), 5 * 1024 * 1024
+    digests = b"".join(hashlib.sha256(data[i:i + part]).digest() for i in range(0, len(data), part))
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(digests).digest()).decode() + "-3"
+    assert storage.s3.head_object(Bucket="multipart", Key="x/big.bin", PartNumber=1)["PartsCount"] == 3
 
 
 @pytest.mark.services

@@ -10,12 +10,10 @@ import sys
 import time
 
 import pytest
-from flow_support import RESTARTED
 
 from flows.run import upload_dir
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
-from requant.seaweed import start, stop
 
 pytestmark = pytest.mark.services
 
@@ -79,16 +77,28 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
     assert len(summary["nodes"]) > 1
 
 
-def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4"):
+def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None):
     code = ("import sys; from flows.requantize import requantize; "
             "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluate=False)")
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, **(env or {}))
     return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _listing(output: str, under: str) -> list[str]:
+    """Objects under ``output/under``; none while the run has not created its bucket yet."""
+    from requant.errors import SystemFailure
+
+    try:
+        return S3Storage(output).list_files(under)
+    except SystemFailure as exc:
+        if "does not exist" in str(exc):
+            return []
+        raise
+
+
 def _records(output: str) -> list[str]:
-    return [f for f in S3Storage(output).list_files(".requant") if f.endswith(".json")]
+    return [f for f in _listing(output, ".requant/runs") if f.endswith(".json")]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -101,14 +111,9 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_ray_worker_is_retried(prefect_api, s3_medium, medium_reference, clean_prefix):
+def test_killed_ray_worker_is_retried(prefect_api, ray_cluster, s3_medium, medium_reference, clean_prefix):
     proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix)
-
-    def busy_worker():
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines() if "ray::convert-layer" in line]
-
-    victims = _wait_for(busy_worker, 180, "a Ray worker running a layer job")
+    victims = _wait_for(lambda: ray_cluster.workers("ray::convert-layer"), 180, "a Ray worker running a layer job")
     os.kill(victims[0], signal.SIGKILL)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
@@ -130,17 +135,34 @@ def test_killed_flow_resumes_and_skips_finished_jobs(prefect_api, s3_medium, med
 
 
 def test_s3_restart_during_a_run(prefect_api, s3_server, s3_medium, medium_reference, clean_prefix):
+    """The server goes away for ~3 s mid-run: requant's retries ride it out, the run completes unchanged."""
     proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix)
     _wait_for(lambda: len(_records(clean_prefix)) >= 1, 300, "a finished layer job")
-    stop(s3_server, grace=1.0)
-    time.sleep(3)
-    RESTARTED.append(start(s3_server.data_dir, ports=s3_server.ports))
+    assert proc.poll() is None, "the run ended before the outage"
+    s3_server.restart(pause=3.0)
     output, _ = proc.communicate(timeout=600)
-    if proc.returncode != 0:  # a clear failure is allowed; then a rerun must resume and complete
-        assert "unreachable" in output or "Error" in output, output[-3000:]
-        assert not S3Storage(clean_prefix).exists("requant-manifest.json")
-        _run(upstream=s3_medium, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
+    assert proc.returncode == 0, output[-3000:]
     _same_checkpoint(clean_prefix, medium_reference)
+
+
+def test_s3_outage_longer_than_the_retry_budget_fails_clearly(prefect_api, s3_server, s3_medium, clean_prefix):
+    """Past REQUANT_S3_RETRY_SECONDS the run fails naming the unreachable object store, publishes nothing,
+    and a rerun resumes to a complete checkpoint."""
+    proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix, env={"REQUANT_S3_RETRY_SECONDS": "3"})
+    _wait_for(lambda: len(_records(clean_prefix)) >= 1, 300, "a finished layer job")
+    assert proc.poll() is None, "the run ended before the outage"
+    from requant import seaweed
+
+    seaweed.stop(s3_server.current, grace=1.0)
+    try:
+        output = proc.communicate(timeout=600)[0].decode(errors="replace")
+    finally:
+        s3_server.restart(pause=0.0)
+    assert proc.returncode != 0
+    assert "object storage unreachable for 3s" in output, output[-3000:]
+    assert not S3Storage(clean_prefix).exists("requant-manifest.json")
+    summary, _ = _run(upstream=s3_medium, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
+    assert summary["skipped"] >= 1
 
 
 def test_bad_input_fails_at_plan_time(prefect_api, s3_server, tiny_upstream, tmp_path, clean_prefix):
@@ -182,3 +204,32 @@ def test_local_directories_as_source_and_destination(prefect_api, tiny_upstream,
     ref = json.loads((tiny_local_reference / "requant-manifest.json").read_text())["outputs"]
     got = json.loads((out / "requant-manifest.json").read_text())["outputs"]
     assert all(got[f] == ref[f] for f in ref if f.endswith(".safetensors") or f in COMPARED)
+
+
+def test_a_second_run_on_the_same_output_fails_at_once_naming_the_holder(prefect_api, s3_medium, medium_reference,
+                                                                         clean_prefix):
+    """A scheduled and a manual run on one prefix: the second is refused by the first's lease, which then
+    completes; nothing of the second is published."""
+    from requant.lease import LeaseHeld
+
+    first = _flow_subprocess(prefect_api, s3_medium, clean_prefix)
+    _wait_for(lambda: _listing(clean_prefix, ".requant/lease"), 180, "the first run's lease")
+    started = time.monotonic()
+    with pytest.raises(LeaseHeld, match=r"another run is writing this output \(run [0-9a-f]{16} on host .*, pid \d+"):
+        _run(upstream=s3_medium, output=clean_prefix, recipe="amd-kimi-mxfp4")
+    assert time.monotonic() - started < 60                      # at once: planning, then the lease, no jobs
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-3000:]
+    _same_checkpoint(clean_prefix, medium_reference)            # the first run's recipe, complete
+    assert S3Storage(clean_prefix).list_files(".requant/lease") == []
+
+
+def test_refused_credentials_fail_the_cli_flow_in_one_line(prefect_api, s3_server, s3_tiny, clean_prefix):
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, AWS_SECRET_ACCESS_KEY="not-the-secret")
+    proc = subprocess.run([sys.executable, "-m", "requant.cli", "convert", s3_tiny, clean_prefix, "--recipe",
+                           "kimi-k2.6-mxfp4"], env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("requant convert: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert s3_tiny in errors[0] and "credentials refused by the object store" in errors[0], errors[0]
+    assert "not-the-secret" not in proc.stderr + proc.stdout
+    assert S3Storage(clean_prefix).list_files() == []

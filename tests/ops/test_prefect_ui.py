@@ -75,7 +75,7 @@ def test_deploy_registers_three_deployments_with_the_schedule(ui):
         assert deployments["requantize"].entrypoint == "flows.requantize:requantize"
 
 
-def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui):
+def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch):
     from prefect.deployments import run_deployment
 
     from requant.seaweed import load_state
@@ -84,7 +84,8 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui):
     with _client_settings(ui):
         run = run_deployment("requantize/requantize", parameters={"evaluate": False, "progress": False}, timeout=900)
     assert run.state.is_completed(), run.state
-    os.environ.update(load_state(ui["state_dir"] / "seaweed.json").env())
+    for name, value in load_state(ui["state_dir"] / "seaweed.json").env().items():
+        monkeypatch.setenv(name, value)                    # restored after the test
     verify("s3://requant/checkpoints/tiny/kimi-k2.6-mxfp4")
 
     SCREENSHOTS.mkdir(exist_ok=True)
