@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
+.PHONY: install test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# The same suite in a random order (modules, and the tests within each, shuffled; the seed is printed,
+# rerun one with SEED=N). Tests must pass in any order.
+SEED ?= $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+test-shuffled: install browser
+	$(BIN)/python -m pytest -q -p random_order --random-order-bucket=module --random-order-seed=$(SEED) tests
 
 # tests/ops drives the Prefect UI with Debian's chromium (headless); install it when missing.
 browser:
