@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # The same suite in a random order (modules, and the tests within each, shuffled; the seed is printed,

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - start
                 if proc.returncode:
                     raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
-                line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+                line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
                 run = json.loads(line[len("RESULT "):])
                 run["process_wall"] = wall
                 results["runs"][workers] = run

@@ -6,14 +6,14 @@ optional dependency (the ``oracle``/``test`` extras), imported only when this ru
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 SCHEMES = ("mxfp4", "ptpc_fp8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _weight_spec(scheme: str):
     from quark.torch.quantization.config.template import LLMTemplate
 

@@ -15,7 +15,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from quark_oracle import QUARK_EQUIVALENT
+from quark_oracle import QUARK_EQUIVALENT  # noqa: E402 (importable once TESTS is on sys.path)
 
 
 @pytest.fixture(scope="session")

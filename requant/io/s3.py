@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from requant.errors import CheckpointError, RequantError, SystemFailure
 from requant.io.storage import check_relative

@@ -127,7 +127,8 @@ def _dequantize(raw: dict[str, tuple[torch.Tensor, str]], uri: str, dtype: torch
                     raise CheckpointError(where("weight"), "uint8 (MXFP4) weight without weight_scale")
                 scale = parts["weight_scale"][0]
                 if scale.dtype != torch.uint8 or scale.shape[-1] * 16 != tensor.shape[-1]:
-                    raise CheckpointError(where("weight_scale"), f"expected uint8 E8M0 [*, {tensor.shape[-1] // 16}], got {scale.dtype} {tuple(scale.shape)}")
+                    raise CheckpointError(where("weight_scale"), f"expected uint8 E8M0 [*, {tensor.shape[-1] // 16}], "
+                                                                 f"got {scale.dtype} {tuple(scale.shape)}")
                 weights[f"{module}.weight"] = dequantize_mxfp4(tensor, scale, dtype)
                 schemes[module] = "mxfp4"
             elif leaf == "weight" and tensor.dtype == torch.float8_e4m3fn:

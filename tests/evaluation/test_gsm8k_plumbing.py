@@ -186,7 +186,7 @@ def test_fewshot_prompts_come_from_train_and_follow_the_seed(seeds_gold, full_go
                 if sample["filter"] == "strict-match" and sample["doc_id"] < SMALL:
                     prompts[run is full_gold, seed, sample["doc_id"]] = (sample["arguments"][0][0], sample["doc"])
     shots_by_seed = {}
-    for (_, seed, doc_id), (prompt, doc) in prompts.items():
+    for (_, seed, _doc_id), (prompt, doc) in prompts.items():
         blocks = prompt.split("Question: ")[1:]
         assert len(blocks) == FEWSHOT + 1
         shots = [block.split("\nAnswer: ", 1)[0] for block in blocks[:-1]]

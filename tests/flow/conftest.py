@@ -8,14 +8,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from flow_support import RayCluster, S3Service
 
 from flows.run import upload_dir
 from requant import seaweed
 from requant.convert import convert_local
 from requant.seaweed import _free_port
 from requant.synth import PROFILES, synthesize
-
-from flow_support import RayCluster, S3Service
 
 # The session's S3 identity. Its secret is scanned for in every object, artifact and log of an evaluated run
 # (tests/flow/test_evaluate_flow.py), so it must be the secret actually in use, not a decoy.

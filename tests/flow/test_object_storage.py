@@ -24,7 +24,7 @@ def test_range_reads_and_headers_match_local(s3_server, s3_tiny, tiny_upstream):
     local_header, _ = read_header(local, shard)
     assert [(e.name, e.start, e.end) for e in remote_header.values()] == [(e.name, e.start, e.end) for e in local_header.values()]
     entry = next(iter(remote_header.values()))
-    raw = lambda t: t.contiguous().view(torch.uint8).numpy().tobytes()
+    raw = lambda t: t.contiguous().view(torch.uint8).numpy().tobytes()  # noqa: E731
     assert raw(read_tensor(s3, entry)) == raw(read_tensor(local, entry))
     assert s3.sha256(shard) == local.sha256(shard)
 

@@ -127,7 +127,7 @@ def test_two_writers_on_one_output_one_wins_the_other_is_refused(medium, referen
         a = _start(medium, dst, first)
         time.sleep(rng.uniform(0.0, 1.0))
         b = _start(medium, dst, second)
-        (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(a), _finish(b)
+        (rc_a, _, err_a), (rc_b, _, err_b) = _finish(a), _finish(b)
         assert sorted([rc_a, rc_b]) == [0, 2], (err_a[-1500:], err_b[-1500:])
         winner, (loser_err, loser_rc) = (first, (err_b, rc_b)) if rc_a == 0 else (second, (err_a, rc_a))
         line = _one_line_error(loser_rc, loser_err, str(dst))
@@ -169,7 +169,8 @@ def test_kill9_then_the_same_command_resumes_byte_identical(medium, references, 
         proc = _start(medium, dst)
         want = rng.randint(1, 5)
         try:
-            _wait_for(lambda: len(_records(dst)) >= want or proc.poll() is not None, 120, "finished layer jobs")
+            _wait_for(lambda: len(_records(dst)) >= want or proc.poll() is not None, 120,  # noqa: B023 (waited on at once)
+                      "finished layer jobs")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -209,7 +210,8 @@ def test_disk_filling_up_mid_run_is_one_clear_error_then_resumes(medium, referen
         with tmpfs(tmp_path / f"small-{attempts}", "40m") as fs:
             dst, filler = fs / "out", fs / "filler"
             proc = _start(medium, dst)
-            _wait_for(lambda: _records(dst) or proc.poll() is not None, 120, "a finished layer job")
+            _wait_for(lambda: _records(dst) or proc.poll() is not None, 120,  # noqa: B023 (waited on at once)
+                      "a finished layer job")
             with open(filler, "wb") as f:               # another process fills the disk
                 with contextlib.suppress(OSError):
                     while True:
@@ -259,9 +261,9 @@ def test_permission_denied(medium, tmp_path, ledger):
 
 def test_layer_job_scratch_space_missing_or_small(medium, tmp_path, monkeypatch, ledger):
     """A flow worker's layer job checks its scratch space before converting (the flow's workers run this)."""
+    from requant.io.storage import LocalDir
     from requant.pipeline import execute_job
     from requant.plan import build_plan
-    from requant.io.storage import LocalDir
     from requant.recipe import load_recipe
 
     job = build_plan(LocalDir(medium), load_recipe("kimi-k2.6-mxfp4")).jobs[2]

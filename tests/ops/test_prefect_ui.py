@@ -4,7 +4,6 @@ A requantize deployment run goes through the worker, then headless Chromium must
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

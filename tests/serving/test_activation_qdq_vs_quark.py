@@ -21,7 +21,7 @@ one computes its amax in BF16): every call here gets a fresh one.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def quark_eager():
         yield
 
 
-@lru_cache(maxsize=None)
+@cache
 def quark_spec(scheme: str):
     from quark.torch.quantization.config.template import LLMTemplate
 
@@ -67,7 +67,7 @@ def quark_qdq(fmt: str, x: torch.Tensor, observer_path: bool = False) -> torch.T
         return quantizer.fake_quantize(x) if observer_path else quantizer(x)
 
 
-@lru_cache(maxsize=None)
+@cache
 def ours(fmt: str):
     """The QDQ function the server picks for the config the converter writes."""
     config = quantization_config(load_recipe(FORMATS[fmt][0]), [])
