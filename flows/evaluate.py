@@ -20,9 +20,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from requant.errors import RequantError
-from requant.evaluation.downstream import PLOT_PNG, EvalSettings, cached_result, scratch_dir
+from requant.evaluation.downstream import (
+    PLOT_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    SMOKE_JSON,
+    EvalSettings,
+    cached_result,
+    reference_prefix,
+    scratch_dir,
+)
 from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.report import table_rows
+from requant.manifest import eval_path
 from requant.serving.engines import RunningEngine, attach, launch, load_engines
 from requant.serving.smoke import format_result
 from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
@@ -92,18 +102,18 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
         report_dir = work / "report"
         if not smoke["passed"]:
             report_dir.mkdir(parents=True)
-            (report_dir / "smoke.json").write_text(json.dumps(smoke, indent=2))
+            (report_dir / SMOKE_JSON).write_text(json.dumps(smoke, indent=2))
             publish_eval(checkpoint, str(report_dir), None, {"smoke_passed": False})
-            raise RequantError(f"smoke test failed for {checkpoint}; evaluation stopped (see eval/smoke.json)")
+            raise RequantError(f"smoke test failed for {checkpoint}; evaluation stopped (see {eval_path(SMOKE_JSON)})")
 
         key = settings.protocol_key(engine if not reference_base_url else "external")
         ref_result = cached_result(reference, key)
         if ref_result is None:
             ref_dir = work / "reference-eval"
             ref_result = run_gsm8k_eval(ref.base_url, ref.served_model_name, _name(reference), settings, str(ref_dir), progress)
-            publish_eval(reference, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=f"eval/gsm8k-{key}")
+            publish_eval(reference, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=reference_prefix(key))
         else:
-            logger.info("reusing the reference's GSM8K result %s/eval/gsm8k-%s", reference, key)
+            logger.info("reusing the reference's GSM8K result %s/%s", reference, reference_prefix(key))
         cand_result = run_gsm8k_eval(cand.base_url, cand.served_model_name, _name(checkpoint), settings,
                                      str(report_dir / "candidate"), progress)
     eval_seconds = time.perf_counter() - started
@@ -117,14 +127,14 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
                "scores": {fc.filter: {"candidate": fc.candidate.mean, "reference": fc.reference.mean,
                                       "delta": fc.delta} for fc in comparison.filters}}
     publish_eval(checkpoint, str(report_dir), quality, summary)
-    report_md = (report_dir / "report.md").read_text()
+    report_md = (report_dir / REPORT_MD).read_text()
     create_markdown_artifact(report_md, key="gsm8k-report", description=f"GSM8K comparison of {checkpoint}")
     create_table_artifact(table_rows(comparison), key="gsm8k-scores", description="accuracy per variant and filter")
-    create_link_artifact(object_url(checkpoint, f"eval/{PLOT_PNG}"), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
-    create_link_artifact(object_url(checkpoint, "eval/report.json"), link_text="report.json", key="gsm8k-report-json")
+    create_link_artifact(object_url(checkpoint, eval_path(PLOT_PNG)), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
+    create_link_artifact(object_url(checkpoint, eval_path(REPORT_JSON)), link_text="report.json", key="gsm8k-report-json")
     result = {"checkpoint": checkpoint, "reference": reference, "verdict": comparison.verdict,
-              "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/eval/report.md",
-              "plot": f"{checkpoint.rstrip('/')}/eval/{PLOT_PNG}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}
+              "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/{eval_path(REPORT_MD)}",
+              "plot": f"{checkpoint.rstrip('/')}/{eval_path(PLOT_PNG)}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}
     if not comparison.passed:
         raise RequantError(f"GSM8K gate failed for {checkpoint}: " + "; ".join(fc.reason for fc in comparison.filters if fc.failed))
     return result

@@ -30,6 +30,7 @@ from flows.evaluate import evaluate as evaluate_flow
 from flows.evaluate import object_url
 from requant import pipeline
 from requant.errors import RequantError, VerifyError
+from requant.manifest import MANIFEST_FILE
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
 
 # Never copied into Ray's runtime environment (visible in Ray's job metadata and dashboard).
@@ -175,12 +176,12 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
                      "node": o["node"], "skipped": o["skipped"]})
     create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")
-    create_link_artifact(object_url(output, "requant-manifest.json"), link_text=f"manifest of {output}", key=f"{role}-manifest")
+    create_link_artifact(object_url(output, MANIFEST_FILE), link_text=f"manifest of {output}", key=f"{role}-manifest")
     create_markdown_artifact(
         "\n".join([
             f"# requantize: {plan.recipe.name}",
             "",
-            f"- checkpoint: `{output}` (manifest `{output.rstrip('/')}/requant-manifest.json`)",
+            f"- checkpoint: `{output}` (manifest `{output.rstrip('/')}/{MANIFEST_FILE}`)",
             f"- upstream: `{plan.source}`",
             f"- run key: `{key}`; jobs: {len(outcomes)} ({skipped} resumed from an earlier run)",
             f"- verified: {summary['tensors']} tensors in {summary['files']} files, "

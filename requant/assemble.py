@@ -4,7 +4,6 @@ provenance manifest, which is written last. A directory without the manifest is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -15,14 +14,18 @@ from typing import Any
 
 from requant.io.safetensors import sha256_file, tensor_nbytes
 from requant.job import JobResult
-from requant.plan import CONFIG_FILE, INDEX_FILE, Plan
+from requant.manifest import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    MODEL_CARD,
+    UPSTREAM_CARD,
+    seal,
+)
+from requant.plan import Plan
 from requant.quark_config import output_config
 
-MANIFEST_FILE = "requant-manifest.json"
-RUN_STATE_DIR = ".requant"  # per-run job records used to resume; not part of the checkpoint
-MODEL_CARD = "README.md"
-UPSTREAM_CARD = "UPSTREAM_README.md"
-MANIFEST_VERSION = 1
 _VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")
 
 
@@ -84,18 +87,6 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     }
     write_json(out_dir / MANIFEST_FILE, seal(manifest), pretty=False)
     return manifest, written
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def seal(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Record the manifest's own sha256 (of its canonical JSON without this field) so that `verify` catches
-    an edit or a flipped byte in the manifest itself, not only in the files it lists."""
-    manifest["digest"] = manifest_digest(manifest)
-    return manifest
 
 
 def _stat(stat) -> dict[str, Any]:

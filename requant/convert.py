@@ -22,11 +22,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from requant.assemble import RUN_STATE_DIR, assemble
+from requant.assemble import assemble
 from requant.errors import RequantError, SystemFailure, os_failure
 from requant.io.storage import LocalDir, open_storage
 from requant.job import JobResult, result_to_json, run_job
 from requant.lease import Lease
+from requant.manifest import RUN_STATE_DIR
 from requant.pipeline import HEADER_ALLOWANCE, completed, human_bytes, input_record, record_path, run_key
 from requant.plan import build_plan
 from requant.recipe import load_recipe

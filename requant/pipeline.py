@@ -21,12 +21,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, assemble, library_versions
+from requant.assemble import assemble, library_versions
 from requant.errors import CheckpointError, SystemFailure, os_failure
 from requant.io.storage import open_storage
 from requant.job import JobResult, result_from_json, result_to_json, run_job
 from requant.lease import Lease, LeaseLost, current_generation
-from requant.plan import CONFIG_FILE, LayerJob, Plan
+from requant.manifest import CONFIG_FILE, MANIFEST_FILE, RUN_STATE_DIR, is_evaluation, read_manifest
+from requant.plan import LayerJob, Plan
 
 LEASE_DIR = f"{RUN_STATE_DIR}/lease"
 HEADER_ALLOWANCE = 1 << 20  # per output shard, on top of its tensor bytes (JSON header, padding)
@@ -121,7 +122,7 @@ def published_key(dest_uri: str) -> str | None:
         dest = open_storage(dest_uri)
         if not dest.exists(MANIFEST_FILE):
             return None
-        return json.loads(dest.read_bytes(MANIFEST_FILE)).get("upstream", {}).get("run_key")
+        return read_manifest(dest).get("upstream", {}).get("run_key")
     except Exception:  # unreadable or absent: treat as not published; the conversion will surface real faults
         return None
 
@@ -133,7 +134,7 @@ def begin_run(dest_uri: str) -> None:
     if dest.exists(MANIFEST_FILE):
         dest.delete(MANIFEST_FILE)
     for name in dest.list_files():
-        if name.startswith("eval/"):                # evaluations of the previous contents are stale now
+        if is_evaluation(name):                     # evaluations of the previous contents are stale now
             dest.delete(name)
 
 

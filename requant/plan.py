@@ -5,7 +5,6 @@ it, and cut the model into layer jobs. All problems are reported together, befor
 from __future__ import annotations
 
 import gc
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,12 +23,10 @@ from requant.layout import (
     load_config,
     router_bias_expected,
 )
+from requant.manifest import CONFIG_FILE, INDEX_FILE, SINGLE_SHARD, read_weight_map
 from requant.quark_config import is_quark_linear_weight
 from requant.recipe import Recipe
 
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
-SINGLE_SHARD = "model.safetensors"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 NON_LAYER_JOB = "non-layer"
 
@@ -144,17 +141,11 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
 
 def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], list[str]]:
     where = f"{storage.uri}/{INDEX_FILE}"
-    if not storage.exists(INDEX_FILE):
+    weight_map = read_weight_map(storage)
+    if weight_map is None:
         if storage.exists(SINGLE_SHARD):
             return {}, [SINGLE_SHARD]
         raise CheckpointError(where, "missing (and there is no single model.safetensors)")
-    try:
-        index = json.loads(storage.read_bytes(INDEX_FILE))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(where, f"not a valid index ({exc})") from exc
     shards = []
     for file in sorted(set(weight_map.values())):
         try:

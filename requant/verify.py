@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 
-from requant.assemble import MANIFEST_FILE, RUN_STATE_DIR, manifest_digest
 from requant.errors import CheckpointError, VerifyError
 from requant.io.safetensors import read_header
 from requant.io.storage import open_storage
-from requant.plan import CONFIG_FILE, INDEX_FILE
+from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, is_sealed, read_manifest
 
 # dtypes of a quantized module's outputs, per recipe format
 QUANTIZED_DTYPES = {"mxfp4": ("U8", "U8"), "fp8_per_channel": ("F8_E4M3", None)}
@@ -28,10 +27,10 @@ def verify(uri: str) -> dict:
         raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
     where = f"{storage.uri}/{MANIFEST_FILE}"
     try:
-        manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+        manifest = read_manifest(storage)
     except (UnicodeDecodeError, ValueError) as exc:
         raise VerifyError([f"{where}: not valid JSON ({type(exc).__name__}); corrupted or truncated"]) from exc
-    if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
+    if not is_sealed(manifest):
         raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
     _check_files(storage, manifest, problems)
@@ -60,7 +59,7 @@ def _check_files(storage, manifest: dict, problems: list[str]) -> None:
         elif storage.sha256(rel) != info["sha256"]:
             problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
     for rel in sorted(present - set(listed) - {MANIFEST_FILE}):
-        if not rel.startswith(RUN_STATE_DIR + "/"):
+        if not is_run_state(rel):
             problems.append(f"{storage.uri}/{rel}: not listed in the manifest")
 
 

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from requant.evaluation.downstream import EvalSettings, evaluate_served, write_report
 from requant.evaluation.publish import publish_evaluation
 from requant.evaluation.results import GSM8KResult
+from requant.manifest import EVAL_DIR
 from requant.serving.engines import attach
 from requant.serving.smoke import load_limits, smoke_test
 
@@ -45,5 +46,5 @@ def build_report(candidate: GSM8KResult, reference: GSM8KResult, smoke: dict | N
 
 
 @task(name="publish-evaluation", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_eval(uri: str, local_dir: str, quality: str | None, summary: dict | None, prefix: str = "eval") -> list[str]:
+def publish_eval(uri: str, local_dir: str, quality: str | None, summary: dict | None, prefix: str = EVAL_DIR) -> list[str]:
     return publish_evaluation(uri, Path(local_dir), quality, summary, prefix)

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from requant.assemble import seal
 from requant.cli import main
 from requant.convert import convert_local
 from requant.errors import VerifyError
 from requant.evaluation.publish import publish_evaluation
+from requant.manifest import seal
 from requant.verify import verify
 
 

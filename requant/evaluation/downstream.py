@@ -22,8 +22,14 @@ from requant.evaluation.report import markdown, plot, quality_section
 from requant.evaluation.results import GSM8KResult
 from requant.io.safetensors import sha256_file
 from requant.io.storage import open_storage
+from requant.manifest import eval_path
 
 REPORT_JSON, REPORT_MD, PLOT_PNG, SMOKE_JSON = "report.json", "report.md", "gsm8k.png", "smoke.json"
+
+
+def reference_prefix(key: str) -> str:
+    """Where a reference checkpoint keeps its GSM8K run for protocol ``key``."""
+    return eval_path(f"gsm8k-{key}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def evaluate_served(base_url: str, model: str, variant: str, settings: EvalSetti
 
 def cached_result(checkpoint_uri: str, key: str) -> GSM8KResult | None:
     storage = open_storage(checkpoint_uri)
-    name = f"eval/gsm8k-{key}/gsm8k.json"
+    name = f"{reference_prefix(key)}/gsm8k.json"
     if not storage.exists(name):
         return None
     return GSM8KResult.from_json(json.loads(storage.read_bytes(name)))
@@ -78,7 +84,7 @@ def write_report(candidate: GSM8KResult, reference: GSM8KResult, smoke: dict | N
             path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if smoke is not None:
         (out_dir / SMOKE_JSON).write_text(json.dumps(smoke, indent=2) + "\n")
-    return comparison, quality_section(comparison, smoke, figure=f"eval/{PLOT_PNG}")
+    return comparison, quality_section(comparison, smoke, figure=eval_path(PLOT_PNG))
 
 
 def scratch_dir(prefix: str = "requant-eval-") -> tempfile.TemporaryDirectory:

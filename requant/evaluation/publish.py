@@ -6,17 +6,14 @@ covers them like the weights. The manifest is rewritten last, as at publish time
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-from requant.assemble import MANIFEST_FILE, MODEL_CARD, seal
 from requant.errors import RequantError
 from requant.evaluation.report import fill_quality_section
 from requant.io.safetensors import sha256_file
 from requant.io.storage import open_storage
-
-EVAL_DIR = "eval"
+from requant.manifest import EVAL_DIR, MANIFEST_FILE, MODEL_CARD, read_manifest, store_manifest
 
 
 def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
@@ -25,7 +22,7 @@ def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
     storage = open_storage(uri)
     if not storage.exists(MANIFEST_FILE):
         raise RequantError(f"{storage.uri}: no {MANIFEST_FILE}; evaluate only published checkpoints")
-    manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+    manifest = read_manifest(storage)
     outputs: dict[str, dict] = manifest["outputs"]
     stale = [name for name in outputs if name.startswith(prefix + "/")]
     uploaded = []
@@ -46,5 +43,5 @@ def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
     if summary is not None:
         manifest.setdefault("evaluations", {})[prefix] = summary
     manifest["outputs"] = dict(sorted(outputs.items()))
-    storage.put_bytes(MANIFEST_FILE, (json.dumps(seal(manifest), indent=2) + "\n").encode("utf-8"))
+    store_manifest(storage, manifest)
     return uploaded

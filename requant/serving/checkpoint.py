@@ -12,7 +12,6 @@ never unpickled.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,8 @@ from requant.formats.mxfp4 import dequantize_mxfp4
 from requant.io.safetensors import bytes_to_tensor, read_header
 from requant.io.storage import open_storage
 from requant.layout import load_config
+from requant.manifest import CONFIG_FILE, INDEX_FILE, SINGLE_SHARD, read_weight_map
 from requant.serving.activations import activation_qdq
-
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -77,16 +73,13 @@ def _activation_spec(quant: dict | None, where: str) -> Callable | None:
 
 def _read_text_tensors(storage, uri: str, prefix: str) -> dict[str, tuple[torch.Tensor, str]]:
     """name (prefix stripped) -> (tensor, file) for every text-model tensor, one read per shard."""
-    if storage.exists(INDEX_FILE):
-        try:
-            weight_map = json.loads(storage.read_bytes(INDEX_FILE))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{uri}/{INDEX_FILE}", f"not a safetensors index ({exc})") from exc
+    weight_map = read_weight_map(storage)
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
-    elif storage.exists(SINGLE_FILE):
-        files = [SINGLE_FILE]
+    elif storage.exists(SINGLE_SHARD):
+        files = [SINGLE_SHARD]
     else:
-        raise CheckpointError(uri, f"neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        raise CheckpointError(uri, f"neither {INDEX_FILE} nor {SINGLE_SHARD} found")
     tensors: dict[str, tuple[torch.Tensor, str]] = {}
     for file in files:
         entries, _ = read_header(storage, file)

@@ -204,11 +204,12 @@ def warm_up(running: RunningEngine) -> None:
 def materialize(uri: str, dst: Path) -> Path:
     """A local copy of a checkpoint for engines that read only local paths (skipped when already complete)."""
     from requant.io import storage as storage_module
+    from requant.manifest import is_evaluation, is_run_state
 
     storage = storage_module.open_storage(uri)
     dst.mkdir(parents=True, exist_ok=True)
     for name in storage.list_files():
-        if name.startswith((".requant/", "eval/")):              # run state and evaluation reports
+        if is_run_state(name) or is_evaluation(name):            # run state and evaluation reports
             continue
         storage_module.check_relative(name, f"{uri}/{name}")      # object names must not escape the copy
         target = dst / name

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from requant.assemble import MANIFEST_FILE
 from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.io.s3 import S3Storage
+from requant.manifest import MANIFEST_FILE
 from requant.verify import verify
 
 pytestmark = pytest.mark.services

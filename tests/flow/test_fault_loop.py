@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from test_requantize_flow import _flow_subprocess, _run, _same_checkpoint
 
-from requant.assemble import MANIFEST_FILE
 from requant.io.s3 import S3Storage
+from requant.manifest import MANIFEST_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hardening"))
 from hardening_support import Ledger, scale

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from flows.run import upload_dir
-from requant.assemble import MANIFEST_FILE
 from requant.io.s3 import S3Storage
+from requant.manifest import MANIFEST_FILE
 
 pytestmark = pytest.mark.services
 

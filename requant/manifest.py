@@ -1,0 +1,79 @@
+"""The files of a checkpoint by name, and the two JSON tables every reader needs: the safetensors index and
+requant's provenance manifest (read, sealed, written).
+
+Producers (assemble, pipeline) and checkers (verify, evaluation, serving) both use this module, so a checker
+never imports the code whose output it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from requant.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_SHARD = "model.safetensors"  # a checkpoint without an index holds exactly this shard
+MANIFEST_FILE = "requant-manifest.json"  # written last: a checkpoint is complete exactly when it exists
+MANIFEST_VERSION = 1
+MODEL_CARD = "README.md"
+UPSTREAM_CARD = "UPSTREAM_README.md"  # the upstream's own model card, kept verbatim
+RUN_STATE_DIR = ".requant"  # per-run job records and the output's lease; not part of the checkpoint
+EVAL_DIR = "eval"  # evaluation reports, listed in the manifest like the weights
+
+
+def is_run_state(name: str) -> bool:
+    return name.startswith(f"{RUN_STATE_DIR}/")
+
+
+def is_evaluation(name: str) -> bool:
+    return name.startswith(f"{EVAL_DIR}/")
+
+
+def eval_path(*parts: str) -> str:
+    """A name under ``eval/``, e.g. ``eval_path("gsm8k.png")`` -> ``eval/gsm8k.png``."""
+    return "/".join((EVAL_DIR, *parts))
+
+
+# --- the index --------------------------------------------------------------------------------------------
+def read_weight_map(storage) -> dict[str, str] | None:
+    """Tensor name -> shard file from the checkpoint's index; None when there is no index."""
+    if not storage.exists(INDEX_FILE):
+        return None
+    try:
+        weight_map = json.loads(storage.read_bytes(INDEX_FILE))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: invalid JSON or UTF-8
+        raise CheckpointError(f"{storage.uri}/{INDEX_FILE}", f"not a valid index ({exc})") from exc
+    return weight_map
+
+
+# --- the manifest -----------------------------------------------------------------------------------------
+def read_manifest(storage) -> Any:
+    """The manifest's JSON as stored (invalid JSON raises ValueError; callers say what that means to them)."""
+    return json.loads(storage.read_bytes(MANIFEST_FILE))
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Record the manifest's own sha256 (of its canonical JSON without this field) so that `verify` catches
+    an edit or a flipped byte in the manifest itself, not only in the files it lists."""
+    manifest["digest"] = manifest_digest(manifest)
+    return manifest
+
+
+def is_sealed(manifest: Any) -> bool:
+    """A JSON object whose digest matches its content."""
+    return isinstance(manifest, dict) and manifest.get("digest") == manifest_digest(manifest)
+
+
+def store_manifest(storage, manifest: dict[str, Any]) -> None:
+    """Seal ``manifest`` and write it over the checkpoint's manifest (after the files it lists)."""
+    storage.put_bytes(MANIFEST_FILE, (json.dumps(seal(manifest), indent=2) + "\n").encode("utf-8"))
