@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.run import upload_dir
 from requant import seaweed
 from requant.io.s3 import S3Storage
+from requant.io.transfer import upload_dir
 from requant.synth import synthesize
 
 RUN_ONE = """

@@ -32,6 +32,7 @@ from requant.evaluation.downstream import (
 )
 from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.report import table_rows
+from requant.io.transfer import object_url
 from requant.manifest import eval_path
 from requant.serving.engines import RunningEngine, attach, launch, load_engines
 from requant.serving.smoke import format_result
@@ -55,14 +56,6 @@ def _engine(stack: ExitStack, uri: str, base_url: str | None, engine: str, engin
     spec = load_engines(engines_file)[engine]
     return stack.enter_context(launch(spec, uri, served_model_name=_name(uri), log_dir=log_dir, tp=tp,
                                       max_model_len=max_model_len, api_key=api_key))
-
-
-def object_url(uri: str, name: str) -> str:
-    """A link for the Prefect UI: the S3 endpoint URL of an object, or a file:// path for local checkpoints."""
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
-        return f"{endpoint.rstrip('/')}/{uri[5:].rstrip('/')}/{name}"
-    return Path(uri, name).resolve().as_uri()
 
 
 @flow(name="evaluate", log_prints=True)

@@ -27,9 +27,9 @@ from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
 
 from flows.evaluate import evaluate as evaluate_flow
-from flows.evaluate import object_url
 from requant import pipeline
 from requant.errors import RequantError, VerifyError
+from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from requant import seaweed
-from requant.io.s3 import S3Storage
+from requant.io.transfer import upload_dir
 from requant.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
@@ -27,14 +27,6 @@ def default_gsm8k_dir() -> str | None:
 
     found = find_local_gsm8k(__file__)
     return str(found) if found else None
-
-
-def upload_dir(local: Path, uri: str) -> None:
-    storage = S3Storage(uri)
-    storage.ensure_bucket()
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            storage.put_file(path.relative_to(local).as_posix(), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,8 @@ def deploy(env: dict[str, str]) -> None:
 
 def seed(env: dict[str, str]) -> None:
     """The synthetic upstream (requantize's default) and a one-revision mirror (watch-upstream's default)."""
-    from flows.run import upload_dir
     from requant.io.s3 import S3Storage
+    from requant.io.transfer import upload_dir
     from requant.synth import synthesize
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})

@@ -22,8 +22,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from requant.errors import RequantError
+
+if TYPE_CHECKING:
+    from requant.io.storage import WritableStorage
 
 DEFAULT_TTL = float(os.environ.get("REQUANT_LEASE_TTL_SECONDS", "120"))
 
@@ -79,7 +83,7 @@ class Holder:
 class Lease:
     """The lease of one run on one output. Use as a context manager: acquire, heartbeat, release."""
 
-    def __init__(self, storage, lease_dir: str, run_key: str, what: str, ttl: float = DEFAULT_TTL):
+    def __init__(self, storage: WritableStorage, lease_dir: str, run_key: str, what: str, ttl: float = DEFAULT_TTL):
         self.storage, self.dir, self.run_key, self.what, self.ttl = storage, lease_dir.strip("/"), run_key, what, ttl
         self.generation: int | None = None
         self.took_over: Holder | None = None
@@ -183,6 +187,6 @@ class Lease:
         self.release()
 
 
-def current_generation(storage, lease_dir: str) -> int | None:
+def current_generation(storage: WritableStorage, lease_dir: str) -> int | None:
     """The newest lease generation at ``lease_dir`` (workers compare it with the one their run holds)."""
     return (Lease(storage, lease_dir, "", "")._generations() or [None])[-1]

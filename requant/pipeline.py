@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from requant.assemble import assemble, library_versions
 from requant.errors import CheckpointError, SystemFailure, os_failure
-from requant.io.storage import open_storage
+from requant.io.storage import Storage, WritableStorage, open_storage
 from requant.job import JobResult, result_from_json, result_to_json, run_job
 from requant.lease import Lease, LeaseLost, current_generation
 from requant.manifest import CONFIG_FILE, MANIFEST_FILE, RUN_STATE_DIR, is_evaluation, read_manifest
@@ -40,7 +40,7 @@ def output_lease(dest_uri: str, key: str) -> Lease:
     return Lease(dest, LEASE_DIR, key, dest.uri)
 
 
-def check_lease(dest, generation: int | None) -> None:
+def check_lease(dest: WritableStorage, generation: int | None) -> None:
     """Workers confirm their run still holds the output before each write; a run presumed dead and taken
     over must not overwrite the new holder's shards."""
     if generation is None:
@@ -97,14 +97,13 @@ def record_path(key: str, job: LayerJob) -> str:
     return f"{RUN_STATE_DIR}/runs/{key}/{job.name}.json"
 
 
-def stored_sha256(storage, path: str) -> str:
+def stored_sha256(storage: WritableStorage, path: str) -> str:
     """The sha256 of an output object: recorded at upload for S3 (S3 checked the bytes then), recomputed
     for local files."""
-    recorded = getattr(storage, "recorded_sha256", None)
-    return (recorded(path) if recorded else None) or storage.sha256(path)
+    return storage.recorded_sha256(path) or storage.sha256(path)
 
 
-def completed(dest, key: str, job: LayerJob) -> JobResult | None:
+def completed(dest: WritableStorage, key: str, job: LayerJob) -> JobResult | None:
     """The earlier result of ``job`` in run ``key`` if its shard is still intact, else None."""
     record = record_path(key, job)
     if not dest.exists(record):
@@ -168,7 +167,7 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     return JobOutcome(result, False, time.perf_counter() - start)
 
 
-def input_digest(source, file: str) -> dict[str, Any]:
+def input_digest(source: Storage | str, file: str) -> dict[str, Any]:
     """Size and sha256 of the bytes of one upstream file as read now; ``source`` is a Storage or its URI.
 
     Where the source publishes a digest (the hub's LFS sha256; the sha256 metadata of objects requant
@@ -177,15 +176,14 @@ def input_digest(source, file: str) -> dict[str, Any]:
     """
     source = open_storage(source) if isinstance(source, str) else source
     computed = source.sha256(file)
-    recorded = getattr(source, "recorded_sha256", None)
-    published = recorded(file) if recorded else None
+    published = source.recorded_sha256(file)
     if published and published != computed:
         raise CheckpointError(f"{source.uri}/{file}", f"sha256 of the bytes read ({computed[:16]}...) differs from "
                               f"the published {published[:16]}...: corrupted in storage or in transit")
     return {"size": source.size(file), "sha256": computed, "verified_against_published": bool(published)}
 
 
-def input_record(source, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
+def input_record(source: Storage | str, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
     """The manifest's provenance of the inputs: every shard read and every file copied. ``shards`` may
     come precomputed (the flow hashes them in parallel tasks)."""
     if shards is None:

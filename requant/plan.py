@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
 from requant.errors import CheckpointError, PlanError
 from requant.formats.int4 import packed_columns
+from requant.io.paths import check_relative
 from requant.io.safetensors import TensorEntry, TensorSpec, read_header
-from requant.io.storage import Storage, check_relative
+from requant.io.storage import Storage
 from requant.layout import (
     INT4_SUFFIXES,
     ModelConfig,

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 from requant.errors import CheckpointError, RequantError
-from requant.io.storage import check_relative
+from requant.io.paths import check_relative
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str]:

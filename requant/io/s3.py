@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from requant.errors import CheckpointError, RequantError, SystemFailure
-from requant.io.storage import check_relative
+from requant.io.paths import check_relative
 
 T = TypeVar("T")
 RETRY_SECONDS = float(os.environ.get("REQUANT_S3_RETRY_SECONDS", "120"))
@@ -102,8 +102,7 @@ def describe_client_error(uri: str, exc: Exception) -> RequantError:
 
 
 class S3Storage:
-    """A checkpoint under ``s3://bucket/prefix``: the read side of :class:`requant.io.storage.Storage`
-    plus the writes a flow needs."""
+    """A checkpoint under ``s3://bucket/prefix``: a :class:`requant.io.storage.WritableStorage`."""
 
     def __init__(self, uri: str):
         self.bucket, self.prefix = parse_s3_uri(uri)

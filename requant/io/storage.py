@@ -1,25 +1,20 @@
 """Where checkpoints live. The core only needs byte ranges, whole small files and a file list.
 
-``LocalDir`` is the local implementation; object storage plugs in behind the same interface.
-Paths are always relative, '/'-separated, and may not leave the root.
+``Storage`` is what reading needs, ``WritableStorage`` what writing an output needs. ``LocalDir`` implements
+both for a directory; ``S3Storage`` (requant.io.s3) both for object storage; ``HfStorage`` (requant.io.hf)
+the read side for the Hugging Face Hub. ``open_storage`` picks one by URI.
+Paths are always relative, '/'-separated, and may not leave the root (requant.io.paths).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
 
 from requant.errors import CheckpointError
-
-
-def check_relative(path: str, where: str) -> str:
-    """Reject absolute paths, '..' components and empty names (an index must not point outside)."""
-    p = PurePosixPath(path)
-    if not path or p.is_absolute() or "\\" in path or any(part in ("..", "") for part in path.split("/")):
-        raise CheckpointError(where, f"path {path!r} is outside the checkpoint (absolute or '..')")
-    return str(p)
+from requant.io.paths import check_relative
 
 
 class Storage(Protocol):
@@ -37,9 +32,37 @@ class Storage(Protocol):
 
     def list_files(self) -> list[str]: ...
 
-    def sha256(self, path: str) -> str: ...
+    def sha256(self, path: str) -> str:
+        """The digest of the bytes as read now."""
+        ...
+
+    def recorded_sha256(self, path: str) -> str | None:
+        """The digest the store published for the object when it was written (None where it keeps none)."""
+        ...
 
     def copy_file_to(self, path: str, dst: Path) -> None: ...
+
+
+class WritableStorage(Storage, Protocol):
+    """What writing an output needs: layer jobs, publishing, run records and the output's lease."""
+
+    def list_files(self, under: str = "") -> list[str]: ...
+
+    def ensure_bucket(self) -> None: ...
+
+    def head(self, path: str) -> dict | None:
+        """``{"ContentLength": size, ...}`` of an object, or None when it does not exist."""
+        ...
+
+    def put_file(self, path: str, local: Path, sha256: str | None = None) -> dict:
+        """Store a local file whole (a reader never sees part of it); returns its size and sha256."""
+        ...
+
+    def put_bytes(self, path: str, data: bytes, if_none_match: bool = False) -> bool:
+        """Store a small object; with ``if_none_match`` only if none exists yet (False when one did)."""
+        ...
+
+    def delete(self, path: str) -> None: ...
 
 
 class LocalDir:
@@ -109,11 +132,15 @@ class LocalDir:
 
         return sha256_file(self._path(path))
 
+    def recorded_sha256(self, path: str) -> str | None:
+        """A file system keeps no digest of its own: callers compute one with :meth:`sha256`."""
+        return None
+
     def copy_file_to(self, path: str, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(path), dst)
 
-    # --- write side (same calls as S3Storage) ---------------------------------------------------
+    # --- write side (WritableStorage, like S3Storage) ---------------------------------------------------
     def ensure_bucket(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 

@@ -204,6 +204,7 @@ def warm_up(running: RunningEngine) -> None:
 def materialize(uri: str, dst: Path) -> Path:
     """A local copy of a checkpoint for engines that read only local paths (skipped when already complete)."""
     from requant.io import storage as storage_module
+    from requant.io.paths import check_relative
     from requant.manifest import is_evaluation, is_run_state
 
     storage = storage_module.open_storage(uri)
@@ -211,7 +212,7 @@ def materialize(uri: str, dst: Path) -> Path:
     for name in storage.list_files():
         if is_run_state(name) or is_evaluation(name):            # run state and evaluation reports
             continue
-        storage_module.check_relative(name, f"{uri}/{name}")      # object names must not escape the copy
+        check_relative(name, f"{uri}/{name}")      # object names must not escape the copy
         target = dst / name
         if target.exists() and target.stat().st_size == storage.size(name):
             continue

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from flow_support import RayCluster, S3Service
 
-from flows.run import upload_dir
 from requant import seaweed
 from requant.convert import convert_local
+from requant.io.transfer import upload_dir
 from requant.seaweed import _free_port
 from requant.synth import PROFILES, synthesize
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.run import upload_dir
 from requant.io.s3 import S3Storage
+from requant.io.transfer import upload_dir
 from requant.manifest import MANIFEST_FILE
 
 pytestmark = pytest.mark.services

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from flows.run import upload_dir
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
+from requant.io.transfer import upload_dir
 
 pytestmark = pytest.mark.services
 
