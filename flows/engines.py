@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import ray
 
+from requant.api_key import api_key
 from requant.serving.engines import RunningEngine, launch, load_engines
 
 
@@ -22,7 +23,7 @@ class _EngineHost:
         spec = load_engines(engines_file)[engine]
         self.engine = launch(spec, model, served_model_name=served_model_name, log_dir=self.log_dir,
                              host=ray.util.get_node_ip_address(), tp=tp, max_model_len=max_model_len,
-                             api_key=os.environ.get("REQUANT_API_KEY") or None)
+                             api_key=api_key())
         return self.engine.base_url, ray.get_runtime_context().get_node_id()
 
     def stop(self) -> None:
@@ -39,7 +40,7 @@ def ray_engine(engine: str, engines_file: str | None, model: str, served_model_n
     try:
         base_url, node = ray.get(actor.start.remote(engine, engines_file, model, served_model_name, tp, max_model_len))
         yield RunningEngine(base_url, served_model_name, f"{engine} (ray actor on node {node[:12]})",
-                            api_key=os.environ.get("REQUANT_API_KEY") or None)
+                            api_key=api_key())
     finally:
         try:
             ray.get(actor.stop.remote(), timeout=60)

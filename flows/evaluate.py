@@ -10,15 +10,16 @@ the flow run, after its report has been published.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from requant.api_key import api_key
 from requant.errors import RequantError
 from requant.evaluation.downstream import (
     PLOT_PNG,
@@ -39,23 +40,51 @@ from requant.serving.smoke import format_result
 from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
 
 
-def _name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+@dataclass(frozen=True)
+class Variant:
+    """A checkpoint to evaluate, served by the flow unless ``base_url`` names a server already serving it."""
+
+    uri: str
+    base_url: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _engine(stack: ExitStack, uri: str, base_url: str | None, engine: str, engines_file: str | None, log_dir: Path,
-            tp: int, max_model_len: int, on_ray: bool = False, gpus: float | None = None) -> RunningEngine:
-    api_key = os.environ.get("REQUANT_API_KEY") or None
-    if base_url:
-        return attach(base_url, None, api_key)
-    if on_ray:
+@dataclass(frozen=True)
+class Serving:
+    """How the flow serves a variant: an engine of engines.yaml, in this process or in a Ray actor."""
+
+    engine: str = "reference"
+    engines_file: str | None = None
+    tp: int = 1
+    max_model_len: int = 16384
+    on_ray: bool = False
+    gpus: float | None = None  # GPUs of the Ray actor (default: tp)
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What decides pass or fail: the GSM8K gate and the smoke test's limits (None: the built-in YAML files)."""
+
+    gate: str | None = None
+    smoke_limits: str | None = None
+
+
+def _engine(stack: ExitStack, variant: Variant, serving: Serving, log_dir: Path) -> RunningEngine:
+    key = api_key()
+    if variant.base_url:
+        return attach(variant.base_url, None, key)
+    if serving.on_ray:
         from flows.engines import ray_engine
 
-        return stack.enter_context(ray_engine(engine, engines_file, uri, _name(uri), tp, max_model_len,
-                                              num_gpus=tp if gpus is None else gpus))
-    spec = load_engines(engines_file)[engine]
-    return stack.enter_context(launch(spec, uri, served_model_name=_name(uri), log_dir=log_dir, tp=tp,
-                                      max_model_len=max_model_len, api_key=api_key))
+        return stack.enter_context(ray_engine(serving.engine, serving.engines_file, variant.uri, variant.name,
+                                              serving.tp, serving.max_model_len,
+                                              num_gpus=serving.tp if serving.gpus is None else serving.gpus))
+    spec = load_engines(serving.engines_file)[serving.engine]
+    return stack.enter_context(launch(spec, variant.uri, served_model_name=variant.name, log_dir=log_dir,
+                                      tp=serving.tp, max_model_len=serving.max_model_len, api_key=key))
 
 
 @flow(name="evaluate", log_prints=True)
@@ -71,24 +100,24 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
         found = find_local_gsm8k()
         gsm8k_dir = str(found) if found else None
     settings = EvalSettings(tuple(seeds), num_fewshot, limit, gsm8k_dir)
+    serving = Serving(engine, engines_file, tp, max_model_len, engine_on_ray, engine_gpus)
     started = time.perf_counter()
     with scratch_dir() as tmp:
-        work = Path(tmp)
-        placement = {"on_ray": engine_on_ray, "gpus": engine_gpus}
-        return _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
-                         engines_file, tp, max_model_len, progress, work, started, placement)
+        return _evaluate(Variant(checkpoint, base_url), Variant(reference, reference_base_url), serving, settings,
+                         Checks(gate, smoke_limits), Path(tmp), started, progress)
 
 
-def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, settings, gate, smoke_limits,
-              engines_file, tp, max_model_len, progress, work: Path, started: float, placement: dict) -> dict[str, Any]:
+def _evaluate(candidate: Variant, reference: Variant, serving: Serving, settings: EvalSettings, checks: Checks,
+              work: Path, started: float, progress: bool) -> dict[str, Any]:
     logger = get_run_logger()
+    checkpoint = candidate.uri
     with ExitStack() as engines:
-        cand = _engine(engines, checkpoint, base_url, engine, engines_file, work / "logs", tp, max_model_len, **placement)
-        ref = _engine(engines, reference, reference_base_url, engine, engines_file, work / "logs", tp, max_model_len,
-                      **placement)
+        cand = _engine(engines, candidate, serving, work / "logs")
+        ref = _engine(engines, reference, serving, work / "logs")
         logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
 
-        smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name, smoke_limits)
+        smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name,
+                               checks.smoke_limits)
         print(format_result(smoke))
         create_markdown_artifact("```\n" + format_result(smoke) + "\n```", key="smoke-test",
                                  description=f"smoke test of {checkpoint}")
@@ -99,23 +128,24 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
             publish_eval(checkpoint, str(report_dir), None, {"smoke_passed": False})
             raise RequantError(f"smoke test failed for {checkpoint}; evaluation stopped (see {eval_path(SMOKE_JSON)})")
 
-        key = settings.protocol_key(engine if not reference_base_url else "external")
-        ref_result = cached_result(reference, key)
+        key = settings.protocol_key(serving.engine if not reference.base_url else "external")
+        ref_result = cached_result(reference.uri, key)
         if ref_result is None:
             ref_dir = work / "reference-eval"
-            ref_result = run_gsm8k_eval(ref.base_url, ref.served_model_name, _name(reference), settings, str(ref_dir), progress)
-            publish_eval(reference, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=reference_prefix(key))
+            ref_result = run_gsm8k_eval(ref.base_url, ref.served_model_name, reference.name, settings, str(ref_dir),
+                                        progress)
+            publish_eval(reference.uri, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=reference_prefix(key))
         else:
-            logger.info("reusing the reference's GSM8K result %s/%s", reference, reference_prefix(key))
-        cand_result = run_gsm8k_eval(cand.base_url, cand.served_model_name, _name(checkpoint), settings,
+            logger.info("reusing the reference's GSM8K result %s/%s", reference.uri, reference_prefix(key))
+        cand_result = run_gsm8k_eval(cand.base_url, cand.served_model_name, candidate.name, settings,
                                      str(report_dir / "candidate"), progress)
     eval_seconds = time.perf_counter() - started
 
-    context = {"checkpoint": checkpoint, "reference": reference, "engine": engine, "protocol_key": key,
+    context = {"checkpoint": checkpoint, "reference": reference.uri, "engine": serving.engine, "protocol_key": key,
                "engines": {"candidate": cand.engine, "reference": ref.engine, "candidate_url": cand.base_url},
                "settings": {"seeds": list(settings.seeds), "num_fewshot": settings.num_fewshot, "limit": settings.limit,
                             "data": settings.gsm8k_dir or "hub:openai/gsm8k"}, "seconds": round(eval_seconds, 1)}
-    comparison, quality = build_report(cand_result, ref_result, smoke, str(report_dir), gate, context)
+    comparison, quality = build_report(cand_result, ref_result, smoke, str(report_dir), checks.gate, context)
     summary = {"verdict": comparison.verdict, "smoke_passed": True, "protocol_key": key,
                "scores": {fc.filter: {"candidate": fc.candidate.mean, "reference": fc.reference.mean,
                                       "delta": fc.delta} for fc in comparison.filters}}
@@ -125,7 +155,7 @@ def _evaluate(checkpoint, reference, engine, base_url, reference_base_url, setti
     create_table_artifact(table_rows(comparison), key="gsm8k-scores", description="accuracy per variant and filter")
     create_link_artifact(object_url(checkpoint, eval_path(PLOT_PNG)), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
     create_link_artifact(object_url(checkpoint, eval_path(REPORT_JSON)), link_text="report.json", key="gsm8k-report-json")
-    result = {"checkpoint": checkpoint, "reference": reference, "verdict": comparison.verdict,
+    result = {"checkpoint": checkpoint, "reference": reference.uri, "verdict": comparison.verdict,
               "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/{eval_path(REPORT_MD)}",
               "plot": f"{checkpoint.rstrip('/')}/{eval_path(PLOT_PNG)}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}
     if not comparison.passed:

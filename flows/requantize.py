@@ -134,7 +134,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
         futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads,
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
-    outcomes = []
+    outcomes: list[pipeline.JobOutcome] = []
     with tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar:
         for future in as_completed(futures):
             outcomes.append(future.result())
@@ -142,7 +142,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(futures))
     convert_seconds = time.perf_counter() - started
     timings["jobs"] = convert_seconds - timings["plan"]
-    results = [o["result"] for o in outcomes]
+    results = [o.result for o in outcomes]
     inputs = pipeline.input_record(upstream, plan, shards={f: d.result() for f, d in digests.items()})
     mark = time.perf_counter()
     lease.check()
@@ -158,23 +158,23 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
         raise
     timings["verify"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    timings["transcode_sum"] = sum(o["result"].seconds for o in outcomes if not o["skipped"])
-    timings["upload_sum"] = sum(o["upload_seconds"] for o in outcomes)
-    skipped = sum(o["skipped"] for o in outcomes)
+    timings["transcode_sum"] = sum(o.result.seconds for o in outcomes if not o.skipped)
+    timings["upload_sum"] = sum(o.upload_seconds for o in outcomes)
+    skipped = sum(o.skipped for o in outcomes)
     _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds, role)
     return {"output": output, "recipe": recipe, "run_key": key, "reused": False, "jobs": len(outcomes), "skipped": skipped,
-            "nodes": sorted({o["node"] for o in outcomes}), "tensors": len(manifest["tensors"]),
+            "nodes": sorted({o.node for o in outcomes}), "tensors": len(manifest["tensors"]),
             "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings}
 
 
 def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:
     rows = []
-    for o in sorted(outcomes, key=lambda o: o["result"].output_file):
-        r = o["result"]
+    for o in sorted(outcomes, key=lambda o: o.result.output_file):
+        r = o.result
         snrs = [s.snr_db for s in r.stats]
         rows.append({"job": r.job, "tensors": len(r.tensors), "bytes_in": r.bytes_in, "bytes_out": r.size,
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
-                     "node": o["node"], "skipped": o["skipped"]})
+                     "node": o.node, "skipped": o.skipped})
     create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")
     create_link_artifact(object_url(output, MANIFEST_FILE), link_text=f"manifest of {output}", key=f"{role}-manifest")
     create_markdown_artifact(

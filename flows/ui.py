@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from requant import seaweed
+from requant.processes import terminate_group
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "requant-process"
@@ -114,23 +114,8 @@ def up(state_dir: Path, port: int) -> dict:
 
 
 def _kill(pid: int | None, grace: float = 10.0) -> None:
-    if not pid:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if pid:
+        terminate_group(pid, grace)
 
 
 def down(state_dir: Path) -> None:

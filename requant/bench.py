@@ -42,9 +42,11 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
 
 def _quark_mxfp4() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """Quark's per-tensor path as its file-to-file exporter runs it, or None without amd-quark."""
+    from requant.formats.table import WEIGHT_FORMATS
     from requant.quark_reference import quark_available, quark_quantize_weight
 
-    return (lambda weight: quark_quantize_weight(weight, "mxfp4")) if quark_available() else None
+    scheme = WEIGHT_FORMATS["mxfp4"].quark_scheme
+    return (lambda weight: quark_quantize_weight(weight, scheme)) if quark_available() else None
 
 
 def kernel_bench(repeats: int = 5) -> dict[str, Any]:

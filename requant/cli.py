@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from requant.errors import PlanError, RequantError, VerifyError
+from requant.api_key import api_key
+from requant.errors import ProblemsError, RequantError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("checkpoint")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=os.environ.get("REQUANT_API_KEY"),
+    sv.add_argument("--api-key", default=api_key(),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $REQUANT_API_KEY; prefer the variable, "
                          "command lines are visible to other users)")
     sv.add_argument("--served-model-name", help="model name clients send (default: the checkpoint's last path part)")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (PlanError, VerifyError) as exc:
+    except ProblemsError as exc:
         print(f"requant {args.command}: error: {exc}", file=sys.stderr)
         for problem in exc.problems[1:]:
             print(f"  - {problem}", file=sys.stderr)
@@ -152,13 +152,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ok: {args.path}: {summary['tensors']} tensors, {summary['files']} files, "
               f"{summary['upstream_tensors']} upstream tensors accounted for")
     elif args.command == "recipes":
+        from requant.formats.table import UNQUANTIZED
         from requant.recipe import builtin_names, load_recipe
 
         recipes = [load_recipe(n) for n in builtin_names()]
         if args.json:
             print(json.dumps([{"name": r.name, "format": r.format, "targets": dict(r.targets)} for r in recipes], indent=2))
         for r in recipes if not args.json else []:
-            quantized = [c for c, t in r.targets if t != "unquantized"]
+            quantized = [c for c, t in r.targets if t != UNQUANTIZED]
             print(f"{r.name:18s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
     elif args.command == "serve":
         from requant.serving.server import serve
@@ -175,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         from requant.serving.engines import attach
         from requant.serving.smoke import dumps, format_result, load_limits, smoke_test
 
-        key = os.environ.get("REQUANT_API_KEY") or None
+        key = api_key()
         engine = attach(args.base_url, args.model, key)
         reference = attach(args.reference_url, args.reference_model, key) if args.reference_url else None
         result = smoke_test(engine, reference, load_limits(args.limits))
@@ -187,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         from requant.evaluation.gsm8k import run_gsm8k
         from requant.serving.engines import attach
 
-        key = os.environ.get("REQUANT_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+        key = api_key(openai_fallback=True)
         engine = attach(args.base_url, args.model, key)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         result = run_gsm8k(engine.base_url, engine.served_model_name, variant=args.variant or engine.served_model_name,

@@ -26,28 +26,24 @@ class CheckpointError(RequantError):
         return (type(self), (self.file, self.detail, self.tensor))
 
 
-class PlanError(RequantError):
+class ProblemsError(RequantError):
+    """A check that reports every problem it found at once; ``problems`` lists them, the message names the first."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, first: {problems[0]}"
+        super().__init__(head)
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))
+
+
+class PlanError(ProblemsError):
     """Validation found problems before any conversion ran; ``problems`` lists them all."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, first: {problems[0]}"
-        super().__init__(head)
 
-    def __reduce__(self):
-        return (type(self), (self.problems,))
-
-
-class VerifyError(RequantError):
+class VerifyError(ProblemsError):
     """An output checkpoint is incomplete or does not match its manifest."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, first: {problems[0]}"
-        super().__init__(head)
-
-    def __reduce__(self):
-        return (type(self), (self.problems,))
 
 
 class SystemFailure(RequantError):

@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 from requant.errors import CheckpointError
-from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_channel
-from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
-from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter
 from requant.io.storage import Storage
@@ -111,20 +109,21 @@ def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", t
         packed, scale = _read_int4(task, source)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
-        if task.target == "mxfp4":
-            out = list(int4_to_mxfp4(packed, scale, in_features, threads=threads))
+        fmt = WEIGHT_FORMATS.get(task.target)
+        if fmt is not None and fmt.from_int4 is not None:
+            out = list(fmt.from_int4(packed, scale, in_features, threads=threads))
         else:
             weight = dequantize_int4(packed, scale, in_features)
-            out = [weight] if task.target == "unquantized" else list(quantize_fp8_per_channel(weight))
+            out = [weight] if task.target == UNQUANTIZED else list(fmt.encode(weight))
         reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
     else:
         (entry,) = task.inputs
         weight = source.read(entry)
         _check_finite(weight, f"{source.uri}/{entry.file}", entry.name)
         weight = weight.to(device)
-        out = list(quantize_mxfp4(weight) if task.target == "mxfp4" else quantize_fp8_per_channel(weight))
+        out = list(WEIGHT_FORMATS[task.target].encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
-    stat = None if task.target == "unquantized" else _error_stat(task, out, reference)
+    stat = None if task.target == UNQUANTIZED else _error_stat(task, out, reference)
     return [t.cpu() for t in out], stat
 
 
@@ -149,11 +148,8 @@ def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorS
     step = max(1, rows // SNR_SAMPLE_ROWS)
     sample = torch.arange(0, rows, step, device=out[0].device)[:SNR_SAMPLE_ROWS]
     ref = reference(sample).to(torch.float32)
-    if task.target == "mxfp4":
-        got = dequantize_mxfp4(out[0][sample], out[1][sample])
-    else:
-        rows_fp8 = out[0].view(torch.uint8)[sample].view(out[0].dtype)  # CPU indexing has no FP8 kernel
-        got = dequantize_fp8_per_channel(rows_fp8, out[1][sample])
+    sampled = out[0].view(torch.uint8)[sample].view(out[0].dtype)  # as bytes: CPU indexing has no FP8 kernel
+    got = WEIGHT_FORMATS[task.target].decode(sampled, out[1][sample])
     signal = float(ref.double().pow(2).sum())
     noise = float((ref.double() - got.double()).pow(2).sum())
     snr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))

@@ -139,9 +139,12 @@ def begin_run(dest_uri: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class JobOutcome:
+    """What a layer job reports back to the flow (across Ray and Prefect, so a plain frozen dataclass)."""
+
     result: JobResult
     skipped: bool  # finished by an earlier run of the same key
     upload_seconds: float = 0.0
+    node: str = ""  # where it ran: the Ray node id, else the host name (set by the flow's task)
 
 
 def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",

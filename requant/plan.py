@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
 from requant.errors import CheckpointError, PlanError
 from requant.formats.int4 import packed_columns
+from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
 from requant.io.paths import check_relative
 from requant.io.safetensors import TensorEntry, TensorSpec, read_header
 from requant.io.storage import Storage
@@ -133,7 +134,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     jobs = _jobs(tasks, config)
     excluded = tuple(sorted(
         spec.name.rsplit(".", 1)[0]
-        for job in jobs for task in job.tasks if task.target == "unquantized"
+        for job in jobs for task in job.tasks if task.target == UNQUANTIZED
         for spec in task.outputs if is_quark_linear_weight(spec.name)
     ))
     sizes = tuple((f, storage.size(f)) for f in shards)
@@ -232,7 +233,7 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
 
 def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe, problems: list[str]) -> TensorTask | None:
     cls = classify(module)
-    target = recipe.target(cls) if cls else "unquantized"
+    target = recipe.target(cls) if cls else UNQUANTIZED
     if "weight_packed" in params or "weight_shape" in params or ("weight_scale" in params and "weight" not in params):
         return _int4_task(module, shape, params, target, problems)
     weight = params.get("weight")
@@ -245,7 +246,7 @@ def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEn
     if weight.dtype not in FLOAT_DTYPES:
         problems.append(f"{weight.file}: {weight.name}: dtype {weight.dtype}, expected one of {FLOAT_DTYPES}")
         return None
-    if target == "unquantized":
+    if target == UNQUANTIZED:
         return _copy_task(weight)
     if not _quantizable(weight.name, weight.file, shape, problems):
         return None
@@ -276,7 +277,7 @@ def _int4_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntr
     if shape_t.dtype not in ("I32", "I64") or shape_t.shape != (2,):
         problems.append(f"{shape_t.file}: {shape_t.name}: {shape_t.dtype}{list(shape_t.shape)}, expected I32/I64[2]")
         ok = False
-    if ok and target != "unquantized":
+    if ok and target != UNQUANTIZED:
         ok = _quantizable(f"{module}.weight", packed.file, shape, problems)
     if not ok:
         return None
@@ -292,22 +293,19 @@ def _quantizable(name: str, file: str, shape: tuple[int, ...], problems: list[st
 
 
 def _quantized_outputs(module: str, shape: tuple[int, ...], target: str, hp_dtype: str) -> tuple[TensorSpec, ...]:
-    out, inp = shape
-    if target == "mxfp4":
-        return (TensorSpec(f"{module}.weight", "U8", (out, inp // 2)), TensorSpec(f"{module}.weight_scale", "U8", (out, inp // MX_BLOCK_SIZE)))
-    if target == "fp8_per_channel":
-        return (TensorSpec(f"{module}.weight", "F8_E4M3", shape), TensorSpec(f"{module}.weight_scale", hp_dtype, (out,)))
+    if target in WEIGHT_FORMATS:
+        return WEIGHT_FORMATS[target].output_specs(module, shape, hp_dtype)
     return (TensorSpec(f"{module}.weight", hp_dtype, shape),)
 
 
 def _copy_task(entry: TensorEntry) -> TensorTask:
-    return TensorTask(entry.name, "copy", "unquantized", (entry,), entry.shape, (TensorSpec(entry.name, entry.dtype, entry.shape),))
+    return TensorTask(entry.name, "copy", UNQUANTIZED, (entry,), entry.shape, (TensorSpec(entry.name, entry.dtype, entry.shape),))
 
 
 def _vision_task(entry: TensorEntry, recipe: Recipe, problems: list[str]) -> TensorTask:
     module, _, param = entry.name.rpartition(".")
     target = recipe.target(classify(module))
-    if target == "unquantized" or param != "weight" or not is_quark_linear_weight(entry.name) or len(entry.shape) != 2:
+    if target == UNQUANTIZED or param != "weight" or not is_quark_linear_weight(entry.name) or len(entry.shape) != 2:
         return _copy_task(entry)
     _quantizable(entry.name, entry.file, entry.shape, problems)
     return TensorTask(module, "dense", target, (entry,), entry.shape, _quantized_outputs(module, entry.shape, target, entry.dtype))

@@ -10,7 +10,9 @@ from functools import cache
 
 import torch
 
-SCHEMES = ("mxfp4", "ptpc_fp8")
+from requant.formats.table import WEIGHT_FORMATS
+
+SCHEMES = tuple(fmt.quark_scheme for fmt in WEIGHT_FORMATS.values())
 
 
 @cache

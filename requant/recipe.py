@@ -16,10 +16,11 @@ import jsonschema
 import yaml
 
 from requant.errors import RequantError
+from requant.formats.table import NO_FORMAT, UNQUANTIZED, WEIGHT_FORMATS
 from requant.layout import TENSOR_CLASSES
 
-FORMATS = ("mxfp4", "fp8_per_channel")
-TARGETS = (*FORMATS, "unquantized")
+FORMATS = tuple(WEIGHT_FORMATS)
+TARGETS = (*FORMATS, UNQUANTIZED)
 # Quark's file-to-file export never quantizes norms or embeddings, so a recipe may not either.
 NEVER_QUANTIZED = ("norm", "embedding")
 
@@ -30,7 +31,7 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9.-]*$"},
         "description": {"type": "string", "minLength": 1},
-        "format": {"enum": [*FORMATS, "none"]},
+        "format": {"enum": [*FORMATS, NO_FORMAT]},
         "targets": {
             "type": "object",
             "additionalProperties": False,
@@ -52,7 +53,7 @@ SCHEMA: dict[str, Any] = {
 class Recipe:
     name: str
     description: str
-    format: str  # "mxfp4", "fp8_per_channel" or "none"
+    format: str  # a key of requant.formats.table.WEIGHT_FORMATS, or NO_FORMAT
     targets: tuple[tuple[str, str], ...]  # (tensor class, target), in layout order
     min_snr_db: float | None
     warnings: tuple[str, ...]
@@ -63,7 +64,7 @@ class Recipe:
 
     @property
     def quantizes(self) -> bool:
-        return self.format != "none"
+        return self.format != NO_FORMAT
 
 
 def builtin_names() -> list[str]:
@@ -91,13 +92,13 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RequantError(f"recipe {source}: {where}: {exc.message}") from exc
     targets = data["targets"]
-    used = {t for t in targets.values() if t != "unquantized"}
-    if data["format"] == "none" and used:
+    used = {t for t in targets.values() if t != UNQUANTIZED}
+    if data["format"] == NO_FORMAT and used:
         raise RequantError(f"recipe {source}: format is none but classes target {sorted(used)}")
-    if data["format"] != "none" and used != {data["format"]}:
+    if data["format"] != NO_FORMAT and used != {data["format"]}:
         raise RequantError(f"recipe {source}: targets use {sorted(used)}; exactly the declared format {data['format']!r} is allowed")
     for cls in NEVER_QUANTIZED:
-        if targets[cls] != "unquantized":
+        if targets[cls] != UNQUANTIZED:
             raise RequantError(f"recipe {source}: {cls} cannot be quantized (Quark's export keeps norms and embeddings)")
     return Recipe(
         name=data["name"],

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from requant.errors import RequantError
+from requant.processes import terminate_group
 
 SERVICES = ("master", "volume", "filer", "s3")
 
@@ -134,26 +134,7 @@ def _s3_ready(server: SeaweedServer) -> bool:
 
 def stop(server: SeaweedServer, grace: float = 5.0) -> None:
     """TERM, wait, then KILL the process group we started (weed ignores TERM for a while)."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(server.pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            os.waitpid(server.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-        os.waitpid(server.pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
+    terminate_group(server.pid, grace)
 
 
 def save_state(server: SeaweedServer, path: Path) -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 
 from requant.errors import CheckpointError, VerifyError
+from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
 from requant.io.safetensors import read_header
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, is_sealed, read_manifest
-
-# dtypes of a quantized module's outputs, per recipe format
-QUANTIZED_DTYPES = {"mxfp4": ("U8", "U8"), "fp8_per_channel": ("F8_E4M3", None)}
 
 
 def verify(uri: str) -> dict:
@@ -92,10 +90,10 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
     fmt = manifest["recipe"]["format"]
     for module, stat in manifest["stats"].items():
         weight, scale = tensors.get(f"{module}.weight"), tensors.get(f"{module}.weight_scale")
-        want = QUANTIZED_DTYPES.get(stat["target"])
+        want = WEIGHT_FORMATS.get(stat["target"])
         if stat["target"] != fmt or want is None or weight is None or scale is None:
             problems.append(f"{module}: quantized as {stat['target']} but the recipe format is {fmt}, or outputs are missing")
-        elif weight["dtype"] != want[0] or (want[1] and scale["dtype"] != want[1]):
+        elif weight["dtype"] != want.weight_dtype or (want.scale_dtype and scale["dtype"] != want.scale_dtype):
             problems.append(f"{module}: weight {weight['dtype']} / scale {scale['dtype']} do not match {fmt}")
 
 
@@ -121,7 +119,7 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
     if nested:
         problems.append(f"{CONFIG_FILE}: nested quantization_config left in {nested}")
     quant = config.get("quantization_config")
-    if fmt == "none":
+    if fmt == NO_FORMAT:
         if quant is not None:
             problems.append(f"{CONFIG_FILE}: recipe {manifest['recipe']['name']} quantizes nothing but a quantization_config is present")
         return
@@ -129,7 +127,7 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
         problems.append(f"{CONFIG_FILE}: missing Quark quantization_config")
         return
     dtype = quant["global_quant_config"]["weight"]["dtype"]
-    if {"mxfp4": "fp4", "fp8_per_channel": "fp8_e4m3"}[fmt] != dtype:
+    if WEIGHT_FORMATS[fmt].quark_dtype != dtype:
         problems.append(f"{CONFIG_FILE}: weight dtype {dtype} does not match recipe format {fmt}")
     quantized = set(manifest["stats"])
     wrongly_excluded = quantized & set(quant.get("exclude", []))

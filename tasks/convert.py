@@ -3,6 +3,7 @@ the work itself (and its tests) lives in the library."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -49,11 +50,10 @@ def hash_input(source_uri: str, file: str) -> dict[str, Any]:
 
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                  threads: int = 1, lease_generation: int | None = None) -> dict[str, Any]:
+                  threads: int = 1, lease_generation: int | None = None) -> pipeline.JobOutcome:
     outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads,
                                    lease_generation=lease_generation)
-    return {"result": outcome.result, "skipped": outcome.skipped, "upload_seconds": outcome.upload_seconds,
-            "node": _node()}
+    return dataclasses.replace(outcome, node=_node())
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -6,13 +6,13 @@ task parameters, which Prefect records and shows in its UI.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from requant.api_key import api_key
 from requant.evaluation.downstream import EvalSettings, evaluate_served, write_report
 from requant.evaluation.publish import publish_evaluation
 from requant.evaluation.results import GSM8KResult
@@ -21,22 +21,18 @@ from requant.serving.engines import attach
 from requant.serving.smoke import load_limits, smoke_test
 
 
-def _api_key() -> str | None:
-    return os.environ.get("REQUANT_API_KEY") or None
-
-
 @task(name="smoke-test", cache_policy=NO_CACHE)
 def run_smoke_test(base_url: str, model: str, reference_base_url: str | None, reference_model: str | None,
                    limits_file: str | None = None) -> dict[str, Any]:
-    engine = attach(base_url, model, _api_key())
-    reference = attach(reference_base_url, reference_model, _api_key()) if reference_base_url else None
+    engine = attach(base_url, model, api_key())
+    reference = attach(reference_base_url, reference_model, api_key()) if reference_base_url else None
     return smoke_test(engine, reference, load_limits(limits_file))
 
 
 @task(name="gsm8k", task_run_name="gsm8k-{variant}", cache_policy=NO_CACHE)
 def run_gsm8k_eval(base_url: str, model: str, variant: str, settings: EvalSettings, out_dir: str,
                    progress: bool = True) -> GSM8KResult:
-    return evaluate_served(base_url, model, variant, settings, Path(out_dir), _api_key(), progress)
+    return evaluate_served(base_url, model, variant, settings, Path(out_dir), api_key(), progress)
 
 
 @task(name="report", cache_policy=NO_CACHE)

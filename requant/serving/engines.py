@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import httpx
 import yaml
 
 from requant.errors import RequantError
+from requant.processes import terminate_group
 
 PLACEHOLDERS = ("python", "model", "host", "port", "served_model_name", "tp", "max_model_len")
 
@@ -111,12 +111,7 @@ class RunningEngine:
     def stop(self, grace_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        terminate_group(self.process.pid, grace_s, self.process)
 
     def __enter__(self) -> Self:
         return self

@@ -1,0 +1,55 @@
+"""The quantized weight formats a recipe can target, one row each: how a weight is encoded and decoded, which
+tensors it becomes, and what AMD Quark calls it. Planning, the layer job, verification and the recipe schema
+read this table instead of branching on format names, so a new format is one more row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from requant.constants import FP4_PER_BYTE, MX_BLOCK_SIZE
+from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_channel
+from requant.formats.fused import int4_to_mxfp4
+from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from requant.io.safetensors import TensorSpec
+
+UNQUANTIZED = "unquantized"  # target of a tensor class kept in its upstream precision
+NO_FORMAT = "none"  # recipe format of a recipe that quantizes nothing
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str  # recipe format and target name
+    quark_scheme: str  # Quark 0.11's template scheme (LLMTemplate ... get_config(scheme=...))
+    quark_dtype: str  # global_quant_config.weight.dtype in Quark's exported config
+    weight_dtype: str  # safetensors dtype of ``<module>.weight``
+    elements_per_byte: int  # weight elements stored in one byte of ``weight_dtype`` along the input dimension
+    scale_dtype: str | None  # of ``<module>.weight_scale``; None: the high-precision dtype of the input
+    scale_block: int | None  # inputs sharing one scale; None: one scale per output channel
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # BF16/F32 weight -> (weight, scale)
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, scale) -> F32 weight
+    from_int4: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # fused path from packed INT4
+
+    def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, TensorSpec]:
+        """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as."""
+        out, inp = shape
+        weight_shape = (out, inp // self.elements_per_byte)
+        scale_shape = (out, inp // self.scale_block) if self.scale_block else (out,)
+        return (TensorSpec(f"{module}.weight", self.weight_dtype, weight_shape),
+                TensorSpec(f"{module}.weight_scale", self.scale_dtype or hp_dtype, scale_shape))
+
+
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        # OCP MXFP4: E2M1 codes packed two per byte, one E8M0 scale byte per 32 inputs (Quark "mxfp4")
+        WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4, dequantize_mxfp4,
+                     int4_to_mxfp4),
+        # FP8 E4M3 with one scale per output channel in the input's precision (Quark "ptpc_fp8")
+        WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, None, None, quantize_fp8_per_channel,
+                     dequantize_fp8_per_channel),
+    )
+}
