@@ -34,24 +34,24 @@ browser:
 # The main job on embedded defaults: SeaweedFS (a real S3 server on loopback), a synthetic
 # Kimi-K2.6-layout upstream in it, the requantize flow (Prefect + local Ray), verification.
 flow-run: install
-	$(BIN)/python -m flows.run
+	$(BIN)/python -m dev.run
 
 services-up: install
-	$(BIN)/python -m flows.services up
+	$(BIN)/python -m dev.services up
 
 services-down: install
-	$(BIN)/python -m flows.services down
+	$(BIN)/python -m dev.services down
 
 # Prefect UI on http://127.0.0.1:4200 with SeaweedFS, a process worker and the deployments of prefect.yaml.
 ui: install
-	$(BIN)/python -m flows.ui up
+	$(BIN)/python -m dev.ui up
 
 ui-down: install
-	$(BIN)/python -m flows.ui down
+	$(BIN)/python -m dev.ui down
 
 # Register the deployments against the Prefect server PREFECT_API_URL points at.
 deploy: install
-	$(BIN)/python -m flows.ui deploy
+	$(BIN)/python -m dev.ui deploy
 
 # The hardening suite at full counts (CI runs it at a shorter count in make test), then its table.
 hardening: install
@@ -75,7 +75,7 @@ bench-serve: install
 	$(BIN)/requant bench-serve --out bench-results
 
 bench-flow: install
-	$(BIN)/python -m flows.bench --out bench-results
+	$(BIN)/python -m dev.bench --out bench-results
 
 clean:
 	rm -rf $(OUT) bench-results .services

@@ -1,1 +1,2 @@
-"""Prefect flows of requant."""
+"""Prefect flows of requant, and ``flows.cli``, the ``requant`` console script that gives the library's command
+line its flow-backed ``convert``. Developer entry points (``make flow-run``, ``make ui``, ...) live in ``dev/``."""

@@ -1,11 +1,17 @@
-"""The ``requant`` command line. Errors a user can fix print as one line and exit with status 2."""
+"""The ``requant`` command line. Errors a user can fix print as one line and exit with status 2.
+
+The library imports no orchestration: ``convert`` without ``--local`` runs the requantize flow through the
+``convert_flow`` callable that the ``requant`` console script (``flows.cli``) passes in.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from requant.api_key import api_key
 from requant.errors import ProblemsError, RequantError
@@ -95,10 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+ConvertFlow = Callable[..., dict[str, Any]]  # requantize's keyword arguments -> its summary
+
+
+def main(argv: list[str] | None = None, convert_flow: ConvertFlow | None = None) -> int:
+    """Run one command; ``convert_flow`` runs ``convert`` without ``--local`` (see flows.cli)."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, convert_flow)
     except ProblemsError as exc:
         print(f"requant {args.command}: error: {exc}", file=sys.stderr)
         for problem in exc.problems[1:]:
@@ -117,18 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
     if args.command == "synth":
         from requant.synth import synthesize
 
         print(synthesize(args.dst, args.profile, args.seed))
     elif args.command == "convert":
         if not args.local:
-            from flows.requantize import requantize
-
-            summary = requantize(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
-                                 upstream_id=args.upstream_id, device=args.device, threads=args.threads,
-                                 evaluate=False)
+            if convert_flow is None:
+                raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
+                                   "(or python -m flows.cli), or pass --local to convert in this process")
+            summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
+                                   upstream_id=args.upstream_id, device=args.device, threads=args.threads)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local

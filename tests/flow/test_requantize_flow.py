@@ -226,7 +226,7 @@ def test_a_second_run_on_the_same_output_fails_at_once_naming_the_holder(prefect
 
 def test_refused_credentials_fail_the_cli_flow_in_one_line(prefect_api, s3_server, s3_tiny, clean_prefix):
     env = dict(os.environ, PREFECT_API_URL=prefect_api, AWS_SECRET_ACCESS_KEY="not-the-secret")
-    proc = subprocess.run([sys.executable, "-m", "requant.cli", "convert", s3_tiny, clean_prefix, "--recipe",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
                            "kimi-k2.6-mxfp4"], env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("requant convert: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]

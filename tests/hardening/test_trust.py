@@ -11,7 +11,7 @@ import pytest
 from requant.errors import RequantError
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted(p for d in ("requant", "flows", "tasks") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("requant", "flows", "tasks", "dev") for p in (ROOT / d).rglob("*.py"))
 FORBIDDEN_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("dill", "load"), ("joblib", "load"),
                    ("cloudpickle", "load"), ("cloudpickle", "loads"), ("marshal", "loads")}
 

@@ -28,13 +28,13 @@ def _free_port() -> int:
 def ui(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("ui")
     port = _free_port()
-    up = subprocess.run([sys.executable, "-m", "flows.ui", "up", "--state-dir", str(state_dir), "--port", str(port)],
+    up = subprocess.run([sys.executable, "-m", "dev.ui", "up", "--state-dir", str(state_dir), "--port", str(port)],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield json.loads((state_dir / "ui.json").read_text()) | {"state_dir": state_dir}
     finally:
-        subprocess.run([sys.executable, "-m", "flows.ui", "down", "--state-dir", str(state_dir)], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "dev.ui", "down", "--state-dir", str(state_dir)], cwd=ROOT,
                        capture_output=True, timeout=120)
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         STATE.unlink(missing_ok=True)
         print("SeaweedFS stopped")
     else:
-        print("usage: python -m flows.services up|down", file=sys.stderr)
+        print("usage: python -m dev.services up|down", file=sys.stderr)
         return 2
     return 0
 
