@@ -1,5 +1,5 @@
 """Serving engines as Ray actors: on a cluster the smoke test and GSM8K need an engine on a GPU node, not
-in the flow's process. The actor launches the engine (requant.serving.engines) on its node, bound to the
+in the flow's process. The actor launches the engine (requant.engines.engines) on its node, bound to the
 node's address, and stops it when the evaluation ends. The API key comes from the node's environment.
 """
 
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import ray
 
 from requant.api_key import api_key
-from requant.serving.engines import RunningEngine, launch, load_engines
+from requant.engines.engines import RunningEngine, launch, load_engines
 
 
 class _EngineHost:

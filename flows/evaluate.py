@@ -1,7 +1,7 @@
 """The evaluate flow: serve a checkpoint and its reference, smoke-test, GSM8K on both, compare, publish.
 
 Engines are launched on the machine running this flow (the reference server on CPU here; vLLM, ATOM or
-SGLang on a GPU node, see requant/serving/engines.yaml), or attached with ``base_url`` when already
+SGLang on a GPU node, see requant/engines/engines.yaml), or attached with ``base_url`` when already
 running. Reports land next to the checkpoint under ``eval/`` (listed in its manifest) and as Prefect
 artifacts; the checkpoint's model card gets its Quality section. A failing smoke test or gate fails
 the flow run, after its report has been published.
@@ -20,6 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from requant.api_key import api_key
+from requant.engines.engines import RunningEngine, attach, launch, load_engines
+from requant.engines.smoke import format_result
 from requant.errors import RequantError
 from requant.evaluation.downstream import (
     PLOT_PNG,
@@ -35,8 +37,6 @@ from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.report import table_rows
 from requant.io.transfer import object_url
 from requant.manifest import eval_path
-from requant.serving.engines import RunningEngine, attach, launch, load_engines
-from requant.serving.smoke import format_result
 from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
 
 

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--model", help="served model name (default: the first of /v1/models)")
     sm.add_argument("--reference-url", help="a server with the reference variant, for the numeric agreement check")
     sm.add_argument("--reference-model")
-    sm.add_argument("--limits", help="YAML overriding requant/serving/smoke.yaml")
+    sm.add_argument("--limits", help="YAML overriding requant/engines/smoke.yaml")
     sm.add_argument("--out", help="write the result JSON here")
 
     ev = sub.add_parser("eval", help="GSM8K through lm-eval against a running server's /v1/completions")
@@ -183,8 +183,8 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
               max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level,
               body_timeout_s=args.body_timeout)
     elif args.command == "smoke":
-        from requant.serving.engines import attach
-        from requant.serving.smoke import dumps, format_result, load_limits, smoke_test
+        from requant.engines.engines import attach
+        from requant.engines.smoke import dumps, format_result, load_limits, smoke_test
 
         key = api_key()
         engine = attach(args.base_url, args.model, key)
@@ -195,8 +195,8 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
             Path(args.out).write_text(dumps(result) + "\n")
         return 0 if result["passed"] else 1
     elif args.command == "eval":
+        from requant.engines.engines import attach
         from requant.evaluation.gsm8k import run_gsm8k
-        from requant.serving.engines import attach
 
         key = api_key(openai_fallback=True)
         engine = attach(args.base_url, args.model, key)
@@ -218,13 +218,13 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         print((Path(args.out) / "report.md").read_text())
         return 0 if comparison.passed else 1
     elif args.command == "bench-serve":
+        from requant.bench.serve import format_results, run_bench_serve
         from requant.evaluation.gsm8k import find_local_gsm8k
-        from requant.serving.bench import format_results, run_bench_serve
 
         gsm8k = args.gsm8k_dir or find_local_gsm8k()
         print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
     elif args.command == "bench":
-        from requant.bench import run_bench
+        from requant.bench.conversion import run_bench
 
         run_bench(args)
     return 0

@@ -1,25 +1,48 @@
-"""AMD Quark 0.11's per-tensor quantization, called the way its file-to-file exporter calls it.
+"""AMD Quark 0.11, the reference implementation of the target formats, as the tests (the oracle) and the
+benchmark (the baseline) run it. amd-quark is an optional dependency (the ``oracle``/``test`` extras), imported
+only when one of these functions runs.
 
-The tests use it as the oracle for our encoders and the benchmark as the baseline; amd-quark is an
-optional dependency (the ``oracle``/``test`` extras), imported only when this runs.
+* In process: :func:`quark_quantize_weight` runs the same per-tensor sequence as Quark's file-to-file exporter
+  (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale).
+* As a script: ``python -m requant.quark_reference SRC JOBS_JSON`` runs Quark's own
+  ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude"}`` of the JSON list. A separate
+  process, because that function sets torch's global default dtype from config.json.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from functools import cache
+from typing import Any
 
 import torch
 
-from requant.formats.table import WEIGHT_FORMATS
+TEMPLATE = "kimi_k25"  # Quark's LLMTemplate for the Kimi K2.5/K2.6 family
 
-SCHEMES = tuple(fmt.quark_scheme for fmt in WEIGHT_FORMATS.values())
+# Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are what a
+# Quark user would pass for the same coverage, independent of requant's own class table.
+AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
+                    "*shared_experts*", "*mm_projector*", "*vision_tower*"]
+QUARK_EQUIVALENT = {  # recipe -> (Quark scheme, exclude patterns)
+    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"]),
+    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE),
+    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE),
+    "bf16-staging": ("mxfp4", ["*"]),  # everything excluded: Quark only decompresses
+}
+
+
+def _config(scheme: str, exclude: list[str] | None = None):
+    from quark.torch.quantization.config.template import LLMTemplate
+
+    template = LLMTemplate.get(TEMPLATE)
+    return template.get_config(scheme=scheme) if exclude is None else template.get_config(scheme=scheme,
+                                                                                          exclude_layers=exclude)
 
 
 @cache
 def _weight_spec(scheme: str):
-    from quark.torch.quantization.config.template import LLMTemplate
-
-    return LLMTemplate.get("kimi_k25").get_config(scheme=scheme).global_quant_config.weight
+    return _config(scheme).global_quant_config.weight
 
 
 def quark_quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +74,26 @@ def quark_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def quark_config_dict(scheme: str, exclude: list[str]) -> dict[str, Any]:
+    """The quantization config Quark itself builds for ``scheme`` and ``exclude``, as a dict."""
+    return _config(scheme, exclude).to_dict()
+
+
+def quark_file2file(src: str, jobs: list[dict[str, Any]]) -> None:
+    """Quark's own file-to-file export of ``src`` for each ``{"dst", "scheme", "exclude"}`` (run in a process
+    of its own: see the module docstring)."""
+    from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
+
+    for job in jobs:
+        quantize_model_per_safetensor(src, _config(job["scheme"], job["exclude"]), job["dst"], device="cpu")
+
+
+def file2file_command(src: str, jobs: list[dict[str, Any]]) -> list[str]:
+    """The command line that runs :func:`quark_file2file` in a fresh Python process."""
+    return [sys.executable, "-m", "requant.quark_reference", src, json.dumps(jobs)]
+
+
+if __name__ == "__main__":
+    quark_file2file(sys.argv[1], json.loads(sys.argv[2]))

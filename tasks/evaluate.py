@@ -13,12 +13,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from requant.api_key import api_key
+from requant.engines.engines import attach
+from requant.engines.smoke import load_limits, smoke_test
 from requant.evaluation.downstream import EvalSettings, evaluate_served, write_report
 from requant.evaluation.publish import publish_evaluation
 from requant.evaluation.results import GSM8KResult
 from requant.manifest import EVAL_DIR
-from requant.serving.engines import attach
-from requant.serving.smoke import load_limits, smoke_test
 
 
 @task(name="smoke-test", cache_policy=NO_CACHE)

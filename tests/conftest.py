@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from requant.quark_reference import QUARK_EQUIVALENT, file2file_command
 from requant.synth import synthesize
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
-
-from quark_oracle import QUARK_EQUIVALENT  # noqa: E402 (importable once TESTS is on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +27,6 @@ def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quark")
     jobs = [{"dst": str(root / name), "scheme": scheme, "exclude": exclude}
             for name, (scheme, exclude) in QUARK_EQUIVALENT.items()]
-    proc = subprocess.run([sys.executable, str(TESTS / "quark_oracle.py"), str(tiny_upstream), json.dumps(jobs)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(file2file_command(str(tiny_upstream), jobs), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: root / name for name in QUARK_EQUIVALENT}

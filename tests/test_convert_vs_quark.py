@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from quark_oracle import QUARK_EQUIVALENT
 from safetensors import safe_open
 
 from requant.convert import convert_local
+from requant.quark_reference import QUARK_EQUIVALENT
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:

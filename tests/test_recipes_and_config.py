@@ -6,10 +6,10 @@ from importlib import resources
 
 import pytest
 import yaml
-from quark_oracle import quark_config_dict
 
 from requant.errors import RequantError
 from requant.quark_config import is_quark_linear_weight, quantization_config
+from requant.quark_reference import quark_config_dict
 from requant.recipe import builtin_names, load_recipe, parse_recipe
 
 

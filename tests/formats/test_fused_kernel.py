@@ -7,11 +7,11 @@ import torch
 from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from quark_oracle import quark_quantize_weight
 
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
+from requant.quark_reference import quark_quantize_weight
 
 
 def _reference(packed, scale, in_features):

@@ -18,7 +18,7 @@ import pytest
 from hardening_support import scale
 
 from requant.convert import convert_local
-from requant.serving.engines import launch, load_engines
+from requant.engines.engines import launch, load_engines
 
 KEY = "hardening-key-5d1e"
 

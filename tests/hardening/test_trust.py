@@ -49,13 +49,13 @@ def test_no_unpickling_exec_or_remote_code(ledger):
 def test_trust_remote_code_only_as_the_opt_in_engine_flag():
     hits = sorted(str(p.relative_to(ROOT)) for p in [*SOURCES, *(ROOT / "requant").rglob("*.yaml"), ROOT / "prefect.yaml"]
                   if "trust-remote-code" in p.read_text() or "trust_remote_code" in p.read_text())
-    assert hits == ["requant/serving/engines.py", "requant/serving/engines.yaml"]
+    assert hits == ["requant/engines/engines.py", "requant/engines/engines.yaml"]
 
 
 @pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "a/../../b", "ok/../../../x"])
 def test_materialize_refuses_names_outside_the_target(name, tmp_path, monkeypatch, ledger):
     """Engines that need local files get a copy; object names from the store must not escape the copy."""
-    from requant.serving import engines
+    from requant.engines import engines
 
     class Store:
         uri = "s3://bucket/ckpt"

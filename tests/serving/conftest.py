@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from requant.convert import convert_local
-from requant.serving.engines import launch, load_engines
+from requant.engines.engines import launch, load_engines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

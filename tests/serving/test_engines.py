@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from requant.engines.engines import attach, build_command, launch, load_engines
 from requant.errors import RequantError
-from requant.serving.engines import attach, build_command, launch, load_engines
 
 
 def test_builtin_templates_build_the_seed_cards_commands():

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from requant.cli import main
-from requant.serving.engines import launch, load_engines
+from requant.engines.engines import launch, load_engines
 from requant.synth import synthesize
 
 

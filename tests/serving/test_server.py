@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from requant.serving.engines import launch, load_engines
+from requant.engines.engines import launch, load_engines
 
 PROMPT = "Question: Tom has 3 boxes with 12 apples each. How many apples?\nAnswer:"
 

@@ -117,15 +117,7 @@ def _run_measured(cmd: list[str]) -> dict[str, float]:
     return json.loads(proc.stdout)
 
 
-QUARK_FILE2FILE = """
-import sys
-from quark.torch.quantization.config.template import LLMTemplate
-from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
-config = LLMTemplate.get("kimi_k25").get_config(scheme="mxfp4", exclude_layers=sys.argv[3:])
-quantize_model_per_safetensor(sys.argv[1], config, sys.argv[2], device="cpu")
-"""
-SEED_RECIPE_EXCLUDE = ["*self_attn*", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
-                       "*shared_experts*", "*mm_projector*", "*vision_tower*"]
+BENCH_RECIPE = "kimi-k2.6-mxfp4"  # the seed card's recipe; Quark runs its equivalent (requant.quark_reference)
 IMPORT_BASELINE = "import torch, requant.job, requant.plan"
 
 
@@ -136,6 +128,7 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
 
     from requant.io.storage import LocalDir
     from requant.plan import build_plan
+    from requant.quark_reference import QUARK_EQUIVALENT, file2file_command
     from requant.recipe import load_recipe
     from requant.synth import PROFILES, synthesize
 
@@ -144,7 +137,7 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
         if layers:
             profile = dataclasses.replace(profile, layers=layers)
         upstream = synthesize(work / "k26-topology", profile, seed=0, progress=False)
-    plan = build_plan(LocalDir(upstream), load_recipe("kimi-k2.6-mxfp4"))
+    plan = build_plan(LocalDir(upstream), load_recipe(BENCH_RECIPE))
     tensors = sum(len(t.inputs) for j in plan.jobs for t in j.tasks)
     out: dict[str, Any] = {"upstream": str(upstream), "layers": plan.config.num_layers, "tensors": tensors,
                            "jobs": len(plan.jobs), "model_mb": plan.bytes_in / 1e6,
@@ -152,10 +145,11 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
     out["python_torch_baseline"] = _run_measured([sys.executable, "-c", IMPORT_BASELINE])
     requant_bin = [sys.executable, "-m", "requant.cli"]
     out["requant"] = _run_measured([*requant_bin, "convert", str(upstream), str(work / "requant-out"),
-                                    "--recipe", "kimi-k2.6-mxfp4", "--local"])
+                                    "--recipe", BENCH_RECIPE, "--local"])
     if with_quark:
-        out["quark"] = _run_measured([sys.executable, "-c", QUARK_FILE2FILE, str(upstream), str(work / "quark-out"),
-                                      *SEED_RECIPE_EXCLUDE])
+        scheme, exclude = QUARK_EQUIVALENT[BENCH_RECIPE]
+        out["quark"] = _run_measured(file2file_command(str(upstream), [{"dst": str(work / "quark-out"),
+                                                                         "scheme": scheme, "exclude": exclude}]))
         out["speedup_vs_quark"] = out["quark"]["seconds"] / out["requant"]["seconds"]
         out["bit_identical_to_quark"] = _same_tensors(work / "requant-out", work / "quark-out")
     return out

@@ -40,7 +40,7 @@ class EngineSpec:
 
 def load_engines(path: str | Path | None = None) -> dict[str, EngineSpec]:
     """Built-in engines, plus (overriding) those of a user YAML ``{engines: {name: {command: [...], ...}}}``."""
-    sources = [("engines.yaml", resources.files("requant.serving").joinpath("engines.yaml").read_text())]
+    sources = [("engines.yaml", resources.files("requant.engines").joinpath("engines.yaml").read_text())]
     if path is not None:
         try:
             sources.append((str(path), Path(path).read_text()))

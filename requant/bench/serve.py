@@ -77,8 +77,8 @@ def run_bench_serve(out: str | None = None, prompt_len: int = 512, decode_len: i
 
 
 def _lm_eval_rate(checkpoint: Path, items: int, gsm8k_dir: str, root: Path) -> dict[str, Any]:
+    from requant.engines.engines import launch, load_engines
     from requant.evaluation.gsm8k import run_gsm8k
-    from requant.serving.engines import launch, load_engines
 
     with launch(load_engines()["reference"], str(checkpoint), served_model_name="bench", log_dir=root / "logs",
                 max_model_len=4096) as server:

@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from requant.engines.engines import RunningEngine
 from requant.errors import RequantError
-from requant.serving.engines import RunningEngine
 
 # Fixed prompts in the evaluation's own format, so the numeric check looks at the distribution that matters.
 PROMPTS = (
@@ -54,7 +54,7 @@ class SmokeLimits:
 
 
 def load_limits(path: str | Path | None = None) -> SmokeLimits:
-    text = Path(path).read_text() if path else resources.files("requant.serving").joinpath("smoke.yaml").read_text()
+    text = Path(path).read_text() if path else resources.files("requant.engines").joinpath("smoke.yaml").read_text()
     data = yaml.safe_load(text) or {}
     unknown = set(data) - set(SmokeLimits.__dataclass_fields__)
     if unknown:
