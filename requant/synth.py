@@ -23,6 +23,9 @@ from requant.errors import RequantError
 from requant.layout import VLM_TEXT_PREFIX
 from requant.tokenizer import write_tokenizer
 
+VISION_PATCH = 14
+VISION_HEADS = 2
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -45,11 +48,13 @@ class Profile:
 
 
 PROFILES = {
+    # Every profile has K2.6's real MLA sizes (kv_lora_rank 512, rope 64, nope 128, v 128): engines' MLA
+    # kernels take kv_lora_rank + qk_rope_head_dim = 576 only. Widths, heads, experts and vocab stay small.
     "tiny": Profile(layers=3, hidden=128, intermediate=256, moe_intermediate=64, experts=8, top_k=2, heads=4,
-                    q_lora_rank=64, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=1024,
+                    q_lora_rank=64, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=1024,
                     vision_hidden=64, vision_blocks=1, shards=4),
     "k26-topology": Profile(layers=61, hidden=64, intermediate=128, moe_intermediate=32, experts=384, top_k=8, heads=2,
-                            q_lora_rank=32, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=1024,
+                            q_lora_rank=32, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=1024,
                             vision_hidden=32, vision_blocks=2, shards=16),
 }
 
@@ -136,6 +141,7 @@ def model_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "ignore_index": -100,
+        "image_token_id": media,
         "media_placeholder_token_id": media,
         "model_type": "kimi_k25",
         "pad_token_id": pad,
@@ -144,14 +150,29 @@ def model_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
         "torch_dtype": "bfloat16",
         "transformers_version": "4.56.2",
         "use_unified_vision_chunk": True,
-        "vision_config": {
-            "init_pos_emb_height": 64, "init_pos_emb_width": 64, "merge_kernel_size": [2, 2],
-            "mm_hidden_size": p.vision_hidden, "mm_projector_type": "patchmerger", "model_type": "kimi_vit",
-            "patch_size": 14, "projector_hidden_act": "gelu", "projector_ln_eps": 1e-05,
-            "text_hidden_size": p.hidden, "vt_hidden_size": p.vision_hidden, "vt_intermediate_size": 2 * p.vision_hidden,
-            "vt_num_attention_heads": 2, "vt_num_hidden_layers": p.vision_blocks,
-        },
+        # the keys transformers' Kimi_K25VisionConfig (which vLLM uses) reads; a key it ignores would leave
+        # its default, e.g. a 27-block vision tower, in an engine
+        "projection_hidden_size": p.vision_hidden,
+        "projection_layer_norm_eps": 1e-05,
+        "vision_config": vision_config(p),
     }
+
+
+def vision_config(p: Profile) -> dict:
+    return {"model_type": "kimi_k25_vision", "patch_size": VISION_PATCH, "pos_emb_height": 64, "pos_emb_width": 64,
+            "pos_emb_time": 4, "num_attention_heads": VISION_HEADS, "num_hidden_layers": p.vision_blocks,
+            "hidden_size": p.vision_hidden, "intermediate_size": 2 * p.vision_hidden, "hidden_act": "gelu_pytorch_tanh",
+            "merge_kernel_size": [2, 2]}
+
+
+def preprocessor_config() -> dict:
+    """The image processor settings the real repository ships (vLLM's Kimi-K2.5/K2.6 model loads them even
+    for text-only serving)."""
+    return {"media_proc_cfg": {"patch_size": VISION_PATCH, "merge_kernel_size": 2, "temporal_merge_kernel_size": 4,
+                               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "in_patch_limit": 16384,
+                               "patch_limit_on_one_side": 512, "fixed_output_tokens": None,
+                               "in_patch_limit_each_frame": 4096, "in_patch_limit_video": None, "sample_fps": 2.0,
+                               "max_num_frames_each_video": None, "timestamp_mode": "hh:mm:ss.fff"}}
 
 
 class _Weights:
@@ -211,7 +232,7 @@ def _tensors(p: Profile, w: _Weights):
     yield f"{lm}.norm.weight", w.norm(p.hidden)
     yield f"{VLM_TEXT_PREFIX}lm_head.weight", w.linear(p.vocab, p.hidden)
     v, vi = p.vision_hidden, 2 * p.vision_hidden
-    yield "vision_tower.patch_embed.proj.weight", (0.02 * torch.randn(v, 3, 14, 14, generator=w.gen)).to(torch.bfloat16)
+    yield "vision_tower.patch_embed.proj.weight", (0.02 * torch.randn(v, 3, VISION_PATCH, VISION_PATCH, generator=w.gen)).to(torch.bfloat16)
     yield "vision_tower.patch_embed.proj.bias", torch.zeros(v, dtype=torch.bfloat16)
     for b in range(p.vision_blocks):
         B = f"vision_tower.encoder.blocks.{b}"
@@ -283,9 +304,11 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = model_config(p, ids["[BOS]"], ids["[EOS]"], ids["[PAD]"], ids["<|media_pad|>"])
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": ids["<|im_end|>"], "max_length": 262144, "do_sample": True,
+    # one EOS everywhere: engines stop generation on generation_config's, the reference server on config's
+    generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": ids["[EOS]"], "max_length": 262144, "do_sample": True,
                   "temperature": 1.0, "top_p": 0.95}
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
     (dst / "LICENSE").write_text(LICENSE_TEXT)
     (dst / "configuration_kimi_k25.py").write_text(REMOTE_CODE_STUB)
     (dst / "README.md").write_text(f"# Synthetic Kimi-K2.6 layout ({profile}, seed {seed})\n\nRandom INT4/BF16 weights; see LICENSE.\n")

@@ -58,3 +58,37 @@ def test_k26_topology_plans_61_layer_jobs(tmp_path):
     assert len(plan.jobs) == 62 and plan.jobs[0].name == "non-layer" and plan.jobs[-1].name == "layer-060"
     experts = [t for t in plan.jobs[5].tasks if ".experts." in t.name]
     assert len(experts) == 384 * 3 and all(t.kind == "int4" and t.target == "mxfp4" for t in experts)
+
+
+def test_config_is_read_fully_by_the_kimi_k25_config_class_engines_use(tiny_upstream):
+    """transformers' Kimi_K25Config is the class vLLM builds the model from: every vision key we write is one
+    it reads (an ignored key leaves its default, e.g. a 27-block vision tower), the values match the tensors,
+    the MLA sizes are ones engines' kernels take, and the EOS ids agree."""
+    import dataclasses
+
+    from transformers import Kimi_K25Config, Kimi_K25VisionConfig
+
+    raw = json.loads((tiny_upstream / "config.json").read_text())
+    known = {f.name for f in dataclasses.fields(Kimi_K25VisionConfig)} | {"model_type"}
+    assert set(raw["vision_config"]) <= known, set(raw["vision_config"]) - known
+    cfg = Kimi_K25Config.from_pretrained(str(tiny_upstream))
+    weight_map = json.loads((tiny_upstream / "model.safetensors.index.json").read_text())["weight_map"]
+    blocks = {n.split(".")[3] for n in weight_map if n.startswith("vision_tower.encoder.blocks.")}
+    assert cfg.vision_config.num_hidden_layers == len(blocks) == PROFILES["tiny"].vision_blocks
+    assert cfg.vision_config.hidden_size == PROFILES["tiny"].vision_hidden == cfg.projection_hidden_size
+    text = cfg.text_config
+    assert (text.kv_lora_rank, text.qk_rope_head_dim, text.qk_nope_head_dim, text.v_head_dim) == (512, 64, 128, 128)
+    generation = json.loads((tiny_upstream / "generation_config.json").read_text())
+    assert raw["eos_token_id"] == raw["text_config"]["eos_token_id"] == generation["eos_token_id"]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tiny_upstream / "tokenizer.json"))
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|media_pad|>")
+
+
+def test_preprocessor_config_has_what_the_image_processor_reads(tiny_upstream):
+    media = json.loads((tiny_upstream / "preprocessor_config.json").read_text())["media_proc_cfg"]
+    raw = json.loads((tiny_upstream / "config.json").read_text())
+    assert {"patch_size", "merge_kernel_size", "temporal_merge_kernel_size", "image_mean", "image_std",
+            "in_patch_limit", "patch_limit_on_one_side", "fixed_output_tokens", "in_patch_limit_each_frame",
+            "in_patch_limit_video"} <= set(media)
+    assert media["patch_size"] == raw["vision_config"]["patch_size"]
+    assert [media["merge_kernel_size"]] * 2 == raw["vision_config"]["merge_kernel_size"]

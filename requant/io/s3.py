@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +33,27 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+# Variables that decide which identity boto3 resolves. boto3's default session resolves credentials once per
+# process and keeps them, so a process whose AWS_* variables change (a test switching servers, a long-lived
+# worker given new credentials) would go on signing with the old ones: sessions are kept per identity instead.
+IDENTITY_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+_sessions: dict[tuple, object] = {}
+_sessions_lock = threading.Lock()
+
+
 def client():
     import boto3
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                     request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.client("s3", config=config, region_name=os.environ.get("AWS_REGION", "us-east-1"))
+    identity = tuple(os.environ.get(name) for name in IDENTITY_VARS)
+    with _sessions_lock:  # boto3 sessions are not safe to create clients from concurrently
+        session = _sessions.get(identity)
+        if session is None:
+            session = _sessions[identity] = boto3.session.Session()
+        return session.client("s3", config=config, region_name=os.environ.get("AWS_REGION", "us-east-1"))
 
 
 def client_env() -> dict[str, str]:

@@ -352,3 +352,19 @@ def test_s3_lease_second_writer_refused_and_stale_lease_taken_over(s3, ledger):
     zombie.release()
     assert isinstance(held, Lease)
     ledger.record("s3: output lease", "second writer refused, stale taken over, live respected, loser stops")
+
+
+def test_a_process_can_switch_object_store_identities(s3, tmp_path):
+    """boto3's default session keeps the first credentials it resolves; requant's clients follow the AWS_*
+    variables as they are now (a worker, or this test session, moving between two stores)."""
+    other = seaweed.start(tmp_path / "other-store", access_key="second", secret_key="second-secret")
+    try:
+        assert S3Storage("s3://published/mx").exists("requant-manifest.json")        # s3's identity
+        with seaweed.exported_env(other):
+            store = S3Storage("s3://second/x")
+            store.ensure_bucket()
+            store.put_bytes("ping", b"ok")
+            assert store.read_bytes("ping") == b"ok"
+        assert S3Storage("s3://published/mx").exists("requant-manifest.json")        # and back
+    finally:
+        seaweed.stop(other)
