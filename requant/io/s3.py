@@ -163,14 +163,16 @@ class S3Storage:
         try:
             return _retrying(f"{self.uri}/{path}", lambda: self.s3.head_object(Bucket=self.bucket, Key=self.key(path)))
         except ClientError as exc:
-            if _missing(exc):  # HEAD has no body: a missing bucket also answers 404; tell the two apart
-                self._check_bucket(f"{self.uri}/{path}")
+            if _missing(exc):  # no such object (HEAD has no body: a missing bucket answers 404 too)
                 return None
             raise describe_client_error(f"{self.uri}/{path}", exc) from exc
 
-    def _check_bucket(self, uri: str) -> None:
+    def check_bucket(self) -> None:
+        """Fail with one line when the bucket does not exist or the credentials are refused (readers call
+        this when opening a location, as a local directory that does not exist fails at open)."""
         from botocore.exceptions import ClientError
 
+        uri = self.uri
         try:
             _retrying(uri, lambda: self.s3.head_bucket(Bucket=self.bucket))
         except ClientError as exc:

@@ -179,11 +179,15 @@ class LocalDir:
 
 
 def open_storage(uri: str, create: bool = False):
-    """A Storage for a local directory, ``s3://bucket/prefix`` or ``hf://org/repo@revision``."""
+    """A Storage for a local directory, ``s3://bucket/prefix`` or ``hf://org/repo@revision``. Without
+    ``create`` the location must exist: a missing directory or bucket fails here, in one line."""
     if uri.startswith("s3://"):
         from requant.io.s3 import S3Storage
 
-        return S3Storage(uri)
+        storage = S3Storage(uri)
+        if not create:
+            storage.check_bucket()
+        return storage
     if uri.startswith("hf://"):
         from requant.io.hf import HfStorage
 

@@ -71,7 +71,9 @@ def test_logprobs_and_echo(client):
     lp = body["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
     for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
-        assert value <= 0 and token in top and 3 <= len(top) <= 4
+        # top_logprobs is keyed by decoded text (OpenAI's format): the 3 best plus the chosen token, where
+        # tokens that decode alike (byte pieces of one UTF-8 character all read '\ufffd') share one key
+        assert value <= 0 and token in top and 1 <= len(top) <= 4
         assert value == pytest.approx(max(top.values()), abs=1e-9)       # greedy picks the top token
     echoed = complete(client, max_tokens=2, temperature=0, echo=True, logprobs=0)
     assert echoed["choices"][0]["text"].startswith(PROMPT)
