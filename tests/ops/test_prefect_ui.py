@@ -4,6 +4,7 @@ A requantize deployment run goes through the worker, then headless Chromium must
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -24,18 +25,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _user_shell_env() -> dict[str, str]:
+    """`make ui` as a user runs it: without the test session's Ray cluster (RAY_ADDRESS) or S3 identity
+    (AWS_*), which other test modules may have exported; the stack brings its own of both."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("ui")
     port = _free_port()
     up = subprocess.run([sys.executable, "-m", "dev.ui", "up", "--state-dir", str(state_dir), "--port", str(port)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_user_shell_env())
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield json.loads((state_dir / "ui.json").read_text()) | {"state_dir": state_dir}
     finally:
         subprocess.run([sys.executable, "-m", "dev.ui", "down", "--state-dir", str(state_dir)], cwd=ROOT,
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120, env=_user_shell_env())
 
 
 def _client_settings(ui):
