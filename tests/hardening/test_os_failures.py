@@ -283,16 +283,18 @@ def test_layer_job_scratch_space_missing_or_small(medium, tmp_path, monkeypatch,
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory, tiny_upstream):
     server = seaweed.start(tmp_path_factory.mktemp("seaweed-os"), access_key="hardening", secret_key="right-secret")
-    with seaweed.exported_env(server):
-        out = tmp_path_factory.mktemp("os-s3") / "mx"
-        convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
-        dest = S3Storage("s3://published/mx")
-        dest.ensure_bucket()
-        for path in sorted(out.rglob("*")):
-            if path.is_file():
-                dest.put_file(path.relative_to(out).as_posix(), path)
-        yield server
-    seaweed.stop(server)
+    try:  # stopped even when the set-up below fails
+        with seaweed.exported_env(server):
+            out = tmp_path_factory.mktemp("os-s3") / "mx"
+            convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+            dest = S3Storage("s3://published/mx")
+            dest.ensure_bucket()
+            for path in sorted(out.rglob("*")):
+                if path.is_file():
+                    dest.put_file(path.relative_to(out).as_posix(), path)
+            yield server
+    finally:
+        seaweed.stop(server)
 
 
 def _cli(args: list[str], env: dict[str, str]) -> tuple[int, str]:
