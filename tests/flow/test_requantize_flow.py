@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from waiting import wait_for
 
 from requant.errors import PlanError
 from requant.io.s3 import S3Storage
@@ -102,13 +103,7 @@ def _records(output: str) -> list[str]:
 
 
 def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(predicate, timeout, what, interval=0.2)
 
 
 def test_killed_ray_worker_is_retried(prefect_api, ray_cluster, s3_medium, medium_reference, clean_prefix):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from hardening_support import scale
+from waiting import wait_for
 
 from requant import seaweed
 from requant.convert import convert_local
@@ -87,13 +88,7 @@ def _leftovers(dst: Path) -> list[str]:
 
 
 def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(predicate, timeout, what, interval=0.02)
 
 
 @contextlib.contextmanager
