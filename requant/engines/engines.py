@@ -36,6 +36,23 @@ class EngineSpec:
     trust_remote_code_flag: str | None = None
     startup_timeout_s: float = 600.0
     description: str = ""
+    python_env: str | None = None    # variable naming the interpreter {python} stands for (default: requant's own)
+    python_venv: str | None = None   # else this virtualenv, in the working directory or requant's checkout
+    env: tuple[tuple[str, str], ...] = ()  # defaults for the engine's environment (the caller's values win)
+
+    def python(self) -> str:
+        """The interpreter ``{python}`` stands for: requant's own unless the engine lives in its own venv."""
+        if self.python_env and os.environ.get(self.python_env):
+            return os.environ[self.python_env]
+        if not self.python_venv:
+            return sys.executable
+        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+            candidate = root / self.python_venv / "bin" / "python"
+            if candidate.exists():
+                return str(candidate)
+        hint = f"set {self.python_env}, or " if self.python_env else ""
+        raise RequantError(f"engine {self.name!r}: no interpreter; {hint}create {self.python_venv}/ "
+                           f"(make engine-venv)")
 
 
 def load_engines(path: str | Path | None = None) -> dict[str, EngineSpec]:
@@ -61,9 +78,13 @@ def load_engines(path: str | Path | None = None) -> dict[str, EngineSpec]:
 def _spec(name: str, raw: dict, where: str) -> EngineSpec:
     if not isinstance(raw, dict) or not isinstance(raw.get("command"), list) or not raw["command"]:
         raise RequantError(f"{where}: engine {name!r} needs a non-empty 'command' list")
-    unknown = set(raw) - {"command", "local_model", "api_key_env", "trust_remote_code_flag", "startup_timeout_s", "description"}
+    unknown = set(raw) - {"command", "local_model", "api_key_env", "trust_remote_code_flag", "startup_timeout_s", "description",
+                          "python_env", "python_venv", "env"}
     if unknown:
         raise RequantError(f"{where}: engine {name!r} has unknown keys {sorted(unknown)}")
+    env = raw.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items()):
+        raise RequantError(f"{where}: engine {name!r}: 'env' must map variable names to strings")
     command = tuple(str(part) for part in raw["command"])
     for part in command:
         try:
@@ -71,13 +92,14 @@ def _spec(name: str, raw: dict, where: str) -> EngineSpec:
         except (KeyError, IndexError, ValueError) as exc:
             raise RequantError(f"{where}: engine {name!r}: bad placeholder in {part!r} (allowed: {', '.join(PLACEHOLDERS)})") from exc
     return EngineSpec(name, command, bool(raw.get("local_model", True)), raw.get("api_key_env"),
-                      raw.get("trust_remote_code_flag"), float(raw.get("startup_timeout_s", 600)), raw.get("description", ""))
+                      raw.get("trust_remote_code_flag"), float(raw.get("startup_timeout_s", 600)), raw.get("description", ""),
+                      raw.get("python_env"), raw.get("python_venv"), tuple((k, str(v)) for k, v in env.items()))
 
 
 def build_command(spec: EngineSpec, model: str, *, host: str = "127.0.0.1", port: int, served_model_name: str,
                   tp: int = 1, max_model_len: int = 16384, trust_remote_code: bool = False,
                   extra_args: tuple[str, ...] = ()) -> list[str]:
-    values = {"python": sys.executable, "model": model, "host": host, "port": port,
+    values = {"python": spec.python() if "{python}" in spec.command else sys.executable, "model": model, "host": host, "port": port,
               "served_model_name": served_model_name, "tp": tp, "max_model_len": max_model_len}
     command = [part.format(**values) for part in spec.command]
     if trust_remote_code:
@@ -130,7 +152,7 @@ def launch(spec: EngineSpec, model: str, *, served_model_name: str, log_dir: str
         model = str(materialize(model, Path(log_dir) / "model"))
     command = build_command(spec, model, host=host, port=port, served_model_name=served_model_name, tp=tp,
                             max_model_len=max_model_len, trust_remote_code=trust_remote_code, extra_args=extra_args)
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**dict(spec.env), **os.environ, **(env or {})}
     if model.startswith("s3://"):  # the engine reads object storage itself: with the flow's own identity
         from requant.io.s3 import client_env
 

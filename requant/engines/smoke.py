@@ -159,9 +159,23 @@ def _concurrent(client: _Client, n: int):
     return same == n, f"{n} concurrent requests, {same} match the sequential answers"
 
 
-def _top(client: _Client, prompt: str, k: int) -> dict[str, float]:
-    body = client.complete(prompt, max_tokens=1, temperature=0, logprobs=k)
+def _top(client: _Client, prompt: str, k: int, **extra) -> dict[str, float]:
+    body = client.complete(prompt, max_tokens=1, temperature=0, logprobs=k, **extra)
     return body["choices"][0]["logprobs"]["top_logprobs"][0]
+
+
+def _by_id(top: dict[str, float]) -> bool:
+    return all(token.startswith("token_id:") for token in top)
+
+
+def _tops(client: _Client, ref_client: _Client, prompt: str, k: int) -> tuple[dict[str, float], dict[str, float], str]:
+    """Both servers' next-token top-k, keyed by token id where both support vLLM's ``return_tokens_as_token_ids``
+    (keys by decoded text merge byte pieces of one character, and servers render those pieces differently);
+    else by decoded text, OpenAI's format."""
+    cand, ref = (_top(c, prompt, k, return_tokens_as_token_ids=True) for c in (client, ref_client))
+    if _by_id(cand) and _by_id(ref):
+        return cand, ref, "token ids"
+    return _top(client, prompt, k), _top(ref_client, prompt, k), "decoded text"
 
 
 def next_token_kl(ref: dict[str, float], cand: dict[str, float]) -> float:
@@ -184,14 +198,15 @@ def next_token_kl(ref: dict[str, float], cand: dict[str, float]) -> float:
 
 
 def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeric: dict):
-    agree, kls = 0, []
+    agree, kls, keys = 0, [], set()
     for prompt in PROMPTS:
-        cand, ref = _top(client, prompt, limits.top_logprobs), _top(ref_client, prompt, limits.top_logprobs)
+        cand, ref, key = _tops(client, ref_client, prompt, limits.top_logprobs)
+        keys.add(key)
         agree += max(cand, key=cand.get) == max(ref, key=ref.get)
         kls.append(next_token_kl(ref, cand))
     top1, mean_kl = agree / len(PROMPTS), sum(kls) / len(kls)
     numeric.update({"prompts": len(PROMPTS), "top1_agreement": top1, "mean_kl": mean_kl, "kl_per_prompt": kls,
-                    "top_logprobs": limits.top_logprobs})
+                    "top_logprobs": limits.top_logprobs, "keys": sorted(keys)})
     ok = top1 >= limits.min_top1_agreement and mean_kl <= limits.max_mean_kl
     return ok, (f"top-1 agreement {top1:.2f} (min {limits.min_top1_agreement}), mean KL {mean_kl:.4f} nats "
                 f"(max {limits.max_mean_kl}) over {len(PROMPTS)} prompts")

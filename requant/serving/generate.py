@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None     # number of top alternatives per token (0 = only the sampled token)
     echo: bool = False
     ignore_eos: bool = False
+    tokens_as_ids: bool = False     # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
 
 
 @dataclass
@@ -85,11 +86,12 @@ class Generator:
             rng = torch.Generator()
             rng.manual_seed(params.seed + choice if params.seed is not None else torch.seed())
         holdback = max((len(s) for s in params.stop), default=1) - 1
-        lp = _LogprobLog(self, params.logprobs) if params.logprobs is not None else None
+        lp = _LogprobLog(self, params.logprobs, params.tokens_as_ids) if params.logprobs is not None else None
         if lp is not None and params.echo:
             lp.add_prompt(prompt_ids, logits)
         out: list[int] = []
         text, emitted, finish = "", 0, "length"
+        whole = 0  # length of the text as of the last token that did not end inside a UTF-8 character
         next_logits = logits[-1]
         for _ in range(params.max_tokens):
             if cancelled is not None and cancelled():
@@ -102,6 +104,8 @@ class Generator:
                 lp.add(token, next_logits)
             out.append(token)
             text = self.decode(out)
+            if not text.endswith("\ufffd"):
+                whole = len(text)
             cut = _first_stop(text, params.stop, max(0, emitted - holdback))
             if cut is not None:
                 text, finish = text[:cut], "stop"
@@ -112,10 +116,12 @@ class Generator:
             if on_text is not None:
                 safe = len(text) - holdback
                 if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the next token
-                    safe = min(safe, len(text) - 1)
+                    safe = min(safe, whole)
                 if safe > emitted:
                     on_text(text[emitted:safe])
                     emitted = safe
+        if text.endswith("\ufffd"):  # ended inside a character: drop the pending bytes, as vLLM's detokenizer does
+            text = text[:whole]
         if on_text is not None and len(text) > emitted:
             on_text(text[emitted:])
         prefix = self.decode(prompt_ids) if params.echo else ""
@@ -142,14 +148,20 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.G
 class _LogprobLog:
     """OpenAI legacy completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
 
-    def __init__(self, gen: Generator, top: int):
-        self.gen, self.top = gen, top
+    def __init__(self, gen: Generator, top: int, as_ids: bool = False):
+        self.gen, self.top, self.as_ids = gen, top, as_ids
         self.tokens: list[str] = []
+        self.texts: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
 
+    def _name(self, token: int) -> str:
+        # A token that is part of a UTF-8 character decodes to U+FFFD; its id is what tells two apart.
+        return f"token_id:{token}" if self.as_ids else self.gen.decode([token])
+
     def _entry(self, token: int, logits: torch.Tensor | None) -> None:
-        self.tokens.append(self.gen.decode([token]))
+        self.texts.append(self.gen.decode([token]))
+        self.tokens.append(self._name(token))
         if logits is None:
             self.token_logprobs.append(None)
             self.top_logprobs.append(None)
@@ -160,7 +172,7 @@ class _LogprobLog:
         if self.top:
             values, ids = logp.topk(self.top)
             for v, i in zip(values.tolist(), ids.tolist()):
-                alts.setdefault(self.gen.decode([i]), v)
+                alts.setdefault(self._name(i), v)
         alts.setdefault(self.tokens[-1], float(logp[token]))
         self.top_logprobs.append(alts)
 
@@ -173,8 +185,8 @@ class _LogprobLog:
 
     def result(self) -> dict:
         offsets, pos = [], 0
-        for tok in self.tokens:
+        for text in self.texts:
             offsets.append(pos)
-            pos += len(tok)
+            pos += len(text)
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                 "top_logprobs": self.top_logprobs, "text_offset": offsets}

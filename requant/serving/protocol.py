@@ -93,6 +93,7 @@ def parse_completion(raw: bytes, served_model: str) -> CompletionRequest:
         logprobs=logprobs,
         echo=bool(body.get("echo", False)),
         ignore_eos=bool(body.get("ignore_eos", False)),
+        tokens_as_ids=bool(body.get("return_tokens_as_token_ids", False)),  # vLLM's extension
     )
     if params.top_p <= 0:
         raise RequestError("'top_p' must be greater than 0", "top_p")

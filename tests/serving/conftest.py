@@ -39,16 +39,5 @@ def mxfp4_server(tiny_variants, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    """The original GSM8K rows (MIT) kept beside the repository; REQUANT_GSM8K_DIR overrides."""
-    from requant.evaluation.gsm8k import find_local_gsm8k
-
-    path = find_local_gsm8k(__file__)
-    if path is None:
-        raise FileNotFoundError("no GSM8K copy found (shared/data/gsm8k beside the repository); set REQUANT_GSM8K_DIR")
-    return path
-
-
-@pytest.fixture(scope="session")
 def fp8_server(tiny_variants, tmp_path_factory):
     yield from _serve(tiny_variants["fp8-reference"], "tiny-fp8", tmp_path_factory)

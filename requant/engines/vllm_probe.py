@@ -1,0 +1,140 @@
+"""A vLLM plugin that records what vLLM decides for each layer of a checkpoint, inside vLLM's own loader.
+
+This file runs in the engine's environment, not requant's: it imports only the standard library and vLLM.
+``requant.engines.vllm_cpu.probe_env`` registers it as a ``vllm.general_plugins`` entry point (a dist-info
+folder on PYTHONPATH) and sets ``REQUANT_VLLM_PROBE`` to a JSON-lines file. vLLM loads general plugins in
+every process it starts, so the hooks are in place in the engine-core process before it builds the model,
+whichever way the server was started. Nothing in vLLM is re-implemented; some of its functions are wrapped:
+
+- ``LinearBase.__init__``, ``RoutedExperts.__init__`` and ``VocabParallelEmbedding.__init__``: the
+  quantization method (and Quark scheme) each layer was built with, including the router, which vLLM builds
+  without asking the quantization config;
+- ``QuarkConfig.get_quant_method_target``: the weight and activation keys Quark's config chose per prefix;
+- ``BaseModelLoader.load_model`` (in the worker: build layers, load weights, prepare kernels),
+  ``Executor.__init__`` and ``EngineCore._initialize_kv_caches`` (profile, warm up): where start-up stops and
+  vLLM's own message. The innermost failure is written first.
+
+Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready", "pid": ..., ...}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import traceback
+
+ENV = "REQUANT_VLLM_PROBE"
+
+# Stages of vLLM's start-up, by a vLLM function the failing traceback passes through (innermost wins).
+STAGES = {
+    "weight_loader": "load_weights",
+    "load_weights": "load_weights",
+    "process_weights_after_loading": "prepare_kernels",
+    "initialize_model": "build_layers",
+    "determine_available_memory": "profile",
+    "profile_run": "profile",
+    "compile_or_warm_up_model": "warm_up",
+    "load_model": "build_layers",
+}
+
+_installed = False
+
+
+def _write(record: dict) -> None:
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    line = json.dumps({**record, "pid": os.getpid()}) + "\n"
+    with open(path, "a") as f:  # one short append per record: lines from several processes stay whole
+        f.write(line)
+
+
+def _name(obj) -> str | None:
+    return None if obj is None else type(obj).__name__
+
+
+def _stopped(exc: BaseException, default_stage: str) -> dict:
+    stage, where = default_stage, ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if "/vllm/" in frame.filename and frame.name in STAGES:
+            stage, where = STAGES[frame.name], f"{frame.filename.split('/vllm/', 1)[-1]}:{frame.lineno} {frame.name}"
+            break
+    message = " ".join(f"{type(exc).__name__}: {exc}".split())  # pydantic puts the cause on a second line
+    return {"kind": "stopped", "stage": stage, "where": where, "error": message[:4000]}
+
+
+def _observe_layers(cls, attribute: str) -> None:
+    """Record each layer ``cls.__init__`` builds; its module name is the ``attribute`` argument (prefix, layer_name)."""
+    original = cls.__init__
+    signature = inspect.signature(original)
+
+    def prefix_of(self, args, kwargs) -> str:
+        try:
+            value = signature.bind_partial(self, *args, **kwargs).arguments.get(attribute)
+        except TypeError:
+            value = None
+        return str(value if value is not None else getattr(self, attribute, ""))
+
+    def __init__(self, *args, **kwargs):
+        try:
+            original(self, *args, **kwargs)
+        except Exception as exc:
+            _write({"kind": "layer", "prefix": prefix_of(self, args, kwargs), "layer_type": type(self).__name__,
+                    "quant_method": None, "scheme": None, "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]})
+            raise
+        # Subclasses call this base __init__ once; it sets prefix, quant_method and (Quark) scheme.
+        _write({"kind": "layer", "prefix": prefix_of(self, args, kwargs), "layer_type": type(self).__name__,
+                "quant_method": _name(getattr(self, "quant_method", None)),
+                "scheme": _name(getattr(self, "scheme", None)), "error": None})
+
+    cls.__init__ = __init__
+
+
+def _observe_stage(cls, method: str, default_stage: str, ready: bool) -> None:
+    original = getattr(cls, method)
+
+    def wrapped(self, *args, **kwargs):
+        try:
+            result = original(self, *args, **kwargs)
+        except Exception as exc:
+            _write(_stopped(exc, default_stage))
+            raise
+        if ready:
+            _write({"kind": "ready"})
+        return result
+
+    setattr(cls, method, wrapped)
+
+
+def register() -> None:
+    """The plugin entry point; vLLM calls it in each of its processes. Does nothing without REQUANT_VLLM_PROBE."""
+    global _installed
+    if _installed or not os.environ.get(ENV):
+        return
+    _installed = True
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkConfig
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.abstract import Executor
+
+    _observe_layers(LinearBase, "prefix")
+    _observe_layers(RoutedExperts, "layer_name")
+    _observe_layers(VocabParallelEmbedding, "prefix")
+
+    original_target = QuarkConfig.get_quant_method_target
+
+    def get_quant_method_target(self, prefix, layer_type):
+        weight_key, activation_key, method = original_target(self, prefix, layer_type)
+        _write({"kind": "target", "prefix": prefix, "target": None if method is None else method.__name__,
+                "weight_key": None if weight_key is None else str(weight_key),
+                "activation_key": None if activation_key is None else str(activation_key)})
+        return weight_key, activation_key, method
+
+    QuarkConfig.get_quant_method_target = get_quant_method_target
+    _observe_stage(BaseModelLoader, "load_model", "build_layers", ready=False)
+    _observe_stage(Executor, "__init__", "build_layers", ready=False)
+    _observe_stage(EngineCore, "_initialize_kv_caches", "profile", ready=True)

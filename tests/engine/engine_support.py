@@ -1,0 +1,17 @@
+"""Constants and helpers shared by the engine lane's fixtures and tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECIPES = ("bf16-staging", "amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4")
+ROUTER_ONLY = HERE / "router-only-mxfp4.yaml"
+MAX_MODEL_LEN = 4096  # 3-shot GSM8K prompts of the synthetic tokenizer plus 256 generated tokens
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
