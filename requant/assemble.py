@@ -75,7 +75,8 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "upstream": upstream,
         "recipe": {"name": plan.recipe.name, "format": plan.recipe.format, "source": plan.recipe.source,
-                   "targets": dict(plan.recipe.targets), "min_snr_db": plan.recipe.min_snr_db,
+                   "targets": dict(plan.recipe.targets), "overrides": [list(o) for o in plan.recipe.overrides],
+                   "min_snr_db": plan.recipe.min_snr_db,
                    "warnings": list(plan.recipe.warnings)},
         "versions": library_versions(),
         "inputs": inputs,
@@ -109,6 +110,7 @@ def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict]) -> 
         "| tensor class | target |",
         "|---|---|",
         *[f"| {cls} | {target} |" for cls, target in plan.recipe.targets],
+        *[f"| modules matching `{pattern}` | {target} |" for pattern, target in plan.recipe.overrides],
         "",
     ]
     for warning in plan.recipe.warnings:

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--engines-file", help="YAML adding or overriding engines")
     ep.add_argument("--recipe", help="compare with this recipe instead of the one in the checkpoint's manifest")
     ep.add_argument("--dtype", help="vLLM --dtype (quantized checkpoints need bfloat16 or float16)")
+    ep.add_argument("--layers-from", metavar="CHECKPOINT",
+                    help="first start vLLM on this checkpoint of the same architecture that it serves (e.g. the "
+                         "bf16-staging variant), so that layers it never builds for CHECKPOINT are still decided")
     ep.add_argument("--out", help="write the per-class summary as JSON")
     cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
     cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
@@ -124,7 +127,13 @@ def _engine_probe(args: argparse.Namespace) -> int:
         targets = json.loads(open_storage(args.checkpoint).read_bytes(MANIFEST_FILE))["recipe"]["targets"]
     spec = load_engines(args.engines_file)[args.engine]
     with tempfile.TemporaryDirectory(prefix="requant-engine-probe-") as work:
-        probe, served = probe_checkpoint(spec, args.checkpoint, work,
+        layers = None
+        if args.layers_from:
+            full, served = probe_checkpoint(spec, args.layers_from, Path(work) / "layers")
+            if not served:
+                raise RequantError(f"--layers-from {args.layers_from}: vLLM did not serve it ({full.stopped})")
+            layers = Path(work) / "layers" / "vllm-probe.jsonl"
+        probe, served = probe_checkpoint(spec, args.checkpoint, Path(work) / "probe", reference_layers=layers,
                                          extra_args=("--dtype", args.dtype) if args.dtype else ())
     summary = summarize(probe, targets, served)
     print(format_summary(summary))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,24 @@ CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 TENSOR_CLASSES = tuple(name for name, _ in CLASS_PATTERNS)
 INT4_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+
+
+# Modules vLLM loads into one fused layer with one quantization method (DeepseekV2/Kimi): the layer's name.
+FUSED_LAYERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(?P<base>.*\.self_attn)\.(q_a_proj|kv_a_proj_with_mqa)$"), "{base}.fused_qkv_a_proj"),
+    (re.compile(r"^(?P<base>.*\.mlp\.experts)\.\d+\.(gate|up|down)_proj$"), "{base}"),
+    (re.compile(r"^(?P<base>.*\.mlp\.shared_experts)\.(gate|up)_proj$"), "{base}.gate_up_proj"),
+    (re.compile(r"^(?P<base>.*\.mlp)\.(gate|up)_proj$"), "{base}.gate_up_proj"),
+)
+
+
+def fused_layer(module: str) -> str | None:
+    """The vLLM layer ``module`` is fused into, if any (e.g. q_a_proj -> ...self_attn.fused_qkv_a_proj)."""
+    for pattern, name in FUSED_LAYERS:
+        match = pattern.match(module)
+        if match:
+            return name.format(base=match.group("base"))
+    return None
 
 
 def classify(module: str) -> str | None:

@@ -21,13 +21,14 @@ from requant.layout import (
     check_int4_config,
     classify,
     expected_modules,
+    fused_layer,
     layer_of,
     load_config,
     router_bias_expected,
 )
 from requant.manifest import CONFIG_FILE, INDEX_FILE, SINGLE_SHARD, read_weight_map
 from requant.quark_config import is_quark_linear_weight
-from requant.recipe import Recipe
+from requant.recipe import NEVER_QUANTIZED, Recipe
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 NON_LAYER_JOB = "non-layer"
@@ -113,6 +114,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         # config.json is untrusted input; a field of an unexpected type or size surfaces here
         raise CheckpointError(where, f"text config has an unexpected structure ({type(exc).__name__}: {exc})") from exc
+    _check_fused(tasks, recipe, problems)
     covered = {e.name for t in tasks for e in t.inputs}
     problems += [f"{e.file}: {e.name}: not covered by recipe {recipe.name}" for n, e in sorted(entries.items()) if n not in covered and not problems]
     problems = [p if p.startswith(storage.uri) else f"{storage.uri}/{p}" for p in problems]
@@ -233,7 +235,11 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
 
 def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe, problems: list[str]) -> TensorTask | None:
     cls = classify(module)
-    target = recipe.target(cls) if cls else UNQUANTIZED
+    target = recipe.target_for(module, cls)
+    if target != UNQUANTIZED and cls in NEVER_QUANTIZED:
+        problems.append(f"recipe {recipe.name}: an override targets {module} ({cls}) with {target}; "
+                        f"Quark's export keeps norms and embeddings unquantized")
+        return None
     if "weight_packed" in params or "weight_shape" in params or ("weight_scale" in params and "weight" not in params):
         return _int4_task(module, shape, params, target, problems)
     weight = params.get("weight")
@@ -304,11 +310,28 @@ def _copy_task(entry: TensorEntry) -> TensorTask:
 
 def _vision_task(entry: TensorEntry, recipe: Recipe, problems: list[str]) -> TensorTask:
     module, _, param = entry.name.rpartition(".")
-    target = recipe.target(classify(module))
+    target = recipe.target_for(module)
     if target == UNQUANTIZED or param != "weight" or not is_quark_linear_weight(entry.name) or len(entry.shape) != 2:
         return _copy_task(entry)
     _quantizable(entry.name, entry.file, entry.shape, problems)
     return TensorTask(module, "dense", target, (entry,), entry.shape, _quantized_outputs(module, entry.shape, target, entry.dtype))
+
+
+def _check_fused(tasks: list[TensorTask], recipe: Recipe, problems: list[str]) -> None:
+    """vLLM loads some modules into one fused layer (see ``layout.FUSED_LAYERS``) that has one quantization method:
+    a recipe that gives the parts different targets cannot load there, so it is refused before converting."""
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for task in tasks:
+        if task.kind in ("int4", "dense") or is_quark_linear_weight(task.name):
+            module = task.name if task.kind in ("int4", "dense") else task.name.rsplit(".", 1)[0]
+            fused = fused_layer(module)
+            if fused is not None:
+                groups[fused][module] = task.target
+    for fused, parts in sorted(groups.items()):
+        if len(set(parts.values())) > 1:
+            shown = ", ".join(f"{m} -> {t}" for m, t in sorted(parts.items())[:4])
+            problems.append(f"recipe {recipe.name}: vLLM fuses these modules into one layer {fused} with a single "
+                            f"quantization method, but the recipe gives them different targets: {shown}")
 
 
 def _jobs(tasks: list[TensorTask], config: ModelConfig) -> tuple[LayerJob, ...]:

@@ -31,21 +31,22 @@ def strip_quantization_configs(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _layer_config(scheme: dict[str, Any]) -> dict[str, Any]:
+    return {"input_tensors": dict(scheme["input_tensors"]), "output_tensors": None, "weight": dict(scheme["weight"]),
+            "bias": None, "target_device": None}
+
+
 def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
-    """Quark's top-level config for ``recipe``'s format; ``excluded_modules`` are exact module names."""
+    """Quark's top-level config for ``recipe``: its global format, a ``layer_quant_config`` entry per pattern of
+    another format (Quark's own pattern keys, in its order of precedence); ``excluded_modules`` are exact names."""
     data = quark_schemes()
-    scheme = data["schemes"][recipe.format]
     config: dict[str, Any] = {
-        "global_quant_config": {
-            "input_tensors": dict(scheme["input_tensors"]),
-            "output_tensors": None,
-            "weight": dict(scheme["weight"]),
-            "bias": None,
-            "target_device": None,
-        },
+        "global_quant_config": _layer_config(data["schemes"][recipe.format]),
         "exclude": sorted(excluded_modules),
     }
     config.update(copy.deepcopy(data["top_level"]))
+    config["layer_quant_config"] = {pattern: _layer_config(data["schemes"][fmt])
+                                    for pattern, fmt in recipe.layer_quant_patterns()}
     config["version"] = data["version"]
     config["export"] = dict(data["export"])
     return config

@@ -5,7 +5,7 @@ only when one of these functions runs.
 * In process: :func:`quark_quantize_weight` runs the same per-tensor sequence as Quark's file-to-file exporter
   (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale).
 * As a script: ``python -m requant.quark_reference SRC JOBS_JSON`` runs Quark's own
-  ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude"}`` of the JSON list. A separate
+  ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` of the JSON list. A separate
   process, because that function sets torch's global default dtype from config.json.
 """
 
@@ -24,20 +24,30 @@ TEMPLATE = "kimi_k25"  # Quark's LLMTemplate for the Kimi K2.5/K2.6 family
 # Quark user would pass for the same coverage, independent of requant's own class table.
 AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
                     "*shared_experts*", "*mm_projector*", "*vision_tower*"]
-QUARK_EQUIVALENT = {  # recipe -> (Quark scheme, exclude patterns)
-    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"]),
-    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE),
-    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE),
-    "bf16-staging": ("mxfp4", ["*"]),  # everything excluded: Quark only decompresses
+# The exclude list AMD's amd/Kimi-K2.5-MXFP4 model card publishes (shared experts and dense MLP quantized).
+AMD_K25_CARD_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mm_projector*", "*vision_tower*"]
+QUARK_EQUIVALENT = {  # recipe -> (Quark scheme, exclude patterns, layer_config {pattern: scheme} or None)
+    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"], None),
+    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE, None),
+    "amd-kimi-k25-mxfp4": ("mxfp4", AMD_K25_CARD_EXCLUDE, None),
+    # amd/Kimi-K2.5-MXFP4-AttnFP8: --layer_quant_scheme '*self_attn*' ptpc_fp8, attention no longer excluded
+    "amd-kimi-k25-mxfp4-attn-fp8": ("mxfp4", [p for p in AMD_K25_CARD_EXCLUDE if p != "*self_attn*"],
+                                    {"*self_attn*": "ptpc_fp8"}),
+    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE, None),
+    "bf16-staging": ("mxfp4", ["*"], None),  # everything excluded: Quark only decompresses
 }
 
 
-def _config(scheme: str, exclude: list[str] | None = None):
+def _config(scheme: str, exclude: list[str] | None = None, layer_config: dict[str, str] | None = None):
     from quark.torch.quantization.config.template import LLMTemplate
 
     template = LLMTemplate.get(TEMPLATE)
-    return template.get_config(scheme=scheme) if exclude is None else template.get_config(scheme=scheme,
-                                                                                          exclude_layers=exclude)
+    kwargs: dict[str, Any] = {"scheme": scheme}
+    if exclude is not None:
+        kwargs["exclude_layers"] = exclude
+    if layer_config:
+        kwargs["layer_config"] = layer_config
+    return template.get_config(**kwargs)
 
 
 @cache
@@ -76,18 +86,19 @@ def quark_available() -> bool:
     return True
 
 
-def quark_config_dict(scheme: str, exclude: list[str]) -> dict[str, Any]:
-    """The quantization config Quark itself builds for ``scheme`` and ``exclude``, as a dict."""
-    return _config(scheme, exclude).to_dict()
+def quark_config_dict(scheme: str, exclude: list[str], layer_config: dict[str, str] | None = None) -> dict[str, Any]:
+    """The quantization config Quark itself builds for ``scheme``, ``exclude`` and ``layer_config``, as a dict."""
+    return _config(scheme, exclude, layer_config).to_dict()
 
 
 def quark_file2file(src: str, jobs: list[dict[str, Any]]) -> None:
-    """Quark's own file-to-file export of ``src`` for each ``{"dst", "scheme", "exclude"}`` (run in a process
-    of its own: see the module docstring)."""
+    """Quark's own file-to-file export of ``src`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` (run in
+    a process of its own: see the module docstring)."""
     from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
 
     for job in jobs:
-        quantize_model_per_safetensor(src, _config(job["scheme"], job["exclude"]), job["dst"], device="cpu")
+        config = _config(job["scheme"], job["exclude"], job.get("layer_config"))
+        quantize_model_per_safetensor(src, config, job["dst"], device="cpu")
 
 
 def file2file_command(src: str, jobs: list[dict[str, Any]]) -> list[str]:

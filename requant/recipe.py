@@ -1,11 +1,16 @@
 """Recipes are data: one YAML file each under requant/recipes/, checked against a JSON schema.
 
-A recipe maps every tensor class of the layout (see :mod:`requant.layout`) to a target. At most one
-quantized format per recipe, because Quark's exported config carries one global scheme.
+A recipe maps every tensor class of the layout (see :mod:`requant.layout`) to a target, and may override
+single modules by name pattern. Targets may mix formats (e.g. MXFP4 experts with FP8 attention), the way
+Quark expresses it: ``format`` is Quark's ``global_quant_config``; a class (or override) with another format
+becomes a ``layer_quant_config`` entry under Quark's own pattern for it; unquantized modules are excluded.
+A module's target is its first matching override, else its class's target, which is also how Quark resolves
+the exported config (exclude first, then the first matching ``layer_quant_config`` pattern, then global).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -17,12 +22,24 @@ import yaml
 
 from requant.errors import RequantError
 from requant.formats.table import NO_FORMAT, UNQUANTIZED, WEIGHT_FORMATS
-from requant.layout import TENSOR_CLASSES
+from requant.layout import TENSOR_CLASSES, classify
 
 FORMATS = tuple(WEIGHT_FORMATS)
 TARGETS = (*FORMATS, UNQUANTIZED)
 # Quark's file-to-file export never quantizes norms or embeddings, so a recipe may not either.
 NEVER_QUANTIZED = ("norm", "embedding")
+# Quark's pattern (as AMD writes them, e.g. `--layer_quant_scheme '*self_attn*' ptpc_fp8`) for each class that a
+# layer_quant_config entry can select; fnmatch on module names, disjoint between classes.
+QUARK_PATTERNS: dict[str, tuple[str, ...]] = {
+    "routed_expert": ("*mlp.experts*",),
+    "shared_expert": ("*shared_experts*",),
+    "router": ("*mlp.gate",),
+    "dense_mlp": ("*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"),
+    "attention": ("*self_attn*",),
+    "lm_head": ("*lm_head",),
+    "vision_tower": ("*vision_tower*",),
+    "mm_projector": ("*mm_projector*",),
+}
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -37,6 +54,15 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "required": list(TENSOR_CLASSES),
             "properties": {cls: {"enum": list(TARGETS)} for cls in TENSOR_CLASSES},
+        },
+        "overrides": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["pattern", "target"],
+                "properties": {"pattern": {"type": "string", "minLength": 1}, "target": {"enum": list(TARGETS)}},
+            },
         },
         "verify": {
             "type": "object",
@@ -53,18 +79,45 @@ SCHEMA: dict[str, Any] = {
 class Recipe:
     name: str
     description: str
-    format: str  # a key of requant.formats.table.WEIGHT_FORMATS, or NO_FORMAT
+    format: str  # Quark's global format: a key of requant.formats.table.WEIGHT_FORMATS, or NO_FORMAT
     targets: tuple[tuple[str, str], ...]  # (tensor class, target), in layout order
     min_snr_db: float | None
     warnings: tuple[str, ...]
     source: str
+    overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
 
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
 
+    def target_for(self, module: str, tensor_class: str | None = None) -> str:
+        """The target of one module: its first matching override, else its tensor class's target."""
+        return resolve_target(module, dict(self.targets), self.overrides, tensor_class)
+
+    @property
+    def formats(self) -> set[str]:
+        return {t for _, t in (*self.targets, *self.overrides) if t != UNQUANTIZED}
+
+    def layer_quant_patterns(self) -> list[tuple[str, str]]:
+        """Quark ``layer_quant_config`` entries (pattern, format) in Quark's order of precedence: overrides
+        first, then each class whose format is not the global one."""
+        entries = [(p, t) for p, t in self.overrides if t != UNQUANTIZED]
+        for cls, target in self.targets:
+            if target not in (UNQUANTIZED, self.format):
+                entries += [(p, target) for p in QUARK_PATTERNS[cls]]
+        return entries
+
     @property
     def quantizes(self) -> bool:
         return self.format != NO_FORMAT
+
+
+def resolve_target(module: str, targets: dict[str, str], overrides, tensor_class: str | None = None) -> str:
+    """A module's target from class targets and (pattern, target) overrides (also as a manifest stores them)."""
+    for pattern, target in overrides:
+        if fnmatch.fnmatchcase(module, pattern):
+            return target
+    cls = tensor_class if tensor_class is not None else classify(module)
+    return targets.get(cls, UNQUANTIZED) if cls else UNQUANTIZED
 
 
 def builtin_names() -> list[str]:
@@ -92,11 +145,13 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RequantError(f"recipe {source}: {where}: {exc.message}") from exc
     targets = data["targets"]
-    used = {t for t in targets.values() if t != UNQUANTIZED}
+    overrides = tuple((o["pattern"], o["target"]) for o in data.get("overrides", ()))
+    used = {t for t in (*targets.values(), *(t for _, t in overrides)) if t != UNQUANTIZED}
     if data["format"] == NO_FORMAT and used:
-        raise RequantError(f"recipe {source}: format is none but classes target {sorted(used)}")
-    if data["format"] != NO_FORMAT and used != {data["format"]}:
-        raise RequantError(f"recipe {source}: targets use {sorted(used)}; exactly the declared format {data['format']!r} is allowed")
+        raise RequantError(f"recipe {source}: format is none but targets use {sorted(used)}")
+    if data["format"] != NO_FORMAT and data["format"] not in used:
+        raise RequantError(f"recipe {source}: the global format {data['format']!r} is not the target of any class "
+                           f"or override (targets use {sorted(used) or 'nothing'})")
     for cls in NEVER_QUANTIZED:
         if targets[cls] != UNQUANTIZED:
             raise RequantError(f"recipe {source}: {cls} cannot be quantized (Quark's export keeps norms and embeddings)")
@@ -108,6 +163,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         min_snr_db=data["verify"]["min_snr_db"],
         warnings=tuple(data.get("warnings", ())),
         source=source,
+        overrides=overrides,
     )
 
 

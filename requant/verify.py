@@ -9,6 +9,7 @@ error statistics are within the recipe's bound.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 from requant.errors import CheckpointError, VerifyError
@@ -16,6 +17,7 @@ from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
 from requant.io.safetensors import read_header
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, is_sealed, read_manifest
+from requant.recipe import resolve_target
 
 
 def verify(uri: str) -> dict:
@@ -87,14 +89,16 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
         for out in outputs:
             if out not in tensors:
                 problems.append(f"upstream tensor {upstream}: output {out} is missing")
-    fmt = manifest["recipe"]["format"]
+    recipe = manifest["recipe"]
+    overrides = [tuple(o) for o in recipe.get("overrides", [])]
     for module, stat in manifest["stats"].items():
         weight, scale = tensors.get(f"{module}.weight"), tensors.get(f"{module}.weight_scale")
+        intended = resolve_target(module, recipe["targets"], overrides)
         want = WEIGHT_FORMATS.get(stat["target"])
-        if stat["target"] != fmt or want is None or weight is None or scale is None:
-            problems.append(f"{module}: quantized as {stat['target']} but the recipe format is {fmt}, or outputs are missing")
+        if stat["target"] != intended or want is None or weight is None or scale is None:
+            problems.append(f"{module}: quantized as {stat['target']} but the recipe says {intended}, or outputs are missing")
         elif weight["dtype"] != want.weight_dtype or (want.scale_dtype and scale["dtype"] != want.scale_dtype):
-            problems.append(f"{module}: weight {weight['dtype']} / scale {scale['dtype']} do not match {fmt}")
+            problems.append(f"{module}: weight {weight['dtype']} / scale {scale['dtype']} do not match {stat['target']}")
 
 
 def _json(storage, name: str, problems: list[str]) -> dict | None:
@@ -129,6 +133,16 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
     dtype = quant["global_quant_config"]["weight"]["dtype"]
     if WEIGHT_FORMATS[fmt].quark_dtype != dtype:
         problems.append(f"{CONFIG_FILE}: weight dtype {dtype} does not match recipe format {fmt}")
+    by_quark_dtype = {f.quark_dtype: name for name, f in WEIGHT_FORMATS.items()}
+    layer_configs = quant.get("layer_quant_config") or {}
+    for module, stat in manifest["stats"].items():  # Quark's own resolution: first matching pattern, else global
+        pattern = next((p for p in layer_configs if fnmatch.fnmatch(module, p)), None)
+        spec = layer_configs[pattern] if pattern else quant["global_quant_config"]
+        declared = by_quark_dtype.get(((spec or {}).get("weight") or {}).get("dtype"))
+        if declared != stat["target"]:
+            problems.append(f"{CONFIG_FILE}: {module} is {stat['target']} but the config declares it "
+                            f"{declared} ({'layer_quant_config ' + repr(pattern) if pattern else 'global_quant_config'})")
+            break
     quantized = set(manifest["stats"])
     wrongly_excluded = quantized & set(quant.get("exclude", []))
     if wrongly_excluded:

@@ -25,8 +25,8 @@ def tiny_upstream(tmp_path_factory) -> Path:
 def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     """Quark 0.11.2's own file-to-file export of the tiny upstream, for every recipe, in one process."""
     root = tmp_path_factory.mktemp("quark")
-    jobs = [{"dst": str(root / name), "scheme": scheme, "exclude": exclude}
-            for name, (scheme, exclude) in QUARK_EQUIVALENT.items()]
+    jobs = [{"dst": str(root / name), "scheme": scheme, "exclude": exclude, "layer_config": layer_config}
+            for name, (scheme, exclude, layer_config) in QUARK_EQUIVALENT.items()]
     proc = subprocess.run(file2file_command(str(tiny_upstream), jobs), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: root / name for name in QUARK_EQUIVALENT}

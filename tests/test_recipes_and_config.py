@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 
 import pytest
@@ -11,10 +12,16 @@ from requant.errors import RequantError
 from requant.quark_config import is_quark_linear_weight, quantization_config
 from requant.quark_reference import quark_config_dict
 from requant.recipe import builtin_names, load_recipe, parse_recipe
+from requant.verify import verify
 
 
 def test_builtin_recipes():
-    assert builtin_names() == ["amd-kimi-mxfp4", "bf16-staging", "fp8-reference", "kimi-k2.6-mxfp4"]
+    assert builtin_names() == ["amd-kimi-k25-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8", "amd-kimi-mxfp4", "bf16-staging",
+                               "fp8-reference", "kimi-k2.6-mxfp4"]
+    k25, attn = load_recipe("amd-kimi-k25-mxfp4"), load_recipe("amd-kimi-k25-mxfp4-attn-fp8")
+    assert "amd/Kimi-K2.5-MXFP4 " in k25.description + " " and "amd/Kimi-K2.5-MXFP4-AttnFP8" in attn.description
+    assert k25.formats == {"mxfp4"} and attn.formats == {"mxfp4", "fp8_per_channel"}
+    assert attn.layer_quant_patterns() == [("*self_attn*", "fp8_per_channel")] and k25.layer_quant_patterns() == []
     seed, amd = load_recipe("kimi-k2.6-mxfp4"), load_recipe("amd-kimi-mxfp4")
     assert seed.target("router") == "mxfp4" and amd.target("router") == "unquantized"
     assert seed.warnings and not amd.warnings
@@ -22,11 +29,14 @@ def test_builtin_recipes():
     assert not load_recipe("bf16-staging").quantizes
 
 
-@pytest.mark.parametrize("recipe,scheme", [("kimi-k2.6-mxfp4", "mxfp4"), ("fp8-reference", "ptpc_fp8")])
-def test_quantization_config_matches_quark_key_for_key(recipe, scheme):
+@pytest.mark.parametrize("recipe,scheme,layer_config", [
+    ("kimi-k2.6-mxfp4", "mxfp4", None), ("fp8-reference", "ptpc_fp8", None),
+    ("amd-kimi-k25-mxfp4-attn-fp8", "mxfp4", {"*self_attn*": "ptpc_fp8"}),
+])
+def test_quantization_config_matches_quark_key_for_key(recipe, scheme, layer_config):
     excluded = ["language_model.lm_head", "vision_tower.encoder.blocks.0.wo"]
     ours = quantization_config(load_recipe(recipe), excluded)
-    theirs = quark_config_dict(scheme, excluded)
+    theirs = quark_config_dict(scheme, excluded, layer_config)
     ours.pop("export")  # added by Quark's exporter, not by Config.to_dict()
     assert ours == theirs
     assert list(ours) == list(theirs)
@@ -49,15 +59,71 @@ def test_schema_rejects_bad_recipes(change, message):
         parse_recipe(_recipe_data(**change), "test.yaml")
 
 
-def test_one_format_per_recipe_and_no_quantized_norms():
+def test_formats_may_mix_but_the_global_one_must_be_used_and_norms_stay_unquantized():
     data = _recipe_data()
     data["targets"] = dict(data["targets"], router="fp8_per_channel")
-    with pytest.raises(RequantError, match="exactly the declared format"):
-        parse_recipe(data, "mixed.yaml")
+    mixed = parse_recipe(data, "mixed.yaml")
+    assert mixed.layer_quant_patterns() == [("*mlp.gate", "fp8_per_channel")]
+    data["format"] = "fp8_per_channel"
+    assert parse_recipe(data, "mixed.yaml").layer_quant_patterns() == [("*mlp.experts*", "mxfp4")]
+    data = _recipe_data(format="fp8_per_channel")
+    with pytest.raises(RequantError, match="global format 'fp8_per_channel' is not the target of any class"):
+        parse_recipe(data, "unused.yaml")
+    with pytest.raises(RequantError, match="format is none but targets use"):
+        parse_recipe(_recipe_data(format="none"), "none.yaml")
     data = _recipe_data()
     data["targets"] = dict(data["targets"], norm="mxfp4")
     with pytest.raises(RequantError, match="norm cannot be quantized"):
         parse_recipe(data, "norm.yaml")
+
+
+def test_overrides_come_first_and_become_quark_patterns_first():
+    data = _recipe_data(overrides=[{"pattern": "*.layers.1.mlp.experts.*", "target": "fp8_per_channel"},
+                                   {"pattern": "*o_proj", "target": "mxfp4"}])
+    recipe = parse_recipe(data, "overrides.yaml")
+    assert recipe.target_for("language_model.model.layers.1.mlp.experts.3.up_proj") == "fp8_per_channel"
+    assert recipe.target_for("language_model.model.layers.2.mlp.experts.3.up_proj") == "mxfp4"
+    assert recipe.target_for("language_model.model.layers.2.self_attn.o_proj") == "mxfp4"
+    assert recipe.target_for("language_model.model.layers.2.self_attn.q_b_proj") == "unquantized"
+    assert recipe.layer_quant_patterns() == [("*.layers.1.mlp.experts.*", "fp8_per_channel"), ("*o_proj", "mxfp4")]
+    with pytest.raises(RequantError, match="overrides/0/target"):
+        parse_recipe(_recipe_data(overrides=[{"pattern": "*", "target": "int2"}]), "bad.yaml")
+
+
+@pytest.mark.parametrize("pattern,target,fused", [
+    ("*self_attn.q_a_proj", "mxfp4", "self_attn.fused_qkv_a_proj"),     # q_a and kv_a share one vLLM layer
+    ("*.layers.1.mlp.experts.0.*", "unquantized", "mlp.experts"),        # one FusedMoE method per layer
+    ("*shared_experts.up_proj", "mxfp4", "shared_experts.gate_up_proj"),
+])
+def test_a_recipe_that_splits_a_fused_vllm_layer_is_refused_before_converting(tiny_upstream, tmp_path, pattern,
+                                                                              target, fused):
+    from requant.convert import convert_local
+    from requant.errors import PlanError
+
+    data = _recipe_data(name="split", overrides=[{"pattern": pattern, "target": target}])
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match=f"vLLM fuses these modules into one layer .*{fused}"):
+        convert_local(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
+    assert not (tmp_path / "out").exists()
+    data["overrides"] = [{"pattern": "*self_attn.[qk]*_a_proj*", "target": "mxfp4"}]  # both parts: allowed
+    path.write_text(yaml.safe_dump(data))
+    convert_local(str(tiny_upstream), str(tmp_path / "ok"), str(path), progress=False)
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())["quantization_config"]
+    # an override is written even in the global format: a later class pattern must not catch its modules
+    assert config["layer_quant_config"] == {"*self_attn.[qk]*_a_proj*": config["global_quant_config"]}
+    assert "language_model.model.layers.1.self_attn.q_a_proj" not in config["exclude"]
+    verify(str(tmp_path / "ok"))
+
+
+def test_an_override_may_not_quantize_a_norm(tiny_upstream, tmp_path):
+    from requant.convert import convert_local
+    from requant.errors import PlanError
+
+    path = tmp_path / "norm.yaml"
+    path.write_text(yaml.safe_dump(_recipe_data(overrides=[{"pattern": "*embed_tokens", "target": "mxfp4"}])))
+    with pytest.raises(PlanError, match="keeps norms and embeddings unquantized"):
+        convert_local(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
 
 
 def test_unknown_recipe_names_the_choices():

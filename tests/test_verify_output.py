@@ -107,3 +107,34 @@ def test_flipped_byte_in_an_eval_report_is_caught(copy, tmp_path):
         verify(str(copy))
     assert len(info.value.problems) == 1, info.value.problems
     assert "eval/report.md" in info.value.problems[0] and "sha256" in info.value.problems[0]
+
+
+def test_mixed_formats_are_checked_per_class(tiny_upstream, tmp_path, capsys):
+    """amd-kimi-k25-mxfp4-attn-fp8: each quantized module must have its class's format in the tensors, in the
+    recipe the manifest records and in Quark's config (layer_quant_config first, then global), even when the
+    manifest was rewritten to match (resealed, hashes updated)."""
+    import hashlib
+
+    out = tmp_path / "mixed"
+    convert_local(str(tiny_upstream), str(out), "amd-kimi-k25-mxfp4-attn-fp8", progress=False)
+    assert _verify(out, capsys)[0] == 0
+
+    def rewrite(config_edit=None, recipe_edit=None):
+        dst = tmp_path / f"edit-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, dst)
+        manifest = json.loads((dst / "requant-manifest.json").read_text())
+        if config_edit:
+            config = json.loads((dst / "config.json").read_text())
+            config_edit(config["quantization_config"])
+            data = json.dumps(config, indent=2).encode()
+            (dst / "config.json").write_bytes(data)
+            manifest["outputs"]["config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if recipe_edit:
+            recipe_edit(manifest["recipe"])
+        (dst / "requant-manifest.json").write_text(json.dumps(seal(manifest)))
+        return _verify(dst, capsys)
+
+    rc, text = rewrite(config_edit=lambda q: q["layer_quant_config"].clear())
+    assert rc == 2 and "self_attn" in text and "is fp8_per_channel but the config declares it mxfp4 (global_quant_config)" in text
+    rc, text = rewrite(recipe_edit=lambda r: r["targets"].update(attention="mxfp4"))
+    assert rc == 2 and "quantized as fp8_per_channel but the recipe says mxfp4" in text

@@ -147,9 +147,9 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
     out["requant"] = _run_measured([*requant_bin, "convert", str(upstream), str(work / "requant-out"),
                                     "--recipe", BENCH_RECIPE, "--local"])
     if with_quark:
-        scheme, exclude = QUARK_EQUIVALENT[BENCH_RECIPE]
-        out["quark"] = _run_measured(file2file_command(str(upstream), [{"dst": str(work / "quark-out"),
-                                                                         "scheme": scheme, "exclude": exclude}]))
+        scheme, exclude, layer_config = QUARK_EQUIVALENT[BENCH_RECIPE]
+        out["quark"] = _run_measured(file2file_command(str(upstream), [{"dst": str(work / "quark-out"), "scheme": scheme,
+                                                                         "exclude": exclude, "layer_config": layer_config}]))
         out["speedup_vs_quark"] = out["quark"]["seconds"] / out["requant"]["seconds"]
         out["bit_identical_to_quark"] = _same_tensors(work / "requant-out", work / "quark-out")
     return out

@@ -26,8 +26,10 @@ EXPERT_METHODS = {"unquantized": "UnquantizedFusedMoEMethod", "mxfp4": "QuarkOCP
                   "fp8_per_channel": "QuarkW8A8Fp8MoEMethod"}
 
 
-def probe_env(workdir: str | Path) -> tuple[dict[str, str], Path]:
+def probe_env(workdir: str | Path, reference_layers: str | Path | None = None) -> tuple[dict[str, str], Path]:
     """Environment that makes a vLLM process record its per-layer decisions; returns it and the records' path.
+    ``reference_layers``: the records of a run that built every layer of the same architecture, so that layers
+    this run never builds are decided by its live QuarkConfig (see vllm_probe).
 
     The plugin is made visible as an installed distribution (a dist-info folder with a ``vllm.general_plugins``
     entry point on PYTHONPATH), the way vLLM discovers out-of-tree plugins, so no file of vLLM is touched.
@@ -41,7 +43,10 @@ def probe_env(workdir: str | Path) -> tuple[dict[str, str], Path]:
     records = Path(workdir) / "vllm-probe.jsonl"
     records.unlink(missing_ok=True)
     pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": pythonpath, PROBE_ENV: str(records)}, records
+    env = {"PYTHONPATH": pythonpath, PROBE_ENV: str(records)}
+    if reference_layers is not None:
+        env[PROBE_ENV + "_LAYERS"] = str(reference_layers)
+    return env, records
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Layer:
     target: str | None        # what QuarkConfig.get_quant_method_target chose, when it was asked
     weight_key: str | None
     error: str | None
+    built: bool = True        # False: vLLM stopped before building it; decided by its live QuarkConfig
 
 
 @dataclass
@@ -80,6 +86,7 @@ def read_probe(path: str | Path) -> Probe:
     probe = Probe()
     targets: dict[str, dict] = {}
     raw_layers: list[dict] = []
+    decided: list[dict] = []
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError as exc:
@@ -95,10 +102,19 @@ def read_probe(path: str | Path) -> Probe:
             probe.stopped = {k: record[k] for k in ("stage", "where", "error")}
         elif kind == "ready":
             probe.ready = True
+        elif kind == "decided":
+            decided.append(record)
+        elif kind == "decide_failed":
+            raise RequantError(f"{path}: deciding the layers vLLM did not build failed: {record['error']}")
     for r in raw_layers:
         t = targets.get(r["prefix"], {})
         probe.layers.append(Layer(r["prefix"], r["layer_type"], tensor_class(r["prefix"]), r["quant_method"],
                                   r["scheme"], t.get("target"), t.get("weight_key"), r["error"]))
+    built = {layer.prefix for layer in probe.layers}
+    for r in decided:
+        if r["prefix"] not in built:
+            probe.layers.append(Layer(r["prefix"], r["layer_type"], tensor_class(r["prefix"]), r["target"],
+                                      r["scheme"], r["target"], r["weight_key"], None, built=False))
     return probe
 
 
@@ -113,12 +129,12 @@ def intended(target: str, layer: Layer) -> str:
 
 
 def probe_checkpoint(spec, checkpoint: str | Path, workdir: str | Path, *, max_model_len: int = 1024,
-                     extra_args: tuple[str, ...] = ()) -> tuple[Probe, bool]:
+                     extra_args: tuple[str, ...] = (), reference_layers: str | Path | None = None) -> tuple[Probe, bool]:
     """Start ``spec`` (a vLLM engine of engines.yaml) on a local checkpoint with the probe loaded; stop it once it
     answers. Returns the records and whether it served; a start-up failure is a result here, not an error."""
     from requant.engines.engines import launch
 
-    env, records = probe_env(workdir)
+    env, records = probe_env(workdir, reference_layers)
     try:
         with launch(spec, str(checkpoint), served_model_name="probe", log_dir=workdir, max_model_len=max_model_len,
                     extra_args=extra_args, env=env):
@@ -140,9 +156,10 @@ def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None)
         want = intended(target, layer)
         # A layer whose constructor failed still had its method chosen by QuarkConfig (``target``).
         got = probe.decision(layer) if layer.error is None else (layer.target or "none")
-        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "types": [],
-                                                                   "decisions": [], "intended": []})
+        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "not_built": 0,
+                                                                   "types": [], "decisions": [], "intended": []})
         row["layers"] += 1
+        row["not_built"] += not layer.built
         shown = got if layer.error is None else f"{got}, not built: {layer.error.split(':', 1)[0]}"
         for key, value in (("types", layer.layer_type), ("decisions", shown), ("intended", want)):
             if value not in row[key]:
@@ -154,13 +171,16 @@ def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None)
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s}  vLLM's decision (layer types)"]
+    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s} {'built':>5s}  vLLM's decision (layer types)"]
     for name, row in summary["classes"].items():
         chosen = {d.split(", not built")[0] for d in row["decisions"]}
         flag = "" if chosen <= set(row["intended"]) else "   <-- differs from the recipe"
-        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d}  {', '.join(row['decisions'])} "
+        built = row["layers"] - row["not_built"]
+        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d} {built:5d}  {', '.join(row['decisions'])} "
                      f"({', '.join(row['types'])}){flag}")
     stopped = summary["stopped"]
+    if any(row["not_built"] for row in summary["classes"].values()):
+        lines.append("(layers vLLM did not build were decided by its live QuarkConfig when start-up stopped)")
     lines.append("served: yes" if summary["served"] else
                  f"stopped at {stopped['stage']}" + (f" ({stopped['where']})" if stopped.get("where") else "") +
                  f": {stopped['error'][:400]}" if stopped else "served: no (no failure recorded)")

@@ -14,7 +14,14 @@ whichever way the server was started. Nothing in vLLM is re-implemented; some of
   ``Executor.__init__`` and ``EngineCore._initialize_kv_caches`` (profile, warm up): where start-up stops and
   vLLM's own message. The innermost failure is written first.
 
-Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready", "pid": ..., ...}``.
+Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready" | "decided", "pid": ..., ...}``.
+
+Where start-up stops early (on a CPU, at the first layer without a kernel), the layers never built can still be
+decided by the same live ``QuarkConfig`` object, inside the failing loader: with ``REQUANT_VLLM_PROBE_LAYERS``
+naming the records of a run that built every layer of the same architecture (e.g. the BF16 variant), each
+layer not built yet gets a ``decided`` record from ``get_quant_method_target`` (and ``get_scheme_cls``) before
+the error propagates. A layer type this run built without consulting the config (vLLM's router) keeps that
+decision.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import traceback
 
 ENV = "REQUANT_VLLM_PROBE"
+LAYERS_ENV = "REQUANT_VLLM_PROBE_LAYERS"
 
 # Stages of vLLM's start-up, by a vLLM function the failing traceback passes through (innermost wins).
 STAGES = {
@@ -39,6 +47,7 @@ STAGES = {
 }
 
 _installed = False
+_live: dict = {"config": None, "layers": {}, "targets": set()}  # this process: QuarkConfig, built layers
 
 
 def _write(record: dict) -> None:
@@ -80,18 +89,62 @@ def _observe_layers(cls, attribute: str) -> None:
         try:
             original(self, *args, **kwargs)
         except Exception as exc:
+            _live["layers"][prefix_of(self, args, kwargs)] = type(self).__name__
             _write({"kind": "layer", "prefix": prefix_of(self, args, kwargs), "layer_type": type(self).__name__,
                     "quant_method": None, "scheme": None, "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]})
             raise
         # Subclasses call this base __init__ once; it sets prefix, quant_method and (Quark) scheme.
-        _write({"kind": "layer", "prefix": prefix_of(self, args, kwargs), "layer_type": type(self).__name__,
+        prefix = prefix_of(self, args, kwargs)
+        _live["layers"][prefix] = type(self).__name__
+        _write({"kind": "layer", "prefix": prefix, "layer_type": type(self).__name__,
                 "quant_method": _name(getattr(self, "quant_method", None)),
                 "scheme": _name(getattr(self, "scheme", None)), "error": None})
 
     cls.__init__ = __init__
 
 
-def _observe_stage(cls, method: str, default_stage: str, ready: bool) -> None:
+def _subclasses(root) -> dict[str, type]:
+    found, todo = {root.__name__: root}, [root]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__name__ not in found:
+                found[sub.__name__] = sub
+                todo.append(sub)
+    return found
+
+
+def _decide_rest() -> None:
+    """Decide, with this process's live QuarkConfig, every layer of REQUANT_VLLM_PROBE_LAYERS not built here."""
+    config, path = _live["config"], os.environ.get(LAYERS_ENV)
+    if config is None or not path or not os.path.exists(path):
+        return
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkLinearMethod
+
+    types = {**_subclasses(LinearBase), **_subclasses(RoutedExperts)}
+    # types this run built without asking the config (e.g. GateLinear): vLLM builds them so everywhere
+    unconfigured = {t for p, t in _live["layers"].items() if p not in _live["targets"]}
+    with open(path) as f:
+        reference = [json.loads(line) for line in f if line.strip()]
+    for layer in reference:
+        prefix, type_name = layer.get("prefix"), layer.get("layer_type")
+        if layer.get("kind") != "layer" or prefix in _live["layers"] or type_name not in types:
+            continue
+        record = {"kind": "decided", "prefix": prefix, "layer_type": type_name, "scheme": None, "weight_key": None}
+        if type_name in unconfigured:
+            record["target"] = layer.get("quant_method")
+        else:
+            layer_type = types[type_name]
+            weight_key, _, method = config.get_quant_method_target(prefix, layer_type)
+            record["target"] = None if method is None else method.__name__
+            record["weight_key"] = None if weight_key is None else str(weight_key)
+            if method is QuarkLinearMethod:
+                record["scheme"] = config.get_scheme_cls(layer_type, prefix)[2].__name__
+        _write(record)
+
+
+def _observe_stage(cls, method: str, default_stage: str, ready: bool, decide_rest: bool = False) -> None:
     original = getattr(cls, method)
 
     def wrapped(self, *args, **kwargs):
@@ -99,6 +152,11 @@ def _observe_stage(cls, method: str, default_stage: str, ready: bool) -> None:
             result = original(self, *args, **kwargs)
         except Exception as exc:
             _write(_stopped(exc, default_stage))
+            if decide_rest:
+                try:
+                    _decide_rest()
+                except Exception as inner:  # never mask vLLM's own error
+                    _write({"kind": "decide_failed", "error": f"{type(inner).__name__}: {inner}"[:800]})
             raise
         if ready:
             _write({"kind": "ready"})
@@ -129,12 +187,14 @@ def register() -> None:
 
     def get_quant_method_target(self, prefix, layer_type):
         weight_key, activation_key, method = original_target(self, prefix, layer_type)
+        _live["config"] = self
+        _live["targets"].add(prefix)
         _write({"kind": "target", "prefix": prefix, "target": None if method is None else method.__name__,
                 "weight_key": None if weight_key is None else str(weight_key),
                 "activation_key": None if activation_key is None else str(activation_key)})
         return weight_key, activation_key, method
 
     QuarkConfig.get_quant_method_target = get_quant_method_target
-    _observe_stage(BaseModelLoader, "load_model", "build_layers", ready=False)
+    _observe_stage(BaseModelLoader, "load_model", "build_layers", ready=False, decide_rest=True)
     _observe_stage(Executor, "__init__", "build_layers", ready=False)
     _observe_stage(EngineCore, "_initialize_kv_caches", "profile", ready=True)

@@ -12,6 +12,7 @@ never unpickled.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,21 +55,32 @@ def load_checkpoint(uri: str, dtype: torch.dtype = torch.float32) -> LoadedCheck
         raise CheckpointError(f"{uri}/{CONFIG_FILE}", "missing; not a checkpoint directory")
     cfg = load_config(storage.read_bytes(CONFIG_FILE), f"{uri}/{CONFIG_FILE}")
     quant = cfg.raw.get("quantization_config") or cfg.quantization
-    act_spec = _activation_spec(quant, f"{uri}/{CONFIG_FILE}")
     raw = _read_text_tensors(storage, uri, cfg.prefix)
     weights, schemes = _dequantize(raw, uri, dtype)
-    activation = {m: (act_spec if s in ("mxfp4", "fp8") else None) for m, s in schemes.items()}
+    specs = _activation_specs(quant, f"{uri}/{CONFIG_FILE}")
+    activation = {m: (specs(cfg.prefix + m) if s in ("mxfp4", "fp8") else None) for m, s in schemes.items()}
     return LoadedCheckpoint(uri, cfg.text, weights, activation, schemes, storage)
 
 
-def _activation_spec(quant: dict | None, where: str) -> Callable | None:
-    """The dynamic input_tensors spec of a Quark config as a QDQ function (None: weight-only or unquantized)."""
+def _activation_specs(quant: dict | None, where: str) -> Callable[[str], Callable | None]:
+    """module name -> the QDQ function of its dynamic ``input_tensors`` spec (None: weight-only or unquantized),
+    resolved the way Quark does: the first matching ``layer_quant_config`` pattern, else the global config."""
     if not quant or quant.get("quant_method") != "quark":
-        return None
-    spec = (quant.get("global_quant_config") or {}).get("input_tensors")
-    if quant.get("layer_quant_config") or quant.get("layer_type_quant_config"):
-        raise CheckpointError(where, "per-layer Quark quant configs are not supported by the reference server")
-    return activation_qdq(spec, where) if spec else None
+        return lambda module: None
+    if quant.get("layer_type_quant_config"):
+        raise CheckpointError(where, "Quark layer_type_quant_config is not supported by the reference server")
+    layers = quant.get("layer_quant_config") or {}
+    if not isinstance(layers, dict):
+        raise CheckpointError(where, "quantization_config.layer_quant_config must be an object")
+    qdq = {}
+    for key, layer in [(None, quant.get("global_quant_config")), *layers.items()]:
+        spec = (layer or {}).get("input_tensors") if isinstance(layer, dict) else None
+        qdq[key] = activation_qdq(spec, where) if spec else None
+
+    def lookup(module: str) -> Callable | None:
+        return qdq[next((p for p in layers if fnmatch.fnmatch(module, p)), None)]
+
+    return lookup
 
 
 def _read_text_tensors(storage, uri: str, prefix: str) -> dict[str, tuple[torch.Tensor, str]]:

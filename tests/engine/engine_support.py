@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RECIPES = ("bf16-staging", "amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4")
+RECIPES = ("bf16-staging", "amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4", "amd-kimi-k25-mxfp4",
+           "amd-kimi-k25-mxfp4-attn-fp8")
 ROUTER_ONLY = HERE / "router-only-mxfp4.yaml"
 MAX_MODEL_LEN = 4096  # 3-shot GSM8K prompts of the synthetic tokenizer plus 256 generated tokens
 
