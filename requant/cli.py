@@ -210,10 +210,11 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
 
         recipes = [load_recipe(n) for n in builtin_names()]
         if args.json:
-            print(json.dumps([{"name": r.name, "format": r.format, "targets": dict(r.targets)} for r in recipes], indent=2))
+            print(json.dumps([{"name": r.name, "format": r.format, "targets": dict(r.targets),
+                               "overrides": [list(o) for o in r.overrides]} for r in recipes], indent=2))
         for r in recipes if not args.json else []:
-            quantized = [c for c, t in r.targets if t != UNQUANTIZED]
-            print(f"{r.name:18s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
+            quantized = [c if t == r.format else f"{c} ({t})" for c, t in r.targets if t != UNQUANTIZED]
+            print(f"{r.name:28s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
     elif args.command == "serve":
         from requant.serving.server import serve
 
