@@ -63,10 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference: {summary['reference']['output']} ({'reused' if summary['reference']['reused'] else 'converted'})")
             print(f"smoke test: {'passed' if ev['smoke']['passed'] else 'FAILED'} (top-1 agreement "
                   f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
-            for name, sc in ev["scores"].items():
-                print(f"GSM8K {name}: candidate {100 * sc['candidate']:.2f}% vs reference {100 * sc['reference']:.2f}% "
-                      f"(delta {100 * sc['delta']:+.2f} pp)")
-            print(f"gate: {ev['verdict']}\nreport: {ev['report']}\nplot:   {ev['plot']}")
+            print(ev["table"])
+            print(f"report: {ev['report']}\nplot:   {ev['plot']}")
         if not started_here:
             print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
     finally:

@@ -34,7 +34,7 @@ from requant.evaluation.downstream import (
     scratch_dir,
 )
 from requant.evaluation.gsm8k import find_local_gsm8k
-from requant.evaluation.report import table_rows
+from requant.evaluation.report import format_table, table_rows
 from requant.io.transfer import object_url
 from requant.manifest import eval_path
 from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
@@ -159,8 +159,10 @@ def _evaluate(candidate: Variant, reference: Variant, serving: Serving, ref_serv
     create_link_artifact(object_url(checkpoint, eval_path(PLOT_PNG)), link_text="GSM8K plot (PNG)", key="gsm8k-plot")
     create_link_artifact(object_url(checkpoint, eval_path(REPORT_JSON)), link_text="report.json", key="gsm8k-report-json")
     result = {"checkpoint": checkpoint, "reference": reference.uri, "verdict": comparison.verdict,
+              "table": format_table(comparison),
               "smoke": {"passed": smoke["passed"], "numeric": smoke["numeric"]}, "report": f"{checkpoint.rstrip('/')}/{eval_path(REPORT_MD)}",
               "plot": f"{checkpoint.rstrip('/')}/{eval_path(PLOT_PNG)}", "scores": summary["scores"], "seconds": round(eval_seconds, 1)}
-    if not comparison.passed:
+    print(format_table(comparison))
+    if comparison.verdict == "FAIL":
         raise RequantError(f"GSM8K gate failed for {checkpoint}: " + "; ".join(fc.reason for fc in comparison.filters if fc.failed))
     return result

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="first start vLLM on this checkpoint of the same architecture that it serves (e.g. the "
                          "bf16-staging variant), so that layers it never builds for CHECKPOINT are still decided")
     ep.add_argument("--out", help="write the per-class summary as JSON")
-    cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate fails")
+    cp = sub.add_parser("compare", help="compare two `requant eval` outputs; report + plot; exit 1 if the gate "
+                                           "fails, 3 if inconclusive")
     cp.add_argument("candidate", help="candidate's eval directory (holds gsm8k.json)")
     cp.add_argument("reference", help="reference's eval directory")
     cp.add_argument("--gate", help="gate YAML (default: requant/evaluation/gate.yaml)")
@@ -262,7 +263,7 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         comparison, _ = write_report(load_result(args.candidate), load_result(args.reference), smoke, Path(args.out),
                                      args.gate)
         print((Path(args.out) / "report.md").read_text())
-        return 0 if comparison.passed else 1
+        return {"PASS": 0, "FAIL": 1}.get(comparison.verdict, 3)  # 3: INCONCLUSIVE
     elif args.command == "bench-serve":
         from requant.bench.serve import format_results, run_bench_serve
         from requant.evaluation.gsm8k import find_local_gsm8k

@@ -6,8 +6,10 @@ a paired bootstrap over those items of each item's mean correctness over the sha
 
 The gate (``gate.yaml``, checked by ``gate.schema.json``) FAILS the candidate when, on any gated filter,
 it is more than ``max_drop_pp`` percentage points below the reference on the paired data AND the
-chosen paired test is significant at ``alpha``. Everything here is pure: results in, a frozen
-:class:`Comparison` out.
+chosen paired test is significant at ``alpha``. It is INCONCLUSIVE, never PASS, when the reference scores
+below ``min_reference_accuracy`` on a gated filter. Each filter also carries the minimum detectable drop at
+80% power for the pairs used (:func:`~requant.evaluation.stats.mcnemar_mde`), so a PASS says how small a loss
+it could have seen. Everything here is pure: results in, a frozen :class:`Comparison` out.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from requant.evaluation.stats import (
     McNemarResult,
     WelchResult,
     mcnemar,
+    mcnemar_mde,
     mean_std,
     paired_bootstrap,
     welch,
@@ -46,10 +49,12 @@ class Gate:
     alpha: float
     paired_test: str  # "mcnemar" or "bootstrap"
     source: str       # "builtin" or the file it came from
+    min_reference_accuracy: float = 0.0  # below it on a gated filter: INCONCLUSIVE
 
     def describe(self) -> str:
         return (f"FAIL if, on {' or '.join(self.filters)}, the candidate is more than {self.max_drop_pp:g} pp "
-                f"below the reference and the {PAIRED_TESTS[self.paired_test]} test gives p < {self.alpha:g}")
+                f"below the reference and the {PAIRED_TESTS[self.paired_test]} test gives p < {self.alpha:g}; "
+                f"INCONCLUSIVE if the reference scores below {100 * self.min_reference_accuracy:g}%")
 
 
 @lru_cache(maxsize=1)
@@ -73,7 +78,8 @@ def parse_gate(data: Any, source: str) -> Gate:
         raise RequantError(f"gate {source}: {where}: {exc.message}") from exc
     merged = {**_builtin_gate_data(), **data}
     return Gate(filters=tuple(merged["filters"]), max_drop_pp=float(merged["max_drop_pp"]),
-                alpha=float(merged["alpha"]), paired_test=merged["paired_test"], source=source)
+                alpha=float(merged["alpha"]), paired_test=merged["paired_test"], source=source,
+                min_reference_accuracy=float(merged["min_reference_accuracy"]))
 
 
 def load_gate(path: str | Path | None = None) -> Gate:
@@ -117,6 +123,8 @@ class FilterComparison:
     gate_p_value: float          # the gate's paired test p-value
     failed: bool
     reason: str                  # one line, human-readable
+    inconclusive: bool = False   # gated, and the reference is below the gate's floor
+    mde: float = float("nan")    # drop detectable with 80% power at the gate's alpha (McNemar, pooled pairs)
 
     @property
     def paired_delta(self) -> float:
@@ -133,7 +141,7 @@ class Comparison:
     n_items: int                 # doc_ids both variants ran
     gate: Gate
     filters: tuple[FilterComparison, ...]
-    verdict: str                 # "PASS" or "FAIL"
+    verdict: str                 # "PASS", "FAIL" or "INCONCLUSIVE"
     notes: tuple[str, ...]       # caveats: differing seeds or items, too few seeds for Welch
 
     @property
@@ -196,12 +204,15 @@ def _outcomes(result: GSM8KResult, name: str, seeds: list[int], doc_ids: list[in
     return np.array([np.asarray(result.items[name][str(s)])[columns] for s in seeds], dtype=np.int8)
 
 
-def _judge(name: str, paired_delta: float, p: float, gate: Gate) -> tuple[bool, str]:
+def _judge(name: str, paired_delta: float, p: float, gate: Gate, reference_mean: float) -> tuple[bool, str]:
     test = PAIRED_TESTS[gate.paired_test]
     delta_pp = 100.0 * paired_delta
     drop_pp = -delta_pp
     if name not in gate.filters:
         return False, f"{name}: not gated (Δ {delta_pp:+.2f} pp, {test} p = {p:.3g})"
+    if reference_mean < gate.min_reference_accuracy:
+        return False, (f"{name}: INCONCLUSIVE, the reference scores {100 * reference_mean:.2f}%, below the "
+                       f"{100 * gate.min_reference_accuracy:g}% floor: it cannot show a loss (Δ {delta_pp:+.2f} pp)")
     # 1e-9 pp keeps a drop of exactly max_drop_pp (up to float noise) on the passing side.
     if drop_pp <= gate.max_drop_pp + 1e-9:
         return False, (f"{name}: pass, Δ {delta_pp:+.2f} pp is within the allowed {gate.max_drop_pp:g} pp drop "
@@ -259,13 +270,22 @@ def compare(candidate: GSM8KResult, reference: GSM8KResult, gate: Gate | None = 
         mc = mcnemar(cand_items.ravel(), ref_items.ravel())
         boot = paired_bootstrap(cand_items.mean(axis=0), ref_items.mean(axis=0), n_boot=n_boot, seed=seed)
         p = mc.p_exact if gate.paired_test == "mcnemar" else boot.p_value
-        failed, reason = _judge(name, boot.delta, p, gate)
+        ref_paired = float(ref_items.mean())
+        failed, reason = _judge(name, boot.delta, p, gate, ref_paired)
+        gated = name in gate.filters
         compared.append(FilterComparison(
             filter=name, candidate=cand, reference=ref, delta=cand.mean - ref.mean,
             welch=welch(cand.mean, cand.stdev, len(cand.seeds), ref.mean, ref.stdev, len(ref.seeds)),
-            mcnemar=mc, bootstrap=boot, gated=name in gate.filters, gate_p_value=p, failed=failed, reason=reason))
+            mcnemar=mc, bootstrap=boot, gated=gated, gate_p_value=p, failed=failed, reason=reason,
+            inconclusive=gated and ref_paired < gate.min_reference_accuracy,
+            mde=mcnemar_mde(mc.n, mc.b + mc.c, gate.alpha)))
 
-    verdict = "FAIL" if any(fc.failed for fc in compared) else "PASS"
+    if any(fc.failed for fc in compared):
+        verdict = "FAIL"
+    elif any(fc.inconclusive for fc in compared):
+        verdict = "INCONCLUSIVE"
+    else:
+        verdict = "PASS"
     return Comparison(candidate=candidate.variant, reference=reference.variant, num_fewshot=candidate.num_fewshot,
                       shared_seeds=tuple(seeds), n_items=len(doc_ids), gate=gate, filters=tuple(compared),
                       verdict=verdict, notes=tuple(notes))

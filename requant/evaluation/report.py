@@ -53,10 +53,6 @@ def _welch(fc: FilterComparison) -> str:
     return f"t = {w.t:.2f}, df {df}, p = {_p(w.p_value)}"
 
 
-def _gate_cell(fc: FilterComparison) -> str:
-    return "not gated" if not fc.gated else ("**FAIL**" if fc.failed else "pass")
-
-
 def _setup(c: Comparison) -> str:
     seeds = "/".join(str(s) for s in c.shared_seeds)
     return (f"lm-eval `gsm8k`, {c.num_fewshot}-shot, exact match; {c.n_items} items and seeds {seeds} "
@@ -64,17 +60,51 @@ def _setup(c: Comparison) -> str:
 
 
 def _tests_table(c: Comparison) -> list[str]:
-    lines = ["| filter | Δ (pp) | Welch (over seeds) | McNemar b / c, exact p | bootstrap 95% CI (pp), p | gate |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| filter | Δ (pp) | Welch (over seeds) | McNemar b / c, exact p | bootstrap 95% CI (pp), p | "
+             "detectable drop (pp, 80% power) | gate |", "|---|---|---|---|---|---|---|"]
     for fc in c.filters:
         mc, bs = fc.mcnemar, fc.bootstrap
         lines.append(f"| {fc.filter} | {_pp(fc.delta)} | {_welch(fc)} | {mc.b} / {mc.c}, p = {_p(mc.p_exact)} "
-                     f"| [{_pp(bs.ci_low)}, {_pp(bs.ci_high)}], p = {_p(bs.p_value)} | {_gate_cell(fc)} |")
+                     f"| [{_pp(bs.ci_low)}, {_pp(bs.ci_high)}], p = {_p(bs.p_value)} | {_mde(fc)} | {_gate_cell(fc)} |")
     return lines
 
 
+def _mde(fc: FilterComparison) -> str:
+    return "n/a" if not math.isfinite(fc.mde) else f"{100 * fc.mde:.2f}"
+
+
+def power_statement(c: Comparison) -> str:
+    """What the verdict could have seen: the smallest drop each gated filter detects with 80% power."""
+    parts = [f"{fc.filter} {_mde(fc)} pp" for fc in c.filters if fc.gated]
+    return (f"With {len(c.shared_seeds)} seed(s) x {c.n_items} items, a drop is detected with 80% power at "
+            f"alpha {c.gate.alpha:g} from: {', '.join(parts)} (McNemar, pooled pairs).")
+
+
+def _gate_cell(fc: FilterComparison) -> str:
+    if not fc.gated:
+        return "not gated"
+    return "**FAIL**" if fc.failed else ("INCONCLUSIVE" if fc.inconclusive else "pass")
+
+
+def format_table(c: Comparison) -> str:
+    """Plain text for a terminal: one line per variant and filter (accuracy %), then per filter the Δ, the
+    paired tests and the gate, then the verdict and what it could have detected."""
+    lines = [f"GSM8K: {c.candidate} vs {c.reference} ({_setup(c)})",
+             f"  {'variant':28s} {'filter':17s} {'accuracy %':>18s}"]
+    for fc in c.filters:
+        for v in (fc.candidate, fc.reference):
+            lines.append(f"  {v.variant:28s} {fc.filter:17s} {_acc(v):>18s}")
+    lines.append(f"  {'filter':17s} {'Δ pp':>7s} {'McNemar b/c, p':>20s} {'bootstrap p':>12s} {'MDE pp':>7s}  gate")
+    for fc in c.filters:
+        mc = fc.mcnemar
+        lines.append(f"  {fc.filter:17s} {_pp(fc.delta):>7s} {f'{mc.b}/{mc.c}, {_p(mc.p_exact)}':>20s} "
+                     f"{_p(fc.bootstrap.p_value):>12s} {_mde(fc):>7s}  {_gate_cell(fc).strip('*')}")
+    lines.append(f"verdict: {c.verdict}. {power_statement(c)}")
+    return "\n".join(lines)
+
+
 def _verdict_lines(c: Comparison) -> list[str]:
-    lines = [f"**Gate: {c.verdict}.** {c.gate.describe()} (gate: {c.gate.source}).", ""]
+    lines = [f"**Gate: {c.verdict}.** {c.gate.describe()} (gate: {c.gate.source}).", "", power_statement(c), ""]
     lines += [f"- {fc.reason}" for fc in c.filters]
     lines += [f"- Note: {note}" for note in c.notes]
     n_boot = c.filters[0].bootstrap.n_boot if c.filters else 0
@@ -165,6 +195,7 @@ def table_rows(comparison: Comparison) -> list[dict[str, Any]]:
             "bootstrap_ci_high_pp": num(100 * fc.bootstrap.ci_high), "bootstrap_p": num(fc.bootstrap.p_value),
             "gate_test": PAIRED_TESTS[comparison.gate.paired_test], "gate_p": num(fc.gate_p_value),
             "gate": _gate_cell(fc).strip("*"), "reason": fc.reason, "verdict": comparison.verdict,
+            "mde_pp": num(100 * fc.mde),
         })
     return rows
 
@@ -203,7 +234,7 @@ def plot(comparison: Comparison, path: str | Path) -> Path:
     ax.set_title(f"{deltas}\nmean ± stdev over seeds {'/'.join(map(str, c.shared_seeds))}, {c.num_fewshot}-shot",
                  fontsize=9)
     fig.suptitle(f"GSM8K: {c.candidate} vs {c.reference}: {c.verdict}", fontsize=12, fontweight="bold",
-                 color="#2e7d32" if c.passed else "#c62828")
+                 color={"PASS": "#2e7d32", "FAIL": "#c62828"}.get(c.verdict, "#b26a00"))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from scipy import stats as sps
@@ -168,3 +169,33 @@ def paired_bootstrap(cand_items: Sequence[float], ref_items: Sequence[float], n_
     p_value = min(1.0, (1 + int(extreme)) / (n_boot + 1))
     return BootstrapResult(delta=delta, ci_low=float(ci_low), ci_high=float(ci_high), p_value=p_value,
                            n_items=n, n_boot=n_boot)
+
+
+def mcnemar_mde(n_pairs: int, discordant: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest accuracy drop (a fraction) that McNemar's test at two-sided ``alpha`` detects with ``power``,
+    for ``n_pairs`` pooled pairs whose discordant fraction is ``discordant / n_pairs``.
+
+    Normal approximation (Connor 1987): with discordant fraction psi and difference d, the test detects d with
+    power Phi((sqrt(N)·d - z_(1-alpha/2)·sqrt(psi)) / sqrt(psi - d^2)). A drop of d needs at least d of the pairs
+    discordant, so psi is taken as max(observed, d): two variants that never disagreed still get a finite MDE.
+    NaN for no pairs; 1.0 if no drop is detectable.
+    """
+    if n_pairs <= 0:
+        return float("nan")
+    z_alpha = NormalDist().inv_cdf(1 - alpha / 2)
+    observed = discordant / n_pairs
+
+    def achieved(d: float) -> float:
+        psi = max(observed, d)
+        spread = psi - d * d
+        if spread <= 0:
+            return 1.0
+        return NormalDist().cdf((math.sqrt(n_pairs) * d - z_alpha * math.sqrt(psi)) / math.sqrt(spread))
+
+    if achieved(1.0) < power:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if achieved(mid) >= power else (mid, hi)
+    return hi

@@ -285,3 +285,40 @@ def test_fill_quality_section_errors():
         report.fill_quality_section("# card\n\n### Quality\n\n## Quality notes\n", "x")
     with pytest.raises(RequantError, match="'## ' heading"):
         report.fill_quality_section(CARD, "text\n\n## Other\n")
+
+
+# ---------------------------------------------------------------- floor and power
+
+def test_a_reference_below_the_floor_is_inconclusive_never_pass(tmp_path):
+    cand, ref = pair(n_items=200, ref_correct=0)                     # both score 0%: identical, and meaningless
+    comparison = compare(cand, ref, n_boot=200)
+    assert comparison.verdict == "INCONCLUSIVE" and not comparison.passed
+    assert all(fc.inconclusive and "INCONCLUSIVE" in fc.reason and "below the 9% floor" in fc.reason
+               for fc in comparison.filters)
+    assert "INCONCLUSIVE" in report.markdown(comparison) and "verdict: INCONCLUSIVE" in report.format_table(comparison)
+    cand, ref = pair(n_items=200, ref_correct=20)                    # 10%: above the floor
+    assert compare(cand, ref, n_boot=200).verdict == "PASS"
+    gate = load_gate(write(tmp_path, "min_reference_accuracy: 0.2\n"))
+    assert compare(cand, ref, gate, n_boot=200).verdict == "INCONCLUSIVE"
+    cand, ref = pair(n_items=200, ref_correct=12, worse=12)          # 6% -> 0%: below the floor, so not a FAIL
+    assert compare(cand, ref, n_boot=200).verdict == "INCONCLUSIVE"
+    gate = load_gate(write(tmp_path, "filters: [strict-match]\nmin_reference_accuracy: 0.0\n"))
+    assert compare(cand, ref, gate, n_boot=200).verdict == "FAIL"  # a drop to 0 with no floor is a failure
+
+
+@pytest.mark.parametrize("n_items,ref_correct,worse,better", [(1319, 1240, 50, 50), (200, 150, 0, 0), (50, 40, 5, 3)])
+def test_the_detectable_drop_has_80_percent_power_by_simulation(n_items, ref_correct, worse, better):
+    """The reported MDE against a Monte-Carlo of the gate's own test (exact McNemar on pooled pairs): pairs with
+    the observed discordance, shifted by a drop of MDE, are rejected at alpha in about 80% of draws."""
+    cand, ref = pair(n_items=n_items, ref_correct=ref_correct, worse=worse, better=better)
+    fc = compare(cand, ref, n_boot=200).filter("strict-match")
+    n, psi, d = fc.mcnemar.n, max((fc.mcnemar.b + fc.mcnemar.c) / fc.mcnemar.n, fc.mde), fc.mde
+    assert 0 < d < 1 and ("detectable drop" in report.markdown(compare(cand, ref, n_boot=200)))
+    rng = np.random.default_rng(1)
+    draws = 4000
+    discordant = rng.binomial(n, psi, size=draws)
+    c = rng.binomial(discordant, (psi + d) / (2 * psi))              # reference right, candidate wrong
+    b = discordant - c
+    p = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(b, c), np.maximum(discordant, 1), 0.5))
+    power = float(np.mean((p < 0.05) & (c > b)))
+    assert 0.72 <= power <= 0.88, (power, d)
