@@ -8,7 +8,9 @@ Paths are always relative, '/'-separated, and may not leave the root (requant.io
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -163,12 +165,30 @@ class LocalDir:
         dst = self._path(path)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if if_none_match:
+            # Create-if-absent with the content already in place: a reader must never see the new name empty
+            # (open(..., "x") then write leaves that window). Write a private file, then hard-link it to the
+            # name, which fails if the name exists.
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                with open(dst, "xb") as f:
-                    f.write(data)
+                os.link(tmp, dst)
                 return True
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                try:  # a file system without hard links: exclusive create, then the content
+                    with open(dst, "xb") as f:
+                        f.write(data)
+                    return True
+                except FileExistsError:
+                    return False
+            finally:
+                tmp.unlink(missing_ok=True)
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, dst)
