@@ -1,9 +1,11 @@
 """``make flow-run``: the main job on embedded defaults, on a fresh machine with no other set-up.
 
-Starts SeaweedFS (unless ``make services-up`` already did), writes the ``tiny`` synthetic upstream into
-it, runs the requantize flow with the seed card's recipe (verified), produces or reuses the
-fp8-reference variant, smoke-tests the candidate on the reference server and compares both on GSM8K
-(a few items per seed, so it finishes in minutes), and prints where the report is.
+Starts SeaweedFS (unless ``make services-up`` already did), writes a synthetic upstream into it (``tiny``
+by default; ``--profile trained`` once ``make train-model`` has written requant/trained/assets), runs the
+requantize flow with the seed card's recipe (verified), produces or reuses the fp8-reference variant,
+smoke-tests the candidate on the reference server and compares both on GSM8K (the trained profile: on
+its own GSM8K-format task), then prints the comparison table, the verdict with the smallest drop it could
+have detected, and where the report is.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ from requant.synth import synthesize
 STATE = Path(".services/seaweed.json")
 
 
-def default_gsm8k_dir() -> str | None:
-    """An offline GSM8K copy ($REQUANT_GSM8K_DIR or shared/data/gsm8k beside the repository), else the hub's."""
+def default_gsm8k_dir(profile: str) -> str | None:
+    """The trained model's own task for the trained profile; else an offline GSM8K copy ($REQUANT_GSM8K_DIR or
+    shared/data/gsm8k beside the repository), else the hub's."""
     from requant.evaluation.gsm8k import find_local_gsm8k
 
+    if profile == "trained":
+        from requant.synth import trained_assets
+
+        return str(trained_assets())
     found = find_local_gsm8k(__file__)
     return str(found) if found else None
 
@@ -32,13 +39,17 @@ def default_gsm8k_dir() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="kimi-k2.6-mxfp4")
-    parser.add_argument("--profile", default="tiny", choices=["tiny", "k26-topology"])
+    parser.add_argument("--profile", default="tiny", choices=["tiny", "trained", "k26-topology"],
+                        help="synthetic upstream: random weights (tiny, k26-topology) or the trained model")
     parser.add_argument("--bucket", default="requant")
-    parser.add_argument("--eval-limit", type=int, default=5, help="GSM8K items per seed (0 = all 1319)")
+    parser.add_argument("--eval-limit", type=int, default=5, help="task items per seed (0 = all)")
     parser.add_argument("--no-eval", action="store_true", help="convert and verify only")
-    parser.add_argument("--gsm8k-dir", default=default_gsm8k_dir(),
-                        help="train.jsonl/test.jsonl directory (default: $REQUANT_GSM8K_DIR, ../shared/data/gsm8k, else the hub)")
+    parser.add_argument("--gsm8k-dir", default=None,
+                        help="train.jsonl/test.jsonl directory (default: the trained model's task for the trained "
+                             "profile; else $REQUANT_GSM8K_DIR, ../shared/data/gsm8k, else the hub)")
     args = parser.parse_args(argv)
+    if args.gsm8k_dir is None:
+        args.gsm8k_dir = default_gsm8k_dir(args.profile)
 
     server = seaweed.load_state(STATE)
     started_here = server is None

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic upstream checkpoint with Kimi-K2.6's layout")
     s.add_argument("dst")
-    s.add_argument("--profile", default="tiny", choices=["tiny", "k26-topology"])
+    s.add_argument("--profile", default="tiny", choices=["tiny", "trained", "k26-topology"],
+                   help="tiny/k26-topology: random weights; trained: the model make train-model trained (INT4 experts)")
     s.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("convert", help="convert an upstream checkpoint with a recipe")

@@ -34,16 +34,23 @@ def corpus(seed: int, lines: int = 4000) -> list[str]:
     return text
 
 
-def write_tokenizer(dst: Path, vocab_size: int, seed: int = 0) -> dict[str, int]:
-    """Train and write tokenizer.json + tokenizer_config.json; returns the special tokens' ids."""
+def write_tokenizer(dst: Path, vocab_size: int, seed: int = 0, texts: list[str] | None = None,
+                    split_digits: bool = False) -> dict[str, int]:
+    """Train and write tokenizer.json + tokenizer_config.json; returns the special tokens' ids.
+
+    ``texts``: the training text (default: the generated word-problem corpus for ``seed``). ``split_digits``
+    makes every digit its own token, which is what lets a small model learn arithmetic.
+    """
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
     tok.save(str(dst / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
