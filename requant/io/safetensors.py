@@ -223,7 +223,9 @@ class SafetensorsWriter:
     """Writes a safetensors file whose layout is fixed up front (all shapes come from the plan).
 
     Tensors may arrive in any order: each is written at its own offset, so a job holds one tensor at
-    a time. ``close`` checks every declared tensor arrived and returns the file's sha256.
+    a time. ``close`` checks every declared tensor arrived and returns the file's sha256. The digest is
+    computed while writing for as long as tensors arrive in the file's own order (``order()``); ``close``
+    reads back only the part after the first tensor that arrived out of order.
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
@@ -239,6 +241,9 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)
         self._base = HEADER_PREFIX + len(blob)
         self._written: set[str] = set()
+        self._order = [spec.name for spec in layout(specs)]
+        self._digest = hashlib.sha256(struct.pack("<Q", len(blob)) + blob)
+        self._hashed = 0  # tensors of self._order already in self._digest
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
@@ -261,10 +266,18 @@ class SafetensorsWriter:
         if data.numel():
             try:
                 self._file.seek(self._base + offset)
-                self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+                self._file.write(view := memoryview(data.view(torch.uint8).reshape(-1).numpy()))
             except OSError as exc:
                 raise os_failure(self.path, exc, f"writing tensor {name}") from exc
+            if self._hashed < len(self._order) and self._order[self._hashed] == name:
+                self._digest.update(view)
+        if self._hashed < len(self._order) and self._order[self._hashed] == name:
+            self._hashed += 1
         self._written.add(name)
+
+    def order(self) -> list[str]:
+        """Tensor names in file order: writing in this order lets ``close`` skip reading the file back."""
+        return list(self._order)
 
     def close(self, fsync: bool = False) -> str:
         """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing.
@@ -280,7 +293,13 @@ class SafetensorsWriter:
         if missing:
             self.path.unlink(missing_ok=True)
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
-        return sha256_file(self.path)
+        if self._hashed < len(self._order):  # read back what arrived after the first out-of-order tensor
+            start = self._base + self._offsets[self._order[self._hashed]][0]
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                while block := f.read(8 << 20):
+                    self._digest.update(block)
+        return self._digest.hexdigest()
 
     def abort(self) -> None:
         """Close and delete the partial file. Never raises: it runs while another error is on its way out

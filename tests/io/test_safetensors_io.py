@@ -40,6 +40,27 @@ def test_writer_output_reads_back_with_safetensors(tmp_path):
             assert torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8))
 
 
+def test_the_digest_computed_while_writing_is_the_file_sha256_in_any_order(tmp_path):
+    """In file order nothing is read back; out of order, only the rest after the first stall is. Either way the
+    digest is the file's (hashlib over the bytes written), including empty tensors."""
+    import random
+
+    specs = [TensorSpec(f"t{i:02d}", dtype, shape) for i, (dtype, shape) in
+             enumerate([("BF16", (3, 5)), ("U8", (7,)), ("U8", (0,)), ("F32", (2,)), ("BF16", (1, 9)), ("U8", (4, 4))])]
+    values = {s.name: torch.randint(0, 255, (s.nbytes,), dtype=torch.uint8) for s in specs}
+    torch_dtype = {"BF16": torch.bfloat16, "U8": torch.uint8, "F32": torch.float32}
+    rng = random.Random(0)
+    for trial in range(8):
+        path = tmp_path / f"o{trial}.safetensors"
+        writer = SafetensorsWriter(path, specs)
+        names = writer.order() if trial == 0 else rng.sample(writer.order(), len(specs))
+        for name in names:
+            spec = next(s for s in specs if s.name == name)
+            writer.write(name, values[name].view(torch_dtype[spec.dtype]).reshape(spec.shape))
+        assert (writer._hashed == len(specs)) == (names == writer.order())  # in order: all hashed on the way
+        assert writer.close() == sha256_file(path), names
+
+
 def test_writer_refuses_incomplete_files(tmp_path):
     writer = SafetensorsWriter(tmp_path / "o.safetensors", [TensorSpec("a", "U8", (2,)), TensorSpec("b", "U8", (2,))])
     writer.write("a", torch.zeros(2, dtype=torch.uint8))
