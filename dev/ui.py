@@ -24,7 +24,7 @@ from requant.processes import terminate_group
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "requant-process"
-MIRROR_REVISION = "synthetic-tiny-seed0"
+MIRROR_REVISION = "synthetic-trained-seed0"
 
 
 def _prefect() -> str:
@@ -62,19 +62,20 @@ def deploy(env: dict[str, str]) -> None:
 
 
 def seed(env: dict[str, str]) -> None:
-    """The synthetic upstream (requantize's default) and a one-revision mirror (watch-upstream's default)."""
+    """The trained model's INT4 upstream (requantize's default) and a one-revision mirror of it (watch-upstream's
+    default)."""
     from requant.io.s3 import S3Storage
     from requant.io.transfer import upload_dir
     from requant.synth import synthesize
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    if S3Storage("s3://requant/upstream/tiny").exists("config.json"):
+    if S3Storage("s3://requant/upstream/trained").exists("config.json"):
         return
     with tempfile.TemporaryDirectory() as tmp:
-        local = synthesize(Path(tmp) / "tiny", "tiny", seed=0, progress=False)
-        upload_dir(local, "s3://requant/upstream/tiny")
-        upload_dir(local, f"s3://requant/mirror/tiny/snapshots/{MIRROR_REVISION}")
-    S3Storage("s3://requant/mirror/tiny").put_bytes("refs/main", MIRROR_REVISION.encode())
+        local = synthesize(Path(tmp) / "trained", "trained", seed=0, progress=False)
+        upload_dir(local, "s3://requant/upstream/trained")
+        upload_dir(local, f"s3://requant/mirror/trained/snapshots/{MIRROR_REVISION}")
+    S3Storage("s3://requant/mirror/trained").put_bytes("refs/main", MIRROR_REVISION.encode())
 
 
 def up(state_dir: Path, port: int) -> dict:

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--reference-url", help="a server with the reference variant, for the numeric agreement check")
     sm.add_argument("--reference-model")
     sm.add_argument("--limits", help="YAML overriding requant/engines/smoke.yaml")
+    sm.add_argument("--gsm8k-dir", help="compare on this task's test questions (a directory or requant:trained) "
+                    "instead of the built-in prompts")
     sm.add_argument("--out", help="write the result JSON here")
 
     ev = sub.add_parser("eval", help="GSM8K through lm-eval against a running server's /v1/completions")
@@ -84,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="42,1234,7777", help="comma-separated; one lm-eval run per seed")
     ev.add_argument("--num-fewshot", type=int, default=3)
     ev.add_argument("--limit", type=int, help="items per seed (default: all 1319)")
-    ev.add_argument("--gsm8k-dir", help="directory with train.jsonl and test.jsonl (default: the hub's openai/gsm8k)")
+    ev.add_argument("--gsm8k-dir", help="directory with train.jsonl and test.jsonl, or requant:trained for the "
+                    "trained model's own task (default: the hub's openai/gsm8k)")
     ev.add_argument("--num-concurrent", type=int, default=1)
     ev.add_argument("--out", default="gsm8k-eval", help="output directory (per-seed sample logs, gsm8k.json)")
 
@@ -232,12 +235,13 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         return _engine_probe(args)
     elif args.command == "smoke":
         from requant.engines.engines import attach
-        from requant.engines.smoke import dumps, format_result, load_limits, smoke_test
+        from requant.engines.smoke import dumps, format_result, load_limits, smoke_test, task_prompts
 
         key = api_key()
         engine = attach(args.base_url, args.model, key)
         reference = attach(args.reference_url, args.reference_model, key) if args.reference_url else None
-        result = smoke_test(engine, reference, load_limits(args.limits))
+        prompts = task_prompts(args.gsm8k_dir) if args.gsm8k_dir else None
+        result = smoke_test(engine, reference, load_limits(args.limits), prompts)
         print(format_result(result))
         if args.out:
             Path(args.out).write_text(dumps(result) + "\n")

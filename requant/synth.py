@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from requant.constants import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
 from requant.errors import RequantError
+from requant.io.checksums import check_sums
 from requant.layout import VLM_TEXT_PREFIX
 from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
 
@@ -198,18 +199,37 @@ class _Weights:
         return int4_quantize(w.reshape(count, out, inp))
 
 
+def _int4_grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and BF16 scales of float weights ``[..., in]``: symmetric min-max per group of 32 inputs, as
+    compressed-tensors' pack-quantized INT4 (a partial last group gets its own scale). Returns codes
+    ``[..., groups, 32]`` (float) and scales ``[..., groups, 1]`` (float holding BF16 values)."""
+    *lead, inp = w.shape
+    groups = -(-inp // INT4_GROUP_SIZE)
+    w = torch.nn.functional.pad(w.float(), (0, groups * INT4_GROUP_SIZE - inp)).reshape(*lead, groups, INT4_GROUP_SIZE)
+    scale = (w.abs().amax(dim=-1, keepdim=True) / ((INT4_MAX - INT4_MIN) / 2)).to(torch.bfloat16).float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale decodes to 0
+    return torch.round(w / scale).clamp(INT4_MIN, INT4_MAX), scale
+
+
+def int4_fake_quantize(w: torch.Tensor) -> torch.Tensor:
+    """What :func:`int4_quantize` stores for ``w`` (``[..., in]``), decoded back to float; the gradient passes
+    straight through (``make train-model`` trains the routed experts through it, as Moonshot trains K2.6
+    for its INT4 release). Quantizes the BF16 rounding of ``w``, which is what the checkpoint keeps, and rounds
+    the decoded weight to BF16 as compressed-tensors' decompression does."""
+    master = w.to(torch.bfloat16)
+    codes, scale = _int4_grid(master)
+    decoded = (codes * scale).flatten(-2)[..., : w.shape[-1]].to(torch.bfloat16).float()  # as dequantized to BF16
+    return w + (decoded - w).detach()
+
+
 def int4_quantize(w: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """compressed-tensors' pack-quantized INT4 of float weights ``[count, out, in]``: symmetric min-max scales per
     group of 32 inputs (BF16), codes packed by compressed-tensors' own ``pack_to_int32``; one dict per matrix."""
     count, out, inp = w.shape
-    groups = -(-inp // INT4_GROUP_SIZE)  # a partial last group gets its own scale, as in compressed-tensors
-    w = w.float().reshape(count * out, inp)
-    w = torch.nn.functional.pad(w, (0, groups * INT4_GROUP_SIZE - inp)).reshape(count * out, groups, INT4_GROUP_SIZE)
-    scale = (w.abs().amax(dim=-1, keepdim=True) / ((INT4_MAX - INT4_MIN) / 2)).to(torch.bfloat16)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale decodes to 0
-    q = torch.round(w / scale.float()).clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(count * out, -1)[:, :inp]
+    codes, scale = _int4_grid(w)
+    q = codes.to(torch.int8).reshape(count * out, -1)[:, :inp]
     packed = pack_to_int32(q, num_bits=4).reshape(count, out, -1)
-    scale = scale.reshape(count, out, -1)
+    scale = scale.to(torch.bfloat16).reshape(count, out, -1)
     shape = torch.tensor([out, inp], dtype=torch.int32)
     return [{"weight_packed": packed[e].clone(), "weight_scale": scale[e].clone(), "weight_shape": shape.clone()}
             for e in range(count)]
@@ -295,21 +315,10 @@ random numbers. The file exists so that tools copy license files through verbati
 
 def trained_assets() -> Path:
     """requant/trained/assets, every file checked against its SHA256SUMS (a changed file fails with its name)."""
-    import hashlib
+    from requant.trained import ASSET_FILES, ASSETS
 
-    root = Path(__file__).resolve().parent / "trained" / "assets"
-    sums = root / "SHA256SUMS"
-    if not sums.is_file():
-        raise RequantError(f"{root}: no trained model (SHA256SUMS missing); run `make train-model`")
-    listed = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "train.jsonl", "test.jsonl"):
-        if name not in listed:
-            raise RequantError(f"{sums}: does not list {name}")
-    for name, digest in listed.items():
-        path = root / name.strip()
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise RequantError(f"{path}: missing or does not match {sums.name}; restore it (or rerun make train-model)")
-    return root
+    check_sums(ASSETS, ASSET_FILES, "trained model's assets", "restore it from git (or rerun make train-model)")
+    return ASSETS
 
 
 def _with_trained_weights(tensors, root: Path):

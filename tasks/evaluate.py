@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from requant.api_key import api_key
 from requant.engines.engines import attach
-from requant.engines.smoke import load_limits, smoke_test
+from requant.engines.smoke import load_limits, smoke_test, task_prompts
 from requant.evaluation.downstream import EvalSettings, evaluate_served, write_report
 from requant.evaluation.publish import publish_evaluation
 from requant.evaluation.results import GSM8KResult
@@ -23,10 +23,11 @@ from requant.manifest import EVAL_DIR
 
 @task(name="smoke-test", cache_policy=NO_CACHE)
 def run_smoke_test(base_url: str, model: str, reference_base_url: str | None, reference_model: str | None,
-                   limits_file: str | None = None) -> dict[str, Any]:
+                   limits_file: str | None = None, gsm8k_dir: str | None = None) -> dict[str, Any]:
+    """``gsm8k_dir``: the evaluation's local task; its test questions become the agreement prompts."""
     engine = attach(base_url, model, api_key())
     reference = attach(reference_base_url, reference_model, api_key()) if reference_base_url else None
-    return smoke_test(engine, reference, load_limits(limits_file))
+    return smoke_test(engine, reference, load_limits(limits_file), task_prompts(gsm8k_dir) if gsm8k_dir else None)
 
 
 @task(name="gsm8k", task_run_name="gsm8k-{variant}", cache_policy=NO_CACHE)

@@ -22,6 +22,13 @@ def tiny_upstream(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_upstream(tmp_path_factory) -> Path:
+    """The INT4 upstream of the shipped trained model (requant/trained/assets), as `requant synth --profile
+    trained` writes it."""
+    return synthesize(tmp_path_factory.mktemp("upstream") / "trained", "trained", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     """Quark 0.11.2's own file-to-file export of the tiny upstream, for every recipe, in one process."""
     root = tmp_path_factory.mktemp("quark")

@@ -81,9 +81,21 @@ class _Client:
         return r.json()
 
 
+def task_prompts(gsm8k_dir: str | Path, n: int = 6) -> tuple[str, ...]:
+    """Agreement prompts from the evaluation's own task: its first ``n`` test questions as lm-eval asks them
+    (``Question: ...\nAnswer:``), plus the two generic prompts. A model trained on one task (the shipped
+    trained model) is compared on what it was trained for; the real GSM8K gives the same kind as PROMPTS."""
+    from requant.evaluation.gsm8k import check_gsm8k_dir
+
+    test = check_gsm8k_dir(gsm8k_dir)["test"]
+    rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    return tuple(f"Question: {row['question']}\nAnswer:" for row in rows) + PROMPTS[-2:]
+
+
 def smoke_test(engine: RunningEngine, reference: RunningEngine | None = None,
-               limits: SmokeLimits = SmokeLimits()) -> dict:
-    """Run every check; never raises for a failed check (the result says), only for unusable arguments."""
+               limits: SmokeLimits = SmokeLimits(), prompts: tuple[str, ...] | None = None) -> dict:
+    """Run every check; never raises for a failed check (the result says), only for unusable arguments.
+    ``prompts``: the agreement check's prompts (default: the built-in PROMPTS; see :func:`task_prompts`)."""
     client = _Client(engine, limits.timeout_s)
     checks: list[Check] = []
     started = time.perf_counter()
@@ -105,7 +117,8 @@ def smoke_test(engine: RunningEngine, reference: RunningEngine | None = None,
     numeric = None
     if reference is not None:
         numeric = {}
-        run("agreement with reference", lambda: _agreement(client, _Client(reference, limits.timeout_s), limits, numeric))
+        run("agreement with reference", lambda: _agreement(client, _Client(reference, limits.timeout_s), limits, numeric,
+                                                           prompts or PROMPTS))
     return {
         "passed": all(c.passed for c in checks),
         "base_url": engine.base_url, "model": engine.served_model_name, "engine": engine.engine,
@@ -197,19 +210,20 @@ def next_token_kl(ref: dict[str, float], cand: dict[str, float]) -> float:
     return max(kl, 0.0)
 
 
-def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeric: dict):
+def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeric: dict, prompts: tuple[str, ...]):
     agree, kls, keys = 0, [], set()
-    for prompt in PROMPTS:
+    for prompt in prompts:
         cand, ref, key = _tops(client, ref_client, prompt, limits.top_logprobs)
         keys.add(key)
         agree += max(cand, key=cand.get) == max(ref, key=ref.get)
         kls.append(next_token_kl(ref, cand))
-    top1, mean_kl = agree / len(PROMPTS), sum(kls) / len(kls)
-    numeric.update({"prompts": len(PROMPTS), "top1_agreement": top1, "mean_kl": mean_kl, "kl_per_prompt": kls,
+    top1, mean_kl = agree / len(prompts), sum(kls) / len(kls)
+    numeric.update({"prompts": len(prompts), "prompt_source": "built-in" if prompts == PROMPTS else "task",
+                    "top1_agreement": top1, "mean_kl": mean_kl, "kl_per_prompt": kls,
                     "top_logprobs": limits.top_logprobs, "keys": sorted(keys)})
     ok = top1 >= limits.min_top1_agreement and mean_kl <= limits.max_mean_kl
     return ok, (f"top-1 agreement {top1:.2f} (min {limits.min_top1_agreement}), mean KL {mean_kl:.4f} nats "
-                f"(max {limits.max_mean_kl}) over {len(PROMPTS)} prompts")
+                f"(max {limits.max_mean_kl}) over {len(prompts)} prompts")
 
 
 def format_result(result: dict) -> str:

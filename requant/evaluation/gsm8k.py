@@ -11,11 +11,9 @@ Per seed, ``out_dir/seed-<S>/`` gets lm-eval's per-sample records (``samples.jso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import string
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -28,9 +26,11 @@ import yaml
 
 from requant.errors import RequantError
 from requant.evaluation.results import FILTERS, GSM8KResult
+from requant.io.checksums import check_sums
 
 TASK = "gsm8k"
 DATA_FILES = ("train.jsonl", "test.jsonl")
+TRAINED_TASK = "requant:trained"  # gsm8k_dir value: requant/trained/assets
 CHECKSUMS = "SHA256SUMS"      # sha256sum format; shipped with the copies the tests use
 RESULT_FILE = "gsm8k.json"
 TASK_DIR = "lm-eval-task"        # under out_dir: the offline task file, kept for provenance
@@ -68,7 +68,12 @@ def find_local_gsm8k(start: str | Path | None = None) -> Path | None:
 
 def check_gsm8k_dir(gsm8k_dir: str | Path) -> dict[str, Path]:
     """The split files of a local GSM8K copy, each checked to be JSONL rows with ``question`` and ``answer``, and
-    against the copy's SHA256SUMS when it has one."""
+    against the copy's SHA256SUMS when it has one. ``requant:trained`` names the task the shipped trained model
+    learned (requant/trained/assets: GSM8K's schema and answer format, scored by lm-eval's gsm8k task as is)."""
+    if str(gsm8k_dir) == TRAINED_TASK:  # the shipped trained model's own task (its assets are checksummed)
+        from requant.synth import trained_assets
+
+        gsm8k_dir = trained_assets()
     root = Path(gsm8k_dir).expanduser().resolve()
     check_checksums(root)
     files = {}
@@ -97,28 +102,8 @@ def check_gsm8k_dir(gsm8k_dir: str | Path) -> dict[str, Path]:
 
 def check_checksums(root: Path) -> None:
     """A copy that ships ``SHA256SUMS`` must match it: both split files listed, each with its sha256."""
-    sums = root / CHECKSUMS
-    if not sums.is_file():
-        return
-    listed: dict[str, str] = {}
-    for number, line in enumerate(sums.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        digest, _, name = line.strip().partition(" ")
-        name = name.strip().lstrip("*")              # sha256sum writes "<hex>  <name>" ("*<name>" in binary mode)
-        if len(digest) != 64 or any(c not in string.hexdigits for c in digest) or not name:
-            raise RequantError(f"{sums}:{number}: not a sha256sum line")
-        listed[name] = digest.lower()
-    for name in DATA_FILES:
-        path = root / name
-        if name not in listed:
-            raise RequantError(f"{sums}: does not list {name}; cannot vouch for this GSM8K copy")
-        if not path.is_file():
-            raise RequantError(f"{path}: GSM8K split file not found (gsm8k_dir must hold {' and '.join(DATA_FILES)})")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != listed[name]:
-            raise RequantError(f"{path}: sha256 {digest[:16]}... does not match {CHECKSUMS} ({listed[name][:16]}...): "
-                               f"the GSM8K copy is corrupted or modified; restore it")
+    if (root / CHECKSUMS).is_file():
+        check_sums(root, DATA_FILES, "GSM8K copy", "restore it")
 
 
 def write_offline_task(data_files: dict[str, Path], task_dir: Path) -> Path:

@@ -5,3 +5,9 @@
 SHA256SUMS and the training log. ``requant synth --profile trained`` builds a Kimi-K2.6-layout INT4 upstream
 from them; nothing is trained at test time.
 """
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+ASSET_FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "train.jsonl", "test.jsonl",
+               "training.json")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from requant.io.safetensors import sha256_file
 
 HERE = Path(__file__).resolve().parent
 RECIPES = ("bf16-staging", "amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4", "amd-kimi-k25-mxfp4",
@@ -14,5 +15,4 @@ MAX_MODEL_LEN = 4096  # 3-shot GSM8K prompts of the synthetic tokenizer plus 256
 
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}

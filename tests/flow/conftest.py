@@ -64,6 +64,13 @@ def s3_tiny(s3_server, tiny_upstream) -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_trained(s3_server, trained_upstream) -> str:
+    uri = "s3://upstream/trained"
+    upload_dir(trained_upstream, uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def medium_upstream(tmp_path_factory) -> Path:
     """k26-topology cut to 6 layers: 5 MoE layers of 384 experts, enough work per job to interrupt."""
     import dataclasses

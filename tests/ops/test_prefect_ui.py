@@ -92,7 +92,7 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
     assert run.state.is_completed(), run.state
     for name, value in load_state(ui["state_dir"] / "seaweed.json").env().items():
         monkeypatch.setenv(name, value)                    # restored after the test
-    verify("s3://requant/checkpoints/tiny/kimi-k2.6-mxfp4")
+    verify("s3://requant/checkpoints/trained/kimi-k2.6-mxfp4")
 
     SCREENSHOTS.mkdir(exist_ok=True)
     _page(f"{ui['ui_url']}/deployments", ["requantize", "evaluate", "watch-upstream"],
@@ -118,7 +118,7 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui)
         assert watch.state.is_completed(), watch.state
         deadline = time.monotonic() + 600
         with get_client(sync_client=True) as client:
-            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-tiny-seed0"]
+            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-trained-seed0"]
             assert len(started) == 1, started               # the watcher started exactly one conversion
             while True:
                 run = client.read_flow_run(started[0].id)
@@ -126,11 +126,11 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui)
                     break
                 time.sleep(3)
             assert run.state.is_completed(), run.state
-            assert run.parameters["output"] == "s3://requant/revisions/tiny/synthetic-tiny-seed0/kimi-k2.6-mxfp4"
+            assert run.parameters["output"] == "s3://requant/revisions/trained/synthetic-trained-seed0/kimi-k2.6-mxfp4"
             again = run_deployment("watch-upstream/watch-upstream", timeout=600,
                                    parameters={"parameters": {"evaluate": False, "progress": False}})
             assert again.state.is_completed()
-            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-tiny-seed0"]
+            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-trained-seed0"]
             assert len(rerun) == 1                           # converted: nothing new to start
     _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
           SCREENSHOTS / "prefect-ui-requantize-deployment.png")
