@@ -7,7 +7,7 @@ with `requant serve` and runs what the evaluation flow runs: the smoke test agai
 Unlike the flow, a variant that fails its smoke test is still scored, so the table shows what it would have
 scored. Writes results.json and table.md under --out and prints the table.
 
-    python -m dev.measure_trained [--limit 200] [--seeds 42 1234 7777] [--out measurements/trained]
+    python -m dev.measure_trained [--limit 100] [--seeds 42 1234 7777] [--out measurements/trained]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("measurements/trained"))
-    p.add_argument("--limit", type=int, default=200, help="test items per seed (0 = all 1319)")
+    p.add_argument("--limit", type=int, default=100, help="test items per seed (0 = all 1319)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1234, 7777])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
