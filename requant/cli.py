@@ -23,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic upstream checkpoint with Kimi-K2.6's layout")
     s.add_argument("dst")
-    s.add_argument("--profile", default="tiny", choices=["tiny", "trained", "k26-topology"],
-                   help="tiny/k26-topology: random weights; trained: the model make train-model trained (INT4 experts)")
+    s.add_argument("--profile", default="tiny", choices=["tiny", "trained", "k26-topology", "k26-layer"],
+                   help="tiny/k26-topology: random weights; trained: the model make train-model trained (INT4 experts); "
+                        "k26-layer: K2.6's real widths, one dense and one MoE layer (~10.8 GB)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--experts", type=int, help="routed experts per MoE layer (default: the profile's; k26-layer: 384)")
 
     c = sub.add_parser("convert", help="convert an upstream checkpoint with a recipe")
     c.add_argument("src")
@@ -35,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--device", default="cpu", help="torch device for the kernels (cpu, cuda, cuda:1, ...)")
-    c.add_argument("--threads", type=int, default=1, help="row threads per expert matrix (torch itself then uses 1)")
+    c.add_argument("--threads", type=int, default=0,
+                   help="transcode threads per layer job (default 0: with --local every core this process may use; "
+                        "the flow: 1 per Ray task)")
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 
@@ -179,22 +183,18 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
     if args.command == "synth":
         from requant.synth import synthesize
 
-        print(synthesize(args.dst, args.profile, args.seed))
+        print(synthesize(args.dst, args.profile, args.seed, experts=args.experts))
     elif args.command == "convert":
         if not args.local:
             if convert_flow is None:
                 raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
                                    "(or python -m flows.cli), or pass --local to convert in this process")
             summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
-                                   upstream_id=args.upstream_id, device=args.device, threads=args.threads)
+                                   upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local
 
-        if args.threads > 1:
-            import torch
-
-            torch.set_num_threads(1)
         run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
                         upstream_id=args.upstream_id, revision=args.revision, threads=args.threads)
         manifest = run.manifest

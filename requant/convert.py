@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def convert_local(src: str, dst: str, recipe: str, **options) -> dict[str, Any]:
 
 def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
               progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
-              threads: int = 1) -> LocalRun:
+              threads: int = 0) -> LocalRun:
     storage = open_storage(src)
     if not isinstance(storage, LocalDir):
         raise RequantError("local conversion reads local directories only")
@@ -121,8 +122,10 @@ def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: i
         paths.staging.mkdir(exist_ok=True)
     except OSError as exc:
         raise os_failure(paths.staging, exc, "creating the staging directory") from exc
+    # the inputs' digests are computed on their own thread while the jobs run (hashing releases the GIL)
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="requant-hash-inputs")
     try:
-        inputs = input_record(storage, plan, progress=progress)
+        inputs_future = hashing.submit(input_record, storage, plan)
         results: list[JobResult] = [r for r in done.values() if r is not None]
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not progress) as bar:
@@ -134,7 +137,7 @@ def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: i
                 staged.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
                 results.append(result)
                 bar.update(job.bytes_in)
-        manifest, _ = assemble(plan, results, paths.staging, storage, inputs, upstream)
+        manifest, _ = assemble(plan, results, paths.staging, storage, inputs_future.result(), upstream)
         lease.check()
         shutil.rmtree(paths.staging / RUN_STATE_DIR)
         if paths.dst.exists():
@@ -149,4 +152,6 @@ def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: i
         if isinstance(exc, RequantError):  # bad input fails the same way again: nothing worth keeping
             shutil.rmtree(paths.staging, ignore_errors=True)
         raise
+    finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
     return LocalRun(manifest, len(plan.jobs), len(plan.jobs) - len(todo))

@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import socket
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from requant.errors import CheckpointError
 from requant.formats.int4 import dequantize_int4
 from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
 from requant.io.ranges import CoalescingReader
-from requant.io.safetensors import SafetensorsWriter
+from requant.io.safetensors import SafetensorsWriter, TensorEntry
 from requant.io.storage import Storage
 from requant.plan import LayerJob, TensorTask
 
@@ -64,28 +68,67 @@ def result_from_json(raw: bytes) -> JobResult:
     return JobResult(**data, stats=stats)
 
 
+READ_AHEAD = 2  # spans fetched ahead of use (range GETs in flight on object storage)
+IN_FLIGHT_BYTES = 512 << 20  # input bytes read but not yet written, across the transcode threads
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Torch's intra-op threads set to ``n`` for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1,
             fsync: bool = False) -> JobResult:
-    """Convert one job's tensors into ``out_dir / job.output_file``; ``threads`` row threads per matrix."""
+    """Convert one job's tensors into ``out_dir / job.output_file`` on ``threads`` transcode threads (0: every
+    core this process may use).
+
+    The stages overlap: spans are read ahead of use on their own threads, tensors are transcoded in parallel
+    (each on one torch thread), and one writer thread writes and hashes the results in the output file's
+    order (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
+    The bytes are those of a sequential run: each tensor's result does not depend on the others.
+    """
     start = time.perf_counter()
+    workers = threads if threads > 0 else available_cores()
     path = Path(out_dir) / job.output_file
     writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name})
+    # in the output file's order, so the writer hashes as it writes instead of reading the shard back;
+    # inputs are named alike (safetensors orders by dtype, then name), so spans are still read in order
+    position = {name: i for i, name in enumerate(writer.order())}
+    tasks = sorted(job.tasks, key=lambda t: min(position[s.name] for s in t.outputs))
+    reader = CoalescingReader(source, [e for t in job.tasks for e in t.inputs],
+                              order=[e for t in tasks for e in _read_order(t)], ahead=READ_AHEAD)
+    transcoders = ThreadPoolExecutor(workers, thread_name_prefix="requant-transcode")
+    writing = ThreadPoolExecutor(1, thread_name_prefix="requant-write")
     stats: list[TensorStat] = []
-    reader = CoalescingReader(source, [e for t in job.tasks for e in t.inputs])
     try:
-        # in the output file's order, so the writer hashes as it writes instead of reading the shard back;
-        # inputs are named alike (safetensors orders by dtype, then name), so spans are still read in order
-        position = {name: i for i, name in enumerate(writer.order())}
-        for task in sorted(job.tasks, key=lambda t: min(position[s.name] for s in t.outputs)):
-            outputs, stat = transcode(task, reader, device, threads)
-            for spec, tensor in zip(task.outputs, outputs):
-                writer.write(spec.name, tensor)
-            if stat is not None:
-                stats.append(stat)
+        with _torch_threads(1 if workers > 1 else None):
+            _pipeline(tasks, reader, transcoders, writing, writer, stats, device, workers)
         digest = writer.close(fsync=fsync)
     except BaseException:
+        for pool in (transcoders, writing):
+            pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
         writer.abort()
         raise
+    finally:
+        transcoders.shutdown()
+        writing.shutdown()
+        reader.close()
     return JobResult(
         job=job.name,
         output_file=job.output_file,
@@ -100,15 +143,67 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     )
 
 
+def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: ThreadPoolExecutor,
+              writing: ThreadPoolExecutor, writer: SafetensorsWriter, stats: list[TensorStat], device: str,
+              workers: int) -> None:
+    """Read each task's inputs here (the reader fetches ahead), transcode on the pool, hand the results to the
+    writer thread in order. A failure anywhere surfaces here, at the latest when its result is collected."""
+    transcoding: deque[tuple[TensorTask, Future, int]] = deque()
+    written: deque[Future] = deque()
+    in_flight = 0
+
+    def hand_over() -> None:
+        nonlocal in_flight
+        task, future, nbytes = transcoding.popleft()
+        outputs, stat = future.result()
+        written.append(writing.submit(_write_outputs, writer, task, outputs))
+        in_flight -= nbytes
+        if stat is not None:
+            stats.append(stat)
+        while len(written) > 2 * workers:  # results waiting for the disk hold memory too
+            written.popleft().result()
+
+    for task in tasks:
+        inputs = [reader.read(e) for e in _read_order(task)]
+        nbytes = sum(e.nbytes for e in task.inputs)
+        transcoding.append((task, transcoders.submit(_transcode_inputs, task, inputs, reader.uri, device), nbytes))
+        in_flight += nbytes
+        while transcoding and (transcoding[0][1].done() or len(transcoding) > 2 * workers or in_flight > IN_FLIGHT_BYTES):
+            hand_over()
+    while transcoding:
+        hand_over()
+    while written:
+        written.popleft().result()
+
+
+def _write_outputs(writer: SafetensorsWriter, task: TensorTask, outputs: list[torch.Tensor]) -> None:
+    for spec, tensor in zip(task.outputs, outputs):
+        writer.write(spec.name, tensor)
+
+
+def _read_order(task: TensorTask) -> list[TensorEntry]:
+    """The order in which a task's inputs are read: INT4 reads its shape first (checked before the rest)."""
+    if task.kind == "int4":
+        packed_e, scale_e, shape_e = task.inputs
+        return [shape_e, scale_e, packed_e]
+    return list(task.inputs)
+
+
 def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
     """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats."""
+    inputs = [source.read(e) for e in _read_order(task)]
+    return _transcode_inputs(task, inputs, source.uri, device, threads)
+
+
+def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, device: str = "cpu",
+                      threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
+    """``transcode`` on inputs already read (in ``_read_order``); checks them first."""
     if task.kind == "copy":
-        (entry,) = task.inputs
-        tensor = source.read(entry)
-        _check_finite(tensor, f"{source.uri}/{entry.file}", entry.name)
+        (entry,), (tensor,) = task.inputs, inputs
+        _check_finite(tensor, f"{uri}/{entry.file}", entry.name)
         return [tensor], None
     if task.kind == "int4":
-        packed, scale = _read_int4(task, source)
+        packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
         fmt = WEIGHT_FORMATS.get(task.target)
@@ -119,9 +214,8 @@ def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", t
             out = [weight] if task.target == UNQUANTIZED else list(fmt.encode(weight))
         reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
     else:
-        (entry,) = task.inputs
-        weight = source.read(entry)
-        _check_finite(weight, f"{source.uri}/{entry.file}", entry.name)
+        (entry,), (weight,) = task.inputs, inputs
+        _check_finite(weight, f"{uri}/{entry.file}", entry.name)
         weight = weight.to(device)
         out = list(WEIGHT_FORMATS[task.target].encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
@@ -129,14 +223,13 @@ def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", t
     return [t.cpu() for t in out], stat
 
 
-def _read_int4(task: TensorTask, source: CoalescingReader) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_int4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tuple[torch.Tensor, torch.Tensor]:
     packed_e, scale_e, shape_e = task.inputs
-    shape = source.read(shape_e).tolist()
-    if tuple(shape) != task.shape:
-        raise CheckpointError(f"{source.uri}/{shape_e.file}", f"weight_shape is {shape}, config implies {list(task.shape)}", shape_e.name)
-    scale = source.read(scale_e)
-    _check_finite(scale, f"{source.uri}/{scale_e.file}", scale_e.name)
-    return source.read(packed_e), scale
+    shape, scale, packed = inputs
+    if tuple(shape.tolist()) != task.shape:
+        raise CheckpointError(f"{uri}/{shape_e.file}", f"weight_shape is {shape.tolist()}, config implies {list(task.shape)}", shape_e.name)
+    _check_finite(scale, f"{uri}/{scale_e.file}", scale_e.name)
+    return packed, scale
 
 
 # Exponent fields by float type, viewed as integers of the same width: all ones means Inf or NaN.

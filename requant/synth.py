@@ -10,18 +10,22 @@ shard boundaries as in the real checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from requant.constants import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
 from requant.errors import RequantError
 from requant.io.checksums import check_sums
+from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec
 from requant.layout import VLM_TEXT_PREFIX
 from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
 
@@ -47,6 +51,7 @@ class Profile:
     vision_hidden: int
     vision_blocks: int
     shards: int
+    random_codes: bool = False  # routed experts with random INT4 codes (fast at real widths), not quantized Gaussians
 
 
 PROFILES = {
@@ -62,6 +67,13 @@ PROFILES = {
     "k26-topology": Profile(layers=61, hidden=64, intermediate=128, moe_intermediate=32, experts=384, top_k=8, heads=2,
                             q_lora_rank=32, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=1024,
                             vision_hidden=32, vision_blocks=2, shards=16),
+    # K2.6's real widths for benchmarks (make bench-layer): layer 0 dense (intermediate 18432), one MoE layer of
+    # 384 routed experts 2048x7168 INT4 + the shared expert, real MLA with 64 heads; ~10.8 GB. The vocabulary
+    # stays small: embeddings and head are plain copies, and at 163840 entries they would add 4.7 GB that a
+    # benchmark on tmpfs cannot hold twice. ``synth --experts N`` keeps N experts for smaller runs.
+    "k26-layer": Profile(layers=2, hidden=7168, intermediate=18432, moe_intermediate=2048, experts=384, top_k=8,
+                         heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128,
+                         vocab=1024, vision_hidden=64, vision_blocks=1, shards=4, random_codes=True),
 }
 
 
@@ -182,10 +194,11 @@ def preprocessor_config() -> dict:
 
 
 class _Weights:
-    """Deterministic tensors from one seeded generator."""
+    """Deterministic tensors from one seeded generator (numpy's for the fast random-code experts)."""
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def linear(self, out: int, inp: int) -> torch.Tensor:
         return (torch.randn(out, inp, generator=self.gen) / inp**0.5).to(torch.bfloat16)
@@ -197,6 +210,17 @@ class _Weights:
         """``count`` INT4 expert matrices: symmetric group-32 min-max quantization of N(0, 1/inp) weights."""
         w = torch.randn(count * out, inp, generator=self.gen) / inp**0.5
         return int4_quantize(w.reshape(count, out, inp))
+
+    def int4_random_codes(self, out: int, inp: int) -> dict[str, torch.Tensor]:
+        """One INT4 expert matrix with uniformly random codes (every nibble -8..7) and group scales distributed
+        like the min-max scales of N(0, 1/inp) weights: valid pack-quantized data at a few GB/s, where drawing
+        and quantizing Gaussians takes ~0.5 s per 2048x7168 matrix. A converter's work does not depend on
+        the values, so real-width benchmarks use it (``random_codes`` profiles)."""
+        groups = -(-inp // INT4_GROUP_SIZE)
+        packed = torch.from_numpy(np.frombuffer(self.rng.bytes(out * inp // 2), dtype=np.int32).reshape(out, inp // 8).copy())
+        amax = np.clip(2.3 + 0.35 * self.rng.standard_normal((out, groups), dtype=np.float32), 1.0, None) / inp**0.5
+        scale = torch.from_numpy(amax / ((INT4_MAX - INT4_MIN) / 2)).to(torch.bfloat16)
+        return {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([out, inp], dtype=torch.int32)}
 
 
 def _int4_grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,62 +259,111 @@ def int4_quantize(w: torch.Tensor) -> list[dict[str, torch.Tensor]]:
             for e in range(count)]
 
 
-def _tensors(p: Profile, w: _Weights):
-    """(name, tensor) in checkpoint order: embeddings, layers in order, final norm and head, vision."""
+@dataclass(frozen=True)
+class _Lazy:
+    """A tensor of the checkpoint before it exists: name, dtype and shape decide the shards; ``make`` draws it
+    (in stream order, so the generator's draws and hence the bytes do not depend on how it is written)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
+    """The checkpoint's tensors in order (embeddings, layers in order, final norm and head, vision), unmade."""
     lm = f"{VLM_TEXT_PREFIX}model"
-    yield f"{lm}.embed_tokens.weight", w.linear(p.vocab, p.hidden)
+
+    def linear(name: str, out: int, inp: int) -> _Lazy:
+        return _Lazy(name, BF16, (out, inp), lambda: w.linear(out, inp))
+
+    def norm(name: str, n: int) -> _Lazy:
+        return _Lazy(name, BF16, (n,), lambda: w.norm(n))
+
+    def zeros(name: str, n: int) -> _Lazy:
+        return _Lazy(name, BF16, (n,), lambda: torch.zeros(n, dtype=BF16))
+
+    def mlp(base: str, inter: int) -> Iterator[_Lazy]:
+        yield linear(f"{base}.gate_proj.weight", inter, p.hidden)
+        yield linear(f"{base}.up_proj.weight", inter, p.hidden)
+        yield linear(f"{base}.down_proj.weight", p.hidden, inter)
+
+    yield linear(f"{lm}.embed_tokens.weight", p.vocab, p.hidden)
     for i in range(p.layers):
         L = f"{lm}.layers.{i}"
         a = f"{L}.self_attn"
-        yield f"{L}.input_layernorm.weight", w.norm(p.hidden)
-        yield f"{L}.post_attention_layernorm.weight", w.norm(p.hidden)
-        yield f"{a}.q_a_proj.weight", w.linear(p.q_lora_rank, p.hidden)
-        yield f"{a}.q_a_layernorm.weight", w.norm(p.q_lora_rank)
-        yield f"{a}.q_b_proj.weight", w.linear(p.heads * (p.qk_nope + p.qk_rope), p.q_lora_rank)
-        yield f"{a}.kv_a_proj_with_mqa.weight", w.linear(p.kv_lora_rank + p.qk_rope, p.hidden)
-        yield f"{a}.kv_a_layernorm.weight", w.norm(p.kv_lora_rank)
-        yield f"{a}.kv_b_proj.weight", w.linear(p.heads * (p.qk_nope + p.v_head), p.kv_lora_rank)
-        yield f"{a}.o_proj.weight", w.linear(p.hidden, p.heads * p.v_head)
+        yield norm(f"{L}.input_layernorm.weight", p.hidden)
+        yield norm(f"{L}.post_attention_layernorm.weight", p.hidden)
+        yield linear(f"{a}.q_a_proj.weight", p.q_lora_rank, p.hidden)
+        yield norm(f"{a}.q_a_layernorm.weight", p.q_lora_rank)
+        yield linear(f"{a}.q_b_proj.weight", p.heads * (p.qk_nope + p.qk_rope), p.q_lora_rank)
+        yield linear(f"{a}.kv_a_proj_with_mqa.weight", p.kv_lora_rank + p.qk_rope, p.hidden)
+        yield norm(f"{a}.kv_a_layernorm.weight", p.kv_lora_rank)
+        yield linear(f"{a}.kv_b_proj.weight", p.heads * (p.qk_nope + p.v_head), p.kv_lora_rank)
+        yield linear(f"{a}.o_proj.weight", p.hidden, p.heads * p.v_head)
         if i == 0:
-            yield from _mlp(f"{L}.mlp", p.intermediate, p.hidden, w)
+            yield from mlp(f"{L}.mlp", p.intermediate)
             continue
-        yield f"{L}.mlp.gate.weight", (0.02 * torch.randn(p.experts, p.hidden, generator=w.gen)).to(torch.bfloat16)
-        yield f"{L}.mlp.gate.e_score_correction_bias", 0.01 * torch.randn(p.experts, generator=w.gen)
-        yield from _mlp(f"{L}.mlp.shared_experts", p.moe_intermediate, p.hidden, w)
-        shapes = {"gate_proj": (p.moe_intermediate, p.hidden), "up_proj": (p.moe_intermediate, p.hidden),
-                  "down_proj": (p.hidden, p.moe_intermediate)}
-        mats = {proj: w.int4_experts(p.experts, *shape) for proj, shape in shapes.items()}
-        for e in range(p.experts):
-            for proj in shapes:
-                for param, tensor in mats[proj][e].items():
-                    yield f"{L}.mlp.experts.{e}.{proj}.{param}", tensor
-    yield f"{lm}.norm.weight", w.norm(p.hidden)
-    yield f"{VLM_TEXT_PREFIX}lm_head.weight", w.linear(p.vocab, p.hidden)
+        yield _Lazy(f"{L}.mlp.gate.weight", BF16, (p.experts, p.hidden),
+                    lambda: (0.02 * torch.randn(p.experts, p.hidden, generator=w.gen)).to(BF16))
+        yield _Lazy(f"{L}.mlp.gate.e_score_correction_bias", F32, (p.experts,),
+                    lambda: 0.01 * torch.randn(p.experts, generator=w.gen))
+        yield from mlp(f"{L}.mlp.shared_experts", p.moe_intermediate)
+        yield from _experts(f"{L}.mlp.experts", p, w)
+    yield norm(f"{lm}.norm.weight", p.hidden)
+    yield linear(f"{VLM_TEXT_PREFIX}lm_head.weight", p.vocab, p.hidden)
     v, vi = p.vision_hidden, 2 * p.vision_hidden
-    yield "vision_tower.patch_embed.proj.weight", (0.02 * torch.randn(v, 3, VISION_PATCH, VISION_PATCH, generator=w.gen)).to(torch.bfloat16)
-    yield "vision_tower.patch_embed.proj.bias", torch.zeros(v, dtype=torch.bfloat16)
+    yield _Lazy("vision_tower.patch_embed.proj.weight", BF16, (v, 3, VISION_PATCH, VISION_PATCH),
+                lambda: (0.02 * torch.randn(v, 3, VISION_PATCH, VISION_PATCH, generator=w.gen)).to(BF16))
+    yield zeros("vision_tower.patch_embed.proj.bias", v)
     for b in range(p.vision_blocks):
         B = f"vision_tower.encoder.blocks.{b}"
-        yield f"{B}.norm0.weight", w.norm(v)
-        yield f"{B}.norm0.bias", torch.zeros(v, dtype=torch.bfloat16)
-        yield f"{B}.wqkv.weight", w.linear(3 * v, v)
-        yield f"{B}.wqkv.bias", torch.zeros(3 * v, dtype=torch.bfloat16)
-        yield f"{B}.wo.weight", w.linear(v, v)
-        yield f"{B}.norm1.weight", w.norm(v)
-        yield f"{B}.mlp.fc0.weight", w.linear(vi, v)
-        yield f"{B}.mlp.fc1.weight", w.linear(v, vi)
-    yield "vision_tower.encoder.final_layernorm.weight", w.norm(v)
-    yield "mm_projector.pre_norm.weight", w.norm(v)
-    yield "mm_projector.proj.0.weight", w.linear(4 * v, 4 * v)
-    yield "mm_projector.proj.0.bias", torch.zeros(4 * v, dtype=torch.bfloat16)
-    yield "mm_projector.proj.2.weight", w.linear(p.hidden, 4 * v)
-    yield "mm_projector.proj.2.bias", torch.zeros(p.hidden, dtype=torch.bfloat16)
+        yield norm(f"{B}.norm0.weight", v)
+        yield zeros(f"{B}.norm0.bias", v)
+        yield linear(f"{B}.wqkv.weight", 3 * v, v)
+        yield zeros(f"{B}.wqkv.bias", 3 * v)
+        yield linear(f"{B}.wo.weight", v, v)
+        yield norm(f"{B}.norm1.weight", v)
+        yield linear(f"{B}.mlp.fc0.weight", vi, v)
+        yield linear(f"{B}.mlp.fc1.weight", v, vi)
+    yield norm("vision_tower.encoder.final_layernorm.weight", v)
+    yield norm("mm_projector.pre_norm.weight", v)
+    yield linear("mm_projector.proj.0.weight", 4 * v, 4 * v)
+    yield zeros("mm_projector.proj.0.bias", 4 * v)
+    yield linear("mm_projector.proj.2.weight", p.hidden, 4 * v)
+    yield zeros("mm_projector.proj.2.bias", p.hidden)
 
 
-def _mlp(base: str, inter: int, hidden: int, w: _Weights):
-    yield f"{base}.gate_proj.weight", w.linear(inter, hidden)
-    yield f"{base}.up_proj.weight", w.linear(inter, hidden)
-    yield f"{base}.down_proj.weight", w.linear(hidden, inter)
+def _experts(base: str, p: Profile, w: _Weights) -> Iterator[_Lazy]:
+    """One MoE layer's routed experts, expert by expert (gate, up, down; packed, scale, shape each). Gaussian
+    profiles draw each projection for all experts at once, when the first is made; ``random_codes`` profiles
+    draw one matrix at a time, so a real-width layer never sits in memory."""
+    shapes = {"gate_proj": (p.moe_intermediate, p.hidden), "up_proj": (p.moe_intermediate, p.hidden),
+              "down_proj": (p.hidden, p.moe_intermediate)}
+    drawn: dict = {}
+
+    def part(e: int, proj: str, param: str) -> torch.Tensor:
+        if p.random_codes:
+            if drawn.get("key") != (e, proj):
+                drawn.update(key=(e, proj), mat=w.int4_random_codes(*shapes[proj]))
+            return drawn["mat"][param]
+        if not drawn:
+            drawn.update({name: w.int4_experts(p.experts, *shape) for name, shape in shapes.items()})
+        return drawn[proj][e][param]
+
+    for e in range(p.experts):
+        for proj, (out, inp) in shapes.items():
+            for param, dtype, shape in (("weight_packed", torch.int32, (out, -(-inp // 8))),
+                                        ("weight_scale", BF16, (out, -(-inp // INT4_GROUP_SIZE))),
+                                        ("weight_shape", torch.int32, (2,))):
+                yield _Lazy(f"{base}.{e}.{proj}.{param}", dtype, shape, partial(part, e, proj, param))
 
 
 LICENSE_TEXT = """Synthetic test checkpoint generated by requant.
@@ -321,40 +394,73 @@ def trained_assets() -> Path:
     return ASSETS
 
 
-def _with_trained_weights(tensors, root: Path):
+def _with_trained_weights(tensors: Iterator[_Lazy], root: Path) -> Iterator[_Lazy]:
     """The stream of ``_tensors`` with every language-model tensor replaced by the trained one (routed experts
     quantized to INT4 from the trained weights); vision tower and projector stay as generated."""
     from safetensors.torch import load_file
 
     trained = load_file(str(root / "model.safetensors"))
     experts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors:
-        if not name.startswith(VLM_TEXT_PREFIX):
-            yield name, tensor
+
+    def expert(module: str, param: str) -> torch.Tensor:
+        if module not in experts:
+            experts[module] = int4_quantize(trained[f"{module}.weight"].unsqueeze(0))[0]
+        return experts[module][param]
+
+    def drawn_then(lazy: _Lazy, make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        # draw what the generated tensor would have, so the vision tower's draws (after) do not move
+        return lambda: (lazy.make(), make())[1]
+
+    for lazy in tensors:
+        if not lazy.name.startswith(VLM_TEXT_PREFIX):
+            yield lazy
             continue
-        local = name.removeprefix(VLM_TEXT_PREFIX)
+        local = lazy.name.removeprefix(VLM_TEXT_PREFIX)
         module, _, param = local.rpartition(".")
         if param in ("weight_packed", "weight_scale", "weight_shape"):
-            if module not in experts:
-                experts[module] = int4_quantize(trained[f"{module}.weight"].unsqueeze(0))[0]
-            yield name, experts[module][param]
+            yield replace(lazy, make=drawn_then(lazy, partial(expert, module, param)))
             continue
         value = trained[local]
-        if value.shape != tensor.shape:
+        if tuple(value.shape) != lazy.shape:
             raise RequantError(f"{root}/model.safetensors: {local}: shape {list(value.shape)}, the trained profile "
-                               f"expects {list(tensor.shape)}")
-        yield name, value.to(tensor.dtype)
+                               f"expects {list(lazy.shape)}")
+        yield replace(lazy, make=drawn_then(lazy, partial(value.to, lazy.dtype)))
 
 
-def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, progress: bool = True) -> Path:
-    """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile. The
-    ``trained`` profile takes its language model and tokenizer from requant/trained/assets."""
+def _write_shard(path: Path, group: list[_Lazy], bar: tqdm) -> None:
+    """One shard, one tensor in memory at a time: the header is known from the shapes, each tensor is made in
+    stream order and written at its offset (the same bytes as safetensors' save_file)."""
+    writer = SafetensorsWriter(path, [TensorSpec(t.name, TORCH_TO_NAME[t.dtype], t.shape) for t in group])
+    try:
+        for lazy in group:
+            tensor = lazy.make()
+            if tensor.dtype != lazy.dtype or tuple(tensor.shape) != lazy.shape:
+                raise AssertionError(f"{lazy.name}: made {tensor.dtype}{tuple(tensor.shape)}, planned {lazy.dtype}{lazy.shape}")
+            writer.write(lazy.name, tensor)
+            bar.update(lazy.nbytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, progress: bool = True,
+               experts: int | None = None) -> Path:
+    """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile; ``experts``
+    replaces its routed expert count. The ``trained`` profile takes its language model and tokenizer from
+    requant/trained/assets. Tensors are made and written one at a time: memory stays at the largest tensor."""
     if isinstance(profile, Profile):
         p, profile = profile, "custom"
     elif profile in PROFILES:
         p = PROFILES[profile]
     else:
         raise RequantError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    if experts is not None:
+        if profile == "trained":
+            raise RequantError("--experts: the trained profile's experts are the trained model's (8)")
+        if not p.top_k <= experts:
+            raise RequantError(f"--experts {experts}: needs at least top_k = {p.top_k} routed experts")
+        p = replace(p, experts=experts)
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise RequantError(f"{dst}: exists and is not empty")
@@ -369,23 +475,24 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
         stream = _with_trained_weights(stream, root)
     else:
         ids = write_tokenizer(dst, vocab_size=p.vocab, seed=seed)
-    tensors = list(tqdm(stream, desc=f"synth {profile}", unit=" tensors", disable=not progress))
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    tensors = list(stream)
+    total = sum(t.nbytes for t in tensors)
     budget = -(-total // p.shards)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shards: list[list[_Lazy]] = [[]]
     used = 0
-    for name, tensor in tensors:
+    for lazy in tensors:
         # cut between modules (never inside an INT4 triple), as save_pretrained's shards fall
-        module_changes = not shards[-1] or shards[-1][-1][0].rsplit(".", 1)[0] != name.rsplit(".", 1)[0]
+        module_changes = not shards[-1] or shards[-1][-1].name.rsplit(".", 1)[0] != lazy.name.rsplit(".", 1)[0]
         if used >= budget * len(shards) and len(shards) < p.shards and module_changes:
             shards.append([])
-        shards[-1].append((name, tensor))
-        used += tensor.numel() * tensor.element_size()
+        shards[-1].append(lazy)
+        used += lazy.nbytes
     weight_map = {}
-    for i, group in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors"
-        save_file(dict(group), str(dst / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name, _ in group})
+    with tqdm(total=total, desc=f"synth {profile}", unit="B", unit_scale=True, disable=not progress) as bar:
+        for i, group in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors"
+            _write_shard(dst / file, group, bar)
+            weight_map.update({lazy.name: file for lazy in group})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = model_config(p, ids["[BOS]"], ids["[EOS]"], ids["[PAD]"], ids["<|media_pad|>"])

@@ -213,10 +213,16 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return math.prod(shape) * DTYPES[dtype][1]
 
 
+# The safetensors library's file order: by its Dtype enum, last variant first, then by name. Wider types come
+# first, so every tensor stays aligned to its element size without padding; files come out byte for byte as
+# the library's save_file writes them.
+_DTYPE_RANK = {name: i for i, name in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
+
+
 def layout(specs: list[TensorSpec]) -> list[TensorSpec]:
-    """Order tensors as safetensors does (largest element size first, then name), which keeps every
-    tensor aligned to its element size without padding between tensors."""
-    return sorted(specs, key=lambda s: (-DTYPES[s.dtype][1], s.name))
+    """Order tensors as the safetensors library does (see _DTYPE_RANK)."""
+    return sorted(specs, key=lambda s: (_DTYPE_RANK[s.dtype], s.name))
 
 
 class SafetensorsWriter:

@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import shutil
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -75,6 +76,7 @@ class LocalDir:
         self.uri = str(self.root)
         self._resolved: dict[str, Path] = {}
         self._handles: dict[str, int] = {}  # open descriptors of shards being range-read
+        self._lock = threading.Lock()
 
     def _path(self, path: str) -> Path:
         full = self._resolved.get(path)
@@ -88,6 +90,9 @@ class LocalDir:
     def __getstate__(self) -> dict:
         return {"root": self.root, "uri": self.uri, "_resolved": {}, "_handles": {}}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def __del__(self) -> None:
         for fd in getattr(self, "_handles", {}).values():
             os.close(fd)
@@ -98,19 +103,33 @@ class LocalDir:
         except FileNotFoundError as exc:
             raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
 
+    def _fd(self, path: str) -> int:
+        with self._lock:  # read-ahead threads share the descriptors
+            fd = self._handles.get(path)
+            if fd is None:
+                if len(self._handles) >= 64:
+                    os.close(self._handles.pop(next(iter(self._handles))))
+                try:
+                    fd = self._handles[path] = os.open(self._path(path), os.O_RDONLY)
+                except FileNotFoundError as exc:
+                    raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
+            return fd
+
     def read_range(self, path: str, start: int, end: int) -> bytes:
-        fd = self._handles.get(path)
-        if fd is None:
-            if len(self._handles) >= 64:
-                os.close(self._handles.pop(next(iter(self._handles))))
-            try:
-                fd = self._handles[path] = os.open(self._path(path), os.O_RDONLY)
-            except FileNotFoundError as exc:
-                raise CheckpointError(f"{self.uri}/{path}", "file is missing") from exc
-        data = os.pread(fd, end - start, start)
+        data = os.pread(self._fd(path), end - start, start)
         if len(data) != end - start:
             raise CheckpointError(f"{self.uri}/{path}", f"short read: wanted bytes {start}..{end}, file ends first")
         return data
+
+    def read_into(self, path: str, start: int, buf: bytearray) -> None:
+        """Read ``len(buf)`` bytes from ``start`` straight into ``buf`` (no intermediate bytes object)."""
+        fd, view, done = self._fd(path), memoryview(buf), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n == 0:
+                raise CheckpointError(f"{self.uri}/{path}", f"short read: wanted bytes {start}..{start + len(view)}, "
+                                                            f"file ends first")
+            done += n
 
     def read_bytes(self, path: str) -> bytes:
         try:

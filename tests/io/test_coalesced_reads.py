@@ -16,6 +16,10 @@ class CountingStorage(LocalDir):
         CountingStorage.calls += 1
         return super().read_range(path, start, end)
 
+    def read_into(self, path, start, buf):
+        CountingStorage.calls += 1
+        return super().read_into(path, start, buf)
+
 
 def test_spans_merge_neighbours_and_respect_caps():
     e = [TensorEntry(f"t{i}", "f", "U8", (10,), 100 + 10 * i, 110 + 10 * i) for i in range(5)]

@@ -40,6 +40,26 @@ def test_writer_output_reads_back_with_safetensors(tmp_path):
             assert torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8))
 
 
+def test_writer_files_are_byte_identical_to_safetensors_save_file(tmp_path):
+    """Every dtype the format has, two tensors each (names interleaved across dtypes, one empty): the writer
+    lays the file out exactly as the library does, so its shards and synth's are the library's bytes."""
+    from requant.io.safetensors import DTYPES
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (name, (dtype, size)) in enumerate(sorted(DTYPES.items())):
+        for j, n in enumerate((3 + i, 0 if i == 4 else 2)):
+            raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            tensors[f"{'ba'[j]}.{i:02d}.{name}"] = raw.view(dtype)
+    save_file(tensors, str(tmp_path / "library.safetensors"), metadata={"format": "pt"})
+    writer = SafetensorsWriter(tmp_path / "ours.safetensors",
+                               [TensorSpec(k, next(n for n, (d, _) in DTYPES.items() if d == t.dtype), tuple(t.shape))
+                                for k, t in tensors.items()])
+    for name, t in tensors.items():
+        writer.write(name, t)
+    assert writer.close() == sha256_file(tmp_path / "library.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+
+
 def test_the_digest_computed_while_writing_is_the_file_sha256_in_any_order(tmp_path):
     """In file order nothing is read back; out of order, only the rest after the first stall is. Either way the
     digest is the file's (hashlib over the bytes written), including empty tensors."""
