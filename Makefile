@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-serve bench-flow clean
+.PHONY: install engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-serve bench-flow clean
 
 install: $(STAMP)
 
@@ -97,6 +97,12 @@ convert-local: install
 
 bench: install
 	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
+
+# One K2.6 layer at real widths (EXPERTS of 384) on tmpfs, on disk and through S3, against copy rooflines
+# measured in the same run: bench-results/layer.md.
+EXPERTS ?= 96
+bench-layer: install
+	$(BIN)/requant bench --layer --experts $(EXPERTS) --out bench-results $(BENCH_ARGS)
 
 # Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
 bench-serve: install

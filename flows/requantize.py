@@ -31,7 +31,14 @@ from requant import pipeline
 from requant.errors import RequantError, VerifyError
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
-from tasks.convert import convert_layer, hash_input, plan_checkpoint, publish_checkpoint, verify_checkpoint
+from tasks.convert import (
+    convert_layer,
+    hash_input,
+    hash_output,
+    plan_checkpoint,
+    publish_checkpoint,
+    verify_checkpoint,
+)
 
 # Never copied into Ray's runtime environment (visible in Ray's job metadata and dashboard).
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
@@ -103,19 +110,37 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     plan = plan_checkpoint(upstream, recipe)  # raises PlanError with every problem before any job runs
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
+    options = _ray_options(resources_opts)
     if pipeline.published_key(output) == key:
-        summary = verify_checkpoint(output)
+        summary = _verify(plan, output, options)
         logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
         return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
                 "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings}
     with pipeline.output_lease(output, key) as lease:  # a second run on this output fails here, naming us
         if lease.took_over:
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
-        return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, resources_opts,
+        return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options,
                              progress, role, started, timings)
 
 
-def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, resources_opts, progress, role,
+def _ray_options(resources_opts: dict) -> dict[str, Any]:
+    # SPREAD: layer jobs are I/O heavy, so use every node's network and disk rather than packing them.
+    options = {"num_cpus": resources_opts["num_cpus"], "num_gpus": resources_opts["num_gpus"], "max_retries": 3,
+               "retry_exceptions": False, "scheduling_strategy": "SPREAD"}
+    if resources_opts.get("resources"):
+        options["resources"] = resources_opts["resources"]
+    return options
+
+
+def _verify(plan, output: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``requant verify`` of ``output``, its shards hashed in parallel as Ray tasks (one process re-reading every
+    shard would take hours at K2.6's 600 GB)."""
+    with remote_options(**options):
+        digests = {f: hash_output.submit(output, f) for f in sorted({job.output_file for job in plan.jobs})}
+    return verify_checkpoint(output, {f: d.result() for f, d in digests.items()})
+
+
+def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
                   started, timings) -> dict[str, Any]:
     logger = get_run_logger()
     pipeline.begin_run(output)
@@ -124,11 +149,6 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
         logger.warning(warning)
 
     progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
-    # SPREAD: layer jobs are I/O heavy, so use every node's network and disk rather than packing them.
-    options = {"num_cpus": resources_opts["num_cpus"], "num_gpus": resources_opts["num_gpus"], "max_retries": 3,
-               "retry_exceptions": False, "scheduling_strategy": "SPREAD"}
-    if resources_opts.get("resources"):
-        options["resources"] = resources_opts["resources"]
     with remote_options(**options):
         digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
         futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads,
@@ -152,7 +172,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     timings["publish"] = time.perf_counter() - mark
     mark = time.perf_counter()
     try:
-        summary = verify_checkpoint(output)
+        summary = _verify(plan, output, options)
     except VerifyError:
         pipeline.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
         raise

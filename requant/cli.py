@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=0,
                    help="transcode threads per layer job (default 0: with --local every core this process may use; "
                         "the flow: 1 per Ray task)")
+    c.add_argument("--jobs", type=int, default=0,
+                   help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
+                        "as memory holds at 2.5 GiB each, one per 512 MiB of input at least)")
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 
@@ -57,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--upstream", help="existing k26-topology upstream to convert (default: synthesize one)")
     b.add_argument("--layers", type=int, default=9,
                    help="decoder layers of the synthesized k26-topology model (61 = all; Quark takes over an hour then)")
+    b.add_argument("--layer", action="store_true",
+                   help="instead: one K2.6 layer at real widths (synth k26-layer) on tmpfs, on disk and through S3, "
+                        "each against its roofline measured in the same run")
+    b.add_argument("--experts", type=int, default=96, help="--layer: routed experts (384 = a whole K2.6 layer, 10.8 GB)")
+    b.add_argument("--recipe", default="amd-kimi-mxfp4", help="--layer: recipe to convert with")
+    b.add_argument("--tmpfs", default="/dev/shm", help="--layer: a tmpfs directory ('' to skip)")
+    b.add_argument("--disk", default=".", help="--layer: a directory on disk ('' to skip)")
+    b.add_argument("--no-s3", dest="s3", action="store_false", help="--layer: skip the S3 flow runs")
+    b.add_argument("--workers", default="1,2", help="--layer: Ray worker counts for the flow runs")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible reference server for a checkpoint (dir or s3://)")
     sv.add_argument("checkpoint")
@@ -196,7 +208,8 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         from requant.convert import run_local
 
         run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
-                        upstream_id=args.upstream_id, revision=args.revision, threads=args.threads)
+                        upstream_id=args.upstream_id, revision=args.revision, threads=args.threads,
+                        jobs=args.jobs)
         manifest = run.manifest
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
@@ -275,6 +288,10 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
 
         gsm8k = args.gsm8k_dir or find_local_gsm8k()
         print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
+    elif args.command == "bench" and args.layer:
+        from requant.bench.layer import run_layer_bench
+
+        run_layer_bench(args)
     elif args.command == "bench":
         from requant.bench.conversion import run_bench
 

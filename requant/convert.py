@@ -14,9 +14,12 @@ staging directories of other run keys, which no live run can own while we hold t
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from tqdm import tqdm
 from requant.assemble import assemble
 from requant.errors import RequantError, SystemFailure, os_failure
 from requant.io.storage import LocalDir, open_storage
-from requant.job import JobResult, result_to_json, run_job
+from requant.job import JobResult, available_cores, result_to_json, run_job
 from requant.lease import Lease
 from requant.manifest import RUN_STATE_DIR
 from requant.pipeline import HEADER_ALLOWANCE, completed, human_bytes, input_record, record_path, run_key
@@ -64,6 +67,69 @@ def check_free_space(path: Path, needed: int, what: str, name: Path | None = Non
                             f"{human_bytes(free)} available on {probe}")
 
 
+JOB_MEMORY = 5 << 29  # 2.5 GiB: a layer job's peak RSS stays below this (make bench-layer measures it)
+POOL_MIN_BYTES = 512 << 20  # a worker process costs seconds to start: one per this much input at least
+
+
+def memory_available() -> int:
+    """MemAvailable from /proc/meminfo (free plus reclaimable cache), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parallel_jobs(todo: list, requested: int = 0) -> int:
+    """Layer jobs to run at once: ``requested``, else one per core, as many as memory holds at JOB_MEMORY each,
+    and no more than the work pays for (a process per POOL_MIN_BYTES of input)."""
+    if requested > 0:
+        return min(requested, max(1, len(todo)))
+    work = sum(j.bytes_in for j in todo)
+    return max(1, min(available_cores(), memory_available() // JOB_MEMORY, len(todo), work // POOL_MIN_BYTES))
+
+
+def _run_jobs(todo: list, storage, staging: Path, device: str, threads: int, jobs: int) -> Iterator[tuple[Any, JobResult]]:
+    """(job, result) for every job of ``todo`` as each finishes: here, or in ``parallel_jobs`` worker processes.
+
+    Workers die with this process (a killed conversion leaves no writer behind in its staging directory) and
+    ignore Ctrl-C, which this process handles. On any failure the remaining workers are killed at once; their
+    shards have no record yet, so a rerun redoes them.
+    """
+    workers = parallel_jobs(todo, jobs)
+    if workers <= 1:
+        for job in todo:
+            yield job, run_job(job, storage, staging, device=device, threads=threads, fsync=True)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    futures = {pool.submit(run_job, job, storage, staging, device, threads, True): job for job in todo}
+    try:
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    except BaseException:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # Linux: SIGKILL when the parent dies, however it dies
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 @dataclass(frozen=True)
 class LocalRun:
     manifest: dict[str, Any]
@@ -78,7 +144,9 @@ def convert_local(src: str, dst: str, recipe: str, **options) -> dict[str, Any]:
 
 def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
               progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
-              threads: int = 0) -> LocalRun:
+              threads: int = 0, jobs: int = 0) -> LocalRun:
+    """``threads``: transcode threads per layer job (0: every core); ``jobs``: layer jobs converted at once in
+    worker processes (0: sized to the cores, the memory and the work, see :func:`parallel_jobs`)."""
     storage = open_storage(src)
     if not isinstance(storage, LocalDir):
         raise RequantError("local conversion reads local directories only")
@@ -101,7 +169,7 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
             raise RequantError(f"{paths.dst}: already exists (pass --overwrite to replace it)")
         for stale in paths.other_staging():
             shutil.rmtree(stale, ignore_errors=True)
-        return _convert(plan, storage, paths, key, device, threads, progress,
+        return _convert(plan, storage, paths, key, device, threads, jobs, progress,
                         {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name,
                          "revision": revision or "local", "run_key": key}, lease)
     finally:
@@ -112,7 +180,7 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
             pass
 
 
-def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: int, progress: bool,
+def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: int, jobs: int, progress: bool,
              upstream: dict[str, str], lease: Lease) -> LocalRun:
     staged = LocalDir(paths.staging)
     done = {job.name: completed(staged, key, job) for job in plan.jobs}
@@ -132,8 +200,7 @@ def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: i
             bar.update(sum(j.bytes_in for j in plan.jobs if done[j.name] is not None))
             if len(results):
                 bar.set_postfix_str(f"{len(results)} jobs resumed")
-            for job in todo:
-                result = run_job(job, storage, paths.staging, device=device, threads=threads, fsync=True)
+            for job, result in _run_jobs(todo, storage, paths.staging, device, threads, jobs):
                 staged.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
                 results.append(result)
                 bar.update(job.bytes_in)

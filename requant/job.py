@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from requant.errors import CheckpointError
 from requant.formats.int4 import dequantize_int4
 from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
 from requant.io.ranges import CoalescingReader
-from requant.io.safetensors import SafetensorsWriter, TensorEntry
+from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
 from requant.io.storage import Storage
 from requant.plan import LayerJob, TensorTask
 
@@ -54,6 +55,7 @@ class JobResult:
     tensors: dict[str, dict] = field(default_factory=dict)  # output name -> {dtype, shape}
     sources: dict[str, list[str]] = field(default_factory=dict)  # upstream name -> output names
     stats: tuple[TensorStat, ...] = ()
+    etag: str = ""  # the object store's ETag of the shard when it was streamed there (see pipeline.completed)
 
 
 def result_to_json(result: JobResult) -> bytes:
@@ -92,8 +94,23 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def task_order(job: LayerJob) -> list[TensorTask]:
+    """The order a job transcodes its tasks in: that of their outputs in the shard, so the writer hashes as it
+    writes instead of reading the shard back (inputs are named alike, safetensors orders by dtype then name, so
+    spans are still read in order)."""
+    position = {name: i for i, name in enumerate(s.name for s in layout(job.specs))}
+    return sorted(job.tasks, key=lambda t: min(position[s.name] for s in t.outputs))
+
+
+def writes_in_order(job: LayerJob) -> bool:
+    """Whether ``task_order`` produces the shard's bytes strictly front to back, so it can be streamed (an upload
+    sent while the shard is produced). MXFP4 and BF16 shards are; per-channel FP8 is not: its BF16 scales
+    precede the FP8 weights in the file."""
+    return [s.name for t in task_order(job) for s in t.outputs] == [s.name for s in layout(job.specs)]
+
+
 def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1,
-            fsync: bool = False) -> JobResult:
+            fsync: bool = False, sink: Callable[[memoryview], None] | None = None) -> JobResult:
     """Convert one job's tensors into ``out_dir / job.output_file`` on ``threads`` transcode threads (0: every
     core this process may use).
 
@@ -101,15 +118,13 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     (each on one torch thread), and one writer thread writes and hashes the results in the output file's
     order (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
     The bytes are those of a sequential run: each tensor's result does not depend on the others.
+    ``sink``: stream the shard's bytes to it instead of writing the file (only for jobs that ``writes_in_order``).
     """
     start = time.perf_counter()
     workers = threads if threads > 0 else available_cores()
     path = Path(out_dir) / job.output_file
-    writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name})
-    # in the output file's order, so the writer hashes as it writes instead of reading the shard back;
-    # inputs are named alike (safetensors orders by dtype, then name), so spans are still read in order
-    position = {name: i for i, name in enumerate(writer.order())}
-    tasks = sorted(job.tasks, key=lambda t: min(position[s.name] for s in t.outputs))
+    writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name}, sink=sink)
+    tasks = task_order(job)
     reader = CoalescingReader(source, [e for t in job.tasks for e in t.inputs],
                               order=[e for t in tasks for e in _read_order(t)], ahead=READ_AHEAD)
     transcoders = ThreadPoolExecutor(workers, thread_name_prefix="requant-transcode")
@@ -133,7 +148,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
         job=job.name,
         output_file=job.output_file,
         sha256=digest,
-        size=path.stat().st_size,
+        size=writer.size,
         bytes_in=job.bytes_in,
         seconds=time.perf_counter() - start,
         host=socket.gethostname(),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from requant.assemble import assemble, library_versions
 from requant.errors import CheckpointError, SystemFailure, os_failure
 from requant.io.storage import Storage, WritableStorage, open_storage
-from requant.job import JobResult, result_from_json, result_to_json, run_job
+from requant.job import JobResult, result_from_json, result_to_json, run_job, writes_in_order
 from requant.lease import Lease, LeaseLost, current_generation
 from requant.manifest import CONFIG_FILE, MANIFEST_FILE, RUN_STATE_DIR, is_evaluation, read_manifest
 from requant.plan import LayerJob, Plan
@@ -110,7 +110,11 @@ def completed(dest: WritableStorage, key: str, job: LayerJob) -> JobResult | Non
         return None
     result = result_from_json(dest.read_bytes(record))
     head = dest.head(job.output_file)
-    if head is None or head["ContentLength"] != result.size or stored_sha256(dest, job.output_file) != result.sha256:
+    if head is None or head["ContentLength"] != result.size:
+        return None
+    if result.etag and head.get("ETag") == result.etag:  # the very object this run streamed (S3 checked its parts)
+        return result
+    if stored_sha256(dest, job.output_file) != result.sha256:
         return None
     return result
 
@@ -154,6 +158,8 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     done = completed(dest, key, job)
     if done is not None:
         return JobOutcome(done, True)
+    if hasattr(dest, "open_stream") and writes_in_order(job):
+        return _stream_job(job, source, dest, key, device, threads, lease_generation)
     scratch = scratch_dir()
     check_scratch(job, scratch)
     try:
@@ -165,6 +171,26 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
         start = time.perf_counter()
         check_lease(dest, lease_generation)
         dest.put_file(job.output_file, Path(tmp) / job.output_file, sha256=result.sha256)
+    check_lease(dest, lease_generation)
+    dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
+    return JobOutcome(result, False, time.perf_counter() - start)
+
+
+def _stream_job(job: LayerJob, source: Storage, dest: WritableStorage, key: str, device: str, threads: int,
+                lease_generation: int | None) -> JobOutcome:
+    """The shard goes to object storage part by part while it is produced: no scratch copy, upload overlapped
+    with transcoding. It becomes visible only at completion, after the lease check."""
+    check_lease(dest, lease_generation)
+    stream = dest.open_stream(job.output_file)
+    try:
+        result = run_job(job, source, scratch_dir(), device=device, threads=threads, sink=stream.write)
+        start = time.perf_counter()
+        check_lease(dest, lease_generation)
+        etag = stream.complete()
+    except BaseException:
+        stream.abort()
+        raise
+    result = dataclasses.replace(result, etag=etag)
     check_lease(dest, lease_generation)
     dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
     return JobOutcome(result, False, time.perf_counter() - start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Mapping
 
 from requant.errors import CheckpointError, VerifyError
 from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
@@ -20,8 +21,10 @@ from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_stat
 from requant.recipe import resolve_target
 
 
-def verify(uri: str) -> dict:
-    """Check the checkpoint at ``uri`` (a directory or s3://...) against its manifest."""
+def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
+    """Check the checkpoint at ``uri`` (a directory or s3://...) against its manifest. ``digests``: sha256 of
+    files as read just now elsewhere (the flow reads its shards in parallel on the cluster); every other file is
+    hashed here."""
     storage = open_storage(uri)
     if not storage.exists(MANIFEST_FILE):
         raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
@@ -33,7 +36,7 @@ def verify(uri: str) -> dict:
     if not is_sealed(manifest):
         raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
-    _check_files(storage, manifest, problems)
+    _check_files(storage, manifest, problems, digests or {})
     for check in (_check_tensors, _check_config):
         try:
             check(storage, manifest, problems)
@@ -46,7 +49,7 @@ def verify(uri: str) -> dict:
     return {"files": len(manifest["outputs"]), "tensors": len(manifest["tensors"]), "upstream_tensors": len(manifest["sources"])}
 
 
-def _check_files(storage, manifest: dict, problems: list[str]) -> None:
+def _check_files(storage, manifest: dict, problems: list[str], digests: Mapping[str, str | None]) -> None:
     listed = manifest["outputs"]
     present = set(storage.list_files())
     for rel, info in listed.items():
@@ -56,7 +59,7 @@ def _check_files(storage, manifest: dict, problems: list[str]) -> None:
             problems.append(f"{where}: listed in the manifest but missing")
         elif size != info["size"]:
             problems.append(f"{where}: {size} bytes, manifest says {info['size']}")
-        elif storage.sha256(rel) != info["sha256"]:
+        elif (digests.get(rel) or storage.sha256(rel)) != info["sha256"]:
             problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
     for rel in sorted(present - set(listed) - {MANIFEST_FILE}):
         if not is_run_state(rel):

@@ -48,6 +48,14 @@ def hash_input(source_uri: str, file: str) -> dict[str, Any]:
     return pipeline.input_digest(source_uri, file)
 
 
+@task(name="hash-output", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def hash_output(dest_uri: str, file: str) -> str | None:
+    """The sha256 of one output shard as stored now (verification reads the shards in parallel); None when it is
+    missing, which verification then reports with the rest."""
+    storage = open_storage(dest_uri)
+    return storage.sha256(file) if storage.exists(file) else None
+
+
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
                   threads: int = 1, lease_generation: int | None = None) -> pipeline.JobOutcome:
@@ -63,5 +71,5 @@ def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str
 
 
 @task(name="verify", cache_policy=NO_CACHE)
-def verify_checkpoint(dest_uri: str) -> dict[str, Any]:
-    return verify(dest_uri)
+def verify_checkpoint(dest_uri: str, digests: dict[str, str] | None = None) -> dict[str, Any]:
+    return verify(dest_uri, digests)

@@ -105,12 +105,14 @@ wall = time.perf_counter() - start
 if proc.returncode:
     sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
     sys.exit(proc.returncode)
-print(json.dumps({"seconds": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+                  "cpu_percent": 100 * (usage.ru_utime + usage.ru_stime) / wall}))
 """
 
 
 def _run_measured(cmd: list[str]) -> dict[str, float]:
-    """Run a command; its wall time and its own peak RSS."""
+    """Run a command; its wall time, CPU time over wall time (%) and its own peak RSS."""
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-2000:]}")

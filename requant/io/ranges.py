@@ -62,9 +62,11 @@ class CoalescingReader:
     """Reads a job's tensors by span. ``order``: the entries in the order :meth:`read` will ask for them (each
     once), which enables read-ahead of ``ahead`` spans and freeing spans after their last use."""
 
-    def __init__(self, storage, entries: list[TensorEntry], order: list[TensorEntry] | None = None, ahead: int = 0):
+    def __init__(self, storage, entries: list[TensorEntry], order: list[TensorEntry] | None = None, ahead: int = 0,
+                 max_span: int = MAX_SPAN):
         self.storage = storage
-        self.spans = plan_spans(entries)
+        self.max_span = max_span
+        self.spans = plan_spans(entries, max_span)
         self._cache: OrderedDict[Span, bytearray] = OrderedDict()
         self.requests = 0
         self._sequence: list[Span] = []
@@ -75,7 +77,7 @@ class CoalescingReader:
         if order is not None:
             for e in order:
                 span = self.spans.get(e.name)
-                if span is None or e.nbytes > MAX_SPAN:
+                if span is None or e.nbytes > max_span:
                     continue
                 if span not in self._uses:
                     self._sequence.append(span)
@@ -127,7 +129,7 @@ class CoalescingReader:
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         span = self.spans.get(entry.name)
-        if span is None or entry.nbytes > MAX_SPAN:
+        if span is None or entry.nbytes > self.max_span:
             return _tensor(self._fetch(entry.file, entry.start, entry.end), 0, entry)
         data = self._span_bytes(span)
         tensor = _tensor(data, entry.start - span.start, entry)

@@ -255,6 +255,10 @@ class S3Storage:
         self._call(path, lambda: self.s3.upload_file(str(local), self.bucket, self.key(path), ExtraArgs=extra, Config=transfer))
         return {"size": local.stat().st_size, "sha256": sha256}
 
+    def open_stream(self, path: str) -> MultipartStream:
+        """An upload fed front to back while the object is produced (see :class:`MultipartStream`)."""
+        return MultipartStream(self, path)
+
     def put_bytes(self, path: str, data: bytes, if_none_match: bool = False) -> bool:
         """Write a small object. With ``if_none_match`` the write only happens if no object exists yet
         (S3 conditional write); returns False when it already existed."""
@@ -274,6 +278,71 @@ class S3Storage:
 
     def delete(self, path: str) -> None:
         self._call(path, lambda: self.s3.delete_object(Bucket=self.bucket, Key=self.key(path)))
+
+
+class MultipartStream:
+    """A multipart upload fed front to back with :meth:`write`: each 64 MiB part is sent (with its SHA256, which
+    S3 checks) on a thread while the rest is still being produced, at most ``IN_FLIGHT`` parts at a time, so no
+    local copy of the object is ever needed and memory stays at ``IN_FLIGHT + 1`` parts. Nothing is visible
+    until :meth:`complete`; :meth:`abort` discards the parts. S3 fixes metadata when an upload starts, before the
+    digest is known, so streamed objects carry no sha256 metadata: the job's record keeps the digest and the
+    ETag that :meth:`complete` returns, which identifies this upload's object on resume."""
+
+    IN_FLIGHT = 4
+
+    def __init__(self, storage: S3Storage, path: str, part_size: int = MULTIPART_CHUNK):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.storage, self.path, self.part_size = storage, path, part_size
+        self.key = storage.key(path)
+        self.upload_id = storage._call(path, lambda: storage.s3.create_multipart_upload(
+            Bucket=storage.bucket, Key=self.key, ChecksumAlgorithm="SHA256"))["UploadId"]
+        self._buffer = bytearray()
+        self._parts: list = []  # futures of {"PartNumber", "ETag", "ChecksumSHA256"}
+        self._pool = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="requant-upload")
+        self.size = 0
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._buffer += data
+        self.size += len(data)
+        while len(self._buffer) >= self.part_size:
+            self._send(bytes(self._buffer[: self.part_size]))
+            del self._buffer[: self.part_size]
+
+    def _send(self, body: bytes) -> None:
+        pending = [f for f in self._parts if not f.done()]
+        if len(pending) >= self.IN_FLIGHT:
+            pending[0].result()
+        for done in (f for f in self._parts if f.done()):
+            done.result()  # a failed part fails the stream now, not at the end
+        self._parts.append(self._pool.submit(self._upload_part, len(self._parts) + 1, body))
+
+    def _upload_part(self, number: int, body: bytes) -> dict:
+        s = self.storage
+        response = s._call(self.path, lambda: s.s3.upload_part(Bucket=s.bucket, Key=self.key, UploadId=self.upload_id,
+                                                               PartNumber=number, Body=body, ChecksumAlgorithm="SHA256"))
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": response["ChecksumSHA256"]}
+
+    def complete(self) -> str:
+        """Send the rest, wait for every part, publish the object; returns its ETag."""
+        if self._buffer or not self._parts:
+            self._send(bytes(self._buffer))
+            self._buffer = bytearray()
+        parts = [f.result() for f in self._parts]
+        self._pool.shutdown()
+        s = self.storage
+        response = s._call(self.path, lambda: s.s3.complete_multipart_upload(
+            Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
+        return response["ETag"]
+
+    def abort(self) -> None:
+        """Discard the upload (never raises: it runs while another error is on its way out)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        s = self.storage
+        try:
+            s.s3.abort_multipart_upload(Bucket=s.bucket, Key=self.key, UploadId=self.upload_id)
+        except Exception:  # noqa: BLE001 - the object store's lifecycle rules clean up what is left
+            pass
 
 
 def _file_sha256(path: Path) -> str:

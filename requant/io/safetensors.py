@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,8 +235,12 @@ class SafetensorsWriter:
     reads back only the part after the first tensor that arrived out of order.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None,
+                 sink: Callable[[memoryview], None] | None = None):
+        """``sink``: stream the file instead of writing ``path`` (which then only names it in errors): every byte
+        goes to ``sink`` in file order, so tensors must arrive in ``order()``."""
         self.path = Path(path)
+        self._sink = sink
         header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         self._offsets: dict[str, tuple[int, TensorSpec]] = {}
@@ -246,18 +251,24 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self._base = HEADER_PREFIX + len(blob)
+        self.size = self._base + offset
         self._written: set[str] = set()
         self._order = [spec.name for spec in layout(specs)]
-        self._digest = hashlib.sha256(struct.pack("<Q", len(blob)) + blob)
+        head = struct.pack("<Q", len(blob)) + blob
+        self._digest = hashlib.sha256(head)
         self._hashed = 0  # tensors of self._order already in self._digest
+        self._file = None
+        if sink is not None:
+            sink(memoryview(head))
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
         except OSError as exc:
             raise os_failure(self.path, exc, "creating the output shard") from exc
         try:
-            self._file.write(struct.pack("<Q", len(blob)) + blob)
-            self._file.truncate(self._base + offset)
+            self._file.write(head)
+            self._file.truncate(self.size)
         except OSError as exc:
             self.abort()
             raise os_failure(self.path, exc, "writing the output shard") from exc
@@ -268,14 +279,21 @@ class SafetensorsWriter:
         offset, spec = self._offsets[name]
         if TORCH_TO_NAME.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"{self.path}: {name} is {tensor.dtype}{tuple(tensor.shape)}, declared {spec.dtype}{spec.shape}")
+        in_order = self._hashed < len(self._order) and self._order[self._hashed] == name
+        if self._sink is not None and not in_order:
+            raise RuntimeError(f"{self.path}: streamed tensors must arrive in file order; {name} came early")
         data = tensor.detach().cpu().contiguous()
         if data.numel():
-            try:
-                self._file.seek(self._base + offset)
-                self._file.write(view := memoryview(data.view(torch.uint8).reshape(-1).numpy()))
-            except OSError as exc:
-                raise os_failure(self.path, exc, f"writing tensor {name}") from exc
-            if self._hashed < len(self._order) and self._order[self._hashed] == name:
+            view = memoryview(data.view(torch.uint8).reshape(-1).numpy())
+            if self._sink is not None:
+                self._sink(view)
+            else:
+                try:
+                    self._file.seek(self._base + offset)
+                    self._file.write(view)
+                except OSError as exc:
+                    raise os_failure(self.path, exc, f"writing tensor {name}") from exc
+            if in_order:
                 self._digest.update(view)
         if self._hashed < len(self._order) and self._order[self._hashed] == name:
             self._hashed += 1
@@ -288,16 +306,18 @@ class SafetensorsWriter:
     def close(self, fsync: bool = False) -> str:
         """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing.
         ``fsync``: on stable storage before returning (a resumable run records the shard as done next)."""
-        try:
-            self._file.flush()
-            if fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-        except OSError as exc:
-            raise os_failure(self.path, exc, "finishing the output shard") from exc
+        if self._file is not None:
+            try:
+                self._file.flush()
+                if fsync:
+                    os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as exc:
+                raise os_failure(self.path, exc, "finishing the output shard") from exc
         missing = sorted(set(self._offsets) - self._written)
         if missing:
-            self.path.unlink(missing_ok=True)
+            if self._file is not None:
+                self.path.unlink(missing_ok=True)
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
         if self._hashed < len(self._order):  # read back what arrived after the first out-of-order tensor
             start = self._base + self._offsets[self._order[self._hashed]][0]
@@ -310,6 +330,8 @@ class SafetensorsWriter:
     def abort(self) -> None:
         """Close and delete the partial file. Never raises: it runs while another error is on its way out
         (closing flushes buffered bytes, which fails again on a full disk), and must not replace it."""
+        if self._file is None:
+            return
         try:
             self._file.close()
         except OSError:

@@ -52,6 +52,38 @@ def test_multipart_upload_keeps_sha256(s3_server, tmp_path, monkeypatch):
 
 
 @pytest.mark.services
+def test_streamed_upload_sends_parts_while_written_and_is_invisible_until_complete(s3_server):
+    """MultipartStream: odd-sized writes become 5 MiB parts sent as they fill, each with a SHA256 that S3 checks
+    (the composite checksum is recomputed from the bytes); the object appears only at complete, with the ETag
+    returned; an aborted stream leaves neither an object nor an open upload."""
+    from requant.io.s3 import MultipartStream
+
+    part = 5 * 1024 * 1024
+    data = hashlib.sha256(b"seed").digest() * (13 * 1024 * 1024 // 32 + 7)  # 13 MiB and a bit: 3 parts
+    storage = S3Storage("s3://streamed/x")
+    storage.ensure_bucket()
+    stream = MultipartStream(storage, "shard.safetensors", part_size=part)
+    for i in range(0, len(data), 1_000_003):
+        stream.write(memoryview(data)[i : i + 1_000_003])
+        if i > 2 * part:
+            assert len(stream._parts) == 2  # the first two parts went out before the end
+    assert not storage.exists("shard.safetensors")
+    etag = stream.complete()
+    assert storage.read_bytes("shard.safetensors") == data
+    head = storage.s3.head_object(Bucket="streamed", Key="x/shard.safetensors", ChecksumMode="ENABLED")
+    digests = b"".join(hashlib.sha256(data[i:i + part]).digest() for i in range(0, len(data), part))
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(digests).digest()).decode() + "-3"
+    assert head["ETag"] == etag and storage.head("shard.safetensors")["ETag"] == etag
+
+    aborted = MultipartStream(storage, "aborted.safetensors", part_size=part)
+    aborted.write(data[: part + 10])
+    aborted.abort()
+    assert not storage.exists("aborted.safetensors")
+    uploads = storage.s3.list_multipart_uploads(Bucket="streamed").get("Uploads", [])
+    assert not [u for u in uploads if u["Key"] == "x/aborted.safetensors"]
+
+
+@pytest.mark.services
 def test_conditional_write_and_missing_objects(s3_server):
     storage = S3Storage("s3://conditional/p")
     storage.ensure_bucket()

@@ -32,14 +32,16 @@ def test_product_is_rounded_once_to_bf16():
     assert dequantize_int4(packed, scale, 32)[0, 0].item() == 13.9375
 
 
-def test_every_expert_matches_compressed_tensors_decompression(tiny_upstream):
-    config = json.loads((tiny_upstream / "config.json").read_text())["text_config"]["quantization_config"]
+def _check_experts_against_compressed_tensors(upstream) -> int:
+    """Every INT4 module of ``upstream`` decoded by requant equals compressed-tensors' decompression; returns the
+    number of modules checked."""
+    config = json.loads((upstream / "config.json").read_text())["text_config"]["quantization_config"]
     compressor = ModelCompressor(quantization_config=QuantizationConfig.model_validate(config))
     packer = compressor.quantization_compressor["pack-quantized"]
     args = QuantizationArgs(**{k: config["config_groups"]["group_0"]["weights"][k]
                                for k in ("num_bits", "type", "strategy", "group_size", "symmetric")})
     checked = 0
-    for shard in sorted(tiny_upstream.glob("*.safetensors")):
+    for shard in sorted(upstream.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")}
@@ -50,4 +52,29 @@ def test_every_expert_matches_compressed_tensors_decompression(tiny_upstream):
             assert ours.dtype == decompressed["weight"].dtype == torch.bfloat16
             assert torch.equal(ours, decompressed["weight"]), module
             checked += 1
-    assert checked == 2 * 8 * 3  # 2 MoE layers x 8 experts x gate/up/down
+    return checked
+
+
+def test_every_expert_matches_compressed_tensors_decompression(tiny_upstream):
+    assert _check_experts_against_compressed_tensors(tiny_upstream) == 2 * 8 * 3  # 2 MoE layers x 8 experts x 3
+
+
+def test_random_code_experts_are_valid_pack_quantized_data(tmp_path):
+    """The fast experts of real-width benchmark fixtures (synth --profile k26-layer): every nibble value occurs,
+    scales are positive BF16, and compressed-tensors decodes them as requant does; --experts sets the count."""
+    import dataclasses
+
+    from requant.synth import PROFILES, synthesize
+
+    profile = dataclasses.replace(PROFILES["tiny"], random_codes=True)
+    up = synthesize(tmp_path / "random-codes", profile, seed=0, progress=False, experts=5)
+    assert json.loads((up / "config.json").read_text())["text_config"]["n_routed_experts"] == 5
+    assert _check_experts_against_compressed_tensors(up) == 2 * 5 * 3
+    packed, scales = [], []
+    for shard in sorted(up.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            packed += [f.get_tensor(k) for k in f.keys() if k.endswith("weight_packed")]
+            scales += [f.get_tensor(k) for k in f.keys() if k.endswith("weight_scale")]
+    codes = torch.cat([unpack_int4(p, p.shape[1] * 8).flatten() for p in packed])
+    assert set(codes.unique().tolist()) == set(range(-8, 8))
+    assert all(s.dtype == torch.bfloat16 and bool((s > 0).all()) for s in scales)

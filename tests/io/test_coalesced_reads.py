@@ -39,3 +39,28 @@ def test_reader_returns_the_same_tensors_with_fewer_requests(tiny_upstream):
     for entry in sorted(entries, key=lambda e: (e.file, e.start)):
         assert torch.equal(reader.read(entry).view(torch.uint8), read_tensor(LocalDir(tiny_upstream), entry).view(torch.uint8))
     assert reader.requests == CountingStorage.calls <= 8 < len(entries)
+
+
+def test_read_ahead_in_a_known_order_returns_the_same_tensors_and_frees_spans(tiny_upstream):
+    """With the read order given, spans are fetched ahead on threads (each once) and dropped after their last
+    tensor; tensors are views of the span buffers, equal to single reads."""
+    storage = CountingStorage(tiny_upstream)
+    entries = []
+    for shard in sorted(p.name for p in tiny_upstream.glob("*.safetensors")):
+        entries += list(read_header(storage, shard)[0].values())
+    order = sorted(entries, key=lambda e: (e.file, e.name))  # name order interleaves the dtype regions
+    CountingStorage.calls = 0
+    # small spans: many of them, several in use at a time
+    reader = CoalescingReader(storage, entries, order=order, ahead=2, max_span=64 * 1024)
+    held = 0
+    try:
+        for entry in order:
+            got = reader.read(entry)
+            assert torch.equal(got.view(torch.uint8), read_tensor(LocalDir(tiny_upstream), entry).view(torch.uint8)), entry.name
+            held = max(held, len(reader._cache))
+    finally:
+        reader.close()
+    big = [e for e in entries if e.nbytes > 64 * 1024]  # larger than a span: read on their own
+    spans = {reader.spans[e.name] for e in entries if e.nbytes <= 64 * 1024}
+    assert reader.requests == CountingStorage.calls == len(spans) + len(big) and len(spans) > 10
+    assert held <= 2 + 2 and not reader._cache

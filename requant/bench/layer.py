@@ -1,0 +1,240 @@
+"""``requant bench --layer`` / ``make bench-layer``: Kimi-K2.6's real widths, each path against its own roofline
+measured in the same run.
+
+The fixture is ``synth --profile k26-layer`` (layer 0 dense with intermediate 18432, one MoE layer of 2048x7168
+INT4 experts, real MLA). Per location (a disk directory, tmpfs):
+
+- roofline: copy the input shards, fsync and sha256 the copies (requant fsyncs each shard too), with the same sha256 requant uses (OpenSSL through
+  hashlib) and, for reference, coreutils ``cp`` + ``sha256sum`` (several times slower on CPUs with SHA
+  extensions: it does not use them);
+- ``requant convert --local`` with default settings (every core) and pinned to one core.
+
+Through S3 (SeaweedFS on loopback, its data on the disk): the roofline is a concurrent GET of the input shards
+and PUT of the same number of bytes through boto3's transfer manager; then the requantize flow with 1 and 2 local
+Ray workers. Every measured command runs in its own process: wall time, CPU time and its own peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from requant.bench.conversion import _run_measured
+from requant.job import available_cores
+
+LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
+
+_COPY_SHA = """
+import hashlib, os, shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for f in sorted(src.glob("*.safetensors")):
+    shutil.copyfile(f, dst / f.name)
+    with open(dst / f.name, "rb") as fh:
+        os.fsync(fh.fileno())  # on stable storage, as requant's shards are before it records them done
+        digest = hashlib.sha256()
+        while block := fh.read(8 << 20):
+            digest.update(block)
+"""
+
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in _shards(path))
+
+
+def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[str, Any]:
+    """Roofline and conversions of ``upstream`` with outputs under ``work`` (same file system as measured)."""
+    size = _bytes(upstream)
+    out: dict[str, Any] = {"bytes_in": size, "where": str(work)}
+    copy = work / "copy"
+    out["roofline"] = _run_measured([sys.executable, "-c", _COPY_SHA, str(upstream), str(copy)])
+    shutil.rmtree(copy)
+    files = " ".join(f"'{f}'" for f in _shards(upstream))
+    out["roofline_coreutils"] = _run_measured(["bash", "-c", f"mkdir -p '{copy}' && cp {files} '{copy}/' && "
+                                                             f"sync '{copy}'/*.safetensors && sha256sum '{copy}'/*.safetensors > /dev/null"])
+    shutil.rmtree(copy)
+    convert = [sys.executable, "-m", "requant.cli", "convert", str(upstream), str(work / "out"), "--recipe", recipe,
+               "--local", "--overwrite"]
+    out["requant"] = _run_measured(convert)
+    out["bytes_out"] = _bytes(work / "out")
+    shutil.rmtree(work / "out")
+    out["requant_1_core"] = _run_measured(["taskset", "-c", str(min(os.sched_getaffinity(0))), *convert])
+    shutil.rmtree(work / "out")
+    for name in ("requant", "requant_1_core"):
+        r = out[name]
+        r["mb_per_s_in"] = size / 1e6 / r["seconds"]
+        r["of_roofline"] = out["roofline"]["seconds"] / r["seconds"]
+        r["of_roofline_coreutils"] = out["roofline_coreutils"]["seconds"] / r["seconds"]
+    out["all_cores_speedup"] = out["requant_1_core"]["seconds"] / out["requant"]["seconds"]
+    return out
+
+
+def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path) -> dict[str, Any]:
+    """GET every input shard while PUTting the same bytes (from ``local``) under ``scratch``, both through
+    boto3's transfer manager (multipart, several connections each), at the same time."""
+    from boto3.s3.transfer import TransferConfig
+
+    from requant.io.s3 import MULTIPART_CHUNK, S3Storage
+
+    src, dst = S3Storage(upstream), S3Storage(scratch)
+    dst.ensure_bucket()
+    config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
+    errors: list[BaseException] = []
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            return len(data)
+
+    def get() -> None:
+        try:
+            for f in files:
+                src.s3.download_fileobj(src.bucket, src.key(f), Sink(), Config=config)
+        except BaseException as exc:  # noqa: BLE001 - reported after both finished
+            errors.append(exc)
+
+    def put() -> None:
+        try:
+            for f in files:
+                dst.s3.upload_file(str(local / f), dst.bucket, dst.key(f), Config=config)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=get), threading.Thread(target=put)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    size = sum((local / f).stat().st_size for f in files)
+    return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds}
+
+
+_RUN_FLOW = """
+import json, sys
+from flows.requantize import requantize
+print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
+                                        evaluate=False)))
+"""
+
+
+def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE) -> dict[str, Any]:
+    from requant import seaweed
+    from requant.io.transfer import upload_dir
+
+    server = seaweed.start(work / "seaweed")
+    env = dict(os.environ, **server.env())
+    saved = dict(os.environ)
+    os.environ.update(server.env())
+    try:
+        upstream = "s3://bench/upstream"
+        upload_dir(upstream_dir, upstream)
+        files = [f.name for f in _shards(upstream_dir)]
+        out: dict[str, Any] = {"bytes_in": _bytes(upstream_dir),
+                               "roofline": s3_roofline(upstream, "s3://bench/copy", files, upstream_dir), "flow": {}}
+        for n in workers:
+            run_env = dict(env, REQUANT_RAY_CPUS=str(n))
+            run_env.pop("RAY_ADDRESS", None)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _RUN_FLOW, upstream, f"s3://bench/out-{n}", recipe],
+                                  env=run_env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if proc.returncode:
+                raise RuntimeError(f"flow with {n} workers failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+            summary = json.loads(next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))[7:])
+            t = summary["timings"]
+            out["flow"][str(n)] = {"process_seconds": wall, "timings": t,
+                                   "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
+                                   "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
+                                   "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
+        runs = [out["flow"][str(n)]["timings"]["total"] for n in workers]
+        out["scaling"] = runs[0] / runs[-1] if len(runs) > 1 else None
+        return out
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        seaweed.stop(server)
+
+
+def render(results: dict[str, Any]) -> str:
+    f = results["fixture"]
+    lines = [f"## One Kimi-K2.6 layer at real widths: {f['experts']} routed experts, {f['bytes'] / 1e9:.2f} GB in, "
+             f"recipe {results['recipe']}", "",
+             "| where | path | wall s | MB/s in | CPU % | peak RSS MB | of roofline (OpenSSL sha256) | "
+             "of roofline (cp + sha256sum) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for where in ("tmpfs", "disk"):
+        r = results.get(where)
+        if not r:
+            continue
+        for label, key in (("copy + sha256 (roofline)", "roofline"), ("cp + coreutils sha256sum", "roofline_coreutils"),
+                           (f"requant convert --local ({results['cores']} cores)", "requant"),
+                           ("requant convert --local (1 core)", "requant_1_core")):
+            m = r[key]
+            mbs = r["bytes_in"] / 1e6 / m["seconds"]
+            share = (f"{m['of_roofline']:.2f} | {m['of_roofline_coreutils']:.2f}" if "of_roofline" in m else " | ")
+            lines.append(f"| {where} | {label} | {m['seconds']:.1f} | {mbs:.0f} | {m['cpu_percent']:.0f} | "
+                         f"{m['peak_rss_mb']:.0f} | {share} |")
+    lines.append("")
+    for where in ("tmpfs", "disk"):
+        r = results.get(where)
+        if r:
+            lines.append(f"- {where}: all cores / 1 core {r['all_cores_speedup']:.2f}x; output {r['bytes_out'] / 1e9:.2f} GB")
+    s3 = results.get("s3")
+    if s3:
+        roof = s3["roofline"]
+        lines += ["", "| S3 (SeaweedFS, loopback) | wall s | MB/s in | of GET+PUT roofline (jobs phase) |",
+                  "|---|---:|---:|---:|",
+                  f"| concurrent GET + PUT of the same bytes (transfer manager) | {roof['seconds']:.1f} | "
+                  f"{roof['mb_per_s_in']:.0f} | |"]
+        for n, run in s3["flow"].items():
+            t = run["timings"]
+            lines.append(f"| requantize flow, {n} Ray worker(s): total (jobs) | {t['total']:.1f} ({t['jobs']:.1f}) | "
+                         f"{run['mb_per_s_in']:.0f} ({run['jobs_mb_per_s_in']:.0f}) | {run['of_roofline']:.2f} |")
+        if s3.get("scaling"):
+            lines += ["", f"- 1 -> {list(s3['flow'])[-1]} Ray workers: {s3['scaling']:.2f}x"]
+    lines += ["", f"Machine: {results['cores']} cores; {results['note']}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_layer_bench(args) -> dict[str, Any]:
+    from requant.synth import synthesize
+
+    experts = args.experts
+    results: dict[str, Any] = {"recipe": args.recipe, "cores": available_cores(),
+                               "note": "each figure from one run; ratios are side by side in that run"}
+    places = {"tmpfs": Path(args.tmpfs) if args.tmpfs else None, "disk": Path(args.disk) if args.disk else None}
+    for where, base in places.items():
+        if base is None:
+            continue
+        work = Path(tempfile.mkdtemp(prefix="requant-bench-layer-", dir=base))
+        try:
+            upstream = synthesize(work / "upstream", "k26-layer", seed=0, progress=True, experts=experts)
+            results["fixture"] = {"experts": experts, "bytes": _bytes(upstream)}
+            print(f"{where}: measuring in {work}", file=sys.stderr)
+            results[where] = local_bench(upstream, work, args.recipe)
+            if where == "disk" and args.s3:
+                results["s3"] = s3_bench(upstream, work, [int(n) for n in args.workers.split(",")], args.recipe)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    text = render(results)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "layer.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(args.out) / "layer.md").write_text(text)
+    print(text)
+    return results

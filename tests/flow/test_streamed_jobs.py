@@ -1,0 +1,47 @@
+"""Layer jobs whose shards are produced front to back stream them into object storage while they are written
+(no scratch copy): the object equals the locally written shard byte for byte, nothing is visible before it is
+complete, resume recognises the streamed object by its ETag, and a changed object is converted again."""
+
+from __future__ import annotations
+
+import pytest
+
+from requant.io.s3 import S3Storage
+from requant.io.storage import LocalDir
+from requant.job import writes_in_order
+from requant.pipeline import execute_job, record_path, run_key
+from requant.plan import build_plan
+from requant.recipe import load_recipe
+
+pytestmark = pytest.mark.services
+
+
+def test_mxfp4_and_bf16_shards_stream_fp8_does_not(tiny_upstream):
+    for recipe, streams in (("kimi-k2.6-mxfp4", True), ("bf16-staging", True), ("fp8-reference", False)):
+        jobs = build_plan(LocalDir(tiny_upstream), load_recipe(recipe)).jobs
+        assert all(writes_in_order(j) for j in jobs) == streams, recipe
+
+
+def test_streamed_shard_equals_the_local_one_and_resumes_by_etag(s3_tiny, tiny_upstream, clean_prefix, tmp_path,
+                                                                  monkeypatch):
+    plan = build_plan(LocalDir(tiny_upstream), load_recipe("kimi-k2.6-mxfp4"))
+    key = run_key(plan, None)
+    job = max(plan.jobs, key=lambda j: j.bytes_out)
+    local = execute_job(job, str(tiny_upstream), str(tmp_path / "local"), key)
+    monkeypatch.setenv("REQUANT_SCRATCH", str(tmp_path / "no-scratch"))  # streaming needs none: it does not exist
+    first = execute_job(job, s3_tiny, clean_prefix, key)
+    assert not first.skipped and first.result.etag
+    dest = S3Storage(clean_prefix)
+    assert dest.read_bytes(job.output_file) == (tmp_path / "local" / job.output_file).read_bytes()
+    assert first.result.sha256 == local.result.sha256 and dest.exists(record_path(key, job))
+
+    monkeypatch.setattr(S3Storage, "sha256", lambda self, path: pytest.fail("resume re-read the streamed shard"))
+    again = execute_job(job, s3_tiny, clean_prefix, key)
+    assert again.skipped and again.result.sha256 == first.result.sha256
+    monkeypatch.undo()
+
+    data = bytearray(dest.read_bytes(job.output_file))
+    data[-3] ^= 0x01  # rewritten behind the record: same size, new object, new ETag
+    dest.s3.put_object(Bucket=dest.bucket, Key=dest.key(job.output_file), Body=bytes(data))
+    rerun = execute_job(job, s3_tiny, clean_prefix, key)
+    assert not rerun.skipped and dest.read_bytes(job.output_file) == (tmp_path / "local" / job.output_file).read_bytes()
