@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the flow: 1 per Ray task)")
     c.add_argument("--jobs", type=int, default=0,
                    help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
-                        "as memory holds at 2.5 GiB each, one per 512 MiB of input at least)")
+                        "as memory holds at 2.5 GiB each, and only with at least 4 jobs per worker)")
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 

@@ -68,7 +68,8 @@ def check_free_space(path: Path, needed: int, what: str, name: Path | None = Non
 
 
 JOB_MEMORY = 5 << 29  # 2.5 GiB: a layer job's peak RSS stays below this (make bench-layer measures it)
-POOL_MIN_BYTES = 512 << 20  # a worker process costs seconds to start: one per this much input at least
+JOBS_PER_WORKER = 4  # worker processes only when each gets several jobs: they cost seconds to start, and a few
+                     # uneven jobs finish sooner in this process, each on every core (measured: make bench-layer)
 
 
 def memory_available() -> int:
@@ -85,11 +86,10 @@ def memory_available() -> int:
 
 def parallel_jobs(todo: list, requested: int = 0) -> int:
     """Layer jobs to run at once: ``requested``, else one per core, as many as memory holds at JOB_MEMORY each,
-    and no more than the work pays for (a process per POOL_MIN_BYTES of input)."""
+    and one per JOBS_PER_WORKER jobs at most (K2.6's 62 jobs: a process per core)."""
     if requested > 0:
         return min(requested, max(1, len(todo)))
-    work = sum(j.bytes_in for j in todo)
-    return max(1, min(available_cores(), memory_available() // JOB_MEMORY, len(todo), work // POOL_MIN_BYTES))
+    return max(1, min(available_cores(), memory_available() // JOB_MEMORY, len(todo) // JOBS_PER_WORKER))
 
 
 def _run_jobs(todo: list, storage, staging: Path, device: str, threads: int, jobs: int) -> Iterator[tuple[Any, JobResult]]:

@@ -158,30 +158,48 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     )
 
 
+BATCH_BYTES = 4 << 20  # tasks go through the threads in batches of at least this much input (or one big task)
+BATCH_TASKS = 4096
+
+
+def _batches(tasks: list[TensorTask]):
+    """Consecutive tasks grouped so each hand-over between threads carries enough work: a 2048x7168 expert
+    alone, thousands of small norms and routers together (208k tiny tensors would otherwise pay a thread
+    hand-off each)."""
+    batch: list[TensorTask] = []
+    nbytes = 0
+    for task in tasks:
+        batch.append(task)
+        nbytes += sum(e.nbytes for e in task.inputs)
+        if nbytes >= BATCH_BYTES or len(batch) >= BATCH_TASKS:
+            yield batch, nbytes
+            batch, nbytes = [], 0
+    if batch:
+        yield batch, nbytes
+
+
 def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: ThreadPoolExecutor,
               writing: ThreadPoolExecutor, writer: SafetensorsWriter, stats: list[TensorStat], device: str,
               workers: int) -> None:
-    """Read each task's inputs here (the reader fetches ahead), transcode on the pool, hand the results to the
-    writer thread in order. A failure anywhere surfaces here, at the latest when its result is collected."""
-    transcoding: deque[tuple[TensorTask, Future, int]] = deque()
+    """Read each batch's inputs here (the reader fetches ahead), transcode batches on the pool, hand the results
+    to the writer thread in order. A failure anywhere surfaces here, at the latest when its result is collected."""
+    transcoding: deque[tuple[list[TensorTask], Future, int]] = deque()
     written: deque[Future] = deque()
     in_flight = 0
 
     def hand_over() -> None:
         nonlocal in_flight
-        task, future, nbytes = transcoding.popleft()
-        outputs, stat = future.result()
-        written.append(writing.submit(_write_outputs, writer, task, outputs))
+        batch, future, nbytes = transcoding.popleft()
+        results = future.result()
+        written.append(writing.submit(_write_outputs, writer, batch, [outputs for outputs, _ in results]))
         in_flight -= nbytes
-        if stat is not None:
-            stats.append(stat)
+        stats.extend(stat for _, stat in results if stat is not None)
         while len(written) > 2 * workers:  # results waiting for the disk hold memory too
             written.popleft().result()
 
-    for task in tasks:
-        inputs = [reader.read(e) for e in _read_order(task)]
-        nbytes = sum(e.nbytes for e in task.inputs)
-        transcoding.append((task, transcoders.submit(_transcode_inputs, task, inputs, reader.uri, device), nbytes))
+    for batch, nbytes in _batches(tasks):
+        inputs = [[reader.read(e) for e in _read_order(task)] for task in batch]
+        transcoding.append((batch, transcoders.submit(_transcode_batch, batch, inputs, reader.uri, device), nbytes))
         in_flight += nbytes
         while transcoding and (transcoding[0][1].done() or len(transcoding) > 2 * workers or in_flight > IN_FLIGHT_BYTES):
             hand_over()
@@ -191,9 +209,14 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
         written.popleft().result()
 
 
-def _write_outputs(writer: SafetensorsWriter, task: TensorTask, outputs: list[torch.Tensor]) -> None:
-    for spec, tensor in zip(task.outputs, outputs):
-        writer.write(spec.name, tensor)
+def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str, device: str):
+    return [_transcode_inputs(task, task_inputs, uri, device) for task, task_inputs in zip(batch, inputs)]
+
+
+def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], outputs: list[list[torch.Tensor]]) -> None:
+    for task, task_outputs in zip(batch, outputs):
+        for spec, tensor in zip(task.outputs, task_outputs):
+            writer.write(spec.name, tensor)
 
 
 def _read_order(task: TensorTask) -> list[TensorEntry]:

@@ -40,7 +40,7 @@ def test_threads_and_worker_processes_write_the_same_bytes(tiny_upstream, tmp_pa
 
 def test_parallel_jobs_are_sized_to_the_work(tiny_upstream):
     todo = build_plan(LocalDir(tiny_upstream), load_recipe("kimi-k2.6-mxfp4")).jobs
-    assert parallel_jobs(todo) == 1  # 5 MB: a worker process would cost more than it saves
+    assert parallel_jobs(todo) == 1  # 4 jobs: worker processes would cost more than they save
     assert parallel_jobs(todo, requested=2) == 2 and parallel_jobs(todo, requested=64) == len(todo)
 
 

@@ -16,6 +16,7 @@ Ray workers. Every measured command runs in its own process: wall time, CPU time
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -94,9 +95,28 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path) -> d
     config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
     errors: list[BaseException] = []
 
-    class Sink:
-        def write(self, data: bytes) -> int:
+    class Sink(io.RawIOBase):
+        """Discards what it is given: a seekable file to the transfer manager, which writes parts at offsets."""
+
+        def __init__(self) -> None:
+            self.position = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            self.position += len(data)
             return len(data)
+
+        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+            self.position = offset if whence == io.SEEK_SET else self.position + offset
+            return self.position
+
+        def tell(self) -> int:
+            return self.position
 
     def get() -> None:
         try:
@@ -227,14 +247,20 @@ def run_layer_bench(args) -> dict[str, Any]:
             results["fixture"] = {"experts": experts, "bytes": _bytes(upstream)}
             print(f"{where}: measuring in {work}", file=sys.stderr)
             results[where] = local_bench(upstream, work, args.recipe)
+            _save(results, args.out)
             if where == "disk" and args.s3:
                 results["s3"] = s3_bench(upstream, work, [int(n) for n in args.workers.split(",")], args.recipe)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    text = render(results)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "layer.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(args.out) / "layer.md").write_text(text)
-    print(text)
+    print(_save(results, args.out))
     return results
+
+
+def _save(results: dict[str, Any], out: str | None) -> str:
+    """Write what was measured so far (a long run that fails late keeps its earlier figures)."""
+    text = render(results)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "layer.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(out) / "layer.md").write_text(text)
+    return text
