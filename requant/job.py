@@ -227,15 +227,11 @@ def _read_order(task: TensorTask) -> list[TensorEntry]:
     return list(task.inputs)
 
 
-def transcode(task: TensorTask, source: CoalescingReader, device: str = "cpu", threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
-    """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats."""
-    inputs = [source.read(e) for e in _read_order(task)]
-    return _transcode_inputs(task, inputs, source.uri, device, threads)
-
-
-def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, device: str = "cpu",
-                      threads: int = 1) -> tuple[list[torch.Tensor], TensorStat | None]:
-    """``transcode`` on inputs already read (in ``_read_order``); checks them first."""
+def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str,
+                      device: str = "cpu") -> tuple[list[torch.Tensor], TensorStat | None]:
+    """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats, from its
+    inputs as read (in ``_read_order``), which are checked first. Jobs run tasks in parallel, so the kernels'
+    own row threads stay at 1."""
     if task.kind == "copy":
         (entry,), (tensor,) = task.inputs, inputs
         _check_finite(tensor, f"{uri}/{entry.file}", entry.name)
@@ -246,7 +242,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         in_features = task.shape[1]
         fmt = WEIGHT_FORMATS.get(task.target)
         if fmt is not None and fmt.from_int4 is not None:
-            out = list(fmt.from_int4(packed, scale, in_features, threads=threads))
+            out = list(fmt.from_int4(packed, scale, in_features))
         else:
             weight = dequantize_int4(packed, scale, in_features)
             out = [weight] if task.target == UNQUANTIZED else list(fmt.encode(weight))
