@@ -6,6 +6,13 @@ The server always checks request signatures against one identity written to ``DA
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from its own environment as admin credentials, so an inherited
 shell variable used to decide whether the embedded S3 enforced credentials, and with which. Clients get the
 identity from :meth:`SeaweedServer.env`, like any S3 user gets theirs.
+
+Volume slots: each bucket is a SeaweedFS collection, and by default the master grows a new collection by 7
+volumes at once, out of a slot count that ``-volume.max=0`` derives from the free disk (free / volume size). With
+24 GB free that was 95 slots, so the 14th bucket's first write failed with ``InternalError`` (and with less free
+disk, sooner). The server now grows collections one volume at a time (``master.toml`` in the data directory,
+which is weed's working directory) and has a fixed slot count: volumes are not preallocated, so a slot costs no
+disk, and a full disk still ends writes through ``-volume.minFreeSpace`` (the volumes turn read-only).
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ from requant.errors import RequantError
 from requant.processes import terminate_group
 
 SERVICES = ("master", "volume", "filer", "s3")
+VOLUME_SLOTS = 4096
+MASTER_TOML = """# written by requant.seaweed: grow each collection (bucket) by one volume, not seven
+[master.volume_growth]
+copy_1 = 1
+copy_2 = 1
+copy_3 = 1
+copy_other = 1
+"""
 
 
 def _free_port(taken: set[int]) -> int:
@@ -93,16 +108,18 @@ def start(data_dir: str | Path, timeout: float = 60.0, ports: dict[str, int] | N
     taken: set[int] = set()
     ports = ports or {name: _free_port(taken) for name in SERVICES}
     identities = _write_identity(data, access_key, secret_key)
+    (data / "master.toml").write_text(MASTER_TOML)  # weed reads it from its working directory
     args = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
             f"-s3.config={identities}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", f"-volume.max={VOLUME_SLOTS}",
             "-volume.preStopSeconds=0"]
     for name, port in ports.items():
         args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
     log = data / "weed.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # see the module docstring
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                cwd=data)
     server = SeaweedServer(proc.pid, str(data), ports["s3"], str(log), dict(ports), access_key, secret_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -83,6 +83,34 @@ def test_streamed_upload_sends_parts_while_written_and_is_invisible_until_comple
     assert not [u for u in uploads if u["Key"] == "x/aborted.safetensors"]
 
 
+def _volumes(server) -> tuple[int, int]:
+    """(volumes, slots) of the embedded server, from its master's topology."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['master']}/dir/status", timeout=10) as r:
+        topology = json.load(r)["Topology"]
+    return topology["Max"] - topology["Free"], topology["Max"]
+
+
+@pytest.mark.services
+def test_every_new_bucket_takes_one_volume_slot(s3_server):
+    """A bucket is a SeaweedFS collection. weed's default grows a collection by 7 volumes, out of slots derived
+    from the free disk: the session's server ran out at its ~13th bucket (24 GB free) and later writes failed with
+    InternalError. The embedded server grows by one volume, and has slots for thousands of buckets."""
+    import uuid
+
+    before, slots = _volumes(s3_server.current)
+    names = [f"slots-{uuid.uuid4().hex[:8]}-{i}" for i in range(20)]
+    for name in names:
+        storage = S3Storage(f"s3://{name}/p")
+        storage.ensure_bucket()
+        assert storage.put_bytes("a/claim.json", b"{}", if_none_match=True)
+    after, _ = _volumes(s3_server.current)
+    assert after - before == len(names)
+    assert slots >= 4096
+
+
 @pytest.mark.services
 def test_conditional_write_and_missing_objects(s3_server):
     storage = S3Storage("s3://conditional/p")
