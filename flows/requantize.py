@@ -58,7 +58,25 @@ def ray_settings() -> tuple[str | None, dict[str, Any]]:
         init_kwargs["address"] = "local"
         init_kwargs["include_dashboard"] = False
         init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
+        api = ephemeral_api_url()
+        if api:
+            forwarded["PREFECT_API_URL"] = api
     return address, init_kwargs
+
+
+def ephemeral_api_url() -> str | None:
+    """The URL of the ephemeral Prefect server this process runs its flow against (no ``PREFECT_API_URL``
+    set), if it is running. Local Ray workers are pointed at it: otherwise each worker process starts an
+    ephemeral server of its own on the first task it runs (seconds of start-up and ~7 CPU-seconds each, measured
+    on the layer benchmark; several at once time out)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running else None
 
 
 class EnvRayTaskRunner(RayTaskRunner):
@@ -79,14 +97,17 @@ class EnvRayTaskRunner(RayTaskRunner):
 
 @flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
 def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
-               upstream_id: str | None = None, device: str = "cpu", threads: int = 1, num_cpus: float = 1,
+               upstream_id: str | None = None, device: str = "cpu", threads: int = 0, num_cpus: float = 1,
                num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True,
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
                tp: int = 1) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
-    ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison."""
+    ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
+
+    Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, ``resources``); it transcodes on
+    ``threads`` threads, by default (0) as many as its CPUs."""
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")

@@ -23,6 +23,25 @@ def _plain(value: Any) -> Any:
     return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
+def task_threads(threads: int) -> int:
+    """Transcode threads for a layer job: ``threads``, or for 0 the CPUs Ray reserved for this task (its
+    ``num_cpus``; every core this process may use outside Ray). Ray does not pin tasks to cores, so a job that
+    took every core of its node would crowd the jobs placed beside it."""
+    if threads > 0:
+        return threads
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+            return max(1, int(cpus))
+    except ImportError:
+        pass
+    from requant.job import available_cores
+
+    return available_cores()
+
+
 def _node() -> str:
     """The Ray node this task runs on (or the host name outside Ray)."""
     try:
@@ -58,8 +77,8 @@ def hash_output(dest_uri: str, file: str) -> str | None:
 
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                  threads: int = 1, lease_generation: int | None = None) -> pipeline.JobOutcome:
-    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=threads,
+                  threads: int = 0, lease_generation: int | None = None) -> pipeline.JobOutcome:
+    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=task_threads(threads),
                                    lease_generation=lease_generation)
     return dataclasses.replace(outcome, node=_node())
 

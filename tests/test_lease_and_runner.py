@@ -85,3 +85,43 @@ def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS")
     address, kwargs = ray_settings()
     assert address is None and kwargs["address"] == "local"     # a fresh local Ray, never a stray cluster
+
+
+PROBE_FLOW = """
+import json, os
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect_ray.context import remote_options
+from flows.requantize import EnvRayTaskRunner
+from tasks.convert import task_threads
+
+@task
+def probe():
+    return {"api": os.environ.get("PREFECT_API_URL"), "threads": task_threads(0), "pinned": task_threads(3)}
+
+@flow(task_runner=EnvRayTaskRunner())
+def run():
+    with remote_options(num_cpus=2):
+        seen = probe.submit().result()
+    with get_client(sync_client=True) as client:
+        return seen, str(client.api_url)
+
+print("RESULT " + json.dumps(run()))
+"""
+
+
+@pytest.mark.services
+def test_local_ray_workers_use_the_flows_ephemeral_prefect_server_and_their_cpus(tmp_path):
+    """No PREFECT_API_URL (``make flow-run``): the flow runs on Prefect's ephemeral server, and local Ray workers
+    report to that one instead of each starting their own. A layer job's default thread count is the CPUs Ray
+    reserved for its task."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), REQUANT_RAY_CPUS="2", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-c", PROBE_FLOW], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen, driver_api = json.loads(next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))[7:])
+    assert driver_api.startswith("http://127.0.0.1:") and driver_api.rstrip("/").endswith("/api")
+    assert seen["api"].rstrip("/") == driver_api.rstrip("/")
+    assert seen["threads"] == 2 and seen["pinned"] == 3
