@@ -2,7 +2,9 @@
 times, orchestration overhead, and the roofline of copying the same bytes through the same S3 server.
 
 Each configuration runs in a fresh process (a fresh local Ray with that many CPUs) against one
-SeaweedFS server; every run writes to a new output prefix, so nothing is resumed.
+SeaweedFS server; every run writes to a new output prefix, so nothing is resumed. Each run also records where
+its CPU time went (Ray's workers, the flow's driver, Ray's services, Prefect's server, the S3 server) and how
+busy the machine was: on a machine whose cores the services share with the workers, that bounds the scaling.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 from requant import seaweed
+from requant.bench.cpu import CpuSampler, ray_part
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.synth import synthesize
@@ -64,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, REQUANT_RAY_CPUS=str(workers))
                 env.pop("RAY_ADDRESS", None)
                 start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", RUN_ONE, upstream, f"s3://bench/out-{workers}"],
-                                      env=env, capture_output=True, text=True)
+                proc = subprocess.Popen([sys.executable, "-c", RUN_ONE, upstream, f"s3://bench/out-{workers}"],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                with CpuSampler({"flow driver": proc.pid, "s3 server": server.pid}, classify=ray_part) as cpu:
+                    stdout, stderr = proc.communicate()
                 wall = time.perf_counter() - start
                 if proc.returncode:
-                    raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
-                line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
+                    raise SystemExit(stdout[-2000:] + stderr[-3000:])
+                line = next(out for out in stdout.splitlines() if out.startswith("RESULT "))
                 run = json.loads(line[len("RESULT "):])
                 run["process_wall"] = wall
+                run["cpu"] = cpu.summary()
                 results["runs"][workers] = run
         finally:
             seaweed.stop(server)
@@ -104,6 +110,19 @@ def render(results: dict) -> str:
         lines += ["", f"- scaling {runs[0][0]} -> {runs[-1][0]} workers: {runs[0][1]['timings']['total'] / runs[-1][1]['timings']['total']:.2f}x"]
     lines += [f"- roofline: copying the upstream shards through the same S3 server (GET + PUT, one process): "
               f"{roof['mb_per_s']:.0f} MB/s ({roof['bytes'] / 1e6:.0f} MB in {roof['seconds']:.1f} s)"]
+    for workers, run in runs:
+        cpu = run.get("cpu")
+        if cpu:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu["cpu_seconds"].items())
+            lines.append(f"- CPU seconds with {workers} worker(s), whole process: {parts}; machine busy "
+                         f"{cpu['machine_busy']:.0%} of {cpu['cores']} cores over {cpu['wall_seconds']:.1f} s")
+    if len(runs) > 1 and all("cpu" in run for _, run in runs):
+        # Amdahl on this machine: the workers' CPU time may spread over the cores; everything else shares them
+        first = runs[0][1]["cpu"]
+        total, cores = first["cpu_seconds_total"], first["cores"]
+        lines.append(f"- with every process of the 1-worker run spread over {cores} cores at once, the run could not "
+                     f"take less than {total / cores:.1f} s of CPU-bound time "
+                     f"(scaling at most {runs[0][1]['process_wall'] / (total / cores):.2f}x, process wall)")
     return "\n".join(lines) + "\n"
 
 

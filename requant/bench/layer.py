@@ -12,6 +12,11 @@ INT4 experts, real MLA). Per location (a disk directory, tmpfs):
 Through S3 (SeaweedFS on loopback, its data on the disk): the roofline is a concurrent GET of the input shards
 and PUT of the same number of bytes through boto3's transfer manager; then the requantize flow with 1 and 2 local
 Ray workers. Every measured command runs in its own process: wall time, CPU time and its own peak RSS.
+
+On one machine the S3 server shares the cores with the conversion, so the S3 runs also record where the CPU
+time went (:mod:`requant.bench.cpu`: the S3 server, the flow's driver, Ray's workers and services, Prefect's
+server) and the machine's busy share. From them, a shared-CPU bound for the flow: the S3 server's CPU time for
+moving the bytes (the roofline's) plus the conversion's own (``convert --local`` on one core), over the cores.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
+from requant.bench.cpu import CpuSampler, ray_part
 from requant.job import available_cores
 
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
@@ -83,9 +89,10 @@ def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[
     return out
 
 
-def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path) -> dict[str, Any]:
+def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, server_pid: int) -> dict[str, Any]:
     """GET every input shard while PUTting the same bytes (from ``local``) under ``scratch``, both through
-    boto3's transfer manager (multipart, several connections each), at the same time."""
+    boto3's transfer manager (multipart, several connections each), at the same time; with the CPU time of
+    this process (the client) and of the S3 server."""
     from boto3.s3.transfer import TransferConfig
 
     from requant.io.s3 import MULTIPART_CHUNK, S3Storage
@@ -134,15 +141,16 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path) -> d
 
     start = time.perf_counter()
     threads = [threading.Thread(target=get), threading.Thread(target=put)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with CpuSampler({"s3 server": server_pid, "client (boto3)": os.getpid()}) as cpu:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
     size = sum((local / f).stat().st_size for f in files)
-    return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds}
+    return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds, "cpu": cpu.summary()}
 
 
 _RUN_FLOW = """
@@ -153,7 +161,10 @@ print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2]
 """
 
 
-def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE) -> dict[str, Any]:
+def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE,
+             convert_cpu_seconds: float | None = None) -> dict[str, Any]:
+    """The roofline and the flow runs through one SeaweedFS. ``convert_cpu_seconds``: the conversion's own CPU
+    time (``convert --local`` on one core), for the shared-CPU bound."""
     from requant import seaweed
     from requant.io.transfer import upload_dir
 
@@ -166,22 +177,32 @@ def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = L
         upload_dir(upstream_dir, upstream)
         files = [f.name for f in _shards(upstream_dir)]
         out: dict[str, Any] = {"bytes_in": _bytes(upstream_dir),
-                               "roofline": s3_roofline(upstream, "s3://bench/copy", files, upstream_dir), "flow": {}}
+                               "roofline": s3_roofline(upstream, "s3://bench/copy", files, upstream_dir, server.pid),
+                               "flow": {}}
+        if convert_cpu_seconds is not None:
+            server_cpu = out["roofline"]["cpu"]["cpu_seconds"].get("s3 server", 0.0)
+            out["shared_cpu_bound_seconds"] = max(out["roofline"]["seconds"],
+                                                  (server_cpu + convert_cpu_seconds) / available_cores())
         for n in workers:
             run_env = dict(env, REQUANT_RAY_CPUS=str(n))
             run_env.pop("RAY_ADDRESS", None)
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _RUN_FLOW, upstream, f"s3://bench/out-{n}", recipe],
-                                  env=run_env, capture_output=True, text=True)
+            proc = subprocess.Popen([sys.executable, "-c", _RUN_FLOW, upstream, f"s3://bench/out-{n}", recipe],
+                                    env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with CpuSampler({"flow driver": proc.pid, "s3 server": server.pid}, classify=ray_part) as cpu:
+                stdout, stderr = proc.communicate()
             wall = time.perf_counter() - start
             if proc.returncode:
-                raise RuntimeError(f"flow with {n} workers failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-            summary = json.loads(next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))[7:])
+                raise RuntimeError(f"flow with {n} workers failed:\n{stdout[-2000:]}{stderr[-3000:]}")
+            summary = json.loads(next(li for li in stdout.splitlines() if li.startswith("RESULT "))[7:])
             t = summary["timings"]
-            out["flow"][str(n)] = {"process_seconds": wall, "timings": t,
-                                   "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
-                                   "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
-                                   "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
+            run = {"process_seconds": wall, "timings": t, "cpu": cpu.summary(),
+                   "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
+                   "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
+                   "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
+            if "shared_cpu_bound_seconds" in out:
+                run["of_shared_cpu_bound"] = out["shared_cpu_bound_seconds"] / t["jobs"]
+            out["flow"][str(n)] = run
         runs = [out["flow"][str(n)]["timings"]["total"] for n in workers]
         out["scaling"] = runs[0] / runs[-1] if len(runs) > 1 else None
         return out
@@ -217,18 +238,39 @@ def render(results: dict[str, Any]) -> str:
     s3 = results.get("s3")
     if s3:
         roof = s3["roofline"]
-        lines += ["", "| S3 (SeaweedFS, loopback) | wall s | MB/s in | of GET+PUT roofline (jobs phase) |",
-                  "|---|---:|---:|---:|",
+        bound = s3.get("shared_cpu_bound_seconds")
+        lines += ["", "| S3 (SeaweedFS, loopback) | wall s | MB/s in | of GET+PUT roofline (jobs phase) | "
+                      "of shared-CPU bound | machine busy | CPU s: S3 server | CPU s: the rest |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|",
                   f"| concurrent GET + PUT of the same bytes (transfer manager) | {roof['seconds']:.1f} | "
-                  f"{roof['mb_per_s_in']:.0f} | |"]
+                  f"{roof['mb_per_s_in']:.0f} | | | {_cpu_cells(roof)} |"]
         for n, run in s3["flow"].items():
             t = run["timings"]
+            share = f"{run['of_shared_cpu_bound']:.2f}" if "of_shared_cpu_bound" in run else ""
             lines.append(f"| requantize flow, {n} Ray worker(s): total (jobs) | {t['total']:.1f} ({t['jobs']:.1f}) | "
-                         f"{run['mb_per_s_in']:.0f} ({run['jobs_mb_per_s_in']:.0f}) | {run['of_roofline']:.2f} |")
+                         f"{run['mb_per_s_in']:.0f} ({run['jobs_mb_per_s_in']:.0f}) | {run['of_roofline']:.2f} | "
+                         f"{share} | {_cpu_cells(run)} |")
+        lines.append("")
+        if bound:
+            lines.append(f"- shared-CPU bound: the larger of the roofline and (the S3 server's CPU time in the roofline + "
+                         f"`convert --local`'s on one core) / {results['cores']} cores: {bound:.1f} s")
+        for n, run in s3["flow"].items():
+            if "cpu" in run:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in run["cpu"]["cpu_seconds"].items())
+                lines.append(f"- CPU seconds, flow with {n} worker(s): {parts}")
         if s3.get("scaling"):
-            lines += ["", f"- 1 -> {list(s3['flow'])[-1]} Ray workers: {s3['scaling']:.2f}x"]
+            lines.append(f"- 1 -> {list(s3['flow'])[-1]} Ray workers: {s3['scaling']:.2f}x")
     lines += ["", f"Machine: {results['cores']} cores; {results['note']}"]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cells(run: dict[str, Any]) -> str:
+    """Machine busy share, the S3 server's CPU seconds and everyone else's, as table cells."""
+    cpu = run.get("cpu")
+    if not cpu:
+        return " | | "
+    server = cpu["cpu_seconds"].get("s3 server", 0.0)
+    return f"{100 * cpu['machine_busy']:.0f}% | {server:.1f} | {cpu['cpu_seconds_total'] - server:.1f}"
 
 
 def run_layer_bench(args) -> dict[str, Any]:
@@ -249,7 +291,9 @@ def run_layer_bench(args) -> dict[str, Any]:
             results[where] = local_bench(upstream, work, args.recipe)
             _save(results, args.out)
             if where == "disk" and args.s3:
-                results["s3"] = s3_bench(upstream, work, [int(n) for n in args.workers.split(",")], args.recipe)
+                one_core = results[where]["requant_1_core"]
+                results["s3"] = s3_bench(upstream, work, [int(n) for n in args.workers.split(",")], args.recipe,
+                                         convert_cpu_seconds=one_core["seconds"] * one_core["cpu_percent"] / 100)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(_save(results, args.out))
