@@ -32,6 +32,7 @@ from requant.errors import RequantError, VerifyError
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from tasks.convert import (
+    Sealed,
     convert_layer,
     hash_input,
     hash_output,
@@ -172,7 +173,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
     with remote_options(**options):
         digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
-        futures = [convert_layer.submit(job, job.name, upstream, output, key, device=device, threads=threads,
+        futures = [convert_layer.submit(Sealed(job), job.name, upstream, output, key, device=device, threads=threads,
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
     outcomes: list[pipeline.JobOutcome] = []

@@ -18,8 +18,28 @@ from requant.recipe import load_recipe
 from requant.verify import verify
 
 
+class Sealed:
+    """Carries a large value (a layer job: thousands of tensor tasks) through a Ray task's parameters without
+    Prefect walking into it: Prefect visits every element of a task's parameters looking for futures, in the
+    driver when submitting and again in the worker (~30 s each over k26-topology's 62 jobs). Prefect's own
+    ``quote`` is a tuple subclass, which Ray's argument serializer turns into a plain tuple."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __getstate__(self) -> Any:
+        return self.value
+
+    def __setstate__(self, value: Any) -> None:
+        self.value = value
+
+
 def _plain(value: Any) -> Any:
-    """The flow passes large plans inside prefect's ``quote`` so Prefect does not walk them."""
+    """The value inside ``quote`` (large plans passed to tasks that run in the flow's process) or ``Sealed``."""
+    if isinstance(value, Sealed):
+        return value.value
     return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
@@ -78,7 +98,7 @@ def hash_output(dest_uri: str, file: str) -> str | None:
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
                   threads: int = 0, lease_generation: int | None = None) -> pipeline.JobOutcome:
-    outcome = pipeline.execute_job(job, source_uri, dest_uri, key, device=device, threads=task_threads(threads),
+    outcome = pipeline.execute_job(_plain(job), source_uri, dest_uri, key, device=device, threads=task_threads(threads),
                                    lease_generation=lease_generation)
     return dataclasses.replace(outcome, node=_node())
 

@@ -125,3 +125,21 @@ def test_local_ray_workers_use_the_flows_ephemeral_prefect_server_and_their_cpus
     assert driver_api.startswith("http://127.0.0.1:") and driver_api.rstrip("/").endswith("/api")
     assert seen["api"].rstrip("/") == driver_api.rstrip("/")
     assert seen["threads"] == 2 and seen["pinned"] == 3
+
+
+def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():
+    """Layer jobs go to their Ray task inside ``Sealed``: Prefect's search for futures in a task's parameters
+    does not descend into it (it did into every tensor task of every job), and it pickles with its contents."""
+    import pickle
+
+    from prefect.utilities.collections import visit_collection
+
+    from tasks.convert import Sealed, _plain
+
+    job = {"tasks": [["a", "b"], ["c"]]}
+    visited: list = []
+    out = visit_collection({"job": Sealed(job), "name": "layer-1"}, visit_fn=lambda x: visited.append(x) or x,
+                           return_data=True)
+    assert not any(v in (["a", "b"], "a", "c") for v in visited)
+    assert _plain(out["job"]) is job
+    assert _plain(pickle.loads(pickle.dumps(out["job"]))) == job
