@@ -34,6 +34,7 @@ from requant.manifest import MANIFEST_FILE
 from tasks.convert import (
     Sealed,
     convert_layer,
+    hash_groups,
     hash_input,
     hash_output,
     plan_checkpoint,
@@ -158,8 +159,9 @@ def _verify(plan, output: str, options: dict[str, Any]) -> dict[str, Any]:
     """``requant verify`` of ``output``, its shards hashed in parallel as Ray tasks (one process re-reading every
     shard would take hours at K2.6's 600 GB)."""
     with remote_options(**options):
-        digests = {f: hash_output.submit(output, f) for f in sorted({job.output_file for job in plan.jobs})}
-    return verify_checkpoint(output, {f: d.result() for f, d in digests.items()})
+        sizes = sorted({(job.output_file, job.bytes_out) for job in plan.jobs})
+        groups = [hash_output.submit(output, files) for files in hash_groups(sizes)]
+    return verify_checkpoint(output, {f: d for group in groups for f, d in group.result().items()})
 
 
 def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
@@ -172,7 +174,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
 
     progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
     with remote_options(**options):
-        digests = {f: hash_input.submit(upstream, f) for f, _ in plan.input_shards}
+        hashing = [hash_input.submit(upstream, files) for files in hash_groups(list(plan.input_shards))]
         futures = [convert_layer.submit(Sealed(job), job.name, upstream, output, key, device=device, threads=threads,
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
@@ -185,7 +187,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     convert_seconds = time.perf_counter() - started
     timings["jobs"] = convert_seconds - timings["plan"]
     results = [o.result for o in outcomes]
-    inputs = pipeline.input_record(upstream, plan, shards={f: d.result() for f, d in digests.items()})
+    inputs = pipeline.input_record(upstream, plan, shards={f: d for group in hashing for f, d in group.result().items()})
     mark = time.perf_counter()
     lease.check()
     # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures

@@ -143,3 +143,13 @@ def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():
     assert not any(v in (["a", "b"], "a", "c") for v in visited)
     assert _plain(out["job"]) is job
     assert _plain(pickle.loads(pickle.dumps(out["job"]))) == job
+
+
+def test_hash_tasks_carry_at_least_a_gib_each_in_order():
+    from tasks.convert import hash_groups
+
+    gib = 1 << 30
+    assert hash_groups([("a", 9 * gib), ("b", 9 * gib)]) == [["a"], ["b"]]          # K2.6 shards: one task each
+    assert hash_groups([(f"s{i}", 2_500_000) for i in range(62)]) == [[f"s{i}" for i in range(62)]]
+    assert hash_groups([("a", gib // 2), ("b", gib // 2), ("c", 1)]) == [["a", "b"], ["c"]]
+    assert hash_groups([]) == []
