@@ -29,11 +29,8 @@ class Sealed:
     def __init__(self, value: Any):
         self.value = value
 
-    def __getstate__(self) -> Any:
-        return self.value
-
-    def __setstate__(self, value: Any) -> None:
-        self.value = value
+    def __reduce__(self):
+        return Sealed, (self.value,)
 
 
 def _plain(value: Any) -> Any:

@@ -143,6 +143,7 @@ def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():
     assert not any(v in (["a", "b"], "a", "c") for v in visited)
     assert _plain(out["job"]) is job
     assert _plain(pickle.loads(pickle.dumps(out["job"]))) == job
+    assert _plain(pickle.loads(pickle.dumps(Sealed(None)))) is None
 
 
 def test_hash_tasks_carry_at_least_a_gib_each_in_order():
