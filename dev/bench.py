@@ -12,23 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from requant import seaweed
-from requant.bench.cpu import CpuSampler, ray_part
+from requant.bench.layer import measured_flow_run
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.synth import synthesize
-
-RUN_ONE = """
-import json, sys
-from flows.requantize import requantize
-print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False)))
-"""
 
 
 def copy_roofline(upstream: str, scratch: str) -> dict:
@@ -64,20 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             upload_dir(local, upstream)
             results = {"profile": args.profile, "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
             for workers in [int(w) for w in args.workers.split(",")]:
-                env = dict(os.environ, REQUANT_RAY_CPUS=str(workers))
-                env.pop("RAY_ADDRESS", None)
-                start = time.perf_counter()
-                proc = subprocess.Popen([sys.executable, "-c", RUN_ONE, upstream, f"s3://bench/out-{workers}"],
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                with CpuSampler({"flow driver": proc.pid, "s3 server": server.pid}, classify=ray_part) as cpu:
-                    stdout, stderr = proc.communicate()
-                wall = time.perf_counter() - start
-                if proc.returncode:
-                    raise SystemExit(stdout[-2000:] + stderr[-3000:])
-                line = next(out for out in stdout.splitlines() if out.startswith("RESULT "))
-                run = json.loads(line[len("RESULT "):])
+                run, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{workers}", "kimi-k2.6-mxfp4", workers,
+                                                   dict(os.environ), server.pid)
                 run["process_wall"] = wall
-                run["cpu"] = cpu.summary()
+                run["cpu"] = cpu
                 results["runs"][workers] = run
         finally:
             seaweed.stop(server)

@@ -161,6 +161,24 @@ print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2]
 """
 
 
+def measured_flow_run(upstream: str, output: str, recipe: str, workers: int, env: dict[str, str],
+                      server_pid: int) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """One requantize flow (no evaluation) in a fresh process with a fresh local Ray of ``workers`` CPUs: its
+    summary, process wall seconds, and where the CPU time went (with the S3 server's)."""
+    run_env = dict(env, REQUANT_RAY_CPUS=str(workers))
+    run_env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_FLOW, upstream, output, recipe],
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with CpuSampler({"flow driver": proc.pid, "s3 server": server_pid}, classify=ray_part) as cpu:
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"flow with {workers} workers failed:\n{stdout[-2000:]}{stderr[-3000:]}")
+    summary = json.loads(next(li for li in stdout.splitlines() if li.startswith("RESULT "))[7:])
+    return summary, wall, cpu.summary()
+
+
 def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE,
              convert_cpu_seconds: float | None = None) -> dict[str, Any]:
     """The roofline and the flow runs through one SeaweedFS. ``convert_cpu_seconds``: the conversion's own CPU
@@ -184,19 +202,9 @@ def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = L
             out["shared_cpu_bound_seconds"] = max(out["roofline"]["seconds"],
                                                   (server_cpu + convert_cpu_seconds) / available_cores())
         for n in workers:
-            run_env = dict(env, REQUANT_RAY_CPUS=str(n))
-            run_env.pop("RAY_ADDRESS", None)
-            start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", _RUN_FLOW, upstream, f"s3://bench/out-{n}", recipe],
-                                    env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            with CpuSampler({"flow driver": proc.pid, "s3 server": server.pid}, classify=ray_part) as cpu:
-                stdout, stderr = proc.communicate()
-            wall = time.perf_counter() - start
-            if proc.returncode:
-                raise RuntimeError(f"flow with {n} workers failed:\n{stdout[-2000:]}{stderr[-3000:]}")
-            summary = json.loads(next(li for li in stdout.splitlines() if li.startswith("RESULT "))[7:])
+            summary, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{n}", recipe, n, env, server.pid)
             t = summary["timings"]
-            run = {"process_seconds": wall, "timings": t, "cpu": cpu.summary(),
+            run = {"process_seconds": wall, "timings": t, "cpu": cpu,
                    "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
                    "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
                    "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
