@@ -26,7 +26,6 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
 
-from flows.evaluate import evaluate as evaluate_flow
 from requant import pipeline
 from requant.errors import RequantError, VerifyError
 from requant.io.transfer import object_url
@@ -114,6 +113,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")
     if evaluate:
+        from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
+
         reference_output = reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{reference_recipe}"
         if reference_output.rstrip("/") == output.rstrip("/"):
             raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")

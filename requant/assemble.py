@@ -21,7 +21,7 @@ from requant.manifest import (
     MANIFEST_VERSION,
     MODEL_CARD,
     UPSTREAM_CARD,
-    seal,
+    sealed_bytes,
 )
 from requant.plan import Plan
 from requant.quark_config import output_config
@@ -86,7 +86,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "stats": stats,
         "jobs": [{f: getattr(r, f) for f in JOB_FIELDS} for r in results],
     }
-    write_json(out_dir / MANIFEST_FILE, seal(manifest), pretty=False)
+    (out_dir / MANIFEST_FILE).write_bytes(sealed_bytes(manifest))
     return manifest, written
 
 

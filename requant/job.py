@@ -209,8 +209,55 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
         written.popleft().result()
 
 
+STACK_BYTES = 1 << 20  # INT4 modules below this much input are transcoded stacked with their like (see below)
+
+
 def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str, device: str):
-    return [_transcode_inputs(task, task_inputs, uri, device) for task, task_inputs in zip(batch, inputs)]
+    """Each task's outputs and stats, in ``batch`` order. Small INT4 modules of one shape and target (a toy
+    model's experts: 69k modules of 32x64 in k26-topology) go through the kernels stacked along their rows, one
+    call for many: every INT4 conversion is row by row, so the bytes are those of one call each, without paying
+    a dozen torch dispatches per module. A real expert (7 MB of INT4) fills a batch alone and takes the
+    single-module path."""
+    results: list = [None] * len(batch)
+    groups: dict[tuple, list[int]] = {}
+    for i, task in enumerate(batch):
+        if task.kind == "int4" and task.bytes_in < STACK_BYTES:
+            groups.setdefault((task.target, task.shape), []).append(i)
+        else:
+            results[i] = _transcode_inputs(task, inputs[i], uri, device)
+    for members in groups.values():
+        if len(members) == 1:
+            results[members[0]] = _transcode_inputs(batch[members[0]], inputs[members[0]], uri, device)
+            continue
+        stacked = _transcode_int4_stack([batch[i] for i in members], [inputs[i] for i in members], uri, device)
+        for i, result in zip(members, stacked):
+            results[i] = result
+    return results
+
+
+def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str,
+                          device: str) -> list[tuple[list[torch.Tensor], TensorStat | None]]:
+    """``_transcode_inputs`` of INT4 tasks of one shape and target, their rows stacked into one matrix."""
+    task0 = tasks[0]
+    rows, in_features = task0.shape
+    for task, task_inputs in zip(tasks, inputs):
+        if tuple(task_inputs[0].tolist()) != task.shape:
+            _check_int4(task, task_inputs, uri)  # raises, naming the tensor
+    scale = torch.cat([scale for _, scale, _ in inputs])
+    if not all_finite(scale):
+        for task, task_inputs in zip(tasks, inputs):
+            _check_int4(task, task_inputs, uri)  # raises for the first module with a NaN/Inf scale
+    packed = torch.cat([packed for _, _, packed in inputs]).to(device)
+    scale = scale.to(device)
+    out, stats = _int4_outputs(task0.target, packed, scale, in_features), None
+    if task0.target != UNQUANTIZED:
+        sample = _sample_rows(rows, device)
+        picked = (torch.arange(len(tasks), device=device) * rows).unsqueeze(1).add(sample).flatten()
+        signal, noise = _error_sums(task0.target, out, picked, lambda r: dequantize_int4(packed[r], scale[r], in_features))
+        signal, noise = signal.view(len(tasks), -1).sum(dim=1).tolist(), noise.view(len(tasks), -1).sum(dim=1).tolist()
+        stats = [TensorStat(t.name, t.target, _snr(s, n), len(sample), rows) for t, s, n in zip(tasks, signal, noise)]
+    chunks = [t.cpu().split(rows) for t in out]
+    return [([chunk[k] for chunk in chunks], stats[k] if stats else None) for k in range(len(tasks))]
 
 
 def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], outputs: list[list[torch.Tensor]]) -> None:
@@ -240,12 +287,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str,
         packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
-        fmt = WEIGHT_FORMATS.get(task.target)
-        if fmt is not None and fmt.from_int4 is not None:
-            out = list(fmt.from_int4(packed, scale, in_features))
-        else:
-            weight = dequantize_int4(packed, scale, in_features)
-            out = [weight] if task.target == UNQUANTIZED else list(fmt.encode(weight))
+        out = _int4_outputs(task.target, packed, scale, in_features)
         reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
     else:
         (entry,), (weight,) = task.inputs, inputs
@@ -288,14 +330,34 @@ def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
         raise CheckpointError(file, f"{bad} NaN/Inf values", name)
 
 
+def _int4_outputs(target: str, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> list[torch.Tensor]:
+    """The output tensors of INT4 rows converted to ``target`` (the fused kernel where the format has one)."""
+    fmt = WEIGHT_FORMATS.get(target)
+    if fmt is not None and fmt.from_int4 is not None:
+        return list(fmt.from_int4(packed, scale, in_features))
+    weight = dequantize_int4(packed, scale, in_features)
+    return [weight] if target == UNQUANTIZED else list(fmt.encode(weight))
+
+
+def _sample_rows(rows: int, device) -> torch.Tensor:
+    """The rows of a module its error statistics use: ``SNR_SAMPLE_ROWS``, evenly spaced, deterministic."""
+    return torch.arange(0, rows, max(1, rows // SNR_SAMPLE_ROWS), device=device)[:SNR_SAMPLE_ROWS]
+
+
+def _error_sums(target: str, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64)."""
+    ref = reference(rows).to(torch.float64)
+    sampled = out[0].view(torch.uint8)[rows].view(out[0].dtype)  # as bytes: CPU indexing has no FP8 kernel
+    got = WEIGHT_FORMATS[target].decode(sampled, out[1][rows]).to(torch.float64)
+    return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
+
+
+def _snr(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+
+
 def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorStat:
     rows = task.shape[0]
-    step = max(1, rows // SNR_SAMPLE_ROWS)
-    sample = torch.arange(0, rows, step, device=out[0].device)[:SNR_SAMPLE_ROWS]
-    ref = reference(sample).to(torch.float32)
-    sampled = out[0].view(torch.uint8)[sample].view(out[0].dtype)  # as bytes: CPU indexing has no FP8 kernel
-    got = WEIGHT_FORMATS[task.target].decode(sampled, out[1][sample])
-    signal = float(ref.double().pow(2).sum())
-    noise = float((ref.double() - got.double()).pow(2).sum())
-    snr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
-    return TensorStat(task.name, task.target, snr, len(sample), rows)
+    sample = _sample_rows(rows, out[0].device)
+    signal, noise = _error_sums(task.target, out, sample, reference)
+    return TensorStat(task.name, task.target, _snr(float(signal.sum()), float(noise.sum())), len(sample), rows)

@@ -56,11 +56,16 @@ def fused_layer(module: str) -> str | None:
     return None
 
 
+# Every class's patterns as one regular expression (a named group per class): one match per module name
+# instead of a dozen fnmatch calls (a K2.6 plan classifies ~70k modules).
+_CLASS_REGEX = re.compile("|".join(f"(?P<c{i}>{'|'.join(fnmatch.translate(p) for p in patterns)})"
+                                   for i, (_, patterns) in enumerate(CLASS_PATTERNS)))
+
+
 def classify(module: str) -> str | None:
-    for cls, patterns in CLASS_PATTERNS:
-        if any(fnmatch.fnmatchcase(module, p) for p in patterns):
-            return cls
-    return None
+    """The tensor class of ``module``: the first of ``CLASS_PATTERNS`` one of whose patterns matches."""
+    match = _CLASS_REGEX.match(module)
+    return CLASS_PATTERNS[int(match.lastgroup[1:])][0] if match else None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from requant.errors import CheckpointError, VerifyError
 from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
 from requant.io.safetensors import read_header
 from requant.io.storage import open_storage
-from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, is_sealed, read_manifest
+from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, sealed_as_stored
 from requant.recipe import resolve_target
 
 
@@ -29,11 +29,12 @@ def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
     if not storage.exists(MANIFEST_FILE):
         raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
     where = f"{storage.uri}/{MANIFEST_FILE}"
+    raw = storage.read_bytes(MANIFEST_FILE)
     try:
-        manifest = read_manifest(storage)
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise VerifyError([f"{where}: not valid JSON ({type(exc).__name__}); corrupted or truncated"]) from exc
-    if not is_sealed(manifest):
+    if not sealed_as_stored(raw, manifest):
         raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
     _check_files(storage, manifest, problems, digests or {})

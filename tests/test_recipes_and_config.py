@@ -141,3 +141,21 @@ def test_unknown_recipe_names_the_choices():
 ])
 def test_quark_linear_weight_rule(name, linear):
     assert is_quark_linear_weight(name) is linear
+
+
+def test_tensor_classes_follow_their_fnmatch_patterns_in_order(tiny_upstream):
+    """``classify`` (one compiled expression) against the rule it implements: the first class one of whose
+    fnmatch patterns matches, over every module of the tiny upstream and names that sit near the boundaries."""
+    import fnmatch
+
+    from requant.layout import CLASS_PATTERNS, classify
+
+    def by_fnmatch(module):
+        return next((cls for cls, patterns in CLASS_PATTERNS if any(fnmatch.fnmatchcase(module, p) for p in patterns)), None)
+
+    index = json.loads((tiny_upstream / "model.safetensors.index.json").read_text())
+    modules = {name.rpartition(".")[0] for name in index["weight_map"]}
+    modules |= {"lm_head", "x.mlp.gate", "x.mlp.gates", "x.mlp.experts.norm", "x.self_attn.kv_a_layernorm", "norm",
+                "vision_tower", "mm_projector.", "a\nb.mlp.gate", "x.mlp.gate_proj.bias", "unknown.module"}
+    assert {m: classify(m) for m in modules} == {m: by_fnmatch(m) for m in modules}
+    assert {classify(m) for m in modules} >= set(dict(CLASS_PATTERNS)) - {"mm_projector"}

@@ -11,7 +11,7 @@ from requant.cli import main
 from requant.convert import convert_local
 from requant.errors import VerifyError
 from requant.evaluation.publish import publish_evaluation
-from requant.manifest import seal
+from requant.manifest import manifest_digest, seal, sealed_as_stored
 from requant.verify import verify
 
 
@@ -85,6 +85,29 @@ def test_manifest_edit_is_caught(copy, capsys):
     (copy / "requant-manifest.json").write_text(json.dumps(manifest))
     rc, text = _verify(copy, capsys)
     assert rc == 2 and "digest does not match" in text
+
+
+def test_stored_manifest_is_its_canonical_json_and_any_byte_edit_breaks_the_seal(copy, capsys):
+    """The manifest is stored as the canonical JSON its digest is taken over (verify hashes the bytes instead of
+    encoding ~10^5 tensor entries again); each edit below keeps it valid JSON, so only the seal can catch it."""
+    path = copy / "requant-manifest.json"
+    raw = path.read_bytes()
+    manifest = json.loads(raw)
+    assert manifest["digest"] == manifest_digest(manifest)  # the definition, by encoding again
+    assert sealed_as_stored(raw, manifest)
+    size = manifest["outputs"]["config.json"]["size"]
+    edits = [
+        raw.replace(b'"size":%d' % size, b'"size":%d' % (size + 1), 1),  # a value
+        raw.replace(b'"digest":"', b'"digest":"0', 1),  # the digest itself
+        raw[:-2] + b' }\n',  # formatting only: not the stored form, so checked by encoding again (still sealed)
+    ]
+    for edited, sealed in zip(edits, (False, False, True)):
+        assert sealed_as_stored(edited, json.loads(edited)) is sealed
+    path.write_bytes(edits[0])
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "digest does not match" in text
+    path.write_text(json.dumps(manifest, indent=2))  # sealed, in another layout (written by an earlier requant)
+    assert _verify(copy, capsys)[0] == 0
 
 
 def test_flipped_byte_in_an_eval_report_is_caught(copy, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import struct
 from collections.abc import Callable
@@ -82,9 +83,7 @@ def header_length(prefix: bytes, file: str, file_size: int) -> int:
 def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate a safetensors header and return its tensors (absolute offsets) and metadata."""
     try:
-        raw = json.loads(header.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant,
-                         parse_float=_finite_float, parse_int=_json_int)
-        _check_json_tree(raw)
+        raw = _load_json(header)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, _StrictJSON
         raise CheckpointError(file, f"header is not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
@@ -98,7 +97,7 @@ def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, Te
     entries: dict[str, TensorEntry] = {}
     for name, info in raw.items():
         entries[name] = _entry(name, info, file, base, data_len)
-    spans = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    spans = sorted(entries.values(), key=_span)
     cursor = base
     for prev, entry in zip([None, *spans[:-1]], spans):
         if entry.start < cursor:
@@ -111,15 +110,44 @@ def parse_header(header: bytes, file: str, file_size: int) -> tuple[dict[str, Te
     return entries, metadata
 
 
+_span = operator.attrgetter("start", "end")
+# serde_json (the safetensors library's parser) reads -0 and integers outside i64/u64 as floats (and refuses
+# those beyond a float's range). Only a header holding "-0" or a run of 20 digits somewhere (in a number, or in a
+# name like "a-0") pays for a Python call per integer to find them.
+_INT_RANGE = range(-2 ** 63, 2 ** 64)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_U64 = 2 ** 64
+_ENTRY_KEYS = 3  # dtype, shape, data_offsets
+
+
+def _load_json(header: bytes) -> object:
+    """The header's JSON as the safetensors library would accept it: duplicate keys, NaN/Infinity, out-of-range
+    numbers, nesting deeper than serde_json allows and lone surrogate escapes are refused (``ValueError``)."""
+    raw = json.loads(header.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                     parse_float=_finite_float, parse_int=_json_int if _odd_integers(header) else None)
+    if b"\\u" in header or not isinstance(raw, dict):
+        _check_json_tree(raw)
+    else:
+        # Lone surrogates come only from \u escapes. Deep nesting can only hide in an entry with keys beyond the
+        # three it needs: in those three, anything but a string or a list of integers is refused by _entry.
+        _check_json_tree([v for v in raw.values() if type(v) is not dict or len(v) > _ENTRY_KEYS])
+    return raw
+
+
+def _odd_integers(header: bytes) -> bool:
+    return b"-0" in header or b"0" * 20 in header.translate(_DIGITS_AS_ZERO)
+
+
 class _StrictJSON(ValueError):
     """JSON that Python's json module accepts but serde_json (the safetensors library's parser) refuses."""
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):  # json keeps the last silently; other readers may keep the first
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # json keeps the last silently; other readers may keep the first
+        keys = [k for k, _ in pairs]
         raise _StrictJSON(f"duplicate key {next(k for k in keys if keys.count(k) > 1)[:40]!r}")
-    return dict(pairs)
+    return obj
 
 
 def _no_constant(name: str) -> None:
@@ -136,7 +164,7 @@ def _finite_float(text: str) -> float:
 def _json_int(text: str) -> int | float:
     """serde_json reads -0 and integers outside i64/u64 as floats: they are then not valid shapes or offsets."""
     value = int(text)
-    return _finite_float(text) if text == "-0" or not -2 ** 63 <= value < 2 ** 64 else value
+    return _finite_float(text) if text == "-0" or value not in _INT_RANGE else value
 
 
 def _check_json_tree(raw: object) -> None:
@@ -162,18 +190,18 @@ def _entry(name: str, info: object, file: str, base: int, data_len: int) -> Tens
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(file, f"unknown dtype {str(dtype)[:40]!r}", name)
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
         raise CheckpointError(file, f"shape {shape!r} is not a list of non-negative integers", name)
-    if math.prod(max(d, 1) for d in shape) * DTYPES[dtype][1] > MAX_SHAPE_BYTES:
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if (math.prod(d or 1 for d in shape) * DTYPES[dtype][1] if 0 in shape else expected) > MAX_SHAPE_BYTES:
         raise CheckpointError(file, f"shape {shape!r} overflows torch's 64-bit sizes", name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o in _INT_RANGE for o in offsets)):
         raise CheckpointError(file, f"data_offsets {offsets!r} is not a pair of integers", name)
     begin, end = offsets
     if not 0 <= begin <= end:
         raise CheckpointError(file, f"data_offsets {offsets} are not ordered", name)
     if end > data_len:
         raise CheckpointError(file, f"data_offsets {offsets} run past the end of the data ({data_len} bytes); truncated shard?", name)
-    expected = tensor_nbytes(dtype, shape)
     if end - begin != expected:
         raise CheckpointError(file, f"{dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}", name)
     return TensorEntry(name, file, dtype, tuple(shape), base + begin, base + end)
