@@ -59,8 +59,9 @@ class JobResult:
 
 
 def result_to_json(result: JobResult) -> bytes:
-    data = dataclasses.asdict(result)
-    data["stats"] = [dict(s, snr_db=None if math.isinf(s["snr_db"]) else s["snr_db"]) for s in data["stats"]]
+    # fields one level deep by hand: dataclasses.asdict deep-copies every tensor entry of the job first
+    data = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    data["stats"] = [dict(vars(s), snr_db=None if math.isinf(s.snr_db) else s.snr_db) for s in result.stats]
     return json.dumps(data, sort_keys=True).encode()
 
 

@@ -39,21 +39,34 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 IDENTITY_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 _sessions: dict[tuple, object] = {}
+_clients: dict[tuple, object] = {}
 _sessions_lock = threading.Lock()
+MAX_CONNECTIONS = 32  # one client serves a process's threads: read-ahead, multipart parts, transfers
 
 
 def client():
+    """This process's S3 client for the object store and identity its environment names now. boto3 clients are
+    thread-safe and cost ~30 ms of CPU to build, which each layer job paid several times over; one per process
+    (and per set of AWS_* variables) is shared instead."""
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (os.getpid(), settings)  # a forked child builds its own: connection pools do not cross processes
+    cached = _clients.get(key)
+    if cached is not None:
+        return cached
     import boto3
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60,
-                    request_checksum_calculation="when_required", response_checksum_validation="when_required")
+                    request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                    max_pool_connections=MAX_CONNECTIONS)
     identity = tuple(os.environ.get(name) for name in IDENTITY_VARS)
     with _sessions_lock:  # boto3 sessions are not safe to create clients from concurrently
-        session = _sessions.get(identity)
-        if session is None:
-            session = _sessions[identity] = boto3.session.Session()
-        return session.client("s3", config=config, region_name=os.environ.get("AWS_REGION", "us-east-1"))
+        if key not in _clients:
+            session = _sessions.get(identity)
+            if session is None:
+                session = _sessions[identity] = boto3.session.Session()
+            _clients[key] = session.client("s3", config=config, region_name=os.environ.get("AWS_REGION", "us-east-1"))
+        return _clients[key]
 
 
 def client_env() -> dict[str, str]:
