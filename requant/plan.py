@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
@@ -13,7 +14,7 @@ from requant.errors import CheckpointError, PlanError
 from requant.formats.int4 import packed_columns
 from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
 from requant.io.paths import check_relative
-from requant.io.safetensors import TensorEntry, TensorSpec, read_header
+from requant.io.safetensors import TensorEntry, TensorSpec, fetch_header, parse_header
 from requant.io.storage import Storage
 from requant.layout import (
     INT4_SUFFIXES,
@@ -139,7 +140,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         for job in jobs for task in job.tasks if task.target == UNQUANTIZED
         for spec in task.outputs if is_quark_linear_weight(spec.name)
     ))
-    sizes = tuple((f, storage.size(f)) for f in shards)
+    sizes = tuple((f, readable[f]) for f in shards)
     return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded)
 
 
@@ -164,27 +165,48 @@ def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], 
     return weight_map, shards
 
 
-def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> tuple[dict[str, TensorEntry], set[str]]:
+HEADER_READERS = 8  # shard headers fetched at once: on object storage each costs three round trips
+
+
+def _fetch(storage: Storage, file: str) -> tuple[bytes, int] | CheckpointError:
+    try:
+        return fetch_header(storage, file)
+    except CheckpointError as exc:
+        return exc
+
+
+def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> tuple[dict[str, TensorEntry], dict[str, int]]:
+    """Every shard's header, fetched ``HEADER_READERS`` at a time and parsed here in shard order; and the size of
+    each shard whose header is valid."""
     entries: dict[str, TensorEntry] = {}
-    readable: set[str] = set()
-    for file in shards:
-        try:
-            header, _ = read_header(storage, file)
-        except CheckpointError as exc:
-            problems.append(f"{storage.uri}/{exc}")
-            continue
-        readable.add(file)
-        for name, entry in header.items():
-            if weight_map and weight_map.get(name) != file:
-                problems.append(f"{storage.uri}/{file}: {name}: in this shard but the index says {weight_map.get(name)!r}")
-            elif name in entries:
-                problems.append(f"{storage.uri}/{file}: {name}: also stored in {entries[name].file}")
-            else:
-                entries[name] = entry
+    readable: dict[str, int] = {}
+    with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="requant-headers") as pool:
+        fetched = pool.map(lambda f: _fetch(storage, f), shards)
+        for file, got in zip(shards, fetched):
+            try:
+                if isinstance(got, CheckpointError):
+                    raise got
+                header, _ = parse_header(got[0], file, got[1])
+            except CheckpointError as exc:
+                problems.append(f"{storage.uri}/{exc}")
+                continue
+            readable[file] = got[1]
+            _add_entries(storage, file, header, weight_map, entries, problems)
     for name, file in weight_map.items():
         if file in readable and name not in entries:
             problems.append(f"{storage.uri}/{file}: {name}: listed in the index but missing from the shard")
     return entries, readable
+
+
+def _add_entries(storage: Storage, file: str, header: dict[str, TensorEntry], weight_map: dict[str, str],
+                 entries: dict[str, TensorEntry], problems: list[str]) -> None:
+    for name, entry in header.items():
+        if weight_map and weight_map.get(name) != file:
+            problems.append(f"{storage.uri}/{file}: {name}: in this shard but the index says {weight_map.get(name)!r}")
+        elif name in entries:
+            problems.append(f"{storage.uri}/{file}: {name}: also stored in {entries[name].file}")
+        else:
+            entries[name] = entry
 
 
 def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry], unreadable: set[str],

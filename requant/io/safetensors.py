@@ -207,11 +207,17 @@ def _entry(name: str, info: object, file: str, base: int, data_len: int) -> Tens
     return TensorEntry(name, file, dtype, tuple(shape), base + begin, base + end)
 
 
-def read_header(storage, file: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Read and validate one shard's header with two small range reads."""
+def fetch_header(storage, file: str) -> tuple[bytes, int]:
+    """One shard's header bytes (checked for length only) and the shard's size: two small range reads."""
     size = storage.size(file)
     n = header_length(storage.read_range(file, 0, min(HEADER_PREFIX, size)), file, size)
-    return parse_header(storage.read_range(file, HEADER_PREFIX, HEADER_PREFIX + n), file, size)
+    return storage.read_range(file, HEADER_PREFIX, HEADER_PREFIX + n), size
+
+
+def read_header(storage, file: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Read and validate one shard's header."""
+    header, size = fetch_header(storage, file)
+    return parse_header(header, file, size)
 
 
 def bytes_to_tensor(data: bytes | bytearray, entry: TensorEntry) -> torch.Tensor:
