@@ -103,11 +103,42 @@ def task_order(job: LayerJob) -> list[TensorTask]:
     return sorted(job.tasks, key=lambda t: min(position[s.name] for s in t.outputs))
 
 
+@dataclass(frozen=True)
+class WritePass:
+    """One front-to-back stretch of a shard: the tasks to transcode, in order, and the outputs they write in it."""
+
+    tasks: tuple[TensorTask, ...]
+    outputs: frozenset[str]
+
+
+def write_passes(job: LayerJob) -> list[WritePass]:
+    """The job's tasks in passes that together produce the shard strictly front to back, so it can be streamed
+    (an upload sent while the shard is produced, no scratch copy): each pass covers the next stretch of the file,
+    and in it every task writes a contiguous run of that stretch. MXFP4 and BF16 shards take one pass. Per-channel
+    FP8 takes two: its BF16 scales precede the FP8 weights in the file, so the first pass writes the scales (and the
+    other tensors before the weights) and the second transcodes the FP8 modules again for their weights: their
+    inputs are read twice instead of staging the shard (17 GB for a K2.6 layer) on local disk."""
+    owner = {spec.name: task for task in job.tasks for spec in task.outputs}
+    stretches: list[tuple[list[TensorTask], set[str]]] = []
+    started: set[int] = set()  # ids of the tasks of the current stretch
+    previous = None
+    for spec in layout(job.specs):
+        task = owner[spec.name]
+        if not stretches or (task is not previous and id(task) in started):
+            stretches.append(([], set()))  # a task's outputs are not contiguous here: the rest is a later stretch
+            started = set()
+        tasks, outputs = stretches[-1]
+        if task is not previous:
+            tasks.append(task)
+            started.add(id(task))
+        outputs.add(spec.name)
+        previous = task
+    return [WritePass(tuple(tasks), frozenset(outputs)) for tasks, outputs in stretches]
+
+
 def writes_in_order(job: LayerJob) -> bool:
-    """Whether ``task_order`` produces the shard's bytes strictly front to back, so it can be streamed (an upload
-    sent while the shard is produced). MXFP4 and BF16 shards are; per-channel FP8 is not: its BF16 scales
-    precede the FP8 weights in the file."""
-    return [s.name for t in task_order(job) for s in t.outputs] == [s.name for s in layout(job.specs)]
+    """Whether one pass in ``task_order`` produces the shard front to back (see ``write_passes``)."""
+    return len(write_passes(job)) == 1
 
 
 def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1,
@@ -119,32 +150,37 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     (each on one torch thread), and one writer thread writes and hashes the results in the output file's
     order (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
     The bytes are those of a sequential run: each tensor's result does not depend on the others.
-    ``sink``: stream the shard's bytes to it instead of writing the file (only for jobs that ``writes_in_order``).
+    ``sink``: stream the shard's bytes to it instead of writing the file, in ``write_passes`` (a file is written in
+    one pass, each tensor at its offset).
     """
     start = time.perf_counter()
     workers = threads if threads > 0 else available_cores()
     path = Path(out_dir) / job.output_file
     writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name}, sink=sink)
-    tasks = task_order(job)
-    reader = CoalescingReader(source, [e for t in job.tasks for e in t.inputs],
-                              order=[e for t in tasks for e in _read_order(t)], ahead=READ_AHEAD)
+    passes = write_passes(job) if sink is not None else [WritePass(tuple(task_order(job)), frozenset(s.name for s in job.specs))]
     transcoders = ThreadPoolExecutor(workers, thread_name_prefix="requant-transcode")
     writing = ThreadPoolExecutor(1, thread_name_prefix="requant-write")
-    stats: list[TensorStat] = []
+    stats: dict[str, TensorStat] = {}
+    reader = None
     try:
         with _torch_threads(1 if workers > 1 else None):
-            _pipeline(tasks, reader, transcoders, writing, writer, stats, device, workers)
+            for stretch in passes:
+                tasks = list(stretch.tasks)
+                reader = CoalescingReader(source, [e for t in tasks for e in t.inputs],
+                                          order=[e for t in tasks for e in _read_order(t)], ahead=READ_AHEAD)
+                _pipeline(tasks, reader, transcoders, writing, writer, stats, device, workers, stretch.outputs)
+                reader.close()
         digest = writer.close(fsync=fsync)
     except BaseException:
         for pool in (transcoders, writing):
             pool.shutdown(wait=True, cancel_futures=True)
-        reader.close()
+        if reader is not None:
+            reader.close()
         writer.abort()
         raise
     finally:
         transcoders.shutdown()
         writing.shutdown()
-        reader.close()
     return JobResult(
         job=job.name,
         output_file=job.output_file,
@@ -155,7 +191,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
         host=socket.gethostname(),
         tensors={s.name: {"dtype": s.dtype, "shape": list(s.shape)} for s in job.specs},
         sources={e.name: [s.name for s in t.outputs] for t in job.tasks for e in t.inputs},
-        stats=tuple(stats),
+        stats=tuple(stats.values()),
     )
 
 
@@ -180,10 +216,11 @@ def _batches(tasks: list[TensorTask]):
 
 
 def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: ThreadPoolExecutor,
-              writing: ThreadPoolExecutor, writer: SafetensorsWriter, stats: list[TensorStat], device: str,
-              workers: int) -> None:
+              writing: ThreadPoolExecutor, writer: SafetensorsWriter, stats: dict[str, TensorStat], device: str,
+              workers: int, outputs: frozenset[str]) -> None:
     """Read each batch's inputs here (the reader fetches ahead), transcode batches on the pool, hand the results
-    to the writer thread in order. A failure anywhere surfaces here, at the latest when its result is collected."""
+    to the writer thread in order; only ``outputs`` are written (see ``write_passes``), the first stat of each
+    module is kept. A failure anywhere surfaces here, at the latest when its result is collected."""
     transcoding: deque[tuple[list[TensorTask], Future, int]] = deque()
     written: deque[Future] = deque()
     in_flight = 0
@@ -192,9 +229,11 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
         nonlocal in_flight
         batch, future, nbytes = transcoding.popleft()
         results = future.result()
-        written.append(writing.submit(_write_outputs, writer, batch, [outputs for outputs, _ in results]))
+        written.append(writing.submit(_write_outputs, writer, batch, [made for made, _ in results], outputs))
         in_flight -= nbytes
-        stats.extend(stat for _, stat in results if stat is not None)
+        for _, stat in results:
+            if stat is not None:
+                stats.setdefault(stat.name, stat)
         while len(written) > 2 * workers:  # results waiting for the disk hold memory too
             written.popleft().result()
 
@@ -261,10 +300,13 @@ def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tenso
     return [([chunk[k] for chunk in chunks], stats[k] if stats else None) for k in range(len(tasks))]
 
 
-def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], outputs: list[list[torch.Tensor]]) -> None:
-    for task, task_outputs in zip(batch, outputs):
-        for spec, tensor in zip(task.outputs, task_outputs):
-            writer.write(spec.name, tensor)
+def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], made: list[list[torch.Tensor]],
+                   outputs: frozenset[str]) -> None:
+    """Write the batch's results that are among ``outputs``, in the file's order within each task."""
+    for task, task_outputs in zip(batch, made):
+        for spec, tensor in sorted(zip(task.outputs, task_outputs), key=lambda st: writer.position(st[0].name)):
+            if spec.name in outputs:
+                writer.write(spec.name, tensor)
 
 
 def _read_order(task: TensorTask) -> list[TensorEntry]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from requant.assemble import assemble, library_versions
 from requant.errors import CheckpointError, SystemFailure, os_failure
 from requant.io.storage import Storage, WritableStorage, open_storage
-from requant.job import JobResult, result_from_json, result_to_json, run_job, writes_in_order
+from requant.job import JobResult, result_from_json, result_to_json, run_job
 from requant.lease import Lease, LeaseLost, current_generation
 from requant.manifest import CONFIG_FILE, MANIFEST_FILE, RUN_STATE_DIR, is_evaluation, read_manifest
 from requant.plan import LayerJob, Plan
@@ -158,7 +158,7 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     done = completed(dest, key, job)
     if done is not None:
         return JobOutcome(done, True)
-    if hasattr(dest, "open_stream") and writes_in_order(job):
+    if hasattr(dest, "open_stream"):
         return _stream_job(job, source, dest, key, device, threads, lease_generation)
     scratch = scratch_dir()
     check_scratch(job, scratch)

@@ -333,6 +333,10 @@ class SafetensorsWriter:
             self._hashed += 1
         self._written.add(name)
 
+    def position(self, name: str) -> int:
+        """Where tensor ``name`` sits in the file (its data offset)."""
+        return self._offsets[name][0]
+
     def order(self) -> list[str]:
         """Tensor names in file order: writing in this order lets ``close`` skip reading the file back."""
         return list(self._order)
