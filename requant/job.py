@@ -239,7 +239,8 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
 
     for batch, nbytes in _batches(tasks):
         inputs = [[reader.read(e) for e in _read_order(task)] for task in batch]
-        transcoding.append((batch, transcoders.submit(_transcode_batch, batch, inputs, reader.uri, device), nbytes))
+        transcoding.append((batch, transcoders.submit(_transcode_batch, batch, inputs, reader.uri, device, outputs),
+                            nbytes))
         in_flight += nbytes
         while transcoding and (transcoding[0][1].done() or len(transcoding) > 2 * workers or in_flight > IN_FLIGHT_BYTES):
             hand_over()
@@ -252,31 +253,43 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
 STACK_BYTES = 1 << 20  # INT4 modules below this much input are transcoded stacked with their like (see below)
 
 
-def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str, device: str):
-    """Each task's outputs and stats, in ``batch`` order. Small INT4 modules of one shape and target (a toy
-    model's experts: 69k modules of 32x64 in k26-topology) go through the kernels stacked along their rows, one
-    call for many: every INT4 conversion is row by row, so the bytes are those of one call each, without paying
-    a dozen torch dispatches per module. A real expert (7 MB of INT4) fills a batch alone and takes the
-    single-module path."""
+def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str, device: str,
+                     outputs: frozenset[str] | None = None):
+    """Each task's outputs and stats, in ``batch`` order. A task none of whose outputs but its scale is in
+    ``outputs`` (a streamed FP8 shard's first pass) computes the scale alone, where its format can (its output
+    list then holds None for the weight, and no stats).
+
+    Small INT4 modules of one shape and target (a toy model's experts: 69k modules of 32x64 in k26-topology) go
+    through the kernels stacked along their rows, one call for many: every INT4 conversion is row by row, so the
+    bytes are those of one call each, without paying a dozen torch dispatches per module. A real expert (7 MB of
+    INT4) fills a batch alone and takes the single-module path."""
     results: list = [None] * len(batch)
     groups: dict[tuple, list[int]] = {}
     for i, task in enumerate(batch):
+        scale_only = outputs is not None and _scale_only(task, outputs)
         if task.kind == "int4" and task.bytes_in < STACK_BYTES:
-            groups.setdefault((task.target, task.shape), []).append(i)
+            groups.setdefault((task.target, task.shape, scale_only), []).append(i)
         else:
-            results[i] = _transcode_inputs(task, inputs[i], uri, device)
-    for members in groups.values():
+            results[i] = _transcode_inputs(task, inputs[i], uri, device, scale_only)
+    for (_, _, scale_only), members in groups.items():
         if len(members) == 1:
-            results[members[0]] = _transcode_inputs(batch[members[0]], inputs[members[0]], uri, device)
+            results[members[0]] = _transcode_inputs(batch[members[0]], inputs[members[0]], uri, device, scale_only)
             continue
-        stacked = _transcode_int4_stack([batch[i] for i in members], [inputs[i] for i in members], uri, device)
+        stacked = _transcode_int4_stack([batch[i] for i in members], [inputs[i] for i in members], uri, device,
+                                        scale_only)
         for i, result in zip(members, stacked):
             results[i] = result
     return results
 
 
+def _scale_only(task: TensorTask, outputs: frozenset[str]) -> bool:
+    fmt = WEIGHT_FORMATS.get(task.target)
+    return (task.kind in ("int4", "dense") and fmt is not None and fmt.scale_of is not None
+            and task.outputs[0].name not in outputs and task.outputs[1].name in outputs)
+
+
 def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str,
-                          device: str) -> list[tuple[list[torch.Tensor], TensorStat | None]]:
+                          device: str, scale_only: bool = False) -> list[tuple[list[torch.Tensor | None], TensorStat | None]]:
     """``_transcode_inputs`` of INT4 tasks of one shape and target, their rows stacked into one matrix."""
     task0 = tasks[0]
     rows, in_features = task0.shape
@@ -289,6 +302,9 @@ def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tenso
             _check_int4(task, task_inputs, uri)  # raises for the first module with a NaN/Inf scale
     packed = torch.cat([packed for _, _, packed in inputs]).to(device)
     scale = scale.to(device)
+    if scale_only:
+        scales = WEIGHT_FORMATS[task0.target].scale_from_int4(packed, scale, in_features).cpu().split(rows)
+        return [([None, s], None) for s in scales]
     out, stats = _int4_outputs(task0.target, packed, scale, in_features), None
     if task0.target != UNQUANTIZED:
         sample = _sample_rows(rows, device)
@@ -317,26 +333,31 @@ def _read_order(task: TensorTask) -> list[TensorEntry]:
     return list(task.inputs)
 
 
-def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str,
-                      device: str = "cpu") -> tuple[list[torch.Tensor], TensorStat | None]:
+def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, device: str = "cpu",
+                      scale_only: bool = False) -> tuple[list[torch.Tensor | None], TensorStat | None]:
     """One task's output tensors (in ``task.outputs`` order) and, if it quantizes, its error stats, from its
     inputs as read (in ``_read_order``), which are checked first. Jobs run tasks in parallel, so the kernels'
-    own row threads stay at 1."""
+    own row threads stay at 1. ``scale_only``: the weight's scale alone (the weight is None, no stats)."""
     if task.kind == "copy":
         (entry,), (tensor,) = task.inputs, inputs
         _check_finite(tensor, f"{uri}/{entry.file}", entry.name)
         return [tensor], None
+    fmt = WEIGHT_FORMATS.get(task.target)
     if task.kind == "int4":
         packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
+        if scale_only:
+            return [None, fmt.scale_from_int4(packed, scale, in_features).cpu()], None
         out = _int4_outputs(task.target, packed, scale, in_features)
         reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
     else:
         (entry,), (weight,) = task.inputs, inputs
         _check_finite(weight, f"{uri}/{entry.file}", entry.name)
         weight = weight.to(device)
-        out = list(WEIGHT_FORMATS[task.target].encode(weight))
+        if scale_only:
+            return [None, fmt.scale_of(weight).cpu()], None
+        out = list(fmt.encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
     stat = None if task.target == UNQUANTIZED else _error_stat(task, out, reference)
     return [t.cpu() for t in out], stat

@@ -10,19 +10,42 @@ from __future__ import annotations
 
 import torch
 
-from requant.constants import FP8_E4M3_MAX
+from requant.constants import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_OFFSET
 
 
 def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (float8_e4m3fn [out, in], scale [out] in weight.dtype)."""
     if weight.dim() != 2:
         raise ValueError(f"per-channel FP8 expects a 2-D weight, got shape {tuple(weight.shape)}")
-    amax = weight.abs().amax(dim=1)
-    scale = amax / FP8_E4M3_MAX
-    eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=weight.dtype, device=weight.device)
-    scale = torch.where(scale == 0, eps, scale)
+    scale = fp8_per_channel_scale(weight)
     data = (weight / scale.unsqueeze(1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return data, scale
+
+
+def fp8_per_channel_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The scale [out] of ``quantize_fp8_per_channel(weight)``, without quantizing."""
+    return _scale_of_amax(weight.abs().amax(dim=1))
+
+
+def _scale_of_amax(amax: torch.Tensor) -> torch.Tensor:
+    scale = amax / FP8_E4M3_MAX
+    eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=amax.dtype, device=amax.device)
+    return torch.where(scale == 0, eps, scale)
+
+
+def fp8_per_channel_scale_from_int4(data_packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The scale [out] of ``quantize_fp8_per_channel(dequantize_int4(data_packed, scale, in_features))``, from the
+    packed codes without decoding them: a row's amax is the largest ``max|q| * |s|`` over its groups (exact in FP32)
+    rounded once to the scale's dtype, since rounding is monotonic and symmetric."""
+    rows = data_packed.shape[0]
+    groups = in_features // INT4_GROUP_SIZE
+    nibbles = data_packed.contiguous().view(torch.uint8).view(rows, groups, INT4_GROUP_SIZE // 2)
+    lo, hi = nibbles & 0xF, nibbles >> 4
+    # stored nibbles n = q + 8: max |q| = max(max n, 16 - min n) - 8
+    reach = torch.maximum(torch.maximum(lo, hi), torch.minimum(lo, hi).neg_().add_(2 * INT4_OFFSET))
+    maxabs = reach.amax(dim=-1).to(torch.float32) - INT4_OFFSET
+    amax = (maxabs * scale[:, :groups].to(torch.float32).abs()).amax(dim=1).to(scale.dtype)
+    return _scale_of_amax(amax)
 
 
 def dequantize_fp8_per_channel(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from requant.constants import FP4_PER_BYTE, MX_BLOCK_SIZE
-from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_channel
+from requant.formats.fp8 import (
+    dequantize_fp8_per_channel,
+    fp8_per_channel_scale,
+    fp8_per_channel_scale_from_int4,
+    quantize_fp8_per_channel,
+)
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from requant.io.safetensors import TensorSpec
@@ -32,6 +37,10 @@ class WeightFormat:
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # BF16/F32 weight -> (weight, scale)
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, scale) -> F32 weight
     from_int4: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # fused path from packed INT4
+    # the scale alone, where it comes before the weight in the file (a streamed shard's first pass needs only it):
+    # from a high-precision weight, and from packed INT4 (packed, group scales, in_features)
+    scale_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+    scale_from_int4: Callable[..., torch.Tensor] | None = None
 
     def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, TensorSpec]:
         """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as."""
@@ -50,6 +59,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
                      int4_to_mxfp4),
         # FP8 E4M3 with one scale per output channel in the input's precision (Quark "ptpc_fp8")
         WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, None, None, quantize_fp8_per_channel,
-                     dequantize_fp8_per_channel),
+                     dequantize_fp8_per_channel, scale_of=fp8_per_channel_scale,
+                     scale_from_int4=fp8_per_channel_scale_from_int4),
     )
 }

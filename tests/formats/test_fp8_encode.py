@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
+from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fused_kernel import scale_patterns
 
-from requant.formats.fp8 import dequantize_fp8_per_channel, quantize_fp8_per_channel
+from requant.formats.fp8 import dequantize_fp8_per_channel, fp8_per_channel_scale_from_int4, quantize_fp8_per_channel
+from requant.formats.int4 import dequantize_int4
 from requant.quark_reference import quark_quantize_weight
 
 
@@ -58,3 +61,22 @@ def bf16_rows(draw):
 @given(bf16_rows())
 def test_matches_quark_on_adversarial_rows(weight):
     _check(weight)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.data())
+def test_scale_from_packed_int4_equals_quarks_scale_of_the_decoded_weight(seed, data):
+    """A streamed FP8 shard's first pass takes each expert's scale from its packed INT4 codes without decoding
+    them: equal, bit for bit, to the scale Quark gives the decoded BF16 weight (compressed-tensors packs the codes),
+    over scales of every BF16 class (zero, subnormal, negative, the largest exponents) and all-zero rows."""
+    rows, cols = 6, 128
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=g)
+    q[data.draw(st.integers(0, rows - 1))] = 0  # an all-zero row: eps scale
+    scale = data.draw(scale_patterns(rows * cols // 32)).to(torch.int16).view(torch.bfloat16).reshape(rows, cols // 32)
+    packed = pack_to_int32(q, num_bits=4)
+    weight = dequantize_int4(packed, scale, cols)
+    ours = fp8_per_channel_scale_from_int4(packed, scale, cols)
+    _, quark_scale = quark_quantize_weight(weight, "ptpc_fp8")
+    assert ours.dtype == quark_scale.dtype and torch.equal(ours.view(torch.int16), quark_scale.view(torch.int16))
+    assert torch.equal(ours.view(torch.int16), quantize_fp8_per_channel(weight)[1].view(torch.int16))
