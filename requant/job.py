@@ -115,9 +115,10 @@ def write_passes(job: LayerJob) -> list[WritePass]:
     """The job's tasks in passes that together produce the shard strictly front to back, so it can be streamed
     (an upload sent while the shard is produced, no scratch copy): each pass covers the next stretch of the file,
     and in it every task writes a contiguous run of that stretch. MXFP4 and BF16 shards take one pass. Per-channel
-    FP8 takes two: its BF16 scales precede the FP8 weights in the file, so the first pass writes the scales (and the
-    other tensors before the weights) and the second transcodes the FP8 modules again for their weights: their
-    inputs are read twice instead of staging the shard (17 GB for a K2.6 layer) on local disk."""
+    FP8 takes two: its BF16 scales precede the FP8 weights in the file, so the first pass writes the scales (each
+    computed alone, see ``_transcode_batch``) and the other tensors before the weights, and the second transcodes
+    the FP8 modules for their weights: their inputs are read twice instead of staging the shard (17 GB for a K2.6
+    layer) on local disk."""
     owner = {spec.name: task for task in job.tasks for spec in task.outputs}
     stretches: list[tuple[list[TensorTask], set[str]]] = []
     started: set[int] = set()  # ids of the tasks of the current stretch
