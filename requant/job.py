@@ -137,11 +137,6 @@ def write_passes(job: LayerJob) -> list[WritePass]:
     return [WritePass(tuple(tasks), frozenset(outputs)) for tasks, outputs in stretches]
 
 
-def writes_in_order(job: LayerJob) -> bool:
-    """Whether one pass in ``task_order`` produces the shard front to back (see ``write_passes``)."""
-    return len(write_passes(job)) == 1
-
-
 def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", threads: int = 1,
             fsync: bool = False, sink: Callable[[memoryview], None] | None = None) -> JobResult:
     """Convert one job's tensors into ``out_dir / job.output_file`` on ``threads`` transcode threads (0: every

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from requant.constants import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_OFFSET
+from requant.constants import FP8_E4M3_MAX, INT4_GROUP_SIZE
+from requant.formats.int4 import group_maxabs
 
 
 def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +41,7 @@ def fp8_per_channel_scale_from_int4(data_packed: torch.Tensor, scale: torch.Tens
     rows = data_packed.shape[0]
     groups = in_features // INT4_GROUP_SIZE
     nibbles = data_packed.contiguous().view(torch.uint8).view(rows, groups, INT4_GROUP_SIZE // 2)
-    lo, hi = nibbles & 0xF, nibbles >> 4
-    # stored nibbles n = q + 8: max |q| = max(max n, 16 - min n) - 8
-    reach = torch.maximum(torch.maximum(lo, hi), torch.minimum(lo, hi).neg_().add_(2 * INT4_OFFSET))
-    maxabs = reach.amax(dim=-1).to(torch.float32) - INT4_OFFSET
+    maxabs = group_maxabs(nibbles).to(torch.float32)
     amax = (maxabs * scale[:, :groups].to(torch.float32).abs()).amax(dim=1).to(scale.dtype)
     return _scale_of_amax(amax)
 

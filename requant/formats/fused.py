@@ -29,7 +29,7 @@ from requant.constants import (
     INT4_OFFSET,
     MX_BLOCK_SIZE,
 )
-from requant.formats.int4 import dequantize_int4, packed_columns
+from requant.formats.int4 import dequantize_int4, group_maxabs, packed_columns
 from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, shared_exponent
 
 _MANTISSAS = 1 << BF16_MANT_BITS  # 128 BF16 mantissas
@@ -102,10 +102,7 @@ def int4_to_mxfp4(
     def convert_rows(r0: int) -> None:
         r1 = min(r0 + rows_per_block, out_features)
         blocks = nibble_bytes[r0:r1].view(r1 - r0, n_blocks, _BYTES_PER_BLOCK)
-        # max |q| = max(max(n), 16 - min(n)) - 8 over the block's stored nibbles n = q + 8: one reduction
-        lo, hi = blocks & 0xF, blocks >> 4
-        reach = torch.maximum(torch.maximum(lo, hi), torch.minimum(lo, hi).neg_().add_(2 * INT4_OFFSET))
-        maxabs = reach.amax(dim=-1).to(torch.int32) - INT4_OFFSET
+        maxabs = group_maxabs(blocks).to(torch.int32)
 
         bits = scale_bits[r0:r1]
         exponent = (bits >> BF16_MANT_BITS) & BF16_EXP_MASK

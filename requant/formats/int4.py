@@ -37,3 +37,11 @@ def dequantize_int4(
     q = unpack_int4(data_packed, in_features)
     scale_full = scale.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_features]
     return (q.to(torch.float32) * scale_full).to(scale.dtype)
+
+
+def group_maxabs(nibble_bytes: torch.Tensor) -> torch.Tensor:
+    """max |q| per group of packed INT4 codes, from their stored bytes viewed [..., groups, 16] (two nibbles
+    n = q + 8 a byte): max(max n, 16 - min n) - 8, one reduction, as uint8 (0..8)."""
+    lo, hi = nibble_bytes & 0xF, nibble_bytes >> 4
+    reach = torch.maximum(torch.maximum(lo, hi), torch.minimum(lo, hi).neg_().add_(2 * INT4_OFFSET))
+    return reach.amax(dim=-1) - INT4_OFFSET
