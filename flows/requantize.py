@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -158,11 +159,33 @@ def _ray_options(resources_opts: dict) -> dict[str, Any]:
 
 def _verify(plan, output: str, options: dict[str, Any]) -> dict[str, Any]:
     """``requant verify`` of ``output``, its shards hashed in parallel as Ray tasks (one process re-reading every
-    shard would take hours at K2.6's 600 GB)."""
+    shard would take hours at K2.6's 600 GB) while this process checks headers, index and config."""
     with remote_options(**options):
         sizes = sorted({(job.output_file, job.bytes_out) for job in plan.jobs})
         groups = [hash_output.submit(output, files) for files in hash_groups(sizes)]
-    return verify_checkpoint(output, {f: d for group in groups for f, d in group.result().items()})
+    return verify_checkpoint(output, quote(AwaitedDigests(groups)))
+
+
+class AwaitedDigests(Mapping):
+    """The sha256 by file that hash tasks report, waited for on first use (verification looks last)."""
+
+    def __init__(self, futures: list) -> None:
+        self._futures = futures
+        self._digests: dict[str, str | None] | None = None
+
+    def _resolved(self) -> dict[str, str | None]:
+        if self._digests is None:
+            self._digests = {f: d for future in self._futures for f, d in future.result().items()}
+        return self._digests
+
+    def __getitem__(self, file: str) -> str | None:
+        return self._resolved()[file]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
 
 
 def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
@@ -214,10 +237,11 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
 
 def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:
     rows = []
+    tensors = {job.output_file: len(job.specs) for job in plan.jobs}
     for o in sorted(outcomes, key=lambda o: o.result.output_file):
         r = o.result
         snrs = [s.snr_db for s in r.stats]
-        rows.append({"job": r.job, "tensors": len(r.tensors), "bytes_in": r.bytes_in, "bytes_out": r.size,
+        rows.append({"job": r.job, "tensors": tensors[r.output_file], "bytes_in": r.bytes_in, "bytes_out": r.size,
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
                      "node": o.node, "skipped": o.skipped})
     create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from requant.io.safetensors import sha256_file, tensor_nbytes
+from requant.io.safetensors import sha256_file
 from requant.job import JobResult
 from requant.manifest import (
     CONFIG_FILE,
@@ -56,8 +56,11 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     out_dir = Path(out_dir)
     written = [INDEX_FILE, CONFIG_FILE, MODEL_CARD]
     results = sorted(results, key=lambda r: r.output_file)
-    weight_map = {name: r.output_file for r in results for name in r.tensors}
-    total = sum(tensor_nbytes(info["dtype"], info["shape"]) for r in results for info in r.tensors.values())
+    jobs = sorted(plan.jobs, key=lambda j: j.output_file)
+    if [r.output_file for r in results] != [j.output_file for j in jobs]:
+        raise ValueError(f"results of {len(results)} jobs do not match the plan's {len(jobs)} output shards")
+    weight_map = {spec.name: job.output_file for job in jobs for spec in job.specs}
+    total = sum(spec.nbytes for job in jobs for spec in job.specs)
     write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                pretty=False)
     write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
@@ -81,8 +84,10 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "versions": library_versions(),
         "inputs": inputs,
         "outputs": dict(sorted(outputs.items())),
-        "tensors": {name: {"file": r.output_file, **info} for r in results for name, info in sorted(r.tensors.items())},
-        "sources": {name: outs for r in results for name, outs in sorted(r.sources.items())},
+        "tensors": {spec.name: {"file": job.output_file, "dtype": spec.dtype, "shape": list(spec.shape)}
+                    for job in jobs for spec in job.specs},
+        "sources": {entry.name: [spec.name for spec in task.outputs]
+                    for job in jobs for task in job.tasks for entry in task.inputs},
         "stats": stats,
         "jobs": [{f: getattr(r, f) for f in JOB_FIELDS} for r in results],
     }

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +45,10 @@ class TensorStat:
 
 @dataclass(frozen=True)
 class JobResult:
+    """What one finished job alone knows: its shard's digest and size, timings, error statistics. The shard's
+    tensors and their upstream sources are the job's plan (``LayerJob.specs`` and its tasks' inputs), so they
+    are not carried back (for K2.6 that is ~10^5 entries through Ray and into every job record)."""
+
     job: str
     output_file: str
     sha256: str
@@ -52,8 +56,6 @@ class JobResult:
     bytes_in: int
     seconds: float
     host: str
-    tensors: dict[str, dict] = field(default_factory=dict)  # output name -> {dtype, shape}
-    sources: dict[str, list[str]] = field(default_factory=dict)  # upstream name -> output names
     stats: tuple[TensorStat, ...] = ()
     etag: str = ""  # the object store's ETag of the shard when it was streamed there (see pipeline.completed)
 
@@ -68,7 +70,7 @@ def result_to_json(result: JobResult) -> bytes:
 def result_from_json(raw: bytes) -> JobResult:
     data = json.loads(raw)
     stats = tuple(TensorStat(**dict(s, snr_db=math.inf if s["snr_db"] is None else s["snr_db"])) for s in data.pop("stats"))
-    return JobResult(**data, stats=stats)
+    return JobResult(**{f.name: data[f.name] for f in dataclasses.fields(JobResult) if f.name in data}, stats=stats)
 
 
 READ_AHEAD = 2  # spans fetched ahead of use (range GETs in flight on object storage)
@@ -185,8 +187,6 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
         bytes_in=job.bytes_in,
         seconds=time.perf_counter() - start,
         host=socket.gethostname(),
-        tensors={s.name: {"dtype": s.dtype, "shape": list(s.shape)} for s in job.specs},
-        sources={e.name: [s.name for s in t.outputs] for t in job.tasks for e in t.inputs},
         stats=tuple(stats.values()),
     )
 

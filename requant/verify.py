@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from requant.errors import CheckpointError, VerifyError
 from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
-from requant.io.safetensors import read_header
+from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, sealed_as_stored
 from requant.recipe import resolve_target
@@ -24,7 +24,8 @@ from requant.recipe import resolve_target
 def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
     """Check the checkpoint at ``uri`` (a directory or s3://...) against its manifest. ``digests``: sha256 of
     files as read just now elsewhere (the flow reads its shards in parallel on the cluster); every other file is
-    hashed here."""
+    hashed here. ``digests`` is consulted last, so a mapping that waits for those reads overlaps them with the
+    header, index and config checks."""
     storage = open_storage(uri)
     if not storage.exists(MANIFEST_FILE):
         raise VerifyError([f"{storage.uri}: incomplete: no {MANIFEST_FILE} (the run did not finish or was not published)"])
@@ -37,7 +38,6 @@ def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
     if not sealed_as_stored(raw, manifest):
         raise VerifyError([f"{where}: its digest does not match its content (modified or corrupted)"])
     problems: list[str] = []
-    _check_files(storage, manifest, problems, digests or {})
     for check in (_check_tensors, _check_config):
         try:
             check(storage, manifest, problems)
@@ -45,8 +45,10 @@ def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
             problems.append(f"{storage.uri}: {check.__name__[7:]} check failed on unexpected content "
                             f"({type(exc).__name__}: {str(exc)[:80]})")
     _check_stats(manifest, problems)
-    if problems:
-        raise VerifyError(problems)
+    file_problems: list[str] = []
+    _check_files(storage, manifest, file_problems, {} if digests is None else digests)
+    if file_problems or problems:
+        raise VerifyError(file_problems + problems)
     return {"files": len(manifest["outputs"]), "tensors": len(manifest["tensors"]), "upstream_tensors": len(manifest["sources"])}
 
 
@@ -70,12 +72,11 @@ def _check_files(storage, manifest: dict, problems: list[str], digests: Mapping[
 def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
     tensors = manifest["tensors"]
     seen: dict[str, str] = {}
-    for file in sorted({t["file"] for t in tensors.values()}):
-        try:
-            header, _ = read_header(storage, file)
-        except CheckpointError as exc:
-            problems.append(f"{storage.uri}/{exc}")
+    for file, got in read_headers(storage, sorted({t["file"] for t in tensors.values()})):
+        if isinstance(got, CheckpointError):
+            problems.append(f"{storage.uri}/{got}")
             continue
+        header, _ = got
         for name, entry in header.items():
             want = tensors.get(name)
             if want is None or want["file"] != file:

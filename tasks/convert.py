@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import task
@@ -129,5 +130,5 @@ def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str
 
 
 @task(name="verify", cache_policy=NO_CACHE)
-def verify_checkpoint(dest_uri: str, digests: dict[str, str] | None = None) -> dict[str, Any]:
-    return verify(dest_uri, digests)
+def verify_checkpoint(dest_uri: str, digests: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    return verify(dest_uri, _plain(digests))

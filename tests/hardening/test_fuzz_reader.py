@@ -281,6 +281,12 @@ EDGE_CASES = {
                                 '"data_offsets":[84,84]}}', "both refuse"),
     "empty tensor, largest torch dim": ("{" + HEAD + ',"b":' + ENTRY_B + ',"e":{"dtype":"U8","shape":'
                                         '[9223372036854775807,0],"data_offsets":[84,84]}}', "equal to safetensors"),
+    # the reader counts colons and braces to skip its per-object duplicate-key check; these defeat the count
+    "colon and braces in a name": ("{" + HEAD + ',"b:{x}":' + ENTRY_B + "}", "equal to safetensors"),
+    "duplicate entry field, colon in metadata": ("{" + HEAD + ',"__metadata__":{"t":"12:00"},"b":{"dtype":"U8",'
+                                                 '"dtype":"U8","shape":[2,2],"data_offsets":[80,84]}}', "both refuse"),
+    "duplicate tensor name, brace in metadata": ("{" + HEAD + ',"__metadata__":{"t":"{"},"b":' + ENTRY_B + ',"b":'
+                                                 + ENTRY_B + "}", "stricter: duplicate key"),
     "unknown dtype the library reads": ("{" + HEAD + ',"b":' + ENTRY_B + ',"e":{"dtype":"F8_E8M0","shape":[0],'
                                         '"data_offsets":[84,84]}}', "stricter: unknown dtype"),
 }
