@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             local = synthesize(Path(tmp) / args.profile, args.profile, seed=0, progress=True)
             upload_dir(local, upstream)
-        from flows.requantize import requantize
+        from flows.requantize import requantize, start_ephemeral_server
+
+        start_ephemeral_server()
 
         try:
             summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}",

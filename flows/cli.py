@@ -11,8 +11,9 @@ from requant import cli
 
 def convert_with_flow(**options: Any) -> dict[str, Any]:
     """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation."""
-    from flows.requantize import requantize  # Prefect and Ray load only for this command
+    from flows.requantize import requantize, start_ephemeral_server  # Prefect and Ray load only for this command
 
+    start_ephemeral_server()
     return requantize(**options, evaluate=False)
 
 

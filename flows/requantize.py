@@ -81,6 +81,27 @@ def ephemeral_api_url() -> str | None:
     return server.api_url if server.running else None
 
 
+# Prefect waits 20 s for its ephemeral server to answer. On a fresh PREFECT_HOME the server first creates and
+# migrates its database: 14 s on an idle 2-core machine here, over 20 s on a loaded one (a CI run failed so).
+EPHEMERAL_STARTUP_S = 120
+
+
+def start_ephemeral_server() -> str | None:
+    """With no ``PREFECT_API_URL``, start this process's ephemeral Prefect server now, waiting for it up to
+    ``EPHEMERAL_STARTUP_S`` (or Prefect's own setting where that is longer); flows the process runs afterwards
+    use this server. Entry points call it before their first flow. Returns its API URL, or None when an API is
+    configured."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's get_client() starts and reuses
+    server.start(timeout=max(EPHEMERAL_STARTUP_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    return server.api_url
+
+
 class EnvRayTaskRunner(RayTaskRunner):
     """prefect-ray's runner, configured when a flow run enters it: ``RAY_ADDRESS`` (join a cluster) or a
     local Ray, as the environment says at that moment. Built at import time, the flow would keep whatever

@@ -92,7 +92,7 @@ import json, os
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect_ray.context import remote_options
-from flows.requantize import EnvRayTaskRunner
+from flows.requantize import EnvRayTaskRunner, start_ephemeral_server
 from tasks.convert import task_threads
 
 @task
@@ -106,7 +106,8 @@ def run():
     with get_client(sync_client=True) as client:
         return seen, str(client.api_url)
 
-print("RESULT " + json.dumps(run()))
+started = start_ephemeral_server()
+print("RESULT " + json.dumps([*run(), started]))
 """
 
 
@@ -114,16 +115,18 @@ print("RESULT " + json.dumps(run()))
 def test_local_ray_workers_use_the_flows_ephemeral_prefect_server_and_their_cpus(tmp_path):
     """No PREFECT_API_URL (``make flow-run``): the flow runs on Prefect's ephemeral server, and local Ray workers
     report to that one instead of each starting their own. A layer job's default thread count is the CPUs Ray
-    reserved for its task."""
+    reserved for its task. The entry points start that server first, allowing it the time a fresh PREFECT_HOME
+    needs on a loaded machine (over Prefect's 20 s once in CI)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), REQUANT_RAY_CPUS="2", RAY_AUTH_MODE="disabled")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), REQUANT_RAY_CPUS="2", RAY_AUTH_MODE="disabled",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")  # a fresh home takes longer: ours must wait
     proc = subprocess.run([sys.executable, "-c", PROBE_FLOW], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen, driver_api = json.loads(next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))[7:])
+    seen, driver_api, started = json.loads(next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))[7:])
     assert driver_api.startswith("http://127.0.0.1:") and driver_api.rstrip("/").endswith("/api")
-    assert seen["api"].rstrip("/") == driver_api.rstrip("/")
+    assert seen["api"].rstrip("/") == driver_api.rstrip("/") == started.rstrip("/")  # the server started first
     assert seen["threads"] == 2 and seen["pinned"] == 3
 
 

@@ -155,7 +155,8 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, serv
 
 _RUN_FLOW = """
 import json, sys
-from flows.requantize import requantize
+from flows.requantize import requantize, start_ephemeral_server
+start_ephemeral_server()
 print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
                                         evaluate=False)))
 """
