@@ -59,8 +59,9 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     jobs = sorted(plan.jobs, key=lambda j: j.output_file)
     if [r.output_file for r in results] != [j.output_file for j in jobs]:
         raise ValueError(f"results of {len(results)} jobs do not match the plan's {len(jobs)} output shards")
-    weight_map = {spec.name: job.output_file for job in jobs for spec in job.specs}
-    total = sum(spec.nbytes for job in jobs for spec in job.specs)
+    placed = [(job.output_file, spec) for job in jobs for spec in job.specs]  # every output tensor and its shard
+    weight_map = {spec.name: file for file, spec in placed}
+    total = sum(spec.nbytes for _, spec in placed)
     write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                pretty=False)
     write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
@@ -84,8 +85,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "versions": library_versions(),
         "inputs": inputs,
         "outputs": dict(sorted(outputs.items())),
-        "tensors": {spec.name: {"file": job.output_file, "dtype": spec.dtype, "shape": list(spec.shape)}
-                    for job in jobs for spec in job.specs},
+        "tensors": {spec.name: {"file": file, "dtype": spec.dtype, "shape": list(spec.shape)} for file, spec in placed},
         "sources": {entry.name: [spec.name for spec in task.outputs]
                     for job in jobs for task in job.tasks for entry in task.inputs},
         "stats": stats,

@@ -191,8 +191,7 @@ def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], 
 
 
 def _headers(storage: Storage, shards: list[str], weight_map: dict[str, str], problems: list[str]) -> tuple[dict[str, TensorEntry], dict[str, int]]:
-    """Every shard's header, in shard order; and the size of
-    each shard whose header is valid."""
+    """Every shard's header, in shard order; and the size of each shard whose header is valid."""
     entries: dict[str, TensorEntry] = {}
     readable: dict[str, int] = {}
     for file, got in read_headers(storage, shards):
