@@ -71,14 +71,20 @@ def ephemeral_api_url() -> str | None:
     set), if it is running. Local Ray workers are pointed at it: otherwise each worker process starts an
     ephemeral server of its own on the first task it runs (seconds of start-up and ~7 CPU-seconds each, measured
     on the layer benchmark; several at once time out)."""
+    server = _ephemeral_server()
+    return server.api_url if server is not None and server.running else None
+
+
+def _ephemeral_server():
+    """Prefect's ephemeral server of this process (the instance its ``get_client()`` starts and reuses), or
+    None when ``PREFECT_API_URL`` names an API."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    return server.api_url if server.running else None
+    return SubprocessASGIServer()
 
 
 # Prefect waits 20 s for its ephemeral server to answer. On a fresh PREFECT_HOME the server first creates and
@@ -91,13 +97,11 @@ def start_ephemeral_server() -> str | None:
     ``EPHEMERAL_STARTUP_S`` (or Prefect's own setting where that is longer); flows the process runs afterwards
     use this server. Entry points call it before their first flow. Returns its API URL, or None when an API is
     configured."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    if PREFECT_API_URL.value():
+    server = _ephemeral_server()
+    if server is None:
         return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's get_client() starts and reuses
     server.start(timeout=max(EPHEMERAL_STARTUP_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     return server.api_url
 
