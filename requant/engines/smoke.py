@@ -3,11 +3,23 @@
 Checks, each recorded with a one-line detail: health; the model list names the served model; greedy
 completions are deterministic; ``max_tokens`` and ``stop`` are honoured (the stop string is cut from the
 text, which lm-eval's GSM8K extraction depends on); concurrent requests all answer with the sequential
-results; and, against a reference variant, next-token agreement on fixed prompts: top-1 agreement and a
-mean KL divergence estimated from the top-``k`` logprobs both servers return. A failing smoke test stops
-the evaluation downstream.
+results; and, against a reference variant:
 
-The KL estimate: for each prompt, the reference's top-k tokens plus one "rest" bucket form a partition;
+- **next-token agreement** at the end of each prompt (top-1 agreement, mean KL from the top-``k`` logprobs);
+- **sequence agreement**: the reference writes a greedy continuation of each prompt (to the task's stop), both
+  servers score that same text teacher-forced (``echo`` + ``logprobs``), and every position counts: top-1
+  agreement over all positions, mean and worst per-prompt KL, and how many of the candidate's own greedy
+  continuations equal the reference's. One position per prompt rarely routes through a few broken experts;
+  a few hundred positions do;
+- **expert coverage**, where a server reports routing (``requant serve`` does): how many of the scored tokens
+  each routed expert of each MoE layer receives, so the agreement figures are known to have exercised every
+  expert.
+
+When the sequence agreement fails and both checkpoints are given, :mod:`requant.engines.localize` says where:
+the first layer that departs from the reference and the experts with the largest output error. A failing
+smoke test stops the evaluation downstream.
+
+The KL estimate: for each position, the reference's top-k tokens plus one "rest" bucket form a partition;
 the candidate's probability of a token outside its own top-k is unknown and is bounded by its k-th
 probability, so it is imputed as min(k-th probability, unassigned mass / missing tokens). KL over a
 coarser partition never exceeds the full KL, so this is an estimate of a lower bound on the true value.
@@ -28,6 +40,7 @@ import yaml
 
 from requant.engines.engines import RunningEngine
 from requant.errors import RequantError
+from requant.serving.protocol import EXPERT_COUNTS_PATH
 
 # Fixed prompts in the evaluation's own format, so the numeric check looks at the distribution that matters.
 PROMPTS = (
@@ -48,6 +61,16 @@ PROMPTS = (
 class SmokeLimits:
     min_top1_agreement: float = 0.5
     max_mean_kl: float = 0.1
+    continuation_tokens: int = 96
+    stop: tuple[str, ...] = ("Question:", "\n\n")
+    min_sequence_top1: float = 0.9
+    confident_p: float = 0.5
+    min_confident_positions: int = 32
+    max_sequence_mean_kl: float = 0.1
+    max_sequence_prompt_kl: float = 0.3
+    min_exact_match: float = 0.0
+    min_expert_tokens: int = 3
+    localize_max_bytes: int = 16 << 30
     top_logprobs: int = 20
     concurrency: int = 4
     timeout_s: float = 300.0
@@ -59,6 +82,8 @@ def load_limits(path: str | Path | None = None) -> SmokeLimits:
     unknown = set(data) - set(SmokeLimits.__dataclass_fields__)
     if unknown:
         raise RequantError(f"{path or 'smoke.yaml'}: unknown smoke-test settings {sorted(unknown)}")
+    if "stop" in data:
+        data["stop"] = tuple(data["stop"])
     return SmokeLimits(**data)
 
 
@@ -81,21 +106,26 @@ class _Client:
         return r.json()
 
 
-def task_prompts(gsm8k_dir: str | Path, n: int = 6) -> tuple[str, ...]:
+def task_prompts(gsm8k_dir: str | Path, n: int = 8) -> tuple[str, ...]:
     """Agreement prompts from the evaluation's own task: its first ``n`` test questions as lm-eval asks them
-    (``Question: ...\nAnswer:``), plus the two generic prompts. A model trained on one task (the shipped
-    trained model) is compared on what it was trained for; the real GSM8K gives the same kind as PROMPTS."""
+    (``Question: ...\nAnswer:``). A model trained on one task (the shipped trained model) is compared on what
+    it was trained for: on other text its continuations are noise, and honest variants disagree there as much
+    as broken ones (measured: per-prompt KL 0.15-0.69 on the two generic prompts for honest MXFP4, 0.001-0.002
+    on its own questions). The real GSM8K gives the same kind of prompt as PROMPTS."""
     from requant.evaluation.gsm8k import check_gsm8k_dir
 
     test = check_gsm8k_dir(gsm8k_dir)["test"]
     rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    return tuple(f"Question: {row['question']}\nAnswer:" for row in rows) + PROMPTS[-2:]
+    return tuple(f"Question: {row['question']}\nAnswer:" for row in rows)
 
 
 def smoke_test(engine: RunningEngine, reference: RunningEngine | None = None,
-               limits: SmokeLimits = SmokeLimits(), prompts: tuple[str, ...] | None = None) -> dict:
+               limits: SmokeLimits = SmokeLimits(), prompts: tuple[str, ...] | None = None,
+               checkpoints: tuple[str, str] | None = None) -> dict:
     """Run every check; never raises for a failed check (the result says), only for unusable arguments.
-    ``prompts``: the agreement check's prompts (default: the built-in PROMPTS; see :func:`task_prompts`)."""
+    ``prompts``: the agreement checks' prompts (default: the built-in PROMPTS; see :func:`task_prompts`).
+    ``checkpoints``: the (candidate, reference) checkpoints the two servers serve; when the sequence agreement
+    fails, the result's ``numeric.localization`` says which layer and experts depart from the reference."""
     client = _Client(engine, limits.timeout_s)
     checks: list[Check] = []
     started = time.perf_counter()
@@ -117,8 +147,18 @@ def smoke_test(engine: RunningEngine, reference: RunningEngine | None = None,
     numeric = None
     if reference is not None:
         numeric = {}
-        run("agreement with reference", lambda: _agreement(client, _Client(reference, limits.timeout_s), limits, numeric,
-                                                           prompts or PROMPTS))
+        ref_client = _Client(reference, limits.timeout_s)
+        run("agreement with reference", lambda: _agreement(client, ref_client, limits, numeric, prompts or PROMPTS))
+        sequence: dict = {}
+        run("sequence agreement with reference",
+            lambda: _sequence_agreement(client, ref_client, limits, sequence, prompts or PROMPTS))
+        numeric["sequence"] = sequence
+        coverage = _coverage(ref_client, client, sequence.get("texts", ()), limits)
+        numeric["coverage"] = coverage
+        if coverage["available"]:
+            checks.append(Check("expert coverage", coverage["experts_below"] == 0, coverage["detail"]))
+        if checkpoints and not next(c for c in checks if c.name == "sequence agreement with reference").passed:
+            numeric["localization"] = _localize(checkpoints, sequence.get("texts") or prompts or PROMPTS, limits)
     return {
         "passed": all(c.passed for c in checks),
         "base_url": engine.base_url, "model": engine.served_model_name, "engine": engine.engine,
@@ -226,9 +266,115 @@ def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeri
                 f"(max {limits.max_mean_kl}) over {len(prompts)} prompts")
 
 
+def _scored(client: _Client, text: str, k: int, by_id: bool) -> tuple[list[str], list[dict[str, float]]]:
+    """The text's tokens and, for every position after the first, the top-k next-token logprobs given the text
+    before it (teacher-forced through ``echo``); the last entry is the distribution after the whole text."""
+    extra = {"return_tokens_as_token_ids": True} if by_id else {}
+    body = client.complete(text, max_tokens=1, temperature=0, echo=True, logprobs=k, **extra)
+    lp = body["choices"][0]["logprobs"]
+    tokens, tops = lp["tokens"], lp["top_logprobs"]
+    return tokens[:-1], [t for t in tops if t]
+
+
+def _sequence_agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, out: dict,
+                        prompts: tuple[str, ...]):
+    k, stop = limits.top_logprobs, list(limits.stop)
+    greedy = {"max_tokens": limits.continuation_tokens, "temperature": 0, "stop": stop}
+    texts, per_prompt, agree, confident, positions, exact, keys = [], [], 0, 0, 0, 0, set()
+    for prompt in prompts:
+        ref_text = ref_client.complete(prompt, **greedy)["choices"][0]["text"]
+        exact += client.complete(prompt, **greedy)["choices"][0]["text"] == ref_text
+        text = prompt + ref_text
+        texts.append(text)
+        (ref_tokens, ref_tops), (cand_tokens, cand_tops) = (_scored(c, text, k, True) for c in (ref_client, client))
+        key = "token ids"
+        if not (all(_by_id(t) for t in ref_tops) and all(_by_id(t) for t in cand_tops)):
+            (ref_tokens, ref_tops), (cand_tokens, cand_tops) = (_scored(c, text, k, False) for c in (ref_client, client))
+            key = "decoded text"
+        keys.add(key)
+        if ref_tokens != cand_tokens or len(ref_tops) != len(cand_tops):
+            raise RequantError(f"the two servers tokenize the smoke text differently ({len(ref_tokens)} vs "
+                               f"{len(cand_tokens)} tokens): not the same tokenizer, so they cannot be compared")
+        kls = [next_token_kl(r, c) for r, c in zip(ref_tops, cand_tops)]
+        agreed = [max(c, key=c.get) == max(r, key=r.get) for r, c in zip(ref_tops, cand_tops)]
+        sure = [a for a, r in zip(agreed, ref_tops) if max(r.values()) >= math.log(limits.confident_p)]
+        agree, confident, positions = agree + sum(sure), confident + len(sure), positions + len(kls)
+        per_prompt.append({"positions": len(kls), "continuation_chars": len(ref_text), "top1": sum(agreed) / len(kls),
+                           "confident_positions": len(sure), "mean_kl": sum(kls) / len(kls), "max_kl": max(kls)})
+    top1 = agree / confident if confident else None
+    mean_kl = sum(p["mean_kl"] for p in per_prompt) / len(per_prompt)
+    worst = max(p["mean_kl"] for p in per_prompt)
+    rate = exact / len(prompts)
+    out.update({"prompts": len(prompts), "positions": positions, "confident_positions": confident,
+                "top1_agreement": top1, "top1_all_positions": sum(p["top1"] * p["positions"] for p in per_prompt) / positions,
+                "mean_kl": mean_kl, "max_prompt_kl": worst, "exact_match": rate, "per_prompt": per_prompt,
+                "keys": sorted(keys), "texts": texts})
+    top1_ok = top1 is None or confident < limits.min_confident_positions or top1 >= limits.min_sequence_top1
+    ok = (top1_ok and mean_kl <= limits.max_sequence_mean_kl and worst <= limits.max_sequence_prompt_kl
+          and rate >= limits.min_exact_match)
+    top1_text = (f"top-1 {top1:.3f} at {confident} confident positions (min {limits.min_sequence_top1})"
+                 if confident >= limits.min_confident_positions else
+                 f"top-1 not judged ({confident} positions where the reference is confident, fewer than "
+                 f"{limits.min_confident_positions})")
+    return ok, (f"over {positions} positions of {len(prompts)} reference continuations: {top1_text}, mean KL "
+                f"{mean_kl:.4f} (max {limits.max_sequence_mean_kl}), worst prompt KL {worst:.4f} (max "
+                f"{limits.max_sequence_prompt_kl}), greedy continuations equal {exact}/{len(prompts)} "
+                f"(min {limits.min_exact_match})")
+
+
+def _coverage(ref_client: _Client, client: _Client, texts, limits: SmokeLimits) -> dict:
+    """Routed-token counts per expert on the scored texts, from the first server that reports them."""
+    if not texts:
+        return {"available": False, "reason": "no scored texts"}
+    report, statuses = None, []
+    for who, c in (("reference", ref_client), ("candidate", client)):
+        r = c.http.post(EXPERT_COUNTS_PATH, json={"model": c.engine.served_model_name, "prompt": list(texts)})
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            report = who, r.json()
+            break
+    if report is None:
+        return {"available": False, "reason": f"neither server reports expert routing ({EXPERT_COUNTS_PATH}: "
+                                              f"HTTP {statuses}); requant serve does"}
+    who, body = report
+    layers = {int(k): v for k, v in body["layers"].items()}
+    if not layers:
+        return {"available": False, "reason": f"the {who} has no MoE layer"}
+    lows = {layer: min(row) for layer, row in layers.items()}
+    below = {layer: [e for e, n in enumerate(row) if n < limits.min_expert_tokens] for layer, row in layers.items()}
+    n_below = sum(map(len, below.values()))
+    experts = len(next(iter(layers.values())))
+    detail = (f"{body['tokens']} tokens reach every routed expert of {len(layers)} MoE layers x {experts} at least "
+              f"{min(lows.values())} times (min {limits.min_expert_tokens}; counted by the {who})" if not n_below else
+              f"{n_below} of {len(layers) * experts} routed experts got fewer than {limits.min_expert_tokens} of "
+              f"{body['tokens']} tokens, e.g. layer {next(k for k, v in below.items() if v)} experts "
+              f"{next(v for v in below.values() if v)[:8]}: the agreement cannot vouch for them; add prompts")
+    return {"available": True, "source": who, "tokens": body["tokens"], "top_k": body.get("top_k"),
+            "moe_layers": len(layers), "experts": experts, "min_tokens": min(lows.values()),
+            "min_tokens_per_layer": {str(k): v for k, v in lows.items()}, "experts_below": n_below,
+            "counts": {str(k): v for k, v in layers.items()}, "detail": detail}
+
+
+def _localize(checkpoints: tuple[str, str], texts, limits: SmokeLimits) -> dict:
+    from requant.engines.localize import LocalizeLimits, localize
+
+    try:
+        return localize(checkpoints[0], checkpoints[1], list(texts), LocalizeLimits(max_bytes=limits.localize_max_bytes))
+    except Exception as exc:                      # localization explains a failure; it must not replace it
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
 def format_result(result: dict) -> str:
+    from requant.engines.localize import format_localization
+
     lines = [f"smoke test {'PASSED' if result['passed'] else 'FAILED'}: {result['model']} at {result['base_url']}"]
     lines += [f"  [{'ok' if c['passed'] else 'FAIL'}] {c['name']}: {c['detail']}" for c in result["checks"]]
+    numeric = result.get("numeric") or {}
+    coverage = numeric.get("coverage")
+    if coverage and not coverage["available"]:
+        lines.append(f"  expert coverage: unknown ({coverage['reason']})")
+    if numeric.get("localization"):
+        lines.append("  " + format_localization(numeric["localization"]).replace("\n", "\n  "))
     return "\n".join(lines)
 
 

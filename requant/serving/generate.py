@@ -72,6 +72,11 @@ class Generator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def expert_counts(self, prompt_ids: list[int]) -> dict[int, list[int]]:
+        """Routed-token counts per MoE layer and expert for one prompt (see DeepseekV3Text.expert_counts)."""
+        with self._lock:
+            return self.model.expert_counts(torch.tensor(prompt_ids, dtype=torch.long))
+
     def complete(self, prompt_ids: list[int], params: SamplingParams, choice: int = 0,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> Completion:

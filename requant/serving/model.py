@@ -264,8 +264,10 @@ class DeepseekV3Text:
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         return index, weight * cfg.routed_scaling
 
-    def _moe(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, layer: dict, x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
         index, weight = self.route(layer, x)
+        if counts is not None:
+            counts += torch.bincount(index.flatten(), minlength=self.cfg.experts)
         out = torch.zeros_like(x)
         for e in torch.unique(index).tolist():
             token, slot = torch.where(index == e)
@@ -274,14 +276,37 @@ class DeepseekV3Text:
         return out + layer["shared"](x)
 
     # -- forward ------------------------------------------------------------------------------------
+    def is_moe(self, i: int) -> bool:
+        return "experts" in self.layers[i]
+
+    def attention_out(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """Layer ``i``'s attention branch on the residual stream ``h`` (appends to ``cache``)."""
+        layer = self.layers[i]
+        return self._attention(layer["attn"], rms_norm(h, layer["input_norm"], self.cfg.eps), positions, cache, i)
+
+    def mlp_input(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.layers[i]["post_norm"], self.cfg.eps)
+
+    def mlp_out(self, i: int, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layers[i]
+        return layer["mlp"](y) if "mlp" in layer else self._moe(layer, y, counts)
+
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
-        cfg = self.cfg
+    def forward(self, token_ids: torch.Tensor, cache: LatentCache,
+                expert_counts: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """``expert_counts``: per layer, a [experts] tensor to which each MoE layer adds its routed-token counts."""
         start = cache.length
         positions = torch.arange(start, start + token_ids.shape[0])
         h = self.embed[token_ids]
-        for i, layer in enumerate(self.layers):
-            h = h + self._attention(layer["attn"], rms_norm(h, layer["input_norm"], cfg.eps), positions, cache, i)
-            y = rms_norm(h, layer["post_norm"], cfg.eps)
-            h = h + (layer["mlp"](y) if "mlp" in layer else self._moe(layer, y))
-        return self.lm_head(rms_norm(h, self.norm, cfg.eps))
+        for i in range(len(self.layers)):
+            h = h + self.attention_out(i, h, positions, cache)
+            h = h + self.mlp_out(i, self.mlp_input(i, h), expert_counts[i] if expert_counts else None)
+        return self.lm_head(rms_norm(h, self.norm, self.cfg.eps))
+
+    @torch.inference_mode()
+    def expert_counts(self, token_ids: torch.Tensor) -> dict[int, list[int]]:
+        """How many tokens of ``token_ids`` (one sequence) each routed expert of each MoE layer receives."""
+        counts = [torch.zeros(self.cfg.experts, dtype=torch.long) if self.is_moe(i) else None
+                  for i in range(len(self.layers))]
+        self.forward(token_ids, self.new_cache(), counts)
+        return {i: c.tolist() for i, c in enumerate(counts) if c is not None}

@@ -19,6 +19,9 @@ MAX_CHOICES = 8           # n
 MAX_STOPS = 16            # OpenAI allows 4; vLLM more. lm-eval's gsm8k sends 3.
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20         # vLLM's default cap
+# requant's own route (not OpenAI's): routed-token counts per expert; vLLM and others answer 404 there, and the
+# smoke test then reports expert coverage as unknown.
+EXPERT_COUNTS_PATH = "/requant/v1/expert_counts"
 
 
 class RequestError(Exception):

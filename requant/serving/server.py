@@ -1,6 +1,7 @@
 """``requant serve``: an OpenAI-compatible HTTP server over the reference model (FastAPI + uvicorn).
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (also streamed as SSE).
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (also streamed as SSE), and
+requant's own ``POST /requant/v1/expert_counts`` (routed-token counts per expert, for the smoke test).
 Bounded by design: request bodies over ``max_body_bytes`` get 413, more than ``max_pending`` requests
 in flight get 429, prompt + max_tokens beyond the context get 400; every error is an OpenAI-style JSON
 body. Binds to 127.0.0.1 unless told otherwise; with an API key, /v1/* needs ``Authorization: Bearer``.
@@ -21,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from requant.serving.generate import Generator
-from requant.serving.protocol import RequestError, completion_body, completion_id, parse_completion
+from requant.serving.protocol import EXPERT_COUNTS_PATH, RequestError, completion_body, completion_id, parse_completion
 
 log = logging.getLogger("requant.serve")
 
@@ -115,6 +116,34 @@ def create_app(generator: Generator, served_model: str, api_key: str | None = No
             return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
         return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
                                             "owned_by": "requant", "max_model_len": generator.max_model_len}]}
+
+    @app.post(EXPERT_COUNTS_PATH)
+    async def expert_counts(request: Request):
+        """requant's extension: how many tokens each routed expert receives on the given prompts (a string or
+        a list), so a client can check its prompts reach every expert. Same auth and limits as completions."""
+        if not authorized(request):
+            return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
+        try:
+            req = parse_completion(await request.body(), served_model)
+            prompts = [generator.encode(p) for p in req.prompts]
+            for ids in prompts:
+                if not ids or len(ids) > generator.max_model_len:
+                    raise RequestError(f"each prompt must have 1 to {generator.max_model_len} tokens", "prompt")
+        except RequestError as err:
+            return error(err)
+        if pending["n"] >= max_pending:
+            return error(RequestError(f"server busy: {max_pending} requests in flight", status=429, kind="rate_limit_error"))
+        pending["n"] += 1
+        totals: dict[int, list[int]] = {}
+        try:
+            for ids in prompts:
+                counts = await anyio.to_thread.run_sync(generator.expert_counts, ids)
+                for layer, row in counts.items():
+                    totals[layer] = [a + b for a, b in zip(totals.get(layer, [0] * len(row)), row)]
+        finally:
+            pending["n"] -= 1
+        return {"object": "expert_counts", "model": served_model, "tokens": sum(map(len, prompts)),
+                "top_k": generator.model.cfg.top_k, "layers": {str(k): v for k, v in sorted(totals.items())}}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
