@@ -120,7 +120,7 @@ def _evaluate(candidate: Variant, reference: Variant, serving: Serving, ref_serv
         logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
 
         smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name,
-                               checks.smoke_limits, settings.gsm8k_dir)
+                               checks.smoke_limits, settings.gsm8k_dir, (candidate.uri, reference.uri))
         print(format_result(smoke))
         create_markdown_artifact("```\n" + format_result(smoke) + "\n```", key="smoke-test",
                                  description=f"smoke test of {checkpoint}")

@@ -93,7 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--limits", help="YAML overriding requant/engines/smoke.yaml")
     sm.add_argument("--gsm8k-dir", help="compare on this task's test questions (a directory or requant:trained) "
                     "instead of the built-in prompts")
+    sm.add_argument("--checkpoint", help="the checkpoint the server serves (a directory or s3:// URI): with "
+                    "--reference-checkpoint, a failed agreement says which layer and experts differ")
+    sm.add_argument("--reference-checkpoint", help="the checkpoint the reference server serves")
     sm.add_argument("--out", help="write the result JSON here")
+
+    lc = sub.add_parser("localize", help="which layer and experts of a checkpoint depart from a reference "
+                        "(both loaded here; exit 1 when a part is flagged)")
+    lc.add_argument("checkpoint", help="the candidate checkpoint (a directory or s3:// URI)")
+    lc.add_argument("reference", help="the reference checkpoint")
+    lc.add_argument("--gsm8k-dir", help="run this task's test questions (a directory or requant:trained) instead "
+                    "of the smoke test's built-in prompts")
+    lc.add_argument("--max-gib", type=float, default=None, help="refuse above this many GiB of both checkpoints "
+                    "(default: no limit here; the smoke test's is in smoke.yaml)")
+    lc.add_argument("--out", help="write the result JSON here")
 
     ev = sub.add_parser("eval", help="GSM8K through lm-eval against a running server's /v1/completions")
     ev.add_argument("base_url")
@@ -254,11 +267,23 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         engine = attach(args.base_url, args.model, key)
         reference = attach(args.reference_url, args.reference_model, key) if args.reference_url else None
         prompts = task_prompts(args.gsm8k_dir) if args.gsm8k_dir else None
-        result = smoke_test(engine, reference, load_limits(args.limits), prompts)
+        pair = (args.checkpoint, args.reference_checkpoint) if args.checkpoint and args.reference_checkpoint else None
+        result = smoke_test(engine, reference, load_limits(args.limits), prompts, pair)
         print(format_result(result))
         if args.out:
             Path(args.out).write_text(dumps(result) + "\n")
         return 0 if result["passed"] else 1
+    elif args.command == "localize":
+        from requant.engines.localize import LocalizeLimits, format_localization, localize
+        from requant.engines.smoke import PROMPTS, task_prompts
+
+        texts = task_prompts(args.gsm8k_dir) if args.gsm8k_dir else PROMPTS
+        limits = LocalizeLimits(max_bytes=int(args.max_gib * 2**30) if args.max_gib else 1 << 62)
+        result = localize(args.checkpoint, args.reference, list(texts), limits)
+        print(format_localization(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 1 if result.get("first_layer") is not None else 0
     elif args.command == "eval":
         from requant.engines.engines import attach
         from requant.evaluation.gsm8k import run_gsm8k

@@ -24,15 +24,17 @@ from requant.manifest import EVAL_DIR
 
 @task(name="smoke-test", cache_policy=NO_CACHE)
 def run_smoke_test(base_url: str, model: str, reference_base_url: str | None, reference_model: str | None,
-                   limits_file: str | None = None, gsm8k_dir: str | None = None) -> dict[str, Any]:
+                   limits_file: str | None = None, gsm8k_dir: str | None = None,
+                   checkpoints: tuple[str, str] | None = None) -> dict[str, Any]:
     """``gsm8k_dir``: the evaluation's task. For the trained model's own task (``requant:trained``) the agreement
     prompts are its test questions: that model knows nothing else, and on the built-in GSM8K prompts its
     honest MXFP4 variant disagrees with the reference (top-1 0.50, KL 0.23). For GSM8K, the built-in prompts
-    are already GSM8K questions."""
+    are already GSM8K questions. ``checkpoints``: the (candidate, reference) checkpoints served, so a failed
+    agreement says which layer and experts differ."""
     engine = attach(base_url, model, api_key())
     reference = attach(reference_base_url, reference_model, api_key()) if reference_base_url else None
     prompts = task_prompts(gsm8k_dir) if gsm8k_dir == TRAINED_TASK else None
-    return smoke_test(engine, reference, load_limits(limits_file), prompts)
+    return smoke_test(engine, reference, load_limits(limits_file), prompts, checkpoints)
 
 
 @task(name="gsm8k", task_run_name="gsm8k-{variant}", cache_policy=NO_CACHE)

@@ -1,0 +1,63 @@
+"""What the evaluation flow decides for one served candidate: the smoke test, then (only if it passed) GSM8K
+and the gate's comparison. One helper for the measurements (``dev/measure_trained.py``) and the tests, which
+need the same sequence without Prefect; the flow itself (``flows/evaluate.py``) runs the same calls as tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from requant.engines.engines import RunningEngine
+from requant.engines.smoke import SmokeLimits, smoke_test
+from requant.evaluation.compare import Comparison, compare
+from requant.evaluation.gsm8k import run_gsm8k
+from requant.evaluation.results import GSM8KResult
+
+
+@dataclass(frozen=True)
+class Judgement:
+    smoke: dict
+    smoke_seconds: float
+    result: GSM8KResult | None = None            # None: stopped at the smoke test
+    comparison: Comparison | None = None
+    gsm8k_seconds: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.comparison is None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How GSM8K is run: the same for the candidate and the reference."""
+
+    gsm8k_dir: str | None
+    seeds: tuple[int, ...] = (42, 1234, 7777)
+    limit: int | None = None
+    num_fewshot: int = 3
+
+
+def evaluate_reference(reference: RunningEngine, protocol: Protocol, out_dir: Path) -> GSM8KResult:
+    return run_gsm8k(reference.base_url, reference.served_model_name, variant=reference.served_model_name,
+                     seeds=list(protocol.seeds), num_fewshot=protocol.num_fewshot, limit=protocol.limit,
+                     gsm8k_dir=protocol.gsm8k_dir, out_dir=out_dir, progress=False)
+
+
+def judge(candidate: RunningEngine, reference: RunningEngine, reference_result: GSM8KResult | None,
+          protocol: Protocol, out_dir: Path, *, limits: SmokeLimits, prompts: tuple[str, ...] | None = None,
+          checkpoints: tuple[str, str] | None = None, score_after_failed_smoke: bool = False) -> Judgement:
+    """Smoke test ``candidate`` against ``reference``; if it passes (or ``score_after_failed_smoke``, which the
+    measurements use to show what a stopped variant would have scored), GSM8K and the comparison with
+    ``reference_result`` (None: the smoke test alone)."""
+    started = time.perf_counter()
+    smoke = smoke_test(candidate, reference, limits, prompts, checkpoints)
+    smoke_seconds = time.perf_counter() - started
+    if reference_result is None or (not smoke["passed"] and not score_after_failed_smoke):
+        return Judgement(smoke, smoke_seconds)
+    started = time.perf_counter()
+    result = run_gsm8k(candidate.base_url, candidate.served_model_name, variant=candidate.served_model_name,
+                       seeds=list(protocol.seeds), num_fewshot=protocol.num_fewshot, limit=protocol.limit,
+                       gsm8k_dir=protocol.gsm8k_dir, out_dir=out_dir, progress=False)
+    return Judgement(smoke, smoke_seconds, result, compare(result, reference_result), time.perf_counter() - started)
