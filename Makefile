@@ -83,10 +83,11 @@ deploy: install
 
 # The hardening suite at full counts (CI runs it at a shorter count in make test), then its table.
 hardening: install
+	@export TEST_ARTIFACTS_DIR=$$(mktemp -d /tmp/requant-hardening.XXXXXX); \
 	REQUANT_HARDENING=full $(BIN)/python -m pytest -q tests/hardening tests/flow/test_fault_loop.py \
 	  tests/flow/test_integrity_flow.py \
-	  "tests/flow/test_evaluate_flow.py::test_requantize_evaluates_against_the_fp8_reference"
-	$(BIN)/python tests/hardening/report.py
+	  "tests/flow/test_evaluate_flow.py::test_requantize_evaluates_against_the_fp8_reference"; \
+	rc=$$?; $(BIN)/python tests/hardening/report.py && exit $$rc
 
 # Local conversion without services, into ./out (the same layer jobs, in one process).
 convert-local: install

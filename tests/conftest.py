@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,19 @@ from requant.synth import synthesize
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
+
+
+def pytest_configure(config):
+    from artifacts import ensure_run_folder
+
+    ensure_run_folder()
+
+
+def pytest_terminal_summary(terminalreporter):
+    from artifacts import ENV
+
+    if os.environ.get(ENV) and any(Path(os.environ[ENV]).iterdir()):
+        terminalreporter.write_line(f"test artifacts: {os.environ[ENV]}")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from waiting import wait_for
 
 from requant.io.storage import LocalDir
 from requant.lease import Holder, Lease, LeaseHeld, LeaseLost, current_generation
@@ -52,14 +53,20 @@ def test_other_host_is_stale_only_after_its_heartbeat_expires(tmp_path):
 
 
 def test_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(tmp_path):
+    """The heartbeat renews the record again and again (polled: a loaded machine may delay a beat, never skip the
+    check); a newer generation written by another run is noticed by the beat itself and by check()."""
     lease = _lease(tmp_path, ttl=0.4).acquire()
-    first = json.loads(LocalDir(tmp_path).read_bytes("lease/000000000001.json"))["heartbeat"]
-    time.sleep(0.5)
-    assert json.loads(LocalDir(tmp_path).read_bytes("lease/000000000001.json"))["heartbeat"] > first
+
+    def beat() -> float:
+        return json.loads(LocalDir(tmp_path).read_bytes("lease/000000000001.json"))["heartbeat"]
+
+    first = beat()
+    second = wait_for(lambda: beat() > first and beat(), 30, "a heartbeat", interval=0.05)
+    wait_for(lambda: beat() > second, 30, "another heartbeat", interval=0.05)
     lease.check()                                             # still ours
     LocalDir(tmp_path).put_bytes("lease/000000000002.json", b"{}", if_none_match=True)
+    wait_for(lambda: lease._lost, 30, "the heartbeat to notice the takeover", interval=0.05)
     with pytest.raises(LeaseLost, match="another run took over the output"):
-        time.sleep(0.3)
         lease.check()
     lease.release()
     assert LocalDir(tmp_path).exists("lease/000000000002.json")  # the new holder's record is left alone

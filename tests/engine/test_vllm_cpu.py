@@ -5,7 +5,7 @@
   per-sample answers through both servers.
 - Every other recipe: vLLM's quantization decision for each layer it builds, observed inside its own loader
   (requant/engines/vllm_probe.py, a vLLM plugin), equals what the recipe intends for that tensor class, and
-  where vLLM stops on this machine is recorded with its own message (test-artifacts/engine/).
+  where vLLM stops on this machine is recorded with its own message (the run's test-artifacts folder, engine/).
 - An MXFP4 router is refused when vLLM loads its weights: its router is always built unquantized.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from artifacts import artifacts_dir
 from engine_support import ROUTER_ONLY, tree_digest
 
 from requant.cli import main
@@ -27,7 +28,8 @@ from requant.synth import PROFILES
 
 pytestmark = pytest.mark.oracle
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "engine"
+def _artifacts() -> Path:
+    return artifacts_dir("engine")
 # Tensor classes vLLM builds as layers of their own (norms are not quantizable; lm_head comes after the layers).
 BUILT_BEFORE_LAYERS_END = {"vision_tower", "mm_projector", "embedding", "attention", "dense_mlp", "router",
                            "shared_expert", "routed_expert"}
@@ -44,13 +46,12 @@ def _complete(engine, prompt: str) -> dict:
 
 
 def _decisions(probe: Probe, recipe: str, name: str, served: bool | None = None) -> dict:
-    """vLLM's decisions against the recipe's targets; the summary is kept in test-artifacts/engine/NAME.json."""
+    """vLLM's decisions against the recipe's targets; the summary is kept in the run's artifacts, engine/NAME.json."""
     for layer in probe.layers:
         assert layer.tensor_class is not None, f"vLLM layer {layer.prefix} ({layer.layer_type}) has no tensor class"
     summary = summarize(probe, dict(load_recipe(recipe).targets), served)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / f"{name}.json").write_text(json.dumps({"recipe": name, **summary}, indent=1) + "\n")
-    (ARTIFACTS / f"{name}.txt").write_text(format_summary(summary) + "\n")
+    (_artifacts() / f"{name}.json").write_text(json.dumps({"recipe": name, **summary}, indent=1) + "\n")
+    (_artifacts() / f"{name}.txt").write_text(format_summary(summary) + "\n")
     return summary
 
 
@@ -163,8 +164,7 @@ def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine
     printed = capsys.readouterr().out
     assert "differs: language_model.model.layers.1.mlp.gate (router)" in printed and "stopped at load_weights" in printed
     summary = json.loads(out.read_text())
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / f"{ROUTER_ONLY.stem}.txt").write_text(printed)
+    (_artifacts() / f"{ROUTER_ONLY.stem}.txt").write_text(printed)
     assert not summary["served"] and _mismatched_classes(summary) == {"router"}
     assert summary["classes"]["routed_expert"]["decisions"] == ["UnquantizedFusedMoEMethod"]
     p, stopped = PROFILES["tiny"], summary["stopped"]

@@ -78,7 +78,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
     reference = f"{clean_prefix}/fp8-reference"
     assert summary["reference"]["output"] == reference and not summary["reference"]["reused"]
     ev = summary["evaluation"]
-    assert ev["smoke"]["passed"] and ev["verdict"] in ("PASS", "FAIL")
+    assert ev["smoke"]["passed"] and ev["verdict"] == "PASS"       # on FAIL the flow raises (tested below)
     assert ev["scores"]["flexible-extract"]["reference"] >= 0.5
     assert f"verdict: {ev['verdict']}" in ev["table"] and "80% power" in ev["table"]
     assert set(ev["scores"]) == {"flexible-extract", "strict-match"}
@@ -121,8 +121,11 @@ def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny
 
     for recipe in ("kimi-k2.6-mxfp4", "fp8-reference"):
         convert_local(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
-    result = evaluate(str(tmp_path / "kimi-k2.6-mxfp4"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
-                      gsm8k_dir=str(find_local_gsm8k(__file__)), engine_on_ray=True, engine_gpus=0, progress=False)
+    state = evaluate(str(tmp_path / "kimi-k2.6-mxfp4"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
+                     gsm8k_dir=str(find_local_gsm8k(__file__)), engine_on_ray=True, engine_gpus=0, progress=False,
+                     return_state=True)
+    assert state.is_completed(), state                           # INCONCLUSIVE completes (and says so); FAIL fails
+    result = state.result()
     assert result["smoke"]["passed"] and result["verdict"] == "INCONCLUSIVE"
     import httpx
 
@@ -134,24 +137,64 @@ def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny
     verify(str(tmp_path / "kimi-k2.6-mxfp4"))
 
 
-def test_a_failing_smoke_test_stops_the_evaluation(prefect_api, tiny_upstream, tmp_path):
-    """A candidate with other weights fails the agreement check: no GSM8K run, the smoke result is published."""
-    from flows.evaluate import evaluate
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory, trained_upstream):
+    """amd-kimi-k25-mxfp4 (passes the gate undamaged) and the fp8-reference of the trained model."""
     from requant.convert import convert_local
-    from requant.synth import synthesize
 
-    other = synthesize(tmp_path / "other-upstream", "tiny", seed=1, progress=False)
-    convert_local(str(other), str(tmp_path / "candidate"), "kimi-k2.6-mxfp4", progress=False)
-    convert_local(str(tiny_upstream), str(tmp_path / "fp8-reference"), "fp8-reference", progress=False)
-    state = evaluate(str(tmp_path / "candidate"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
-                     gsm8k_dir=str(find_local_gsm8k(__file__)), progress=False, return_state=True)
+    root = tmp_path_factory.mktemp("trained-pair")
+    for recipe in ("amd-kimi-k25-mxfp4", "fp8-reference"):
+        convert_local(str(trained_upstream), str(root / recipe), recipe, progress=False)
+    return root
+
+
+def test_a_damaged_candidate_is_stopped_at_the_smoke_test_which_says_where(prefect_api, trained_pair, tmp_path):
+    """Two routed experts' FP4 signs flipped (resealed: verify passes) fail the sequence agreement: the flow fails
+    before any GSM8K run, and the published smoke result names layer 1 and the two experts."""
+    from flows.evaluate import evaluate
+    from requant.trained.damage import damage
+
+    candidate = damage(trained_pair / "amd-kimi-k25-mxfp4", tmp_path / "candidate", "experts-sign-flipped",
+                       experts=[(1, 3), (2, 5)])
+    reference = trained_pair / "fp8-reference"
+    state = evaluate(str(candidate), str(reference), limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK, progress=False,
+                     return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="smoke test failed"):
         state.result()
-    smoke = json.loads((tmp_path / "candidate" / "eval" / "smoke.json").read_text())
-    assert not smoke["passed"] and not (tmp_path / "candidate" / "eval" / "report.json").exists()
-    assert not any((tmp_path / "fp8-reference").glob("eval/gsm8k-*"))             # the reference was not evaluated
-    verify(str(tmp_path / "candidate"))
+    smoke = json.loads((candidate / "eval" / "smoke.json").read_text())
+    failed = [c["name"] for c in smoke["checks"] if not c["passed"]]
+    assert "sequence agreement with reference" in failed
+    loc = smoke["numeric"]["localization"]
+    assert loc["first_layer"] == 1 and "layer 1: experts 3" in loc["summary"] and "layer 2: experts 5" in loc["summary"]
+    assert not (candidate / "eval" / "report.json").exists() and not (candidate / "eval" / "candidate").exists()
+    assert not any(reference.glob("eval/gsm8k-*"))                   # the reference was not evaluated either
+    verify(str(candidate))
+
+
+def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_upstream, trained_pair, tmp_path):
+    """Embedding rows no smoke text uses, zeroed in the INT4 upstream: the smoke test passes, GSM8K drops, and the
+    flow run ends failed with the gate's reason in its state message after publishing the FAIL report."""
+    from flows.evaluate import evaluate
+    from requant.engines.engines import launch, load_engines
+    from requant.engines.smoke import load_limits, smoke_test, task_prompts
+    from requant.evaluation.gsm8k import check_gsm8k_dir
+    from requant.trained.damage import damage, unseen_rows
+
+    reference = trained_pair / "fp8-reference"
+    with launch(load_engines()["reference"], str(reference), served_model_name="ref", log_dir=tmp_path / "logs",
+                max_model_len=4096) as ref:                  # the texts the flow's smoke test will score
+        texts = smoke_test(ref, ref, load_limits(), task_prompts(TRAINED_TASK))["numeric"]["sequence"]["texts"]
+    test = check_gsm8k_dir(TRAINED_TASK)["test"].read_text().splitlines()
+    answers = [json.loads(line)["answer"] for line in test[:EVAL_ITEMS]]
+    candidate = damage(trained_upstream, tmp_path / "candidate", "embed-rows-zeroed",
+                       rows=unseen_rows(trained_upstream, texts, answers))
+    state = evaluate(str(candidate), str(reference), limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK, progress=False,
+                     return_state=True)
+    assert state.is_failed(), state
+    assert "GSM8K gate failed" in state.message and "is significant" in state.message, state.message
+    report = json.loads((candidate / "eval" / "report.json").read_text())
+    assert report["comparison"]["verdict"] == "FAIL" and report["smoke"]["passed"]
 
 
 def test_the_candidate_through_vllm_cpu_against_a_reference_on_requant_serve(prefect_api, tiny_upstream, tmp_path):

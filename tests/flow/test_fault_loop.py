@@ -1,6 +1,7 @@
 """Random faults over repeated requantize runs of `tiny`: a killed Ray worker, a killed flow process, or an
-S3 server restart, at a random moment while the run is in progress. Every run must end complete and
-byte-identical to the reference, or incomplete (no manifest) and then resume to byte-identical. A trial
+S3 server restart, at a random moment while the run is in progress. A killed Ray worker (Ray retries its task)
+and a 2 s S3 restart (inside the S3 retry budget) must end complete and byte-identical to the reference; a
+killed flow process ends incomplete (no manifest, exit -SIGKILL) and the same run resumes to byte-identical. A trial
 counts only if its fault was injected mid-run (flow still running, nothing published yet, and for a worker
 kill a layer job actually running); others are retried. Outcomes go into the hardening report."""
 
@@ -87,7 +88,10 @@ def test_random_faults_never_corrupt(prefect_api, s3_server, ray_cluster, s3_tin
             _same_checkpoint(output, tiny_reference)
             outcome = "complete, byte-identical"
         else:
-            assert fault != "ray-worker" or not injected, f"a killed Ray worker failed the run:\n{log[-3000:]}"
+            # Ray retries a killed worker's task, and a 2 s S3 outage is inside requant's S3 retry budget: both must
+            # complete. Only a killed flow process may leave the run incomplete, and then by the injected signal.
+            assert injected and fault == "flow", f"a {fault} fault failed the run (exit {proc.returncode}):\n{log[-3000:]}"
+            assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}, not the injected kill:\n{log[-3000:]}"
             assert not published, "a failed run left a manifest: it looks complete"
             _run(upstream=s3_tiny, output=output, recipe="kimi-k2.6-mxfp4")
             _same_checkpoint(output, tiny_reference)

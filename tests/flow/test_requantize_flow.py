@@ -106,13 +106,32 @@ def _wait_for(predicate, timeout: float, what: str):
     return wait_for(predicate, timeout, what, interval=0.2)
 
 
+def _layer_task_runs(output: str) -> list:
+    """The convert-layer task runs of the newest requantize run that wrote ``output``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+                if r.parameters.get("output") == output]
+        assert runs, f"no flow run wrote {output}"
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
+    return [t for t in tasks if t.name.startswith("convert-")]
+
+
 def test_killed_ray_worker_is_retried(prefect_api, ray_cluster, s3_medium, medium_reference, clean_prefix):
+    """SIGKILL of the Ray worker process running a layer job: Ray runs that task again (the same Prefect task run
+    enters Running a second time), and the run completes byte-identical."""
     proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix)
     victims = _wait_for(lambda: ray_cluster.workers("ray::convert-layer"), 180, "a Ray worker running a layer job")
     os.kill(victims[0], signal.SIGKILL)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     _same_checkpoint(clean_prefix, medium_reference)
+    runs = _layer_task_runs(clean_prefix)
+    retried = [t.name for t in runs if t.run_count >= 2]
+    assert len(runs) == 7 and len(retried) == 1, [(t.name, t.run_count, t.state_name) for t in runs]
 
 
 def test_killed_flow_resumes_and_skips_finished_jobs(prefect_api, s3_medium, medium_reference, clean_prefix):

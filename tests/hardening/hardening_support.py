@@ -1,7 +1,7 @@
 """Shared state of the hardening suite (a uniquely named module; conftest.py only wires it to pytest).
 
-Hardening suite: counts of inputs tried / faults injected / outcomes go into test-artifacts/hardening.json,
-which `make hardening` prints as a table. REQUANT_HARDENING=full (make hardening) runs the full counts;
+Hardening suite: counts of inputs tried / faults injected / outcomes go into hardening.json in the run's artifacts
+folder (tests/artifacts.py), which `make hardening` prints as a table. REQUANT_HARDENING=full (make hardening) runs the full counts;
 the default (CI) runs a shorter seed count of the same tests."""
 
 from __future__ import annotations
@@ -9,11 +9,18 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from artifacts import artifacts_dir  # noqa: E402
+
+REPORT_NAME = "hardening.json"
+
 FULL = os.environ.get("REQUANT_HARDENING") == "full"
-REPORT = Path(__file__).resolve().parents[2] / "test-artifacts" / "hardening.json"
 _rows: dict[str, dict] = defaultdict(lambda: {"tried": 0, "outcomes": Counter(), "lost": 0, "notes": []})
 
 
@@ -39,7 +46,32 @@ class Ledger:
 def write_report() -> None:
     if not _rows:
         return
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps({"scale": "full" if FULL else "ci", "areas": {
+    (artifacts_dir() / REPORT_NAME).write_text(json.dumps({"scale": "full" if FULL else "ci", "areas": {
         area: {"tried": r["tried"], "outcomes": dict(r["outcomes"]), "lost": r["lost"], "notes": r["notes"]}
         for area, r in sorted(_rows.items())}}, indent=2) + "\n")
+
+
+# tmpfs mounts the suite made and has not unmounted yet (test_os_failures.tmpfs); emptied at session end.
+MOUNTS: set[Path] = set()
+
+
+def mounted(path: Path) -> bool:
+    target = str(Path(path).resolve())
+    return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path`` for real: a process still closing files there makes umount fail with EBUSY for a moment,
+    so retry for a few seconds; raise if it stays mounted (a leaked mount would outlive the test run)."""
+    deadline = time.monotonic() + 10
+    while mounted(path):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path}: still mounted after 10 s of umount attempts")
+            time.sleep(0.2)
+    MOUNTS.discard(path)
+
+
+def unmount_all() -> None:
+    for path in list(MOUNTS):
+        unmount(path)

@@ -1,15 +1,21 @@
-"""Print test-artifacts/hardening.json (written by the tests/hardening suite) as a table."""
+"""Print hardening.json (written by the tests/hardening suite into the run's artifacts folder, which
+TEST_ARTIFACTS_DIR names; `make hardening` sets it for both steps) as a table."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-REPORT = Path(__file__).resolve().parents[2] / "test-artifacts" / "hardening.json"
-
 
 def main() -> int:
+    folder = os.environ.get("TEST_ARTIFACTS_DIR")
+    if not folder:
+        print("TEST_ARTIFACTS_DIR is not set: name the test run's artifacts folder (make hardening does)",
+              file=sys.stderr)
+        return 2
+    REPORT = Path(folder) / "hardening.json"  # noqa: N806
     if not REPORT.exists():
         print(f"no {REPORT}; run the hardening suite first (make hardening)", file=sys.stderr)
         return 2

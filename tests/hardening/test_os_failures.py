@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from hardening_support import scale
+from hardening_support import MOUNTS, scale, unmount
 from waiting import wait_for
 
 from requant import seaweed
@@ -50,9 +51,11 @@ def references(medium, tmp_path_factory) -> dict[str, Path]:
     return {recipe: root / recipe for recipe in ("kimi-k2.6-mxfp4", "amd-kimi-mxfp4")}
 
 
-def _start(src: Path, dst: Path, recipe: str = "kimi-k2.6-mxfp4", preexec=None) -> subprocess.Popen:
+def _start(src: Path, dst: Path, recipe: str = "kimi-k2.6-mxfp4", preexec=None, jobs: int | None = None
+           ) -> subprocess.Popen:
+    extra = ["--jobs", str(jobs)] if jobs else []
     return subprocess.Popen([sys.executable, "-m", "requant.cli", "convert", str(src), str(dst), "--recipe", recipe,
-                             "--local"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--local", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=preexec)
 
 
@@ -93,15 +96,18 @@ def _wait_for(predicate, timeout: float, what: str):
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` at ``path``, unmounted (not lazily: checked gone from /proc/mounts) on the way out,
+    also when the test fails or the run is interrupted (hardening_support.unmount_all at session end)."""
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
                              text=True)
     if mounted.returncode != 0:
         pytest.fail(f"these tests mount a small tmpfs and need root with mount rights: {mounted.stderr.strip()}")
+    MOUNTS.add(path)
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        unmount(path)
 
 
 def _drop_dac_override() -> None:
@@ -154,33 +160,66 @@ def test_lease_race_between_processes_has_one_winner(tmp_path, ledger):
 
 
 # --- kill -9, then the same command ---------------------------------------------------------------------
-def test_kill9_then_the_same_command_resumes_byte_identical(medium, references, tmp_path, ledger):
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The conversion's worker processes (multiprocessing's spawn children), from the process tree we started."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.append(child)
+    return out
+
+
+def test_kill9_of_a_parallel_conversion_kills_its_workers_and_the_same_command_resumes(medium, references, tmp_path,
+                                                                                        ledger):
+    """`requant convert --local --jobs 2` killed with SIGKILL (the parent alone, as the OOM killer would) after a
+    few layer jobs: the kill landed (exit -SIGKILL), every worker process dies with it (by PID, none left writing
+    into the staging a rerun resumes), and the same command resumes the finished jobs to the same bytes."""
     rng = random.Random(5)
     counted = attempts = 0
     while counted < scale(2, 6):
         attempts += 1
         assert attempts <= 12, "the conversion kept finishing before the kill"
         dst = tmp_path / f"k9-{attempts}"
-        proc = _start(medium, dst)
+        proc = _start(medium, dst, jobs=2)
         want = rng.randint(1, 5)
+        workers: list[psutil.Process] = []
+
+        def ready(proc=proc, dst=dst, want=want, seen=workers) -> bool:
+            seen[:] = _workers(proc) or seen
+            return (len(_records(dst)) >= want and len(seen) == 2) or proc.poll() is not None
+
         try:
-            _wait_for(lambda: len(_records(dst)) >= want or proc.poll() is not None, 120,  # noqa: B023 (waited on at once)
-                      "finished layer jobs")
+            _wait_for(ready, 120, "finished layer jobs and two workers")
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            # Surviving workers hold the parent's stdout: find them before reading it, then make sure they go.
+            _, alive = psutil.wait_procs(workers, timeout=15)
+            for survivor in alive:
+                with contextlib.suppress(psutil.Error):
+                    survivor.kill()
             proc.communicate()
         if proc.returncode == 0:
             continue                                       # finished first: no fault injected, not counted
+        assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}, not the injected kill"
+        assert len(workers) == 2, workers
+        assert not alive, f"workers {[p.pid for p in alive]} outlived their killed parent"
         finished = len(_records(dst))
         assert not dst.exists() and finished >= 1          # nothing looks complete; finished work is staged
-        rc, out, err = _finish(_start(medium, dst))
+        rc, out, err = _finish(_start(medium, dst, jobs=2))
         assert rc == 0, err[-2000:]
         assert f"({finished} of 7 layer jobs resumed" in out, out
         _same_bytes(dst, references["kimi-k2.6-mxfp4"])
         assert _leftovers(dst) == []                       # staging and lease gone
         counted += 1
-        ledger.record("local: kill -9 mid-run, then the same command", f"resumed {finished}/7 jobs, byte-identical")
+        ledger.record("local: kill -9 mid-run (--jobs 2), then the same command",
+                      f"workers died with it; resumed {finished}/7 jobs, byte-identical")
 
 
 def test_staging_of_another_run_key_is_removed(medium, references, tmp_path):

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from artifacts import artifacts_dir
 
 pytestmark = pytest.mark.services
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "test-artifacts"
 
 
 def _free_port() -> int:
@@ -94,7 +94,7 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
         monkeypatch.setenv(name, value)                    # restored after the test
     verify("s3://requant/checkpoints/trained/kimi-k2.6-mxfp4")
 
-    SCREENSHOTS.mkdir(exist_ok=True)
+    SCREENSHOTS = artifacts_dir("prefect-ui")
     _page(f"{ui['ui_url']}/deployments", ["requantize", "evaluate", "watch-upstream"],
           SCREENSHOTS / "prefect-ui-deployments.png")
     _page(f"{ui['ui_url']}/runs", [run.name, "Completed"], SCREENSHOTS / "prefect-ui-runs.png")
@@ -133,4 +133,4 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui)
             rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-trained-seed0"]
             assert len(rerun) == 1                           # converted: nothing new to start
     _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
-          SCREENSHOTS / "prefect-ui-requantize-deployment.png")
+          artifacts_dir("prefect-ui") / "prefect-ui-requantize-deployment.png")

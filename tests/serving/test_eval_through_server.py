@@ -19,8 +19,10 @@ def test_smoke_passes_against_the_reference_variant(mxfp4_server, fp8_server, tm
     assert rc == 0 and result["passed"], capsys.readouterr().out
     assert {c["name"] for c in result["checks"]} >= {"health", "model listed", "greedy deterministic", "stop honoured",
                                                       "max_tokens honoured", "concurrent requests",
-                                                      "agreement with reference"}
+                                                      "agreement with reference",
+                                                      "sequence agreement with reference", "expert coverage"}
     assert result["numeric"]["top1_agreement"] >= 0.5 and 0 < result["numeric"]["mean_kl"] < 0.1
+    assert result["numeric"]["sequence"]["positions"] > 500 and result["numeric"]["coverage"]["experts_below"] == 0
 
 
 def test_smoke_fails_for_a_different_model(fp8_server, tmp_path_factory):
@@ -30,8 +32,8 @@ def test_smoke_fails_for_a_different_model(fp8_server, tmp_path_factory):
                 max_model_len=2048) as server:
         out = tmp_path_factory.mktemp("smoke") / "smoke.json"
         assert main(["smoke", server.base_url, "--reference-url", fp8_server.base_url, "--out", str(out)]) == 1
-        failed = [c["name"] for c in json.loads(out.read_text())["checks"] if not c["passed"]]
-        assert failed == ["agreement with reference"]
+        failed = {c["name"] for c in json.loads(out.read_text())["checks"] if not c["passed"]}
+        assert failed == {"agreement with reference", "sequence agreement with reference"}
 
 
 @pytest.mark.oracle

@@ -184,7 +184,8 @@ def test_a_mixed_precision_checkpoint_serves_with_each_layers_activation_spec(ti
         out = logs / "smoke.json"
         main(["smoke", mixed.base_url, "--reference-url", bf16.base_url, "--out", str(out)])
         smoke = json.loads(out.read_text())
-        assert all(c["passed"] for c in smoke["checks"] if c["name"] != "agreement with reference"), smoke["checks"]
+        agreement = {"agreement with reference", "sequence agreement with reference"}  # random weights: judged elsewhere
+        assert all(c["passed"] for c in smoke["checks"] if c["name"] not in agreement), smoke["checks"]
         assert smoke["numeric"]["mean_kl"] <= 0.1 and smoke["numeric"]["keys"] == ["token ids"]
         assert main(["eval", mixed.base_url, "--limit", "1", "--seeds", "42", "--gsm8k-dir",
                      str(find_local_gsm8k(__file__)), "--out", str(logs / "eval")]) == 0
