@@ -268,7 +268,7 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
         snrs = [s.snr_db for s in r.stats]
         rows.append({"job": r.job, "tensors": tensors[r.output_file], "bytes_in": r.bytes_in, "bytes_out": r.size,
                      "min_snr_db": round(min(snrs), 2) if snrs else None, "seconds": round(r.seconds, 3),
-                     "node": o.node, "skipped": o.skipped})
+                     "node": o.node, "skipped": o.skipped, "attempt": o.attempt})
     create_table_artifact(rows, key=f"{role}-jobs", description=f"one row per layer job of run {key}")
     create_link_artifact(object_url(output, MANIFEST_FILE), link_text=f"manifest of {output}", key=f"{role}-manifest")
     create_markdown_artifact(

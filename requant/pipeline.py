@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +98,20 @@ def record_path(key: str, job: LayerJob) -> str:
     return f"{RUN_STATE_DIR}/runs/{key}/{job.name}.json"
 
 
+def attempts_path(key: str, job: LayerJob) -> str:
+    return f"{RUN_STATE_DIR}/runs/{key}/{job.name}.attempts"
+
+
+def note_attempt(dest: WritableStorage, key: str, job: LayerJob) -> int:
+    """Record that this process starts ``job`` of run ``key`` (host, pid, time) and return the attempt number:
+    more than 1 when a worker died mid-job and Ray, or a rerun of the same run, started it again."""
+    path = attempts_path(key, job)
+    attempts = json.loads(dest.read_bytes(path)) if dest.exists(path) else []
+    attempts.append({"host": socket.gethostname(), "pid": os.getpid(), "started": round(time.time(), 3)})
+    dest.put_bytes(path, json.dumps(attempts).encode())
+    return len(attempts)
+
+
 def stored_sha256(storage: WritableStorage, path: str) -> str:
     """The sha256 of an output object: recorded at upload for S3 (S3 checked the bytes then), recomputed
     for local files."""
@@ -149,6 +164,7 @@ class JobOutcome:
     skipped: bool  # finished by an earlier run of the same key
     upload_seconds: float = 0.0
     node: str = ""  # where it ran: the Ray node id, else the host name (set by the flow's task)
+    attempt: int = 1  # which start of this job in this run finished it (see note_attempt)
 
 
 def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
@@ -158,8 +174,10 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     done = completed(dest, key, job)
     if done is not None:
         return JobOutcome(done, True)
+    attempt = note_attempt(dest, key, job)
     if hasattr(dest, "open_stream"):
-        return _stream_job(job, source, dest, key, device, threads, lease_generation)
+        return dataclasses.replace(_stream_job(job, source, dest, key, device, threads, lease_generation),
+                                   attempt=attempt)
     scratch = scratch_dir()
     check_scratch(job, scratch)
     try:
@@ -173,7 +191,7 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
         dest.put_file(job.output_file, Path(tmp) / job.output_file, sha256=result.sha256)
     check_lease(dest, lease_generation)
     dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
-    return JobOutcome(result, False, time.perf_counter() - start)
+    return JobOutcome(result, False, time.perf_counter() - start, attempt=attempt)
 
 
 def _stream_job(job: LayerJob, source: Storage, dest: WritableStorage, key: str, device: str, threads: int,

@@ -61,7 +61,7 @@ PROMPTS = (
 class SmokeLimits:
     min_top1_agreement: float = 0.5
     max_mean_kl: float = 0.1
-    continuation_tokens: int = 96
+    continuation_tokens: int = 64
     stop: tuple[str, ...] = ("Question:", "\n\n")
     min_sequence_top1: float = 0.9
     confident_p: float = 0.5

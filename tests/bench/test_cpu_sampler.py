@@ -38,7 +38,7 @@ def test_parts_add_up_to_the_kernels_accounting_of_the_same_processes():
     assert set(parts) == {"parent", "workers"}
     # Each process loses what it ran after its last sample (an interval, more on a loaded machine), never more:
     # without the children the sum would be ~0.6 of the kernel's 1.4 s.
-    assert parts["workers"] >= 0.4
+    assert parts["workers"] >= 2 * (0.4 - 0.05)                      # both children, less a sampling interval each
     assert 0.75 * kernel <= sum(parts.values()) <= kernel + 0.05
     summary = sampler.summary()
     assert summary["cores"] == os.cpu_count() and 0 < summary["machine_busy"] <= 1

@@ -321,4 +321,6 @@ def test_the_detectable_drop_has_80_percent_power_by_simulation(n_items, ref_cor
     b = discordant - c
     p = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(b, c), np.maximum(discordant, 1), 0.5))
     power = float(np.mean((p < 0.05) & (c > b)))
-    assert 0.72 <= power <= 0.88, (power, d)
+    # Monte-Carlo noise at 4000 draws is about +-1.3 points; the exact test is coarse at 50 items (measured 0.75).
+    tolerance = 0.04 if n_items >= 200 else 0.08
+    assert abs(power - 0.80) <= tolerance, (power, d)

@@ -139,11 +139,11 @@ def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny
 
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, trained_upstream):
-    """amd-kimi-k25-mxfp4 (passes the gate undamaged) and the fp8-reference of the trained model."""
+    """amd-kimi-k25-mxfp4 and bf16-staging (both pass the gate undamaged) and the fp8-reference of the trained model."""
     from requant.convert import convert_local
 
     root = tmp_path_factory.mktemp("trained-pair")
-    for recipe in ("amd-kimi-k25-mxfp4", "fp8-reference"):
+    for recipe in ("amd-kimi-k25-mxfp4", "bf16-staging", "fp8-reference"):
         convert_local(str(trained_upstream), str(root / recipe), recipe, progress=False)
     return root
 
@@ -172,9 +172,10 @@ def test_a_damaged_candidate_is_stopped_at_the_smoke_test_which_says_where(prefe
     verify(str(candidate))
 
 
-def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_upstream, trained_pair, tmp_path):
-    """Embedding rows no smoke text uses, zeroed in the INT4 upstream: the smoke test passes, GSM8K drops, and the
-    flow run ends failed with the gate's reason in its state message after publishing the FAIL report."""
+def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, tmp_path):
+    """Embedding rows no smoke text uses, zeroed in the bf16-staging conversion (resealed): the smoke test passes,
+    GSM8K drops, and the flow run ends failed with the gate's reason in its state message after publishing the
+    FAIL report."""
     from flows.evaluate import evaluate
     from requant.engines.engines import launch, load_engines
     from requant.engines.smoke import load_limits, smoke_test, task_prompts
@@ -187,8 +188,8 @@ def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_upstrea
         texts = smoke_test(ref, ref, load_limits(), task_prompts(TRAINED_TASK))["numeric"]["sequence"]["texts"]
     test = check_gsm8k_dir(TRAINED_TASK)["test"].read_text().splitlines()
     answers = [json.loads(line)["answer"] for line in test[:EVAL_ITEMS]]
-    candidate = damage(trained_upstream, tmp_path / "candidate", "embed-rows-zeroed",
-                       rows=unseen_rows(trained_upstream, texts, answers))
+    staging = trained_pair / "bf16-staging"
+    candidate = damage(staging, tmp_path / "candidate", "embed-rows-zeroed", rows=unseen_rows(staging, texts, answers))
     state = evaluate(str(candidate), str(reference), limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK, progress=False,
                      return_state=True)
     assert state.is_failed(), state

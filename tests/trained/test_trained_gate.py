@@ -34,6 +34,7 @@ from requant.verify import verify
 
 ITEMS = 100          # test items per seed
 PROTOCOL = Protocol(TRAINED_TASK, (42, 1234, 7777), ITEMS)
+ONE_SEED = Protocol(TRAINED_TASK, (42,), ITEMS)
 RECIPES = ("fp8-reference", "bf16-staging", "kimi-k2.6-mxfp4", "amd-kimi-mxfp4", "amd-kimi-k25-mxfp4",
            "amd-kimi-k25-mxfp4-attn-fp8")
 SMOKE_STOPPED = [d for d in CATALOG if d.kind != "embed-rows-zeroed"]
@@ -65,10 +66,11 @@ def fp8_trained_result(fp8_trained, tmp_path_factory):
     return evaluate_reference(fp8_trained, PROTOCOL, tmp_path_factory.mktemp("eval") / "fp8-reference")
 
 
-def _judge(path, name, trained_variants, fp8_trained, reference_result, tmp_path_factory, **kw):
-    """What the evaluation flow decides, with the flow's prompts and limits: smoke test, then GSM8K if it passed."""
+def _judge(path, name, trained_variants, fp8_trained, reference_result, tmp_path_factory, protocol=PROTOCOL, **kw):
+    """What the evaluation flow decides, with the flow's prompts and limits: smoke test, then GSM8K if it passed
+    (on ``protocol``'s seeds; the comparison pairs the seeds both variants ran)."""
     with _serve(path, name, tmp_path_factory) as server:
-        j = judge(server, fp8_trained, reference_result, PROTOCOL, tmp_path_factory.mktemp("eval") / name,
+        j = judge(server, fp8_trained, reference_result, protocol, tmp_path_factory.mktemp("eval") / name,
                   limits=load_limits(), prompts=task_prompts(TRAINED_TASK),
                   checkpoints=(str(path), str(trained_variants["fp8-reference"])), **kw)
     seq = j.smoke["numeric"]["sequence"]
@@ -184,7 +186,8 @@ def test_a_damage_the_smoke_test_cannot_see_is_failed_by_the_gate(int4_judgement
     rows = unseen_rows(trained_variants["int4-upstream"], texts, answers)
     broken = damage(trained_variants["int4-upstream"], tmp_path_factory.mktemp("damaged") / "embed", "embed-rows-zeroed",
                     rows=rows)
-    j = _judge(broken, "embed-rows-zeroed", trained_variants, fp8_trained, fp8_trained_result, tmp_path_factory)
+    j = _judge(broken, "embed-rows-zeroed", trained_variants, fp8_trained, fp8_trained_result, tmp_path_factory,
+               protocol=ONE_SEED)                              # a 15-20 pp drop needs no more to be significant
     assert j.smoke["passed"], [c for c in j.smoke["checks"] if not c["passed"]]
     undamaged = int4_judgement.smoke["numeric"]["sequence"]
     for key in ("top1_agreement", "mean_kl", "max_prompt_kl", "exact_match", "per_prompt"):
