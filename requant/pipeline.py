@@ -174,16 +174,15 @@ def execute_job(job: LayerJob, source_uri: str, dest_uri: str, key: str, device:
     done = completed(dest, key, job)
     if done is not None:
         return JobOutcome(done, True)
-    attempt = note_attempt(dest, key, job)
     if hasattr(dest, "open_stream"):
-        return dataclasses.replace(_stream_job(job, source, dest, key, device, threads, lease_generation),
-                                   attempt=attempt)
+        return _stream_job(job, source, dest, key, device, threads, lease_generation)
     scratch = scratch_dir()
     check_scratch(job, scratch)
     try:
         tmp_dir = tempfile.TemporaryDirectory(prefix=f"requant-{job.name}-", dir=scratch)
     except OSError as exc:
         raise os_failure(scratch, exc, "creating the job's scratch directory") from exc
+    attempt = note_attempt(dest, key, job)         # after the checks that refuse to start: this one starts
     with tmp_dir as tmp:
         result = run_job(job, source, Path(tmp), device=device, threads=threads)
         start = time.perf_counter()
@@ -199,6 +198,7 @@ def _stream_job(job: LayerJob, source: Storage, dest: WritableStorage, key: str,
     """The shard goes to object storage part by part while it is produced: no scratch copy, upload overlapped
     with transcoding. It becomes visible only at completion, after the lease check."""
     check_lease(dest, lease_generation)
+    attempt = note_attempt(dest, key, job)
     stream = dest.open_stream(job.output_file)
     try:
         result = run_job(job, source, scratch_dir(), device=device, threads=threads, sink=stream.write)
@@ -211,7 +211,7 @@ def _stream_job(job: LayerJob, source: Storage, dest: WritableStorage, key: str,
     result = dataclasses.replace(result, etag=etag)
     check_lease(dest, lease_generation)
     dest.put_bytes(record_path(key, job), result_to_json(result))  # the record goes last
-    return JobOutcome(result, False, time.perf_counter() - start)
+    return JobOutcome(result, False, time.perf_counter() - start, attempt=attempt)
 
 
 def input_digest(source: Storage | str, file: str) -> dict[str, Any]:

@@ -142,20 +142,31 @@ def test_two_writers_on_one_output_one_wins_the_other_is_refused(medium, referen
 
 
 def test_lease_race_between_processes_has_one_winner(tmp_path, ledger):
-    """Eight processes take the same lease at the same moment: exactly one gets it."""
+    """Eight processes take the same lease at the same moment (their attempts start within half a second of each
+    other): exactly one gets it. The winner holds it until every answer is in, so no late process can win
+    after it let go."""
     code = ("import sys, time; from requant.io.storage import LocalDir; from requant.lease import Lease, LeaseHeld\n"
             "start = float(sys.argv[2])\n"
             "while time.time() < start: pass\n"
-            "try:\n    Lease(LocalDir(sys.argv[1]), 'lease', 'k', 'out').acquire(); print('won'); time.sleep(2)\n"
-            "except LeaseHeld as exc: print('refused')\n")
+            "t = time.time()\n"
+            "try:\n    Lease(LocalDir(sys.argv[1]), 'lease', 'k', 'out').acquire(); print('won', t, flush=True)\n"
+            "    time.sleep(120)\n"
+            "except LeaseHeld as exc: print('refused', t, flush=True)\n")
     for trial in range(scale(2, 5)):
         root = tmp_path / f"race-{trial}"
         root.mkdir()
         start = time.time() + 3
         procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(start)], stdout=subprocess.PIPE, text=True)
                  for _ in range(8)]
-        answers = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
-        assert answers == ["refused"] * 7 + ["won"], answers
+        try:
+            lines = [p.stdout.readline().split() for p in procs]    # the winner answers, then keeps holding
+        finally:
+            for p in procs:
+                p.kill()
+                p.communicate()
+        assert sorted(answer for answer, _ in lines) == ["refused"] * 7 + ["won"], lines
+        times = [float(t) for _, t in lines]
+        assert max(times) - min(times) < 0.5, f"the attempts did not overlap: {times}"
         ledger.record("lease: 8 processes race for one output", "exactly one won")
 
 
