@@ -117,6 +117,11 @@ def create_app(generator: Generator, served_model: str, api_key: str | None = No
         return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
                                             "owned_by": "requant", "max_model_len": generator.max_model_len}]}
 
+    async def parsed(request: Request):
+        """The request's completion fields and its prompts as token ids (RequestError on a bad body)."""
+        req = parse_completion(await request.body(), served_model)
+        return req, [generator.encode(p) for p in req.prompts]
+
     @app.post(EXPERT_COUNTS_PATH)
     async def expert_counts(request: Request):
         """requant's extension: how many tokens each routed expert receives on the given prompts (a string or
@@ -124,8 +129,7 @@ def create_app(generator: Generator, served_model: str, api_key: str | None = No
         if not authorized(request):
             return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
         try:
-            req = parse_completion(await request.body(), served_model)
-            prompts = [generator.encode(p) for p in req.prompts]
+            req, prompts = await parsed(request)
             for ids in prompts:
                 if not ids or len(ids) > generator.max_model_len:
                     raise RequestError(f"each prompt must have 1 to {generator.max_model_len} tokens", "prompt")
@@ -150,8 +154,7 @@ def create_app(generator: Generator, served_model: str, api_key: str | None = No
         if not authorized(request):
             return error(RequestError("missing or wrong API key", status=401, kind="authentication_error"))
         try:
-            req = parse_completion(await request.body(), served_model)
-            prompts = [generator.encode(p) for p in req.prompts]
+            req, prompts = await parsed(request)
             for ids in prompts:
                 if len(ids) + req.params.max_tokens > generator.max_model_len:
                     raise RequestError(
