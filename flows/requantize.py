@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from requant import pipeline
 from requant.errors import RequantError, VerifyError
+from requant.io.hf import pin_upstream
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from tasks.convert import (
@@ -51,8 +52,10 @@ def ray_settings() -> tuple[str | None, dict[str, Any]]:
     address = os.environ.get("RAY_ADDRESS") or None
     # Workers need the object-store endpoint; credentials are expected on the nodes themselves
     # (instance roles, mounted secrets), so they are not copied into Ray's runtime environment.
+    # The same for the Hub: its endpoint and client settings travel, HF_TOKEN does not.
     forwarded = {k: v for k, v in os.environ.items()
-                 if (k.startswith(("AWS_ENDPOINT_URL", "REQUANT_")) or k == "AWS_REGION") and not SECRET_NAME.search(k)}
+                 if (k.startswith(("AWS_ENDPOINT_URL", "REQUANT_", "HF_HUB_")) or k in ("AWS_REGION", "HF_ENDPOINT"))
+                 and not SECRET_NAME.search(k)}
     init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded},
                                    "namespace": "prefect"}
     if not address:
@@ -135,6 +138,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
 
     Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, ``resources``); it transcodes on
     ``threads`` threads, by default (0) as many as its CPUs."""
+    upstream, revision, upstream_id = pin_upstream(upstream, revision, upstream_id)  # hf://...@main: one commit
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")

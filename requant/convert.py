@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from requant.assemble import assemble
 from requant.errors import RequantError, SystemFailure, os_failure
+from requant.io.hf import pin_upstream
 from requant.io.storage import LocalDir, open_storage
 from requant.job import JobResult, available_cores, result_to_json, run_job
 from requant.lease import Lease
@@ -147,9 +148,8 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
               threads: int = 0, jobs: int = 0) -> LocalRun:
     """``threads``: transcode threads per layer job (0: every core); ``jobs``: layer jobs converted at once in
     worker processes (0: sized to the cores, the memory and the work, see :func:`parallel_jobs`)."""
+    src, revision, upstream_id = pin_upstream(src, revision, upstream_id)  # hf://...@main: one commit throughout
     storage = open_storage(src)
-    if not isinstance(storage, LocalDir):
-        raise RequantError("local conversion reads local directories only")
     plan = build_plan(storage, load_recipe(recipe))
     key = run_key(plan, revision)
     paths = LocalPaths.for_destination(dst, key)
@@ -170,7 +170,7 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
         for stale in paths.other_staging():
             shutil.rmtree(stale, ignore_errors=True)
         return _convert(plan, storage, paths, key, device, threads, jobs, progress,
-                        {"uri": storage.uri, "id": upstream_id or Path(storage.uri).name,
+                        {"uri": storage.uri, "id": upstream_id or Path(storage.uri.rstrip("/")).name,
                          "revision": revision or "local", "run_key": key}, lease)
     finally:
         lease.release()

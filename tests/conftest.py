@@ -62,3 +62,26 @@ def gsm8k_dir() -> Path:
     if path is None:
         raise FileNotFoundError("no GSM8K copy found (shared/data/gsm8k beside the repository); set REQUANT_GSM8K_DIR")
     return path
+
+
+HUB_TOKEN = "hf_requantTESTtoken0c9e5"  # the session's Hub token: scanned for after runs, so it must be the one used
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory, tiny_upstream):
+    """requant's local Hub (requant.io.hubserver) for the session: ``testorg/tiny`` (public) and ``testorg/gated``
+    (gated; HUB_TOKEN may read it) hold the tiny upstream. HF_ENDPOINT and HF_TOKEN point every client at it,
+    including the Ray workers the flow tests start afterwards (their nodes inherit this environment)."""
+    from types import SimpleNamespace
+
+    from requant.io.hubserver import publish_dir, serve_hub
+
+    root = tmp_path_factory.mktemp("hub")
+    commits = {repo: publish_dir(root, f"testorg/{repo}", tiny_upstream) for repo in ("tiny", "gated")}
+    (root / "testorg/gated/repo.json").write_text(f'{{"gated": true, "tokens": ["{HUB_TOKEN}"]}}')
+    with serve_hub(root) as server, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", server.url)
+        mp.setenv("HF_TOKEN", HUB_TOKEN)
+        mp.setenv("HF_HUB_DISABLE_XET", "1")
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield SimpleNamespace(server=server, url=server.url, root=root, commits=commits, token=HUB_TOKEN)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,15 +79,20 @@ def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
     from flows.requantize import EnvRayTaskRunner, ray_settings, requantize
 
     assert isinstance(requantize.task_runner, EnvRayTaskRunner)
+    for name in [n for n in os.environ if n.startswith("HF_")]:
+        monkeypatch.delenv(name)  # the session's local Hub sets some
     for name, value in {"RAY_ADDRESS": "10.0.0.9:6379", "AWS_ENDPOINT_URL": "http://s3.local:9000",
                         "AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "s3-secret", "AWS_ACCESS_KEY_ID": "id",
                         "AWS_SESSION_TOKEN": "tok", "REQUANT_API_KEY": "sk-1", "REQUANT_S3_RETRY_SECONDS": "30",
-                        "REQUANT_DB_PASSWORD": "pw", "REQUANT_HF_TOKEN": "hf", "REQUANT_CREDENTIALS_FILE": "/x"}.items():
+                        "REQUANT_DB_PASSWORD": "pw", "REQUANT_HF_TOKEN": "hf", "REQUANT_CREDENTIALS_FILE": "/x",
+                        "HF_ENDPOINT": "http://hub.local", "HF_TOKEN": "hf_secret", "HF_HUB_DISABLE_XET": "1",
+                        "HF_HUB_TOKEN_PATH": "/x"}.items():
         monkeypatch.setenv(name, value)
     address, kwargs = ray_settings()
     assert address == "10.0.0.9:6379" and "address" not in kwargs
     assert kwargs["runtime_env"]["env_vars"] == {"AWS_ENDPOINT_URL": "http://s3.local:9000", "AWS_REGION": "eu-west-1",
-                                                 "REQUANT_S3_RETRY_SECONDS": "30"}
+                                                 "REQUANT_S3_RETRY_SECONDS": "30", "HF_ENDPOINT": "http://hub.local",
+                                                 "HF_HUB_DISABLE_XET": "1"}
     runner = requantize.task_runner.duplicate()
     assert isinstance(runner, EnvRayTaskRunner) and runner is not requantize.task_runner
     monkeypatch.delenv("RAY_ADDRESS")

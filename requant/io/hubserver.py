@@ -155,6 +155,19 @@ def publish(root: str | Path, repo: str, files: Mapping[str, bytes | os.PathLike
     return commit
 
 
+def publish_dir(root: str | Path, repo: str, directory: str | os.PathLike, branch: str = "main",
+                message: str = "Upload checkpoint") -> str:
+    """Commit every file under ``directory`` (hard-linked where possible) as the new head of ``branch``; files of
+    the branch's previous head that the directory lacks are removed. Returns the commit id."""
+    src = Path(directory)
+    if not src.is_dir():
+        raise RequantError(f"{src}: not a directory")
+    files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file() and not p.is_symlink()}
+    head = _repo_dir(Path(root), repo) / "refs" / _ref_name(branch)
+    old = _meta(head.parent.parent / "commits" / f"{head.read_text().strip()}.json")["files"] if head.is_file() else {}
+    return publish(root, repo, files, branch=branch, message=message, delete=[rel for rel in old if rel not in files])
+
+
 def set_ref(root: str | Path, repo: str, name: str, commit: str) -> None:
     """Point a branch or tag ``name`` at an existing ``commit``."""
     repo_dir = _repo_dir(Path(root), repo)
@@ -204,6 +217,7 @@ class HubState:
         self._failures: list[tuple[int, int | None, str | None]] = []  # status, Retry-After, path part
         self._seen: list[Seen] = []
         self._lfs: dict[Path, dict[str, Path]] = {}
+        self.ignore_ranges = False  # answer every GET with the whole file, as some mirrors do
 
     def fail_next(self, n: int, status: int = 429, retry_after: int | None = 1, path_contains: str | None = None):
         """Answer the next ``n`` requests (whose path contains ``path_contains``, if given) with ``status``."""
@@ -211,6 +225,10 @@ class HubState:
             raise RequantError(f"fail_next: need n >= 0 and an error status, got n={n}, status={status}")
         with self._lock:
             self._failures += [(status, retry_after, path_contains)] * n
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
 
     def take_failure(self, path: str) -> tuple[int, int | None, str | None] | None:
         with self._lock:
@@ -292,10 +310,12 @@ def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _file_response(request: Request, path: Path, size: int, headers: dict[str, str]) -> Response:
-    headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+def _file_response(request: Request, path: Path, size: int, headers: dict[str, str],
+                   ignore_ranges: bool = False) -> Response:
+    headers = {**headers, "Accept-Ranges": "none" if ignore_ranges else "bytes",
+               "Content-Type": "application/octet-stream"}
     try:
-        span = _byte_range(request.headers.get("range"), size)
+        span = None if ignore_ranges else _byte_range(request.headers.get("range"), size)
     except HubError as err:
         return err.response({"Content-Range": f"bytes */{size}"})
     start, end = span or (0, size)
@@ -432,7 +452,7 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
         found = state.lfs_file(state.root / org / name, sha256) if valid else None
         if found is None:
             raise HubError(404, None, "No such object")
-        return _file_response(request, found, found.stat().st_size, {"ETag": f'"{sha256}"'})
+        return _file_response(request, found, found.stat().st_size, {"ETag": f'"{sha256}"'}, state.ignore_ranges)
 
     @app.api_route("/{org}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
     def resolve_file(org: str, name: str, rev: str, path: str, request: Request):
@@ -443,7 +463,7 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
             raise HubError(404, "EntryNotFound", f"Entry not found: {path}", commit)
         headers = {"X-Repo-Commit": commit, "ETag": f'"{e["oid"]}"'}
         if "lfs" not in e:
-            return _file_response(request, repo_dir / "commits" / commit / path, e["size"], headers)
+            return _file_response(request, repo_dir / "commits" / commit / path, e["size"], headers, state.ignore_ranges)
         sha = e["lfs"]["sha256"]
         base = state.storage_url or str(request.base_url).rstrip("/")
         location = f"{base}/lfs-storage/{org}/{name}/{sha}?sig={state.sign(org, name, sha)}"

@@ -32,7 +32,7 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory):
+def ray_cluster(s3_server, local_hub, tmp_path_factory):
     """Head + two worker nodes with custom resources, all children of this process; stopped by their own
     process trees (never `ray stop`, which would stop any other Ray on the host)."""
     # loopback-only test cluster; token auth is for clusters reachable from other hosts

@@ -59,10 +59,37 @@ def tiny_local_reference(tmp_path_factory, tiny_upstream):
     return out
 
 
-def test_flow_output_equals_local_convert(prefect_api, s3_tiny, tiny_local_reference, clean_prefix):
-    summary, run_id = _run(upstream=s3_tiny, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
+def test_flow_from_the_hub_equals_local_convert(prefect_api, local_hub, tiny_local_reference, clean_prefix):
+    """``hf://testorg/gated@main`` (gated: HF_TOKEN on the nodes) through the flow on Ray: the pinned commit in the
+    manifest, every shard checked against the Hub's sha256, layer jobs reading byte ranges on the workers, and the
+    token nowhere in what the run leaves: objects, artifacts, logs, the flow run's parameters, Ray's runtime env."""
+    from prefect.client.orchestration import get_client
+
+    from flows.requantize import ray_settings
+
+    seen = len(local_hub.server.requests)
+    summary, run_id = _run(upstream="hf://testorg/gated@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4")
     assert summary["jobs"] == 4 and summary["skipped"] == 0
     _same_checkpoint(clean_prefix, tiny_local_reference)
+    manifest = json.loads(S3Storage(clean_prefix).read_bytes("requant-manifest.json"))
+    commit = local_hub.commits["gated"]
+    assert (manifest["upstream"]["uri"], manifest["upstream"]["revision"]) == (f"hf://testorg/gated@{commit}", commit)
+    assert all(d["verified_against_published"] for d in manifest["inputs"]["shards"].values())
+    storage_reads = [r for r in local_hub.server.requests[seen:] if r.path.startswith("/lfs-storage/")]
+    assert sum(1 for r in storage_reads if r.range is None) == len(manifest["inputs"]["shards"])  # the hash tasks
+    assert sum(1 for r in storage_reads if r.status == 206) >= 8  # headers and tensor spans, read by the jobs
+
+    token = local_hub.token.encode()
+    storage = S3Storage(clean_prefix)
+    assert not [name for name in storage.list_files() if token in storage.read_bytes(name)]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        logs = client.read_logs()
+        artifacts = client.read_artifacts()
+    assert local_hub.token not in json.dumps(run.parameters) and logs and artifacts
+    assert not [log for log in logs if local_hub.token in log.message]
+    assert not [a.key for a in artifacts if local_hub.token in str(a.data)]
+    assert local_hub.token not in json.dumps(ray_settings()[1])
     arts = _artifacts(run_id)
     assert arts["requantize-progress"].data == 100.0
     rows = json.loads(arts["requantize-jobs"].data)
