@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from requant.watch import Decision, Ledger, decide, latest_revision
+from requant.watch import Attempt, Decision, Ledger, content_fingerprint, decide, latest_revision
 
 
 def _states(flow_run_ids: list[str]) -> dict[str, str]:
@@ -44,12 +44,23 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
     latest = latest_revision(upstream, ref)
     book = Ledger(ledger or f"{output_root.rstrip('/')}/.requant-watch")
     attempts = book.attempts(latest.revision)
+    fingerprint = None
+    if not attempts and book.unchanged(latest.revision) is None:  # a revision seen for the first time
+        fingerprint = content_fingerprint(latest.snapshot)
+        if twin := _converted_twin(book, latest.revision, fingerprint, max_attempts):
+            book.mark_unchanged(latest.revision, twin.revision, twin.output)
+    if same := book.unchanged(latest.revision):
+        reason = f"weights unchanged since {same['same_as']}"
+        logger.info("revision %s: not converted, %s (output %s)", latest.revision, reason, same["output"])
+        _ledger_artifact(book)
+        return {"revision": latest.revision, "action": "unchanged", "attempt": 0, "reason": reason,
+                "flow_run_id": None, "output": same["output"]}
     decision = decide(attempts, _states([a.flow_run_id for a in attempts if a.flow_run_id]), max_attempts, time.time())
     output = f"{output_root.rstrip('/')}/{latest.revision}/{recipe}"
     started = None
     if decision.action == "submit":
         watcher = f"{socket.gethostname()}:{os.getpid()}"
-        if book.claim(latest.revision, decision.attempt, watcher):
+        if book.claim(latest.revision, decision.attempt, watcher, fingerprint):
             run = run_deployment(deployment, timeout=0, as_subflow=False,
                                  parameters={"upstream": latest.snapshot, "revision": latest.revision, "output": output,
                                              "recipe": recipe, "upstream_id": upstream, **(parameters or {})})
@@ -67,9 +78,28 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
             "attempt": decision.attempt, "reason": decision.reason, "flow_run_id": started, "output": output}
 
 
+def _converted_twin(book: Ledger, revision: str, fingerprint: str | None, max_attempts: int) -> Attempt | None:
+    """The attempt that converted (or is converting) another revision with the same content, if any."""
+    if fingerprint is None:
+        return None
+    for other in book.revisions():
+        if other == revision or book.fingerprint(other) != fingerprint:
+            continue
+        attempts = book.attempts(other)
+        states = _states([a.flow_run_id for a in attempts if a.flow_run_id])
+        if decide(attempts, states, max_attempts, time.time()).action in ("done", "wait"):
+            return attempts[-1]
+    return None
+
+
 def _ledger_artifact(book: Ledger) -> None:
     rows = []
     for revision in book.revisions():
+        if same := book.unchanged(revision):
+            rows.append({"revision": revision, "attempt": 0, "flow_run": "", "output": same["output"] or "",
+                         "state": f"weights unchanged since {same['same_as']}", "claimed_by": "",
+                         "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(same["recorded_at"]))})
+            continue
         attempts = book.attempts(revision)
         states = _states([a.flow_run_id for a in attempts if a.flow_run_id])
         for a in attempts:

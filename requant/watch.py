@@ -12,12 +12,13 @@ starts attempt k; the winner then records the flow run it started (``attempt-<k>
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 from dataclasses import dataclass
 
-from requant.errors import RequantError
+from requant.errors import CheckpointError, RequantError
 from requant.io.storage import open_storage
 
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -34,10 +35,10 @@ class UpstreamRevision:
 
 def latest_revision(upstream: str, ref: str = "main") -> UpstreamRevision:
     if upstream.startswith("hf://"):
-        repo = upstream[len("hf://"):].split("@", 1)[0]
-        from huggingface_hub import HfApi
+        from requant.io.hf import resolve_revision
 
-        sha = HfApi().model_info(repo, revision=ref).sha
+        repo = upstream[len("hf://"):].split("@", 1)[0]
+        sha = resolve_revision(repo, ref)
         return UpstreamRevision(sha, f"hf://{repo}@{sha}")
     storage = open_storage(upstream)
     marker = f"refs/{ref}"
@@ -48,6 +49,43 @@ def latest_revision(upstream: str, ref: str = "main") -> UpstreamRevision:
     if not REVISION_RE.match(revision):
         raise RequantError(f"{upstream}/{marker}: {revision[:100]!r} is not a revision id")
     return UpstreamRevision(revision, f"{upstream.rstrip('/')}/snapshots/{revision}")
+
+
+# Files that do not change what a conversion writes: documentation and repository housekeeping.
+DOC_FILE = re.compile(r"(^|/)(README[^/]*|LICENSE[^/]*|[^/]*\.(md|txt|png|jpe?g|gif|svg|pdf)|\.gitattributes)$",
+                      re.IGNORECASE)
+
+
+def content_fingerprint(snapshot: str) -> str | None:
+    """A digest of what a conversion of ``snapshot`` depends on: the weight files by the sha256 their store
+    publishes, JSON files by their parsed content, Python files by their syntax tree (a comment or a reflowed line
+    changes neither), other files by their bytes; documentation not at all. None when a weight file's published
+    digest is unknown (a plain directory): such upstreams are always converted."""
+    import ast
+
+    try:
+        storage, parts = open_storage(snapshot), []
+    except CheckpointError:  # a mirror's snapshot folder that is not there (yet): nothing to compare
+        return None
+    for name in storage.list_files():
+        if DOC_FILE.search(name):
+            continue
+        if name.endswith((".safetensors", ".bin")):
+            digest = storage.recorded_sha256(name)
+            if digest is None:
+                return None
+            parts.append(f"{name}\0{digest}")
+            continue
+        data = storage.read_bytes(name)
+        try:
+            if name.endswith(".json"):
+                data = json.dumps(json.loads(data), sort_keys=True).encode()
+            elif name.endswith(".py"):
+                data = ast.dump(ast.parse(data)).encode()  # parsed, never run
+        except (ValueError, SyntaxError):
+            pass  # not what its name says: its bytes count
+        parts.append(f"{name}\0{hashlib.sha256(data).hexdigest()}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -84,11 +122,27 @@ class Ledger:
         return sorted(found, key=lambda a: a.number)
 
     def revisions(self) -> list[str]:
-        return sorted({name.split("/", 1)[0] for name in self.storage.list_files() if "/attempt-" in name})
+        return sorted({name.split("/", 1)[0] for name in self.storage.list_files()
+                       if "/attempt-" in name or name.endswith("/unchanged.json")})
 
-    def claim(self, revision: str, number: int, watcher: str) -> bool:
-        body = json.dumps({"revision": revision, "attempt": number, "watcher": watcher, "claimed_at": time.time()})
+    def claim(self, revision: str, number: int, watcher: str, fingerprint: str | None = None) -> bool:
+        body = json.dumps({"revision": revision, "attempt": number, "watcher": watcher, "claimed_at": time.time(),
+                           "fingerprint": fingerprint})
         return self.storage.put_bytes(f"{revision}/attempt-{number}.json", body.encode(), if_none_match=True)
+
+    def fingerprint(self, revision: str) -> str | None:
+        """The content fingerprint recorded with the revision's first attempt (None when there is none)."""
+        name = f"{revision}/attempt-1.json"
+        return json.loads(self.storage.read_bytes(name)).get("fingerprint") if self.storage.exists(name) else None
+
+    def mark_unchanged(self, revision: str, same_as: str, output: str | None) -> None:
+        """Record that ``revision`` converts to what ``same_as`` already did (written once; the first one stays)."""
+        body = json.dumps({"revision": revision, "same_as": same_as, "output": output, "recorded_at": time.time()})
+        self.storage.put_bytes(f"{revision}/unchanged.json", body.encode(), if_none_match=True)
+
+    def unchanged(self, revision: str) -> dict | None:
+        name = f"{revision}/unchanged.json"
+        return json.loads(self.storage.read_bytes(name)) if self.storage.exists(name) else None
 
     def record_run(self, revision: str, number: int, flow_run_id: str, output: str) -> None:
         body = json.dumps({"flow_run_id": flow_run_id, "output": output, "recorded_at": time.time()})
@@ -97,7 +151,7 @@ class Ledger:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str            # "submit" | "wait" | "done" | "give-up"
+    action: str            # "submit" | "wait" | "done" | "give-up" | "unchanged"
     attempt: int           # the attempt to submit (submit) or the latest one
     reason: str
 

@@ -92,3 +92,45 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
     gave_up = _watch(mirror, out, ledger)
     assert gave_up["action"] == "give-up" and "3 attempts failed" in gave_up["reason"]
     assert len([r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]) == 3
+
+
+def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(prefect_api, local_hub, tiny_upstream,
+                                                                             deployment, tmp_path):
+    """watch-upstream on hf://testorg/watched against the local Hub: a new commit starts one run (also with two
+    watchers at once); a commit that changes only the README and a comment in the model code is recorded as
+    "weights unchanged since <commit>"; a config change that alters the output is converted."""
+    from prefect.states import Completed
+
+    from requant.io.hubserver import publish, publish_dir
+
+    upstream, out, ledger = "hf://testorg/watched", "s3://outputs/watch-hub", f"s3://ledger/{uuid.uuid4().hex[:8]}"
+    first = publish_dir(local_hub.root, "testorg/watched", tiny_upstream)
+    result = _watch(upstream, out, ledger)
+    runs = [r for r in _runs(deployment) if r.parameters["revision"] == first]
+    assert result["action"] == "submitted" and len(runs) == 1
+    assert runs[0].parameters["upstream"] == f"hf://testorg/watched@{first}"
+    assert local_hub.token not in json.dumps(runs[0].parameters)
+    _set_state(runs[0].id, Completed())
+
+    code = (tiny_upstream / "configuration_kimi_k25.py").read_text()
+    docs = publish(local_hub.root, "testorg/watched", {
+        "README.md": b"# Fixed a typo\n", "configuration_kimi_k25.py": ("# a corrected comment\n" + code).encode()})
+    same = _watch(upstream, out, ledger)
+    assert (same["revision"], same["action"], same["reason"]) == (docs, "unchanged", f"weights unchanged since {first}")
+    assert same["output"] == f"{out}/{first}/kimi-k2.6-mxfp4"
+    assert _watch(upstream, out, ledger)["action"] == "unchanged"
+    assert not [r for r in _runs(deployment) if r.parameters["revision"] == docs]
+
+    config = json.loads((tiny_upstream / "config.json").read_text())
+    config["text_config"]["rope_theta"] = config["text_config"].get("rope_theta", 10000.0) * 2
+    changed = publish(local_hub.root, "testorg/watched", {"config.json": json.dumps(config, indent=2).encode()})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    procs = [subprocess.Popen([sys.executable, "-c", WATCH, upstream, out, ledger], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    assert sorted(r["action"] for r in results) == ["submitted", "wait"]
+    assert len([r for r in _runs(deployment) if r.parameters["revision"] == changed]) == 1
