@@ -132,16 +132,30 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
-               tp: int = 1) -> dict[str, Any]:
+               tp: int = 1, mirror: str | None = None) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
     Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, ``resources``); it transcodes on
-    ``threads`` threads, by default (0) as many as its CPUs."""
+    ``threads`` threads, by default (0) as many as its CPUs. An ``hf://`` upstream is pinned to the commit its
+    branch names when the run starts; with ``mirror`` (s3://... or a directory) that revision is first copied there
+    (the mirror-upstream flow, resumable, verified against the Hub's digests) and converted from the copy."""
+    mirrored = None
+    if mirror:  # hf:// copied once into object storage, then every conversion reads the copy
+        if not upstream.startswith("hf://"):
+            raise RequantError(f"mirror={mirror}: mirroring copies a Hub upstream (hf://...), not {upstream}")
+        from flows.mirror import mirror_upstream
+
+        mirrored = mirror_upstream(upstream, mirror)
+        upstream = mirrored["source"]  # the commit that was mirrored
     upstream, revision, upstream_id = pin_upstream(upstream, revision, upstream_id)  # hf://...@main: one commit
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
+    if mirrored:
+        upstream = mirrored["snapshot"]
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")
+    if mirrored:
+        summary["mirror"] = mirrored
     if evaluate:
         from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
 

@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 
+    m = sub.add_parser("mirror", help="copy a Hub revision (hf://ORG/REPO@REV) into s3://... or a directory as "
+                                      "snapshots/<commit>/ + refs/<branch>, each file checked; resumable")
+    m.add_argument("src", help="hf://ORG/REPO@REVISION (a branch, tag or commit)")
+    m.add_argument("dst", help="s3://bucket/prefix or a directory")
+    m.add_argument("--workers", type=int, default=4, help="files copied at once (default 4)")
+
+    h = sub.add_parser("hub", help="a local Hugging Face Hub for demos and tests (point HF_ENDPOINT at it)")
+    hs = h.add_subparsers(dest="hub_command", required=True)
+    hserve = hs.add_parser("serve", help="serve the repositories under ROOT until Ctrl-C")
+    hserve.add_argument("root")
+    hserve.add_argument("--host", default="127.0.0.1")
+    hserve.add_argument("--port", type=int, default=8090)
+    hpub = hs.add_parser("publish", help="commit a directory as the new head of a branch of ORG/REPO under ROOT "
+                                         "(a running `hub serve` sees it at once)")
+    hpub.add_argument("root")
+    hpub.add_argument("repo", help="ORG/REPO")
+    hpub.add_argument("dir", help="the directory whose files the commit holds")
+    hpub.add_argument("--branch", default="main")
+    hpub.add_argument("--message", default="Upload checkpoint")
+
     v = sub.add_parser("verify", help="check an output checkpoint against its manifest")
     v.add_argument("path")
 
@@ -146,6 +166,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hub(args: argparse.Namespace) -> int:
+    from requant.io import hubserver
+
+    if args.hub_command == "publish":
+        commit = hubserver.publish_dir(args.root, args.repo, args.dir, branch=args.branch, message=args.message)
+        print(f"{args.repo}@{args.branch} is now {commit}")
+        return 0
+    import threading
+
+    Path(args.root).mkdir(parents=True, exist_ok=True)
+    with hubserver.serve_hub(args.root, host=args.host, port=args.port) as hub:
+        print(f"serving {args.root}: export HF_ENDPOINT={hub.url}  (Ctrl-C stops)", flush=True)
+        threading.Event().wait()
+    return 0
+
+
 def _engine_probe(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -229,6 +265,17 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         resumed = f" ({run.resumed} of {run.jobs} layer jobs resumed from an interrupted run)" if run.resumed else ""
         print(f"wrote {args.dst}: {len(manifest['tensors'])} tensors in "
               f"{sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards{resumed}")
+    elif args.command == "mirror":
+        from tqdm import tqdm
+
+        from requant.io.mirror import mirror_local
+
+        with tqdm(desc="mirror", unit=" files") as bar:
+            summary = mirror_local(args.src, args.dst, workers=args.workers, on_file=lambda _: bar.update())
+        print(f"mirrored {summary['source']} into {summary['snapshot']}: {summary['files']} files, "
+              f"{summary['copied']} copied, {summary['files'] - summary['copied']} already there")
+    elif args.command == "hub":
+        return _hub(args)
     elif args.command == "verify":
         from requant.verify import verify
 

@@ -268,9 +268,10 @@ class S3Storage:
         self._call(path, lambda: self.s3.upload_file(str(local), self.bucket, self.key(path), ExtraArgs=extra, Config=transfer))
         return {"size": local.stat().st_size, "sha256": sha256}
 
-    def open_stream(self, path: str) -> MultipartStream:
-        """An upload fed front to back while the object is produced (see :class:`MultipartStream`)."""
-        return MultipartStream(self, path)
+    def open_stream(self, path: str, sha256: str | None = None) -> MultipartStream:
+        """An upload fed front to back while the object is produced (see :class:`MultipartStream`); ``sha256``:
+        the digest the bytes must have, known in advance (a mirrored file), kept as the object's metadata."""
+        return MultipartStream(self, path, sha256=sha256)
 
     def put_bytes(self, path: str, data: bytes, if_none_match: bool = False) -> bool:
         """Write a small object. With ``if_none_match`` the write only happens if no object exists yet
@@ -298,18 +299,20 @@ class MultipartStream:
     S3 checks) on a thread while the rest is still being produced, at most ``IN_FLIGHT`` parts at a time, so no
     local copy of the object is ever needed and memory stays at ``IN_FLIGHT + 1`` parts. Nothing is visible
     until :meth:`complete`; :meth:`abort` discards the parts. S3 fixes metadata when an upload starts, before the
-    digest is known, so streamed objects carry no sha256 metadata: the job's record keeps the digest and the
-    ETag that :meth:`complete` returns, which identifies this upload's object on resume."""
+    digest is known, so streamed objects carry no sha256 metadata unless the caller knows it in advance (a
+    mirrored file, checked before :meth:`complete`): the job's record keeps the digest and the ETag that
+    :meth:`complete` returns, which identifies this upload's object on resume."""
 
     IN_FLIGHT = 4
 
-    def __init__(self, storage: S3Storage, path: str, part_size: int = MULTIPART_CHUNK):
+    def __init__(self, storage: S3Storage, path: str, part_size: int = MULTIPART_CHUNK, sha256: str | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.storage, self.path, self.part_size = storage, path, part_size
         self.key = storage.key(path)
+        metadata = {"Metadata": {"sha256": sha256}} if sha256 else {}
         self.upload_id = storage._call(path, lambda: storage.s3.create_multipart_upload(
-            Bucket=storage.bucket, Key=self.key, ChecksumAlgorithm="SHA256"))["UploadId"]
+            Bucket=storage.bucket, Key=self.key, ChecksumAlgorithm="SHA256", **metadata))["UploadId"]
         self._buffer = bytearray()
         self._parts: list = []  # futures of {"PartNumber", "ETag", "ChecksumSHA256"}
         self._pool = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="requant-upload")

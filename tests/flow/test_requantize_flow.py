@@ -284,3 +284,25 @@ def test_refused_credentials_fail_the_cli_flow_in_one_line(prefect_api, s3_serve
     assert s3_tiny in errors[0] and "credentials refused by the object store" in errors[0], errors[0]
     assert "not-the-secret" not in proc.stderr + proc.stdout
     assert _listing(clean_prefix, "") == []
+
+
+def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_local_reference, clean_prefix):
+    """requantize with ``mirror``: the Hub revision is copied into S3 by Ray tasks (each file checked against the
+    Hub's digest), converted from the copy to the same bytes, the inputs still verified against the Hub's sha256;
+    a second mirror of the revision copies nothing."""
+    from flows.mirror import mirror_upstream
+
+    mirror = f"{clean_prefix}-mirror"
+    summary, _ = _run(upstream="hf://testorg/tiny@main", mirror=mirror, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
+    commit = local_hub.commits["tiny"]
+    assert summary["mirror"]["commit"] == commit and summary["mirror"]["copied"] == summary["mirror"]["files"] > 10
+    _same_checkpoint(clean_prefix, tiny_local_reference)
+    manifest = json.loads(S3Storage(clean_prefix).read_bytes("requant-manifest.json"))
+    assert manifest["upstream"]["uri"] == f"hf://testorg/tiny@{commit}"
+    assert all(d["verified_against_published"] for d in manifest["inputs"]["shards"].values())
+    copy = S3Storage(mirror)
+    assert copy.read_bytes("refs/main").decode().strip() == commit
+    assert copy.read_bytes(f"snapshots/{commit}/config.json") == (local_hub.root / "testorg/tiny/commits" / commit /
+                                                                   "config.json").read_bytes()
+    again = mirror_upstream("hf://testorg/tiny@main", mirror)
+    assert again["copied"] == 0 and again["files"] == summary["mirror"]["files"]

@@ -153,3 +153,19 @@ def test_a_file_changed_under_a_pinned_revision_fails_naming_it(local_hub, tiny_
     assert rc == 2 and f"hf://{repo}@{commit}/{shard}" in err and len(err.splitlines()) == 1, err
     assert ("from the published" if change == "bytes" else "changed under a pinned revision") in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_mirror_and_publish_commands(local_hub, tiny_upstream, capsys, tmp_path):
+    """`requant hub publish` moves a branch of the served Hub; `requant mirror` copies that revision into a
+    directory in the cache layout, each file checked, and a second mirror copies nothing."""
+    assert main(["hub", "publish", str(local_hub.root), "testorg/mirrored", str(tiny_upstream)]) == 0
+    commit = capsys.readouterr().out.split()[-1]
+    assert resolve_revision("testorg/mirrored", "main") == commit
+    dst = tmp_path / "mirror"
+    for copied in (13, 0):
+        assert main(["mirror", "hf://testorg/mirrored@main", str(dst), "--workers", "2"]) == 0
+        assert f"13 files, {copied} copied" in capsys.readouterr().out
+    snapshot = dst / "snapshots" / commit
+    assert {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()} == \
+        {p.relative_to(tiny_upstream).as_posix(): p.read_bytes() for p in tiny_upstream.rglob("*") if p.is_file()}
+    assert (dst / "refs/main").read_text().strip() == commit
