@@ -1,16 +1,19 @@
 """``make flow-run``: the main job on embedded defaults, on a fresh machine with no other set-up.
 
-Starts SeaweedFS (unless ``make services-up`` already did), writes a synthetic upstream into it (by default
-the INT4 upstream of the trained model shipped in requant/trained/assets; ``--profile tiny`` for random
-weights), runs the requantize flow with the seed card's recipe (verified), produces or reuses the
-fp8-reference variant, smoke-tests the candidate on the reference server and compares both on GSM8K (the
-trained profile: on its own GSM8K-format task), then prints the comparison table, the verdict with the
+Starts SeaweedFS (unless ``make services-up`` already did) and a local Hugging Face Hub (requant.io.hubserver),
+publishes a synthetic upstream there as ``synthetic/<profile>`` (by default the INT4 upstream of the trained model
+shipped in requant/trained/assets; ``--profile tiny`` for random weights; ``--source s3`` puts it in SeaweedFS
+instead), runs the requantize flow on ``hf://synthetic/<profile>@main`` (the path a real run takes from the Hub)
+with the seed card's recipe (verified), produces or reuses the fp8-reference variant, smoke-tests the candidate on
+the reference server and compares both on GSM8K (the trained profile: on its own GSM8K-format task), then prints
+the comparison table, the verdict with the
 smallest drop it could have detected, and where the report is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from requant import seaweed
 from requant.errors import RequantError
+from requant.io.hubserver import publish_dir, serve_hub
 from requant.io.transfer import upload_dir
 from requant.synth import synthesize
 
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="trained", choices=["trained", "tiny", "k26-topology"],
                         help="synthetic upstream: random weights (tiny, k26-topology) or the trained model")
     parser.add_argument("--bucket", default="requant")
+    parser.add_argument("--source", default="hub", choices=["hub", "s3"],
+                        help="where the upstream is read from: the local Hub (hf://, default) or SeaweedFS (s3://)")
     parser.add_argument("--eval-limit", type=int, default=EVAL_LIMIT, help="task items per seed (0 = all)")
     parser.add_argument("--no-eval", action="store_true", help="convert and verify only")
     parser.add_argument("--gsm8k-dir", default=None,
@@ -57,36 +63,50 @@ def main(argv: list[str] | None = None) -> int:
         server = seaweed.start(Path(".services/seaweed-data"))
         print(f"SeaweedFS S3 on {server.endpoint} (pid {server.pid})")
     os.environ.update(server.env())
-    upstream = f"s3://{args.bucket}/upstream/{args.profile}"
     output = f"s3://{args.bucket}/checkpoints/{args.profile}/{args.recipe}"
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = synthesize(Path(tmp) / args.profile, args.profile, seed=0, progress=True)
-            upload_dir(local, upstream)
-        from flows.requantize import requantize, start_ephemeral_server
-
-        start_ephemeral_server()
-
-        try:
-            summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}",
-                                 evaluate=not args.no_eval, eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir)
-        except RequantError as exc:  # a failed smoke test or gate (its table is printed above): one line, exit 1
-            print(f"\n{exc}", file=sys.stderr)
-            return 1
-        print(f"\ncheckpoint: {output}  ({summary['tensors']} tensors, {summary['jobs']} layer jobs, "
-              f"{summary['skipped']} resumed, verified)")
-        if "evaluation" in summary:
-            ev = summary["evaluation"]
-            print(f"reference: {summary['reference']['output']} ({'reused' if summary['reference']['reused'] else 'converted'})")
-            print(f"smoke test: {'passed' if ev['smoke']['passed'] else 'FAILED'} (top-1 agreement "
-                  f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
-            print(ev["table"])
-            print(f"report: {ev['report']}\nplot:   {ev['plot']}")
-        if not started_here:
-            print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            local = synthesize(tmp / args.profile, args.profile, seed=0, progress=True)
+            if args.source == "hub":
+                repo = f"synthetic/{args.profile}"
+                publish_dir(tmp / "hub", repo, local, message=f"requant synth --profile {args.profile} --seed 0")
+                hub = stack.enter_context(serve_hub(tmp / "hub"))
+                os.environ.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+                upstream = f"hf://{repo}@main"
+                print(f"local Hub on {hub.url}: {upstream}")
+            else:
+                upstream = f"s3://{args.bucket}/upstream/{args.profile}"
+                upload_dir(local, upstream)
+            return _run(args, upstream, output, started_here, server)
     finally:
         if started_here:
             seaweed.stop(server)
+
+
+def _run(args: argparse.Namespace, upstream: str, output: str, started_here: bool, server) -> int:
+    """The flow on ``upstream``, then the summary; 1 when the smoke test or the gate stopped it."""
+    from flows.requantize import requantize, start_ephemeral_server
+
+    start_ephemeral_server()
+
+    try:
+        summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}",
+                             evaluate=not args.no_eval, eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir)
+    except RequantError as exc:  # a failed smoke test or gate (its table is printed above): one line, exit 1
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
+    print(f"\ncheckpoint: {output}  ({summary['tensors']} tensors, {summary['jobs']} layer jobs, "
+          f"{summary['skipped']} resumed, verified)")
+    if "evaluation" in summary:
+        ev = summary["evaluation"]
+        print(f"reference: {summary['reference']['output']} ({'reused' if summary['reference']['reused'] else 'converted'})")
+        print(f"smoke test: {'passed' if ev['smoke']['passed'] else 'FAILED'} (top-1 agreement "
+              f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
+        print(ev["table"])
+        print(f"report: {ev['report']}\nplot:   {ev['plot']}")
+    if not started_here:
+        print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
     return 0
 
 

@@ -1,9 +1,11 @@
 """``make ui`` / ``make ui-down`` / ``make deploy``: the Prefect UI on this machine.
 
-``up`` starts SeaweedFS (unless already running), ``prefect server start`` bound to 127.0.0.1, the
-``requant-process`` work pool and a process worker, seeds the synthetic upstream and a revision mirror
-for the watcher, and registers the deployments of ``prefect.yaml``. Everything lives under
-``.services/`` (Prefect's database included, via PREFECT_HOME); ``down`` stops what ``up`` started.
+``up`` starts SeaweedFS (unless already running), ``prefect server start`` bound to 127.0.0.1, a local Hugging
+Face Hub (``requant hub serve``, the watcher's upstream), the ``requant-process`` work pool and a process worker,
+seeds the synthetic upstream in S3 and as the Hub repository ``synthetic/trained``, and registers the deployments
+of ``prefect.yaml``. Everything lives under ``.services/`` (Prefect's database and the Hub's repositories
+included); ``down`` stops what ``up`` started. A new upstream revision for the watcher to pick up:
+``requant hub publish .services/hub synthetic/trained DIR``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from requant.processes import terminate_group
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "requant-process"
-MIRROR_REVISION = "synthetic-trained-seed0"
+HUB_REPO = "synthetic/trained"  # watch-upstream's default upstream in prefect.yaml: hf://synthetic/trained
 
 
 def _prefect() -> str:
@@ -61,24 +63,44 @@ def deploy(env: dict[str, str]) -> None:
         raise SystemExit(f"prefect deploy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def seed(env: dict[str, str]) -> None:
-    """The trained model's INT4 upstream (requantize's default) and a one-revision mirror of it (watch-upstream's
-    default)."""
+def seed(env: dict[str, str], hub_root: Path) -> str:
+    """The trained model's INT4 upstream in S3 (requantize's default) and as the Hub repository the watcher
+    follows; returns the Hub commit of ``main``."""
+    from requant.io.hubserver import publish_dir
     from requant.io.s3 import S3Storage
     from requant.io.transfer import upload_dir
     from requant.synth import synthesize
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    if S3Storage("s3://requant/upstream/trained").exists("config.json"):
-        return
+    head = hub_root / HUB_REPO / "refs" / "main"
+    if S3Storage("s3://requant/upstream/trained").exists("config.json") and head.is_file():
+        return head.read_text().strip()
     with tempfile.TemporaryDirectory() as tmp:
         local = synthesize(Path(tmp) / "trained", "trained", seed=0, progress=False)
         upload_dir(local, "s3://requant/upstream/trained")
-        upload_dir(local, f"s3://requant/mirror/trained/snapshots/{MIRROR_REVISION}")
-    S3Storage("s3://requant/mirror/trained").put_bytes("refs/main", MIRROR_REVISION.encode())
+        return publish_dir(hub_root, HUB_REPO, local, message="The trained model's INT4 upstream")
 
 
-def up(state_dir: Path, port: int) -> dict:
+def _start_hub(state_dir: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    hub_root = state_dir / "hub"
+    hub_root.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "hub.log", "ab") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("requant")), "hub", "serve", str(hub_root),
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the local Hub exited ({proc.returncode}); see {state_dir / 'hub.log'}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/api/models/{HUB_REPO}", timeout=2)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise SystemExit(f"the local Hub did not answer on port {port}; see {state_dir / 'hub.log'}")
+
+
+def up(state_dir: Path, port: int, hub_port: int = 8090) -> dict:
     state_file = state_dir / "ui.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())
@@ -91,16 +113,21 @@ def up(state_dir: Path, port: int) -> dict:
     if started_seaweed:
         server = seaweed.start(state_dir / "seaweed-data")
         seaweed.save_state(server, sw_state)
-    env = {**os.environ, **server.env(), **prefect_env(state_dir, port)}
+    env = {**os.environ, **server.env(), **prefect_env(state_dir, port),
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     log = state_dir / "prefect-server.log"
     with open(log, "ab") as out:
         srv = subprocess.Popen([_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     state = {"server_pid": srv.pid, "port": port, "ui_url": f"http://127.0.0.1:{port}",
-             "api_url": env["PREFECT_API_URL"], "started_seaweed": started_seaweed, "worker_pid": None}
+             "api_url": env["PREFECT_API_URL"], "started_seaweed": started_seaweed, "worker_pid": None,
+             "hub_pid": None, "hub_url": env["HF_ENDPOINT"], "hub_root": str((state_dir / "hub").resolve())}
+    state_file.write_text(json.dumps(state))
+    state["hub_pid"] = _start_hub(state_dir, hub_port, env).pid
     state_file.write_text(json.dumps(state))
     _wait(f"http://127.0.0.1:{port}/api/health", 120, srv, log)
-    seed(env)
+    state["hub_commit"] = seed(env, state_dir / "hub")
+    state_file.write_text(json.dumps(state))
     deploy(env)
     with open(state_dir / "prefect-worker.log", "ab") as out:
         worker = subprocess.Popen([_prefect(), "worker", "start", "--pool", POOL, "--type", "process"], env=env,
@@ -111,6 +138,8 @@ def up(state_dir: Path, port: int) -> dict:
     print(f"export PREFECT_API_URL={state['api_url']}")
     for key, value in server.env().items():
         print(f"export {key}={value}")
+    print(f"export HF_ENDPOINT={state['hub_url']}   # the local Hub; watch-upstream follows hf://{HUB_REPO}")
+    print(f"new upstream revision: requant hub publish {state['hub_root']} {HUB_REPO} DIR")
     return state
 
 
@@ -127,13 +156,14 @@ def down(state_dir: Path) -> None:
     state = json.loads(state_file.read_text())
     _kill(state.get("worker_pid"))
     _kill(state.get("server_pid"))
+    _kill(state.get("hub_pid"))
     if state.get("started_seaweed"):
         server = seaweed.load_state(state_dir / "seaweed.json")
         if server is not None:
             seaweed.stop(server)
         (state_dir / "seaweed.json").unlink(missing_ok=True)
     state_file.unlink()
-    print("Prefect server, worker" + (" and SeaweedFS" if state.get("started_seaweed") else "") + " stopped")
+    print("Prefect server, worker, local Hub" + (" and SeaweedFS" if state.get("started_seaweed") else "") + " stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "deploy"])
     parser.add_argument("--state-dir", default=".services", type=Path)
     parser.add_argument("--port", type=int, default=4200, help="Prefect server port (Prefect's default)")
+    parser.add_argument("--hub-port", type=int, default=8090, help="the local Hub's port")
     args = parser.parse_args(argv)
     if args.command == "up":
-        up(args.state_dir, args.port)
+        up(args.state_dir, args.port, args.hub_port)
     elif args.command == "down":
         down(args.state_dir)
     else:                                             # against whatever PREFECT_API_URL points at

@@ -28,14 +28,15 @@ def _free_port() -> int:
 def _user_shell_env() -> dict[str, str]:
     """`make ui` as a user runs it: without the test session's Ray cluster (RAY_ADDRESS) or S3 identity
     (AWS_*), which other test modules may have exported; the stack brings its own of both."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "HF_"))}
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("ui")
     port = _free_port()
-    up = subprocess.run([sys.executable, "-m", "dev.ui", "up", "--state-dir", str(state_dir), "--port", str(port)],
+    up = subprocess.run([sys.executable, "-m", "dev.ui", "up", "--state-dir", str(state_dir), "--port", str(port),
+                         "--hub-port", str(_free_port())],
                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=_user_shell_env())
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -104,9 +105,10 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
     assert (SCREENSHOTS / "prefect-ui-runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui):
-    """watch-upstream as deployed (the 6-hourly schedule's flow), run by the worker against the seeded mirror:
-    it starts requantize for the mirror's revision, which the worker then completes."""
+def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui, tmp_path):
+    """watch-upstream as deployed (the 6-hourly schedule's flow), run by the worker against the local Hub that
+    `make ui` seeds: it starts requantize for the commit of hf://synthetic/trained, which the worker completes;
+    then a README-only commit published with `requant hub publish` is recorded as "weights unchanged", in the UI."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -118,7 +120,7 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui)
         assert watch.state.is_completed(), watch.state
         deadline = time.monotonic() + 600
         with get_client(sync_client=True) as client:
-            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-trained-seed0"]
+            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == ui["hub_commit"]]
             assert len(started) == 1, started               # the watcher started exactly one conversion
             while True:
                 run = client.read_flow_run(started[0].id)
@@ -126,11 +128,25 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui)
                     break
                 time.sleep(3)
             assert run.state.is_completed(), run.state
-            assert run.parameters["output"] == "s3://requant/revisions/trained/synthetic-trained-seed0/kimi-k2.6-mxfp4"
+            assert run.parameters["output"] == f"s3://requant/revisions/trained/{ui['hub_commit']}/kimi-k2.6-mxfp4"
+            assert run.parameters["upstream"] == f"hf://synthetic/trained@{ui['hub_commit']}"
             again = run_deployment("watch-upstream/watch-upstream", timeout=600,
                                    parameters={"parameters": {"evaluate": False, "progress": False}})
             assert again.state.is_completed()
-            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == "synthetic-trained-seed0"]
+            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == ui["hub_commit"]]
             assert len(rerun) == 1                           # converted: nothing new to start
+            snapshot = Path(ui["hub_root"]) / "synthetic/trained/commits" / ui["hub_commit"]
+            docs = tmp_path / "docs-only"
+            shutil.copytree(snapshot, docs)
+            (docs / "README.md").write_text("# The trained upstream\n\nA corrected sentence.\n")
+            publish = subprocess.run([str(Path(sys.executable).with_name("requant")), "hub", "publish", ui["hub_root"],
+                                      "synthetic/trained", str(docs)], capture_output=True, text=True, check=True)
+            new_commit = publish.stdout.split()[-1]
+            same = run_deployment("watch-upstream/watch-upstream", timeout=600,
+                                  parameters={"parameters": {"evaluate": False, "progress": False}})
+            assert same.state.is_completed()
+            assert not [r for r in client.read_flow_runs() if r.parameters.get("revision") == new_commit]
+    _page(f"{ui['ui_url']}/artifacts/key/upstream-ledger", [f"weights unchanged since {ui['hub_commit']}"],
+          artifacts_dir("prefect-ui") / "prefect-ui-upstream-ledger.png")
     _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
           artifacts_dir("prefect-ui") / "prefect-ui-requantize-deployment.png")
