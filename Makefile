@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-serve bench-flow clean
+.PHONY: install engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow clean
 
 install: $(STAMP)
 
@@ -104,6 +104,21 @@ bench: install
 EXPERTS ?= 96
 bench-layer: install
 	$(BIN)/requant bench --layer --experts $(EXPERTS) --out bench-results $(BENCH_ARGS)
+
+# Layer jobs reading k26-layer (EXPERTS of 384) from the local Hub against a plain download of the same bytes:
+# bench-results/hub.md.
+bench-hub: install
+	$(BIN)/requant bench --hub --experts $(EXPERTS) --out bench-results $(BENCH_ARGS)
+
+# The GPU path in one run (issue 26): layer jobs with --device cuda vs the CPU (byte-identical, verify, GB/s,
+# memory) and the trained model served on the GPU vs the CPU. On this machine it runs on the CPU. For a bare GPU
+# machine: make device-wheels here, carry .device-wheels, and run there
+#   pip install --no-deps --no-index .device-wheels/*.whl && PYTHONPATH=. python3 infra/device_check.py --out DIR/device-check.json
+device-check: install
+	$(BIN)/python infra/device_check.py --out bench-results/device-check.json $(DEVICE_ARGS)
+
+device-wheels: install
+	$(BIN)/python -m dev.device_wheels
 
 # Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
 bench-serve: install

@@ -83,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layer", action="store_true",
                    help="instead: one K2.6 layer at real widths (synth k26-layer) on tmpfs, on disk and through S3, "
                         "each against its roofline measured in the same run")
-    b.add_argument("--experts", type=int, default=96, help="--layer: routed experts (384 = a whole K2.6 layer, 10.8 GB)")
+    b.add_argument("--hub", action="store_true",
+                   help="k26-layer read from requant's local Hub: layer jobs from hf:// against a plain download of "
+                        "the same bytes (--experts, --tmpfs apply)")
+    b.add_argument("--experts", type=int, default=96, help="--layer/--hub: routed experts (384 = a whole K2.6 layer, "
+                                                           "10.8 GB)")
     b.add_argument("--recipe", default="amd-kimi-mxfp4", help="--layer: recipe to convert with")
     b.add_argument("--tmpfs", default="/dev/shm", help="--layer: a tmpfs directory ('' to skip)")
     b.add_argument("--disk", default=".", help="--layer: a directory on disk ('' to skip)")
@@ -103,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=4 << 20)
     sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may stall (then 408)")
     sv.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    sv.add_argument("--device", default="cpu", help="torch device the model runs on (cpu, cuda, cuda:1; ROCm: cuda)")
     sv.add_argument("--log-level", default="warning")
 
     sm = sub.add_parser("smoke", help="smoke-test a running OpenAI-compatible server (exit 1 on failure)")
@@ -303,7 +308,7 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name, max_model_len=args.max_model_len,
               max_body_bytes=args.max_body_bytes, max_pending=args.max_pending, log_level=args.log_level,
-              body_timeout_s=args.body_timeout)
+              body_timeout_s=args.body_timeout, device=args.device)
     elif args.command == "engine-probe":
         return _engine_probe(args)
     elif args.command == "smoke":
@@ -360,6 +365,10 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
 
         gsm8k = args.gsm8k_dir or find_local_gsm8k()
         print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
+    elif args.command == "bench" and args.hub:
+        from requant.bench.hub import run_hub_bench
+
+        run_hub_bench(args.experts, args.tmpfs, args.out)
     elif args.command == "bench" and args.layer:
         from requant.bench.layer import run_layer_bench
 

@@ -53,7 +53,7 @@ class Generator:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, uri: str, max_model_len: int = 8192) -> Generator:
+    def from_checkpoint(cls, uri: str, max_model_len: int = 8192, device: str = "cpu") -> Generator:
         ckpt = load_checkpoint(uri)
         storage = ckpt.storage
         if not storage.exists("tokenizer.json"):
@@ -63,7 +63,7 @@ class Generator:
         add_bos = False
         if storage.exists("tokenizer_config.json"):
             add_bos = bool(json.loads(storage.read_bytes("tokenizer_config.json")).get("add_bos_token", False))
-        return cls(DeepseekV3Text(ckpt), tokenizer, add_bos, max_model_len)
+        return cls(DeepseekV3Text(ckpt, device), tokenizer, add_bos, max_model_len)
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids

@@ -166,16 +166,17 @@ class LatentCache:
 class DeepseekV3Text:
     """The decoder: ``forward(token_ids [T], cache) -> logits [T, vocab]`` continuing the cached sequence."""
 
-    def __init__(self, ckpt: LoadedCheckpoint):
+    def __init__(self, ckpt: LoadedCheckpoint, device: str = "cpu"):
         self.cfg = cfg = TextConfig.from_dict(ckpt.text_config)
         w = ckpt.weights
         self.uri = ckpt.uri
         self.schemes = ckpt.scheme_counts()
+        self.device = torch.device(device)
 
         def get(name: str) -> torch.Tensor:
             if name not in w:
                 raise CheckpointError(ckpt.uri, "tensor missing for serving", name)
-            return w[name]
+            return w[name].to(self.device)
 
         def linear(module: str) -> Linear:
             return Linear(get(f"{module}.weight"), ckpt.activation.get(module))
@@ -184,7 +185,7 @@ class DeepseekV3Text:
         self.norm = get("model.norm.weight")
         self.lm_head = linear("lm_head")
         inv_freq, self.cos_factor, softmax_factor = rope_frequencies(cfg)
-        self.inv_freq = inv_freq
+        self.inv_freq = inv_freq.to(self.device)
         self.softmax_scale = (cfg.qk_nope + cfg.qk_rope) ** -0.5 * softmax_factor
         self.layers = []
         for i in range(cfg.layers):
@@ -241,7 +242,7 @@ class DeepseekV3Text:
         k = torch.cat([k_nope, k_rope.unsqueeze(0).expand(cfg.heads, -1, -1)], dim=-1)
         scores = torch.cat([q_nope, q_rope], dim=-1) @ k.transpose(1, 2) * self.softmax_scale   # [H, T, S]
         if T > 1:
-            causal = torch.arange(S)[None, :] > (S - T + torch.arange(T))[:, None]
+            causal = torch.arange(S, device=x.device)[None, :] > (S - T + torch.arange(T, device=x.device))[:, None]
             scores = scores.masked_fill(causal, float("-inf"))
         out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v                     # [H, T, v]
         return attn["o_proj"](out.transpose(0, 1).reshape(T, cfg.heads * cfg.v_head))
@@ -294,19 +295,20 @@ class DeepseekV3Text:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: LatentCache,
                 expert_counts: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """``expert_counts``: per layer, a [experts] tensor to which each MoE layer adds its routed-token counts."""
+        """``expert_counts``: per layer, a [experts] tensor to which each MoE layer adds its routed-token counts.
+        The logits come back on the CPU whatever the model's device (sampling and logprobs run there)."""
         start = cache.length
-        positions = torch.arange(start, start + token_ids.shape[0])
-        h = self.embed[token_ids]
+        positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
+        h = self.embed[token_ids.to(self.device)]
         for i in range(len(self.layers)):
             h = h + self.attention_out(i, h, positions, cache)
             h = h + self.mlp_out(i, self.mlp_input(i, h), expert_counts[i] if expert_counts else None)
-        return self.lm_head(rms_norm(h, self.norm, self.cfg.eps))
+        return self.lm_head(rms_norm(h, self.norm, self.cfg.eps)).cpu()
 
     @torch.inference_mode()
     def expert_counts(self, token_ids: torch.Tensor) -> dict[int, list[int]]:
         """How many tokens of ``token_ids`` (one sequence) each routed expert of each MoE layer receives."""
-        counts = [torch.zeros(self.cfg.experts, dtype=torch.long) if self.is_moe(i) else None
+        counts = [torch.zeros(self.cfg.experts, dtype=torch.long, device=self.device) if self.is_moe(i) else None
                   for i in range(len(self.layers))]
         self.forward(token_ids, self.new_cache(), counts)
         return {i: c.tolist() for i, c in enumerate(counts) if c is not None}

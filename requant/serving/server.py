@@ -229,14 +229,14 @@ async def _stream(generator: Generator, req, prompts: list[list[int]], pending: 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_model_len: int = 8192, max_body_bytes: int = 4 << 20,
-          max_pending: int = 16, log_level: str = "info", body_timeout_s: float = 30.0) -> None:
+          max_pending: int = 16, log_level: str = "info", body_timeout_s: float = 30.0, device: str = "cpu") -> None:
     import uvicorn
 
     name = served_model_name or checkpoint.rstrip("/").rsplit("/", 1)[-1]
     started = time.perf_counter()
-    generator = Generator.from_checkpoint(checkpoint, max_model_len)
+    generator = Generator.from_checkpoint(checkpoint, max_model_len, device)
     counts = ", ".join(f"{k}={v}" for k, v in generator.model.schemes.items())
-    print(f"requant serve: loaded {name} ({counts} linear modules) in {time.perf_counter() - started:.1f}s; "
+    print(f"requant serve: loaded {name} ({counts} linear modules) on {device} in {time.perf_counter() - started:.1f}s; "
           f"http://{host}:{port}/v1", flush=True)
     app = create_app(generator, name, api_key, max_body_bytes, max_pending, body_timeout_s)
     # No uvicorn limit_concurrency: it answers 503 to every new connection, health checks included, once

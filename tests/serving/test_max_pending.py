@@ -58,7 +58,7 @@ def served():
     gate = GatedGenerator()
     built = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server_module.Generator, "from_checkpoint", classmethod(lambda cls, uri, max_model_len: gate))
+        mp.setattr(server_module.Generator, "from_checkpoint", classmethod(lambda cls, uri, max_model_len, device="cpu": gate))
         mp.setattr(uvicorn, "run", lambda app, **kwargs: built.update(app=app, **kwargs))
         assert main(["serve", "unused-checkpoint", "--served-model-name", "gated"]) == 0
     server = uvicorn.Server(uvicorn.Config(built["app"], host="127.0.0.1", port=0, log_level="warning"))
