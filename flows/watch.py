@@ -96,14 +96,14 @@ def _ledger_artifact(book: Ledger) -> None:
     rows = []
     for revision in book.revisions():
         if same := book.unchanged(revision):
-            rows.append({"revision": revision, "attempt": 0, "flow_run": "", "output": same["output"] or "",
-                         "state": f"weights unchanged since {same['same_as']}", "claimed_by": "",
+            rows.append({"revision": revision, "state": f"weights unchanged since {same['same_as']}", "attempt": 0,
+                         "flow_run": "", "output": same["output"] or "", "claimed_by": "",
                          "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(same["recorded_at"]))})
             continue
         attempts = book.attempts(revision)
         states = _states([a.flow_run_id for a in attempts if a.flow_run_id])
         for a in attempts:
-            rows.append({"revision": revision, "attempt": a.number, "flow_run": a.flow_run_id or "",
-                         "state": states.get(a.flow_run_id or "", "not started"), "output": a.output or "",
+            rows.append({"revision": revision, "state": states.get(a.flow_run_id or "", "not started"),
+                         "attempt": a.number, "flow_run": a.flow_run_id or "", "output": a.output or "",
                          "claimed_by": a.watcher, "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.claimed_at))})
     create_table_artifact(rows, key="upstream-ledger", description=f"conversion attempts per upstream revision ({book.uri})")

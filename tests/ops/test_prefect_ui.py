@@ -146,7 +146,9 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
                                   parameters={"parameters": {"evaluate": False, "progress": False}})
             assert same.state.is_completed()
             assert not [r for r in client.read_flow_runs() if r.parameters.get("revision") == new_commit]
-    _page(f"{ui['ui_url']}/artifacts/key/upstream-ledger", [f"weights unchanged since {ui['hub_commit']}"],
+            ledger = [a for a in client.read_artifacts() if a.key == "upstream-ledger" and a.flow_run_id == same.id]
+            assert len(ledger) == 1 and f"weights unchanged since {ui['hub_commit']}" in str(ledger[0].data)
+    _page(f"{ui['ui_url']}/artifacts/artifact/{ledger[0].id}", [f"weights unchanged since {ui['hub_commit']}"],
           artifacts_dir("prefect-ui") / "prefect-ui-upstream-ledger.png")
     _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
           artifacts_dir("prefect-ui") / "prefect-ui-requantize-deployment.png")
