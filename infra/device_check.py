@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,19 +62,6 @@ out = {"wall_s": wall, "transcode_busy_s": busy[0],
 open(report, "w").write(json.dumps(out))
 """
 
-_LAUNCHER = """
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-wall = time.perf_counter() - start
-if proc.returncode:
-    sys.stderr.write(proc.stderr.decode(errors="replace")[-3000:])
-    sys.exit(proc.returncode)
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}))
-"""
-
-
 def environment(device: str) -> dict[str, Any]:
     import torch
 
@@ -95,11 +81,10 @@ def environment(device: str) -> dict[str, Any]:
 
 def measured_convert(src: Path, dst: Path, recipe: str, device: str) -> dict[str, Any]:
     report = dst.with_suffix(".json")
-    cmd = [sys.executable, "-c", _CONVERT, str(src), str(dst), recipe, device, str(report)]
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"convert {recipe} on {device} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout) | json.loads(report.read_text())
+    from requant.bench.conversion import _run_measured  # the process's own wall time and peak RSS
+
+    measured = _run_measured([sys.executable, "-c", _CONVERT, str(src), str(dst), recipe, device, str(report)])
+    result = {"process_s": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"]} | json.loads(report.read_text())
     result["transcode_share"] = result["transcode_busy_s"] / result["wall_s"]
     return result
 

@@ -167,6 +167,12 @@ def list_revision(endpoint: str, repo: str, commit: str) -> dict[str, dict]:
     return files
 
 
+def git_blob_hasher(size: int):
+    """A hash object that, fed a file's ``size`` bytes, gives git's blob id: what the Hub publishes for files
+    kept in git rather than LFS."""
+    return hashlib.sha1(b"blob %d\0" % size)
+
+
 _ETAG = re.compile(r'^(?:W/)?"?([^"]*)"?$')
 
 
@@ -195,10 +201,6 @@ class HfStorage:
         if self._commit is None:
             self._commit = resolve_revision(self.repo, self.revision, self.endpoint)
         return self._commit
-
-    @property
-    def resolved_revision(self) -> str:
-        return self.commit
 
     def pinned_uri(self) -> str:
         return f"hf://{self.repo}@{self.commit}"
@@ -311,7 +313,7 @@ class HfStorage:
     def iter_file(self, path: str) -> Iterator[bytes]:
         """The whole file in chunks, checked: its sha256 (LFS) or git blob id must be the published one."""
         entry, where = self._entry(path), f"{self.uri}/{path}"
-        digest = hashlib.sha256() if entry["sha256"] else hashlib.sha1(b"blob %d\0" % entry["size"])
+        digest = hashlib.sha256() if entry["sha256"] else git_blob_hasher(entry["size"])
         size = 0
         with self._get(path) as response:
             for chunk in response.iter_bytes(CHUNK):

@@ -11,7 +11,6 @@ second mirror of a revision costs a listing. ``refs/<branch>`` is written last, 
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from requant.errors import CheckpointError
-from requant.io.hf import HfStorage
+from requant.io.hf import HfStorage, git_blob_hasher
 from requant.io.storage import open_storage
 
 
@@ -47,8 +46,9 @@ def _already_there(dest, path: str, size: int, hub: HfStorage) -> bool:
     published = hub.recorded_sha256(path)
     if published:
         return (dest.recorded_sha256(path) or dest.sha256(path)) == published
-    data = dest.read_bytes(path)
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == hub.blob_id(path)
+    blob = git_blob_hasher(size)
+    blob.update(dest.read_bytes(path))
+    return blob.hexdigest() == hub.blob_id(path)
 
 
 def mirror_file(source: str, snapshot: str, path: str) -> dict:

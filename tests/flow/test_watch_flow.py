@@ -51,6 +51,19 @@ def _watch(mirror, out, ledger):
     return watch_upstream(upstream=str(mirror), output_root=out, ledger=ledger)
 
 
+def _two_watchers_at_once(prefect_api, upstream, out, ledger) -> list[dict]:
+    """Two watcher processes started at the same moment; the result of each."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    procs = [subprocess.Popen([sys.executable, "-c", WATCH, upstream, out, ledger], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    return results
+
+
 def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_server, deployment, tmp_path):
     from prefect.states import Completed, Failed
 
@@ -69,14 +82,7 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
 
     # A new revision and two watchers started at the same moment: one run.
     (mirror / "refs/main").write_text("rev-b")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    procs = [subprocess.Popen([sys.executable, "-c", WATCH, str(mirror), out, ledger], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    results = _two_watchers_at_once(prefect_api, str(mirror), out, ledger)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
     new = [r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]
     assert len(new) == 1
@@ -124,13 +130,6 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     config = json.loads((tiny_upstream / "config.json").read_text())
     config["text_config"]["rope_theta"] = config["text_config"].get("rope_theta", 10000.0) * 2
     changed = publish(local_hub.root, "testorg/watched", {"config.json": json.dumps(config, indent=2).encode()})
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    procs = [subprocess.Popen([sys.executable, "-c", WATCH, upstream, out, ledger], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    results = _two_watchers_at_once(prefect_api, upstream, out, ledger)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
     assert len([r for r in _runs(deployment) if r.parameters["revision"] == changed]) == 1
