@@ -1,5 +1,16 @@
-"""``make bench-flow``: the requantize flow on k26-topology with 1 and 2 local Ray workers, per-stage
-times, orchestration overhead, and the roofline of copying the same bytes through the same S3 server.
+"""The benchmarks that run the requantize flow (the orchestration side; the library's own are ``requant bench``).
+
+``python -m dev.bench flow`` (``make bench-flow``): the requantize flow on k26-topology with 1 and 2 local Ray
+workers, per-stage times, orchestration overhead, and the roofline of copying the same bytes through the same S3
+server.
+
+``python -m dev.bench layer`` (``make bench-layer``): ``requant bench --layer``'s tmpfs and disk measurements of one
+K2.6 layer at real widths, then the same layer through S3: the roofline is a concurrent GET of the input shards
+and PUT of the same number of bytes through boto3's transfer manager; then the requantize flow with 1 and 2 local
+Ray workers. On one machine the S3 server shares the cores with the conversion, so the S3 runs also record where
+the CPU time went (:mod:`requant.bench.cpu`) and the machine's busy share. From them, a shared-CPU bound for the
+flow: the S3 server's CPU time for moving the bytes (the roofline's) plus the conversion's own (``convert --local``
+on one core), over the cores.
 
 Each configuration runs in a fresh process (a fresh local Ray with that many CPUs) against one
 SeaweedFS server; every run writes to a new output prefix, so nothing is resumed. Each run also records where
@@ -10,17 +21,24 @@ busy the machine was: on a machine whose cores the services share with the worke
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from requant import seaweed
-from requant.bench.layer import measured_flow_run
+from requant.bench.cpu import CpuSampler, ray_part
+from requant.bench.layer import LAYER_RECIPE, _bytes, _shards, run_layer_bench
+from requant.bench.provenance import run_info
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
+from requant.job import available_cores
 from requant.synth import synthesize
 
 
@@ -42,12 +60,163 @@ def copy_roofline(upstream: str, scratch: str) -> dict:
     return {"bytes": moved, "seconds": seconds, "mb_per_s": moved / 1e6 / seconds}
 
 
+def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, server_pid: int) -> dict[str, Any]:
+    """GET every input shard while PUTting the same bytes (from ``local``) under ``scratch``, both through
+    boto3's transfer manager (multipart, several connections each), at the same time; with the CPU time of
+    this process (the client) and of the S3 server."""
+    from boto3.s3.transfer import TransferConfig
+
+    from requant.io.s3 import MULTIPART_CHUNK, S3Storage
+
+    src, dst = S3Storage(upstream), S3Storage(scratch)
+    dst.ensure_bucket()
+    config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
+    errors: list[BaseException] = []
+
+    class Sink(io.RawIOBase):
+        """Discards what it is given: a seekable file to the transfer manager, which writes parts at offsets."""
+
+        def __init__(self) -> None:
+            self.position = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            self.position += len(data)
+            return len(data)
+
+        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+            self.position = offset if whence == io.SEEK_SET else self.position + offset
+            return self.position
+
+        def tell(self) -> int:
+            return self.position
+
+    def get() -> None:
+        try:
+            for f in files:
+                src.s3.download_fileobj(src.bucket, src.key(f), Sink(), Config=config)
+        except BaseException as exc:  # noqa: BLE001 - reported after both finished
+            errors.append(exc)
+
+    def put() -> None:
+        try:
+            for f in files:
+                dst.s3.upload_file(str(local / f), dst.bucket, dst.key(f), Config=config)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=get), threading.Thread(target=put)]
+    with CpuSampler({"s3 server": server_pid, "client (boto3)": os.getpid()}) as cpu:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    size = sum((local / f).stat().st_size for f in files)
+    return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds, "cpu": cpu.summary()}
+
+
+_RUN_FLOW = """
+import json, sys
+from flows.requantize import requantize, start_ephemeral_server
+start_ephemeral_server()
+print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
+                                        evaluate=False)))
+"""
+
+
+def measured_flow_run(upstream: str, output: str, recipe: str, workers: int, env: dict[str, str],
+                      server_pid: int) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """One requantize flow (no evaluation) in a fresh process with a fresh local Ray of ``workers`` CPUs: its
+    summary, process wall seconds, and where the CPU time went (with the S3 server's)."""
+    run_env = dict(env, REQUANT_RAY_CPUS=str(workers))
+    run_env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_FLOW, upstream, output, recipe],
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with CpuSampler({"flow driver": proc.pid, "s3 server": server_pid}, classify=ray_part) as cpu:
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"flow with {workers} workers failed:\n{stdout[-2000:]}{stderr[-3000:]}")
+    summary = json.loads(next(li for li in stdout.splitlines() if li.startswith("RESULT "))[7:])
+    return summary, wall, cpu.summary()
+
+
+def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE,
+             convert_cpu_seconds: float | None = None) -> dict[str, Any]:
+    """The roofline and the flow runs through one SeaweedFS. ``convert_cpu_seconds``: the conversion's own CPU
+    time (``convert --local`` on one core), for the shared-CPU bound."""
+    from requant import seaweed
+    from requant.io.transfer import upload_dir
+
+    server = seaweed.start(work / "seaweed")
+    env = dict(os.environ, **server.env())
+    saved = dict(os.environ)
+    os.environ.update(server.env())
+    try:
+        upstream = "s3://bench/upstream"
+        upload_dir(upstream_dir, upstream)
+        files = [f.name for f in _shards(upstream_dir)]
+        out: dict[str, Any] = {"bytes_in": _bytes(upstream_dir),
+                               "roofline": s3_roofline(upstream, "s3://bench/copy", files, upstream_dir, server.pid),
+                               "flow": {}}
+        if convert_cpu_seconds is not None:
+            server_cpu = out["roofline"]["cpu"]["cpu_seconds"].get("s3 server", 0.0)
+            out["shared_cpu_bound_seconds"] = max(out["roofline"]["seconds"],
+                                                  (server_cpu + convert_cpu_seconds) / available_cores())
+        for n in workers:
+            summary, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{n}", recipe, n, env, server.pid)
+            t = summary["timings"]
+            run = {"process_seconds": wall, "timings": t, "cpu": cpu,
+                   "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
+                   "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
+                   "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
+            if "shared_cpu_bound_seconds" in out:
+                run["of_shared_cpu_bound"] = out["shared_cpu_bound_seconds"] / t["jobs"]
+            out["flow"][str(n)] = run
+        runs = [out["flow"][str(n)]["timings"]["total"] for n in workers]
+        out["scaling"] = runs[0] / runs[-1] if len(runs) > 1 else None
+        return out
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        seaweed.stop(server)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="k26-topology")
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--out", default="bench-results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("flow", help="the requantize flow on a synthetic profile with 1 and 2 local Ray workers")
+    f.add_argument("--profile", default="k26-topology")
+    f.add_argument("--workers", default="1,2")
+    f.add_argument("--out", default="results", help="writes flow.json and flow.md here")
+    la = sub.add_parser("layer", help="one K2.6 layer at real widths on tmpfs, on disk and through S3 + the flow")
+    la.add_argument("--experts", type=int, default=96, help="routed experts (384 = a whole K2.6 layer, 10.8 GB)")
+    la.add_argument("--recipe", default=LAYER_RECIPE)
+    la.add_argument("--tmpfs", default="/dev/shm", help="a tmpfs directory ('' to skip)")
+    la.add_argument("--disk", default=".", help="a directory on disk ('' to skip)")
+    la.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 flow runs")
+    la.add_argument("--workers", default="1,2", help="Ray worker counts for the flow runs")
+    la.add_argument("--out", default="results", help="writes layer.json and layer.md here")
     args = parser.parse_args(argv)
+    if args.command == "layer":
+        workers = [int(n) for n in args.workers.split(",")]
+        part = (lambda up, work, cpu_s: s3_bench(up, work, workers, args.recipe, cpu_s)) if args.s3 else None
+        run_layer_bench(args, s3_part=part)
+        return 0
+    return flow_bench(args)
+
+
+def flow_bench(args) -> int:
     with tempfile.TemporaryDirectory(prefix="requant-bench-flow-") as tmp:
         server = seaweed.start(Path(tmp) / "seaweed")
         os.environ.update(server.env())
@@ -55,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             local = synthesize(Path(tmp) / "up", args.profile, seed=0, progress=False)
             upstream = f"s3://bench/upstream/{args.profile}"
             upload_dir(local, upstream)
-            results = {"profile": args.profile, "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
+            results = {"run": run_info(), "profile": args.profile, "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
             for workers in [int(w) for w in args.workers.split(",")]:
                 run, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{workers}", "kimi-k2.6-mxfp4", workers,
                                                    dict(os.environ), server.pid)

@@ -25,9 +25,9 @@ from typing import Any
 from requant.bench.provenance import describe, run_info
 from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
-from requant.engines.smoke import load_limits, task_prompts
+from requant.engines.smoke import load_limits
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
-from requant.evaluation.judge import Judgement, Protocol, evaluate_reference, judge
+from requant.evaluation.judge import Judgement, Protocol, evaluate_reference, serve_and_judge
 from requant.synth import synthesize
 from requant.trained.damage import CATALOG, damage, unseen_rows
 
@@ -91,7 +91,7 @@ def _row(j: Judgement) -> dict[str, Any]:
 
 def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool) -> dict[str, Any]:
     spec = load_engines()["reference"]
-    limits, prompts = load_limits(), task_prompts(TRAINED_TASK)  # the agreement prompts the flow uses here
+    limits = load_limits()
     rows: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     with launch(spec, str(paths[REFERENCE]), served_model_name=REFERENCE, log_dir=root / "logs",
@@ -105,9 +105,8 @@ def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool)
             if name == REFERENCE:
                 continue
             served = name.replace(":", "-")
-            with launch(spec, str(path), served_model_name=served, log_dir=root / "logs", max_model_len=4096) as cand:
-                j = judge(cand, ref, reference, protocol, root / "eval" / served, limits=limits, prompts=prompts,
-                          checkpoints=(str(path), str(paths[REFERENCE])), score_after_failed_smoke=True)
+            j = serve_and_judge(path, served, ref, paths[REFERENCE], reference, protocol, root / "eval" / served,
+                                root / "logs", score_after_failed_smoke=True)
             rows[name] = _row(j)
             print(f"{name}: smoke {'pass' if j.smoke['passed'] else 'FAIL'}"
                   + (f", {j.comparison.verdict}" if j.comparison else ""), flush=True)

@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=9,
                    help="decoder layers of the synthesized k26-topology model (61 = all; Quark takes over an hour then)")
     b.add_argument("--layer", action="store_true",
-                   help="instead: one K2.6 layer at real widths (synth k26-layer) on tmpfs, on disk and through S3, "
-                        "each against its roofline measured in the same run")
+                   help="instead: one K2.6 layer at real widths (synth k26-layer) on tmpfs and on disk, each against "
+                        "its roofline measured in the same run (make bench-layer adds S3 and the flow on Ray)")
     b.add_argument("--hub", action="store_true",
                    help="k26-layer read from requant's local Hub: layer jobs from hf:// against a plain download of "
                         "the same bytes (--experts, --tmpfs apply)")
@@ -91,8 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="amd-kimi-mxfp4", help="--layer: recipe to convert with")
     b.add_argument("--tmpfs", default="/dev/shm", help="--layer: a tmpfs directory ('' to skip)")
     b.add_argument("--disk", default=".", help="--layer: a directory on disk ('' to skip)")
-    b.add_argument("--no-s3", dest="s3", action="store_false", help="--layer: skip the S3 flow runs")
-    b.add_argument("--workers", default="1,2", help="--layer: Ray worker counts for the flow runs")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible reference server for a checkpoint (dir or s3://)")
     sv.add_argument("checkpoint")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from requant.bench.provenance import describe, run_info
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
@@ -196,12 +197,13 @@ def render(results: dict[str, Any]) -> str:
         if "speedup_vs_quark" in c:
             lines += ["", f"- requant is {c['speedup_vs_quark']:.1f}x faster than Quark's file-to-file; "
                           f"outputs bit-identical: {c['bit_identical_to_quark']}"]
-    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
+    lines += ["", f"Measured {describe(results['run'])}." if "run" in results else
+              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
     return "\n".join(lines) + "\n"
 
 
 def run_bench(args) -> dict[str, Any]:
-    results: dict[str, Any] = {"kernel": kernel_bench(args.repeats)}
+    results: dict[str, Any] = {"run": run_info(), "kernel": kernel_bench(args.repeats)}
     if not args.skip_checkpoint:
         with tempfile.TemporaryDirectory(prefix="requant-bench-") as tmp:
             upstream = Path(args.upstream) if getattr(args, "upstream", None) else None
@@ -210,7 +212,7 @@ def run_bench(args) -> dict[str, Any]:
     text = render(results)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(args.out) / "results.md").write_text(text)
+        (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(args.out) / "bench.md").write_text(text)
     print(json.dumps(results, indent=2) if args.json else text)
     return results

@@ -9,32 +9,24 @@ INT4 experts, real MLA). Per location (a disk directory, tmpfs):
   extensions: it does not use them);
 - ``requant convert --local`` with default settings (every core) and pinned to one core.
 
-Through S3 (SeaweedFS on loopback, its data on the disk): the roofline is a concurrent GET of the input shards
-and PUT of the same number of bytes through boto3's transfer manager; then the requantize flow with 1 and 2 local
-Ray workers. Every measured command runs in its own process: wall time, CPU time and its own peak RSS.
-
-On one machine the S3 server shares the cores with the conversion, so the S3 runs also record where the CPU
-time went (:mod:`requant.bench.cpu`: the S3 server, the flow's driver, Ray's workers and services, Prefect's
-server) and the machine's busy share. From them, a shared-CPU bound for the flow: the S3 server's CPU time for
-moving the bytes (the roofline's) plus the conversion's own (``convert --local`` on one core), over the cores.
+Every measured command runs in its own process: wall time, CPU time and its own peak RSS. The same layer through
+S3 and the requantize flow on Ray (``make bench-layer``) is measured by the orchestration side, ``dev/bench.py``,
+which passes its measurement in as ``s3_part``; this module only renders it.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
-from requant.bench.cpu import CpuSampler, ray_part
+from requant.bench.provenance import describe, run_info
 from requant.job import available_cores
 
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
@@ -89,138 +81,6 @@ def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[
     return out
 
 
-def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, server_pid: int) -> dict[str, Any]:
-    """GET every input shard while PUTting the same bytes (from ``local``) under ``scratch``, both through
-    boto3's transfer manager (multipart, several connections each), at the same time; with the CPU time of
-    this process (the client) and of the S3 server."""
-    from boto3.s3.transfer import TransferConfig
-
-    from requant.io.s3 import MULTIPART_CHUNK, S3Storage
-
-    src, dst = S3Storage(upstream), S3Storage(scratch)
-    dst.ensure_bucket()
-    config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
-    errors: list[BaseException] = []
-
-    class Sink(io.RawIOBase):
-        """Discards what it is given: a seekable file to the transfer manager, which writes parts at offsets."""
-
-        def __init__(self) -> None:
-            self.position = 0
-
-        def writable(self) -> bool:
-            return True
-
-        def seekable(self) -> bool:
-            return True
-
-        def write(self, data) -> int:
-            self.position += len(data)
-            return len(data)
-
-        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-            self.position = offset if whence == io.SEEK_SET else self.position + offset
-            return self.position
-
-        def tell(self) -> int:
-            return self.position
-
-    def get() -> None:
-        try:
-            for f in files:
-                src.s3.download_fileobj(src.bucket, src.key(f), Sink(), Config=config)
-        except BaseException as exc:  # noqa: BLE001 - reported after both finished
-            errors.append(exc)
-
-    def put() -> None:
-        try:
-            for f in files:
-                dst.s3.upload_file(str(local / f), dst.bucket, dst.key(f), Config=config)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=get), threading.Thread(target=put)]
-    with CpuSampler({"s3 server": server_pid, "client (boto3)": os.getpid()}) as cpu:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    size = sum((local / f).stat().st_size for f in files)
-    return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds, "cpu": cpu.summary()}
-
-
-_RUN_FLOW = """
-import json, sys
-from flows.requantize import requantize, start_ephemeral_server
-start_ephemeral_server()
-print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
-                                        evaluate=False)))
-"""
-
-
-def measured_flow_run(upstream: str, output: str, recipe: str, workers: int, env: dict[str, str],
-                      server_pid: int) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """One requantize flow (no evaluation) in a fresh process with a fresh local Ray of ``workers`` CPUs: its
-    summary, process wall seconds, and where the CPU time went (with the S3 server's)."""
-    run_env = dict(env, REQUANT_RAY_CPUS=str(workers))
-    run_env.pop("RAY_ADDRESS", None)
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _RUN_FLOW, upstream, output, recipe],
-                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with CpuSampler({"flow driver": proc.pid, "s3 server": server_pid}, classify=ray_part) as cpu:
-        stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"flow with {workers} workers failed:\n{stdout[-2000:]}{stderr[-3000:]}")
-    summary = json.loads(next(li for li in stdout.splitlines() if li.startswith("RESULT "))[7:])
-    return summary, wall, cpu.summary()
-
-
-def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = LAYER_RECIPE,
-             convert_cpu_seconds: float | None = None) -> dict[str, Any]:
-    """The roofline and the flow runs through one SeaweedFS. ``convert_cpu_seconds``: the conversion's own CPU
-    time (``convert --local`` on one core), for the shared-CPU bound."""
-    from requant import seaweed
-    from requant.io.transfer import upload_dir
-
-    server = seaweed.start(work / "seaweed")
-    env = dict(os.environ, **server.env())
-    saved = dict(os.environ)
-    os.environ.update(server.env())
-    try:
-        upstream = "s3://bench/upstream"
-        upload_dir(upstream_dir, upstream)
-        files = [f.name for f in _shards(upstream_dir)]
-        out: dict[str, Any] = {"bytes_in": _bytes(upstream_dir),
-                               "roofline": s3_roofline(upstream, "s3://bench/copy", files, upstream_dir, server.pid),
-                               "flow": {}}
-        if convert_cpu_seconds is not None:
-            server_cpu = out["roofline"]["cpu"]["cpu_seconds"].get("s3 server", 0.0)
-            out["shared_cpu_bound_seconds"] = max(out["roofline"]["seconds"],
-                                                  (server_cpu + convert_cpu_seconds) / available_cores())
-        for n in workers:
-            summary, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{n}", recipe, n, env, server.pid)
-            t = summary["timings"]
-            run = {"process_seconds": wall, "timings": t, "cpu": cpu,
-                   "mb_per_s_in": out["bytes_in"] / 1e6 / t["total"],
-                   "jobs_mb_per_s_in": out["bytes_in"] / 1e6 / t["jobs"],
-                   "of_roofline": out["roofline"]["seconds"] / t["jobs"]}
-            if "shared_cpu_bound_seconds" in out:
-                run["of_shared_cpu_bound"] = out["shared_cpu_bound_seconds"] / t["jobs"]
-            out["flow"][str(n)] = run
-        runs = [out["flow"][str(n)]["timings"]["total"] for n in workers]
-        out["scaling"] = runs[0] / runs[-1] if len(runs) > 1 else None
-        return out
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        seaweed.stop(server)
-
-
 def render(results: dict[str, Any]) -> str:
     f = results["fixture"]
     lines = [f"## One Kimi-K2.6 layer at real widths: {f['experts']} routed experts, {f['bytes'] / 1e9:.2f} GB in, "
@@ -269,7 +129,8 @@ def render(results: dict[str, Any]) -> str:
                 lines.append(f"- CPU seconds, flow with {n} worker(s): {parts}")
         if s3.get("scaling"):
             lines.append(f"- 1 -> {list(s3['flow'])[-1]} Ray workers: {s3['scaling']:.2f}x")
-    lines += ["", f"Machine: {results['cores']} cores; {results['note']}"]
+    lines += ["", f"Measured {describe(results['run'])}; {results['cores']} cores available; {results['note']}"
+              if "run" in results else f"Machine: {results['cores']} cores; {results['note']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -282,11 +143,13 @@ def _cpu_cells(run: dict[str, Any]) -> str:
     return f"{100 * cpu['machine_busy']:.0f}% | {server:.1f} | {cpu['cpu_seconds_total'] - server:.1f}"
 
 
-def run_layer_bench(args) -> dict[str, Any]:
+def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """tmpfs and disk; with ``s3_part(upstream, work, convert_cpu_seconds)`` (the orchestration side's S3 + flow
+    measurement, given the conversion's own CPU seconds on one core) also through S3, on the disk's fixture."""
     from requant.synth import synthesize
 
     experts = args.experts
-    results: dict[str, Any] = {"recipe": args.recipe, "cores": available_cores(),
+    results: dict[str, Any] = {"run": run_info(), "recipe": args.recipe, "cores": available_cores(),
                                "note": "each figure from one run; ratios are side by side in that run"}
     places = {"tmpfs": Path(args.tmpfs) if args.tmpfs else None, "disk": Path(args.disk) if args.disk else None}
     for where, base in places.items():
@@ -299,10 +162,9 @@ def run_layer_bench(args) -> dict[str, Any]:
             print(f"{where}: measuring in {work}", file=sys.stderr)
             results[where] = local_bench(upstream, work, args.recipe)
             _save(results, args.out)
-            if where == "disk" and args.s3:
+            if where == "disk" and s3_part is not None:
                 one_core = results[where]["requant_1_core"]
-                results["s3"] = s3_bench(upstream, work, [int(n) for n in args.workers.split(",")], args.recipe,
-                                         convert_cpu_seconds=one_core["seconds"] * one_core["cpu_percent"] / 100)
+                results["s3"] = s3_part(upstream, work, one_core["seconds"] * one_core["cpu_percent"] / 100)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(_save(results, args.out))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from requant.bench.provenance import describe, run_info
 from requant.convert import convert_local
 from requant.serving.checkpoint import load_checkpoint
 from requant.serving.model import DeepseekV3Text
@@ -53,7 +54,7 @@ def model_rates(model: DeepseekV3Text, prompt_len: int, decode_len: int, repeats
 
 def run_bench_serve(out: str | None = None, prompt_len: int = 512, decode_len: int = 128, repeats: int = 3,
                     eval_items: int = 20, gsm8k_dir: str | None = None) -> dict[str, Any]:
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "decode_len": decode_len}
+    results: dict[str, Any] = {"run": run_info(), "threads": torch.get_num_threads(), "prompt_len": prompt_len, "decode_len": decode_len}
     with tempfile.TemporaryDirectory(prefix="requant-bench-serve-") as tmp:
         root = Path(tmp)
         upstream = synthesize(root / "tiny", "tiny", seed=0, progress=False)
@@ -105,4 +106,6 @@ def format_results(r: dict[str, Any]) -> str:
                       f"{e['seconds']:.1f} s = {e['seconds_per_100_items']:.0f} s per 100 items "
                       f"(mean completion {e['mean_completion_chars']:.0f} chars; a random model rarely says 'Question:', "
                       "so most items decode the full 256 tokens)."]
+    if "run" in r:
+        lines += ["", f"Measured {describe(r['run'])}."]
     return "\n".join(lines) + "\n"

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from requant.engines.engines import RunningEngine
-from requant.engines.smoke import SmokeLimits, smoke_test
+from requant.engines.engines import RunningEngine, launch, load_engines
+from requant.engines.smoke import SmokeLimits, load_limits, smoke_test, task_prompts
 from requant.evaluation.compare import Comparison, compare
 from requant.evaluation.gsm8k import run_gsm8k
 from requant.evaluation.results import GSM8KResult
@@ -61,3 +61,17 @@ def judge(candidate: RunningEngine, reference: RunningEngine, reference_result: 
                        seeds=list(protocol.seeds), num_fewshot=protocol.num_fewshot, limit=protocol.limit,
                        gsm8k_dir=protocol.gsm8k_dir, out_dir=out_dir, progress=False)
     return Judgement(smoke, smoke_seconds, result, compare(result, reference_result), time.perf_counter() - started)
+
+
+def serve_and_judge(checkpoint: Path | str, name: str, reference: RunningEngine, reference_checkpoint: Path | str,
+                    reference_result: GSM8KResult | None, protocol: Protocol, out_dir: Path, log_dir: Path,
+                    score_after_failed_smoke: bool = False) -> Judgement:
+    """Serve ``checkpoint`` with ``requant serve`` and :func:`judge` it the way the evaluation flow does: the smoke
+    test with the flow's limits and the task's own agreement prompts (localizing against ``reference_checkpoint``
+    when it fails), then GSM8K and the comparison. The server is stopped before this returns."""
+    with launch(load_engines()["reference"], str(checkpoint), served_model_name=name, log_dir=log_dir,
+                max_model_len=4096) as server:
+        return judge(server, reference, reference_result, protocol, out_dir, limits=load_limits(),
+                     prompts=task_prompts(protocol.gsm8k_dir) if protocol.gsm8k_dir else None,
+                     checkpoints=(str(checkpoint), str(reference_checkpoint)),
+                     score_after_failed_smoke=score_after_failed_smoke)

@@ -1,15 +1,30 @@
 """Print hardening.json (written by the tests/hardening suite into the run's artifacts folder, which
-TEST_ARTIFACTS_DIR names; `make hardening` sets it for both steps) as a table."""
+TEST_ARTIFACTS_DIR names; `make hardening` sets it for both steps) as a table. With ``--out DIR`` (make hardening:
+results/) also write it there as hardening.json with the date, versions and machine, and hardening.md, for the docs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 
+def table(data: dict) -> str:
+    rows = [("area", "tried", "outcomes", "lost")]
+    for area, r in data["areas"].items():
+        outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items()))
+        rows.append((area, str(r["tried"]), outcomes, str(r["lost"])))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|---|---:|---|---:|")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write hardening.json (with provenance) and hardening.md here")
+    args = parser.parse_args()
     folder = os.environ.get("TEST_ARTIFACTS_DIR")
     if not folder:
         print("TEST_ARTIFACTS_DIR is not set: name the test run's artifacts folder (make hardening does)",
@@ -34,6 +49,13 @@ def main() -> int:
         for note in r["notes"]:
             print(f"- {area}: {note}")
     lost = sum(r["lost"] for r in data["areas"].values())
+    if args.out:
+        from requant.bench.provenance import run_info
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "hardening.json").write_text(json.dumps({"run": run_info(), **data}, indent=1) + "\n")
+        (out / "hardening.md").write_text(table(data))
     print(f"nothing lost: {'yes' if lost == 0 else f'NO ({lost})'}")
     return 0 if lost == 0 else 1
 

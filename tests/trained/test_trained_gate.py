@@ -23,10 +23,9 @@ from safetensors.torch import load_file
 import requant.trained
 from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
-from requant.engines.smoke import load_limits, task_prompts
 from requant.errors import RequantError
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
-from requant.evaluation.judge import Protocol, evaluate_reference, judge
+from requant.evaluation.judge import Protocol, evaluate_reference, serve_and_judge
 from requant.evaluation.report import format_table
 from requant.synth import int4_fake_quantize, synthesize, trained_assets
 from requant.trained.damage import CATALOG, damage, unseen_rows
@@ -69,10 +68,8 @@ def fp8_trained_result(fp8_trained, tmp_path_factory):
 def _judge(path, name, trained_variants, fp8_trained, reference_result, tmp_path_factory, protocol=PROTOCOL, **kw):
     """What the evaluation flow decides, with the flow's prompts and limits: smoke test, then GSM8K if it passed
     (on ``protocol``'s seeds; the comparison pairs the seeds both variants ran)."""
-    with _serve(path, name, tmp_path_factory) as server:
-        j = judge(server, fp8_trained, reference_result, protocol, tmp_path_factory.mktemp("eval") / name,
-                  limits=load_limits(), prompts=task_prompts(TRAINED_TASK),
-                  checkpoints=(str(path), str(trained_variants["fp8-reference"])), **kw)
+    j = serve_and_judge(path, name, fp8_trained, trained_variants["fp8-reference"], reference_result, protocol,
+                        tmp_path_factory.mktemp("eval") / name, tmp_path_factory.mktemp("serve-logs"), **kw)
     seq = j.smoke["numeric"]["sequence"]
     print(f"\n{name}: smoke {'passed' if j.smoke['passed'] else 'FAILED'} in {j.smoke_seconds:.1f}s (sequence top-1 "
           f"{seq.get('top1_agreement')}, mean KL {seq.get('mean_kl', float('nan')):.4f})")
