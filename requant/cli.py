@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.api_key import api_key
+from requant.constants import QUARK_RELEASES
 from requant.errors import ProblemsError, RequantError
 
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--recipe", required=True, help="built-in recipe name or path to a recipe YAML")
+    c.add_argument("--quark-version", choices=list(QUARK_RELEASES),
+                   help="the AMD Quark release whose file-to-file export the output equals byte for byte (default: the "
+                        "recipe's, 0.11 = Quark 0.11.2; 0.13 quantizes the exact FP32 decode of INT4 weights)")
     c.add_argument("--local", action="store_true",
                    help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
     c.add_argument("--overwrite", action="store_true")
@@ -254,14 +258,15 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
                 raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
                                    "(or python -m flows.cli), or pass --local to convert in this process")
             summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
-                                   upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1)
+                                   upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1,
+                                   quark_version=args.quark_version)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local
 
         run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
                         upstream_id=args.upstream_id, revision=args.revision, threads=args.threads,
-                        jobs=args.jobs)
+                        jobs=args.jobs, quark_version=args.quark_version)
         manifest = run.manifest
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)

@@ -37,3 +37,8 @@ FP8_E4M3_MAX = 448.0  # 2**8 * 1.75
 # --- BF16 bit layout (used by the fused INT4 -> MXFP4 path) ----------------------------------------
 BF16_MANT_BITS = 7
 BF16_EXP_MASK = 0xFF
+
+# The AMD Quark releases whose file-to-file export requant reproduces byte for byte (recipe ``quark_version``,
+# ``--quark-version``); requant.formats.table has one format table for each
+QUARK_RELEASES = ("0.11", "0.13")
+DEFAULT_QUARK = "0.11"  # Quark 0.11.2, which the seed model card pins for serving-stack compatibility

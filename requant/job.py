@@ -23,7 +23,7 @@ import torch
 
 from requant.errors import CheckpointError
 from requant.formats.int4 import dequantize_int4
-from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
+from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
 from requant.io.storage import Storage
@@ -279,7 +279,7 @@ def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], 
 
 
 def _scale_only(task: TensorTask, outputs: frozenset[str]) -> bool:
-    fmt = WEIGHT_FORMATS.get(task.target)
+    fmt = task.format
     return (task.kind in ("int4", "dense") and fmt is not None and fmt.scale_of is not None
             and task.outputs[0].name not in outputs and task.outputs[1].name in outputs)
 
@@ -299,13 +299,13 @@ def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tenso
     packed = torch.cat([packed for _, _, packed in inputs]).to(device)
     scale = scale.to(device)
     if scale_only:
-        scales = WEIGHT_FORMATS[task0.target].scale_from_int4(packed, scale, in_features).cpu().split(rows)
+        scales = task0.format.scale_from_int4(packed, scale, in_features).cpu().split(rows)
         return [([None, s], None) for s in scales]
-    out, stats = _int4_outputs(task0.target, packed, scale, in_features), None
+    out, stats = _int4_outputs(task0, packed, scale, in_features), None
     if task0.target != UNQUANTIZED:
         sample = _sample_rows(rows, device)
         picked = (torch.arange(len(tasks), device=device) * rows).unsqueeze(1).add(sample).flatten()
-        signal, noise = _error_sums(task0.target, out, picked, lambda r: dequantize_int4(packed[r], scale[r], in_features))
+        signal, noise = _error_sums(task0, out, picked, lambda r: _int4_decode(task0, packed[r], scale[r], in_features))
         signal, noise = signal.view(len(tasks), -1).sum(dim=1).tolist(), noise.view(len(tasks), -1).sum(dim=1).tolist()
         stats = [TensorStat(t.name, t.target, _snr(s, n), len(sample), rows) for t, s, n in zip(tasks, signal, noise)]
     chunks = [t.cpu().split(rows) for t in out]
@@ -338,15 +338,15 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         (entry,), (tensor,) = task.inputs, inputs
         _check_finite(tensor, f"{uri}/{entry.file}", entry.name)
         return [tensor], None
-    fmt = WEIGHT_FORMATS.get(task.target)
+    fmt = task.format
     if task.kind == "int4":
         packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
         if scale_only:
             return [None, fmt.scale_from_int4(packed, scale, in_features).cpu()], None
-        out = _int4_outputs(task.target, packed, scale, in_features)
-        reference = lambda rows: dequantize_int4(packed[rows], scale[rows], in_features)  # noqa: E731
+        out = _int4_outputs(task, packed, scale, in_features)
+        reference = lambda rows: _int4_decode(task, packed[rows], scale[rows], in_features)  # noqa: E731
     else:
         (entry,), (weight,) = task.inputs, inputs
         _check_finite(weight, f"{uri}/{entry.file}", entry.name)
@@ -390,13 +390,20 @@ def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
         raise CheckpointError(file, f"{bad} NaN/Inf values", name)
 
 
-def _int4_outputs(target: str, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> list[torch.Tensor]:
-    """The output tensors of INT4 rows converted to ``target`` (the fused kernel where the format has one)."""
-    fmt = WEIGHT_FORMATS.get(target)
+def _int4_outputs(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> list[torch.Tensor]:
+    """The output tensors of INT4 rows converted to the task's target (the fused kernel where the format has one).
+    Left unquantized, every Quark release stores compressed-tensors' BF16 decode."""
+    fmt = task.format
     if fmt is not None and fmt.from_int4 is not None:
         return list(fmt.from_int4(packed, scale, in_features))
-    weight = dequantize_int4(packed, scale, in_features)
-    return [weight] if target == UNQUANTIZED else list(fmt.encode(weight))
+    if fmt is None:
+        return [dequantize_int4(packed, scale, in_features)]
+    return list(fmt.encode(_int4_decode(task, packed, scale, in_features)))
+
+
+def _int4_decode(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The INT4 decode the task's Quark release quantizes (BF16 for 0.11, the exact FP32 for 0.13)."""
+    return dequantize_int4(packed, scale, in_features, dtype=INT4_DECODE_DTYPE[task.quark])
 
 
 def _sample_rows(rows: int, device) -> torch.Tensor:
@@ -404,11 +411,11 @@ def _sample_rows(rows: int, device) -> torch.Tensor:
     return torch.arange(0, rows, max(1, rows // SNR_SAMPLE_ROWS), device=device)[:SNR_SAMPLE_ROWS]
 
 
-def _error_sums(target: str, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
+def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64)."""
     ref = reference(rows).to(torch.float64)
     sampled = out[0].view(torch.uint8)[rows].view(out[0].dtype)  # as bytes: CPU indexing has no FP8 kernel
-    got = WEIGHT_FORMATS[target].decode(sampled, out[1][rows]).to(torch.float64)
+    got = task.format.decode(sampled, out[1][rows]).to(torch.float64)
     return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
 
 
@@ -419,5 +426,5 @@ def _snr(signal: float, noise: float) -> float:
 def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorStat:
     rows = task.shape[0]
     sample = _sample_rows(rows, out[0].device)
-    signal, noise = _error_sums(task.target, out, sample, reference)
+    signal, noise = _error_sums(task, out, sample, reference)
     return TensorStat(task.name, task.target, _snr(float(signal.sum()), float(noise.sum())), len(sample), rows)

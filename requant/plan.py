@@ -4,6 +4,7 @@ it, and cut the model into layer jobs. All problems are reported together, befor
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
 from requant.errors import CheckpointError, PlanError
 from requant.formats.int4 import packed_columns
-from requant.formats.table import UNQUANTIZED, WEIGHT_FORMATS
+from requant.formats.table import DEFAULT_QUARK, UNQUANTIZED, WEIGHT_FORMATS, WeightFormat, weight_formats
 from requant.io.paths import check_relative
 from requant.io.safetensors import TensorEntry, TensorSpec, frozen_builder, read_headers
 from requant.io.storage import Storage
@@ -48,10 +49,16 @@ class TensorTask:
     inputs: tuple[TensorEntry, ...]
     shape: tuple[int, ...]
     outputs: tuple[TensorSpec, ...]
+    quark: str = DEFAULT_QUARK  # the Quark release whose bytes it reproduces (requant.formats.table.QUARK_VERSIONS)
 
     @property
     def bytes_in(self) -> int:
         return sum(e.nbytes for e in self.inputs)
+
+    @property
+    def format(self) -> WeightFormat | None:
+        """The format row of its target (None: unquantized)."""
+        return weight_formats(self.quark).get(self.target)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ class LayerJob:
 def _task_row(task: TensorTask) -> tuple:
     return (task.name, task.kind, task.target, task.shape,
             tuple((e.name, e.file, e.dtype, e.shape, e.start, e.end) for e in task.inputs),
-            tuple((s.name, s.dtype, s.shape) for s in task.outputs))
+            tuple((s.name, s.dtype, s.shape) for s in task.outputs), task.quark)
 
 
 def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJob:
@@ -94,8 +101,8 @@ def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJo
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10^4 objects per job, none of them in a cycle
     try:
-        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs))))
-                      for n, kind, target, shape, inputs, outputs in rows)
+        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs)), quark))
+                      for n, kind, target, shape, inputs, outputs, quark in rows)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -140,6 +147,8 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         # config.json is untrusted input; a field of an unexpected type or size surfaces here
         raise CheckpointError(where, f"text config has an unexpected structure ({type(exc).__name__}: {exc})") from exc
     _check_fused(tasks, recipe, problems)
+    if recipe.quark_version != DEFAULT_QUARK:
+        tasks = [_for_quark(t, recipe.quark_version) for t in tasks]
     covered = {e.name for t in tasks for e in t.inputs}
     if not problems:
         problems += [f"{entries[n].file}: {n}: not covered by recipe {recipe.name}" for n in sorted(entries.keys() - covered)]
@@ -164,6 +173,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         spec.name.rsplit(".", 1)[0]
         for job in jobs for task in job.tasks if task.target == UNQUANTIZED
         for spec in task.outputs if is_quark_linear_weight(spec.name)
+        and (recipe.quark_version == DEFAULT_QUARK or len(spec.shape) >= 2)  # 0.13 also checks the shape
     ))
     sizes = tuple((f, readable[f]) for f in shards)
     return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded)
@@ -326,6 +336,15 @@ def _quantizable(name: str, file: str, shape: tuple[int, ...], problems: list[st
         problems.append(f"{file}: {name}: shape {list(shape)}: input dimension is not a multiple of {MX_BLOCK_SIZE}")
         return False
     return True
+
+
+def _for_quark(task: TensorTask, quark: str) -> TensorTask:
+    """``task`` reproducing another Quark release's bytes: the same work, that release's output tensors."""
+    fmt = weight_formats(quark).get(task.target)
+    if fmt is None:
+        return dataclasses.replace(task, quark=quark)
+    hp_dtype = "BF16" if task.kind == "int4" else task.inputs[0].dtype
+    return dataclasses.replace(task, quark=quark, outputs=fmt.output_specs(task.name, task.shape, hp_dtype))
 
 
 def _quantized_outputs(module: str, shape: tuple[int, ...], target: str, hp_dtype: str) -> tuple[TensorSpec, ...]:

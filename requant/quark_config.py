@@ -1,4 +1,5 @@
-"""The ``quantization_config`` AMD Quark 0.11's file-to-file export writes, built without importing Quark.
+"""The ``quantization_config`` AMD Quark's file-to-file export writes (0.11.2, or 0.13 for a recipe whose
+``quark_version`` is 0.13), built without importing Quark.
 
 Quark's exporter deletes every nested ``quantization_config`` (compressed-tensors' included), writes its
 own at the top level, and replaces the exclude patterns with the sorted exact names of the modules it
@@ -31,23 +32,32 @@ def strip_quantization_configs(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _layer_config(scheme: dict[str, Any]) -> dict[str, Any]:
-    return {"input_tensors": dict(scheme["input_tensors"]), "output_tensors": None, "weight": dict(scheme["weight"]),
-            "bias": None, "target_device": None}
+def _layer_config(scheme: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
+    return {"input_tensors": _spec(scheme["input_tensors"], release), "output_tensors": None,
+            "weight": _spec(scheme["weight"], release), "bias": None, "target_device": None}
+
+
+def _spec(spec: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
+    """One tensor spec as a release writes it: its keys in its order, the keys it added with their values."""
+    added = release.get("added_spec_keys", {})
+    order = release.get("spec_key_order") or list(spec)
+    return {key: spec[key] if key in spec else added[key] for key in order}
 
 
 def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
     """Quark's top-level config for ``recipe``: its global format, a ``layer_quant_config`` entry per pattern of
-    another format (Quark's own pattern keys, in its order of precedence); ``excluded_modules`` are exact names."""
+    another format (Quark's own pattern keys, in its order of precedence); ``excluded_modules`` are exact names.
+    Written as the recipe's Quark release (``quark_version``) writes it."""
     data = quark_schemes()
+    release = data["releases"][recipe.quark_version]
     config: dict[str, Any] = {
-        "global_quant_config": _layer_config(data["schemes"][recipe.format]),
+        "global_quant_config": _layer_config(data["schemes"][recipe.format], release),
         "exclude": sorted(excluded_modules),
     }
     config.update(copy.deepcopy(data["top_level"]))
-    config["layer_quant_config"] = {pattern: _layer_config(data["schemes"][fmt])
+    config["layer_quant_config"] = {pattern: _layer_config(data["schemes"][fmt], release)
                                     for pattern, fmt in recipe.layer_quant_patterns()}
-    config["version"] = data["version"]
+    config["version"] = release["version"]
     config["export"] = dict(data["export"])
     return config
 

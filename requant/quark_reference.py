@@ -92,13 +92,14 @@ def quark_config_dict(scheme: str, exclude: list[str], layer_config: dict[str, s
 
 
 def quark_file2file(src: str, jobs: list[dict[str, Any]]) -> None:
-    """Quark's own file-to-file export of ``src`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` (run in
-    a process of its own: see the module docstring)."""
+    """Quark's own file-to-file export of ``src`` (or a job's own ``"src"``) for each ``{"dst", "scheme", "exclude",
+    "layer_config"}`` (run in a process of its own: see the module docstring). The same call works for Quark 0.11
+    and 0.13."""
     from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
 
     for job in jobs:
         config = _config(job["scheme"], job["exclude"], job.get("layer_config"))
-        quantize_model_per_safetensor(src, config, job["dst"], device="cpu")
+        quantize_model_per_safetensor(job.get("src", src), config, job["dst"], device="cpu")
 
 
 def file2file_command(src: str, jobs: list[dict[str, Any]]) -> list[str]:

@@ -10,6 +10,7 @@ the exported config (exclude first, then the first matching ``layer_quant_config
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,7 +22,7 @@ import jsonschema
 import yaml
 
 from requant.errors import RequantError
-from requant.formats.table import NO_FORMAT, UNQUANTIZED, WEIGHT_FORMATS
+from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, QUARK_VERSIONS, UNQUANTIZED, WEIGHT_FORMATS
 from requant.layout import TENSOR_CLASSES, classify
 
 FORMATS = tuple(WEIGHT_FORMATS)
@@ -71,6 +72,8 @@ SCHEMA: dict[str, Any] = {
             "properties": {"min_snr_db": {"type": ["number", "null"]}},
         },
         "warnings": {"type": "array", "items": {"type": "string"}},
+        # whose bytes the output reproduces: Quark 0.11.2's export (default) or Quark 0.13's
+        "quark_version": {"enum": list(QUARK_VERSIONS)},
     },
 }
 
@@ -85,6 +88,7 @@ class Recipe:
     warnings: tuple[str, ...]
     source: str
     overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
+    quark_version: str = DEFAULT_QUARK  # the Quark release whose export the output equals (formats.table)
 
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
@@ -125,8 +129,18 @@ def builtin_names() -> list[str]:
                   if p.name.endswith(".yaml") and p.name != "quark_schemes.yaml")
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in recipe by name, or a YAML file by path."""
+def load_recipe(name_or_path: str, quark_version: str | None = None) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path; ``quark_version`` (``--quark-version``) overrides the
+    recipe's own choice of the Quark release whose bytes the output reproduces."""
+    recipe = _load_recipe(name_or_path)
+    if quark_version is None or quark_version == recipe.quark_version:
+        return recipe
+    if quark_version not in QUARK_VERSIONS:
+        raise RequantError(f"quark version {quark_version!r}: requant reproduces {', '.join(QUARK_VERSIONS)}")
+    return dataclasses.replace(recipe, quark_version=quark_version)
+
+
+def _load_recipe(name_or_path: str) -> Recipe:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         text, source = path.read_text(), str(path)
@@ -164,6 +178,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         warnings=tuple(data.get("warnings", ())),
         source=source,
         overrides=overrides,
+        quark_version=data.get("quark_version", DEFAULT_QUARK),
     )
 
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 
 from requant.errors import CheckpointError, VerifyError
-from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
+from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, WEIGHT_FORMATS, weight_formats
 from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, sealed_as_stored
@@ -99,7 +99,7 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
     for module, stat in manifest["stats"].items():
         weight, scale = tensors.get(f"{module}.weight"), tensors.get(f"{module}.weight_scale")
         intended = resolve_target(module, recipe["targets"], overrides)
-        want = WEIGHT_FORMATS.get(stat["target"])
+        want = weight_formats(recipe.get("quark_version", DEFAULT_QUARK)).get(stat["target"])
         if stat["target"] != intended or want is None or weight is None or scale is None:
             problems.append(f"{module}: quantized as {stat['target']} but the recipe says {intended}, or outputs are missing")
         elif weight["dtype"] != want.weight_dtype or (want.scale_dtype and scale["dtype"] != want.scale_dtype):

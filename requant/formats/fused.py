@@ -9,6 +9,10 @@ That is 2 * 128 * 9 block classes; for each we tabulate, with the reference enco
 for every input byte (two nibbles in, two FP4 codes out: the INT4 and FP4 nibble orders agree on
 little-endian words). Converting a block is then one table gather per byte.
 
+The exact decode Quark 0.13 quantizes (``exact=True``: ``w = q * s`` in FP32, no BF16 rounding) has the same
+structure, even more simply: every element is ``q * M`` times the power of two, so one more pair of tables
+(built without the two BF16 roundings) makes it exact too.
+
 Blocks whose scale is so small or large that products go subnormal/overflow or the E8M0 exponent
 clamps (never the case in real checkpoints, but reachable by adversarial input) are re-encoded by
 the reference path, so the result is bit-exact for every input.
@@ -42,7 +46,7 @@ _SAFE_EXP_MIN, _SAFE_EXP_MAX = 3, 240
 
 
 @lru_cache(maxsize=8)
-def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(device: str, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(byte table uint8 [CLASSES * 256], exponent offset int32 [CLASSES]) built by the reference encoder.
 
     Class index = (sign * 128 + mantissa) * 9 + m. The offset k - 2 is the block exponent relative to
@@ -54,10 +58,14 @@ def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     # representative scale with exponent 0: +-(1 + mant/128)
     bits = ((sign << 15) | (E8M0_BIAS << BF16_MANT_BITS) | mant).to(torch.int16)
     s = bits.view(torch.bfloat16).to(torch.float32)
-    amax = (maxabs.to(torch.float32) * s.abs()).to(torch.bfloat16).to(torch.float32)
+    amax = maxabs.to(torch.float32) * s.abs()
+    if not exact:  # compressed-tensors' BF16 decode rounds each product (and so the block's maximum) to BF16
+        amax = amax.to(torch.bfloat16).to(torch.float32)
     exp = shared_exponent(amax)  # = k - 2 since the representative scale has exponent 0
     q = torch.arange(-INT4_OFFSET, 16 - INT4_OFFSET, dtype=torch.float32)
-    values = (q.unsqueeze(0) * s.unsqueeze(1)).to(torch.bfloat16).to(torch.float32)
+    values = q.unsqueeze(0) * s.unsqueeze(1)
+    if not exact:
+        values = values.to(torch.bfloat16).to(torch.float32)
     codes = e2m1_codes((values.double() * pow2_f64(-exp).unsqueeze(1)).float())  # [CLASSES, 16 nibbles]
     byte = torch.arange(256)
     table = codes[:, byte & 0xF] | (codes[:, byte >> 4] << 4)  # [CLASSES, 256]
@@ -73,12 +81,14 @@ def int4_to_mxfp4(
     in_features: int,
     rows_per_block: int | None = None,
     threads: int = 1,
+    exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
 
     Streams ``rows_per_block`` rows at a time (default: 256 on CPU, the whole matrix on a GPU); memory
     beyond the output is a few bytes per element of one row block. ``threads > 1`` converts row blocks concurrently (torch releases the GIL in its
-    ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription.
+    ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription. ``exact``:
+    quantize the exact FP32 decode (Quark 0.13) instead of compressed-tensors' BF16 decode (Quark 0.11).
     """
     if scale.dtype != torch.bfloat16:
         raise ValueError(f"fused INT4->MXFP4 needs BF16 group scales, got {scale.dtype}")
@@ -93,7 +103,7 @@ def int4_to_mxfp4(
     device = data_packed.device
     if rows_per_block is None:  # CPU: blocks that stay in cache; GPU: one launch set per matrix
         rows_per_block = 256 if device.type == "cpu" else max(out_features, 1)
-    table, exp_offset = _tables(str(device))
+    table, exp_offset = _tables(str(device), exact)
     packed_out = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
     scale_out = torch.empty(out_features, n_blocks, dtype=torch.uint8, device=device)
     nibble_bytes = data_packed.contiguous().view(torch.uint8)  # little-endian: low nibble first
@@ -115,7 +125,7 @@ def int4_to_mxfp4(
 
         unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
         if bool(unsafe.any()):
-            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out)
+            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out, exact)
 
     starts = range(0, out_features, rows_per_block)
     if threads > 1 and len(starts) > 1:
@@ -140,10 +150,11 @@ def _reencode_blocks(
     unsafe: torch.Tensor,
     packed_out: torch.Tensor,
     scale_out: torch.Tensor,
+    exact: bool = False,
 ) -> None:
     """Reference path for the rows holding blocks outside the table's exact range."""
     rows = unsafe.any(dim=1).nonzero().flatten() + r0
-    weight = dequantize_int4(data_packed[rows], scale[rows], in_features)
+    weight = dequantize_int4(data_packed[rows], scale[rows], in_features, dtype=torch.float32 if exact else None)
     packed, scales = quantize_mxfp4(weight)
     packed_out[rows] = packed
     scale_out[rows] = scales

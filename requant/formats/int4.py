@@ -27,16 +27,18 @@ def unpack_int4(data_packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def dequantize_int4(
-    data_packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int = INT4_GROUP_SIZE
+    data_packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int = INT4_GROUP_SIZE,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Reference INT4 -> high precision: ``q * scale`` rounded once to ``scale.dtype``.
+    """Reference INT4 -> high precision: ``q * scale`` rounded once to ``dtype`` (default ``scale.dtype``).
 
     The product of a 4-bit integer and a BF16 value is exact in FP32, so computing it in FP32 and
-    rounding to BF16 equals compressed-tensors' BF16 multiply bit for bit.
+    rounding to BF16 equals compressed-tensors' BF16 multiply bit for bit; ``dtype=torch.float32`` is the
+    exact decode (what compressed-tensors gives for a scale cast to FP32 first, as Quark 0.13 does).
     """
     q = unpack_int4(data_packed, in_features)
     scale_full = scale.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_features]
-    return (q.to(torch.float32) * scale_full).to(scale.dtype)
+    return (q.to(torch.float32) * scale_full).to(dtype or scale.dtype)
 
 
 def group_maxabs(nibble_bytes: torch.Tensor) -> torch.Tensor:

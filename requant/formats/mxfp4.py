@@ -89,6 +89,19 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_fp4(codes), (exp + E8M0_BIAS).to(torch.uint8)
 
 
+def e8m0_q13(scale_e8m0: torch.Tensor) -> torch.Tensor:
+    """Quark 0.13's E8M0 byte for the same block exponent: it takes ``log2`` of the scale clamped to at least
+    2**-126, so exponent -127 (all-zero and tiny blocks) is written as 1, not 0. The elements are still encoded
+    with 2**-127; only the stored byte differs. In place, returns ``scale_e8m0``."""
+    return scale_e8m0.masked_fill_(scale_e8m0 == 0, 1)
+
+
+def quantize_mxfp4_q13(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_mxfp4` as Quark 0.13 stores it (:func:`e8m0_q13`)."""
+    packed, scale = quantize_mxfp4(weight)
+    return packed, e8m0_q13(scale)
+
+
 def dequantize_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(packed uint8 [..., in/2], E8M0 uint8 [..., in/32]) -> values [..., in]."""
     lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)

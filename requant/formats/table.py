@@ -1,6 +1,11 @@
 """The quantized weight formats a recipe can target, one row each: how a weight is encoded and decoded, which
 tensors it becomes, and what AMD Quark calls it. Planning, the layer job, verification and the recipe schema
 read this table instead of branching on format names, so a new format is one more row.
+
+Each Quark release whose bytes requant reproduces has its own table (:data:`QUARK_VERSIONS`): 0.11 (Quark
+0.11.2, the default) quantizes compressed-tensors' BF16 decode of INT4 weights and stores FP8 scales in the
+weight's dtype; 0.13 quantizes the exact FP32 decode, stores FP8 scales in FP32 and writes E8M0 exponent -127 as
+byte 1 (see the ``*_q13`` functions).
 """
 
 from __future__ import annotations
@@ -10,15 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from requant.constants import FP4_PER_BYTE, MX_BLOCK_SIZE
+from requant.constants import DEFAULT_QUARK, FP4_PER_BYTE, MX_BLOCK_SIZE, QUARK_RELEASES
 from requant.formats.fp8 import (
     dequantize_fp8_per_channel,
     fp8_per_channel_scale,
     fp8_per_channel_scale_from_int4,
+    fp8_per_channel_scale_from_int4_q13,
+    fp8_per_channel_scale_q13,
     quantize_fp8_per_channel,
+    quantize_fp8_per_channel_q13,
 )
 from requant.formats.fused import int4_to_mxfp4
-from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from requant.formats.int4 import dequantize_int4
+from requant.formats.mxfp4 import dequantize_mxfp4, e8m0_q13, quantize_mxfp4, quantize_mxfp4_q13
 from requant.io.safetensors import TensorSpec
 
 UNQUANTIZED = "unquantized"  # target of a tensor class kept in its upstream precision
@@ -63,3 +72,36 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
                      scale_from_int4=fp8_per_channel_scale_from_int4),
     )
 }
+
+
+def _mxfp4_from_int4_q13(data_packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    packed, scales = int4_to_mxfp4(data_packed, scale, in_features, exact=True)
+    return packed, e8m0_q13(scales)
+
+
+def _fp8_from_int4_q13(data_packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_fp8_per_channel_q13(dequantize_int4(data_packed, scale, in_features, dtype=torch.float32))
+
+
+QUARK_VERSIONS: dict[str, dict[str, WeightFormat]] = {
+    "0.11": WEIGHT_FORMATS,
+    "0.13": {
+        fmt.name: fmt
+        for fmt in (
+            WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_q13,
+                         dequantize_mxfp4, _mxfp4_from_int4_q13),
+            WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, "F32", None, quantize_fp8_per_channel_q13,
+                         dequantize_fp8_per_channel, _fp8_from_int4_q13, scale_of=fp8_per_channel_scale_q13,
+                         scale_from_int4=fp8_per_channel_scale_from_int4_q13),
+        )
+    },
+}
+if tuple(QUARK_VERSIONS) != QUARK_RELEASES:  # the CLI offers QUARK_RELEASES without importing this table
+    raise ImportError(f"format tables {tuple(QUARK_VERSIONS)} != requant.constants.QUARK_RELEASES {QUARK_RELEASES}")
+# The INT4 decode each version quantizes (None: compressed-tensors' own, rounded to the scale's BF16)
+INT4_DECODE_DTYPE: dict[str, torch.dtype | None] = {"0.11": None, "0.13": torch.float32}
+
+
+def weight_formats(quark: str = DEFAULT_QUARK) -> dict[str, WeightFormat]:
+    """The format table of one Quark release (:data:`QUARK_VERSIONS`)."""
+    return QUARK_VERSIONS[quark]
