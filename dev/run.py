@@ -23,6 +23,7 @@ from requant import seaweed
 from requant.errors import RequantError
 from requant.io.hubserver import publish_dir, serve_hub
 from requant.io.transfer import upload_dir
+from requant.progress import log_name, phase, quiet_terminal
 from requant.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the upstream is read from: the local Hub (hf://, default) or SeaweedFS (s3://)")
     parser.add_argument("--eval-limit", type=int, default=EVAL_LIMIT, help="task items per seed (0 = all)")
     parser.add_argument("--no-eval", action="store_true", help="convert and verify only")
+    parser.add_argument("--verbose", action="store_true",
+                        help="everything on the terminal (default: one line per phase, the rest in out/logs/)")
     parser.add_argument("--gsm8k-dir", default=None,
                         help="train.jsonl/test.jsonl directory (default: the trained model's task for the trained "
                              "profile; else $REQUANT_GSM8K_DIR, ../shared/data/gsm8k, else the hub)")
@@ -57,45 +60,64 @@ def main(argv: list[str] | None = None) -> int:
     if args.gsm8k_dir is None:
         args.gsm8k_dir = default_gsm8k_dir(args.profile)
 
+    output = f"s3://{args.bucket}/checkpoints/{args.profile}/{args.recipe}"
+    quiet = (contextlib.nullcontext() if args.verbose else
+             quiet_terminal(Path(os.environ.get("OUT", "out")) / "logs" / log_name("flow-run")))
+    try:
+        with quiet:
+            summary, server, started_here = _run(args, output)
+    except RequantError as exc:  # a failed smoke test or gate: its line is above (and its table in the log)
+        if args.verbose:
+            print(f"\n{exc}", file=sys.stderr)
+        return 1
+    _summary(summary, output, server, started_here)
+    return 0
+
+
+def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedServer, bool]:
+    """The services, the upstream and the flow; returns the flow's summary (raises when the smoke test or the
+    gate stopped it)."""
     server = seaweed.load_state(STATE)
     started_here = server is None
     if started_here:
-        server = seaweed.start(Path(".services/seaweed-data"))
-        print(f"SeaweedFS S3 on {server.endpoint} (pid {server.pid})")
+        with phase("start SeaweedFS (S3)") as shown:
+            server = seaweed.start(Path(".services/seaweed-data"))
+            shown.result(f"{server.endpoint} (pid {server.pid})")
     os.environ.update(server.env())
-    output = f"s3://{args.bucket}/checkpoints/{args.profile}/{args.recipe}"
     try:
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            local = synthesize(tmp / args.profile, args.profile, seed=0, progress=True)
+            with phase(f"synthesize the {args.profile} upstream") as shown:
+                local = synthesize(tmp / args.profile, args.profile, seed=0, progress=args.verbose)
+                shown.result(str(local))
             if args.source == "hub":
                 repo = f"synthetic/{args.profile}"
-                publish_dir(tmp / "hub", repo, local, message=f"requant synth --profile {args.profile} --seed 0")
-                hub = stack.enter_context(serve_hub(tmp / "hub"))
-                os.environ.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
-                upstream = f"hf://{repo}@main"
-                print(f"local Hub on {hub.url}: {upstream}")
+                with phase("publish it on a local Hub") as shown:
+                    publish_dir(tmp / "hub", repo, local, message=f"requant synth --profile {args.profile} --seed 0")
+                    hub = stack.enter_context(serve_hub(tmp / "hub"))
+                    os.environ.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
+                                       "HF_HUB_DISABLE_TELEMETRY": "1"})
+                    upstream = f"hf://{repo}@main"
+                    shown.result(f"{upstream} on {hub.url}")
             else:
                 upstream = f"s3://{args.bucket}/upstream/{args.profile}"
-                upload_dir(local, upstream)
-            return _run(args, upstream, output, started_here, server)
+                with phase("upload it to S3") as shown:
+                    upload_dir(local, upstream)
+                    shown.result(upstream)
+            from flows.requantize import requantize, start_ephemeral_server
+
+            with phase("start Prefect (ephemeral server)"):
+                start_ephemeral_server()
+            summary = requantize(upstream=upstream, output=output, recipe=args.recipe,
+                                 upstream_id=f"synthetic/{args.profile}", evaluate=not args.no_eval,
+                                 eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir, progress=args.verbose)
+            return summary, server, started_here
     finally:
         if started_here:
             seaweed.stop(server)
 
 
-def _run(args: argparse.Namespace, upstream: str, output: str, started_here: bool, server) -> int:
-    """The flow on ``upstream``, then the summary; 1 when the smoke test or the gate stopped it."""
-    from flows.requantize import requantize, start_ephemeral_server
-
-    start_ephemeral_server()
-
-    try:
-        summary = requantize(upstream=upstream, output=output, recipe=args.recipe, upstream_id=f"synthetic/{args.profile}",
-                             evaluate=not args.no_eval, eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir)
-    except RequantError as exc:  # a failed smoke test or gate (its table is printed above): one line, exit 1
-        print(f"\n{exc}", file=sys.stderr)
-        return 1
+def _summary(summary: dict, output: str, server, started_here: bool) -> None:
     print(f"\ncheckpoint: {output}  ({summary['tensors']} tensors, {summary['jobs']} layer jobs, "
           f"{summary['skipped']} resumed, verified)")
     if "evaluation" in summary:
@@ -107,7 +129,6 @@ def _run(args: argparse.Namespace, upstream: str, output: str, started_here: boo
         print(f"report: {ev['report']}\nplot:   {ev['plot']}")
     if not started_here:
         print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,18 +3,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any
 
 from requant import cli
+from requant.progress import default_log_dir, log_name, phase, quiet_terminal
 
 
 def convert_with_flow(**options: Any) -> dict[str, Any]:
-    """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation."""
+    """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation. On a
+    terminal, one line per phase; Prefect's and Ray's output goes to a log file (requant.progress.default_log_dir)
+    whose path is printed. Piped or redirected, everything is written as it comes."""
     from flows.requantize import requantize, start_ephemeral_server  # Prefect and Ray load only for this command
 
-    start_ephemeral_server()
-    return requantize(**options, evaluate=False)
+    quiet = sys.stderr.isatty() and not os.environ.get("REQUANT_VERBOSE")
+    with quiet_terminal(default_log_dir() / log_name("convert")) if quiet else contextlib.nullcontext():
+        with phase("start Prefect (ephemeral server)"):
+            start_ephemeral_server()
+        return requantize(**options, evaluate=False, progress=not quiet and options.get("progress", True))
 
 
 def main(argv: list[str] | None = None) -> int:

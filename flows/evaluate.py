@@ -37,6 +37,7 @@ from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.report import format_table, table_rows
 from requant.io.transfer import object_url
 from requant.manifest import eval_path
+from requant.progress import phase
 from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
 
 
@@ -110,17 +111,28 @@ def evaluate(checkpoint: str, reference: str, engine: str = "reference", base_ur
                          settings, Checks(gate, smoke_limits), Path(tmp), started, progress)
 
 
+def _smoke_figures(smoke: dict) -> str:
+    numeric = smoke.get("numeric") or {}
+    if numeric.get("top1_agreement") is None or numeric.get("mean_kl") is None:
+        return ""
+    return f" (next-token top-1 agreement {numeric['top1_agreement']:.2f}, mean KL {numeric['mean_kl']:.4f})"
+
+
 def _evaluate(candidate: Variant, reference: Variant, serving: Serving, ref_serving: Serving, settings: EvalSettings,
               checks: Checks, work: Path, started: float, progress: bool) -> dict[str, Any]:
     logger = get_run_logger()
     checkpoint = candidate.uri
     with ExitStack() as engines:
-        cand = _engine(engines, candidate, serving, work / "logs")
-        ref = _engine(engines, reference, ref_serving, work / "logs")
+        with phase(f"serve {candidate.name} and {reference.name} ({serving.engine})") as shown:
+            cand = _engine(engines, candidate, serving, work / "logs")
+            ref = _engine(engines, reference, ref_serving, work / "logs")
+            shown.result(f"{cand.base_url}, {ref.base_url}")
         logger.info("serving %s at %s and %s at %s", cand.served_model_name, cand.base_url, ref.served_model_name, ref.base_url)
 
-        smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name,
-                               checks.smoke_limits, settings.gsm8k_dir, (candidate.uri, reference.uri))
+        with phase(f"smoke test {candidate.name} against {reference.name}") as shown:
+            smoke = run_smoke_test(cand.base_url, cand.served_model_name, ref.base_url, ref.served_model_name,
+                                   checks.smoke_limits, settings.gsm8k_dir, (candidate.uri, reference.uri))
+            shown.result(("passed" if smoke["passed"] else "FAILED") + _smoke_figures(smoke))
         print(format_result(smoke))
         create_markdown_artifact("```\n" + format_result(smoke) + "\n```", key="smoke-test",
                                  description=f"smoke test of {checkpoint}")
@@ -140,6 +152,8 @@ def _evaluate(candidate: Variant, reference: Variant, serving: Serving, ref_serv
             publish_eval(reference.uri, str(ref_dir), None, {"gsm8k_protocol": key}, prefix=reference_prefix(key))
         else:
             logger.info("reusing the reference's GSM8K result %s/%s", reference.uri, reference_prefix(key))
+            with phase(f"GSM8K {reference.name}") as shown:
+                shown.result(f"reused the result of the same protocol ({reference.uri}/{reference_prefix(key)})")
         cand_result = run_gsm8k_eval(cand.base_url, cand.served_model_name, candidate.name, settings,
                                      str(report_dir / "candidate"), progress)
     eval_seconds = time.perf_counter() - started

@@ -32,6 +32,7 @@ from requant.errors import RequantError, VerifyError
 from requant.io.hf import pin_upstream
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
+from requant.progress import phase
 from tasks.convert import (
     Sealed,
     convert_layer,
@@ -132,14 +133,16 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
-               tp: int = 1, mirror: str | None = None) -> dict[str, Any]:
+               tp: int = 1, mirror: str | None = None, quark_version: str | None = None) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
     Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, ``resources``); it transcodes on
     ``threads`` threads, by default (0) as many as its CPUs. An ``hf://`` upstream is pinned to the commit its
     branch names when the run starts; with ``mirror`` (s3://... or a directory) that revision is first copied there
-    (the mirror-upstream flow, resumable, verified against the Hub's digests) and converted from the copy."""
+    (the mirror-upstream flow, resumable, verified against the Hub's digests) and converted from the copy.
+    ``quark_version`` ("0.11" or "0.13"): the Quark release whose export both checkpoints equal (default: each
+    recipe's own, 0.11)."""
     mirrored = None
     if mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
@@ -153,7 +156,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     if mirrored:
         upstream = mirrored["snapshot"]
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
-    summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize")
+    summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize",
+                       quark_version)
     if mirrored:
         summary["mirror"] = mirrored
     if evaluate:
@@ -163,7 +167,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         if reference_output.rstrip("/") == output.rstrip("/"):
             raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
         summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
-                                        resources_opts, progress, "reference")
+                                        resources_opts, progress, "reference", quark_version)
         summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
                                               limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
                                               engine_on_ray=engine_on_ray, tp=tp)
@@ -171,16 +175,18 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
 
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
-             resources_opts: dict, progress: bool, role: str) -> dict[str, Any]:
+             resources_opts: dict, progress: bool, role: str, quark_version: str | None = None) -> dict[str, Any]:
     """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused."""
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_checkpoint(upstream, recipe)  # raises PlanError with every problem before any job runs
+    plan = plan_checkpoint(upstream, recipe, quark_version)  # raises PlanError with every problem before any job runs
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)
     if pipeline.published_key(output) == key:
-        summary = _verify(plan, output, options)
+        with phase(f"{role}: {recipe}") as shown:
+            summary = _verify(plan, output, options)
+            shown.result(f"{output} already holds this run (verified), reused")
         logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
         return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
                 "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings}
@@ -246,27 +252,32 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
     outcomes: list[pipeline.JobOutcome] = []
-    with tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar:
+    with (phase(f"{role}: convert {recipe}", total=len(futures), unit="layer jobs") as shown,
+          tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar):
         for future in as_completed(futures):
             outcomes.append(future.result())
             bar.update(1)
+            shown.advance()
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(futures))
     convert_seconds = time.perf_counter() - started
     timings["jobs"] = convert_seconds - timings["plan"]
     results = [o.result for o in outcomes]
-    inputs = pipeline.input_record(upstream, plan, shards={f: d for group in hashing for f, d in group.result().items()})
     mark = time.perf_counter()
-    lease.check()
-    # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
-    manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key},
-                                  lease_generation=lease.generation)
-    timings["publish"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    try:
-        summary = _verify(plan, output, options)
-    except VerifyError:
-        pipeline.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
-        raise
+    with phase(f"{role}: publish and verify") as shown:
+        inputs = pipeline.input_record(upstream, plan,
+                                       shards={f: d for group in hashing for f, d in group.result().items()})
+        lease.check()
+        # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
+        manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key},
+                                      lease_generation=lease.generation)
+        timings["publish"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        try:
+            summary = _verify(plan, output, options)
+        except VerifyError:
+            pipeline.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
+            raise
+        shown.result(f"{output}: {summary['tensors']} tensors in {summary['files']} files, verified")
     timings["verify"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     timings["transcode_sum"] = sum(o.result.seconds for o in outcomes if not o.skipped)

@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layer", action="store_true",
                    help="instead: one K2.6 layer at real widths (synth k26-layer) on tmpfs and on disk, each against "
                         "its roofline measured in the same run (make bench-layer adds S3 and the flow on Ray)")
+    b.add_argument("--peers", action="store_true",
+                   help="requant against Quark 0.11.2, Quark 0.13 (1 process and one worker per core) and "
+                        "llm-compressor 0.14's model_free_ptq on synth k26-layer (--experts, --tmpfs, --upstream apply), "
+                        "each a whole process tree: wall, peak RSS, outputs checked against each other")
     b.add_argument("--hub", action="store_true",
                    help="k26-layer read from requant's local Hub: layer jobs from hf:// against a plain download of "
                         "the same bytes (--experts, --tmpfs apply)")
@@ -368,6 +372,10 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
 
         gsm8k = args.gsm8k_dir or find_local_gsm8k()
         print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
+    elif args.command == "bench" and args.peers:
+        from requant.bench.peers import run_peers_bench
+
+        run_peers_bench(args.experts, args.tmpfs, args.out, upstream=args.upstream)
     elif args.command == "bench" and args.hub:
         from requant.bench.hub import run_hub_bench
 

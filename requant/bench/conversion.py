@@ -10,6 +10,7 @@ file-to-file export of the same k26-topology input, wall time and peak RSS of ea
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -65,8 +66,12 @@ def kernel_bench(repeats: int = 5) -> dict[str, Any]:
     if quark:
         identical["quark"] = all(torch.equal(a, b) for a, b in zip(fused_out, quark(weight)))
     cores = os.cpu_count() or 1
+    exact_out = int4_to_mxfp4(packed, scale, cols, exact=True)
+    identical["reference (0.13, exact decode)"] = all(
+        torch.equal(a, b) for a, b in zip(exact_out, quantize_mxfp4(dequantize_int4(packed, scale, cols, dtype=torch.float32))))
     cases = {
         "fused INT4->MXFP4": lambda: int4_to_mxfp4(packed, scale, cols),
+        "fused INT4->MXFP4, Quark 0.13 target (exact decode)": lambda: int4_to_mxfp4(packed, scale, cols, exact=True),
         f"fused INT4->MXFP4, {cores} row threads": lambda: int4_to_mxfp4(packed, scale, cols, threads=cores),
         "reference INT4->BF16->MXFP4": lambda: quantize_mxfp4(dequantize_int4(packed, scale, cols)),
         "BF16 copy, fresh output (clone)": lambda: weight.clone(),
@@ -93,6 +98,32 @@ def kernel_bench(repeats: int = 5) -> dict[str, Any]:
     if quark:
         q = results["Quark 0.11 MXFP4 (BF16 in)"]
         out["fused_vs_quark"] = {k: fused[k] / q[k] for k in fused}
+    out["quark_targets"] = quark_targets(packed, scale, cols)
+    return out
+
+
+def quark_targets(packed: torch.Tensor, scale: torch.Tensor, cols: int) -> dict[str, Any]:
+    """For each format, the error of the Quark 0.11 and 0.13 targets against the exact INT4 weights (SNR over the
+    whole matrix) and how many elements and scales the two targets write differently."""
+    from requant.formats.table import INT4_DECODE_DTYPE, weight_formats
+
+    exact = dequantize_int4(packed, scale, cols, dtype=torch.float32).double()
+    out: dict[str, Any] = {}
+    for fmt in ("mxfp4", "fp8_per_channel"):
+        encoded, row = {}, {}
+        for version in ("0.11", "0.13"):
+            f = weight_formats(version)[fmt]
+            if f.from_int4 is not None:
+                encoded[version] = f.from_int4(packed, scale, cols)
+            else:
+                encoded[version] = f.encode(dequantize_int4(packed, scale, cols, dtype=INT4_DECODE_DTYPE[version]))
+            error = exact - f.decode(*encoded[version]).double()
+            row[f"snr_db_{version}"] = 10 * math.log10(exact.pow(2).sum().item() / error.pow(2).sum().item())
+        old, new = (weight_formats(v)[fmt].decode(*encoded[v]) for v in ("0.11", "0.13"))
+        row["elements_differing"] = (old != new).double().mean().item()
+        scales = [encoded[v][1].to(torch.float32) for v in ("0.11", "0.13")]
+        row["scales_differing"] = (scales[0] != scales[1]).double().mean().item()
+        out[fmt] = row
     return out
 
 
@@ -171,6 +202,17 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return load(a) == load(b)
 
 
+def render_targets(results: dict[str, Any]) -> str:
+    """The Quark 0.11 and 0.13 targets against the exact INT4 weights of the benchmark's expert matrix."""
+    k = results["kernel"]
+    lines = [f"| format (one {k['shape'][0]}x{k['shape'][1]} INT4 expert) | SNR vs exact INT4, Quark 0.11 target dB | "
+             "SNR, Quark 0.13 target dB | elements that differ | scales that differ |", "|---|---:|---:|---:|---:|"]
+    for fmt, t in k["quark_targets"].items():
+        lines.append(f"| {fmt} | {t['snr_db_0.11']:.3f} | {t['snr_db_0.13']:.3f} | {t['elements_differing']:.2%} | "
+                     f"{t['scales_differing']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(results: dict[str, Any]) -> str:
     k = results["kernel"]
     threads = list(next(iter(k["mb_per_s"].values())))
@@ -184,6 +226,8 @@ def render(results: dict[str, Any]) -> str:
     if "fused_vs_quark" in k:
         lines.append("- fused / Quark: " + ", ".join(f"{v:.1f}x ({t})" for t, v in k["fused_vs_quark"].items()))
     lines.append(f"- bit-identical: {k['bit_identical']}")
+    if "quark_targets" in k:
+        lines += ["", render_targets(results)]
     c = results.get("checkpoint")
     if c:
         base = c["python_torch_baseline"]["peak_rss_mb"]

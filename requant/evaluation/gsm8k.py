@@ -27,6 +27,7 @@ import yaml
 from requant.errors import RequantError
 from requant.evaluation.results import FILTERS, GSM8KResult
 from requant.io.checksums import check_sums
+from requant.progress import phase
 
 TASK = "gsm8k"
 DATA_FILES = ("train.jsonl", "test.jsonl")
@@ -251,7 +252,9 @@ def run_gsm8k(base_url: str, model: str, *, variant: str, seeds: Sequence[int] =
         scores: dict[str, dict[str, float]] = {name: {} for name in FILTERS}
         items: dict[str, dict[str, list[int]]] = {name: {} for name in FILTERS}
         wall_seconds, sample_paths, doc_ids = {}, {}, None
+        shown = stack.enter_context(phase(f"GSM8K {variant}", total=len(seeds), unit="seeds"))
         for seed in seeds:
+            shown.note(f"seed {seed}")
             start = time.perf_counter()
             output = lm_eval.simple_evaluate(
                 model="local-completions", model_args=dict(model_args), tasks=[TASK], num_fewshot=num_fewshot,
@@ -274,6 +277,9 @@ def run_gsm8k(base_url: str, model: str, *, variant: str, seeds: Sequence[int] =
                                        f"exact_match {score}")
                 scores[name][str(seed)] = score
                 items[name][str(seed)] = seed_items[name]
+            shown.advance(note=f"seed {seed}: " + ", ".join(f"{name} {scores[name][str(seed)]:.3f}" for name in FILTERS))
+        shown.result(", ".join(f"{name} {sum(scores[name].values()) / len(seeds):.3f}" for name in FILTERS)
+                     + f" (mean of {len(seeds)} seeds x {len(doc_ids or [])} items)")
 
     result = GSM8KResult(variant=variant, model=model, base_url=f"{root}/v1", num_fewshot=num_fewshot, limit=limit,
                          seeds=seeds, doc_ids=doc_ids, scores=scores, items=items, wall_seconds=wall_seconds,
