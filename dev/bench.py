@@ -35,7 +35,7 @@ from typing import Any
 from requant import seaweed
 from requant.bench.cpu import CpuSampler, ray_part
 from requant.bench.layer import LAYER_RECIPE, _bytes, _shards, run_layer_bench
-from requant.bench.provenance import run_info
+from requant.bench.provenance import run_info, write_results
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.job import available_cores
@@ -234,9 +234,7 @@ def flow_bench(args) -> int:
         finally:
             seaweed.stop(server)
     text = render(results)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "flow.json").write_text(json.dumps(results, indent=2) + "\n")
-    (Path(args.out) / "flow.md").write_text(text)
+    write_results(args.out, "flow", results, text)
     print(text)
     return 0
 

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from tensors import load_tensors, raw
 
 from requant.convert import convert_local
 from requant.quark_reference import QUARK_EQUIVALENT
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +24,12 @@ def converted(tmp_path_factory, tiny_upstream):
 @pytest.mark.oracle
 @pytest.mark.parametrize("recipe", list(QUARK_EQUIVALENT))
 def test_tensors_equal_quark_export(recipe, converted, quark_exports):
-    ours, theirs = _tensors(converted / recipe), _tensors(quark_exports[recipe])
+    ours, theirs = load_tensors(converted / recipe), load_tensors(quark_exports[recipe])
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         a, b = ours[name], theirs[name]
         assert (a.dtype, a.shape) == (b.dtype, b.shape), name
-        assert _raw(a) == _raw(b), name
+        assert raw(a) == raw(b), name
 
 
 @pytest.mark.oracle
@@ -63,7 +51,7 @@ def test_router_difference_between_mxfp4_recipes(converted):
     amd = json.loads((converted / "amd-kimi-mxfp4" / "config.json").read_text())["quantization_config"]
     router = "language_model.model.layers.1.mlp.gate"
     assert router in amd["exclude"] and router not in seed["exclude"]
-    tensors = _tensors(converted / "kimi-k2.6-mxfp4")
+    tensors = load_tensors(converted / "kimi-k2.6-mxfp4")
     assert tensors[f"{router}.weight"].dtype == torch.uint8 and f"{router}.weight_scale" in tensors
     assert tensors[f"{router}.e_score_correction_bias"].dtype == torch.float32
 
@@ -115,6 +103,6 @@ def test_module_split_across_shards_converts_the_same(tmp_path, tiny_upstream, c
     index["weight_map"][name] = "model-extra.safetensors"
     (up / "model.safetensors.index.json").write_text(json.dumps(index))
     convert_local(str(up), str(tmp_path / "out"), "kimi-k2.6-mxfp4", progress=False)
-    ours, reference = _tensors(tmp_path / "out"), _tensors(converted / "kimi-k2.6-mxfp4")
+    ours, reference = load_tensors(tmp_path / "out"), load_tensors(converted / "kimi-k2.6-mxfp4")
     assert sorted(ours) == sorted(reference)
-    assert all(_raw(ours[k]) == _raw(reference[k]) for k in ours)
+    assert all(raw(ours[k]) == raw(reference[k]) for k in ours)

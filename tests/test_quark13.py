@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tensors import load_tensors, raw
 
 from requant.convert import convert_local
 from requant.formats.int4 import dequantize_int4
@@ -45,16 +46,6 @@ def _run(args: list[str], timeout: int = 900) -> str:
     return proc.stdout
 
 
-def _load(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 # --- the adversarial checkpoint ----------------------------------------------------------------------------------
@@ -163,11 +154,11 @@ def _nan_rows(tensor: torch.Tensor) -> set[int]:
 @pytest.mark.parametrize("fixture", ["tiny", "adversarial"])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_tensors_equal_quark13_export(recipe, fixture, pairs):
-    ours, theirs = (_load(side[recipe]) for side in pairs[fixture])
+    ours, theirs = (load_tensors(side[recipe]) for side in pairs[fixture])
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         assert (ours[name].dtype, ours[name].shape) == (theirs[name].dtype, theirs[name].shape), name
-    differ = {name for name in ours if _raw(ours[name]) != _raw(theirs[name])}
+    differ = {name for name in ours if raw(ours[name]) != raw(theirs[name])}
     diverged = sorted(n for n in differ if not n.endswith("_scale"))
     # the one documented difference: FP8 rows Quark 0.13 makes NaN (its BF16-rounded scale underflows)
     assert differ == set(diverged) | {f"{n}_scale" for n in diverged}
@@ -177,7 +168,7 @@ def test_tensors_equal_quark13_export(recipe, fixture, pairs):
         rows = _nan_rows(b)
         assert rows and not _nan_rows(a), name
         keep = [r for r in range(a.shape[0]) if r not in rows]
-        assert _raw(a.view(torch.uint8)[keep]) == _raw(b.view(torch.uint8)[keep]), name
+        assert raw(a.view(torch.uint8)[keep]) == raw(b.view(torch.uint8)[keep]), name
         scale_ours, scale_theirs = ours[f"{name}_scale"], theirs[f"{name}_scale"]
         assert torch.equal(scale_ours[keep], scale_theirs[keep]), name
         assert (scale_ours[sorted(rows)] == torch.finfo(torch.float32).eps).all(), name
@@ -211,12 +202,12 @@ def test_the_two_targets_differ_where_quark_does(tiny_upstream, pairs, tmp_path)
     from requant.verify import verify
 
     convert_local(str(tiny_upstream), str(tmp_path / "q11"), "fp8-reference", progress=False)
-    q11, q13 = _load(tmp_path / "q11"), _load(pairs["tiny"][0]["fp8-reference"])
+    q11, q13 = load_tensors(tmp_path / "q11"), load_tensors(pairs["tiny"][0]["fp8-reference"])
     experts = [n for n in q11 if ".mlp.experts." in n and n.endswith(".weight")]
     assert experts and all(q13[f"{n}_scale"].dtype == torch.float32 != q11[f"{n}_scale"].dtype for n in experts)
-    assert any(_raw(q11[n]) != _raw(q13[n]) for n in experts)
+    assert any(raw(q11[n]) != raw(q13[n]) for n in experts)
     same = [n for n in q11 if ".mlp.experts." not in n]
-    assert all(_raw(q11[n]) == _raw(q13[n]) for n in same)
+    assert all(raw(q11[n]) == raw(q13[n]) for n in same)
     manifest = json.loads((pairs["tiny"][0]["fp8-reference"] / "requant-manifest.json").read_text())
     assert manifest["recipe"]["quark_version"] == "0.13"
     assert verify(str(pairs["tiny"][0]["fp8-reference"]))["tensors"] == len(q13)
@@ -260,7 +251,7 @@ def test_int4_decode_equals_current_compressed_tensors(adversarial_upstream, tmp
     decoded = tmp_path / "ct-decode.safetensors"
     version = _run(["-c", _CT_DECODE, str(adversarial_upstream), str(decoded)]).strip()
     assert version.startswith("0.20"), version
-    ours = _load(adversarial_upstream)
+    ours = load_tensors(adversarial_upstream)
     with safe_open(str(decoded), "pt") as f:
         modules = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
         assert len(modules) == sum(n.endswith(".weight_packed") for n in ours) > 0
@@ -268,8 +259,8 @@ def test_int4_decode_equals_current_compressed_tensors(adversarial_upstream, tmp
             packed, scale = ours[f"{module}.weight_packed"], ours[f"{module}.weight_scale"]
             in_features = int(ours[f"{module}.weight_shape"][1])
             bf16, fp32 = f.get_tensor(f"{module}.bf16"), f.get_tensor(f"{module}.fp32")
-            assert _raw(dequantize_int4(packed, scale, in_features)) == _raw(bf16), module
-            assert _raw(dequantize_int4(packed, scale, in_features, dtype=torch.float32)) == _raw(fp32), module
+            assert raw(dequantize_int4(packed, scale, in_features)) == raw(bf16), module
+            assert raw(dequantize_int4(packed, scale, in_features, dtype=torch.float32)) == raw(fp32), module
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import describe, run_info, write_results
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
@@ -254,9 +254,6 @@ def run_bench(args) -> dict[str, Any]:
             results["checkpoint"] = checkpoint_bench(upstream, Path(tmp), with_quark=_quark_mxfp4() is not None,
                                                      layers=args.layers)
     text = render(results)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(args.out) / "bench.md").write_text(text)
+    write_results(args.out, "bench", results, text)
     print(json.dumps(results, indent=2) if args.json else text)
     return results

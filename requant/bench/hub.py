@@ -17,7 +17,6 @@ comes from its own measured process (wall, CPU share, peak RSS):
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import describe, run_info, write_results
 from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
@@ -144,10 +143,7 @@ def run_hub_bench(experts: int, base: str, out: str | None) -> dict[str, Any]:
             hub.kill()
         shutil.rmtree(work, ignore_errors=True)
     text = render(results)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "hub.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(out) / "hub.md").write_text(text)
+    write_results(out, "hub", results, text)
     print(text)
     return results
 

@@ -16,7 +16,6 @@ which passes its measurement in as ``s3_part``; this module only renders it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import describe, run_info, write_results
 from requant.job import available_cores
 
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
@@ -174,8 +173,5 @@ def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]]
 def _save(results: dict[str, Any], out: str | None) -> str:
     """Write what was measured so far (a long run that fails late keeps its earlier figures)."""
     text = render(results)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "layer.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(out) / "layer.md").write_text(text)
+    write_results(out, "layer", results, text)
     return text

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import describe, run_info, write_results
 from requant.errors import RequantError
 from requant.job import available_cores
 
@@ -419,8 +419,5 @@ def render(r: dict[str, Any]) -> str:
 def _save(results: dict[str, Any], out: str | None) -> str:
     """Write what was measured so far (a long run that fails late keeps its earlier figures)."""
     text = render(results)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(out) / "peers.md").write_text(text)
+    write_results(out, "peers", results, text)
     return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -48,3 +49,11 @@ def describe(info: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
     return (f"{info['date']}, requant {info.get('commit') or '?'}, {info['cpu']} ({info['cores']} cores), "
             f"Python {info['python']}, {versions}")
+
+
+def write_results(out: str | Path | None, name: str, results: dict, text: str) -> None:
+    """``NAME.json`` (the figures, with their provenance) and ``NAME.md`` (their table) into ``out``, if given."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(out) / f"{name}.md").write_text(text)

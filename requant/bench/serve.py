@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import describe, run_info, write_results
 from requant.convert import convert_local
 from requant.serving.checkpoint import load_checkpoint
 from requant.serving.model import DeepseekV3Text
@@ -70,10 +70,7 @@ def run_bench_serve(out: str | None = None, prompt_len: int = 512, decode_len: i
         results["model"] = rows
         if eval_items and gsm8k_dir:
             results["lm_eval"] = _lm_eval_rate(root / "kimi-k2.6-mxfp4", eval_items, gsm8k_dir, root)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-        (Path(out) / "serve.md").write_text(format_results(results))
+    write_results(out, "serve", results, format_results(results))
     return results
 
 
