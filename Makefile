@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install docs docs-serve quark13-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow clean
+.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install browser engine-venv quark13-venv
+test: install browser engine-venv quark13-venv sglang-venv
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q tests
@@ -62,7 +62,18 @@ quark13-venv: $(Q13_STAMP)
 $(Q13_STAMP): $(Q13_LOCK)
 	$(call lock_venv,$(Q13_VENV),$(Q13_LOCK),import quark.torch.quantization.file2file_quantization; import compressed_tensors)
 
-engine-check: install engine-venv
+# SGLang 0.5.23, pinned in its own virtualenv (CPU torch 2.13): tests/engine/test_sglang.py builds SGLang's own model
+# for every recipe's output on the meta device and asserts the quantization method it picks for each layer.
+SGL_VENV := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_LOCK := infra/sglang/requirements.txt
+
+sglang-venv: $(SGL_STAMP)
+
+$(SGL_STAMP): $(SGL_LOCK)
+	$(call lock_venv,$(SGL_VENV),$(SGL_LOCK),import torch; import triton; import sglang.srt.server_args; assert torch.__version__.endswith('+cpu'))
+
+engine-check: install engine-venv sglang-venv
 	$(BIN)/python -m pytest -q tests/engine
 
 # The same suite in a random order (modules, and the tests within each, shuffled; the seed is printed,

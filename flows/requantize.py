@@ -133,7 +133,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
-               tp: int = 1, mirror: str | None = None, quark_version: str | None = None) -> dict[str, Any]:
+               tp: int = 1, mirror: str | None = None, quark_version: str | None = None,
+               fused_excludes: bool | None = None) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
@@ -142,7 +143,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     branch names when the run starts; with ``mirror`` (s3://... or a directory) that revision is first copied there
     (the mirror-upstream flow, resumable, verified against the Hub's digests) and converted from the copy.
     ``quark_version`` ("0.11" or "0.13"): the Quark release whose export both checkpoints equal (default: each
-    recipe's own, 0.11)."""
+    recipe's own, 0.11); ``fused_excludes`` False: Quark's exclude list exactly, without the names of the fused
+    modules SGLang and vLLM build (default: each recipe's own, with them)."""
     mirrored = None
     if mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
@@ -157,7 +159,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         upstream = mirrored["snapshot"]
     resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize",
-                       quark_version)
+                       quark_version, fused_excludes)
     if mirrored:
         summary["mirror"] = mirrored
     if evaluate:
@@ -167,7 +169,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         if reference_output.rstrip("/") == output.rstrip("/"):
             raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
         summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
-                                        resources_opts, progress, "reference", quark_version)
+                                        resources_opts, progress, "reference", quark_version, fused_excludes)
         summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
                                               limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
                                               engine_on_ray=engine_on_ray, tp=tp)
@@ -175,11 +177,12 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
 
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
-             resources_opts: dict, progress: bool, role: str, quark_version: str | None = None) -> dict[str, Any]:
+             resources_opts: dict, progress: bool, role: str, quark_version: str | None = None,
+             fused_excludes: bool | None = None) -> dict[str, Any]:
     """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused."""
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_checkpoint(upstream, recipe, quark_version)  # raises PlanError with every problem before any job runs
+    plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quark-version", choices=list(QUARK_RELEASES),
                    help="the AMD Quark release whose file-to-file export the output equals byte for byte (default: the "
                         "recipe's, 0.11 = Quark 0.11.2; 0.13 quantizes the exact FP32 decode of INT4 weights)")
+    c.add_argument("--no-fused-excludes", dest="fused_excludes", action="store_const", const=False,
+                   help="write Quark's exclude list exactly (default: it also names the fused modules SGLang and vLLM "
+                        "build from excluded modules, e.g. mlp.gate_up_proj, so that SGLang keeps them BF16)")
     c.add_argument("--local", action="store_true",
                    help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
     c.add_argument("--overwrite", action="store_true")
@@ -156,10 +159,16 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--eval-items", type=int, default=20, help="GSM8K items for the lm-eval timing (0 = skip)")
     bs.add_argument("--gsm8k-dir", help="offline GSM8K for the lm-eval timing (default: $REQUANT_GSM8K_DIR or shared/data/gsm8k)")
 
-    ep = sub.add_parser("engine-probe", help="start vLLM on a checkpoint and show what it decides per layer vs the "
-                                             "recipe (exit 1 where they differ)")
-    ep.add_argument("checkpoint", help="a converted checkpoint (dir or s3://)")
-    ep.add_argument("--engine", default="vllm-cpu", help="a vLLM engine of engines.yaml (default: vllm-cpu)")
+    ep = sub.add_parser("engine-probe", help="start vLLM on a checkpoint (or build SGLang's model for it) and show "
+                                             "what it decides per layer vs the recipe (exit 1 where they differ)")
+    ep.add_argument("checkpoint", help="a converted checkpoint (dir or s3://; a dir for sglang)")
+    ep.add_argument("--engine", default="vllm-cpu",
+                    help="a vLLM engine of engines.yaml (default: vllm-cpu), or sglang: SGLang's own model classes "
+                         "built on the meta device in .venv-sglang (make sglang-venv), no GPU needed")
+    ep.add_argument("--load", action="store_true",
+                    help="sglang: build on the CPU and feed every tensor to SGLang's weight loaders (small checkpoints)")
+    ep.add_argument("--capability", default="9.5",
+                    help="sglang: the GPU's compute capability its Quark config checks (9.5 MI355X, 9.4 MI300X)")
     ep.add_argument("--engines-file", help="YAML adding or overriding engines")
     ep.add_argument("--recipe", help="compare with this recipe instead of the one in the checkpoint's manifest")
     ep.add_argument("--dtype", help="vLLM --dtype (quantized checkpoints need bfloat16 or float16)")
@@ -206,6 +215,14 @@ def _engine_probe(args: argparse.Namespace) -> int:
         targets = dict(load_recipe(args.recipe).targets)
     else:
         targets = json.loads(open_storage(args.checkpoint).read_bytes(MANIFEST_FILE))["recipe"]["targets"]
+    if args.engine == "sglang":
+        from requant.engines import sglang
+
+        (decision,) = sglang.decide([args.checkpoint], load=args.load, capability=args.capability)
+        summary = sglang.summarize(decision, targets)
+        print(f"SGLang {decision.sglang} (stand-ins: {'; '.join(decision.stand_ins)})")
+        print(sglang.format_summary(summary))
+        return _report_mismatches(summary, "SGLang", args.out)
     spec = load_engines(args.engines_file)[args.engine]
     with tempfile.TemporaryDirectory(prefix="requant-engine-probe-") as work:
         layers = None
@@ -218,10 +235,14 @@ def _engine_probe(args: argparse.Namespace) -> int:
                                          extra_args=("--dtype", args.dtype) if args.dtype else ())
     summary = summarize(probe, targets, served)
     print(format_summary(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    return _report_mismatches(summary, "vLLM", args.out)
+
+
+def _report_mismatches(summary: dict, engine: str, out: str | None) -> int:
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=1) + "\n")
     for m in summary["mismatches"]:
-        print(f"differs: {m['prefix']} ({m['tensor_class']}): vLLM {m['vllm']}, recipe {m['recipe']}")
+        print(f"differs: {m['prefix']} ({m['tensor_class']}): {engine} {m['engine']}, recipe {m['recipe']}")
     return 1 if summary["mismatches"] else 0
 
 
@@ -263,14 +284,14 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
                                    "(or python -m flows.cli), or pass --local to convert in this process")
             summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
                                    upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1,
-                                   quark_version=args.quark_version)
+                                   quark_version=args.quark_version, fused_excludes=args.fused_excludes)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local
 
         run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
                         upstream_id=args.upstream_id, revision=args.revision, threads=args.threads,
-                        jobs=args.jobs, quark_version=args.quark_version)
+                        jobs=args.jobs, quark_version=args.quark_version, fused_excludes=args.fused_excludes)
         manifest = run.manifest
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)

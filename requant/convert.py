@@ -145,13 +145,15 @@ def convert_local(src: str, dst: str, recipe: str, **options) -> dict[str, Any]:
 
 def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
               progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
-              threads: int = 0, jobs: int = 0, quark_version: str | None = None) -> LocalRun:
+              threads: int = 0, jobs: int = 0, quark_version: str | None = None,
+              fused_excludes: bool | None = None) -> LocalRun:
     """``threads``: transcode threads per layer job (0: every core); ``jobs``: layer jobs converted at once in
     worker processes (0: sized to the cores, the memory and the work, see :func:`parallel_jobs`);
-    ``quark_version``: the Quark release whose export the output equals (default: the recipe's, 0.11)."""
+    ``quark_version``: the Quark release whose export the output equals (default: the recipe's, 0.11);
+    ``fused_excludes``: False writes Quark's exclude list without the engines' fused names (default: the recipe's)."""
     src, revision, upstream_id = pin_upstream(src, revision, upstream_id)  # hf://...@main: one commit throughout
     storage = open_storage(src)
-    plan = build_plan(storage, load_recipe(recipe, quark_version))
+    plan = build_plan(storage, load_recipe(recipe, quark_version, fused_excludes))
     key = run_key(plan, revision)
     paths = LocalPaths.for_destination(dst, key)
     if paths.dst.exists() and not overwrite:

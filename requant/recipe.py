@@ -74,6 +74,8 @@ SCHEMA: dict[str, Any] = {
         "warnings": {"type": "array", "items": {"type": "string"}},
         # whose bytes the output reproduces: Quark 0.11.2's export (default) or Quark 0.13's
         "quark_version": {"enum": list(QUARK_VERSIONS)},
+        # also exclude the engines' fused module names whose shards are all excluded (quark_config.fused_excludes)
+        "fused_excludes": {"type": "boolean"},
     },
 }
 
@@ -89,6 +91,7 @@ class Recipe:
     source: str
     overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
     quark_version: str = DEFAULT_QUARK  # the Quark release whose export the output equals (formats.table)
+    fused_excludes: bool = True  # exclude also names SGLang's/vLLM's fused modules (quark_config.fused_excludes)
 
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
@@ -129,15 +132,18 @@ def builtin_names() -> list[str]:
                   if p.name.endswith(".yaml") and p.name != "quark_schemes.yaml")
 
 
-def load_recipe(name_or_path: str, quark_version: str | None = None) -> Recipe:
+def load_recipe(name_or_path: str, quark_version: str | None = None, fused_excludes: bool | None = None) -> Recipe:
     """A built-in recipe by name, or a YAML file by path; ``quark_version`` (``--quark-version``) overrides the
-    recipe's own choice of the Quark release whose bytes the output reproduces."""
+    recipe's own choice of the Quark release whose bytes the output reproduces, ``fused_excludes``
+    (``--no-fused-excludes``) whether the exclude list also names the engines' fused modules."""
     recipe = _load_recipe(name_or_path)
-    if quark_version is None or quark_version == recipe.quark_version:
-        return recipe
-    if quark_version not in QUARK_VERSIONS:
-        raise RequantError(f"quark version {quark_version!r}: requant reproduces {', '.join(QUARK_VERSIONS)}")
-    return dataclasses.replace(recipe, quark_version=quark_version)
+    if quark_version is not None and quark_version != recipe.quark_version:
+        if quark_version not in QUARK_VERSIONS:
+            raise RequantError(f"quark version {quark_version!r}: requant reproduces {', '.join(QUARK_VERSIONS)}")
+        recipe = dataclasses.replace(recipe, quark_version=quark_version)
+    if fused_excludes is not None and fused_excludes != recipe.fused_excludes:
+        recipe = dataclasses.replace(recipe, fused_excludes=fused_excludes)
+    return recipe
 
 
 def _load_recipe(name_or_path: str) -> Recipe:
@@ -179,6 +185,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         source=source,
         overrides=overrides,
         quark_version=data.get("quark_version", DEFAULT_QUARK),
+        fused_excludes=data.get("fused_excludes", True),
     )
 
 

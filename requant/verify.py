@@ -18,6 +18,7 @@ from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, WEIGHT_FORMATS, weig
 from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, sealed_as_stored
+from requant.quark_config import ENGINE_FUSED_MODULES
 from requant.recipe import resolve_target
 
 
@@ -152,6 +153,13 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
     wrongly_excluded = quantized & set(quant.get("exclude", []))
     if wrongly_excluded:
         problems.append(f"{CONFIG_FILE}: exclude lists quantized modules, e.g. {sorted(wrongly_excluded)[0]}")
+    for name in quant.get("exclude", []):  # an engine would build this fused module BF16 around quantized shards
+        parent, _, fused = name.rpartition(".")
+        shards = [f"{parent}.{shard}" for shard in ENGINE_FUSED_MODULES.get(fused, ())]
+        if any(shard in quantized for shard in shards):
+            problems.append(f"{CONFIG_FILE}: exclude lists the fused module {name} but "
+                            f"{next(s for s in shards if s in quantized)} is quantized")
+            break
 
 
 def _check_stats(manifest: dict, problems: list[str]) -> None:

@@ -75,9 +75,10 @@ def _node() -> str:
 # Plans and job lists hold ~10^5 tensor descriptions: hashing them for Prefect's default input cache key
 # costs more than the work, and resume is handled by requant's own job records in object storage.
 @task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_checkpoint(source_uri: str, recipe: str, quark_version: str | None = None) -> Plan:
+def plan_checkpoint(source_uri: str, recipe: str, quark_version: str | None = None,
+                    fused_excludes: bool | None = None) -> Plan:
     """Read config, index and every shard header; fail with all problems before any job runs."""
-    return build_plan(open_storage(source_uri), load_recipe(recipe, quark_version))
+    return build_plan(open_storage(source_uri), load_recipe(recipe, quark_version, fused_excludes))
 
 
 HASH_TASK_BYTES = 1 << 30

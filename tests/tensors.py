@@ -21,3 +21,16 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def raw(t: torch.Tensor) -> bytes:
     """A tensor's bytes, whatever its dtype."""
     return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def engine_fused_names(exclude: list[str]) -> list[str]:
+    """The names requant adds to Quark's ``exclude`` (written out here, not taken from requant): the fused modules
+    SGLang and vLLM build whose every shard Quark excluded."""
+    names, added = set(exclude), set()
+    for name in names:
+        parent = name.rsplit(".", 1)[0]
+        if name.endswith(".gate_proj") and f"{parent}.up_proj" in names:
+            added.add(f"{parent}.gate_up_proj")
+        if name.endswith(".q_a_proj") and f"{parent}.kv_a_proj_with_mqa" in names:
+            added |= {f"{parent}.fused_qkv_a_proj", f"{parent}.fused_qkv_a_proj_with_mqa"}
+    return sorted(added - names)

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tensors import load_tensors, raw
+from tensors import engine_fused_names, load_tensors, raw
 
+from requant.cli import main
 from requant.convert import convert_local
 from requant.quark_reference import QUARK_EQUIVALENT
 
@@ -32,18 +33,40 @@ def test_tensors_equal_quark_export(recipe, converted, quark_exports):
         assert raw(a) == raw(b), name
 
 
+@pytest.fixture(scope="module")
+def converted_exact(tmp_path_factory, tiny_upstream):
+    """The same conversions with --no-fused-excludes, through the command line."""
+    root = tmp_path_factory.mktemp("requant-exact")
+    for recipe in QUARK_EQUIVALENT:
+        assert main(["convert", str(tiny_upstream), str(root / recipe), "--recipe", recipe, "--local",
+                     "--no-fused-excludes"]) == 0
+    return root
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("recipe", list(QUARK_EQUIVALENT))
-def test_config_equals_quark_export(recipe, converted, quark_exports):
-    ours = json.loads((converted / recipe / "config.json").read_text())
+def test_config_equals_quark_export(recipe, converted, converted_exact, quark_exports):
+    """With --no-fused-excludes config.json equals Quark's key for key; by default its exclude list also names the
+    fused modules the engines build from excluded modules, and nothing else differs."""
     theirs = json.loads((quark_exports[recipe] / "config.json").read_text())
     if recipe == "bf16-staging":
         # Quark always writes a config, here one that excludes everything; bf16-staging writes none.
         theirs.pop("quantization_config")
-        assert "quantization_config" not in ours
-    assert ours == theirs
-    assert list(ours.get("quantization_config", {})) == list(theirs.get("quantization_config", {}))  # key order too
-    assert "quantization_config" not in ours["text_config"]
+    exact = json.loads((converted_exact / recipe / "config.json").read_text())
+    assert exact == theirs
+    assert list(exact.get("quantization_config", {})) == list(theirs.get("quantization_config", {}))  # key order too
+    assert "quantization_config" not in exact["text_config"]
+    ours = json.loads((converted / recipe / "config.json").read_text())
+    if recipe == "bf16-staging":
+        assert ours == exact
+        return
+    exclude = ours["quantization_config"]["exclude"]
+    added = engine_fused_names(theirs["quantization_config"]["exclude"])
+    assert exclude == sorted(theirs["quantization_config"]["exclude"] + added)
+    assert {**ours["quantization_config"], "exclude": None} == {**theirs["quantization_config"], "exclude": None}
+    assert {**ours, "quantization_config": None} == {**theirs, "quantization_config": None}
+    if recipe != "amd-kimi-k25-mxfp4-attn-fp8":  # the one recipe that quantizes attention and every MLP
+        assert added
 
 
 def test_router_difference_between_mxfp4_recipes(converted):

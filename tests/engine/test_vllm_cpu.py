@@ -132,11 +132,16 @@ def recipe_probes(vllm_cpu, engine_variants, bf16_vllm, tmp_path_factory) -> dic
 
 
 @pytest.mark.parametrize("recipe", list(CPU_STOPS))
-def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, bf16_vllm):
+def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, bf16_vllm, engine_variants):
     """Layers vLLM builds before it stops are observed as built; the rest of the same architecture (the layer list
     of the BF16 run) are decided by the live QuarkConfig inside the stopped loader. Every decision must equal the
-    recipe's intent for that tensor class, the router of an MXFP4-router recipe excepted."""
+    recipe's intent for that tensor class, the router of an MXFP4-router recipe excepted. The checkpoints carry
+    requant's default exclude list, which also names each BF16 fused module (for SGLang's sake)."""
     probe, served = recipe_probes[recipe]
+    exclude = json.loads((engine_variants[recipe] / "config.json").read_text())["quantization_config"]["exclude"]
+    fused_bf16 = {layer.prefix for layer in probe.layers if layer.prefix.endswith((".gate_up_proj", ".fused_qkv_a_proj"))
+                  and load_recipe(recipe).target(layer.tensor_class) == "unquantized"}
+    assert {name for name in exclude if name.endswith((".gate_up_proj", ".fused_qkv_a_proj"))} == fused_bf16
     summary = _decisions(probe, recipe, recipe, served)
     full = {layer.prefix for layer in read_probe(bf16_vllm.records).layers if layer.layer_type != "ParallelLMHead"}
     assert full <= {layer.prefix for layer in probe.layers}                     # every layer has a decision

@@ -1,0 +1,98 @@
+"""A serving engine's per-layer quantization decisions, compared with what a recipe intends.
+
+The engines' own code decides (vLLM through :mod:`requant.engines.vllm_probe`, SGLang through
+:mod:`requant.engines.sglang_decide`); this module only names each engine layer's tensor class and sets the
+decisions side by side with the recipe's targets, given the engine's ``intended(target, layer)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from requant.layout import classify
+from requant.quark_config import ENGINE_FUSED_MODULES
+
+
+@dataclass(frozen=True)
+class Layer:
+    prefix: str               # the engine's module name, e.g. language_model.model.layers.1.mlp.experts
+    layer_type: str           # the engine's class, e.g. GateLinear, MergedColumnParallelLinear, RoutedExperts
+    tensor_class: str | None  # requant's class of the checkpoint tensors it holds (routed_expert, router, ...)
+    quant_method: str | None
+    scheme: str | None
+    target: str | None        # what vLLM's QuarkConfig.get_quant_method_target chose, when it was asked
+    weight_key: str | None
+    error: str | None
+    built: bool = True        # False: the engine stopped before building it; decided by its live config
+
+
+@dataclass
+class Probe:
+    layers: list[Layer] = field(default_factory=list)
+    stopped: dict | None = None  # {"stage", "where", "error"} when start-up failed
+    ready: bool = False
+
+    def decision(self, layer: Layer) -> str:
+        return layer.quant_method if layer.scheme is None else f"{layer.quant_method}/{layer.scheme}"
+
+
+def tensor_class(prefix: str) -> str | None:
+    """requant's tensor class of an engine module, from the checkpoint names its fused layers stand for."""
+    name = prefix
+    if name.endswith(".mlp.experts"):
+        name += ".0.gate_proj"
+    parent, _, last = name.rpartition(".")
+    if last in ENGINE_FUSED_MODULES:
+        name = f"{parent}.{ENGINE_FUSED_MODULES[last][0]}"
+    return classify(name)
+
+
+Intended = Callable[[str, Layer], str]  # (a recipe's target, an engine layer) -> the decision the engine should make
+
+
+def summarize(probe: Probe, targets: dict[str, str], intended: Intended, served: bool | None = None) -> dict:
+    """Per tensor class: the recipe's target, the engine's layer types and decisions, the intended decisions; and
+    every layer where the two differ. ``targets`` maps tensor classes to targets (a manifest's recipe targets)."""
+    classes: dict[str, dict] = {}
+    mismatches = []
+    for layer in probe.layers:
+        target = targets.get(layer.tensor_class or "", "unquantized")
+        want = intended(target, layer)
+        # A layer whose constructor failed still had its method chosen by the config (``target``).
+        got = probe.decision(layer) if layer.error is None else (layer.target or "none")
+        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "not_built": 0,
+                                                                   "types": [], "decisions": [], "intended": []})
+        row["layers"] += 1
+        row["not_built"] += not layer.built
+        shown = got if layer.error is None else f"{got}, not built: {layer.error.split(':', 1)[0]}"
+        for key, value in (("types", layer.layer_type), ("decisions", shown), ("intended", want)):
+            if value not in row[key]:
+                row[key].append(value)
+        if layer.tensor_class is None or got != want:
+            mismatches.append({"prefix": layer.prefix, "tensor_class": layer.tensor_class, "engine": got,
+                               "recipe": want})
+    return {"served": probe.ready if served is None else served, "stopped": probe.stopped, "classes": classes,
+            "mismatches": mismatches}
+
+
+def format_summary(summary: dict, engine: str, ready: str = "served") -> str:
+    """The per-class table; the last line says whether the engine got to ``ready`` (served, loaded) or where it
+    stopped."""
+    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s} {'built':>5s}  {engine}'s decision (layer types)"]
+    for name, row in summary["classes"].items():
+        chosen = {d.split(", not built")[0] for d in row["decisions"]}
+        flag = "" if chosen <= set(row["intended"]) else "   <-- differs from the recipe"
+        built = row["layers"] - row["not_built"]
+        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d} {built:5d}  {', '.join(row['decisions'])} "
+                     f"({', '.join(row['types'])}){flag}")
+    stopped = summary["stopped"]
+    if any(row["not_built"] for row in summary["classes"].values()):
+        lines.append(f"(layers {engine} did not build were decided by its live config when start-up stopped)")
+    if summary["served"] is None and not stopped:
+        lines.append(f"{ready}: not tried")
+        return "\n".join(lines)
+    lines.append(f"{ready}: yes" if summary["served"] else
+                 f"stopped at {stopped['stage']}" + (f" ({stopped['where']})" if stopped.get("where") else "") +
+                 f": {stopped['error'][:400]}" if stopped else f"{ready}: no (no failure recorded)")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""SGLang: what it decides for each layer of a checkpoint, by its own model classes (no GPU needed).
+
+SGLang serves on GPUs only, and a plain ``pip install sglang`` pulls CUDA torch and kernels, so it lives in its own
+virtualenv (``make sglang-venv`` builds ``.venv-sglang`` from infra/sglang/requirements.txt: SGLang 0.5.23, CPU
+torch). :func:`decide` runs :mod:`requant.engines.sglang_decide` there on checkpoints, which builds SGLang's model
+for each exactly as ``sglang serve`` does (meta device, or CPU with ``load`` to feed the tensors to its weight
+loaders), and turns what it wrote into per-layer decisions that :func:`summarize` compares with a recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from requant.engines import decisions
+from requant.engines.decisions import Layer, Probe, tensor_class
+from requant.errors import RequantError
+
+VENV = ".venv-sglang"
+PYTHON_ENV = "REQUANT_SGLANG_PYTHON"
+DECIDER = Path(__file__).with_name("sglang_decide.py")
+MI355X = "9.5"  # the device capability SGLang's Quark config is told (9.4: MI300X); MXFP4 needs 9.5
+
+# SGLang's method (and Quark scheme) for each requant target, by layer kind.
+LINEAR_METHODS = {"unquantized": "UnquantizedLinearMethod", "mxfp4": "QuarkLinearMethod/QuarkW4A4MXFP4",
+                  "fp8_per_channel": "QuarkLinearMethod/QuarkW8A8Fp8"}
+EXPERT_METHODS = {"unquantized": "UnquantizedFusedMoEMethod", "mxfp4": "QuarkFusedMoEMethod/QuarkW4A4MXFp4MoE",
+                  "fp8_per_channel": "QuarkFusedMoEMethod/QuarkW8A8FP8MoE"}
+# SGLang's DeepSeek router (MoEGate) is a bare parameter of the model's dtype that never asks the quant config.
+ROUTER = "MoEGate parameter, no quant method"
+
+
+@dataclass
+class Decision:
+    """SGLang's decisions for one checkpoint: its layers, where building or loading stopped, the stand-ins."""
+    checkpoint: str
+    sglang: str
+    probe: Probe
+    load: dict | None        # {"ok": True} or {"ok": False, "error", "where"}; None when not asked
+    stand_ins: list[str]
+
+    @property
+    def built(self) -> bool:
+        return self.probe.stopped is None or self.probe.stopped["stage"] != "build_layers"
+
+
+def python() -> str:
+    """SGLang's interpreter: ``$REQUANT_SGLANG_PYTHON``, else ``.venv-sglang`` here or in requant's checkout."""
+    if os.environ.get(PYTHON_ENV):
+        return os.environ[PYTHON_ENV]
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / VENV / "bin" / "python"
+        if candidate.exists():
+            return str(candidate)
+    raise RequantError(f"SGLang: no interpreter; set {PYTHON_ENV}, or create {VENV}/ (make sglang-venv)")
+
+
+def decide(checkpoints: list[str | Path], *, load: bool = False, capability: str = MI355X,
+           interpreter: str | None = None) -> list[Decision]:
+    """SGLang's decisions for local checkpoints, all in one SGLang process (its import takes most of the time)."""
+    for checkpoint in checkpoints:
+        if not (Path(checkpoint) / "config.json").is_file():
+            raise RequantError(f"{checkpoint}: not a local checkpoint (no config.json); SGLang's decider reads files")
+    with tempfile.TemporaryDirectory(prefix="requant-sglang-") as work:
+        out = Path(work) / "decisions.json"
+        # -I: neither this folder (its sglang.py would shadow SGLang) nor PYTHONPATH, user site or PYTHON* variables
+        command = [interpreter or python(), "-I", str(DECIDER), "--out", str(out), "--capability", capability,
+                   *(["--load"] if load else []), *map(str, checkpoints)]
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env=os.environ | {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RequantError(f"SGLang's decider failed (exit {done.returncode}): {tail[0]}")
+        records = json.loads(out.read_text())
+    return [_decision(record) for record in records]
+
+
+def _decision(record: dict) -> Decision:
+    probe = Probe()
+    for layer in record["layers"]:
+        method = ROUTER if layer["layer_type"] == "MoEGate" else layer["quant_method"]
+        probe.layers.append(Layer(layer["prefix"], layer["layer_type"], tensor_class(layer["prefix"]), method,
+                                  layer["scheme"], None, None, None, built=layer.get("built", True)))
+    failure = record["build_error"] and ("build_layers", record["build_error"])
+    if not failure and record["load"] and not record["load"]["ok"]:
+        failure = ("load_weights", record["load"])
+    if failure:
+        stage, error = failure
+        probe.stopped = {"stage": stage, "where": (error.get("where") or [""])[-1], "error": error["error"]}
+    probe.ready = not failure and bool(record["load"])
+    return Decision(record["checkpoint"], record["sglang"], probe, record["load"], record["stand_ins"])
+
+
+def intended(target: str, layer: Layer) -> str:
+    """The decision SGLang should make for a layer whose tensors a recipe maps to ``target``."""
+    if layer.layer_type == "FusedMoE":
+        return EXPERT_METHODS[target]
+    if layer.layer_type in ("VocabParallelEmbedding", "ParallelLMHead"):
+        return "UnquantizedEmbeddingMethod" if target == "unquantized" else f"a {target} embedding method"
+    if layer.layer_type == "MoEGate":
+        return ROUTER if target == "unquantized" else f"{target} router (SGLang builds none)"
+    return LINEAR_METHODS[target]
+
+
+def summarize(decision: Decision, targets: dict[str, str]) -> dict:
+    """SGLang's decisions per tensor class against a recipe's ``targets`` (see :func:`decisions.summarize`)."""
+    summary = decisions.summarize(decision.probe, targets, intended)
+    if decision.load is None and decision.probe.stopped is None:
+        summary["served"] = None  # decided on the meta device; the tensors were not fed to its loaders
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    return decisions.format_summary(summary, "SGLang", ready="loaded")
+

@@ -1,0 +1,82 @@
+"""SGLang 0.5.23's own decisions for every recipe's output: its model classes, built as `sglang serve` builds them
+(requant.engines.sglang_decide, on the CPU), pick a quantization method per layer and its weight loaders take the
+checkpoint's tensors. SGLang is the oracle: nothing of its matching is re-implemented here.
+
+Without requant's fused names in the exclude list, SGLang builds BF16 dense MLPs and shared experts as quantized
+`gate_up_proj` layers and cannot load them; the last test keeps that case honest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from engine_support import RECIPES
+
+from requant.convert import convert_local
+from requant.engines.sglang import ROUTER, Decision, decide, summarize
+from requant.recipe import load_recipe
+
+# Recipes whose BF16 dense MLP and shared experts SGLang fuses into gate_up_proj (the others quantize them or are
+# all BF16), converted a second time with Quark's exclude list exactly (--no-fused-excludes).
+EXACT = ("amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4")
+
+
+@pytest.fixture(scope="module")
+def sglang(sglang_python, engine_variants, tmp_path_factory) -> dict[str, Decision]:
+    """SGLang's decisions (model built on the CPU, every tensor fed to its loaders) for the recipes' outputs and
+    the exact-exclude variants, in one SGLang process."""
+    root = tmp_path_factory.mktemp("sglang-exact")
+    paths = {recipe: engine_variants[recipe] for recipe in RECIPES}
+    for recipe in EXACT:
+        convert_local(str(engine_variants["upstream"]), str(root / recipe), recipe, progress=False,
+                      fused_excludes=False)
+        paths[f"{recipe} exact"] = root / recipe
+    return dict(zip(paths, decide(list(paths.values()), load=True, interpreter=sglang_python)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sglang_decides_per_layer_what_the_recipe_intends(recipe, sglang, engine_variants):
+    """Every layer SGLang builds gets the method the recipe intends for its tensor class, and its loaders take every
+    tensor; an MXFP4 router excepted: SGLang's router (MoEGate) is a BF16 parameter whatever the config says, so
+    loading stops there, as the recipe warns."""
+    decision = sglang[recipe]
+    assert decision.sglang == "0.5.23" and decision.built, decision.probe.stopped
+    summary = summarize(decision, dict(load_recipe(recipe).targets))
+    assert summary["classes"].keys() == {"embedding", "attention", "dense_mlp", "router", "routed_expert",
+                                         "shared_expert", "lm_head"}
+    layers = {layer.prefix: layer for layer in decision.probe.layers}
+    for fused in ("language_model.model.layers.0.mlp.gate_up_proj",
+                  "language_model.model.layers.1.mlp.shared_experts.gate_up_proj",
+                  "language_model.model.layers.1.self_attn.fused_qkv_a_proj_with_mqa"):
+        assert layers[fused].layer_type in ("MergedColumnParallelLinear", "ReplicatedLinear"), fused
+    router_quantized = load_recipe(recipe).target("router") != "unquantized"
+    mismatched = {m["prefix"] for m in summary["mismatches"]}
+    if not router_quantized:
+        assert not mismatched, summary["mismatches"]
+        assert decision.load == {"ok": True} and decision.probe.ready
+    else:
+        assert mismatched == {p for p, la in layers.items() if la.tensor_class == "router"}
+        assert all(layers[p].quant_method == ROUTER for p in mismatched)
+        stopped = decision.probe.stopped
+        assert stopped["stage"] == "load_weights" and "Attempted to load weight" in stopped["error"], stopped
+    if load_recipe(recipe).target("attention") == "fp8_per_channel":
+        assert decision.probe.decision(layers["language_model.model.layers.1.self_attn.fused_qkv_a_proj_with_mqa"]) \
+            == "QuarkLinearMethod/QuarkW8A8Fp8"
+
+
+@pytest.mark.parametrize("recipe", EXACT)
+def test_without_the_fused_names_sglang_quantizes_bf16_gate_up_proj(recipe, sglang, engine_variants):
+    """Quark's own exclude list names gate_proj and up_proj, never SGLang's fused gate_up_proj, which SGLang
+    0.5.23 then builds in the checkpoint's global format: the BF16 weights do not fit (MXFP4: its loader asserts;
+    FP8: the MoE block cannot even be built). The default output excludes the fused names too."""
+    decision = sglang[f"{recipe} exact"]
+    summary = summarize(decision, dict(load_recipe(recipe).targets))
+    gate_up = {m["prefix"] for m in summary["mismatches"] if m["prefix"].endswith(".gate_up_proj")}
+    assert gate_up, summary["mismatches"]
+    assert all(m["engine"].startswith("QuarkLinearMethod/") and m["recipe"] == "UnquantizedLinearMethod"
+               for m in summary["mismatches"] if m["prefix"] in gate_up)
+    assert "language_model.model.layers.0.mlp.gate_up_proj" in gate_up
+    assert not decision.probe.ready
+    exclude = json.loads((engine_variants[recipe] / "config.json").read_text())["quantization_config"]["exclude"]
+    assert gate_up <= set(exclude)  # what the default output adds, and why SGLang decides right on it
