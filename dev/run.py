@@ -104,13 +104,17 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                 with phase("upload it to S3") as shown:
                     upload_dir(local, upstream)
                     shown.result(upstream)
-            from flows.requantize import requantize, start_ephemeral_server
+            from flows.requantize import requantize, start_ephemeral_server, stop_ephemeral_server
 
             with phase("start Prefect (ephemeral server)"):
                 start_ephemeral_server()
-            summary = requantize(upstream=upstream, output=output, recipe=args.recipe,
-                                 upstream_id=f"synthetic/{args.profile}", evaluate=not args.no_eval,
-                                 eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir, progress=args.verbose)
+            try:
+                summary = requantize(upstream=upstream, output=output, recipe=args.recipe,
+                                     upstream_id=f"synthetic/{args.profile}", evaluate=not args.no_eval,
+                                     eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir,
+                                     progress=args.verbose)
+            finally:
+                stop_ephemeral_server()
             return summary, server, started_here
     finally:
         if started_here:

@@ -16,13 +16,16 @@ def convert_with_flow(**options: Any) -> dict[str, Any]:
     """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation. On a
     terminal, one line per phase; Prefect's and Ray's output goes to a log file (requant.progress.default_log_dir)
     whose path is printed. Piped or redirected, everything is written as it comes."""
-    from flows.requantize import requantize, start_ephemeral_server  # Prefect and Ray load only for this command
+    from flows.requantize import requantize, start_ephemeral_server, stop_ephemeral_server  # only for this command
 
     quiet = sys.stderr.isatty() and not os.environ.get("REQUANT_VERBOSE")
     with quiet_terminal(default_log_dir() / log_name("convert")) if quiet else contextlib.nullcontext():
         with phase("start Prefect (ephemeral server)"):
             start_ephemeral_server()
-        return requantize(**options, evaluate=False, progress=not quiet and options.get("progress", True))
+        try:
+            return requantize(**options, evaluate=False, progress=not quiet and options.get("progress", True))
+        finally:
+            stop_ephemeral_server()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,17 @@ def start_ephemeral_server() -> str | None:
     return server.api_url
 
 
+def stop_ephemeral_server() -> None:
+    """Stop this process's ephemeral server now, while the entry point still owns the terminal (Prefect would stop
+    it at exit and log that after everything else). The flow runs' queued log records are sent to it first."""
+    server = _ephemeral_server()
+    if server is not None:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=30)
+        server.stop()
+
+
 class EnvRayTaskRunner(RayTaskRunner):
     """prefect-ray's runner, configured when a flow run enters it: ``RAY_ADDRESS`` (join a cluster) or a
     local Ray, as the environment says at that moment. Built at import time, the flow would keep whatever
@@ -129,19 +140,22 @@ class EnvRayTaskRunner(RayTaskRunner):
 @flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
 def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
                upstream_id: str | None = None, device: str = "cpu", threads: int = 0, num_cpus: float = 1,
-               num_gpus: float = 0, resources: dict[str, float] | None = None, progress: bool = True,
+               num_gpus: float | None = None, resources: dict[str, float] | None = None, progress: bool = True,
                evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
                tp: int = 1, mirror: str | None = None, quark_version: str | None = None,
-               fused_excludes: bool | None = None) -> dict[str, Any]:
+               fused_excludes: bool | None = None, overwrite: bool = True) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
-    Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, ``resources``); it transcodes on
-    ``threads`` threads, by default (0) as many as its CPUs. An ``hf://`` upstream is pinned to the commit its
-    branch names when the run starts; with ``mirror`` (s3://... or a directory) that revision is first copied there
-    (the mirror-upstream flow, resumable, verified against the Hub's digests) and converted from the copy.
+    Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, by default 1 with a ``cuda`` device
+    and 0 without; ``resources``); it transcodes on ``threads`` threads, by default (0) as many as its CPUs. An
+    output that holds this run's checkpoint is verified and reused; one that holds another run's is replaced, or
+    with ``overwrite`` False (``requant convert`` without ``--overwrite``) refused before any job runs.
+    An ``hf://`` upstream is pinned to the commit its branch names when the run starts; with ``mirror`` (s3://...
+    or a directory) that revision is first copied there (the mirror-upstream flow, resumable, verified against the
+    Hub's digests) and converted from the copy.
     ``quark_version`` ("0.11" or "0.13"): the Quark release whose export both checkpoints equal (default: each
     recipe's own, 0.11); ``fused_excludes`` False: Quark's exclude list exactly, without the names of the fused
     modules SGLang and vLLM build (default: each recipe's own, with them)."""
@@ -157,9 +171,9 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
     if mirrored:
         upstream = mirrored["snapshot"]
-    resources_opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
+    resources_opts = job_resources(device, num_cpus, num_gpus, resources)
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize",
-                       quark_version, fused_excludes)
+                       quark_version, fused_excludes, overwrite)
     if mirrored:
         summary["mirror"] = mirrored
     if evaluate:
@@ -169,7 +183,8 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         if reference_output.rstrip("/") == output.rstrip("/"):
             raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
         summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
-                                        resources_opts, progress, "reference", quark_version, fused_excludes)
+                                        resources_opts, progress, "reference", quark_version, fused_excludes,
+                                        overwrite)
         summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
                                               limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
                                               engine_on_ray=engine_on_ray, tp=tp)
@@ -178,15 +193,20 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
              resources_opts: dict, progress: bool, role: str, quark_version: str | None = None,
-             fused_excludes: bool | None = None) -> dict[str, Any]:
-    """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused."""
+             fused_excludes: bool | None = None, overwrite: bool = True) -> dict[str, Any]:
+    """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused, one
+    of another run replaced (``overwrite``) or refused."""
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)
-    if pipeline.published_key(output) == key:
+    published = pipeline.published_key(output)
+    if published not in (None, key) and not overwrite:
+        raise RequantError(f"{output}: already holds a converted checkpoint of another run "
+                           f"(pass --overwrite to replace it)")
+    if published == key:
         with phase(f"{role}: {recipe}") as shown:
             summary = _verify(plan, output, options)
             shown.result(f"{output} already holds this run (verified), reused")
@@ -198,6 +218,14 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
         return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options,
                              progress, role, started, timings)
+
+
+def job_resources(device: str, num_cpus: float, num_gpus: float | None, resources: dict[str, float] | None) -> dict:
+    """What Ray reserves for each layer job; a CUDA/ROCm device is visible only to a task that reserves a GPU, so
+    ``num_gpus`` defaults to 1 for one."""
+    if num_gpus is None:
+        num_gpus = 1 if device.startswith("cuda") else 0
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
 
 
 def _ray_options(resources_opts: dict) -> dict[str, Any]:

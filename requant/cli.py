@@ -42,8 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                         "build from excluded modules, e.g. mlp.gate_up_proj, so that SGLang keeps them BF16)")
     c.add_argument("--local", action="store_true",
                    help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--device", default="cpu", help="torch device for the kernels (cpu, cuda, cuda:1, ...)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a converted checkpoint already at DST (default: refuse; the same run is resumed or, "
+                        "once finished, verified and reused by the flow)")
+    c.add_argument("--device", default="cpu",
+                   help="torch device for the kernels (cpu, cuda, cuda:1, ...; ROCm: cuda); the flow reserves one GPU "
+                        "per layer job for a cuda device")
     c.add_argument("--threads", type=int, default=0,
                    help="transcode threads per layer job (default 0: with --local every core this process may use; "
                         "the flow: 1 per Ray task)")
@@ -282,9 +286,13 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
             if convert_flow is None:
                 raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
                                    "(or python -m flows.cli), or pass --local to convert in this process")
+            if args.jobs:
+                raise RequantError("--jobs sizes --local's worker processes; the flow runs one Ray task per layer job "
+                                   "(give it more CPUs with the flow's num_cpus)")
             summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
                                    upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1,
-                                   quark_version=args.quark_version, fused_excludes=args.fused_excludes)
+                                   quark_version=args.quark_version, fused_excludes=args.fused_excludes,
+                                   overwrite=args.overwrite)
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local

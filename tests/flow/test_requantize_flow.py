@@ -286,6 +286,27 @@ def test_refused_credentials_fail_the_cli_flow_in_one_line(prefect_api, s3_serve
     assert _listing(clean_prefix, "") == []
 
 
+def test_the_cli_flow_refuses_another_runs_checkpoint_without_overwrite(prefect_api, s3_server, s3_tiny, clean_prefix,
+                                                                        tiny_local_reference):
+    """`requant convert` refuses a destination that holds a converted checkpoint, as --local does, before any job
+    runs; --jobs belongs to --local and is refused too. (The flow itself replaces by default: the watcher does.)"""
+    storage = S3Storage(clean_prefix)
+    storage.ensure_bucket()
+    for path in sorted(tiny_local_reference.rglob("*")):
+        if path.is_file():
+            storage.put_file(str(path.relative_to(tiny_local_reference)), path)
+    before = {f: storage.read_bytes(f) for f in ("requant-manifest.json", "config.json")}
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    for extra, message in (([], f"{clean_prefix}: already holds a converted checkpoint of another run (pass "
+                                "--overwrite to replace it)"),
+                           (["--overwrite", "--jobs", "2"], "--jobs sizes --local's worker processes")):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
+                               "amd-kimi-mxfp4", *extra], env=env, capture_output=True, text=True, timeout=600)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("requant convert: error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert {f: storage.read_bytes(f) for f in before} == before
+
+
 def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_local_reference, clean_prefix):
     """requantize with ``mirror``: the Hub revision is copied into S3 by Ray tasks (each file checked against the
     Hub's digest), converted from the copy to the same bytes, the inputs still verified against the Hub's sha256;
