@@ -120,7 +120,9 @@ def _config_copy(checkpoint: str) -> tuple[str, list[str]]:
 
 
 def _where(exc: BaseException, root: str) -> list[str]:
-    return [f"{os.path.relpath(f.filename, root)}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-3:]]
+    """The innermost three of SGLang's own frames (file under sglang/, line, function)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root + os.sep)]
+    return [f"{os.path.relpath(f.filename, root)}:{f.lineno} {f.name}" for f in frames[-3:]]
 
 
 def _error(exc: BaseException, root: str) -> dict:

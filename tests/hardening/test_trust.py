@@ -39,16 +39,22 @@ def test_no_unpickling_exec_or_remote_code(ledger):
             if owner == "np" and name == "load" and any(k.arg == "allow_pickle" for k in node.keywords):
                 problems.append(f"{where}: np.load(allow_pickle)")
             for kw in node.keywords:
-                # engines.py passes its own opt-in flag for external engines (never to transformers/HF loaders)
-                if kw.arg == "trust_remote_code" and path.name != "engines.py":
+                # engines.py passes its own opt-in flag for external engines (never to transformers/HF loaders);
+                # anywhere else only the literal False (SGLang's decider refuses the checkpoint's code) is allowed
+                refused = isinstance(kw.value, ast.Constant) and kw.value.value is False
+                if kw.arg == "trust_remote_code" and path.name != "engines.py" and not refused:
                     problems.append(f"{where}: trust_remote_code=")
         ledger.record("trust: static scan of sources", "clean" if not problems else "finding")
     assert problems == []
 
 
 def test_trust_remote_code_only_as_the_opt_in_engine_flag():
+    def mentions(path: Path) -> bool:  # "trust_remote_code=False" refuses remote code: not an opt-in
+        text = path.read_text().replace("trust_remote_code=False", "")
+        return "trust-remote-code" in text or "trust_remote_code" in text
+
     hits = sorted(str(p.relative_to(ROOT)) for p in [*SOURCES, *(ROOT / "requant").rglob("*.yaml"), ROOT / "prefect.yaml"]
-                  if "trust-remote-code" in p.read_text() or "trust_remote_code" in p.read_text())
+                  if mentions(p))
     assert hits == ["requant/engines/engines.py", "requant/engines/engines.yaml"]
 
 
