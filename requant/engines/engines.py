@@ -46,13 +46,20 @@ class EngineSpec:
             return os.environ[self.python_env]
         if not self.python_venv:
             return sys.executable
-        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-            candidate = root / self.python_venv / "bin" / "python"
-            if candidate.exists():
-                return str(candidate)
-        hint = f"set {self.python_env}, or " if self.python_env else ""
-        raise RequantError(f"engine {self.name!r}: no interpreter; {hint}create {self.python_venv}/ "
-                           f"(make engine-venv)")
+        return venv_python(f"engine {self.name!r}", self.python_venv, self.python_env, "engine-venv")
+
+
+def venv_python(owner: str, venv: str, env_var: str | None, make_target: str) -> str:
+    """``$env_var``, else the interpreter of ``venv`` in the working directory or requant's checkout (an engine's
+    own pinned virtualenv, built by ``make make_target``)."""
+    if env_var and os.environ.get(env_var):
+        return os.environ[env_var]
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / venv / "bin" / "python"
+        if candidate.exists():
+            return str(candidate)
+    hint = f"set {env_var}, or " if env_var else ""
+    raise RequantError(f"{owner}: no interpreter; {hint}create {venv}/ (make {make_target})")
 
 
 def load_engines(path: str | Path | None = None) -> dict[str, EngineSpec]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from requant.engines import decisions
 from requant.engines.decisions import Layer, Probe, tensor_class
+from requant.engines.engines import venv_python
 from requant.errors import RequantError
 
 VENV = ".venv-sglang"
@@ -50,13 +51,7 @@ class Decision:
 
 def python() -> str:
     """SGLang's interpreter: ``$REQUANT_SGLANG_PYTHON``, else ``.venv-sglang`` here or in requant's checkout."""
-    if os.environ.get(PYTHON_ENV):
-        return os.environ[PYTHON_ENV]
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / VENV / "bin" / "python"
-        if candidate.exists():
-            return str(candidate)
-    raise RequantError(f"SGLang: no interpreter; set {PYTHON_ENV}, or create {VENV}/ (make sglang-venv)")
+    return venv_python("SGLang", VENV, PYTHON_ENV, "sglang-venv")
 
 
 def decide(checkpoints: list[str | Path], *, load: bool = False, capability: str = MI355X,
