@@ -1,15 +1,18 @@
 """Compare a candidate variant's GSM8K result with a reference variant's, and apply the quality gate.
 
 Per filter: each variant's mean ± stdev of lm-eval's per-seed scores (over its own seeds) and Welch's
-test between them; McNemar's test on (item, seed) pairs both variants ran, matched by doc_id and seed;
-a paired bootstrap over those items of each item's mean correctness over the shared seeds.
+test between them; then, on the items and seeds both variants ran (matched by doc_id and seed), the exact
+sign-flip permutation test over items, a paired bootstrap over items, and McNemar's test on pooled (item, seed)
+pairs. The unit is the item: one item under three few-shot seeds is one observation whose three outcomes are
+strongly correlated, so the pooled McNemar test is too confident with more than one seed; it is reported for
+comparison with published cards, and a gate may still name it.
 
 The gate (``gate.yaml``, checked by ``gate.schema.json``) FAILS the candidate when, on any gated filter,
 it is more than ``max_drop_pp`` percentage points below the reference on the paired data AND the
 chosen paired test is significant at ``alpha``. It is INCONCLUSIVE, never PASS, when the reference scores
 below ``min_reference_accuracy`` on a gated filter. Each filter also carries the minimum detectable drop at
-80% power for the pairs used (:func:`~requant.evaluation.stats.mcnemar_mde`), so a PASS says how small a loss
-it could have seen. Everything here is pure: results in, a frozen :class:`Comparison` out.
+80% power of the item test (:func:`~requant.evaluation.stats.item_mde`), so a PASS says how small a loss it could
+have seen. Everything here is pure: results in, a frozen :class:`Comparison` out.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ from requant.evaluation.results import FILTERS, GSM8KResult
 from requant.evaluation.stats import (
     BootstrapResult,
     McNemarResult,
+    PermutationResult,
     WelchResult,
+    item_mde,
+    item_permutation,
     mcnemar,
-    mcnemar_mde,
     mean_std,
     paired_bootstrap,
     welch,
 )
 
-PAIRED_TESTS = {"mcnemar": "McNemar exact", "bootstrap": "paired bootstrap"}
+PAIRED_TESTS = {"permutation": "sign-flip permutation over items", "bootstrap": "paired bootstrap over items",
+                "mcnemar": "McNemar exact on pooled (item, seed) pairs"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Gate:
     filters: tuple[str, ...]
     max_drop_pp: float
     alpha: float
-    paired_test: str  # "mcnemar" or "bootstrap"
+    paired_test: str  # a key of PAIRED_TESTS
     source: str       # "builtin" or the file it came from
     min_reference_accuracy: float = 0.0  # below it on a gated filter: INCONCLUSIVE
 
@@ -117,14 +123,15 @@ class FilterComparison:
     reference: VariantScores
     delta: float                 # candidate.mean - reference.mean, accuracy units
     welch: WelchResult           # over per-seed scores (unpaired)
-    mcnemar: McNemarResult       # over shared (item, seed) pairs
+    permutation: PermutationResult  # over shared items, each item's outcomes summed over the shared seeds
     bootstrap: BootstrapResult   # over shared items, per-item mean over shared seeds
+    mcnemar: McNemarResult       # over pooled shared (item, seed) pairs: for comparison only
     gated: bool
     gate_p_value: float          # the gate's paired test p-value
     failed: bool
     reason: str                  # one line, human-readable
     inconclusive: bool = False   # gated, and the reference is below the gate's floor
-    mde: float = float("nan")    # drop detectable with 80% power at the gate's alpha (McNemar, pooled pairs)
+    mde: float = float("nan")    # drop detectable with 80% power at the gate's alpha (the item permutation test)
 
     @property
     def paired_delta(self) -> float:
@@ -267,18 +274,19 @@ def compare(candidate: GSM8KResult, reference: GSM8KResult, gate: Gate | None = 
         cand, ref = _scores(candidate, name), _scores(reference, name)
         cand_items = _outcomes(candidate, name, seeds, doc_ids)
         ref_items = _outcomes(reference, name, seeds, doc_ids)
-        mc = mcnemar(cand_items.ravel(), ref_items.ravel())
+        perm = item_permutation(cand_items, ref_items)
         boot = paired_bootstrap(cand_items.mean(axis=0), ref_items.mean(axis=0), n_boot=n_boot, seed=seed)
-        p = mc.p_exact if gate.paired_test == "mcnemar" else boot.p_value
+        mc = mcnemar(cand_items.ravel(), ref_items.ravel())
+        p = {"permutation": perm.p_value, "bootstrap": boot.p_value, "mcnemar": mc.p_exact}[gate.paired_test]
         ref_paired = float(ref_items.mean())
         failed, reason = _judge(name, boot.delta, p, gate, ref_paired)
         gated = name in gate.filters
         compared.append(FilterComparison(
             filter=name, candidate=cand, reference=ref, delta=cand.mean - ref.mean,
             welch=welch(cand.mean, cand.stdev, len(cand.seeds), ref.mean, ref.stdev, len(ref.seeds)),
-            mcnemar=mc, bootstrap=boot, gated=gated, gate_p_value=p, failed=failed, reason=reason,
+            permutation=perm, bootstrap=boot, mcnemar=mc, gated=gated, gate_p_value=p, failed=failed, reason=reason,
             inconclusive=gated and ref_paired < gate.min_reference_accuracy,
-            mde=mcnemar_mde(mc.n, mc.b + mc.c, gate.alpha)))
+            mde=item_mde(cand_items.mean(axis=0) - ref_items.mean(axis=0), len(seeds), gate.alpha)))
 
     if any(fc.failed for fc in compared):
         verdict = "FAIL"

@@ -60,12 +60,14 @@ def _setup(c: Comparison) -> str:
 
 
 def _tests_table(c: Comparison) -> list[str]:
-    lines = ["| filter | Δ (pp) | Welch (over seeds) | McNemar b / c, exact p | bootstrap 95% CI (pp), p | "
-             "detectable drop (pp, 80% power) | gate |", "|---|---|---|---|---|---|---|"]
+    lines = ["| filter | Δ (pp) | Welch (over seeds) | sign-flip over items, p (items differing) | "
+             "bootstrap over items 95% CI (pp), p | McNemar pooled b / c, p | detectable drop (pp, 80% power) "
+             "| gate |", "|---|---|---|---|---|---|---|---|"]
     for fc in c.filters:
-        mc, bs = fc.mcnemar, fc.bootstrap
-        lines.append(f"| {fc.filter} | {_pp(fc.delta)} | {_welch(fc)} | {mc.b} / {mc.c}, p = {_p(mc.p_exact)} "
-                     f"| [{_pp(bs.ci_low)}, {_pp(bs.ci_high)}], p = {_p(bs.p_value)} | {_mde(fc)} | {_gate_cell(fc)} |")
+        mc, bs, pm = fc.mcnemar, fc.bootstrap, fc.permutation
+        lines.append(f"| {fc.filter} | {_pp(fc.delta)} | {_welch(fc)} | p = {_p(pm.p_value)} ({pm.n_differing}) "
+                     f"| [{_pp(bs.ci_low)}, {_pp(bs.ci_high)}], p = {_p(bs.p_value)} "
+                     f"| {mc.b} / {mc.c}, p = {_p(mc.p_exact)} | {_mde(fc)} | {_gate_cell(fc)} |")
     return lines
 
 
@@ -76,8 +78,8 @@ def _mde(fc: FilterComparison) -> str:
 def power_statement(c: Comparison) -> str:
     """What the verdict could have seen: the smallest drop each gated filter detects with 80% power."""
     parts = [f"{fc.filter} {_mde(fc)} pp" for fc in c.filters if fc.gated]
-    return (f"With {len(c.shared_seeds)} seed(s) x {c.n_items} items, a drop is detected with 80% power at "
-            f"alpha {c.gate.alpha:g} from: {', '.join(parts)} (McNemar, pooled pairs).")
+    return (f"With {c.n_items} items x {len(c.shared_seeds)} seed(s), a drop is detected with 80% power at "
+            f"alpha {c.gate.alpha:g} from: {', '.join(parts)} (sign-flip permutation test over items).")
 
 
 def _gate_cell(fc: FilterComparison) -> str:
@@ -94,11 +96,13 @@ def format_table(c: Comparison) -> str:
     for fc in c.filters:
         for v in (fc.candidate, fc.reference):
             lines.append(f"  {v.variant:28s} {fc.filter:17s} {_acc(v):>18s}")
-    lines.append(f"  {'filter':17s} {'Δ pp':>7s} {'McNemar b/c, p':>20s} {'bootstrap p':>12s} {'MDE pp':>7s}  gate")
+    lines.append(f"  {'filter':17s} {'Δ pp':>7s} {'items p':>8s} {'bootstrap p':>12s} {'pooled McNemar b/c, p':>22s} "
+                 f"{'MDE pp':>7s}  gate")
     for fc in c.filters:
         mc = fc.mcnemar
-        lines.append(f"  {fc.filter:17s} {_pp(fc.delta):>7s} {f'{mc.b}/{mc.c}, {_p(mc.p_exact)}':>20s} "
-                     f"{_p(fc.bootstrap.p_value):>12s} {_mde(fc):>7s}  {_gate_cell(fc).strip('*')}")
+        lines.append(f"  {fc.filter:17s} {_pp(fc.delta):>7s} {_p(fc.permutation.p_value):>8s} "
+                     f"{_p(fc.bootstrap.p_value):>12s} {f'{mc.b}/{mc.c}, {_p(mc.p_exact)}':>22s} "
+                     f"{_mde(fc):>7s}  {_gate_cell(fc).strip('*')}")
     lines.append(f"verdict: {c.verdict}. {power_statement(c)}")
     return "\n".join(lines)
 
@@ -108,9 +112,12 @@ def _verdict_lines(c: Comparison) -> list[str]:
     lines += [f"- {fc.reason}" for fc in c.filters]
     lines += [f"- Note: {note}" for note in c.notes]
     n_boot = c.filters[0].bootstrap.n_boot if c.filters else 0
-    lines += ["", (f"Δ = candidate − reference. McNemar pools {len(c.shared_seeds)} seed(s) × {c.n_items} items: "
-                   "b = candidate right and reference wrong, c = the reverse. The bootstrap resamples items "
-                   f"({n_boot} resamples) using each item's mean over seeds.")]
+    lines += ["", (f"Δ = candidate − reference. The unit is the item ({c.n_items}): the sign-flip test is exact over "
+                   "the signs of each item's difference summed over the seeds, and the bootstrap resamples items "
+                   f"({n_boot} resamples) using each item's mean over seeds. McNemar pools {len(c.shared_seeds)} "
+                   "seed(s) × items as if they were independent (b = candidate right and reference wrong, c = the "
+                   "reverse); it is shown for comparison with published cards and is too confident with more than "
+                   "one seed.")]
     return lines
 
 
@@ -145,12 +152,13 @@ def quality_section(comparison: Comparison, smoke: dict[str, Any] | None = None,
     """The body of a model card's ``## Quality`` section (no heading); ``figure`` links a plot by relative path."""
     c = comparison
     lines = [f"GSM8K against `{c.reference}`: {_setup(c)}. Accuracy in %, mean ± stdev over seeds.", "",
-             (f"| filter | this model (`{c.candidate}`) | `{c.reference}` | Δ (pp) | Welch p | McNemar p | "
-              "bootstrap 95% CI (pp) |"), "|---|---|---|---|---|---|---|"]
+             (f"| filter | this model (`{c.candidate}`) | `{c.reference}` | Δ (pp) | Welch p (seed means) | "
+              "items p (sign-flip) | bootstrap 95% CI (pp) | detectable drop (pp) |"),
+             "|---|---|---|---|---|---|---|---|"]
     for fc in c.filters:
         lines.append(f"| {fc.filter} | {_acc(fc.candidate)} | {_acc(fc.reference)} | {_pp(fc.delta)} "
-                     f"| {_p(fc.welch.p_value)} | {_p(fc.mcnemar.p_exact)} "
-                     f"| [{_pp(fc.bootstrap.ci_low)}, {_pp(fc.bootstrap.ci_high)}] |")
+                     f"| {_p(fc.welch.p_value)} | {_p(fc.permutation.p_value)} "
+                     f"| [{_pp(fc.bootstrap.ci_low)}, {_pp(fc.bootstrap.ci_high)}] | {_mde(fc)} |")
     lines += ["", *_verdict_lines(c)]
     if figure:
         lines += ["", f"![GSM8K accuracy per seed]({figure})"]
@@ -190,6 +198,7 @@ def table_rows(comparison: Comparison) -> list[dict[str, Any]]:
             "reference_stdev": num(fc.reference.stdev),
             "delta_pp": num(100 * fc.delta),
             "welch_t": num(fc.welch.t), "welch_df": num(fc.welch.df), "welch_p": num(fc.welch.p_value),
+            "items_p": num(fc.permutation.p_value), "items_differing": fc.permutation.n_differing,
             "mcnemar_b": fc.mcnemar.b, "mcnemar_c": fc.mcnemar.c, "mcnemar_p_exact": num(fc.mcnemar.p_exact),
             "bootstrap_delta_pp": num(100 * fc.bootstrap.delta), "bootstrap_ci_low_pp": num(100 * fc.bootstrap.ci_low),
             "bootstrap_ci_high_pp": num(100 * fc.bootstrap.ci_high), "bootstrap_p": num(fc.bootstrap.p_value),

@@ -1,9 +1,14 @@
 """The statistics that compare two evaluated variants: pure numpy/scipy, no I/O.
 
 * :func:`mean_std` and :func:`welch` summarise and compare per-seed accuracies (unpaired, few values).
-* :func:`mcnemar` compares paired 0/1 outcomes (same item, same seed) through their discordant pairs.
+* :func:`item_permutation` is the gate's paired test: an exact sign-flip permutation test over items, the unit
+  of a GSM8K evaluation. One item answered under several few-shot seeds is one observation, not several: its
+  outcomes under the seeds are strongly correlated, so tests that pool (item, seed) pairs are anti-conservative.
+  :func:`item_mde` is the smallest drop it detects with a given power.
+* :func:`mcnemar` compares paired 0/1 outcomes through their discordant pairs. On pooled (item, seed) pairs it
+  is kept for comparison with published cards; with one seed it is the same test as :func:`item_permutation`.
 * :func:`paired_bootstrap` resamples items to get a confidence interval and p-value for the mean paired
-  difference, which respects that one item answered under several seeds is not several independent items.
+  difference.
 
 Each returns a frozen dataclass; invalid input raises :class:`~requant.errors.RequantError`.
 """
@@ -39,6 +44,15 @@ class McNemarResult:
     p_exact: float    # two-sided exact binomial test of b against Binomial(b + c, 1/2)
     chi2_cc: float    # McNemar's chi-square with Edwards' continuity correction
     p_chi2_cc: float  # its p-value, chi-square with 1 degree of freedom
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    delta: float      # mean over items of (candidate - reference), each item averaged over the seeds
+    p_value: float    # two-sided, exact: the share of the 2^n sign assignments at least as extreme
+    n_items: int      # items compared
+    n_seeds: int      # seeds each item was answered under
+    n_differing: int  # items whose candidate and reference totals over the seeds differ (the rest carry no sign)
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,89 @@ def mcnemar(cand: Sequence[int], ref: Sequence[int]) -> McNemarResult:
                          p_chi2_cc=float(sps.chi2.sf(chi2_cc, 1)))
 
 
+def _outcome_grid(values: Sequence[Sequence[int]] | np.ndarray, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.size == 0:
+        raise RequantError(f"{what}: expected 0/1 outcomes as [seed][item], got shape {array.shape}")
+    return _binary(array.ravel(), what).reshape(array.shape).astype(np.int64)
+
+
+def item_permutation(cand: Sequence[Sequence[int]] | np.ndarray,
+                     ref: Sequence[Sequence[int]] | np.ndarray) -> PermutationResult:
+    """Exact paired sign-flip permutation test over items (Fisher 1935; Pitman 1937) of candidate - reference.
+
+    ``cand`` and ``ref`` are 0/1 outcomes as [seed][item] (a 1-D sequence is one seed). Each item's total
+    difference over the k seeds, m_i = sum_s (cand - ref), is an integer in [-k, k]. Under the null hypothesis the
+    two variants are exchangeable within an item, so every sign of every m_i is equally likely and the statistic
+    S = sum_i m_i has the exact distribution of sum_i e_i |m_i| over the 2^n sign vectors e. Items sharing the value
+    |m_i| = v contribute v·(2·Binomial(count_v, 1/2) - count_v), so the distribution is the convolution of k scaled
+    binomials: exact, deterministic and cheap for any n (no Monte Carlo). p = P(|S| >= |s_observed|).
+
+    The seeds stay inside an item, so their correlation is respected; with one seed this is McNemar's exact test.
+    """
+    c_arr, r_arr = _outcome_grid(cand, "item_permutation candidate"), _outcome_grid(ref, "item_permutation reference")
+    if c_arr.shape != r_arr.shape:
+        raise RequantError(f"item_permutation: candidate outcomes have shape {c_arr.shape}, reference {r_arr.shape}; "
+                           "they must pair up as [seed][item]")
+    k, n = c_arr.shape
+    totals = (c_arr - r_arr).sum(axis=0)
+    observed = int(totals.sum())
+    magnitudes = np.abs(totals)
+    # dist[j] = P(S = j - offset); start from S = 0 and fold in each magnitude's scaled binomial.
+    dist = np.ones(1)
+    for v in range(1, k + 1):
+        count = int(np.count_nonzero(magnitudes == v))
+        if count == 0:
+            continue
+        spread = np.zeros(2 * v * count + 1)
+        spread[::2 * v] = sps.binom.pmf(np.arange(count + 1), count, 0.5)  # S_v = v·(2j - count), j ~ Bin(count, ½)
+        dist = np.convolve(dist, spread)
+    offset = (dist.size - 1) // 2
+    values = np.arange(dist.size) - offset
+    # Half a unit of tolerance: S is an integer, so this only keeps float rounding of |values| out of the count.
+    p_value = float(min(1.0, dist[np.abs(values) >= abs(observed) - 0.5].sum()))
+    return PermutationResult(delta=observed / (k * n), p_value=p_value, n_items=n, n_seeds=k,
+                             n_differing=int(np.count_nonzero(totals)))
+
+
+def item_mde(item_deltas: Sequence[float] | np.ndarray, n_seeds: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest accuracy drop (a fraction) that :func:`item_permutation` at two-sided ``alpha`` detects with
+    ``power``, given the observed per-item differences (each item's candidate - reference over ``n_seeds`` seeds).
+
+    Normal approximation of the sign-flip test: with n items, mean difference d and second moment q = mean(d_i²),
+    the statistic's null variance is n·q and its spread under the alternative n·(q - d²), so the power is
+    Phi((sqrt(n)·d - z_(1-alpha/2)·sqrt(q)) / sqrt(q - d²)). This is Connor's (1987) McNemar formula with the
+    discordant fraction replaced by q, and equals it for one seed. A mean drop d over values that are multiples of
+    1/k needs q >= d/k (all the drop on items that differ by one answer), so q is taken as max(observed, d/k): two
+    variants that never disagreed still get a finite MDE. NaN for no items; 1.0 if no drop is detectable.
+    """
+    deltas = np.asarray(item_deltas, dtype=np.float64)
+    n = deltas.size
+    if n == 0:
+        return float("nan")
+    if n_seeds < 1:
+        raise RequantError(f"item_mde: n_seeds must be at least 1, got {n_seeds}")
+    z_alpha = NormalDist().inv_cdf(1 - alpha / 2)
+    observed = float(np.mean(deltas * deltas))
+
+    def achieved(d: float) -> float:
+        q = max(observed, d / n_seeds)
+        spread = q - d * d
+        if spread <= 0:
+            return 1.0
+        return NormalDist().cdf((math.sqrt(n) * d - z_alpha * math.sqrt(q)) / math.sqrt(spread))
+
+    if achieved(1.0) < power:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if achieved(mid) >= power else (mid, hi)
+    return hi
+
+
 def paired_bootstrap(cand_items: Sequence[float], ref_items: Sequence[float], n_boot: int = 10000,
                      seed: int = 0) -> BootstrapResult:
     """Paired bootstrap over items of the mean difference candidate - reference.
@@ -169,33 +266,3 @@ def paired_bootstrap(cand_items: Sequence[float], ref_items: Sequence[float], n_
     p_value = min(1.0, (1 + int(extreme)) / (n_boot + 1))
     return BootstrapResult(delta=delta, ci_low=float(ci_low), ci_high=float(ci_high), p_value=p_value,
                            n_items=n, n_boot=n_boot)
-
-
-def mcnemar_mde(n_pairs: int, discordant: int, alpha: float, power: float = 0.8) -> float:
-    """The smallest accuracy drop (a fraction) that McNemar's test at two-sided ``alpha`` detects with ``power``,
-    for ``n_pairs`` pooled pairs whose discordant fraction is ``discordant / n_pairs``.
-
-    Normal approximation (Connor 1987): with discordant fraction psi and difference d, the test detects d with
-    power Phi((sqrt(N)·d - z_(1-alpha/2)·sqrt(psi)) / sqrt(psi - d^2)). A drop of d needs at least d of the pairs
-    discordant, so psi is taken as max(observed, d): two variants that never disagreed still get a finite MDE.
-    NaN for no pairs; 1.0 if no drop is detectable.
-    """
-    if n_pairs <= 0:
-        return float("nan")
-    z_alpha = NormalDist().inv_cdf(1 - alpha / 2)
-    observed = discordant / n_pairs
-
-    def achieved(d: float) -> float:
-        psi = max(observed, d)
-        spread = psi - d * d
-        if spread <= 0:
-            return 1.0
-        return NormalDist().cdf((math.sqrt(n_pairs) * d - z_alpha * math.sqrt(psi)) / math.sqrt(spread))
-
-    if achieved(1.0) < power:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if achieved(mid) >= power else (mid, hi)
-    return hi

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from requant.errors import RequantError
-from requant.evaluation import report
+from requant.evaluation import report, stats
 from requant.evaluation.compare import compare, gate_schema, load_gate
 from requant.evaluation.results import FILTERS, GSM8KResult
 from requant.evaluation.stats import mcnemar
@@ -62,11 +62,32 @@ def test_three_pp_worse_with_many_discordant_pairs_fails():
         assert fc.paired_delta == pytest.approx(fc.delta)
         assert (fc.mcnemar.b, fc.mcnemar.c, fc.mcnemar.n) == (120, 240, 3 * 1319)
         assert fc.mcnemar.p_exact < 1e-9 and fc.failed
+        assert fc.gate_p_value == fc.permutation.p_value < 1e-6
         assert fc.reason.startswith(f"{fc.filter}: FAIL") and "-3.03 pp" in fc.reason
         assert fc.bootstrap.ci_high < -0.01
-    # The bootstrap gate agrees.
-    by_bootstrap = compare(cand, ref, replace(load_gate(None), paired_test="bootstrap"), n_boot=2000)
-    assert by_bootstrap.verdict == "FAIL"
+    # The bootstrap and pooled McNemar gates agree.
+    for test in ("bootstrap", "mcnemar"):
+        assert compare(cand, ref, replace(load_gate(None), paired_test=test), n_boot=2000).verdict == "FAIL"
+
+
+def test_seeds_that_repeat_an_item_are_not_new_evidence():
+    """Six items lost and one gained under all three seeds (-2.5 pp): McNemar on pooled pairs sees 18 against 3
+    (p = 0.0015) and would FAIL; over items it is 6 against 1, p = P(|2·Bin(7, ½) - 7| >= 5) = 16/128, a PASS."""
+    n = 200
+    ref_row = np.array([1] * 150 + [0] * 50)
+    cand_row = ref_row.copy()
+    cand_row[:6], cand_row[150] = 0, 1
+    def same_under_every_seed(row):
+        return {f: {str(s): row.tolist() for s in SEEDS} for f in FILTERS}
+
+    cand = result("kimi-k2.6-mxfp4", same_under_every_seed(cand_row), range(n))
+    ref = result("fp8-reference", same_under_every_seed(ref_row), range(n))
+    comparison = compare(cand, ref, n_boot=500)
+    fc = comparison.filter("strict-match")
+    assert (fc.mcnemar.b, fc.mcnemar.c) == (3, 18) and fc.mcnemar.p_exact == pytest.approx(0.00149, abs=1e-5)
+    assert fc.permutation.n_differing == 7 and fc.permutation.p_value == pytest.approx(16 / 128)
+    assert comparison.verdict == "PASS" and "not significant" in fc.reason
+    assert compare(cand, ref, replace(load_gate(None), paired_test="mcnemar"), n_boot=500).verdict == "FAIL"
 
 
 def test_equal_passes():
@@ -96,14 +117,14 @@ def test_two_pp_worse_on_tiny_n_is_not_significant_and_passes():
     assert comparison.verdict == "PASS"
     for fc in comparison.filters:
         assert fc.delta == pytest.approx(-0.02)
-        assert fc.mcnemar.p_exact == pytest.approx(0.25)
+        assert fc.mcnemar.p_exact == pytest.approx(0.25) == fc.gate_p_value  # three items: 2 of 8 sign vectors
         assert "not significant" in fc.reason
 
 
 def test_gate_applies_only_to_its_filters(tmp_path):
     cand, ref = pair(worse=80, better=40)
     gate = load_gate(write(tmp_path, "filters: [strict-match]\nmax_drop_pp: 5\n"))
-    assert (gate.filters, gate.max_drop_pp, gate.alpha, gate.paired_test) == (("strict-match",), 5.0, 0.05, "mcnemar")
+    assert (gate.filters, gate.max_drop_pp, gate.alpha, gate.paired_test) == (("strict-match",), 5.0, 0.05, "permutation")
     comparison = compare(cand, ref, gate, n_boot=500)
     assert comparison.verdict == "PASS"
     assert not comparison.filter("flexible-extract").gated
@@ -128,6 +149,8 @@ def test_compare_numbers_match_oracles():
     pooled_c = np.concatenate([cand.items["strict-match"][str(s)] for s in SEEDS])
     pooled_r = np.concatenate([ref.items["strict-match"][str(s)] for s in SEEDS])
     assert fc.mcnemar == mcnemar(pooled_c, pooled_r)
+    grid = [np.array([x.items["strict-match"][str(s)] for s in SEEDS]) for x in (cand, ref)]
+    assert fc.permutation == stats.item_permutation(*grid) and fc.gate_p_value == fc.permutation.p_value
     assert comparison.shared_seeds == tuple(SEEDS) and comparison.n_items == 1319 and comparison.notes == ()
     json.dumps(comparison.to_json(), allow_nan=False)
 
@@ -171,7 +194,7 @@ def test_compare_rejects_results_that_share_nothing_or_are_malformed():
 def test_builtin_gate_defaults_and_schema_filters():
     gate = load_gate(None)
     assert (gate.filters, gate.max_drop_pp, gate.alpha, gate.paired_test, gate.source) == (
-        ("flexible-extract", "strict-match"), 1.0, 0.05, "mcnemar", "builtin")
+        ("flexible-extract", "strict-match"), 1.0, 0.05, "permutation", "builtin")
     assert tuple(gate_schema()["properties"]["filters"]["items"]["enum"]) == FILTERS
 
 
@@ -179,7 +202,7 @@ def test_builtin_gate_defaults_and_schema_filters():
     ("max_drop_pp: one\n", r"max_drop_pp: 'one' is not of type 'number'"),
     ("max_drop_pp: -1\n", r"max_drop_pp: -1 is less than the minimum of 0"),
     ("alpha: 1.5\n", r"alpha: 1.5 is greater than or equal to the maximum of 1"),
-    ("paired_test: ttest\n", r"paired_test: 'ttest' is not one of \['mcnemar', 'bootstrap'\]"),
+    ("paired_test: ttest\n", r"paired_test: 'ttest' is not one of \['permutation', 'bootstrap', 'mcnemar'\]"),
     ("filters: [exact]\n", r"filters/0: 'exact' is not one of"),
     ("filters: []\n", r"filters: \[\] should be non-empty"),
     ("max_drop: 2\n", r"\(top level\): Additional properties are not allowed \('max_drop' was unexpected\)"),
@@ -306,21 +329,35 @@ def test_a_reference_below_the_floor_is_inconclusive_never_pass(tmp_path):
     assert compare(cand, ref, gate, n_boot=200).verdict == "FAIL"  # a drop to 0 with no floor is a failure
 
 
-@pytest.mark.parametrize("n_items,ref_correct,worse,better", [(1319, 1240, 50, 50), (200, 150, 0, 0), (50, 40, 5, 3)])
+@pytest.mark.parametrize("n_items,ref_correct,worse,better", [(1319, 1240, 50, 50), (200, 150, 0, 0), (100, 80, 5, 3)])
 def test_the_detectable_drop_has_80_percent_power_by_simulation(n_items, ref_correct, worse, better):
-    """The reported MDE against a Monte-Carlo of the gate's own test (exact McNemar on pooled pairs): pairs with
-    the observed discordance, shifted by a drop of MDE, are rejected at alpha in about 80% of draws."""
+    """The reported MDE against a Monte-Carlo of the gate's own test (the exact sign-flip test over items): items
+    drawn from the observed per-item differences, their signs tilted so the mean is a drop of MDE (or, where the
+    variants never disagreed, single-answer drops on a share of the items), are rejected at alpha in about 80%
+    of draws."""
     cand, ref = pair(n_items=n_items, ref_correct=ref_correct, worse=worse, better=better)
-    fc = compare(cand, ref, n_boot=200).filter("strict-match")
-    n, psi, d = fc.mcnemar.n, max((fc.mcnemar.b + fc.mcnemar.c) / fc.mcnemar.n, fc.mde), fc.mde
-    assert 0 < d < 1 and ("detectable drop" in report.markdown(compare(cand, ref, n_boot=200)))
+    comparison = compare(cand, ref, n_boot=200)
+    fc = comparison.filter("strict-match")
+    d, k = fc.mde, len(comparison.shared_seeds)
+    assert 0 < d < 1 and "detectable drop" in report.markdown(comparison)
+    seeds = np.arange(k)[:, None]
+    totals = (np.array([cand.items["strict-match"][str(s)] for s in SEEDS])
+              - np.array([ref.items["strict-match"][str(s)] for s in SEEDS])).sum(axis=0)
+    magnitudes = np.abs(totals)
+    q = float(np.mean((magnitudes / k) ** 2))
     rng = np.random.default_rng(1)
-    draws = 4000
-    discordant = rng.binomial(n, psi, size=draws)
-    c = rng.binomial(discordant, (psi + d) / (2 * psi))              # reference right, candidate wrong
-    b = discordant - c
-    p = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(b, c), np.maximum(discordant, 1), 0.5))
-    power = float(np.mean((p < 0.05) & (c > b)))
-    # Monte-Carlo noise at 4000 draws is about +-1.3 points; the exact test is coarse at 50 items (measured 0.75).
+    draws, rejected = 2000, 0
+    for _ in range(draws):
+        if q >= d / k:                                              # the observed spread, tilted to a drop of d
+            m = rng.choice(magnitudes, n_items)
+            negative = rng.random(n_items) < (1 + d / np.mean(m / k)) / 2
+            m = np.where(negative, -m, m)
+        else:                                                       # the floor: one-answer drops on d*k of items
+            m = -(rng.random(n_items) < d * k).astype(int)
+        c_grid, r_grid = (seeds < np.maximum(m, 0)).astype(int), (seeds < np.maximum(-m, 0)).astype(int)
+        result = stats.item_permutation(c_grid, r_grid)
+        rejected += result.p_value < 0.05 and result.delta < 0
+    power = rejected / draws
+    # Monte-Carlo noise at 2000 draws is about +-1.8 points (2 SE); the exact test is coarse at 100 items.
     tolerance = 0.04 if n_items >= 200 else 0.08
     assert abs(power - 0.80) <= tolerance, (power, d)

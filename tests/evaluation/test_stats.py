@@ -231,3 +231,102 @@ def test_bootstrap_rejects_bad_input():
         paired_bootstrap([1.0], [1.0], n_boot=0)
     with pytest.raises(RequantError, match="non-empty"):
         paired_bootstrap([], [])
+
+
+# ---------------------------------------------------------------- sign-flip permutation test over items
+
+@pytest.mark.parametrize("b,c", [(0, 3), (3, 0), (1, 9), (12, 5), (40, 40), (117, 240), (7, 8)])
+def test_item_permutation_with_one_seed_is_mcnemars_exact_test(b, c):
+    cand, ref = pairs(b, c, both_right=30, both_wrong=4)
+    result = stats.item_permutation(cand, ref)
+    assert (result.n_items, result.n_seeds, result.n_differing) == (b + c + 34, 1, b + c)
+    assert result.p_value == pytest.approx(exact_two_sided(b, c), rel=1e-9)
+    assert result.delta == pytest.approx((b - c) / (b + c + 34), abs=1e-15)
+
+
+def test_item_permutation_by_hand():
+    """Three items, each wrong under all three seeds for the candidate only: S = -9. Of the 2^3 sign vectors only
+    the two with all signs equal reach |S| = 9, so p = 2/8. One more item differing by one answer (+1) gives
+    S = -8; |S| >= 8 holds for the same two vectors of the first three items (|±9 ± 1| >= 8), so p = 4/16."""
+    ref = np.ones((3, 4), dtype=int)
+    cand = ref.copy()
+    cand[:, :3] = 0
+    assert stats.item_permutation(cand, ref).p_value == pytest.approx(2 / 8)
+    ref[0, 3] = 0
+    result = stats.item_permutation(cand, ref)
+    assert (result.delta, result.n_differing) == (pytest.approx(-8 / 12), 4)
+    assert result.p_value == pytest.approx(4 / 16)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_item_permutation_equals_scipys_exact_permutation_test(seed):
+    """scipy's paired ('samples') permutation test enumerates all 2^n sign flips for n <= 13 items."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = 3, 12
+    ref = (rng.random((n_seeds, n_items)) < 0.6).astype(int)
+    cand = np.where(rng.random((n_seeds, n_items)) < 0.3, 1 - ref, ref)
+    oracle = sps.permutation_test((cand.sum(axis=0), ref.sum(axis=0)), lambda x, y, axis: np.sum(x - y, axis=axis),
+                                  permutation_type="samples", alternative="two-sided", n_resamples=np.inf)
+    assert stats.item_permutation(cand, ref).p_value == pytest.approx(oracle.pvalue, rel=1e-9)
+
+
+def test_item_permutation_rejects_bad_input():
+    with pytest.raises(RequantError, match="pair up"):
+        stats.item_permutation([[1, 0, 1]], [[1, 0]])
+    with pytest.raises(RequantError, match="0 or 1"):
+        stats.item_permutation([[1, 2]], [[1, 0]])
+    with pytest.raises(RequantError, match=r"\[seed\]\[item\]"):
+        stats.item_permutation(np.zeros((2, 2, 2), dtype=int), np.zeros((2, 2, 2), dtype=int))
+
+
+def correlated_null(rng, n_items: int, n_seeds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two variants of equal quality whose outcomes, like GSM8K's under few-shot seeds, are mostly fixed by the item:
+    each item has a difficulty shared by both variants and all seeds; 15% of items are 'unstable' ones where either
+    variant flips from seed to seed."""
+    p_item = rng.beta(0.6, 0.25, n_items)                  # most items nearly always right, some nearly always wrong
+    unstable = rng.random(n_items) < 0.15
+    p_item = np.where(unstable, 0.5, p_item)
+    variant = rng.random((2, 1, n_items)) < p_item          # a variant's answer to the item, shared by its seeds ...
+    noisy = rng.random((2, n_seeds, n_items)) < p_item      # ... except on unstable items, redrawn per seed
+    outcomes = np.where(unstable, noisy, np.broadcast_to(variant, (2, n_seeds, n_items))).astype(int)
+    return outcomes[0], outcomes[1]
+
+
+def test_the_item_test_holds_alpha_where_pooled_mcnemar_does_not():
+    """Under a true null with seeds correlated within items, the item test rejects at most alpha (it is exact);
+    McNemar on pooled (item, seed) pairs counts each item up to three times and rejects far more often."""
+    rng = np.random.default_rng(11)
+    draws, alpha = 1500, 0.05
+    item_p, pooled_p = [], []
+    for _ in range(draws):
+        cand, ref = correlated_null(rng, 100, 3)
+        item_p.append(stats.item_permutation(cand, ref).p_value)
+        pooled_p.append(mcnemar(cand.ravel(), ref.ravel()).p_exact)
+    item_rate, pooled_rate = np.mean(np.array(item_p) < alpha), np.mean(np.array(pooled_p) < alpha)
+    noise = 3 * math.sqrt(alpha * (1 - alpha) / draws)  # three binomial standard errors: 0.017
+    assert item_rate <= alpha + noise, item_rate
+    assert pooled_rate > 2 * alpha, pooled_rate
+
+
+@pytest.mark.parametrize("n,discordant", [(1319, 100), (200, 0), (50, 8)])
+def test_item_mde_with_one_seed_is_connors_mcnemar_formula(n, discordant):
+    """One seed: q = the discordant fraction, and the MDE solves Connor's (1987) power equation at 80%."""
+    deltas = np.zeros(n)
+    deltas[:discordant // 2] = 1.0
+    deltas[discordant // 2:discordant] = -1.0
+    d = stats.item_mde(deltas, 1, 0.05)
+    psi = max(discordant / n, d)
+    z = sps.norm.ppf(0.975)
+    assert sps.norm.cdf((math.sqrt(n) * d - z * math.sqrt(psi)) / math.sqrt(psi - d * d)) == pytest.approx(0.8, abs=1e-6)
+
+
+def test_item_mde_more_seeds_help_only_where_seeds_disagree():
+    """Items that answer alike under every seed gain nothing from more seeds; with no observed disagreement the
+    floor q >= d/k lets the MDE fall with k, but never below what the items alone allow."""
+    fully_correlated = np.array([1.0] * 10 + [-1.0] * 10 + [0.0] * 80)
+    assert stats.item_mde(fully_correlated, 3, 0.05) == pytest.approx(stats.item_mde(fully_correlated, 1, 0.05))
+    none = np.zeros(100)
+    assert stats.item_mde(none, 3, 0.05) < stats.item_mde(none, 1, 0.05) < 1.0
+    assert math.isnan(stats.item_mde([], 3, 0.05))
+    with pytest.raises(RequantError, match="n_seeds"):
+        stats.item_mde(none, 0, 0.05)
