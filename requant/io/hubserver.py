@@ -13,6 +13,10 @@ port, like the Hub's CDN: the client follows same-origin redirects on HEAD (it w
 drops the token off the Hub origin. Errors carry the ``X-Error-Code`` the client maps to its exception classes.
 Gated repos list their files openly; downloads need a listed token (401 without a token, 403 with another).
 Model repos only; ref names without '/'; tree listings are not paginated.
+
+Faults, for tests (:meth:`HubState.set_fault`, :meth:`HubState.hide_digests`): a file whose bytes, size or ETag
+changed under a pinned commit, a body corrupted in transit, a listing that publishes no digest. ``publish(...,
+lfs=False)`` keeps every file in git, as a mirror serving a git repository does (the listing names git blob ids).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ CHUNK = 1 << 20  # read buffer for hashing and for streaming responses
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # org, repo and ref names: no '/', no '..'
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+FAULTS = ("bytes", "size", "etag", "transit")
+SHRINK = 64  # bytes the "size" fault cuts off a file
 
 
 def _git_blob_id(size: int, chunks: Iterable[bytes]) -> str:
@@ -67,10 +73,10 @@ def _read_chunks(path: Path, start: int = 0, end: int | None = None) -> Iterator
             yield chunk
 
 
-def _describe(path: Path, rel: str) -> dict:
+def _describe(path: Path, rel: str, lfs: bool = True) -> dict:
     """Size and git blob id; for LFS files the sha256, and the blob id and size of the pointer git stores."""
     size = path.stat().st_size
-    if not (rel.endswith(LFS_SUFFIXES) or size > LFS_MIN_SIZE):
+    if not (lfs and (rel.endswith(LFS_SUFFIXES) or size > LFS_MIN_SIZE)):
         return {"size": size, "oid": _git_blob_id(size, _read_chunks(path))}
     h = hashlib.sha256()
     for chunk in _read_chunks(path):
@@ -107,9 +113,10 @@ def _ref_name(name: str) -> str:
 
 
 def publish(root: str | Path, repo: str, files: Mapping[str, bytes | os.PathLike], branch: str = "main",
-            message: str = "Upload files", delete: Iterable[str] = ()) -> str:
+            message: str = "Upload files", delete: Iterable[str] = (), lfs: bool = True) -> str:
     """Commit ``files`` (path in repo -> bytes, or a local file, hard-linked where possible) on top of ``branch``'s
-    head, removing ``delete``; move the branch to the new commit and return its id."""
+    head, removing ``delete``; move the branch to the new commit and return its id. ``lfs`` False: the new files are
+    kept in git (listed by git blob id, no sha256), whatever their name or size."""
     repo_dir = _repo_dir(Path(root), repo)
     commits = repo_dir / "commits"
     head = repo_dir / "refs" / _ref_name(branch)
@@ -139,7 +146,7 @@ def publish(root: str | Path, repo: str, files: Mapping[str, bytes | os.PathLike
             else:
                 (staging / rel).write_bytes(changed[rel])
             if rel in changed:
-                entries[rel] = _describe(staging / rel, rel)
+                entries[rel] = _describe(staging / rel, rel, lfs)
         digest = hashlib.sha1(f"parent {parent or ''}\n{message}\n".encode())
         for rel in sorted(entries):
             digest.update(f"{rel}\0{entries[rel].get('lfs', {}).get('sha256') or entries[rel]['oid']}\n".encode())
@@ -156,16 +163,18 @@ def publish(root: str | Path, repo: str, files: Mapping[str, bytes | os.PathLike
 
 
 def publish_dir(root: str | Path, repo: str, directory: str | os.PathLike, branch: str = "main",
-                message: str = "Upload checkpoint") -> str:
+                message: str = "Upload checkpoint", lfs: bool = True) -> str:
     """Commit every file under ``directory`` (hard-linked where possible) as the new head of ``branch``; files of
-    the branch's previous head that the directory lacks are removed. Returns the commit id."""
+    the branch's previous head that the directory lacks are removed (``lfs``: see :func:`publish`). Returns the
+    commit id."""
     src = Path(directory)
     if not src.is_dir():
         raise RequantError(f"{src}: not a directory")
     files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file() and not p.is_symlink()}
     head = _repo_dir(Path(root), repo) / "refs" / _ref_name(branch)
     old = _meta(head.parent.parent / "commits" / f"{head.read_text().strip()}.json")["files"] if head.is_file() else {}
-    return publish(root, repo, files, branch=branch, message=message, delete=[rel for rel in old if rel not in files])
+    return publish(root, repo, files, branch=branch, message=message, delete=[rel for rel in old if rel not in files],
+                   lfs=lfs)
 
 
 def set_ref(root: str | Path, repo: str, name: str, commit: str) -> None:
@@ -217,7 +226,45 @@ class HubState:
         self._failures: list[tuple[int, int | None, str | None]] = []  # status, Retry-After, path part
         self._seen: list[Seen] = []
         self._lfs: dict[Path, dict[str, Path]] = {}
+        self._faults: dict[tuple[str, str], list] = {}  # (ORG/REPO, path) -> [fault, bodies left or None]
+        self._hidden: set[str] = set()  # repos whose listings publish no digest
         self.ignore_ranges = False  # answer every GET with the whole file, as some mirrors do
+
+    def set_fault(self, repo: str, path: str, fault: str | None, times: int | None = None) -> None:
+        """Serve ``path`` of ``repo`` (at every commit) wrongly, the listing unchanged: ``bytes``: one byte changed
+        (5 from the end), the headers as published; ``size``: the last 64 bytes gone, the headers naming the new
+        size; ``etag``: the same bytes under another ETag (``X-Linked-Etag`` for LFS files); ``transit``: the
+        headers right, one byte of the body (the middle of the span sent) flipped on its way. ``times``: only the
+        next so many bodies (None: until cleared); ``fault`` None clears."""
+        if fault is not None and fault not in FAULTS or times is not None and times < 1:
+            raise RequantError(f"set_fault: fault must be one of {FAULTS} or None and times >= 1, got {fault!r}, "
+                               f"{times!r}")
+        with self._lock:
+            if fault is None:
+                self._faults.pop((repo, path), None)
+            else:
+                self._faults[(repo, path)] = [fault, times]
+
+    def fault(self, repo: str, path: str, body: bool) -> str | None:
+        """The fault to serve ``path`` of ``repo`` with now; a ``body`` sent uses up one of a counted fault's."""
+        with self._lock:
+            found = self._faults.get((repo, path))
+            if found is None:
+                return None
+            if body and found[1] is not None:
+                found[1] -= 1
+                if found[1] == 0:
+                    del self._faults[(repo, path)]
+            return found[0]
+
+    def hide_digests(self, repo: str, hidden: bool = True) -> None:
+        """List ``repo``'s files without any digest (``oid`` null, no LFS sha256), as some mirrors do."""
+        with self._lock:
+            (self._hidden.add if hidden else self._hidden.discard)(repo)
+
+    def digests_hidden(self, repo: str) -> bool:
+        with self._lock:
+            return repo in self._hidden
 
     def fail_next(self, n: int, status: int = 429, retry_after: int | None = 1, path_contains: str | None = None):
         """Answer the next ``n`` requests (whose path contains ``path_contains``, if given) with ``status``."""
@@ -310,9 +357,31 @@ def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _file_response(request: Request, path: Path, size: int, headers: dict[str, str],
-                   ignore_ranges: bool = False) -> Response:
-    headers = {**headers, "Accept-Ranges": "none" if ignore_ranges else "bytes",
+def _changed(digest: str) -> str:
+    """Another digest of the same length: what a file changed under its commit would be served with."""
+    return hashlib.sha256(f"changed {digest}".encode()).hexdigest()[:len(digest)]
+
+
+def _advertised(size: int, etag: str, fault: str | None) -> tuple[int, str]:
+    """The size and ETag a file is served with under ``fault``."""
+    return size - SHRINK if fault == "size" else size, _changed(etag) if fault == "etag" else etag
+
+
+def _flipped(chunks: Iterable[bytes], offset: int, flip: int | None) -> Iterator[bytes]:
+    """``chunks`` (starting at file position ``offset``) with the byte at position ``flip`` changed."""
+    for chunk in chunks:
+        if flip is not None and offset <= flip < offset + len(chunk):
+            chunk = bytearray(chunk)
+            chunk[flip - offset] ^= 0x40
+            chunk = bytes(chunk)
+        offset += len(chunk)
+        yield chunk
+
+
+def _file_response(request: Request, path: Path, size: int, etag: str, headers: dict[str, str],
+                   ignore_ranges: bool = False, fault: str | None = None) -> Response:
+    size, etag = _advertised(size, etag, fault)
+    headers = {**headers, "ETag": f'"{etag}"', "Accept-Ranges": "none" if ignore_ranges else "bytes",
                "Content-Type": "application/octet-stream"}
     try:
         span = None if ignore_ranges else _byte_range(request.headers.get("range"), size)
@@ -325,7 +394,9 @@ def _file_response(request: Request, path: Path, size: int, headers: dict[str, s
     status = 206 if span else 200
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
-    return StreamingResponse(_read_chunks(path, start, end), status_code=status, headers=headers)
+    flip = {"bytes": max(size - 5, 0), "transit": start + (end - start) // 2}.get(fault)
+    return StreamingResponse(_flipped(_read_chunks(path, start, end), start, flip), status_code=status,
+                             headers=headers)
 
 
 def _token(request: Request) -> str | None:
@@ -333,9 +404,9 @@ def _token(request: Request) -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
-def _file_entry(rel: str, e: dict) -> dict:
-    out = {"type": "file", "oid": e["oid"], "size": e["size"], "path": rel}
-    if "lfs" in e:
+def _file_entry(rel: str, e: dict, hidden: bool = False) -> dict:
+    out = {"type": "file", "oid": None if hidden else e["oid"], "size": e["size"], "path": rel}
+    if "lfs" in e and not hidden:
         out["lfs"] = {"oid": e["lfs"]["sha256"], "size": e["size"], "pointerSize": e["lfs"]["pointerSize"]}
     return out
 
@@ -395,10 +466,12 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
         repo_dir, settings = open_repo(org, name, request)
         commit, meta = resolve(repo_dir, request.path_params.get("rev", "main"))
         blobs = request.query_params.get("blobs", "").lower() in ("1", "true")
+        hidden = state.digests_hidden(f"{org}/{name}")
         siblings = []
         for rel, e in meta["files"].items():
-            siblings.append({"rfilename": rel, **({"size": e["size"], "blobId": e["oid"]} if blobs else {})})
-            if blobs and "lfs" in e:
+            siblings.append({"rfilename": rel, **({"size": e["size"], "blobId": None if hidden else e["oid"]}
+                                                  if blobs else {})})
+            if blobs and "lfs" in e and not hidden:
                 siblings[-1]["lfs"] = {"sha256": e["lfs"]["sha256"], "size": e["size"],
                                        "pointerSize": e["lfs"]["pointerSize"]}
         gated = settings.get("gated") or False
@@ -424,7 +497,8 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
             return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
 
         return ([{"type": "directory", "oid": oid, "size": 0, "path": d} for d, oid in sorted(folders.items())
-                 if listed(d)] + [_file_entry(rel, e) for rel, e in files.items() if listed(rel)])
+                 if listed(d)] + [_file_entry(rel, e, state.digests_hidden(f"{org}/{name}"))
+                                  for rel, e in files.items() if listed(rel)])
 
     @app.post("/api/models/{org}/{name}/paths-info/{rev}")
     async def paths_info(org: str, name: str, rev: str, request: Request):
@@ -438,7 +512,7 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
         for p in [paths] if isinstance(paths, str) else paths:
             p = p.strip("/")
             if p in meta["files"]:
-                out.append(_file_entry(p, meta["files"][p]))
+                out.append(_file_entry(p, meta["files"][p], state.digests_hidden(f"{org}/{name}")))
             elif p in folders:
                 out.append({"type": "directory", "oid": folders[p], "size": 0, "path": p})
         return out
@@ -452,7 +526,9 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
         found = state.lfs_file(state.root / org / name, sha256) if valid else None
         if found is None:
             raise HubError(404, None, "No such object")
-        return _file_response(request, found, found.stat().st_size, {"ETag": f'"{sha256}"'}, state.ignore_ranges)
+        rel = found.relative_to(state.root / org / name / "commits").as_posix().partition("/")[2]
+        fault = state.fault(f"{org}/{name}", rel, body=request.method == "GET")
+        return _file_response(request, found, found.stat().st_size, sha256, {}, state.ignore_ranges, fault)
 
     @app.api_route("/{org}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
     def resolve_file(org: str, name: str, rev: str, path: str, request: Request):
@@ -461,14 +537,17 @@ def create_app(root: str | Path, storage_url: str | None = None) -> FastAPI:
         e = meta["files"].get(path)
         if e is None:
             raise HubError(404, "EntryNotFound", f"Entry not found: {path}", commit)
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{e["oid"]}"'}
+        headers = {"X-Repo-Commit": commit}
         if "lfs" not in e:
-            return _file_response(request, repo_dir / "commits" / commit / path, e["size"], headers, state.ignore_ranges)
+            fault = state.fault(f"{org}/{name}", path, body=request.method == "GET")
+            return _file_response(request, repo_dir / "commits" / commit / path, e["size"], e["oid"], headers,
+                                  state.ignore_ranges, fault)
         sha = e["lfs"]["sha256"]
         base = state.storage_url or str(request.base_url).rstrip("/")
         location = f"{base}/lfs-storage/{org}/{name}/{sha}?sig={state.sign(org, name, sha)}"
-        return Response(status_code=302, headers={**headers, "Location": location, "X-Linked-Size": str(e["size"]),
-                                                  "X-Linked-Etag": f'"{sha}"'})
+        size, etag = _advertised(e["size"], sha, state.fault(f"{org}/{name}", path, body=False))
+        return Response(status_code=302, headers={**headers, "ETag": f'"{e["oid"]}"', "Location": location,
+                                                  "X-Linked-Size": str(size), "X-Linked-Etag": f'"{etag}"'})
 
     return app
 
@@ -484,6 +563,9 @@ class HubServer:
 
     def fail_next(self, n: int, status: int = 429, retry_after: int | None = 1, path_contains: str | None = None):
         self.state.fail_next(n, status, retry_after, path_contains)
+
+    def set_fault(self, repo: str, path: str, fault: str | None, times: int | None = None) -> None:
+        self.state.set_fault(repo, path, fault, times)
 
     @property
     def requests(self) -> list[Seen]:
