@@ -30,6 +30,7 @@ from tqdm import tqdm
 from requant import pipeline
 from requant.errors import RequantError, VerifyError
 from requant.io.hf import pin_upstream
+from requant.io.storage import open_storage
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from requant.progress import phase
@@ -145,7 +146,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
                tp: int = 1, mirror: str | None = None, quark_version: str | None = None,
-               fused_excludes: bool | None = None, overwrite: bool = True) -> dict[str, Any]:
+               fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> dict[str, Any]:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
@@ -158,7 +159,9 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     Hub's digests) and converted from the copy.
     ``quark_version`` ("0.11" or "0.13"): the Quark release whose export both checkpoints equal (default: each
     recipe's own, 0.11); ``fused_excludes`` False: Quark's exclude list exactly, without the names of the fused
-    modules SGLang and vLLM build (default: each recipe's own, with them)."""
+    modules SGLang and vLLM build (default: each recipe's own, with them). ``unverified``: convert files the Hub
+    publishes no digest for (neither an LFS sha256 nor a git blob id), which are refused by default; the manifest
+    (``unverified_inputs``), the model card and the summary name them."""
     mirrored = None
     if mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
@@ -173,7 +176,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
         upstream = mirrored["snapshot"]
     resources_opts = job_resources(device, num_cpus, num_gpus, resources)
     summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize",
-                       quark_version, fused_excludes, overwrite)
+                       quark_version, fused_excludes, overwrite, unverified)
     if mirrored:
         summary["mirror"] = mirrored
     if evaluate:
@@ -184,7 +187,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
             raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
         summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
                                         resources_opts, progress, "reference", quark_version, fused_excludes,
-                                        overwrite)
+                                        overwrite, unverified)
         summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
                                               limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
                                               engine_on_ray=engine_on_ray, tp=tp)
@@ -193,12 +196,14 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
              resources_opts: dict, progress: bool, role: str, quark_version: str | None = None,
-             fused_excludes: bool | None = None, overwrite: bool = True) -> dict[str, Any]:
+             fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> dict[str, Any]:
     """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused, one
-    of another run replaced (``overwrite``) or refused."""
+    of another run replaced (``overwrite``) or refused. Inputs the Hub publishes no digest for are refused here,
+    before any job runs, unless ``unverified``."""
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
+    pipeline.unverifiable_inputs(open_storage(upstream), pipeline.input_files(plan), unverified)
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)
@@ -217,7 +222,7 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
         if lease.took_over:
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
         return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options,
-                             progress, role, started, timings)
+                             progress, role, started, timings, unverified)
 
 
 def job_resources(device: str, num_cpus: float, num_gpus: float | None, resources: dict[str, float] | None) -> dict:
@@ -269,7 +274,7 @@ class AwaitedDigests(Mapping):
 
 
 def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
-                  started, timings) -> dict[str, Any]:
+                  started, timings, unverified=False) -> dict[str, Any]:
     logger = get_run_logger()
     pipeline.begin_run(output)
     logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
@@ -278,7 +283,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
 
     progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
     with remote_options(**options):
-        hashing = [hash_input.submit(upstream, files) for files in hash_groups(list(plan.input_shards))]
+        hashing = [hash_input.submit(upstream, files, unverified) for files in hash_groups(list(plan.input_shards))]
         futures = [convert_layer.submit(Sealed(job), job.name, upstream, output, key, device=device, threads=threads,
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
@@ -295,7 +300,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     results = [o.result for o in outcomes]
     mark = time.perf_counter()
     with phase(f"{role}: publish and verify") as shown:
-        inputs = pipeline.input_record(upstream, plan,
+        inputs = pipeline.input_record(upstream, plan, unverified=unverified,
                                        shards={f: d for group in hashing for f, d in group.result().items()})
         lease.check()
         # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
@@ -317,7 +322,8 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds, role)
     return {"output": output, "recipe": recipe, "run_key": key, "reused": False, "jobs": len(outcomes), "skipped": skipped,
             "nodes": sorted({o.node for o in outcomes}), "tensors": len(manifest["tensors"]),
-            "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings}
+            "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings,
+            "unverified_inputs": manifest.get("unverified_inputs", [])}
 
 
 def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:

@@ -70,7 +70,8 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         storage.copy_file_to(file, out_dir / name)
         written.append(name)
     stats = {s.name: _stat(s) for r in results for s in r.stats}
-    (out_dir / MODEL_CARD).write_text(model_card(plan, upstream, stats))
+    unverified = unverified_inputs(inputs)
+    (out_dir / MODEL_CARD).write_text(model_card(plan, upstream, stats, unverified))
     outputs = {r.output_file: {"size": r.size, "sha256": r.sha256} for r in results}
     for name in written:
         outputs[name] = {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
@@ -92,8 +93,15 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "stats": stats,
         "jobs": [{f: getattr(r, f) for f in JOB_FIELDS} for r in results],
     }
+    if unverified:  # --unverified: the upstream publishes no digest for these, and they were converted unchecked
+        manifest["unverified_inputs"] = unverified
     (out_dir / MANIFEST_FILE).write_bytes(sealed_bytes(manifest))
     return manifest, written
+
+
+def unverified_inputs(inputs: dict[str, dict]) -> list[str]:
+    """The inputs a run read unchecked (``--unverified``: the upstream publishes no digest for them)."""
+    return sorted(f for section in ("shards", "files") for f, d in inputs[section].items() if d.get("unverified"))
 
 
 def _stat(stat) -> dict[str, Any]:
@@ -102,7 +110,7 @@ def _stat(stat) -> dict[str, Any]:
             "rows_sampled": stat.rows_sampled, "rows": stat.rows}
 
 
-def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict]) -> str:
+def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict], unverified: list[str] = ()) -> str:
     snrs = [s["snr_db"] for s in stats.values() if s["snr_db"] is not None]
     lines = [
         f"# {upstream.get('id', 'model')} — {plan.recipe.name}",
@@ -132,4 +140,8 @@ def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict]) -> 
     lines += ["## Quality", "", "Not evaluated yet.", "", "## Provenance", "",
               f"Inputs, outputs, hashes and library versions: `{MANIFEST_FILE}`. "
               f"The upstream model card is kept verbatim as `{UPSTREAM_CARD}` when present.", ""]
+    if unverified:
+        lines += [f"> **Unverified inputs:** {len(unverified)} upstream files were converted without being checked "
+                  f"against a published digest (the upstream publishes none for them; `--unverified`): "
+                  f"{', '.join(f'`{f}`' for f in unverified)}.", ""]
     return "\n".join(lines)

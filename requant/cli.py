@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=0,
                    help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
                         "as memory holds at 2.5 GiB each, and only with at least 4 jobs per worker)")
+    c.add_argument("--unverified", action="store_true",
+                   help="convert upstream files the Hub publishes no digest for (neither an LFS sha256 nor a git blob "
+                        "id), unchecked; the terminal, the manifest (unverified_inputs) and the model card say so "
+                        "(default: refuse them)")
     c.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
     c.add_argument("--revision", help="upstream revision recorded in the manifest")
 
@@ -250,6 +254,14 @@ def _report_mismatches(summary: dict, engine: str, out: str | None) -> int:
     return 1 if summary["mismatches"] else 0
 
 
+def _warn_unverified(src: str, files: list[str]) -> None:
+    """One line on the terminal for a conversion that read inputs unchecked (``--unverified``)."""
+    if files:
+        print(f"warning: {src}: {len(files)} input files converted unverified (the Hub publishes no digest for "
+              f"them; --unverified), e.g. {files[0]}; the manifest (unverified_inputs) and the model card say so",
+              file=sys.stderr)
+
+
 ConvertFlow = Callable[..., dict[str, Any]]  # requantize's keyword arguments -> its summary
 
 
@@ -292,17 +304,20 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
             summary = convert_flow(upstream=args.src, output=args.dst, recipe=args.recipe, revision=args.revision,
                                    upstream_id=args.upstream_id, device=args.device, threads=args.threads or 1,
                                    quark_version=args.quark_version, fused_excludes=args.fused_excludes,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, unverified=args.unverified)
+            _warn_unverified(args.src, summary.get("unverified_inputs", []))
             print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
             return 0
         from requant.convert import run_local
 
         run = run_local(args.src, args.dst, args.recipe, overwrite=args.overwrite, device=args.device,
                         upstream_id=args.upstream_id, revision=args.revision, threads=args.threads,
-                        jobs=args.jobs, quark_version=args.quark_version, fused_excludes=args.fused_excludes)
+                        jobs=args.jobs, quark_version=args.quark_version, fused_excludes=args.fused_excludes,
+                        unverified=args.unverified)
         manifest = run.manifest
         for warning in manifest["recipe"]["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
+        _warn_unverified(args.src, manifest.get("unverified_inputs", []))
         resumed = f" ({run.resumed} of {run.jobs} layer jobs resumed from an interrupted run)" if run.resumed else ""
         print(f"wrote {args.dst}: {len(manifest['tensors'])} tensors in "
               f"{sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards{resumed}")

@@ -33,7 +33,16 @@ from requant.io.storage import LocalDir, open_storage
 from requant.job import JobResult, available_cores, result_to_json, run_job
 from requant.lease import Lease
 from requant.manifest import RUN_STATE_DIR
-from requant.pipeline import HEADER_ALLOWANCE, completed, human_bytes, input_record, record_path, run_key
+from requant.pipeline import (
+    HEADER_ALLOWANCE,
+    completed,
+    human_bytes,
+    input_files,
+    input_record,
+    record_path,
+    run_key,
+    unverifiable_inputs,
+)
 from requant.plan import build_plan
 from requant.recipe import load_recipe
 
@@ -146,14 +155,17 @@ def convert_local(src: str, dst: str, recipe: str, **options) -> dict[str, Any]:
 def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, device: str = "cpu",
               progress: bool = True, upstream_id: str | None = None, revision: str | None = None,
               threads: int = 0, jobs: int = 0, quark_version: str | None = None,
-              fused_excludes: bool | None = None) -> LocalRun:
+              fused_excludes: bool | None = None, unverified: bool = False) -> LocalRun:
     """``threads``: transcode threads per layer job (0: every core); ``jobs``: layer jobs converted at once in
     worker processes (0: sized to the cores, the memory and the work, see :func:`parallel_jobs`);
     ``quark_version``: the Quark release whose export the output equals (default: the recipe's, 0.11);
-    ``fused_excludes``: False writes Quark's exclude list without the engines' fused names (default: the recipe's)."""
+    ``fused_excludes``: False writes Quark's exclude list without the engines' fused names (default: the recipe's);
+    ``unverified``: convert a Hub upstream's files it publishes no digest for (refused by default), saying so in the
+    manifest and the model card."""
     src, revision, upstream_id = pin_upstream(src, revision, upstream_id)  # hf://...@main: one commit throughout
     storage = open_storage(src)
     plan = build_plan(storage, load_recipe(recipe, quark_version, fused_excludes))
+    unverifiable_inputs(storage, input_files(plan), unverified)  # refused here, before anything is written
     key = run_key(plan, revision)
     paths = LocalPaths.for_destination(dst, key)
     if paths.dst.exists() and not overwrite:
@@ -174,7 +186,7 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
             shutil.rmtree(stale, ignore_errors=True)
         return _convert(plan, storage, paths, key, device, threads, jobs, progress,
                         {"uri": storage.uri, "id": upstream_id or Path(storage.uri.rstrip("/")).name,
-                         "revision": revision or "local", "run_key": key}, lease)
+                         "revision": revision or "local", "run_key": key}, lease, unverified)
     finally:
         lease.release()
         try:
@@ -184,7 +196,7 @@ def run_local(src: str, dst: str, recipe: str, *, overwrite: bool = False, devic
 
 
 def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: int, jobs: int, progress: bool,
-             upstream: dict[str, str], lease: Lease) -> LocalRun:
+             upstream: dict[str, str], lease: Lease, unverified: bool = False) -> LocalRun:
     staged = LocalDir(paths.staging)
     done = {job.name: completed(staged, key, job) for job in plan.jobs}
     todo = [job for job in plan.jobs if done[job.name] is None]
@@ -196,7 +208,7 @@ def _convert(plan, storage, paths: LocalPaths, key: str, device: str, threads: i
     # the inputs' digests are computed on their own thread while the jobs run (hashing releases the GIL)
     hashing = ThreadPoolExecutor(1, thread_name_prefix="requant-hash-inputs")
     try:
-        inputs_future = hashing.submit(input_record, storage, plan)
+        inputs_future = hashing.submit(input_record, storage, plan, unverified=unverified)
         results: list[JobResult] = [r for r in done.values() if r is not None]
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not progress) as bar:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from requant.assemble import assemble, library_versions
 from requant.errors import CheckpointError, SystemFailure, os_failure
+from requant.io.hf import NO_DIGEST
 from requant.io.storage import Storage, WritableStorage, open_storage
 from requant.job import JobResult, result_from_json, result_to_json, run_job
 from requant.lease import Lease, LeaseLost, current_generation
@@ -214,14 +215,37 @@ def _stream_job(job: LayerJob, source: Storage, dest: WritableStorage, key: str,
     return JobOutcome(result, False, time.perf_counter() - start, attempt=attempt)
 
 
-def input_digest(source: Storage | str, file: str) -> dict[str, Any]:
+def input_files(plan: Plan) -> list[str]:
+    """Every upstream file a conversion reads: the shards, the config and the files copied verbatim."""
+    return [*(f for f, _ in plan.input_shards), CONFIG_FILE, *plan.extra_files]
+
+
+def unverifiable_inputs(source: Storage, files: list[str], unverified: bool = False) -> list[str]:
+    """The ``files`` that ``source`` (a Hub) publishes no digest for; refused, naming the first, unless
+    ``unverified``. Other sources list none: a directory publishes no digests, S3 objects are checked when read."""
+    published = getattr(source, "published_digest", None)
+    missing = [f for f in files if published(f) is None] if published else []
+    if missing and not unverified:
+        more = f" (and {len(missing) - 1} more inputs)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source.uri}/{missing[0]}", f"{NO_DIGEST}{more}; pass --unverified to convert "
+                                                            "without that check")
+    return missing
+
+
+def input_digest(source: Storage | str, file: str, unverified: bool = False) -> dict[str, Any]:
     """Size and sha256 of the bytes of one upstream file as read now; ``source`` is a Storage or its URI.
 
-    Where the source publishes a digest (the hub's LFS sha256; the sha256 metadata of objects requant
-    uploaded), the bytes read must match it: a bit flip in storage or in transit fails the run here, before
-    anything is published. Elsewhere the manifest pins what was read.
+    Where the source publishes a digest (the Hub's LFS sha256 or git blob id; the sha256 metadata of objects
+    requant uploaded), the bytes read must match it: a bit flip in storage or in transit fails the run here, before
+    anything is published. Elsewhere the manifest pins what was read. A Hub file with no published digest is
+    refused unless ``unverified``; its record then says ``"unverified": true``.
     """
     source = open_storage(source) if isinstance(source, str) else source
+    if hasattr(source, "checked_sha256"):  # the Hub: checked against its digest while downloading
+        unverifiable = bool(unverifiable_inputs(source, [file], unverified))
+        computed, verified = source.checked_sha256(file, unverified)
+        return {"size": source.size(file), "sha256": computed, "verified_against_published": verified,
+                **({"unverified": True} if unverifiable else {})}
     computed = source.sha256(file)
     published = source.recorded_sha256(file)
     if published and published != computed:
@@ -230,13 +254,15 @@ def input_digest(source: Storage | str, file: str) -> dict[str, Any]:
     return {"size": source.size(file), "sha256": computed, "verified_against_published": bool(published)}
 
 
-def input_record(source: Storage | str, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
+def input_record(source: Storage | str, plan: Plan, shards: dict[str, dict] | None = None, progress: bool = False,
+                 unverified: bool = False) -> dict[str, Any]:
     """The manifest's provenance of the inputs: every shard read and every file copied. ``shards`` may
     come precomputed (the flow hashes them in parallel tasks)."""
     if shards is None:
         files = tqdm(plan.input_shards, desc="hash inputs", unit=" shards", disable=not progress)
-        shards = {f: input_digest(source, f) for f, _ in files}
-    return {"shards": shards, "files": {f: input_digest(source, f) for f in (CONFIG_FILE, *plan.extra_files)}}
+        shards = {f: input_digest(source, f, unverified) for f, _ in files}
+    return {"shards": shards,
+            "files": {f: input_digest(source, f, unverified) for f in (CONFIG_FILE, *plan.extra_files)}}
 
 
 def publish(plan: Plan, results: list[JobResult], source_uri: str, dest_uri: str, inputs: dict[str, Any],

@@ -103,9 +103,10 @@ def hash_groups(sizes: list[tuple[str, int]], min_bytes: int = HASH_TASK_BYTES) 
 
 
 @task(name="hash-input", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def hash_input(source_uri: str, files: list[str]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of each upstream file in ``files`` (checked against a published digest where there is one)."""
-    return {f: pipeline.input_digest(source_uri, f) for f in files}
+def hash_input(source_uri: str, files: list[str], unverified: bool = False) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each upstream file in ``files`` (checked against a published digest where there is one;
+    see :func:`requant.pipeline.input_digest` for ``unverified``)."""
+    return {f: pipeline.input_digest(source_uri, f, unverified) for f in files}
 
 
 @task(name="hash-output", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

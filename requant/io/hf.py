@@ -1,15 +1,18 @@
 """Hugging Face Hub upstreams: ``hf://ORG/REPO@REVISION``, read by byte range through ``huggingface_hub``.
 
 Everything goes through the Hub's own client: ``HfApi`` for the commit a revision names and the file list
-(sizes, LFS sha256), its HTTP session and backoff for byte ranges (auth from ``HF_TOKEN`` or the token file,
-bounded retries honouring ``Retry-After``, the Hub's redirect of LFS files to its storage), and its error classes,
-turned here into one-line errors. ``HF_ENDPOINT`` selects the server (a mirror, or requant's local Hub).
+(sizes, LFS sha256, git blob ids), its HTTP session and backoff for byte ranges (auth from ``HF_TOKEN`` or the
+token file, bounded retries honouring ``Retry-After``, the Hub's redirect of LFS files to its storage), and its error
+classes, turned here into one-line errors. ``HF_ENDPOINT`` selects the server (a mirror, or requant's local Hub).
 
 A branch or tag is resolved to its commit once (:meth:`HfStorage.pinned_uri`); a conversion passes the pinned
 URI to its layer jobs, so every job reads the same revision even if the branch moves meanwhile. Every range read
 of an LFS file checks the Hub's size and sha256 for it against those listed at pinning time: a file changed under a
-pinned revision fails the read, naming the file. A server that ignores ``Range`` (some mirrors answer with the
-whole file) is tolerated: the response is streamed and only the wanted bytes are kept.
+pinned revision fails the read, naming the file. A whole-file read is checked against the digest the Hub publishes
+for the file (:meth:`HfStorage.published_digest`: the LFS sha256, else the git blob id; a mirror serving a git
+repository publishes only the latter); a file it publishes neither for is refused unless the caller says otherwise.
+A server that ignores ``Range`` (some mirrors answer with the whole file) is tolerated: the response is streamed
+and only the wanted bytes are kept.
 
 Remote code in the repository is only ever copied, never imported. The token is sent only to the Hub's origin
 (the client drops it on the redirect to storage) and never appears in messages or records.
@@ -162,7 +165,7 @@ def list_revision(endpoint: str, repo: str, commit: str) -> dict[str, dict]:
         for entry in _with_retries(lambda: list(_api(endpoint).list_repo_tree(repo, revision=commit, recursive=True))):
             if isinstance(entry, RepoFile):
                 rel = check_relative(entry.path, f"hf://{repo}@{commit}")  # refuse traversal in names the Hub sends
-                files[rel] = {"size": entry.size, "blob_id": entry.blob_id,
+                files[rel] = {"size": entry.size, "blob_id": entry.blob_id or None,
                               "sha256": entry.lfs.sha256 if entry.lfs else None}
     return files
 
@@ -174,6 +177,7 @@ def git_blob_hasher(size: int):
 
 
 _ETAG = re.compile(r'^(?:W/)?"?([^"]*)"?$')
+NO_DIGEST = "the Hub publishes no digest for it (neither an LFS sha256 nor a git blob id): its bytes cannot be checked"
 
 
 class HfStorage:
@@ -310,10 +314,22 @@ class HfStorage:
         self.read_into(path, start, buf)
         return bytes(buf)
 
-    def iter_file(self, path: str) -> Iterator[bytes]:
-        """The whole file in chunks, checked: its sha256 (LFS) or git blob id must be the published one."""
-        entry, where = self._entry(path), f"{self.uri}/{path}"
-        digest = hashlib.sha256() if entry["sha256"] else git_blob_hasher(entry["size"])
+    def published_digest(self, path: str) -> tuple[str, str] | None:
+        """What the Hub publishes to check the file's bytes against: ``("sha256", hex)`` for an LFS file,
+        ``("git blob id", hex)`` for one kept in git; None when its listing names neither."""
+        entry = self._entry(path)
+        if entry["sha256"]:
+            return "sha256", entry["sha256"]
+        return ("git blob id", entry["blob_id"]) if entry["blob_id"] else None
+
+    def iter_file(self, path: str, unverified: bool = False) -> Iterator[bytes]:
+        """The whole file in chunks, checked: its sha256 (LFS) or git blob id must be the published one. A file the
+        Hub publishes neither for is refused, unless ``unverified`` (then only its size is checked)."""
+        entry, where, published = self._entry(path), f"{self.uri}/{path}", self.published_digest(path)
+        if published is None and not unverified:
+            raise CheckpointError(where, NO_DIGEST)
+        kind, expected = published or (None, None)
+        digest = hashlib.sha256() if kind == "sha256" else git_blob_hasher(entry["size"])
         size = 0
         with self._get(path) as response:
             for chunk in response.iter_bytes(CHUNK):
@@ -322,10 +338,23 @@ class HfStorage:
                 yield chunk
         if size != entry["size"]:
             raise CheckpointError(where, f"read {size} bytes, the Hub lists {entry['size']}")
-        published = entry["sha256"] or entry["blob_id"]
-        if digest.hexdigest() != published:
-            raise CheckpointError(where, f"the bytes read (digest {digest.hexdigest()[:16]}...) differ from the "
-                                         f"published {published[:16]}...: corrupted in storage or in transit")
+        if expected is not None and digest.hexdigest() != expected:
+            raise CheckpointError(where, f"the bytes read ({kind} {digest.hexdigest()[:16]}...) differ from the "
+                                         f"published {expected[:16]}...: corrupted in storage or in transit")
+
+    def checked_sha256(self, path: str, unverified: bool = False) -> tuple[str, bool]:
+        """The sha256 of the file as downloaded now, and whether those bytes matched the digest the Hub publishes
+        (:meth:`iter_file` raises when they differ; False only for a file it publishes none for, with
+        ``unverified``)."""
+        published = self.published_digest(path)
+        if published is not None and published[0] == "sha256":
+            for _ in self.iter_file(path):  # checked against the published sha256, which is then the file's
+                pass
+            return published[1], True
+        h = hashlib.sha256()
+        for chunk in self.iter_file(path, unverified):
+            h.update(chunk)
+        return h.hexdigest(), published is not None
 
     def read_bytes(self, path: str) -> bytes:
         return b"".join(self.iter_file(path))
@@ -340,15 +369,9 @@ class HfStorage:
         return sorted(self._files())
 
     def sha256(self, path: str) -> str:
-        """The sha256 of the bytes as downloaded now (streamed, never held whole)."""
-        h = hashlib.sha256()
-        for chunk in self._iter_unchecked(path):
-            h.update(chunk)
-        return h.hexdigest()
-
-    def _iter_unchecked(self, path: str) -> Iterator[bytes]:
-        with self._get(path) as response:
-            yield from response.iter_bytes(CHUNK)
+        """The sha256 of the bytes as downloaded now (streamed, never held whole; checked where the Hub publishes
+        a digest)."""
+        return self.checked_sha256(path, unverified=True)[0]
 
     def recorded_sha256(self, path: str) -> str | None:
         """The sha256 the Hub publishes for an LFS file (None for files kept in git)."""

@@ -52,7 +52,8 @@ def test_convert_from_the_hub_equals_the_directory_and_pins_the_commit(local_hub
                                                         "revision": commit, "run_key": None}
     shards = manifest["inputs"]["shards"]
     assert shards and all(d["verified_against_published"] for d in shards.values())  # LFS sha256 matched
-    assert not manifest["inputs"]["files"]["config.json"]["verified_against_published"]  # git file: no sha256
+    assert manifest["inputs"]["files"]["config.json"]["verified_against_published"]  # git file: its blob id matched
+    assert "unverified_inputs" not in manifest and "Unverified" not in (out / "README.md").read_text()
     # the token never lands in what a run leaves behind
     assert not [p for p in out.rglob("*") if p.is_file() and local_hub.token.encode() in p.read_bytes()]
 
