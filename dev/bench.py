@@ -35,7 +35,7 @@ from typing import Any
 from requant import seaweed
 from requant.bench.cpu import CpuSampler, ray_part
 from requant.bench.layer import LAYER_RECIPE, _bytes, _shards, run_layer_bench
-from requant.bench.provenance import run_info, write_results
+from requant.bench.provenance import CONVERSION, FLOW, run_info, write_results
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.job import available_cores
@@ -124,6 +124,8 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, serv
     return {"bytes": size, "seconds": seconds, "mb_per_s_in": size / 1e6 / seconds, "cpu": cpu.summary()}
 
 
+# The code the flow benchmark measures (make bench-flow: results/flow.json).
+MEASURES = (*CONVERSION, *FLOW, "dev/bench.py")
 _RUN_FLOW = """
 import json, sys
 from flows.requantize import requantize, start_ephemeral_server
@@ -224,7 +226,8 @@ def flow_bench(args) -> int:
             local = synthesize(Path(tmp) / "up", args.profile, seed=0, progress=False)
             upstream = f"s3://bench/upstream/{args.profile}"
             upload_dir(local, upstream)
-            results = {"run": run_info(), "profile": args.profile, "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
+            results = {"run": run_info(measures=MEASURES), "profile": args.profile,
+                       "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
             for workers in [int(w) for w in args.workers.split(",")]:
                 run, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{workers}", "kimi-k2.6-mxfp4", workers,
                                                    dict(os.environ), server.pid)

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from requant.bench.provenance import describe, run_info
+from requant.bench.provenance import CONVERSION, SERVING, describe, run_info
 from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
 from requant.engines.smoke import load_limits
@@ -31,6 +31,10 @@ from requant.evaluation.judge import Judgement, Protocol, evaluate_reference, se
 from requant.synth import synthesize
 from requant.trained.damage import CATALOG, damage, unseen_rows
 
+# The code these figures measure: the model and its damage, every conversion, the servers, the smoke test and
+# GSM8K with the gate's comparison.
+MEASURES = (*CONVERSION, *SERVING, "dev/measure_trained.py", "requant/trained", "requant/engines/smoke.py",
+            "requant/engines/smoke.yaml", "requant/engines/localize.py", "requant/evaluation")
 REFERENCE = "fp8-reference"
 RECIPES = ("bf16-staging", "kimi-k2.6-mxfp4", "amd-kimi-mxfp4", "amd-kimi-k25-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8")
 
@@ -114,7 +118,7 @@ def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool)
                 extra = build_damaged(paths, root / "checkpoints", j.smoke["numeric"]["sequence"]["texts"],
                                       protocol.limit)
                 queue += list(extra["paths"].items())
-    return {"info": run_info(), "reference": REFERENCE, "seeds": list(protocol.seeds), "limit": protocol.limit,
+    return {"info": run_info(measures=MEASURES), "reference": REFERENCE, "seeds": list(protocol.seeds), "limit": protocol.limit,
             "gsm8k": gsm8k, "reference_gsm8k_seconds": round(ref_seconds, 1) if gsm8k else None,
             "n_items": len(reference.doc_ids) if reference else None,
             "reference_scores": ({k: sum(v.values()) / len(v) for k, v in reference.scores.items()}

@@ -6,7 +6,10 @@ A line ``<!-- requant:NAME -->`` in a page is replaced at build time by:
 - ``cli``: ``requant --help`` and every subcommand's help, from the argument parser itself;
 - ``results:NAME``: the table of ``results/NAME.json`` (``trained``: ``results/trained/results.json``), rendered by
   the same code that printed it when the command ran, with the date, code revision, versions and machine it
-  records.
+  records. A figure whose measured code changed after the commit it records (the source paths its benchmark
+  declares, compared with git against HEAD), or that was measured on uncommitted changes, or whose file records no
+  commit or no paths, gets a warning above it naming what changed; where git cannot tell (a source tarball), a note
+  says so.
 
 An unknown marker, or a results file that is missing or unreadable, stops the build: no page shows a figure
 that no command wrote.
@@ -65,6 +68,40 @@ def _demote(text: str) -> str:
     return re.sub(r"^#{1,3} ", "#### ", text, flags=re.MULTILINE)
 
 
+def _files(paths: list[str], most: int = 4) -> str:
+    named = ", ".join(f"`{p}`" for p in paths[:most])
+    return named + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def age_mark(run: dict, command: str, root: Path | None = None) -> str:
+    """An admonition above a figure whose code may have changed since it was measured; empty where it did not."""
+    from requant.bench.provenance import UnknownAge, changed_since
+
+    rerun = f"Run `{command}` (or `make results`) to measure again."
+    commit, measures, when = run.get("commit"), run.get("measures"), run.get("date", "an unrecorded date")
+    if not commit:
+        return ("!!! warning \"Figures of unknown age\"\n    Measured on " + when + " without a code revision (the file "
+                f"predates that record, or it ran outside a git checkout), so nothing tells whether the code they measure changed since. {rerun}\n\n")
+    at = f"Measured at `{commit[:7]}` on {when}"
+    if not measures:
+        return (f"!!! warning \"Figures that may be stale\"\n    {at}; the file records no source paths it measures (it "
+                f"predates that record), so whether their code changed since is unknown. {rerun}\n\n")
+    try:
+        changed = changed_since(commit, measures, root)
+    except UnknownAge as exc:
+        return (f"!!! note \"Age unknown here\"\n    {at}; whether the code they measure changed since cannot be "
+                f"told in this copy: {exc}.\n\n")
+    said = []
+    if run.get("dirty"):
+        said.append(f"it was measured with uncommitted changes to {_files(run['dirty'])}, which that commit does "
+                    "not hold")
+    if changed:
+        said.append(f"since then {_files(changed)} changed")
+    if not said:
+        return ""
+    return f"!!! warning \"Figures that may be stale\"\n    {at}; {'; '.join(said)}. {rerun}\n\n"
+
+
 def results_block(name: str) -> str:
     if name not in RESULTS:
         raise GeneratedError(f"unknown results marker {name!r} (known: {', '.join(RESULTS)})")
@@ -82,12 +119,13 @@ def results_block(name: str) -> str:
     if run:
         when = describe(run)
     elif env:  # the device check records its own environment (it runs where requant's extras may be missing)
-        when = f"{env['date']}, {env.get('cpu')} ({env.get('cores')} cores), Python {env.get('python')}, torch {env.get('torch')}"
+        when = (f"{env['date']}, requant {(env.get('commit') or '?')[:7]}, {env.get('cpu')} ({env.get('cores')} cores), "
+                f"Python {env.get('python')}, torch {env.get('torch')}")
     if not when:
         raise GeneratedError(f"results/{filename} records no date and machine; run `{command}` again")
     source = f"`results/{filename}`, written by `{command}`"
     caption = f"*From {source}.*" if when in text else f"*Measured {when}; from {source}.*"
-    return text + "\n\n" + caption + "\n"
+    return age_mark(run or env, command) + text + "\n\n" + caption + "\n"
 
 
 def recipes_block() -> str:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from requant.bench.provenance import CONVERSION, SERVING, source_info
+
 RECIPES = ("amd-kimi-mxfp4", "fp8-reference")  # MXFP4 experts (AMD's recipe) and the per-channel FP8 baseline
 SERVE_RECIPE = "kimi-k2.6-mxfp4"
 
@@ -61,6 +63,11 @@ out = {"wall_s": wall, "transcode_busy_s": busy[0],
        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else 0}
 open(report, "w").write(json.dumps(out))
 """
+
+# The code these figures measure (results/device-check.json records it with the commit, where git is present).
+MEASURES = (*CONVERSION, *SERVING, "infra/device_check.py", "requant/verify.py", "requant/engines/smoke.py",
+            "requant/bench/serve.py", "requant/bench/conversion.py")
+
 
 def environment(device: str) -> dict[str, Any]:
     import torch
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="requant-device-check-", dir=args.work))
     try:
-        result: dict[str, Any] = {"environment": environment(args.device)}
+        result: dict[str, Any] = {"environment": environment(args.device) | source_info(MEASURES)}
         print(f"device check: fixture {args.profile} in {work}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         experts = args.experts if args.profile == "k26-layer" else None

@@ -12,6 +12,7 @@ starts attempt k; the winner then records the flow run it started (``attempt-<k>
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
@@ -51,16 +52,35 @@ def latest_revision(upstream: str, ref: str = "main") -> UpstreamRevision:
     return UpstreamRevision(revision, f"{upstream.rstrip('/')}/snapshots/{revision}")
 
 
-# Files that do not change what a conversion writes: documentation and repository housekeeping.
-DOC_FILE = re.compile(r"(^|/)(README[^/]*|LICENSE[^/]*|[^/]*\.(md|txt|png|jpe?g|gif|svg|pdf)|\.gitattributes)$",
-                      re.IGNORECASE)
+# Documentation, by explicit name (fnmatch patterns over the lower-cased path; ``*`` crosses folders): the only
+# files the fingerprint leaves out. Never a bare ``*.txt``: merges.txt and vocab.txt are tokenizer files.
+DOCUMENTATION = (
+    "readme.md", "*/readme.md",                           # the model card (the output keeps it as UPSTREAM_README.md)
+    "docs/*.md",                                          # guides beside the model
+    "*.png", "*.jpg", "*.jpeg", "*.gif", "*.svg", "*.webp",  # the card's figures
+    "*.pdf",                                              # papers, reports
+    ".gitattributes",                                     # git's LFS rules, not a model file
+)
+
+
+def is_documentation(name: str) -> bool:
+    """Whether ``name`` (a path in a snapshot) is documentation that the fingerprint ignores."""
+    return any(fnmatch.fnmatchcase(name.lower(), pattern) for pattern in DOCUMENTATION)
 
 
 def content_fingerprint(snapshot: str) -> str | None:
-    """A digest of what a conversion of ``snapshot`` depends on: the weight files by the sha256 their store
-    publishes, JSON files by their parsed content, Python files by their syntax tree (a comment or a reflowed line
-    changes neither), other files by their bytes; documentation not at all. None when a weight file's published
-    digest is unknown (a plain directory): such upstreams are always converted."""
+    """A digest of what a conversion of ``snapshot`` writes, so that a revision with the same fingerprint as a
+    converted one can reuse that output. The plan copies every file but the shards, the index and config.json into
+    the output (requant.plan, ``extra_files``), so every file counts (tokenizer files, chat templates, remote code,
+    LICENSE) except the documentation in :data:`DOCUMENTATION`: a revision that changes only those is recorded
+    "weights unchanged" and its users get the earlier output, whose copies of those files are stale text that no
+    loader, tokenizer or engine reads. LICENSE is not documentation: the output redistributes the weights under the
+    licence it carries, so a new licence is converted into an output that carries it.
+
+    Weight files count by the sha256 their store publishes, JSON files by their parsed content (key order and
+    whitespace do not count), Python files by their syntax tree (a comment or a reflowed line changes neither),
+    every other file by its bytes. None when a weight file's published digest is unknown (a plain directory): such
+    upstreams are always converted."""
     import ast
 
     try:
@@ -68,7 +88,7 @@ def content_fingerprint(snapshot: str) -> str | None:
     except CheckpointError:  # a mirror's snapshot folder that is not there (yet): nothing to compare
         return None
     for name in storage.list_files():
-        if DOC_FILE.search(name):
+        if is_documentation(name):
             continue
         if name.endswith((".safetensors", ".bin")):
             digest = storage.recorded_sha256(name)

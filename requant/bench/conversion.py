@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
-from requant.bench.provenance import describe, run_info, write_results
+from requant.bench.provenance import CONVERSION, describe, run_info, write_results
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
 
+# The code these figures measure (results/bench.json records it; the docs mark the figures once it changes).
+MEASURES = (*CONVERSION, "requant/bench/conversion.py", "requant/quark_reference.py")
 EXPERT_SHAPE = (2048, 7168)  # Kimi-K2.6 gate/up projection: moe_intermediate_size x hidden_size
 
 
@@ -247,7 +249,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def run_bench(args) -> dict[str, Any]:
-    results: dict[str, Any] = {"run": run_info(), "kernel": kernel_bench(args.repeats)}
+    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "kernel": kernel_bench(args.repeats)}
     if not args.skip_checkpoint:
         with tempfile.TemporaryDirectory(prefix="requant-bench-") as tmp:
             upstream = Path(args.upstream) if getattr(args, "upstream", None) else None

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
-from requant.bench.provenance import describe, run_info, write_results
+from requant.bench.provenance import CONVERSION, describe, run_info, write_results
 from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
+# The code these figures measure (requant/io holds the Hub client and server).
+MEASURES = (*CONVERSION, "requant/bench/hub.py", "requant/bench/conversion.py")
 REPO = "bench/k26-layer"
 
 _DOWNLOAD = """
@@ -117,7 +119,7 @@ def run_hub_bench(experts: int, base: str, out: str | None) -> dict[str, Any]:
         publish_dir(work / "hub", REPO, upstream)
         hub, url = _start_hub(work / "hub", work / "hub.log")
         env_cmd = ["env", f"HF_ENDPOINT={url}", "HF_HUB_DISABLE_XET=1", "HF_HUB_DISABLE_TELEMETRY=1"]
-        results: dict[str, Any] = {"run": run_info(), "cores": available_cores(), "recipe": RECIPE,
+        results: dict[str, Any] = {"run": run_info(measures=MEASURES), "cores": available_cores(), "recipe": RECIPE,
                                    "fixture": {"profile": "k26-layer", "experts": experts, "shard_bytes": shard_bytes,
                                                "where": base or tempfile.gettempdir()}}
         runs = {

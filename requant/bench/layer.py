@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.conversion import _run_measured
-from requant.bench.provenance import describe, run_info, write_results
+from requant.bench.provenance import CONVERSION, FLOW, describe, run_info, write_results
 from requant.job import available_cores
 
+# The code these figures measure; dev/bench.py adds the S3 and flow runs (make bench-layer).
+MEASURES = (*CONVERSION, *FLOW, "requant/bench/layer.py", "requant/bench/conversion.py", "dev/bench.py")
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
 
 _COPY_SHA = """
@@ -148,7 +150,7 @@ def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]]
     from requant.synth import synthesize
 
     experts = args.experts
-    results: dict[str, Any] = {"run": run_info(), "recipe": args.recipe, "cores": available_cores(),
+    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": args.recipe, "cores": available_cores(),
                                "note": "each figure from one run; ratios are side by side in that run"}
     places = {"tmpfs": Path(args.tmpfs) if args.tmpfs else None, "disk": Path(args.disk) if args.disk else None}
     for where, base in places.items():

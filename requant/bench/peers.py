@@ -36,11 +36,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from requant.bench.provenance import describe, run_info, write_results
+from requant.bench.provenance import CONVERSION, describe, run_info, write_results
 from requant.errors import RequantError
 from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
+# The code these figures measure: requant, the Quark 0.11 reference, the peers' launchers and their locks.
+MEASURES = (*CONVERSION, "requant/bench/peers.py", "requant/bench/conversion.py", "requant/quark_reference.py",
+            "infra/quark13", "infra/llmcompressor")
 ROOT = Path(__file__).resolve().parents[2]
 # The virtualenvs of the peers, and the make target that builds each.
 ENVS = {"quark13": (".venv-quark13", "make quark13-venv"), "llmc": (".venv-llmc", "make llmc-venv")}
@@ -271,7 +274,7 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
         scheme, exclude, layer_config = QUARK_EQUIVALENT[RECIPE]
         job = {"scheme": scheme, "exclude": exclude, "layer_config": layer_config}
         results: dict[str, Any] = {
-            "run": run_info(), "cores": cores, "recipe": RECIPE,
+            "run": run_info(measures=MEASURES), "cores": cores, "recipe": RECIPE,
             "fixture": {"profile": None if upstream else profile, "experts": None if upstream else experts,
                         "upstream": str(src),
                         "shard_bytes": sum(p.stat().st_size for p in _shards(src)), "where": str(work.parent)},

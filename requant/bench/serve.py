@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from requant.bench.provenance import describe, run_info, write_results
+from requant.bench.provenance import CONVERSION, SERVING, describe, run_info, write_results
 from requant.convert import convert_local
 from requant.serving.checkpoint import load_checkpoint
 from requant.serving.model import DeepseekV3Text
 from requant.synth import synthesize
 
+# The code these figures measure: the conversions served, the reference server, lm-eval's client.
+MEASURES = (*CONVERSION, *SERVING, "requant/bench/serve.py", "requant/evaluation/gsm8k.py")
 VARIANTS = ("bf16-staging", "fp8-reference", "kimi-k2.6-mxfp4")
 
 
@@ -54,7 +56,8 @@ def model_rates(model: DeepseekV3Text, prompt_len: int, decode_len: int, repeats
 
 def run_bench_serve(out: str | None = None, prompt_len: int = 512, decode_len: int = 128, repeats: int = 3,
                     eval_items: int = 20, gsm8k_dir: str | None = None) -> dict[str, Any]:
-    results: dict[str, Any] = {"run": run_info(), "threads": torch.get_num_threads(), "prompt_len": prompt_len, "decode_len": decode_len}
+    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "threads": torch.get_num_threads(),
+                               "prompt_len": prompt_len, "decode_len": decode_len}
     with tempfile.TemporaryDirectory(prefix="requant-bench-serve-") as tmp:
         root = Path(tmp)
         upstream = synthesize(root / "tiny", "tiny", seed=0, progress=False)

@@ -286,7 +286,7 @@ def compare(candidate: GSM8KResult, reference: GSM8KResult, gate: Gate | None = 
             welch=welch(cand.mean, cand.stdev, len(cand.seeds), ref.mean, ref.stdev, len(ref.seeds)),
             permutation=perm, bootstrap=boot, mcnemar=mc, gated=gated, gate_p_value=p, failed=failed, reason=reason,
             inconclusive=gated and ref_paired < gate.min_reference_accuracy,
-            mde=item_mde(cand_items.mean(axis=0) - ref_items.mean(axis=0), len(seeds), gate.alpha)))
+            mde=item_mde(cand_items.mean(axis=0) - ref_items.mean(axis=0), gate.alpha)))
 
     if any(fc.failed for fc in compared):
         verdict = "FAIL"

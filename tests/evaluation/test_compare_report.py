@@ -333,8 +333,8 @@ def test_a_reference_below_the_floor_is_inconclusive_never_pass(tmp_path):
 def test_the_detectable_drop_has_80_percent_power_by_simulation(n_items, ref_correct, worse, better):
     """The reported MDE against a Monte-Carlo of the gate's own test (the exact sign-flip test over items): items
     drawn from the observed per-item differences, their signs tilted so the mean is a drop of MDE (or, where the
-    variants never disagreed, single-answer drops on a share of the items), are rejected at alpha in about 80%
-    of draws."""
+    variants disagreed too little for that, whole items lost on a share of MDE of them), are rejected at alpha in
+    about 80% of draws."""
     cand, ref = pair(n_items=n_items, ref_correct=ref_correct, worse=worse, better=better)
     comparison = compare(cand, ref, n_boot=200)
     fc = comparison.filter("strict-match")
@@ -348,12 +348,12 @@ def test_the_detectable_drop_has_80_percent_power_by_simulation(n_items, ref_cor
     rng = np.random.default_rng(1)
     draws, rejected = 2000, 0
     for _ in range(draws):
-        if q >= d / k:                                              # the observed spread, tilted to a drop of d
+        if q >= d:                                                  # the observed spread, tilted to a drop of d
             m = rng.choice(magnitudes, n_items)
             negative = rng.random(n_items) < (1 + d / np.mean(m / k)) / 2
             m = np.where(negative, -m, m)
-        else:                                                       # the floor: one-answer drops on d*k of items
-            m = -(rng.random(n_items) < d * k).astype(int)
+        else:                                                       # the floor: whole items lost, on d of them
+            m = -k * (rng.random(n_items) < d).astype(int)
         c_grid, r_grid = (seeds < np.maximum(m, 0)).astype(int), (seeds < np.maximum(-m, 0)).astype(int)
         result = stats.item_permutation(c_grid, r_grid)
         rejected += result.p_value < 0.05 and result.delta < 0

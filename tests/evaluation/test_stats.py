@@ -314,19 +314,17 @@ def test_item_mde_with_one_seed_is_connors_mcnemar_formula(n, discordant):
     deltas = np.zeros(n)
     deltas[:discordant // 2] = 1.0
     deltas[discordant // 2:discordant] = -1.0
-    d = stats.item_mde(deltas, 1, 0.05)
+    d = stats.item_mde(deltas, 0.05)
     psi = max(discordant / n, d)
     z = sps.norm.ppf(0.975)
     assert sps.norm.cdf((math.sqrt(n) * d - z * math.sqrt(psi)) / math.sqrt(psi - d * d)) == pytest.approx(0.8, abs=1e-6)
 
 
 def test_item_mde_more_seeds_help_only_where_seeds_disagree():
-    """Items that answer alike under every seed gain nothing from more seeds; with no observed disagreement the
-    floor q >= d/k lets the MDE fall with k, but never below what the items alone allow."""
+    """Items that answer alike under every seed gain nothing from more seeds; items whose seeds split make q smaller
+    than the discordant share, and the MDE with it. No observed disagreement still gives a finite MDE."""
     fully_correlated = np.array([1.0] * 10 + [-1.0] * 10 + [0.0] * 80)
-    assert stats.item_mde(fully_correlated, 3, 0.05) == pytest.approx(stats.item_mde(fully_correlated, 1, 0.05))
-    none = np.zeros(100)
-    assert stats.item_mde(none, 3, 0.05) < stats.item_mde(none, 1, 0.05) < 1.0
-    assert math.isnan(stats.item_mde([], 3, 0.05))
-    with pytest.raises(RequantError, match="n_seeds"):
-        stats.item_mde(none, 0, 0.05)
+    split = np.array([1 / 3] * 10 + [-1 / 3] * 10 + [0.0] * 80)
+    assert stats.item_mde(split, 0.05) < stats.item_mde(fully_correlated, 0.05) < 1.0
+    assert 0 < stats.item_mde(np.zeros(100), 0.05) < 0.1
+    assert math.isnan(stats.item_mde([], 0.05))
