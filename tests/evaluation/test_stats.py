@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from requant.errors import RequantError
 from requant.evaluation import stats
+from requant.evaluation.simulate import gsm8k_like_pool
 from requant.evaluation.stats import mcnemar, mean_std, paired_bootstrap, welch, welch_from_samples
 
 # ---------------------------------------------------------------- mean_std
@@ -279,19 +280,6 @@ def test_item_permutation_rejects_bad_input():
         stats.item_permutation(np.zeros((2, 2, 2), dtype=int), np.zeros((2, 2, 2), dtype=int))
 
 
-def correlated_null(rng, n_items: int, n_seeds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two variants of equal quality whose outcomes, like GSM8K's under few-shot seeds, are mostly fixed by the item:
-    each item has a difficulty shared by both variants and all seeds; 15% of items are 'unstable' ones where either
-    variant flips from seed to seed."""
-    p_item = rng.beta(0.6, 0.25, n_items)                  # most items nearly always right, some nearly always wrong
-    unstable = rng.random(n_items) < 0.15
-    p_item = np.where(unstable, 0.5, p_item)
-    variant = rng.random((2, 1, n_items)) < p_item          # a variant's answer to the item, shared by its seeds ...
-    noisy = rng.random((2, n_seeds, n_items)) < p_item      # ... except on unstable items, redrawn per seed
-    outcomes = np.where(unstable, noisy, np.broadcast_to(variant, (2, n_seeds, n_items))).astype(int)
-    return outcomes[0], outcomes[1]
-
-
 def test_the_item_test_holds_alpha_where_pooled_mcnemar_does_not():
     """Under a true null with seeds correlated within items, the item test rejects at most alpha (it is exact);
     McNemar on pooled (item, seed) pairs counts each item up to three times and rejects far more often."""
@@ -299,7 +287,7 @@ def test_the_item_test_holds_alpha_where_pooled_mcnemar_does_not():
     draws, alpha = 1500, 0.05
     item_p, pooled_p = [], []
     for _ in range(draws):
-        cand, ref = correlated_null(rng, 100, 3)
+        cand, ref = gsm8k_like_pool(rng, 100, 3)
         item_p.append(stats.item_permutation(cand, ref).p_value)
         pooled_p.append(mcnemar(cand.ravel(), ref.ravel()).p_exact)
     item_rate, pooled_rate = np.mean(np.array(item_p) < alpha), np.mean(np.array(pooled_p) < alpha)
