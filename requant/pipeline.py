@@ -243,7 +243,7 @@ def input_digest(source: Storage | str, file: str, unverified: bool = False) -> 
     source = open_storage(source) if isinstance(source, str) else source
     if hasattr(source, "checked_sha256"):  # the Hub: checked against its digest while downloading
         unverifiable = bool(unverifiable_inputs(source, [file], unverified))
-        computed, verified = source.checked_sha256(file, unverified)
+        computed, verified = source.checked_sha256(file)
         return {"size": source.size(file), "sha256": computed, "verified_against_published": verified,
                 **({"unverified": True} if unverifiable else {})}
     computed = source.sha256(file)

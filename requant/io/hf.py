@@ -10,7 +10,8 @@ URI to its layer jobs, so every job reads the same revision even if the branch m
 of an LFS file checks the Hub's size and sha256 for it against those listed at pinning time: a file changed under a
 pinned revision fails the read, naming the file. A whole-file read is checked against the digest the Hub publishes
 for the file (:meth:`HfStorage.published_digest`: the LFS sha256, else the git blob id; a mirror serving a git
-repository publishes only the latter); a file it publishes neither for is refused unless the caller says otherwise.
+repository publishes only the latter); a file it publishes neither for is only size-checked, and callers decide
+whether to accept that (a conversion needs ``--unverified``, a mirror refuses).
 A server that ignores ``Range`` (some mirrors answer with the whole file) is tolerated: the response is streamed
 and only the wanted bytes are kept.
 
@@ -322,13 +323,11 @@ class HfStorage:
             return "sha256", entry["sha256"]
         return ("git blob id", entry["blob_id"]) if entry["blob_id"] else None
 
-    def iter_file(self, path: str, unverified: bool = False) -> Iterator[bytes]:
-        """The whole file in chunks, checked: its sha256 (LFS) or git blob id must be the published one. A file the
-        Hub publishes neither for is refused, unless ``unverified`` (then only its size is checked)."""
-        entry, where, published = self._entry(path), f"{self.uri}/{path}", self.published_digest(path)
-        if published is None and not unverified:
-            raise CheckpointError(where, NO_DIGEST)
-        kind, expected = published or (None, None)
+    def iter_file(self, path: str) -> Iterator[bytes]:
+        """The whole file in chunks, checked: its sha256 (LFS) or git blob id must be the published one (a file the
+        Hub publishes neither for: only its size)."""
+        entry, where = self._entry(path), f"{self.uri}/{path}"
+        kind, expected = self.published_digest(path) or (None, None)
         digest = hashlib.sha256() if kind == "sha256" else git_blob_hasher(entry["size"])
         size = 0
         with self._get(path) as response:
@@ -342,17 +341,16 @@ class HfStorage:
             raise CheckpointError(where, f"the bytes read ({kind} {digest.hexdigest()[:16]}...) differ from the "
                                          f"published {expected[:16]}...: corrupted in storage or in transit")
 
-    def checked_sha256(self, path: str, unverified: bool = False) -> tuple[str, bool]:
+    def checked_sha256(self, path: str) -> tuple[str, bool]:
         """The sha256 of the file as downloaded now, and whether those bytes matched the digest the Hub publishes
-        (:meth:`iter_file` raises when they differ; False only for a file it publishes none for, with
-        ``unverified``)."""
+        (:meth:`iter_file` raises when they differ; False for a file it publishes none for)."""
         published = self.published_digest(path)
         if published is not None and published[0] == "sha256":
             for _ in self.iter_file(path):  # checked against the published sha256, which is then the file's
                 pass
             return published[1], True
         h = hashlib.sha256()
-        for chunk in self.iter_file(path, unverified):
+        for chunk in self.iter_file(path):
             h.update(chunk)
         return h.hexdigest(), published is not None
 
@@ -371,7 +369,7 @@ class HfStorage:
     def sha256(self, path: str) -> str:
         """The sha256 of the bytes as downloaded now (streamed, never held whole; checked where the Hub publishes
         a digest)."""
-        return self.checked_sha256(path, unverified=True)[0]
+        return self.checked_sha256(path)[0]
 
     def recorded_sha256(self, path: str) -> str | None:
         """The sha256 the Hub publishes for an LFS file (None for files kept in git)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from requant.errors import CheckpointError
-from requant.io.hf import HfStorage, git_blob_hasher
+from requant.io.hf import NO_DIGEST, HfStorage, git_blob_hasher
 from requant.io.storage import open_storage
 
 
@@ -32,7 +32,11 @@ class MirrorPlan:
 
 
 def plan_mirror(upstream: str, mirror: str) -> MirrorPlan:
+    """What to copy; a file the Hub publishes no digest for is refused before anything is copied (a mirror is
+    trusted as the Hub's bytes)."""
     hub = HfStorage(upstream)
+    if unchecked := [f for f in hub.list_files() if hub.published_digest(f) is None]:
+        raise CheckpointError(f"{hub.uri}/{unchecked[0]}", NO_DIGEST)
     branch = None if hub.revision == hub.commit else hub.revision  # as the Hugging Face cache: refs/<branch or tag>
     files = sorted(((f, hub.size(f)) for f in hub.list_files()), key=lambda item: -item[1])
     return MirrorPlan(hub.pinned_uri(), hub.commit, branch, f"{mirror.rstrip('/')}/snapshots/{hub.commit}",

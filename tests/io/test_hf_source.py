@@ -5,15 +5,16 @@ every failure a user meets as one line with a non-zero exit and nothing at the d
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from requant.cli import main
 from requant.convert import run_local
+from requant.errors import CheckpointError
 from requant.io.hf import HfStorage, resolve_revision
 from requant.io.hubserver import publish, publish_dir
 from requant.manifest import MANIFEST_FILE
@@ -36,7 +37,8 @@ def _shards(out: Path) -> dict[str, bytes]:
 def _cli(capsys, *argv) -> tuple[int, str]:
     """Exit status and what stderr said besides progress bars (which must be all else it printed)."""
     rc = main(list(argv))
-    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip() and "%|" not in line]
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err)
+             if line.strip() and "%|" not in line and not re.search(r" \[\d\d:\d\d", line)]
     return rc, "\n".join(lines)
 
 
@@ -136,24 +138,135 @@ def test_hub_failures_are_one_line(local_hub, capsys, monkeypatch, tmp_path, cas
     assert local_hub.server.state.take_failure("/revision/") is None  # the retries used up what was injected
 
 
-@pytest.mark.parametrize("change", ["bytes", "size"])
-def test_a_file_changed_under_a_pinned_revision_fails_naming_it(local_hub, tiny_upstream, capsys, tmp_path, change):
+@contextmanager
+def _fault(local_hub, repo: str, path: str, fault: str, times: int | None = None):
+    """The local Hub serves ``path`` of ``repo`` with ``fault`` (requant.io.hubserver.HubState.set_fault)."""
+    local_hub.server.set_fault(repo, path, fault, times)
+    try:
+        yield
+    finally:
+        local_hub.server.set_fault(repo, path, None)
+
+
+SHARD = "model-00002-of-000004.safetensors"
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("bytes", "differ from the published"),                           # only the whole-file sha256 sees it
+    ("size", "changed under a pinned revision: the Hub now serves"),
+    ("etag", "changed under a pinned revision: the Hub now serves sha256"),  # only the identity check sees it
+])
+def test_a_file_changed_under_a_pinned_revision_fails_naming_it(local_hub, tiny_upstream, capsys, tmp_path, change,
+                                                                expected):
     repo = f"testorg/changed-{change}"
     commit = publish_dir(local_hub.root, repo, tiny_upstream)
-    shard = "model-00002-of-000004.safetensors"
-    served = local_hub.root / repo / "commits" / commit / shard  # hard-linked to the upstream: replace, never edit
-    data = bytearray(served.read_bytes())
-    if change == "bytes":
-        data[-5] ^= 0x40  # in a tensor: the conversion itself would not notice
-    else:
-        data = data[:-64]
-    replacement = tmp_path / "replacement"
-    replacement.write_bytes(bytes(data))
-    os.replace(replacement, served)
-    rc, err = _cli(capsys, "convert", f"hf://{repo}@main", str(tmp_path / "out"), "--local", "--recipe", RECIPE)
-    assert rc == 2 and f"hf://{repo}@{commit}/{shard}" in err and len(err.splitlines()) == 1, err
-    assert ("from the published" if change == "bytes" else "changed under a pinned revision") in err, err
+    with _fault(local_hub, repo, SHARD, change):
+        rc, err = _cli(capsys, "convert", f"hf://{repo}@main", str(tmp_path / "out"), "--local", "--recipe", RECIPE)
+    assert rc == 2 and f"hf://{repo}@{commit}/{SHARD}" in err and len(err.splitlines()) == 1, err
+    assert expected in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_range_read_of_a_file_whose_etag_changed_fails(local_hub, tiny_upstream):
+    """The bytes are the published ones; only the Hub's ETag (X-Linked-Etag) says the file changed."""
+    storage = HfStorage(f"hf://testorg/tiny@{local_hub.commits['tiny']}")
+    assert storage.read_range(SHARD, 0, 8) == (tiny_upstream / SHARD).read_bytes()[:8]
+    with _fault(local_hub, "testorg/tiny", SHARD, "etag"), pytest.raises(CheckpointError) as caught:
+        storage.read_range(SHARD, 0, 8)
+    assert f"{SHARD}: changed under a pinned revision: the Hub now serves sha256" in str(caught.value)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("victim", [SHARD, "config.json"])  # LFS (sha256), git (blob id)
+def test_a_mirror_that_meets_a_corrupted_body_keeps_nothing_of_it_and_copies_it_next_time(
+        local_hub, tiny_upstream, capsys, tmp_path, victim):
+    repo = "testorg/mirror-transit"
+    commit = publish_dir(local_hub.root, repo, tiny_upstream)
+    dst, uri = tmp_path / "mirror", f"hf://{repo}@main"
+    with _fault(local_hub, repo, victim, "transit", times=1):  # one byte flipped on the way, the headers right
+        rc, err = _cli(capsys, "mirror", uri, str(dst), "--workers", "2")
+    assert rc == 2 and len(err.splitlines()) == 1 and f"hf://{repo}@{commit}/{victim}: the bytes read" in err, err
+    assert "differ from the published" in err, err
+    snapshot, upstream = dst / "snapshots" / commit, _tree(tiny_upstream)
+    present = _tree(snapshot)  # what was copied before the failure stopped the rest: whole and right; not it
+    assert victim not in present and present == {f: upstream[f] for f in present}
+    assert [p.name for p in dst.iterdir()] == ["snapshots"]  # no refs/main, no scratch left beside the mirror
+    assert main(["mirror", uri, str(dst)]) == 0
+    assert f"13 files, {13 - len(present)} copied, {len(present)} already there" in capsys.readouterr().out
+    assert _tree(snapshot) == _tree(tiny_upstream) and (dst / "refs/main").read_text().strip() == commit
+
+
+def test_a_mirrored_file_whose_bytes_changed_is_copied_again(local_hub, tiny_upstream, capsys, tmp_path):
+    """'Already there' means the published digest, not the size: a flipped byte in the copy is copied again."""
+    dst, uri = tmp_path / "mirror", f"hf://testorg/tiny@{local_hub.commits['tiny']}"
+    assert main(["mirror", uri, str(dst)]) == 0
+    snapshot = dst / "snapshots" / local_hub.commits["tiny"]
+    for victim in (SHARD, "config.json"):  # LFS (sha256), git (blob id)
+        data = bytearray((snapshot / victim).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (snapshot / victim).write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["mirror", uri, str(dst)]) == 0
+    assert "13 files, 2 copied, 11 already there" in capsys.readouterr().out
+    assert _tree(snapshot) == _tree(tiny_upstream)
+
+
+def test_a_git_served_upstream_is_checked_against_its_blob_ids(local_hub, tiny_upstream, capsys, tmp_path):
+    """A mirror serving a git repository (as olah does) lists git blob ids and no LFS sha256: every input is
+    checked against its blob id, and a shard with one byte of a tensor flipped on its way (its headers, size and
+    safetensors header intact: the conversion alone would not notice) fails the conversion naming it."""
+    repo = "testorg/git-served"
+    commit = publish_dir(local_hub.root, repo, tiny_upstream, lfs=False)
+    assert not [f for f in HfStorage(f"hf://{repo}@{commit}").list_files()
+                if HfStorage(f"hf://{repo}@{commit}").published_digest(f)[0] != "git blob id"]
+    manifest = run_local(f"hf://{repo}@main", str(tmp_path / "clean"), RECIPE, progress=False, jobs=1).manifest
+    inputs = [*manifest["inputs"]["shards"].values(), *manifest["inputs"]["files"].values()]
+    assert inputs and all(d["verified_against_published"] for d in inputs)
+    with _fault(local_hub, repo, SHARD, "bytes"):  # every read of it, range reads included
+        rc, err = _cli(capsys, "convert", f"hf://{repo}@main", str(tmp_path / "out"), "--local", "--recipe", RECIPE)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"hf://{repo}@{commit}/{SHARD}: the bytes read (git blob id" in err and "from the published" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_inputs_without_a_published_digest_need_unverified(local_hub, tiny_upstream, capsys, tmp_path):
+    repo = "testorg/no-digests"
+    commit = publish_dir(local_hub.root, repo, tiny_upstream)
+    local_hub.server.state.hide_digests(repo)
+    try:
+        rc, err = _cli(capsys, "convert", f"hf://{repo}@main", str(tmp_path / "out"), "--local", "--recipe", RECIPE)
+        assert rc == 2 and len(err.splitlines()) == 1 and "pass --unverified" in err, err
+        assert f"hf://{repo}@{commit}/model-0000" in err and "the Hub publishes no digest for it" in err, err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+        rc, err = _cli(capsys, "convert", f"hf://{repo}@main", str(tmp_path / "out"), "--local", "--recipe", RECIPE,
+                       "--unverified")
+    finally:
+        local_hub.server.state.hide_digests(repo, False)
+    said = [line for line in err.splitlines() if "unverified" in line]
+    assert rc == 0 and len(said) == 1 and said[0].startswith("warning: ") and "converted unverified" in err, err
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    inputs = {**manifest["inputs"]["shards"], **manifest["inputs"]["files"]}
+    assert manifest["unverified_inputs"] == sorted(inputs) and f"{len(inputs)} input files" in err
+    assert all(not d["verified_against_published"] and d["unverified"] for d in inputs.values())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"**Unverified inputs:** {len(inputs)} upstream files" in card and "`--unverified`" in card
+    assert main(["verify", str(tmp_path / "out")]) == 0
+
+
+def test_convert_passes_unverified_to_the_flow_and_says_so(capsys, tmp_path):
+    seen = {}
+
+    def flow(**options):
+        seen.update(options)
+        return {"tensors": 1, "jobs": 1, "skipped": 0, "unverified_inputs": ["config.json"]}
+
+    assert main(["convert", "hf://o/r@main", str(tmp_path / "out"), "--recipe", RECIPE, "--unverified"],
+                convert_flow=flow) == 0
+    assert seen["unverified"] is True
+    assert "warning: hf://o/r@main: 1 input files converted unverified" in capsys.readouterr().err
 
 
 def test_mirror_and_publish_commands(local_hub, tiny_upstream, capsys, tmp_path):
