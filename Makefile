@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow results clean
+.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# pytest runs in two lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, and the rest); SERIAL=1
+# runs them one after the other, PYTEST_ARGS go to both (e.g. PYTEST_ARGS="-x -k gate").
 test: install browser engine-venv quark13-venv sglang-venv
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m dev.test_lanes $(if $(SERIAL),--serial) -- $(PYTEST_ARGS)
 
 # The documentation site (docs/, mkdocs.yml) into build/site/, warnings (broken links, missing pages, a results file
 # missing for a generated table) as errors. `make docs-serve` serves it on http://127.0.0.1:8000 while you edit.
@@ -92,6 +94,12 @@ browser:
 # Kimi-K2.6-layout upstream in it, the requantize flow (Prefect + local Ray), verification.
 flow-run: install
 	$(BIN)/python -m dev.run
+
+# How often the GSM8K gate FAILs an honest conversion, the item test against pooled McNemar (results/gate-simulation):
+# the trained model's outcomes under 5 seeds (measured once into results/gate-simulation/outcomes.json; delete it to
+# measure again, ~15 min), then the simulation (~2 min).
+gate-simulation: install
+	$(BIN)/python -m dev.gate_simulation
 
 # Train the small Kimi-K2.6-shaped model on the arithmetic task (CPU, about 80 min on 2 cores) and write
 # requant/trained/assets (weights, tokenizer, data splits, training log, SHA256SUMS). Tests never train.
@@ -187,9 +195,10 @@ bench-flow: install
 
 # Every writer of results/ again, one after another (hours; the docs mark a figure whose measured code changed since
 # its commit): make bench (kernels, checkpoint, then the peers), bench-layer, bench-hub, bench-serve, bench-flow,
-# device-check (its CPU lane on a machine without a GPU), measure-trained, hardening. A failed one does not stop the
-# rest; they are named at the end.
-RESULTS_TARGETS := bench bench-layer bench-hub bench-serve bench-flow device-check measure-trained hardening
+# device-check (its CPU lane on a machine without a GPU), measure-trained, gate-simulation, hardening. A failed one
+# does not stop the rest; they are named at the end.
+RESULTS_TARGETS := bench bench-layer bench-hub bench-serve bench-flow device-check measure-trained gate-simulation \
+  hardening
 results: install
 	@failed=; for t in $(RESULTS_TARGETS); do $(MAKE) --no-print-directory $$t || failed="$$failed $$t"; done; \
 	if [ -n "$$failed" ]; then echo "make results: failed:$$failed" >&2; exit 1; fi
