@@ -183,8 +183,12 @@ def test_a_damage_the_smoke_test_cannot_see_is_failed_by_the_gate(int4_judgement
     rows = unseen_rows(trained_variants["int4-upstream"], texts, answers)
     broken = damage(trained_variants["int4-upstream"], tmp_path_factory.mktemp("damaged") / "embed", "embed-rows-zeroed",
                     rows=rows)
+    # One seed: with the rows chosen from these ITEMS=100 gold answers this damage cost 19 pp on this machine
+    # (flexible-extract, 0/19 discordant pairs, p 4e-06, 2026-12-06), far above the 12 pp one seed detects. The
+    # committed results/trained measured it on 50 items x 1 seed (make measure-trained chooses the rows from those 50
+    # answers): 92% vs 96%, -4 pp, McNemar 0/2, and the gate PASSed it there: too few items use the zeroed rows.
     j = _judge(broken, "embed-rows-zeroed", trained_variants, fp8_trained, fp8_trained_result, tmp_path_factory,
-               protocol=ONE_SEED)                              # a 15-20 pp drop needs no more to be significant
+               protocol=ONE_SEED)
     assert j.smoke["passed"], [c for c in j.smoke["checks"] if not c["passed"]]
     undamaged = int4_judgement.smoke["numeric"]["sequence"]
     for key in ("top1_agreement", "mean_kl", "max_prompt_kl", "exact_match", "per_prompt"):
