@@ -55,3 +55,82 @@ def test_object_changed_after_publish_is_unpublished(prefect_api, s3_server, s3_
     with pytest.raises(Exception, match="sha256 differs from the manifest"):
         state.result()
     assert not S3Storage(clean_prefix).exists(MANIFEST_FILE)
+
+
+SHARD = "model-00002-of-000004.safetensors"
+
+
+def test_a_git_served_hub_shard_corrupted_on_its_way_fails_the_flow(prefect_api, local_hub, tiny_upstream, clean_prefix):
+    """A Hub mirror serving a git repository (olah) lists git blob ids, no LFS sha256: the flow checks every input
+    against its blob id, so a shard with one tensor byte flipped on its way fails the run naming it, unpublished."""
+    from flows.requantize import requantize
+    from requant.io.hubserver import publish_dir
+
+    repo = "testorg/git-served-flow"
+    commit = publish_dir(local_hub.root, repo, tiny_upstream, lfs=False)
+    local_hub.server.set_fault(repo, SHARD, "bytes")
+    try:
+        state = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
+                           progress=False, evaluate=False, return_state=True)
+    finally:
+        local_hub.server.set_fault(repo, SHARD, None)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=f"{repo}@{commit}/{SHARD}: the bytes read \\(git blob id .* differ from the "
+                                         "published"):
+        state.result()
+    assert not S3Storage(clean_prefix).exists(MANIFEST_FILE)
+
+
+def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, local_hub, tiny_upstream, clean_prefix):
+    """Refused before any job runs; with ``unverified`` converted, and the manifest, the card and the summary say so."""
+    import json
+
+    from flows.requantize import requantize
+    from requant.io.hubserver import publish_dir
+
+    repo = "testorg/no-digests-flow"
+    publish_dir(local_hub.root, repo, tiny_upstream)
+    local_hub.server.state.hide_digests(repo)
+    try:
+        state = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
+                           progress=False, evaluate=False, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(Exception, match="the Hub publishes no digest for it .*pass --unverified"):
+            state.result()
+        assert not S3Storage(clean_prefix).list_files()  # refused at plan time: nothing written, no lease taken
+        summary = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
+                             progress=False, evaluate=False, unverified=True)
+    finally:
+        local_hub.server.state.hide_digests(repo, False)
+    storage = S3Storage(clean_prefix)
+    manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
+    inputs = {**manifest["inputs"]["shards"], **manifest["inputs"]["files"]}
+    assert manifest["unverified_inputs"] == summary["unverified_inputs"] == sorted(inputs)
+    assert all(not d["verified_against_published"] and d["unverified"] for d in inputs.values())
+    assert "**Unverified inputs:**" in storage.read_bytes("README.md").decode()
+
+
+def test_an_s3_mirror_keeps_nothing_of_a_file_corrupted_on_its_way(s3_server, local_hub, tiny_upstream):
+    """The multipart upload of a file whose body was corrupted in transit is aborted: nothing of it is visible, no
+    refs/main; the next mirror copies it (and only what is missing)."""
+    import uuid
+
+    from requant.errors import CheckpointError
+    from requant.io.mirror import mirror_local
+
+    commit, mirror = local_hub.commits["tiny"], f"s3://mirror/{uuid.uuid4().hex[:8]}"
+    local_hub.server.set_fault("testorg/tiny", SHARD, "transit", times=1)
+    try:
+        with pytest.raises(CheckpointError, match=f"{SHARD}: the bytes read .* differ from the published"):
+            mirror_local("hf://testorg/tiny@main", mirror, workers=1)
+    finally:
+        local_hub.server.set_fault("testorg/tiny", SHARD, None)
+    storage = S3Storage(mirror)
+    present = storage.list_files()
+    assert f"snapshots/{commit}/{SHARD}" not in present and "refs/main" not in present
+    uploads = storage.s3.list_multipart_uploads(Bucket=storage.bucket, Prefix=storage.key(f"snapshots/{commit}/{SHARD}"))
+    assert not uploads.get("Uploads")  # aborted, not left pending
+    summary = mirror_local("hf://testorg/tiny@main", mirror)
+    assert summary["copied"] == 13 - len(present) and summary["files"] == 13
+    assert storage.read_bytes(f"snapshots/{commit}/{SHARD}") == (tiny_upstream / SHARD).read_bytes()
+    assert storage.read_bytes("refs/main").decode().strip() == commit
