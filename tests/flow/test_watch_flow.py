@@ -7,15 +7,40 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.services
 
-WATCH = """
-import json, sys
+BARRIER_TIMEOUT_S = 60
+# A watcher process. Its Ledger.claim first waits at a barrier (a folder each watcher adds a file to) until both
+# watchers are there, or BARRIER_TIMEOUT_S has passed, and records when it arrived and when its claim started and
+# ended: a watcher only claims once it decided to submit, so both are past their ledger read when the claims go out.
+WATCH = f"""
+import json, os, sys, time
+from requant.watch import Ledger
 from flows.watch import watch_upstream
+
+barrier, claim = sys.argv[4], Ledger.claim
+
+def arrivals():
+    return sum(name.startswith("arrived-") for name in os.listdir(barrier))
+
+def claim_at_the_barrier(self, *args, **kwargs):
+    arrived = time.time()
+    open(os.path.join(barrier, f"arrived-{{os.getpid()}}"), "x").close()
+    while arrivals() < 2 and time.time() < arrived + {BARRIER_TIMEOUT_S}:
+        time.sleep(0.001)
+    parties, start = arrivals(), time.time()
+    won = claim(self, *args, **kwargs)
+    with open(os.path.join(barrier, f"claim-{{os.getpid()}}.json"), "x") as f:
+        json.dump({{"arrived": arrived, "parties": parties, "start": start, "end": time.time(), "won": won}}, f)
+    return won
+
+Ledger.claim = claim_at_the_barrier
 print("RESULT " + json.dumps(watch_upstream(upstream=sys.argv[1], output_root=sys.argv[2], ledger=sys.argv[3])))
 """
 
@@ -51,16 +76,27 @@ def _watch(mirror, out, ledger):
     return watch_upstream(upstream=str(mirror), output_root=out, ledger=ledger)
 
 
-def _two_watchers_at_once(prefect_api, upstream, out, ledger) -> list[dict]:
-    """Two watcher processes started at the same moment; the result of each."""
+def _two_watchers_at_once(prefect_api, upstream, out, ledger, tmp_path) -> list[dict]:
+    """Two watcher processes started at the same moment; the result of each. Both must have raced for the claim:
+    each decided to submit (a watcher that saw the other's claim waits without claiming), both reached the barrier
+    before either claim went out, and the two claim windows (arrival at the barrier to the claim's answer)
+    overlapped. Run one after the other, the first would wait out the barrier alone and the second would not claim."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    procs = [subprocess.Popen([sys.executable, "-c", WATCH, upstream, out, ledger], env=env, text=True,
+    barrier = tempfile.mkdtemp(prefix="barrier-", dir=tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", WATCH, upstream, out, ledger, barrier], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
         results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    claims = [json.loads(p.read_text()) for p in sorted(Path(barrier).glob("claim-*.json"))]
+    assert len(claims) == 2, f"only {len(claims)} watcher(s) tried to claim: they did not race ({results})"
+    assert [c["parties"] for c in claims] == [2, 2], f"a watcher waited out the barrier alone: {claims}"
+    assert max(c["arrived"] for c in claims) <= min(c["start"] for c in claims), f"a claim went out early: {claims}"
+    assert max(c["arrived"] for c in claims) < min(c["end"] for c in claims), f"the claims did not overlap: {claims}"
+    assert max(c["start"] for c in claims) - min(c["start"] for c in claims) < 2.0, f"claims apart: {claims}"
+    assert sorted(c["won"] for c in claims) == [False, True], claims
     return results
 
 
@@ -82,7 +118,7 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
 
     # A new revision and two watchers started at the same moment: one run.
     (mirror / "refs/main").write_text("rev-b")
-    results = _two_watchers_at_once(prefect_api, str(mirror), out, ledger)
+    results = _two_watchers_at_once(prefect_api, str(mirror), out, ledger, tmp_path)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
     new = [r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]
     assert len(new) == 1
@@ -130,6 +166,6 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     config = json.loads((tiny_upstream / "config.json").read_text())
     config["text_config"]["rope_theta"] = config["text_config"].get("rope_theta", 10000.0) * 2
     changed = publish(local_hub.root, "testorg/watched", {"config.json": json.dumps(config, indent=2).encode()})
-    results = _two_watchers_at_once(prefect_api, upstream, out, ledger)
+    results = _two_watchers_at_once(prefect_api, upstream, out, ledger, tmp_path)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
     assert len([r for r in _runs(deployment) if r.parameters["revision"] == changed]) == 1
