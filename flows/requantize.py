@@ -203,7 +203,7 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
-    pipeline.unverifiable_inputs(open_storage(upstream), pipeline.input_files(plan), unverified)
+    unchecked = pipeline.unverifiable_inputs(open_storage(upstream), pipeline.input_files(plan), unverified)
     timings = {"plan": time.perf_counter() - started}
     key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)
@@ -217,7 +217,8 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
             shown.result(f"{output} already holds this run (verified), reused")
         logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
         return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
-                "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings}
+                "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings,
+                "unverified_inputs": sorted(unchecked)}
     with pipeline.output_lease(output, key) as lease:  # a second run on this output fails here, naming us
         if lease.took_over:
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())

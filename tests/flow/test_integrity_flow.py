@@ -91,6 +91,7 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
     repo = "testorg/no-digests-flow"
     publish_dir(local_hub.root, repo, tiny_upstream)
     local_hub.server.state.hide_digests(repo)
+    S3Storage(clean_prefix).ensure_bucket()
     try:
         state = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
                            progress=False, evaluate=False, return_state=True)
@@ -98,14 +99,15 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
         with pytest.raises(Exception, match="the Hub publishes no digest for it .*pass --unverified"):
             state.result()
         assert not S3Storage(clean_prefix).list_files()  # refused at plan time: nothing written, no lease taken
-        summary = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
-                             progress=False, evaluate=False, unverified=True)
+        summary, again = [requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
+                                     progress=False, evaluate=False, unverified=True) for _ in range(2)]
     finally:
         local_hub.server.state.hide_digests(repo, False)
     storage = S3Storage(clean_prefix)
     manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
     inputs = {**manifest["inputs"]["shards"], **manifest["inputs"]["files"]}
     assert manifest["unverified_inputs"] == summary["unverified_inputs"] == sorted(inputs)
+    assert again["reused"] and again["unverified_inputs"] == sorted(inputs)  # reused: still said
     assert all(not d["verified_against_published"] and d["unverified"] for d in inputs.values())
     assert "**Unverified inputs:**" in storage.read_bytes("README.md").decode()
 
