@@ -22,6 +22,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.hf_api import RepoFile
 
 from requant.errors import RequantError
 from requant.io.hubserver import publish, serve_hub, set_ref
@@ -177,6 +178,56 @@ def test_raw_protocol(hub):
     missing = httpx.head(f"{base}/nope.txt")
     assert (missing.status_code, missing.headers["X-Error-Code"], missing.headers["X-Repo-Commit"]) == \
         (404, "EntryNotFound", hub.c1)
+
+
+def files(hub, repo: str, commit: str) -> dict[str, RepoFile]:
+    return {f.path: f for f in hub.api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(f, RepoFile)}
+
+
+def test_faults_serve_a_changed_file_under_the_same_commit(hub):
+    """What each fault of set_fault changes in the raw protocol; the listing stays the published one."""
+    base, sha = f"{hub.url}/org/model/resolve/{hub.c1}", hashlib.sha256(WEIGHTS).hexdigest()
+
+    def fetch(fault: str, path: str = "model.safetensors") -> tuple[httpx.Response, httpx.Response]:
+        hub.server.set_fault("org/model", path, fault)
+        try:
+            return httpx.head(f"{base}/{path}"), httpx.get(f"{base}/{path}", follow_redirects=True)
+        finally:
+            hub.server.set_fault("org/model", path, None)
+
+    head, body = fetch("bytes")  # the headers as published, one byte 5 from the end changed
+    assert head.headers["X-Linked-Etag"] == f'"{sha}"' and len(body.content) == len(WEIGHTS)
+    assert [i for i, (a, b) in enumerate(zip(body.content, WEIGHTS)) if a != b] == [len(WEIGHTS) - 5]
+    head, body = fetch("size")  # 64 bytes shorter, and the headers say so
+    assert head.headers["X-Linked-Size"] == str(len(WEIGHTS) - 64) and body.content == WEIGHTS[:-64]
+    head, body = fetch("etag")  # the same bytes under another ETag
+    assert head.headers["X-Linked-Etag"] not in (f'"{sha}"', None) and body.content == WEIGHTS
+    head, body = fetch("etag", "config.json")
+    assert head.headers["ETag"] != f'"{git_blob_id(V1)}"' and body.content == V1
+    hub.server.set_fault("org/model", "model.safetensors", "transit", times=1)  # the next body only
+    first, second = (httpx.get(f"{base}/model.safetensors", follow_redirects=True) for _ in range(2))
+    assert first.history[0].headers["X-Linked-Etag"] == first.headers["ETag"] == f'"{sha}"'  # the headers right
+    assert first.content != WEIGHTS
+    assert len(first.content) == len(WEIGHTS) and second.content == WEIGHTS
+    assert files(hub, "org/model", hub.c1)["model.safetensors"].lfs.sha256 == sha  # listed as published
+    with pytest.raises(RequantError, match="set_fault"):
+        hub.server.set_fault("org/model", "model.safetensors", "nonsense")
+
+
+def test_git_only_repos_and_hidden_digests(hub):
+    """publish(lfs=False) lists every file by git blob id, as a git-serving mirror; hide_digests lists none."""
+    commit = publish(hub.server.root, "org/git-only", {"model.safetensors": WEIGHTS[:4096]}, lfs=False)
+    entry = files(hub, "org/git-only", commit)["model.safetensors"]
+    assert (entry.lfs, entry.blob_id) == (None, git_blob_id(WEIGHTS[:4096]))
+    resolved = httpx.get(f"{hub.url}/org/git-only/resolve/{commit}/model.safetensors")
+    assert resolved.status_code == 200 and resolved.content == WEIGHTS[:4096]  # served from git, no redirect
+    hub.server.state.hide_digests("org/model")
+    try:
+        hidden = files(hub, "org/model", hub.c1)
+        assert len(hidden) == 3 and all(f.blob_id is None and f.lfs is None for f in hidden.values())
+    finally:
+        hub.server.state.hide_digests("org/model", False)
+    assert all(f.blob_id for f in files(hub, "org/model", hub.c1).values())
 
 
 def test_hf_endpoint_variable_in_a_fresh_process(hub, tmp_path):
