@@ -31,12 +31,24 @@ docs: install
 docs-serve: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
+# The side virtualenvs' locks pin torch==2.13.0+cpu, which PyPI does not serve: it comes from PyTorch's CPU wheel
+# index. lock_venv takes it from wherever pip's own configuration finds it (an index mirror, a local wheel folder in
+# PIP_FIND_LINKS), else from TORCH_CPU_INDEX, for torch alone (an unreachable extra index would cost every other
+# package of the lock its retries); when neither has it, make stops with one line that says what to set.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 # A pinned side virtualenv from a complete lock (--no-deps), checked by importing what it is for:
 # $(call lock_venv,VENV,LOCK,PYTHON CODE)
 define lock_venv
 	rm -rf $(1)
 	python3.11 -m venv $(1)
 	$(1)/bin/pip install --quiet --upgrade pip
+	@torch=$$(grep -m1 '^torch==.*+cpu' $(2)); [ -z "$$torch" ] || \
+	$(1)/bin/pip install --quiet --dry-run --no-deps "$$torch" >/dev/null 2>&1 || \
+	$(1)/bin/pip install --quiet --no-deps --retries 1 --timeout 30 --extra-index-url "$(TORCH_CPU_INDEX)" "$$torch" \
+	  >/dev/null 2>&1 || { echo "error: $$torch (pinned by $(2)) is not on PyPI and pip found it neither in its \
+	own configuration nor at TORCH_CPU_INDEX=$(TORCH_CPU_INDEX): set TORCH_CPU_INDEX to a reachable PyTorch CPU \
+	wheel index or PIP_FIND_LINKS to a folder holding the wheel, then run make again" >&2; exit 1; }
 	$(1)/bin/pip install --quiet --no-deps -r $(2)
 	$(1)/bin/python -c "$(3)"
 	touch $(1)/.installed
