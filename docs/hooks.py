@@ -42,6 +42,7 @@ RESULTS = {
     "hub": ("hub.json", "make bench-hub", "requant.bench.hub:render"),
     "device-check": ("device-check.json", "make device-check", "infra/device_check.py:table"),
     "trained": ("trained/results.json", "make measure-trained", "dev.measure_trained:table"),
+    "gate-simulation": ("gate-simulation.json", "make gate-simulation", "dev.gate_simulation:table"),
     "hardening": ("hardening.json", "make hardening", "tests/hardening/report.py:table"),
 }
 
