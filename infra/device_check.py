@@ -273,7 +273,7 @@ def table(r: dict[str, Any]) -> str:
 
     def server(role: str) -> str:
         d = s["servers"][role]
-        return f"{role} on {d['device']} ({d['threads']} threads)"
+        return f"{role} on {d['device']} ({d['threads']} thread{'' if d['threads'] == 1 else 's'})"
 
     lines += ["", f"serving: {server('candidate')} against {server('reference')}, two separately started servers: "
                   f"smoke {'passed' if s['smoke_passed'] else 'FAILED ' + str(s['failed_checks'])}"
