@@ -60,15 +60,19 @@ def pool_summary(cand: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
     """How the measured outcomes hang together: accuracy, items answered alike under every seed, and discordance."""
     _check(cand, ref)
     seeds, items = cand.shape
-    alike = lambda x: np.all(x == x[0], axis=0)  # noqa: E731
     totals = (cand - ref).sum(axis=0)
     return {"seeds": seeds, "items": items, "candidate_accuracy": float(cand.mean()),
             "reference_accuracy": float(ref.mean()),
-            "candidate_items_alike_across_seeds": float(alike(cand).mean()),
-            "reference_items_alike_across_seeds": float(alike(ref).mean()),
+            "candidate_items_alike_across_seeds": _alike_across_seeds(cand),
+            "reference_items_alike_across_seeds": _alike_across_seeds(ref),
             "pooled_discordant_pairs": int(np.count_nonzero(cand != ref)),
             "items_differing": int(np.count_nonzero(totals)),
             "per_item_second_moment": float(np.mean((totals / seeds) ** 2))}
+
+
+def _alike_across_seeds(outcomes: np.ndarray) -> float:
+    """The share of items answered the same under every seed."""
+    return float(np.all(outcomes == outcomes[0], axis=0).mean())
 
 
 def _check(cand: np.ndarray, ref: np.ndarray) -> None:
