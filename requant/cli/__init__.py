@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hub(args: argparse.Namespace) -> int:
-    from requant.io import hubserver
+    from requant.testing import hubserver
 
     if args.hub_command == "publish":
         commit = hubserver.publish_dir(args.root, args.repo, args.dir, branch=args.branch, message=args.message)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None, convert_flow: ConvertFlow | None = None)
 
 def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
     if args.command == "synth":
-        from requant.synth import synthesize
+        from requant.testing.synth import synthesize
 
         print(synthesize(args.dst, args.profile, args.seed, experts=args.experts))
     elif args.command == "convert":
@@ -434,6 +434,3 @@ def _run(args: argparse.Namespace, convert_flow: ConvertFlow | None) -> int:
         run_bench(args)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
