@@ -6,6 +6,10 @@ Quark expresses it: ``format`` is Quark's ``global_quant_config``; a class (or o
 becomes a ``layer_quant_config`` entry under Quark's own pattern for it; unquantized modules are excluded.
 A module's target is its first matching override, else its class's target, which is also how Quark resolves
 the exported config (exclude first, then the first matching ``layer_quant_config`` pattern, then global).
+
+The same file also says what the oracle and the test lanes need to know about the recipe (:class:`RecipeChecks`:
+its Quark equivalent, the lanes that load it, where vLLM for CPUs stops). That is kept out of :class:`Recipe`, so
+it is no part of a conversion or its run key: adding a built-in recipe is adding its file and nothing else.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ QUARK_PATTERNS: dict[str, tuple[str, ...]] = {
     "vision_tower": ("*vision_tower*",),
     "mm_projector": ("*mm_projector*",),
 }
+# The test lanes a recipe can be loaded in, beyond the conversion and Quark tests every built-in goes through:
+# "engine" (tests/engine: SGLang's and vLLM's decisions per layer) and "trained" (tests/trained and
+# dev/measure_trained.py: the trained model's smoke test and GSM8K gate).
+LANES = ("engine", "trained")
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -76,6 +84,29 @@ SCHEMA: dict[str, Any] = {
         "quark_version": {"enum": list(QUARK_VERSIONS)},
         # also exclude the engines' fused module names whose shards are all excluded (quark_config.fused_excludes)
         "fused_excludes": {"type": "boolean"},
+        # --- what the oracle and the test lanes need (RecipeChecks); no part of the conversion ---
+        # the Quark 0.11 equivalent: what a Quark user passes to its file-to-file export for the same output
+        # (LLMTemplate "kimi_k25"): the template scheme, the exclude patterns and layer_config {pattern: scheme}
+        "quark_equivalent": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["scheme", "exclude"],
+            "properties": {
+                "scheme": {"type": "string", "minLength": 1},
+                "exclude": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "layer_config": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+            },
+        },
+        # the test lanes that load the recipe's output (default: all of LANES)
+        "lanes": {"type": "array", "uniqueItems": True, "items": {"enum": list(LANES)}},
+        # where vLLM for CPUs stops on the recipe's output (its stage and its message, or part of it); absent: it
+        # serves it
+        "vllm_cpu_stop": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["stage", "reason"],
+            "properties": {"stage": {"type": "string", "minLength": 1}, "reason": {"type": "string", "minLength": 1}},
+        },
     },
 }
 
@@ -118,6 +149,31 @@ class Recipe:
         return self.format != NO_FORMAT
 
 
+@dataclass(frozen=True)
+class QuarkEquivalent:
+    """What a Quark 0.11 user passes to Quark's file-to-file export for the output a recipe writes."""
+
+    scheme: str                                   # LLMTemplate scheme, e.g. "mxfp4", "ptpc_fp8"
+    exclude: tuple[str, ...]                      # exclude patterns, as AMD writes them
+    layer_config: tuple[tuple[str, str], ...] = ()  # (pattern, scheme) entries of layer_config, in order
+
+    def job(self, dst: str, **extra: str) -> dict[str, Any]:
+        """One job of ``requant.testing.quark_reference``'s file-to-file script."""
+        return {**extra, "dst": dst, "scheme": self.scheme, "exclude": list(self.exclude),
+                "layer_config": dict(self.layer_config) or None}
+
+
+@dataclass(frozen=True)
+class RecipeChecks:
+    """What the oracle and the test lanes know about a recipe, read from its file; not part of :class:`Recipe`, so
+    no part of a conversion or its run key."""
+
+    name: str
+    quark: QuarkEquivalent | None  # None: no Quark equivalent stated (every built-in states one)
+    lanes: tuple[str, ...]
+    vllm_cpu_stop: tuple[str, str] | None  # (stage, reason); None: vLLM for CPUs serves the output
+
+
 def resolve_target(module: str, targets: dict[str, str], overrides, tensor_class: str | None = None) -> str:
     """A module's target from class targets and (pattern, target) overrides (also as a manifest stores them)."""
     for pattern, target in overrides:
@@ -146,7 +202,19 @@ def load_recipe(name_or_path: str, quark_version: str | None = None, fused_exclu
     return recipe
 
 
-def _load_recipe(name_or_path: str) -> Recipe:
+def load_checks(name_or_path: str) -> RecipeChecks:
+    """What the oracle and the test lanes know about a built-in recipe (by name) or a recipe file (by path)."""
+    return parse_checks(*_read(name_or_path))
+
+
+def builtins_in(lane: str) -> list[str]:
+    """The built-in recipes that the test lane ``lane`` (one of LANES) loads."""
+    if lane not in LANES:
+        raise RequantError(f"unknown test lane {lane!r}; lanes: {', '.join(LANES)}")
+    return [name for name in builtin_names() if lane in load_checks(name).lanes]
+
+
+def _read(name_or_path: str) -> tuple[Any, str]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         text, source = path.read_text(), str(path)
@@ -155,15 +223,36 @@ def _load_recipe(name_or_path: str) -> Recipe:
         source = f"builtin:{name_or_path}"
     else:
         raise RequantError(f"unknown recipe {name_or_path!r}; built-in: {', '.join(builtin_names())}, or a path to a .yaml file")
-    return parse_recipe(yaml.safe_load(text), source)
+    return yaml.safe_load(text), source
 
 
-def parse_recipe(data: Any, source: str) -> Recipe:
+def _load_recipe(name_or_path: str) -> Recipe:
+    return parse_recipe(*_read(name_or_path))
+
+
+def _validate(data: Any, source: str) -> None:
     try:
         jsonschema.validate(data, SCHEMA)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RequantError(f"recipe {source}: {where}: {exc.message}") from exc
+
+
+def parse_checks(data: Any, source: str) -> RecipeChecks:
+    _validate(data, source)
+    quark = data.get("quark_equivalent")
+    stop = data.get("vllm_cpu_stop")
+    return RecipeChecks(
+        name=data["name"],
+        quark=QuarkEquivalent(quark["scheme"], tuple(quark["exclude"]),
+                              tuple(quark.get("layer_config", {}).items())) if quark else None,
+        lanes=tuple(data.get("lanes", LANES)),
+        vllm_cpu_stop=(stop["stage"], stop["reason"]) if stop else None,
+    )
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    _validate(data, source)
     targets = data["targets"]
     overrides = tuple((o["pattern"], o["target"]) for o in data.get("overrides", ()))
     used = {t for t in (*targets.values(), *(t for _, t in overrides)) if t != UNQUANTIZED}
