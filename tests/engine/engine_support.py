@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from requant.io.safetensors import sha256_file
+from requant.recipe import builtins_in
 
 HERE = Path(__file__).resolve().parent
-RECIPES = ("bf16-staging", "amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4", "amd-kimi-k25-mxfp4",
-           "amd-kimi-k25-mxfp4-attn-fp8")
+RECIPES = tuple(builtins_in("engine"))  # the built-in recipes whose files name this lane (`lanes:`, default all)
 ROUTER_ONLY = HERE / "router-only-mxfp4.yaml"
 MAX_MODEL_LEN = 4096  # 3-shot GSM8K prompts of the synthetic tokenizer plus 256 generated tokens
 

@@ -13,13 +13,13 @@ import json
 import pytest
 from engine_support import RECIPES
 
-from requant.convert import convert_local
+import requant
 from requant.engines.sglang import ROUTER, Decision, decide, summarize
 from requant.recipe import load_recipe
 
-# Recipes whose BF16 dense MLP and shared experts SGLang fuses into gate_up_proj (the others quantize them or are
-# all BF16), converted a second time with Quark's exclude list exactly (--no-fused-excludes).
-EXACT = ("amd-kimi-mxfp4", "fp8-reference", "kimi-k2.6-mxfp4")
+# Recipes that quantize but keep the dense MLP BF16, which SGLang fuses into gate_up_proj (the others quantize it
+# or are all BF16), converted a second time with Quark's exclude list exactly (--no-fused-excludes).
+EXACT = tuple(r for r in RECIPES if load_recipe(r).quantizes and load_recipe(r).target("dense_mlp") == "unquantized")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def sglang(sglang_python, engine_variants, tmp_path_factory) -> dict[str, Decisi
     root = tmp_path_factory.mktemp("sglang-exact")
     paths = {recipe: engine_variants[recipe] for recipe in RECIPES}
     for recipe in EXACT:
-        convert_local(str(engine_variants["upstream"]), str(root / recipe), recipe, progress=False,
+        requant.convert(str(engine_variants["upstream"]), str(root / recipe), recipe, progress=False,
                       fused_excludes=False)
         paths[f"{recipe} exact"] = root / recipe
     return dict(zip(paths, decide(list(paths.values()), load=True, interpreter=sglang_python)))
