@@ -114,7 +114,7 @@ gate-simulation: install
 	$(BIN)/python -m dev.gate_simulation
 
 # Train the small Kimi-K2.6-shaped model on the arithmetic task (CPU, about 80 min on 2 cores) and write
-# requant/trained/assets (weights, tokenizer, data splits, training log, SHA256SUMS). Tests never train.
+# requant/testing/trained/assets (weights, tokenizer, data splits, training log, SHA256SUMS). Tests never train.
 train-model: install
 	$(BIN)/python -m dev.train_model
 

@@ -32,14 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from requant import seaweed
 from requant.bench.cpu import CpuSampler, ray_part
 from requant.bench.layer import LAYER_RECIPE, _bytes, _shards, run_layer_bench
 from requant.bench.provenance import CONVERSION, FLOW, run_info, write_results
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.job import available_cores
-from requant.synth import synthesize
+from requant.testing import seaweed
+from requant.testing.synth import synthesize
 
 
 def copy_roofline(upstream: str, scratch: str) -> dict:
@@ -157,8 +157,8 @@ def s3_bench(upstream_dir: Path, work: Path, workers: list[int], recipe: str = L
              convert_cpu_seconds: float | None = None) -> dict[str, Any]:
     """The roofline and the flow runs through one SeaweedFS. ``convert_cpu_seconds``: the conversion's own CPU
     time (``convert --local`` on one core), for the shared-CPU bound."""
-    from requant import seaweed
     from requant.io.transfer import upload_dir
+    from requant.testing import seaweed
 
     server = seaweed.start(work / "seaweed")
     env = dict(os.environ, **server.env())

@@ -1,8 +1,8 @@
 """make measure-trained: the trained model per variant, smoke test and GSM8K, the figures behind smoke.yaml's
 bounds and the README's accuracy table.
 
-Builds the INT4 upstream from requant/trained/assets (`requant synth --profile trained`), converts it with every
-built-in recipe, makes the deliberately damaged conversions of requant.trained.damage.CATALOG, then serves each
+Builds the INT4 upstream from requant/testing/trained/assets (`requant synth --profile trained`), converts it with every
+built-in recipe, makes the deliberately damaged conversions of requant.testing.trained.damage.CATALOG, then serves each
 variant with `requant serve` and runs what the evaluation flow runs: the smoke test against the reference
 (fp8-reference; with localization when it fails), lm-eval's gsm8k task on the model's own task (3-shot, every
 seed) and the gate's comparison. Unlike the flow, a variant that fails its smoke test is still scored, so the
@@ -28,12 +28,12 @@ from requant.engines.engines import launch, load_engines
 from requant.engines.smoke import load_limits
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
 from requant.evaluation.judge import Judgement, Protocol, evaluate_reference, serve_and_judge
-from requant.synth import synthesize
-from requant.trained.damage import CATALOG, damage, unseen_rows
+from requant.testing.synth import synthesize
+from requant.testing.trained.damage import CATALOG, damage, unseen_rows
 
 # The code these figures measure: the model and its damage, every conversion, the servers, the smoke test and
 # GSM8K with the gate's comparison.
-MEASURES = (*CONVERSION, *SERVING, "dev/measure_trained.py", "requant/trained", "requant/engines/smoke.py",
+MEASURES = (*CONVERSION, *SERVING, "dev/measure_trained.py", "requant/testing/trained", "requant/engines/smoke.py",
             "requant/engines/smoke.yaml", "requant/engines/localize.py", "requant/evaluation")
 REFERENCE = "fp8-reference"
 RECIPES = ("bf16-staging", "kimi-k2.6-mxfp4", "amd-kimi-mxfp4", "amd-kimi-k25-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8")

@@ -1,8 +1,8 @@
 """``make flow-run``: the main job on embedded defaults, on a fresh machine with no other set-up.
 
-Starts SeaweedFS (unless ``make services-up`` already did) and a local Hugging Face Hub (requant.io.hubserver),
+Starts SeaweedFS (unless ``make services-up`` already did) and a local Hugging Face Hub (requant.testing.hubserver),
 publishes a synthetic upstream there as ``synthetic/<profile>`` (by default the INT4 upstream of the trained model
-shipped in requant/trained/assets; ``--profile tiny`` for random weights; ``--source s3`` puts it in SeaweedFS
+shipped in requant/testing/trained/assets; ``--profile tiny`` for random weights; ``--source s3`` puts it in SeaweedFS
 instead), runs the requantize flow on ``hf://synthetic/<profile>@main`` (the path a real run takes from the Hub)
 with the seed card's recipe (verified), produces or reuses the fp8-reference variant, smoke-tests the candidate on
 the reference server and compares both on GSM8K (the trained profile: on its own GSM8K-format task), then prints
@@ -19,12 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from requant import seaweed
 from requant.errors import RequantError
-from requant.io.hubserver import publish_dir, serve_hub
 from requant.io.transfer import upload_dir
 from requant.progress import log_name, phase, quiet_terminal
-from requant.synth import synthesize
+from requant.testing import seaweed
+from requant.testing.hubserver import publish_dir, serve_hub
+from requant.testing.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
 EVAL_LIMIT = 50  # items x 3 seeds: the trained model's comparison sees drops of a few points (see its table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from requant import seaweed
+from requant.testing import seaweed
 
 STATE = Path(".services/seaweed.json")
 

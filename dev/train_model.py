@@ -1,11 +1,11 @@
 """make train-model: train the small Kimi-K2.6-shaped model on the arithmetic task and write its assets.
 
-Everything is seeded and runs on CPU in minutes: the data splits (requant.trained.task), a tokenizer with
+Everything is seeded and runs on CPU in minutes: the data splits (requant.testing.trained.task), a tokenizer with
 single-digit tokens, transformers' DeepseekV3ForCausalLM built from exactly the text config `requant synth
 --profile trained` writes (MLA 512/64/128/128, sigmoid noaux_tc router, 1 shared + 8 routed experts, layer 0
 dense), AdamW on freshly generated training problems laid out as lm-eval's few-shot prompts, and DeepSeek's
 auxiliary-loss-free balancing (the router's e_score_correction_bias nudged towards equal expert load). The
-result goes to requant/trained/assets/: model.safetensors (BF16, checkpoint names), tokenizer files,
+result goes to requant/testing/trained/assets/: model.safetensors (BF16, checkpoint names), tokenizer files,
 train.jsonl / test.jsonl (GSM8K schema), training.json (settings, loss curve, accuracy, seconds) and
 SHA256SUMS. Tests and `make flow-run` use these files; they never train.
 
@@ -30,9 +30,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from requant.io.checksums import write_sums
-from requant.synth import PROFILES, int4_fake_quantize, text_config
+from requant.testing.synth import PROFILES, int4_fake_quantize, text_config
+from requant.testing.trained import ASSETS, task
 from requant.tokenizer import write_tokenizer
-from requant.trained import ASSETS, task
 
 PROFILE = PROFILES["trained"]
 N_TRAIN, N_TEST = 7473, 1319  # GSM8K's split sizes

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from requant import seaweed
 from requant.processes import terminate_group
+from requant.testing import seaweed
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "requant-process"
@@ -66,10 +66,10 @@ def deploy(env: dict[str, str]) -> None:
 def seed(env: dict[str, str], hub_root: Path) -> str:
     """The trained model's INT4 upstream in S3 (requantize's default) and as the Hub repository the watcher
     follows; returns the Hub commit of ``main``."""
-    from requant.io.hubserver import publish_dir
     from requant.io.s3 import S3Storage
     from requant.io.transfer import upload_dir
-    from requant.synth import synthesize
+    from requant.testing.hubserver import publish_dir
+    from requant.testing.synth import synthesize
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     head = hub_root / HUB_REPO / "refs" / "main"

@@ -161,7 +161,7 @@ def tensor_differences(ours: Path, theirs: Path) -> tuple[int, list[str]]:
 def quark_exports(upstream: Path, dst: Path) -> dict[str, Any]:
     """Quark 0.11.2's own file-to-file export of ``upstream`` for every recipe into ``dst / recipe``, on the CPU in
     one process of its own (the oracle); ``{"skipped": why}`` where amd-quark is not installed (a bare GPU machine)."""
-    from requant.quark_reference import QUARK_EQUIVALENT, file2file_command, quark_available
+    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command, quark_available
 
     if not quark_available():
         return {"skipped": "amd-quark is not installed here"}
@@ -213,7 +213,7 @@ def serving_checks(work: Path, device: str, decode_len: int, prompts: int) -> di
     from requant.evaluation.gsm8k import TRAINED_TASK
     from requant.serving.checkpoint import load_checkpoint
     from requant.serving.model import DeepseekV3Text
-    from requant.synth import synthesize
+    from requant.testing.synth import synthesize
 
     upstream = synthesize(work / "trained", "trained", seed=0, progress=False)
     ckpt = work / SERVE_RECIPE
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no GPU")
 
-    from requant.synth import synthesize
+    from requant.testing.synth import synthesize
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="requant-device-check-", dir=args.work))

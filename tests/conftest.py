@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from requant.quark_reference import QUARK_EQUIVALENT, file2file_command
-from requant.synth import synthesize
+from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+from requant.testing.synth import synthesize
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -37,7 +37,7 @@ def tiny_upstream(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_upstream(tmp_path_factory) -> Path:
-    """The INT4 upstream of the shipped trained model (requant/trained/assets), as `requant synth --profile
+    """The INT4 upstream of the shipped trained model (requant/testing/trained/assets), as `requant synth --profile
     trained` writes it."""
     return synthesize(tmp_path_factory.mktemp("upstream") / "trained", "trained", seed=0, progress=False)
 
@@ -69,12 +69,12 @@ HUB_TOKEN = "hf_requantTESTtoken0c9e5"  # the session's Hub token: scanned for a
 
 @pytest.fixture(scope="session")
 def local_hub(tmp_path_factory, tiny_upstream):
-    """requant's local Hub (requant.io.hubserver) for the session: ``testorg/tiny`` (public) and ``testorg/gated``
+    """requant's local Hub (requant.testing.hubserver) for the session: ``testorg/tiny`` (public) and ``testorg/gated``
     (gated; HUB_TOKEN may read it) hold the tiny upstream. HF_ENDPOINT and HF_TOKEN point every client at it,
     including the Ray workers the flow tests start afterwards (their nodes inherit this environment)."""
     from types import SimpleNamespace
 
-    from requant.io.hubserver import publish_dir, serve_hub
+    from requant.testing.hubserver import publish_dir, serve_hub
 
     root = tmp_path_factory.mktemp("hub")
     commits = {repo: publish_dir(root, f"testorg/{repo}", tiny_upstream) for repo in ("tiny", "gated")}

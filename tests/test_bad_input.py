@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from requant.cli import main
-from requant.synth import PROFILES, synthesize
+from requant.testing.synth import PROFILES, synthesize
 
 EXPERT = "language_model.model.layers.2.mlp.experts.5.up_proj"
 ATTN = "language_model.model.layers.1.self_attn.q_a_proj.weight"

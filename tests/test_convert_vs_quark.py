@@ -11,7 +11,7 @@ from tensors import engine_fused_names, load_tensors, raw
 
 from requant.cli import main
 from requant.convert import convert_local
-from requant.quark_reference import QUARK_EQUIVALENT
+from requant.testing.quark_reference import QUARK_EQUIVALENT
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The library (requant/) imports nothing from the orchestration side (flows, tasks, dev) nor Prefect or Ray, not
 even inside a function: it runs where they are not installed (a bare GPU node, a user's script), and the flows
-depend on it, not the other way round."""
+depend on it, not the other way round. And the product imports nothing of requant.testing, the test and demo
+infrastructure, except where a command runs one of its components."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 import requant
 
 FORBIDDEN = {"flows", "tasks", "dev", "prefect", "prefect_ray", "ray"}
+TESTING = "requant.testing"
+NOT_PRODUCT = ("requant/testing/", "requant/bench/")  # the test and demo package; the benchmarks use it
+# `requant hub` and `requant synth` run a test and demo component; the CLI imports just that one, inside the command
+CLI_RUNS = ("requant.testing.hubserver", "requant.testing.synth")
 
 
 def _imports(tree: ast.AST):
@@ -18,7 +23,8 @@ def _imports(tree: ast.AST):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.lineno, node.module
+            for alias in node.names:  # `from requant import testing` imports requant.testing
+                yield node.lineno, f"{node.module}.{alias.name}"
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
               in {"import_module", "__import__"} and node.args and isinstance(node.args[0], ast.Constant)):
             yield node.lineno, str(node.args[0].value)
@@ -37,4 +43,60 @@ def test_the_library_imports_no_orchestration_even_lazily():
 
 def test_the_check_sees_a_lazy_import(tmp_path):
     tree = ast.parse("def f():\n    from flows.requantize import requantize\n    importlib.import_module('ray')\n")
-    assert [m for _, m in _imports(tree)] == ["flows.requantize", "ray"]
+    assert [m for _, m in _imports(tree)] == ["flows.requantize.requantize", "ray"]
+
+
+def _is_within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _testing_imports(path: Path, relative: str) -> list[str]:
+    """``relative``'s imports of requant.testing, each as ``FILE:LINE: MODULE``, but for the command modules' lazy
+    imports of CLI_RUNS."""
+    tree = ast.parse(path.read_text(), str(path))
+    functions = [(node.lineno, node.end_lineno) for node in ast.walk(tree)
+                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    cli = relative == "requant/cli.py" or relative.startswith("requant/cli/")
+    found = []
+    for line, module in _imports(tree):
+        if not _is_within(module, (TESTING,)):
+            continue
+        lazy = any(start <= line <= end for start, end in functions)
+        if not (cli and lazy and _is_within(module, CLI_RUNS)):
+            found.append(f"{relative}:{line}: {module}")
+    return found
+
+
+def test_the_product_imports_no_test_infrastructure_even_lazily():
+    """requant/ (but testing/ and bench/), flows/ and tasks/: the product runs without the test and demo package
+    (it finds the trained model's task by path, gsm8k.TRAINED_TASK_DIR)."""
+    repo = Path(requant.__file__).parent.parent
+    paths = [p for package in ("requant", "flows", "tasks") for p in sorted((repo / package).rglob("*.py"))]
+    found = []
+    for path in paths:
+        relative = path.relative_to(repo).as_posix()
+        if not relative.startswith(NOT_PRODUCT):
+            found.extend(_testing_imports(path, relative))
+    assert len(paths) > 40
+    assert found == []
+
+
+def test_the_testing_check_sees_imports_and_spares_only_the_commands(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from requant import testing\nimport requant.testing.seaweed\n"
+                      "def hub():\n    from requant.testing import hubserver\n"
+                      "    from requant.testing.synth import synthesize\n"
+                      "    from requant.testing.trained import ASSETS\n")
+    product = ["1: requant.testing", "2: requant.testing.seaweed", "4: requant.testing.hubserver",
+               "5: requant.testing.synth.synthesize", "6: requant.testing.trained.ASSETS"]
+    assert _testing_imports(source, "requant/evaluation/m.py") == [f"requant/evaluation/m.py:{f}" for f in product]
+    cli = [f"requant/cli/hub.py:{f}" for f in product if "hubserver" not in f and "synth" not in f]
+    assert _testing_imports(source, "requant/cli/hub.py") == cli  # lazy hubserver and synth: the commands'
+
+
+def test_the_product_finds_the_trained_task_where_the_testing_package_keeps_it():
+    from requant.evaluation.gsm8k import TRAINED_TASK_DIR
+    from requant.testing.trained import ASSETS
+
+    assert TRAINED_TASK_DIR == ASSETS
+    assert (TRAINED_TASK_DIR / "test.jsonl").is_file()

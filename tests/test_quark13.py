@@ -26,7 +26,7 @@ from tensors import load_tensors, raw
 
 from requant.convert import convert_local
 from requant.formats.int4 import dequantize_int4
-from requant.quark_reference import QUARK_EQUIVALENT
+from requant.testing.quark_reference import QUARK_EQUIVALENT
 
 ROOT = Path(__file__).resolve().parents[1]
 Q13_PYTHON = ROOT / ".venv-quark13" / "bin" / "python"
@@ -142,7 +142,7 @@ def pairs(tmp_path_factory, tiny_upstream, adversarial_upstream) -> dict[str, tu
              "layer_config": layer_config}
             for fixture, upstream in upstreams.items()
             for name, (scheme, exclude, layer_config) in QUARK_EQUIVALENT.items()]
-    _run(["-m", "requant.quark_reference", str(tiny_upstream), json.dumps(jobs)])
+    _run(["-m", "requant.testing.quark_reference", str(tiny_upstream), json.dumps(jobs)])
     return {fixture: (_requant13(upstream, root / fixture / "requant"),
                       {name: root / fixture / "quark" / name for name in QUARK_EQUIVALENT})
             for fixture, upstream in upstreams.items()}

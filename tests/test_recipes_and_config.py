@@ -10,8 +10,8 @@ import yaml
 
 from requant.errors import RequantError
 from requant.quark_config import fused_excludes, is_quark_linear_weight, quantization_config
-from requant.quark_reference import quark_config_dict
 from requant.recipe import builtin_names, load_recipe, parse_recipe
+from requant.testing.quark_reference import quark_config_dict
 from requant.verify import verify
 
 

@@ -11,7 +11,7 @@ from transformers import DeepseekV3Config, PreTrainedTokenizerFast
 from requant.io.storage import LocalDir
 from requant.plan import build_plan
 from requant.recipe import load_recipe
-from requant.synth import PROFILES, synthesize
+from requant.testing.synth import PROFILES, synthesize
 
 
 def test_text_config_is_a_valid_deepseek_v3_config(tiny_upstream):

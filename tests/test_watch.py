@@ -89,7 +89,7 @@ def hub_snapshot(local_hub, tiny_upstream):
     own each time) and returns the ``hf://`` snapshot of the new revision."""
     from types import SimpleNamespace
 
-    from requant.io.hubserver import publish, publish_dir, set_ref
+    from requant.testing.hubserver import publish, publish_dir, set_ref
 
     repo = "testorg/fingerprint"
     publish_dir(local_hub.root, repo, tiny_upstream)

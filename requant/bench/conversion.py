@@ -30,7 +30,7 @@ from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
 
 # The code these figures measure (results/bench.json records it; the docs mark the figures once it changes).
-MEASURES = (*CONVERSION, "requant/bench/conversion.py", "requant/quark_reference.py")
+MEASURES = (*CONVERSION, "requant/bench/conversion.py", "requant/testing/quark_reference.py")
 EXPERT_SHAPE = (2048, 7168)  # Kimi-K2.6 gate/up projection: moe_intermediate_size x hidden_size
 
 
@@ -47,14 +47,14 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
 def _quark_mxfp4() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """Quark's per-tensor path as its file-to-file exporter runs it, or None without amd-quark."""
     from requant.formats.table import WEIGHT_FORMATS
-    from requant.quark_reference import quark_available, quark_quantize_weight
+    from requant.testing.quark_reference import quark_available, quark_quantize_weight
 
     scheme = WEIGHT_FORMATS["mxfp4"].quark_scheme
     return (lambda weight: quark_quantize_weight(weight, scheme)) if quark_available() else None
 
 
 def kernel_bench(repeats: int = 5) -> dict[str, Any]:
-    from requant.synth import _Weights
+    from requant.testing.synth import _Weights
 
     rows, cols = EXPERT_SHAPE
     expert = _Weights(seed=0).int4_experts(1, rows, cols)[0]
@@ -153,7 +153,7 @@ def _run_measured(cmd: list[str]) -> dict[str, float]:
     return json.loads(proc.stdout)
 
 
-BENCH_RECIPE = "kimi-k2.6-mxfp4"  # the seed card's recipe; Quark runs its equivalent (requant.quark_reference)
+BENCH_RECIPE = "kimi-k2.6-mxfp4"  # the seed card's recipe; Quark runs its equivalent (requant.testing.quark_reference)
 IMPORT_BASELINE = "import torch, requant.job, requant.plan"
 
 
@@ -164,9 +164,9 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
 
     from requant.io.storage import LocalDir
     from requant.plan import build_plan
-    from requant.quark_reference import QUARK_EQUIVALENT, file2file_command
     from requant.recipe import load_recipe
-    from requant.synth import PROFILES, synthesize
+    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+    from requant.testing.synth import PROFILES, synthesize
 
     if upstream is None:
         profile = PROFILES["k26-topology"]

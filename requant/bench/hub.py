@@ -31,7 +31,7 @@ from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
 # The code these figures measure (requant/io holds the Hub client and server).
-MEASURES = (*CONVERSION, "requant/bench/hub.py", "requant/bench/conversion.py")
+MEASURES = (*CONVERSION, "requant/bench/hub.py", "requant/bench/conversion.py", "requant/testing/hubserver.py")
 REPO = "bench/k26-layer"
 
 _DOWNLOAD = """
@@ -108,8 +108,8 @@ def _start_hub(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_hub_bench(experts: int, base: str, out: str | None) -> dict[str, Any]:
-    from requant.io.hubserver import publish_dir
-    from requant.synth import synthesize
+    from requant.testing.hubserver import publish_dir
+    from requant.testing.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="requant-bench-hub-", dir=base or None))
     hub = None

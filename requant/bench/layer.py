@@ -147,7 +147,7 @@ def _cpu_cells(run: dict[str, Any]) -> str:
 def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None) -> dict[str, Any]:
     """tmpfs and disk; with ``s3_part(upstream, work, convert_cpu_seconds)`` (the orchestration side's S3 + flow
     measurement, given the conversion's own CPU seconds on one core) also through S3, on the disk's fixture."""
-    from requant.synth import synthesize
+    from requant.testing.synth import synthesize
 
     experts = args.experts
     results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": args.recipe, "cores": available_cores(),

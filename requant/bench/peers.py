@@ -4,7 +4,7 @@ by side in one run (issue 24: requant at >= 5x the fastest peer, at a peak RSS n
 The input is ``synth --profile k26-layer`` (K2.6's real widths, ``--experts`` routed experts) on tmpfs; every
 converter runs on it as a whole process of its own, in its own virtualenv:
 
-- Quark 0.11.2's file-to-file export (the project's virtualenv, ``requant.quark_reference``);
+- Quark 0.11.2's file-to-file export (the project's virtualenv, ``requant.testing.quark_reference``);
 - Quark 0.13's, in one process (``device="cpu"``) and in one worker process per core (``device=["cpu"] * N``),
   from .venv-quark13 (``make quark13-venv``);
 - llm-compressor 0.14's model-free path (``model_free_ptq`` with compressed-tensors' INT4 dequantizer in front,
@@ -42,7 +42,7 @@ from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
 # The code these figures measure: requant, the Quark 0.11 reference, the peers' launchers and their locks.
-MEASURES = (*CONVERSION, "requant/bench/peers.py", "requant/bench/conversion.py", "requant/quark_reference.py",
+MEASURES = (*CONVERSION, "requant/bench/peers.py", "requant/bench/conversion.py", "requant/testing/quark_reference.py",
             "infra/quark13", "infra/llmcompressor")
 ROOT = Path(__file__).resolve().parents[2]
 # The virtualenvs of the peers, and the make target that builds each.
@@ -148,11 +148,11 @@ print(json.dumps(out))
 """
 
 # Quark 0.13 with one worker process per device: its own ProcessPoolExecutor (spawn) shares the shards out
-# round-robin. requant.quark_reference passes a single device, so the list is passed here.
+# round-robin. requant.testing.quark_reference passes a single device, so the list is passed here.
 _QUARK13_WORKERS = """
 import json, sys
 from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
-from requant.quark_reference import _config
+from requant.testing.quark_reference import _config
 src, dst, workers, job = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 quantize_model_per_safetensor(src, _config(job["scheme"], job["exclude"], job["layer_config"]), dst,
                               device=["cpu"] * workers)
@@ -259,8 +259,8 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
                     upstream: str | None = None) -> dict[str, Any]:
     """Every converter on the same input (``upstream``, or ``synth --profile profile --experts experts`` made
     under ``base``), results/peers.json and peers.md into ``out``."""
-    from requant.quark_reference import QUARK_EQUIVALENT, file2file_command
-    from requant.synth import synthesize
+    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+    from requant.testing.synth import synthesize
 
     pythons = {"project": sys.executable, **{env: env_python(env) for env in ENVS}}  # fail before any work
     cores = available_cores()

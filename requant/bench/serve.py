@@ -21,7 +21,7 @@ from requant.bench.provenance import CONVERSION, SERVING, describe, run_info, wr
 from requant.convert import convert_local
 from requant.serving.checkpoint import load_checkpoint
 from requant.serving.model import DeepseekV3Text
-from requant.synth import synthesize
+from requant.testing.synth import synthesize
 
 # The code these figures measure: the conversions served, the reference server, lm-eval's client.
 MEASURES = (*CONVERSION, *SERVING, "requant/bench/serve.py", "requant/evaluation/gsm8k.py")

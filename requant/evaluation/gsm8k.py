@@ -31,7 +31,10 @@ from requant.progress import phase
 
 TASK = "gsm8k"
 DATA_FILES = ("train.jsonl", "test.jsonl")
-TRAINED_TASK = "requant:trained"  # gsm8k_dir value: requant/trained/assets
+TRAINED_TASK = "requant:trained"  # gsm8k_dir value naming the shipped trained model's task, in TRAINED_TASK_DIR
+# The trained model's assets (package data of requant.testing.trained, which tests pin to this path): found by path,
+# not by importing the test and demo package, so the product never imports requant.testing.
+TRAINED_TASK_DIR = Path(__file__).resolve().parents[1] / "testing" / "trained" / "assets"
 CHECKSUMS = "SHA256SUMS"      # sha256sum format; shipped with the copies the tests use
 RESULT_FILE = "gsm8k.json"
 TASK_DIR = "lm-eval-task"        # under out_dir: the offline task file, kept for provenance
@@ -70,13 +73,13 @@ def find_local_gsm8k(start: str | Path | None = None) -> Path | None:
 def check_gsm8k_dir(gsm8k_dir: str | Path) -> dict[str, Path]:
     """The split files of a local GSM8K copy, each checked to be JSONL rows with ``question`` and ``answer``, and
     against the copy's SHA256SUMS when it has one. ``requant:trained`` names the task the shipped trained model
-    learned (requant/trained/assets: GSM8K's schema and answer format, scored by lm-eval's gsm8k task as is)."""
-    if str(gsm8k_dir) == TRAINED_TASK:  # the shipped trained model's own task (its assets are checksummed)
-        from requant.synth import trained_assets
-
-        gsm8k_dir = trained_assets()
-    root = Path(gsm8k_dir).expanduser().resolve()
-    check_checksums(root)
+    learned (TRAINED_TASK_DIR: GSM8K's schema and answer format, scored by lm-eval's gsm8k task as is)."""
+    if str(gsm8k_dir) == TRAINED_TASK:  # the shipped trained model's own task: its SHA256SUMS must be there
+        root = TRAINED_TASK_DIR
+        check_sums(root, DATA_FILES, "trained model's task", "restore it from git (or rerun make train-model)")
+    else:
+        root = Path(gsm8k_dir).expanduser().resolve()
+        check_checksums(root)
     files = {}
     for name in DATA_FILES:
         path = root / name

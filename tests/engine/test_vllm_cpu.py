@@ -24,7 +24,7 @@ from requant.cli import main
 from requant.engines.vllm_cpu import Probe, format_summary, probe_checkpoint, read_probe, summarize
 from requant.evaluation.gsm8k import run_gsm8k
 from requant.recipe import load_recipe
-from requant.synth import PROFILES
+from requant.testing.synth import PROFILES
 
 pytestmark = pytest.mark.oracle
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from flow_support import RayCluster, S3Service
 
-from requant import seaweed
 from requant.convert import convert_local
 from requant.io.transfer import upload_dir
-from requant.seaweed import _free_port
-from requant.synth import PROFILES, synthesize
+from requant.testing import seaweed
+from requant.testing.seaweed import _free_port
+from requant.testing.synth import PROFILES, synthesize
 
 # The session's S3 identity. Its secret is scanned for in every object, artifact and log of an evaluated run
 # (tests/flow/test_evaluate_flow.py), so it must be the secret actually in use, not a decoy.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from requant import seaweed
+from requant.testing import seaweed
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -153,7 +153,7 @@ def test_a_damaged_candidate_is_stopped_at_the_smoke_test_which_says_where(prefe
     """Two routed experts' FP4 signs flipped (resealed: verify passes) fail the sequence agreement: the flow fails
     before any GSM8K run, and the published smoke result names layer 1 and the two experts."""
     from flows.evaluate import evaluate
-    from requant.trained.damage import damage
+    from requant.testing.trained.damage import damage
 
     candidate = damage(trained_pair / "amd-kimi-k25-mxfp4", tmp_path / "candidate", "experts-sign-flipped",
                        experts=[(1, 3), (2, 5)])
@@ -183,7 +183,7 @@ def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, t
     from requant.engines.engines import launch, load_engines
     from requant.engines.smoke import load_limits, smoke_test, task_prompts
     from requant.evaluation.gsm8k import check_gsm8k_dir
-    from requant.trained.damage import damage, unseen_rows
+    from requant.testing.trained.damage import damage, unseen_rows
 
     reference = trained_pair / "fp8-reference"
     with launch(load_engines()["reference"], str(reference), served_model_name="ref", log_dir=tmp_path / "logs",

@@ -64,7 +64,7 @@ def test_a_git_served_hub_shard_corrupted_on_its_way_fails_the_flow(prefect_api,
     """A Hub mirror serving a git repository (olah) lists git blob ids, no LFS sha256: the flow checks every input
     against its blob id, so a shard with one tensor byte flipped on its way fails the run naming it, unpublished."""
     from flows.requantize import requantize
-    from requant.io.hubserver import publish_dir
+    from requant.testing.hubserver import publish_dir
 
     repo = "testorg/git-served-flow"
     commit = publish_dir(local_hub.root, repo, tiny_upstream, lfs=False)
@@ -86,7 +86,7 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
     import json
 
     from flows.requantize import requantize
-    from requant.io.hubserver import publish_dir
+    from requant.testing.hubserver import publish_dir
 
     repo = "testorg/no-digests-flow"
     publish_dir(local_hub.root, repo, tiny_upstream)

@@ -198,7 +198,7 @@ def test_s3_outage_longer_than_the_retry_budget_fails_clearly(prefect_api, s3_se
     proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix, env={"REQUANT_S3_RETRY_SECONDS": "3"})
     _wait_for(lambda: len(_records(clean_prefix)) >= 1, 300, "a finished layer job")
     assert proc.poll() is None, "the run ended before the outage"
-    from requant import seaweed
+    from requant.testing import seaweed
 
     seaweed.stop(s3_server.current, grace=1.0)
     try:

@@ -143,7 +143,7 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     "weights unchanged since <commit>"; a config change that alters the output is converted."""
     from prefect.states import Completed
 
-    from requant.io.hubserver import publish, publish_dir
+    from requant.testing.hubserver import publish, publish_dir
 
     upstream, out, ledger = "hf://testorg/watched", "s3://outputs/watch-hub", f"s3://ledger/{uuid.uuid4().hex[:8]}"
     first = publish_dir(local_hub.root, "testorg/watched", tiny_upstream)

@@ -10,7 +10,7 @@ from test_fused_kernel import scale_patterns
 
 from requant.formats.fp8 import dequantize_fp8_per_channel, fp8_per_channel_scale_from_int4, quantize_fp8_per_channel
 from requant.formats.int4 import dequantize_int4
-from requant.quark_reference import quark_quantize_weight
+from requant.testing.quark_reference import quark_quantize_weight
 
 
 def _check(weight):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import quantize_mxfp4
-from requant.quark_reference import quark_quantize_weight
+from requant.testing.quark_reference import quark_quantize_weight
 
 
 def _reference(packed, scale, in_features):

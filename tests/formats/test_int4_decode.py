@@ -64,7 +64,7 @@ def test_random_code_experts_are_valid_pack_quantized_data(tmp_path):
     scales are positive BF16, and compressed-tensors decodes them as requant does; --experts sets the count."""
     import dataclasses
 
-    from requant.synth import PROFILES, synthesize
+    from requant.testing.synth import PROFILES, synthesize
 
     profile = dataclasses.replace(PROFILES["tiny"], random_codes=True)
     up = synthesize(tmp_path / "random-codes", profile, seed=0, progress=False, experts=5)

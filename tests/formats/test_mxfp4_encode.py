@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4, unpack_fp4
-from requant.quark_reference import quark_quantize_weight
+from requant.testing.quark_reference import quark_quantize_weight
 
 # A block whose amax is 6.0 gets scale 2**0 (6 = 1.5 * 2**2; 1.5 rounds to one mantissa bit without
 # carry; 2 - emax 2 = 0), so the other 31 elements are encoded as they are.

@@ -10,12 +10,12 @@ import shutil
 import pytest
 from hardening_support import scale
 
-from requant import seaweed
 from requant.convert import convert_local
 from requant.errors import CheckpointError, VerifyError
 from requant.io.s3 import S3Storage
 from requant.manifest import MANIFEST_FILE
 from requant.pipeline import input_digest
+from requant.testing import seaweed
 from requant.verify import verify
 
 

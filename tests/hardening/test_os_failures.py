@@ -27,11 +27,11 @@ import pytest
 from hardening_support import MOUNTS, scale, unmount
 from waiting import wait_for
 
-from requant import seaweed
 from requant.convert import convert_local
 from requant.errors import SystemFailure
 from requant.io.s3 import S3Storage
-from requant.synth import PROFILES, synthesize
+from requant.testing import seaweed
+from requant.testing.synth import PROFILES, synthesize
 
 COMPARED_SUFFIXES = (".safetensors", "config.json", "model.safetensors.index.json")
 

@@ -61,7 +61,7 @@ def test_device_check_runs_green_on_the_cpu(tmp_path):
 def test_a_lane_that_computes_something_else_turns_the_check_red(device_check, tmp_path, monkeypatch):
     """One lane broken into a valid checkpoint that is not the recipe's (the router quantized too): verify passes
     on it, so only the comparisons, with the other lane and with Quark's export, can stop it."""
-    from requant.synth import synthesize
+    from requant.testing.synth import synthesize
 
     recipe = "amd-kimi-mxfp4"
     monkeypatch.setattr(device_check, "RECIPES", (recipe,))
@@ -83,7 +83,7 @@ def test_a_lane_that_computes_something_else_turns_the_check_red(device_check, t
 
 def test_a_server_that_serves_a_damaged_checkpoint_turns_the_check_red(device_check, tmp_path, monkeypatch):
     import requant.engines.engines as engines
-    from requant.trained.damage import damage
+    from requant.testing.trained.damage import damage
 
     real = engines.launch
 

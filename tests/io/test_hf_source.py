@@ -1,4 +1,4 @@
-"""``hf://`` upstreams through the real huggingface_hub client against the local Hub (requant.io.hubserver):
+"""``hf://`` upstreams through the real huggingface_hub client against the local Hub (requant.testing.hubserver):
 conversions equal the directory's, pinned revisions, range reads (also from a server that ignores Range), and
 every failure a user meets as one line with a non-zero exit and nothing at the destination."""
 
@@ -16,8 +16,8 @@ from requant.cli import main
 from requant.convert import run_local
 from requant.errors import CheckpointError
 from requant.io.hf import HfStorage, resolve_revision
-from requant.io.hubserver import publish, publish_dir
 from requant.manifest import MANIFEST_FILE
+from requant.testing.hubserver import publish, publish_dir
 
 RECIPE = "kimi-k2.6-mxfp4"
 
@@ -140,7 +140,7 @@ def test_hub_failures_are_one_line(local_hub, capsys, monkeypatch, tmp_path, cas
 
 @contextmanager
 def _fault(local_hub, repo: str, path: str, fault: str, times: int | None = None):
-    """The local Hub serves ``path`` of ``repo`` with ``fault`` (requant.io.hubserver.HubState.set_fault)."""
+    """The local Hub serves ``path`` of ``repo`` with ``fault`` (requant.testing.hubserver.HubState.set_fault)."""
     local_hub.server.set_fault(repo, path, fault, times)
     try:
         yield

@@ -1,4 +1,4 @@
-"""The local Hub (requant.io.hubserver) through the real huggingface_hub client: metadata, downloads, ranges,
+"""The local Hub (requant.testing.hubserver) through the real huggingface_hub client: metadata, downloads, ranges,
 the Hub's error codes, gating, and what the client does with injected 429/503 answers."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from requant.errors import RequantError
-from requant.io.hubserver import publish, serve_hub, set_ref
+from requant.testing.hubserver import publish, serve_hub, set_ref
 
 WEIGHTS = os.urandom(3 << 20)  # LFS by name
 V1, V2, NOTES = b'{"version": 1}\n', b'{"version": 2}\n', b"notes\n"

@@ -85,7 +85,7 @@ def test_deploy_registers_three_deployments_with_the_schedule(ui):
 def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch):
     from prefect.deployments import run_deployment
 
-    from requant.seaweed import load_state
+    from requant.testing.seaweed import load_state
     from requant.verify import verify
 
     with _client_settings(ui):

@@ -9,7 +9,7 @@ import pytest
 
 from requant.cli import main
 from requant.engines.engines import launch, load_engines
-from requant.synth import synthesize
+from requant.testing.synth import synthesize
 
 
 def test_smoke_passes_against_the_reference_variant(mxfp4_server, fp8_server, tmp_path, capsys):

@@ -4,7 +4,7 @@ damage the smoke test cannot see.
 
 Everything is served by `requant serve` and scored by lm-eval's gsm8k task (through /v1/completions) on the
 model's own task (``requant:trained``), ITEMS test items x 3 seeds, against the fp8-reference as the flow does.
-The damaged conversions are requant.trained.damage.CATALOG's, resealed so `requant verify` passes them.
+The damaged conversions are requant.testing.trained.damage.CATALOG's, resealed so `requant verify` passes them.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from compressed_tensors.quantization import QuantizationArgs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import requant.trained
+import requant.testing.trained
 from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
 from requant.errors import RequantError
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
 from requant.evaluation.judge import Protocol, evaluate_reference, serve_and_judge
 from requant.evaluation.report import format_table
-from requant.synth import int4_fake_quantize, synthesize, trained_assets
-from requant.trained.damage import CATALOG, damage, unseen_rows
+from requant.testing.synth import int4_fake_quantize, synthesize, trained_assets
+from requant.testing.trained.damage import CATALOG, damage, unseen_rows
 from requant.verify import verify
 
 ITEMS = 100          # test items per seed
@@ -91,7 +91,7 @@ def test_assets_are_checked_and_a_changed_byte_names_its_file(tmp_path, monkeypa
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-3] ^= 0x01                                                 # a weight's low bit: only the digest can tell
     (copy / "model.safetensors").write_bytes(bytes(data))
-    monkeypatch.setattr(requant.trained, "ASSETS", copy)
+    monkeypatch.setattr(requant.testing.trained, "ASSETS", copy)
     with pytest.raises(RequantError, match=r"model\.safetensors: sha256 .* does not match SHA256SUMS"):
         synthesize(tmp_path / "out", "trained", progress=False)
     assert not (tmp_path / "out").exists()
@@ -162,7 +162,7 @@ def test_a_damaged_conversion_is_stopped_by_the_smoke_test_which_says_where(dama
     assert loc["available"] and loc["first_layer"] == 1, loc["summary"]     # layer 0 is dense, 1 the first MoE
     flagged = {(row["layer"], e) for row in loc["layers"] for e in row.get("flagged_experts", [])}
     if damaged.kind.startswith("experts-"):
-        from requant.trained.damage import DEFAULT_EXPERTS, default_experts
+        from requant.testing.trained.damage import DEFAULT_EXPERTS, default_experts
 
         expected = set(damaged.experts or default_experts(broken, DEFAULT_EXPERTS[damaged.kind]))
         assert flagged == expected, loc["summary"]

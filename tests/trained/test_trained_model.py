@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from requant.evaluation.gsm8k import check_gsm8k_dir
-from requant.trained import task
+from requant.testing.trained import task
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ only when one of these functions runs.
 
 * In process: :func:`quark_quantize_weight` runs the same per-tensor sequence as Quark's file-to-file exporter
   (observer -> ``scaled_real_quantize`` -> pack -> E8M0 scale).
-* As a script: ``python -m requant.quark_reference SRC JOBS_JSON`` runs Quark's own
+* As a script: ``python -m requant.testing.quark_reference SRC JOBS_JSON`` runs Quark's own
   ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` of the JSON list. A separate
   process, because that function sets torch's global default dtype from config.json.
 """
@@ -104,7 +104,7 @@ def quark_file2file(src: str, jobs: list[dict[str, Any]]) -> None:
 
 def file2file_command(src: str, jobs: list[dict[str, Any]]) -> list[str]:
     """The command line that runs :func:`quark_file2file` in a fresh Python process."""
-    return [sys.executable, "-m", "requant.quark_reference", src, json.dumps(jobs)]
+    return [sys.executable, "-m", "requant.testing.quark_reference", src, json.dumps(jobs)]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from requant.processes import terminate_group
 
 SERVICES = ("master", "volume", "filer", "s3")
 VOLUME_SLOTS = 4096
-MASTER_TOML = """# written by requant.seaweed: grow each collection (bucket) by one volume, not seven
+MASTER_TOML = """# written by requant.testing.seaweed: grow each collection (bucket) by one volume, not seven
 [master.volume_growth]
 copy_1 = 1
 copy_2 = 1

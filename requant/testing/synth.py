@@ -60,7 +60,7 @@ PROFILES = {
     "tiny": Profile(layers=3, hidden=128, intermediate=256, moe_intermediate=64, experts=8, top_k=2, heads=4,
                     q_lora_rank=64, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=1024,
                     vision_hidden=64, vision_blocks=1, shards=4),
-    # The model `make train-model` trains (requant/trained): K2.6's topology in miniature, weights shipped.
+    # The model `make train-model` trains (requant/testing/trained): K2.6's topology in miniature, weights shipped.
     "trained": Profile(layers=3, hidden=128, intermediate=256, moe_intermediate=64, experts=8, top_k=2, heads=2,
                        q_lora_rank=64, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=512,
                        vision_hidden=64, vision_blocks=1, shards=4),
@@ -387,8 +387,8 @@ random numbers. The file exists so that tools copy license files through verbati
 
 
 def trained_assets() -> Path:
-    """requant/trained/assets, every file checked against its SHA256SUMS (a changed file fails with its name)."""
-    from requant.trained import ASSET_FILES, ASSETS
+    """requant/testing/trained/assets, every file checked against its SHA256SUMS (a changed file fails with its name)."""
+    from requant.testing.trained import ASSET_FILES, ASSETS
 
     check_sums(ASSETS, ASSET_FILES, "trained model's assets", "restore it from git (or rerun make train-model)")
     return ASSETS
@@ -448,7 +448,7 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
                experts: int | None = None) -> Path:
     """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile; ``experts``
     replaces its routed expert count. The ``trained`` profile takes its language model and tokenizer from
-    requant/trained/assets. Tensors are made and written one at a time: memory stays at the largest tensor."""
+    requant/testing/trained/assets. Tensors are made and written one at a time: memory stays at the largest tensor."""
     if isinstance(profile, Profile):
         p, profile = profile, "custom"
     elif profile in PROFILES:

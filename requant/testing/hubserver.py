@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub: enough of its HTTP protocol that the real ``huggingface_hub``
 client (``HfApi``, ``hf_hub_download``, ``snapshot_download``, ``HfFileSystem``) works against it through
-``HF_ENDPOINT`` (or ``endpoint=``). A test and demo component, like the embedded S3 server of :mod:`requant.seaweed`.
+``HF_ENDPOINT`` (or ``endpoint=``). A test and demo component, like the embedded S3 server of :mod:`requant.testing.seaweed`.
 
 Data model, no git: ``ROOT/ORG/REPO/refs/NAME`` holds a commit id; ``commits/COMMIT/`` holds that revision's
 files and ``commits/COMMIT.json`` its metadata (parent, message, date and, per file, size, git blob id and for
