@@ -28,6 +28,7 @@ from requant.engines.engines import launch, load_engines
 from requant.engines.smoke import load_limits
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
 from requant.evaluation.judge import Judgement, Protocol, evaluate_reference, serve_and_judge
+from requant.recipe import builtins_in
 from requant.testing.synth import synthesize
 from requant.testing.trained.damage import CATALOG, damage, unseen_rows
 
@@ -36,7 +37,8 @@ from requant.testing.trained.damage import CATALOG, damage, unseen_rows
 MEASURES = (*CONVERSION, *SERVING, "dev/measure_trained.py", "requant/testing/trained", "requant/engines/smoke.py",
             "requant/engines/smoke.yaml", "requant/engines/localize.py", "requant/evaluation")
 REFERENCE = "fp8-reference"
-RECIPES = ("bf16-staging", "kimi-k2.6-mxfp4", "amd-kimi-mxfp4", "amd-kimi-k25-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8")
+# the built-in recipes whose files name the trained lane (`lanes:`, default all), the reference first
+RECIPES = tuple(r for r in builtins_in("trained") if r != REFERENCE)
 
 
 def build(root: Path) -> dict[str, Path]:

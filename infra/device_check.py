@@ -161,12 +161,12 @@ def tensor_differences(ours: Path, theirs: Path) -> tuple[int, list[str]]:
 def quark_exports(upstream: Path, dst: Path) -> dict[str, Any]:
     """Quark 0.11.2's own file-to-file export of ``upstream`` for every recipe into ``dst / recipe``, on the CPU in
     one process of its own (the oracle); ``{"skipped": why}`` where amd-quark is not installed (a bare GPU machine)."""
-    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command, quark_available
+    from requant.recipe import load_checks
+    from requant.testing.quark_reference import file2file_command, quark_available
 
     if not quark_available():
         return {"skipped": "amd-quark is not installed here"}
-    jobs = [{"dst": str(dst / recipe), "scheme": QUARK_EQUIVALENT[recipe][0], "exclude": QUARK_EQUIVALENT[recipe][1],
-             "layer_config": QUARK_EQUIVALENT[recipe][2]} for recipe in RECIPES]
+    jobs = [load_checks(recipe).quark.job(str(dst / recipe)) for recipe in RECIPES]
     print(f"device check: Quark's export of {', '.join(RECIPES)} on the CPU", file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run(file2file_command(str(upstream), jobs), capture_output=True, text=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+from requant.testing.quark_reference import file2file_command, quark_equivalents
 from requant.testing.synth import synthesize
 
 TESTS = Path(__file__).resolve().parent
@@ -44,13 +44,14 @@ def trained_upstream(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def quark_exports(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
-    """Quark 0.11.2's own file-to-file export of the tiny upstream, for every recipe, in one process."""
+    """Quark 0.11.2's own file-to-file export of the tiny upstream, for every built-in recipe (given what its file
+    states as its quark_equivalent), in one process."""
     root = tmp_path_factory.mktemp("quark")
-    jobs = [{"dst": str(root / name), "scheme": scheme, "exclude": exclude, "layer_config": layer_config}
-            for name, (scheme, exclude, layer_config) in QUARK_EQUIVALENT.items()]
+    equivalents = quark_equivalents()
+    jobs = [quark.job(str(root / name)) for name, quark in equivalents.items()]
     proc = subprocess.run(file2file_command(str(tiny_upstream), jobs), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: root / name for name in QUARK_EQUIVALENT}
+    return {name: root / name for name in equivalents}
 
 
 @pytest.fixture(scope="session")

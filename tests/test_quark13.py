@@ -26,11 +26,12 @@ from tensors import load_tensors, raw
 
 from requant.convert import convert_local
 from requant.formats.int4 import dequantize_int4
-from requant.testing.quark_reference import QUARK_EQUIVALENT
+from requant.recipe import load_recipe
+from requant.testing.quark_reference import quark_equivalents
 
 ROOT = Path(__file__).resolve().parents[1]
 Q13_PYTHON = ROOT / ".venv-quark13" / "bin" / "python"
-RECIPES = list(QUARK_EQUIVALENT)
+RECIPES = list(quark_equivalents())  # every built-in recipe
 
 
 def _python() -> str:
@@ -138,13 +139,11 @@ def pairs(tmp_path_factory, tiny_upstream, adversarial_upstream) -> dict[str, tu
     import alone takes about half a minute)."""
     root = tmp_path_factory.mktemp("q13")
     upstreams = {"tiny": tiny_upstream, "adversarial": adversarial_upstream}
-    jobs = [{"src": str(upstream), "dst": str(root / fixture / "quark" / name), "scheme": scheme, "exclude": exclude,
-             "layer_config": layer_config}
-            for fixture, upstream in upstreams.items()
-            for name, (scheme, exclude, layer_config) in QUARK_EQUIVALENT.items()]
+    jobs = [quark.job(str(root / fixture / "quark" / name), src=str(upstream))
+            for fixture, upstream in upstreams.items() for name, quark in quark_equivalents().items()]
     _run(["-m", "requant.testing.quark_reference", str(tiny_upstream), json.dumps(jobs)])
     return {fixture: (_requant13(upstream, root / fixture / "requant"),
-                      {name: root / fixture / "quark" / name for name in QUARK_EQUIVALENT})
+                      {name: root / fixture / "quark" / name for name in RECIPES})
             for fixture, upstream in upstreams.items()}
 
 
@@ -174,7 +173,7 @@ def test_tensors_equal_quark13_export(recipe, fixture, pairs):
         scale_ours, scale_theirs = ours[f"{name}_scale"], theirs[f"{name}_scale"]
         assert torch.equal(scale_ours[keep], scale_theirs[keep]), name
         assert (scale_ours[sorted(rows)] == torch.finfo(torch.float32).eps).all(), name
-    if fixture == "tiny" or recipe != "amd-kimi-k25-mxfp4-attn-fp8":
+    if fixture == "tiny" or load_recipe(recipe).target("attention") != "fp8_per_channel":
         assert diverged == []
     else:  # the adversarial attention rows under 2**-125 are there, so the divergence must show
         assert diverged
@@ -186,7 +185,7 @@ def test_config_equals_quark13_export(recipe, pairs):
     ours_dir, theirs_dir = pairs["tiny"][0][recipe], pairs["tiny"][1][recipe]
     ours = json.loads((ours_dir / "config.json").read_text())
     theirs = json.loads((theirs_dir / "config.json").read_text())
-    if recipe == "bf16-staging":  # Quark writes a config that excludes everything; requant writes none
+    if not load_recipe(recipe).quantizes:  # Quark writes a config that excludes everything; requant writes none
         theirs.pop("quantization_config")
         assert "quantization_config" not in ours
     assert ours == theirs

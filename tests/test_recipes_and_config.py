@@ -9,15 +9,47 @@ import pytest
 import yaml
 
 from requant.errors import RequantError
+from requant.formats.table import WEIGHT_FORMATS
 from requant.quark_config import fused_excludes, is_quark_linear_weight, quantization_config
-from requant.recipe import builtin_names, load_recipe, parse_recipe
+from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
 from requant.testing.quark_reference import quark_config_dict
 from requant.verify import verify
 
 
+@pytest.mark.parametrize("name", builtin_names())
+def test_every_builtin_recipe_is_one_complete_file(name):
+    """A built-in recipe is its file alone: valid, named as its file, and stating what the oracle needs (its
+    Quark equivalent, whose scheme is its global format's and whose layer_config names only formats it uses;
+    tests/test_convert_vs_quark.py then compares the bytes with Quark's export) and the test lanes need."""
+    recipe, checks = load_recipe(name), load_checks(name)
+    assert recipe.name == checks.name == name and recipe.source == f"builtin:{name}"
+    assert checks.quark is not None, f"requant/recipes/{name}.yaml states no quark_equivalent"
+    schemes = {f.quark_scheme for fmt, f in WEIGHT_FORMATS.items() if fmt in recipe.formats}
+    if recipe.quantizes:
+        assert checks.quark.scheme == WEIGHT_FORMATS[recipe.format].quark_scheme
+        assert {scheme for _, scheme in checks.quark.layer_config} <= schemes
+    else:  # Quark only decompresses when everything is excluded
+        assert checks.quark.exclude == ("*",) and not checks.quark.layer_config
+    assert set(checks.lanes) <= set(LANES)
+    assert checks.vllm_cpu_stop is None or recipe.quantizes  # vLLM serves BF16 (tests/engine/test_vllm_cpu.py)
+
+
+def test_the_checks_are_optional_for_your_own_recipes_and_checked_by_the_schema():
+    data = _recipe_data()
+    for key in ("quark_equivalent", "lanes", "vllm_cpu_stop"):
+        data.pop(key, None)
+    checks = parse_checks(data, "mine.yaml")
+    assert checks.quark is None and checks.lanes == LANES and checks.vllm_cpu_stop is None
+    assert parse_recipe(data, "mine.yaml") == parse_recipe(_recipe_data(), "mine.yaml")  # no part of the conversion
+    with pytest.raises(RequantError, match="lanes/0"):
+        parse_checks(_recipe_data(lanes=["gpu"]), "bad.yaml")
+    with pytest.raises(RequantError, match="quark_equivalent: 'exclude' is a required property"):
+        parse_checks(_recipe_data(quark_equivalent={"scheme": "mxfp4"}), "bad.yaml")
+    with pytest.raises(RequantError, match="vllm_cpu_stop: 'reason' is a required property"):
+        parse_recipe(_recipe_data(vllm_cpu_stop={"stage": "build_layers"}), "bad.yaml")
+
+
 def test_builtin_recipes():
-    assert builtin_names() == ["amd-kimi-k25-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8", "amd-kimi-mxfp4", "bf16-staging",
-                               "fp8-reference", "kimi-k2.6-mxfp4"]
     k25, attn = load_recipe("amd-kimi-k25-mxfp4"), load_recipe("amd-kimi-k25-mxfp4-attn-fp8")
     assert "amd/Kimi-K2.5-MXFP4 " in k25.description + " " and "amd/Kimi-K2.5-MXFP4-AttnFP8" in attn.description
     assert k25.formats == {"mxfp4"} and attn.formats == {"mxfp4", "fp8_per_channel"}

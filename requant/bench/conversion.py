@@ -164,8 +164,8 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
 
     from requant.io.storage import LocalDir
     from requant.plan import build_plan
-    from requant.recipe import load_recipe
-    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+    from requant.recipe import load_checks, load_recipe
+    from requant.testing.quark_reference import file2file_command
     from requant.testing.synth import PROFILES, synthesize
 
     if upstream is None:
@@ -183,9 +183,8 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
     out["requant"] = _run_measured([*requant_bin, "convert", str(upstream), str(work / "requant-out"),
                                     "--recipe", BENCH_RECIPE, "--local"])
     if with_quark:
-        scheme, exclude, layer_config = QUARK_EQUIVALENT[BENCH_RECIPE]
-        out["quark"] = _run_measured(file2file_command(str(upstream), [{"dst": str(work / "quark-out"), "scheme": scheme,
-                                                                         "exclude": exclude, "layer_config": layer_config}]))
+        job = load_checks(BENCH_RECIPE).quark.job(str(work / "quark-out"))
+        out["quark"] = _run_measured(file2file_command(str(upstream), [job]))
         out["speedup_vs_quark"] = out["quark"]["seconds"] / out["requant"]["seconds"]
         out["bit_identical_to_quark"] = _same_tensors(work / "requant-out", work / "quark-out")
     return out

@@ -259,7 +259,8 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
                     upstream: str | None = None) -> dict[str, Any]:
     """Every converter on the same input (``upstream``, or ``synth --profile profile --experts experts`` made
     under ``base``), results/peers.json and peers.md into ``out``."""
-    from requant.testing.quark_reference import QUARK_EQUIVALENT, file2file_command
+    from requant.recipe import load_checks
+    from requant.testing.quark_reference import file2file_command
     from requant.testing.synth import synthesize
 
     pythons = {"project": sys.executable, **{env: env_python(env) for env in ENVS}}  # fail before any work
@@ -271,8 +272,8 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
             src = Path(upstream)
         else:
             src = synthesize(work / "upstream", profile, seed=0, progress=True, experts=experts)
-        scheme, exclude, layer_config = QUARK_EQUIVALENT[RECIPE]
-        job = {"scheme": scheme, "exclude": exclude, "layer_config": layer_config}
+        quark = load_checks(RECIPE).quark
+        job = {"scheme": quark.scheme, "exclude": list(quark.exclude), "layer_config": dict(quark.layer_config) or None}
         results: dict[str, Any] = {
             "run": run_info(measures=MEASURES), "cores": cores, "recipe": RECIPE,
             "fixture": {"profile": None if upstream else profile, "experts": None if upstream else experts,

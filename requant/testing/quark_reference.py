@@ -14,28 +14,31 @@ from __future__ import annotations
 import json
 import sys
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from requant.recipe import QuarkEquivalent
+
 TEMPLATE = "kimi_k25"  # Quark's LLMTemplate for the Kimi K2.5/K2.6 family
 
-# Exclude patterns written the way AMD writes them (Quark's kimi_k25 template), per recipe: these are what a
-# Quark user would pass for the same coverage, independent of requant's own class table.
-AMD_KIMI_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj",
-                    "*shared_experts*", "*mm_projector*", "*vision_tower*"]
-# The exclude list AMD's amd/Kimi-K2.5-MXFP4 model card publishes (shared experts and dense MLP quantized).
-AMD_K25_CARD_EXCLUDE = ["*self_attn*", "*mlp.gate", "*lm_head", "*mm_projector*", "*vision_tower*"]
-QUARK_EQUIVALENT = {  # recipe -> (Quark scheme, exclude patterns, layer_config {pattern: scheme} or None)
-    "kimi-k2.6-mxfp4": ("mxfp4", [p for p in AMD_KIMI_EXCLUDE if p != "*mlp.gate"], None),
-    "amd-kimi-mxfp4": ("mxfp4", AMD_KIMI_EXCLUDE, None),
-    "amd-kimi-k25-mxfp4": ("mxfp4", AMD_K25_CARD_EXCLUDE, None),
-    # amd/Kimi-K2.5-MXFP4-AttnFP8: --layer_quant_scheme '*self_attn*' ptpc_fp8, attention no longer excluded
-    "amd-kimi-k25-mxfp4-attn-fp8": ("mxfp4", [p for p in AMD_K25_CARD_EXCLUDE if p != "*self_attn*"],
-                                    {"*self_attn*": "ptpc_fp8"}),
-    "fp8-reference": ("ptpc_fp8", AMD_KIMI_EXCLUDE, None),
-    "bf16-staging": ("mxfp4", ["*"], None),  # everything excluded: Quark only decompresses
-}
+
+def quark_equivalents() -> dict[str, QuarkEquivalent]:
+    """Every built-in recipe's Quark equivalent, by name: what its file states as ``quark_equivalent`` (the scheme,
+    the exclude patterns as AMD writes them and the layer_config a Quark user passes for the same output),
+    independent of requant's own class table."""
+    from requant.errors import RequantError
+    from requant.recipe import builtin_names, load_checks
+
+    out = {}
+    for name in builtin_names():
+        quark = load_checks(name).quark
+        if quark is None:
+            raise RequantError(f"recipe builtin:{name} states no quark_equivalent; every built-in recipe needs one "
+                               "(docs/recipes.md, Writing your own)")
+        out[name] = quark
+    return out
 
 
 def _config(scheme: str, exclude: list[str] | None = None, layer_config: dict[str, str] | None = None):

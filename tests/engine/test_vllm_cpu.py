@@ -18,12 +18,12 @@ import httpx
 import pytest
 import torch
 from artifacts import artifacts_dir
-from engine_support import ROUTER_ONLY, tree_digest
+from engine_support import RECIPES, ROUTER_ONLY, tree_digest
 
 from requant.cli import main
 from requant.engines.vllm_cpu import Probe, format_summary, probe_checkpoint, read_probe, summarize
 from requant.evaluation.gsm8k import run_gsm8k
-from requant.recipe import load_recipe
+from requant.recipe import load_checks, load_recipe
 from requant.testing.synth import PROFILES
 
 pytestmark = pytest.mark.oracle
@@ -106,15 +106,11 @@ def test_lm_eval_gsm8k_gives_the_same_answers_through_vllm(bf16_vllm, bf16_refer
         assert theirs[key]["resps"] == ours[key]["resps"], key                    # to the character
 
 
-# Where vLLM 0.32 stops on an x86 CPU, and vLLM's reason (its message, or part of it): the same with AMX (checked on
-# a CPU with amx_bf16/amx_int8) as without, since its CPU MoE backends cover neither format.
-CPU_STOPS = {
-    "amd-kimi-mxfp4": ("build_layers", "No MXFP4 MoE backend supports the deployment configuration"),
-    "kimi-k2.6-mxfp4": ("build_layers", "No MXFP4 MoE backend supports the deployment configuration"),
-    "fp8-reference": ("prepare_kernels", "ValueError: Unsupported FP8 MoE backend: NONE"),
-    "amd-kimi-k25-mxfp4": ("build_layers", "Failed to find a kernel that can implement the MXFP4 linear layer"),
-    "amd-kimi-k25-mxfp4-attn-fp8": ("build_layers", "Failed to find a kernel that can implement the MXFP4 linear layer"),
-}
+# Every recipe of the lane that quantizes (bf16-staging's have their own tests above), with where vLLM 0.32 stops on
+# an x86 CPU and vLLM's reason (its message, or part of it) as the recipe's file states it (vllm_cpu_stop; None:
+# served): the same with AMX (checked on a CPU with amx_bf16/amx_int8) as without, since its CPU MoE backends cover
+# neither format.
+CPU_STOPS = {recipe: load_checks(recipe).vllm_cpu_stop for recipe in RECIPES if load_recipe(recipe).quantizes}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +152,9 @@ def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, b
     if load_recipe(recipe).target("attention") == "fp8_per_channel":  # the fused q_a/kv_a layer included
         fused = [la for la in probe.layers if la.prefix.endswith("self_attn.fused_qkv_a_proj")]
         assert fused and all(probe.decision(la) == "QuarkLinearMethod/QuarkW8A8Fp8" for la in fused)
+    if CPU_STOPS[recipe] is None:  # vLLM serves it
+        assert served and probe.stopped is None, probe.stopped
+        return
     stage, reason = CPU_STOPS[recipe]
     assert not served and probe.stopped["stage"] == stage and reason in probe.stopped["error"], probe.stopped
     assert any(not layer.built for layer in probe.layers) == (stage == "build_layers")

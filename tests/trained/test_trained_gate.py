@@ -27,6 +27,7 @@ from requant.errors import RequantError
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
 from requant.evaluation.judge import Protocol, evaluate_reference, serve_and_judge
 from requant.evaluation.report import format_table
+from requant.recipe import builtins_in
 from requant.testing.synth import int4_fake_quantize, synthesize, trained_assets
 from requant.testing.trained.damage import CATALOG, damage, unseen_rows
 from requant.verify import verify
@@ -34,8 +35,7 @@ from requant.verify import verify
 ITEMS = 100          # test items per seed
 PROTOCOL = Protocol(TRAINED_TASK, (42, 1234, 7777), ITEMS)
 ONE_SEED = Protocol(TRAINED_TASK, (42,), ITEMS)
-RECIPES = ("fp8-reference", "bf16-staging", "kimi-k2.6-mxfp4", "amd-kimi-mxfp4", "amd-kimi-k25-mxfp4",
-           "amd-kimi-k25-mxfp4-attn-fp8")
+RECIPES = builtins_in("trained")  # the built-in recipes whose files name this lane (`lanes:`, default all)
 SMOKE_STOPPED = [d for d in CATALOG if d.kind != "embed-rows-zeroed"]
 
 
