@@ -157,8 +157,8 @@ convert-local: install
 # The kernels and a whole checkpoint against Quark 0.11.2 (results/bench.md), then the peers raced
 # (make bench-peers: results/peers.md).
 bench: install quark13-venv llmc-venv
-	$(BIN)/requant bench --out results $(BENCH_ARGS)
-	$(BIN)/requant bench --peers --experts $(PEERS_EXPERTS) --out results
+	$(BIN)/requant bench conversion --out results $(BENCH_ARGS)
+	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results
 
 # llm-compressor 0.14 (model_free_ptq), a peer in make bench-peers, pinned in its own virtualenv (torch 2.13 CPU,
 # compressed-tensors 0.19, transformers 5.17).
@@ -175,7 +175,7 @@ $(LLMC_STAMP): $(LLMC_LOCK)
 # (PEERS_EXPERTS of 384; 16 = 1.7 GB) on tmpfs, each a whole process tree: results/peers.md.
 PEERS_EXPERTS ?= 16
 bench-peers: install quark13-venv llmc-venv
-	$(BIN)/requant bench --peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
+	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
 
 # One K2.6 layer at real widths (EXPERTS of 384) on tmpfs, on disk and through S3, against copy rooflines
 # measured in the same run: results/layer.md.
@@ -186,7 +186,7 @@ bench-layer: install
 # Layer jobs reading k26-layer (EXPERTS of 384) from the local Hub against a plain download of the same bytes:
 # results/hub.md.
 bench-hub: install
-	$(BIN)/requant bench --hub --experts $(EXPERTS) --out results $(BENCH_ARGS)
+	$(BIN)/requant bench hub --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
 # The GPU path in one run (issue 26): layer jobs with --device cuda vs the CPU (byte-identical, verify, GB/s,
 # memory) and the trained model served on the GPU vs the CPU. On this machine it runs on the CPU. For a bare GPU
@@ -200,7 +200,7 @@ device-wheels: install
 
 # Reference-server throughput (MXFP4 emulation vs BF16) and lm-eval time per 100 GSM8K items.
 bench-serve: install
-	$(BIN)/requant bench-serve --out results
+	$(BIN)/requant bench serve --out results $(BENCH_ARGS)
 
 bench-flow: install
 	$(BIN)/python -m dev.bench flow --out results

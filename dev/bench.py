@@ -4,7 +4,7 @@
 workers, per-stage times, orchestration overhead, and the roofline of copying the same bytes through the same S3
 server.
 
-``python -m dev.bench layer`` (``make bench-layer``): ``requant bench --layer``'s tmpfs and disk measurements of one
+``python -m dev.bench layer`` (``make bench-layer``): ``requant bench layer``'s tmpfs and disk measurements of one
 K2.6 layer at real widths, then the same layer through S3: the roofline is a concurrent GET of the input shards
 and PUT of the same number of bytes through boto3's transfer manager; then the requantize flow with 1 and 2 local
 Ray workers. On one machine the S3 server shares the cores with the conversion, so the S3 runs also record where
@@ -213,31 +213,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "layer":
         workers = [int(n) for n in args.workers.split(",")]
         part = (lambda up, work, cpu_s: s3_bench(up, work, workers, args.recipe, cpu_s)) if args.s3 else None
-        run_layer_bench(args, s3_part=part)
+        run_layer_bench(args.experts, recipe=args.recipe, tmpfs=args.tmpfs, disk=args.disk, out=args.out, s3_part=part)
         return 0
-    return flow_bench(args)
+    return flow_bench(args.profile, [int(w) for w in args.workers.split(",")], args.out)
 
 
-def flow_bench(args) -> int:
+def flow_bench(profile: str, workers: list[int], out: str | None) -> int:
+    """The requantize flow on ``profile`` with each of ``workers`` local Ray workers; flow.json and flow.md into
+    ``out``."""
     with tempfile.TemporaryDirectory(prefix="requant-bench-flow-") as tmp:
         server = seaweed.start(Path(tmp) / "seaweed")
         os.environ.update(server.env())
         try:
-            local = synthesize(Path(tmp) / "up", args.profile, seed=0, progress=False)
-            upstream = f"s3://bench/upstream/{args.profile}"
+            local = synthesize(Path(tmp) / "up", profile, seed=0, progress=False)
+            upstream = f"s3://bench/upstream/{profile}"
             upload_dir(local, upstream)
-            results = {"run": run_info(measures=MEASURES), "profile": args.profile,
+            results = {"run": run_info(measures=MEASURES), "profile": profile,
                        "roofline": copy_roofline(upstream, "s3://bench/copy"), "runs": {}}
-            for workers in [int(w) for w in args.workers.split(",")]:
-                run, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{workers}", "kimi-k2.6-mxfp4", workers,
+            for n in workers:
+                run, wall, cpu = measured_flow_run(upstream, f"s3://bench/out-{n}", "kimi-k2.6-mxfp4", n,
                                                    dict(os.environ), server.pid)
                 run["process_wall"] = wall
                 run["cpu"] = cpu
-                results["runs"][workers] = run
+                results["runs"][n] = run
         finally:
             seaweed.stop(server)
     text = render(results)
-    write_results(args.out, "flow", results, text)
+    write_results(out, "flow", results, text)
     print(text)
     return 0
 

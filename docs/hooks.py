@@ -155,10 +155,10 @@ def recipes_block() -> str:
 def cli_block() -> str:
     import argparse
 
-    from requant.cli import _parser
+    from requant.cli import build_parser
 
     os.environ["COLUMNS"] = "110"  # argparse wraps help to the terminal's width: make it the same everywhere
-    parser = _parser()
+    parser = build_parser()
     out = ["```text", parser.format_help().rstrip(), "```", ""]
 
     def walk(p: argparse.ArgumentParser, prefix: str) -> None:

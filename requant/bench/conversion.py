@@ -1,4 +1,4 @@
-"""``requant bench``: kernel and whole-checkpoint throughput, measured side by side in one run.
+"""``requant bench conversion`` (``make bench``): kernel and whole-checkpoint throughput, measured side by side in one run.
 
 Kernel: one Kimi-K2.6 expert matrix (2048 x 7168), counted as MB/s of BF16-equivalent input, for the
 fused INT4 -> MXFP4 kernel, the plain-torch reference path, Quark 0.11's per-tensor MXFP4 path on the
@@ -247,14 +247,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_bench(args) -> dict[str, Any]:
-    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "kernel": kernel_bench(args.repeats)}
-    if not args.skip_checkpoint:
+def run_bench(out: str | None = None, repeats: int = 5, upstream: str | None = None, layers: int | None = 9,
+              skip_checkpoint: bool = False) -> dict[str, Any]:
+    """The kernels (``repeats`` timings each), then unless ``skip_checkpoint`` a whole checkpoint (``upstream``, or
+    k26-topology with ``layers`` decoder layers synthesized); bench.json and bench.md into ``out``."""
+    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "kernel": kernel_bench(repeats)}
+    if not skip_checkpoint:
         with tempfile.TemporaryDirectory(prefix="requant-bench-") as tmp:
-            upstream = Path(args.upstream) if getattr(args, "upstream", None) else None
-            results["checkpoint"] = checkpoint_bench(upstream, Path(tmp), with_quark=_quark_mxfp4() is not None,
-                                                     layers=args.layers)
-    text = render(results)
-    write_results(args.out, "bench", results, text)
-    print(json.dumps(results, indent=2) if args.json else text)
+            results["checkpoint"] = checkpoint_bench(Path(upstream) if upstream else None, Path(tmp),
+                                                     with_quark=_quark_mxfp4() is not None, layers=layers)
+    write_results(out, "bench", results, render(results))
     return results

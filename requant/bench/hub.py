@@ -1,4 +1,4 @@
-"""``requant bench --hub`` / ``make bench-hub``: reading an upstream from a Hub against a plain download of the
+"""``requant bench hub`` / ``make bench-hub``: reading an upstream from a Hub against a plain download of the
 same bytes, in one run.
 
 The fixture is ``synth --profile k26-layer`` (K2.6's real widths, ``--experts`` routed experts) on tmpfs, published

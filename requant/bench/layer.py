@@ -1,4 +1,4 @@
-"""``requant bench --layer`` / ``make bench-layer``: Kimi-K2.6's real widths, each path against its own roofline
+"""``requant bench layer`` / ``make bench-layer``: Kimi-K2.6's real widths, each path against its own roofline
 measured in the same run.
 
 The fixture is ``synth --profile k26-layer`` (layer 0 dense with intermediate 18432, one MoE layer of 2048x7168
@@ -144,15 +144,18 @@ def _cpu_cells(run: dict[str, Any]) -> str:
     return f"{100 * cpu['machine_busy']:.0f}% | {server:.1f} | {cpu['cpu_seconds_total'] - server:.1f}"
 
 
-def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """tmpfs and disk; with ``s3_part(upstream, work, convert_cpu_seconds)`` (the orchestration side's S3 + flow
-    measurement, given the conversion's own CPU seconds on one core) also through S3, on the disk's fixture."""
+def run_layer_bench(experts: int, recipe: str = LAYER_RECIPE, tmpfs: str | None = "/dev/shm", disk: str | None = ".",
+                    out: str | None = None,
+                    s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """k26-layer with ``experts`` routed experts converted with ``recipe`` under ``tmpfs`` and under ``disk`` (each
+    skipped when empty); layer.json and layer.md into ``out``. With ``s3_part(upstream, work, convert_cpu_seconds)``
+    (the orchestration side's S3 + flow measurement, given the conversion's own CPU seconds on one core) also
+    through S3, on the disk's fixture."""
     from requant.testing.synth import synthesize
 
-    experts = args.experts
-    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": args.recipe, "cores": available_cores(),
+    results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": recipe, "cores": available_cores(),
                                "note": "each figure from one run; ratios are side by side in that run"}
-    places = {"tmpfs": Path(args.tmpfs) if args.tmpfs else None, "disk": Path(args.disk) if args.disk else None}
+    places = {"tmpfs": Path(tmpfs) if tmpfs else None, "disk": Path(disk) if disk else None}
     for where, base in places.items():
         if base is None:
             continue
@@ -161,14 +164,14 @@ def run_layer_bench(args, s3_part: Callable[[Path, Path, float], dict[str, Any]]
             upstream = synthesize(work / "upstream", "k26-layer", seed=0, progress=True, experts=experts)
             results["fixture"] = {"experts": experts, "bytes": _bytes(upstream)}
             print(f"{where}: measuring in {work}", file=sys.stderr)
-            results[where] = local_bench(upstream, work, args.recipe)
-            _save(results, args.out)
+            results[where] = local_bench(upstream, work, recipe)
+            _save(results, out)
             if where == "disk" and s3_part is not None:
                 one_core = results[where]["requant_1_core"]
                 results["s3"] = s3_part(upstream, work, one_core["seconds"] * one_core["cpu_percent"] / 100)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(_save(results, args.out))
+    print(_save(results, out))
     return results
 
 

@@ -1,4 +1,4 @@
-"""``requant bench --peers`` / ``make bench-peers``: requant against the other converters of the same checkpoint, side
+"""``requant bench peers`` / ``make bench-peers``: requant against the other converters of the same checkpoint, side
 by side in one run (issue 24: requant at >= 5x the fastest peer, at a peak RSS no higher than the lightest peer's).
 
 The input is ``synth --profile k26-layer`` (K2.6's real widths, ``--experts`` routed experts) on tmpfs; every

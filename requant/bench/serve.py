@@ -1,4 +1,4 @@
-"""``requant bench-serve``: reference-server throughput on the ``tiny`` model, variants side by side.
+"""``requant bench serve`` (``make bench-serve``): reference-server throughput on the ``tiny`` model, variants side by side.
 
 In-process: prefill tokens/s (one long prompt) and decode tokens/s (greedy, latent KV cache) for the
 BF16 staging, FP8 reference and MXFP4 variants of the same upstream, plus MXFP4 with its activation

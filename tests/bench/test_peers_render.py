@@ -1,4 +1,4 @@
-"""requant bench --peers without running the peers: its table from a results dict of the recorded shape, its
+"""requant bench peers without running the peers: its table from a results dict of the recorded shape, its
 process-tree measurement on a small tree, and the message of a missing virtualenv."""
 
 from __future__ import annotations

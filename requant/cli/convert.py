@@ -1,0 +1,99 @@
+"""``requant convert``: an upstream checkpoint through a recipe, here (``--local``) or on the requantize flow.
+
+The flow is the ``convert_flow`` callable the console script (``flows.cli``) passes in, so that the library never
+imports orchestration. :func:`convert` is the one place the command calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from requant.constants import QUARK_RELEASES
+from requant.errors import RequantError
+
+ConvertFlow = Callable[..., dict[str, Any]]  # requantize's keyword arguments -> its summary
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("convert", help="convert an upstream checkpoint with a recipe")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--recipe", required=True, help="built-in recipe name or path to a recipe YAML")
+    p.add_argument("--quark-version", choices=list(QUARK_RELEASES),
+                   help="the AMD Quark release whose file-to-file export the output equals byte for byte (default: the "
+                        "recipe's, 0.11 = Quark 0.11.2; 0.13 quantizes the exact FP32 decode of INT4 weights)")
+    p.add_argument("--no-fused-excludes", dest="fused_excludes", action="store_const", const=False,
+                   help="write Quark's exclude list exactly (default: it also names the fused modules SGLang and vLLM "
+                        "build from excluded modules, e.g. mlp.gate_up_proj, so that SGLang keeps them BF16)")
+    p.add_argument("--local", action="store_true",
+                   help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a converted checkpoint already at DST (default: refuse; the same run is resumed or, "
+                        "once finished, verified and reused by the flow)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the kernels (cpu, cuda, cuda:1, ...; ROCm: cuda); the flow reserves one GPU "
+                        "per layer job for a cuda device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="transcode threads per layer job (default 0: with --local every core this process may use; "
+                        "the flow: 1 per Ray task)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
+                        "as memory holds at 2.5 GiB each, and only with at least 4 jobs per worker)")
+    p.add_argument("--unverified", action="store_true",
+                   help="convert upstream files the Hub publishes no digest for (neither an LFS sha256 nor a git blob "
+                        "id), unchecked; the terminal, the manifest (unverified_inputs) and the model card say so "
+                        "(default: refuse them)")
+    p.add_argument("--upstream-id", help="upstream model id recorded in the manifest (default: directory name)")
+    p.add_argument("--revision", help="upstream revision recorded in the manifest")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, convert_flow: ConvertFlow | None = None) -> int:
+    return convert(args.src, args.dst, args.recipe, local=args.local, convert_flow=convert_flow,
+                   quark_version=args.quark_version, fused_excludes=args.fused_excludes, overwrite=args.overwrite,
+                   device=args.device, threads=args.threads, jobs=args.jobs, unverified=args.unverified,
+                   upstream_id=args.upstream_id, revision=args.revision)
+
+
+def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: ConvertFlow | None,
+            quark_version: str | None, fused_excludes: bool | None, overwrite: bool, device: str, threads: int,
+            jobs: int, unverified: bool, upstream_id: str | None, revision: str | None) -> int:
+    """Convert with ``run_local`` (``local``) or ``convert_flow``, and say on the terminal what was written."""
+    if not local:
+        if convert_flow is None:
+            raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
+                               "(or python -m flows.cli), or pass --local to convert in this process")
+        if jobs:
+            raise RequantError("--jobs sizes --local's worker processes; the flow runs one Ray task per layer job "
+                               "(give it more CPUs with the flow's num_cpus)")
+        summary = convert_flow(upstream=src, output=dst, recipe=recipe, revision=revision, upstream_id=upstream_id,
+                               device=device, threads=threads or 1, quark_version=quark_version,
+                               fused_excludes=fused_excludes, overwrite=overwrite, unverified=unverified)
+        _warn_unverified(src, summary.get("unverified_inputs", []))
+        print(f"wrote {dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
+        return 0
+    from requant.convert import run_local
+
+    result = run_local(src, dst, recipe, overwrite=overwrite, device=device, upstream_id=upstream_id,
+                       revision=revision, threads=threads, jobs=jobs, quark_version=quark_version,
+                       fused_excludes=fused_excludes, unverified=unverified)
+    manifest = result.manifest
+    for warning in manifest["recipe"]["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    _warn_unverified(src, manifest.get("unverified_inputs", []))
+    resumed = (f" ({result.resumed} of {result.jobs} layer jobs resumed from an interrupted run)"
+               if result.resumed else "")
+    print(f"wrote {dst}: {len(manifest['tensors'])} tensors in "
+          f"{sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards{resumed}")
+    return 0
+
+
+def _warn_unverified(src: str, files: list[str]) -> None:
+    """One line on the terminal for a conversion that read inputs unchecked (``--unverified``)."""
+    if files:
+        print(f"warning: {src}: {len(files)} input files converted unverified (the Hub publishes no digest for "
+              f"them; --unverified), e.g. {files[0]}; the manifest (unverified_inputs) and the model card say so",
+              file=sys.stderr)
