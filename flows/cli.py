@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Any
 
-from requant import cli
+from requant import cli, settings
 from requant.progress import default_log_dir, log_name, phase, quiet_terminal
 
 
@@ -18,7 +17,7 @@ def convert_with_flow(**options: Any) -> dict[str, Any]:
     whose path is printed. Piped or redirected, everything is written as it comes."""
     from flows.requantize import requantize, start_ephemeral_server, stop_ephemeral_server  # only for this command
 
-    quiet = sys.stderr.isatty() and not os.environ.get("REQUANT_VERBOSE")
+    quiet = sys.stderr.isatty() and not settings.VERBOSE.get()
     with quiet_terminal(default_log_dir() / log_name("convert")) if quiet else contextlib.nullcontext():
         with phase("start Prefect (ephemeral server)"):
             start_ephemeral_server()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 
-API_KEY_ENV = "REQUANT_API_KEY"
+from requant import settings
+
 OPENAI_KEY_ENV = "OPENAI_API_KEY"  # what lm-eval's and OpenAI's own clients read
 
 
 def api_key(openai_fallback: bool = False) -> str | None:
     """``$REQUANT_API_KEY``; with ``openai_fallback`` else ``$OPENAI_API_KEY``; None when unset or empty."""
-    return os.environ.get(API_KEY_ENV) or (os.environ.get(OPENAI_KEY_ENV) if openai_fallback else None) or None
+    return settings.API_KEY.get() or (os.environ.get(OPENAI_KEY_ENV) if openai_fallback else None) or None

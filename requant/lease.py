@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from requant import settings
 from requant.errors import RequantError
 
 if TYPE_CHECKING:
     from requant.io.storage import WritableStorage
 
-DEFAULT_TTL = float(os.environ.get("REQUANT_LEASE_TTL_SECONDS", "120"))
 
 
 class LeaseHeld(RequantError):
@@ -83,8 +83,10 @@ class Holder:
 class Lease:
     """The lease of one run on one output. Use as a context manager: acquire, heartbeat, release."""
 
-    def __init__(self, storage: WritableStorage, lease_dir: str, run_key: str, what: str, ttl: float = DEFAULT_TTL):
-        self.storage, self.dir, self.run_key, self.what, self.ttl = storage, lease_dir.strip("/"), run_key, what, ttl
+    def __init__(self, storage: WritableStorage, lease_dir: str, run_key: str, what: str, ttl: float | None = None):
+        """``ttl``: seconds a heartbeat stays fresh; default ``$REQUANT_LEASE_TTL_SECONDS`` (120)."""
+        self.storage, self.dir, self.run_key, self.what = storage, lease_dir.strip("/"), run_key, what
+        self.ttl = settings.LEASE_TTL_SECONDS.get() if ttl is None else ttl
         self.generation: int | None = None
         self.took_over: Holder | None = None
         self._started = time.time()

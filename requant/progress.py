@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from requant import settings
+
 _display: _Terminal | None = None
 
 
@@ -170,8 +172,9 @@ def quiet_terminal(log_file: Path) -> Iterator[Path]:
 
 def default_log_dir() -> Path:
     """Where a CLI run's log goes: $REQUANT_LOG_DIR, else $XDG_STATE_HOME/requant/logs (~/.local/state/...)."""
-    if os.environ.get("REQUANT_LOG_DIR"):
-        return Path(os.environ["REQUANT_LOG_DIR"])
+    configured = settings.LOG_DIR.get()
+    if configured is not None:
+        return configured
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "requant" / "logs"
 

@@ -16,13 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from requant import settings
 from requant.engines import decisions
 from requant.engines.decisions import Layer, Probe, tensor_class
 from requant.engines.engines import venv_python
 from requant.errors import RequantError
 
 VENV = ".venv-sglang"
-PYTHON_ENV = "REQUANT_SGLANG_PYTHON"
 DECIDER = Path(__file__).with_name("sglang_decide.py")
 MI355X = "9.5"  # the device capability SGLang's Quark config is told (9.4: MI300X); MXFP4 needs 9.5
 
@@ -51,7 +51,7 @@ class Decision:
 
 def python() -> str:
     """SGLang's interpreter: ``$REQUANT_SGLANG_PYTHON``, else ``.venv-sglang`` here or in requant's checkout."""
-    return venv_python("SGLang", VENV, PYTHON_ENV, "sglang-venv")
+    return venv_python("SGLang", VENV, settings.SGLANG_PYTHON.name, "sglang-venv")
 
 
 def decide(checkpoints: list[str | Path], *, load: bool = False, capability: str = MI355X,

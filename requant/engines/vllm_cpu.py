@@ -13,11 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from requant import settings
 from requant.engines import decisions
 from requant.engines.decisions import Layer, Probe, tensor_class
 from requant.errors import RequantError
-
-PROBE_ENV = "REQUANT_VLLM_PROBE"
 
 # vLLM's method (and Quark scheme) for each requant target, by layer kind.
 LINEAR_METHODS = {"unquantized": ("UnquantizedLinearMethod", None), "mxfp4": ("QuarkLinearMethod", "QuarkOCP_MX"),
@@ -43,9 +42,9 @@ def probe_env(workdir: str | Path, reference_layers: str | Path | None = None) -
     records = Path(workdir) / "vllm-probe.jsonl"
     records.unlink(missing_ok=True)
     pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": pythonpath, PROBE_ENV: str(records)}
+    env = {"PYTHONPATH": pythonpath, settings.VLLM_PROBE.name: str(records)}
     if reference_layers is not None:
-        env[PROBE_ENV + "_LAYERS"] = str(reference_layers)
+        env[settings.VLLM_PROBE_LAYERS.name] = str(reference_layers)
     return env, records
 
 
@@ -57,7 +56,7 @@ def read_probe(path: str | Path) -> Probe:
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError as exc:
-        raise RequantError(f"{path}: no records; was the plugin loaded (PYTHONPATH, {PROBE_ENV})?") from exc
+        raise RequantError(f"{path}: no records; was the plugin loaded (PYTHONPATH, {settings.VLLM_PROBE.name})?") from exc
     for line in lines:
         record = json.loads(line)
         kind = record["kind"]

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from requant import settings
 from requant.errors import RequantError
 from requant.evaluation.results import FILTERS, GSM8KResult
 from requant.io.checksums import check_sums
@@ -58,9 +59,9 @@ def find_local_gsm8k(start: str | Path | None = None) -> Path | None:
     """A local GSM8K copy: ``$REQUANT_GSM8K_DIR``, else the first ``shared/data/gsm8k`` beside ``start`` (default:
     this source tree) or one of its parents (the workplace keeps one next to the repository), else the copy in the
     repository's tests/data/gsm8k. None if absent."""
-    env = os.environ.get("REQUANT_GSM8K_DIR")
-    if env:
-        return Path(env)
+    configured = settings.GSM8K_DIR.get()
+    if configured is not None:
+        return configured
     here = Path(start or __file__).resolve()
     for parent in here.parents:
         # the workplace copy beside the repository, else the repository's own copy (tests/data/gsm8k, MIT)

@@ -32,12 +32,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
+from requant import settings
 from requant.errors import CheckpointError, RequantError, printable
 from requant.io.paths import check_relative
 
 CHUNK = 1 << 20
 LOCATION_TTL_S = 300.0  # how long a storage URL the Hub redirected to is reused before resolving again
-_RETRIES_ENV = "REQUANT_HF_RETRIES"  # retries of one request on 429/5xx/connection errors (default 5)
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # the client's own choice for downloads
 T = TypeVar("T")
 
@@ -60,10 +60,7 @@ def hub_endpoint() -> str:
 
 
 def _retries() -> int:
-    try:
-        return max(0, int(os.environ.get(_RETRIES_ENV, "5")))
-    except ValueError:
-        raise RequantError(f"{_RETRIES_ENV}={os.environ[_RETRIES_ENV]!r}: expected a number of retries") from None
+    return settings.HF_RETRIES.get()
 
 
 def _has_token() -> bool:
@@ -103,7 +100,7 @@ def hub_failure(exc: BaseException, what: str, endpoint: str) -> RequantError:
         return RequantError(f"{what}: {endpoint} refused the credentials (HTTP {status}); check HF_TOKEN")
     if isinstance(exc, HfHubHTTPError):
         return RequantError(f"{what}: {endpoint} answered HTTP {status} after {_retries()} retries "
-                            f"({_RETRIES_ENV} sets how many)")
+                            f"({settings.HF_RETRIES.name} sets how many)")
     if isinstance(exc, (httpx.TransportError, OSError)):
         return RequantError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: "
                             f"{printable(str(exc), 160)}); is HF_ENDPOINT right?")

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from requant import settings
 from requant.errors import CheckpointError, RequantError, SystemFailure
 from requant.io.paths import check_relative
 
 T = TypeVar("T")
-RETRY_SECONDS = float(os.environ.get("REQUANT_S3_RETRY_SECONDS", "120"))
 MULTIPART_CHUNK = 64 * 1024 * 1024
 
 
@@ -90,7 +90,8 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError, ReadTimeoutError
 
-    delay, deadline = 0.5, time.monotonic() + RETRY_SECONDS
+    retry_seconds = settings.S3_RETRY_SECONDS.get()
+    delay, deadline = 0.5, time.monotonic() + retry_seconds
     while True:
         try:
             return fn()
@@ -99,7 +100,7 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
                                 f"AWS_SECRET_ACCESS_KEY, a profile, or a node role") from exc
         except (BotoConnectionError, ReadTimeoutError) as exc:
             if time.monotonic() + delay > deadline:
-                raise RequantError(f"{what}: object storage unreachable for {RETRY_SECONDS:.0f}s ({exc})") from exc
+                raise RequantError(f"{what}: object storage unreachable for {retry_seconds:.0f}s ({exc})") from exc
             time.sleep(delay)
             delay = min(delay * 2, 10)
 
