@@ -4,6 +4,8 @@ A line ``<!-- requant:NAME -->`` in a page is replaced at build time by:
 
 - ``recipes``: the built-in recipes, read from ``requant/recipes/*.yaml`` through requant's own recipe loader;
 - ``cli``: ``requant --help`` and every subcommand's help, from the argument parser itself;
+- ``settings``: every ``REQUANT_*`` environment variable, from its declaration in ``requant/settings.py``;
+- ``api``: the public Python API, ``requant.__all__``, as mkdocstrings' ``:::`` blocks (rendered by that plugin);
 - ``results:NAME``: the table of ``results/NAME.json`` (``trained``: ``results/trained/results.json``), rendered by
   the same code that printed it when the command ran, with the date, code revision, versions and machine it
   records. A figure whose measured code changed after the commit it records (the source paths its benchmark
@@ -172,6 +174,39 @@ def cli_block() -> str:
     return "\n".join(out)
 
 
+def settings_block() -> str:
+    from requant import settings
+
+    headings = {settings.USER: "", settings.INTERNAL: "Set by requant for the processes it starts",
+                settings.TEST: "Read by the test suite only"}
+    out = []
+    for scope, heading in headings.items():
+        rows = [s for s in settings.ALL if s.scope == scope]
+        if heading:
+            out += [f"#### {heading}", ""]
+        out += ["| variable | value | default | meaning | read by |", "|---|---|---|---|---|"]
+        out += [f"| `{s.name}` | {s.expected} | {s.default_label()} | {s.description} | "
+                f"{', '.join(f'`{r}`' for r in s.readers)} |" for s in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def api_block() -> str:
+    """``::: requant`` with the members of ``requant.__all__``; mkdocstrings renders each from the code and its
+    docstring. Without ``__all__`` the page says so rather than guessing what is public."""
+    import requant
+
+    names = getattr(requant, "__all__", None)
+    if not names:
+        return ("!!! note \"No public API declared yet\"\n    `requant.__all__` is not defined, so nothing is "
+                "documented here yet.\n")
+    missing = [name for name in names if not hasattr(requant, name)]
+    if missing:
+        raise GeneratedError(f"requant.__all__ names {', '.join(map(repr, missing))}, which requant does not define")
+    # members: exactly __all__, imported names included (the options of mkdocs.yml order them as __all__ does)
+    return "::: requant\n    options:\n      members: [" + ", ".join(names) + "]\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     def replace(match: re.Match) -> str:
         name = match.group(1)
@@ -180,6 +215,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
                 return recipes_block()
             if name == "cli":
                 return cli_block()
+            if name == "settings":
+                return settings_block()
+            if name == "api":
+                return api_block()
             if name.startswith("results:"):
                 return results_block(name.split(":", 1)[1])
         except GeneratedError as exc:

@@ -147,3 +147,31 @@ def test_every_results_writer_declares_paths_that_exist(hooks):
     writers += [hooks._renderer(f"{path}:MEASURES") for path in ("tests/hardening/report.py", "infra/device_check.py")]
     for measures in writers:
         assert measures and not [p for p in measures if not next(iter(ROOT.glob(p)), None)]
+
+
+def test_the_settings_table_lists_every_variable_with_its_default(hooks):
+    from requant import settings
+
+    text = hooks.on_page_markdown("<!-- requant:settings -->\n", _page(), None, None)
+    for setting in settings.ALL:
+        assert f"| `{setting.name}` | {setting.expected} | {setting.default_label()} |" in text
+    assert "| `REQUANT_LEASE_TTL_SECONDS` | a number of seconds, more than 0 | `120` |" in text
+    assert "#### Read by the test suite only" in text
+
+
+def test_the_api_page_documents_exactly_requant_all(hooks, monkeypatch):
+    import sys
+    from types import ModuleType
+
+    def render(all_names: list[str] | None, **attributes) -> str:
+        stand_in = ModuleType("requant")  # what the hook imports, with only the given names
+        stand_in.__dict__.update(attributes)
+        if all_names is not None:
+            stand_in.__all__ = all_names
+        monkeypatch.setitem(sys.modules, "requant", stand_in)
+        return hooks.on_page_markdown("<!-- requant:api -->\n", _page("api.md"), None, None)
+
+    assert render(["convert", "Plan"], convert=len, Plan=dict) == "::: requant\n    options:\n      members: [convert, Plan]\n\n"
+    assert "No public API declared yet" in render(None)
+    with pytest.raises(hooks.GeneratedError, match="api.md: requant.__all__ names 'plan', which requant does not"):
+        render(["convert", "plan"], convert=len)
