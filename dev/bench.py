@@ -127,11 +127,13 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, serv
 # The code the flow benchmark measures (make bench-flow: results/flow.json).
 MEASURES = (*CONVERSION, *FLOW, "dev/bench.py")
 _RUN_FLOW = """
-import json, sys
-from flows.requantize import requantize, start_ephemeral_server
+import dataclasses, json, sys
+from flows.requantize import requantize
+from flows.runtime import start_ephemeral_server
 start_ephemeral_server()
-print("RESULT " + json.dumps(requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
-                                        evaluate=False)))
+conversion = requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
+                        evaluate=False).conversion
+print("RESULT " + json.dumps(dataclasses.asdict(dataclasses.replace(conversion, manifest=None))))
 """
 
 

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import requant
 from requant.bench.provenance import CONVERSION, SERVING, describe, run_info
-from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
 from requant.engines.smoke import load_limits
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
@@ -50,7 +50,7 @@ def build(root: Path) -> dict[str, Path]:
     for recipe in (REFERENCE, *RECIPES):
         paths[recipe] = root / recipe
         if not (paths[recipe] / "requant-manifest.json").exists():
-            convert_local(str(upstream), str(paths[recipe]), recipe, progress=False)
+            requant.convert(str(upstream), str(paths[recipe]), recipe, progress=False)
     return paths
 
 

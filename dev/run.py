@@ -104,7 +104,8 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                 with phase("upload it to S3") as shown:
                     upload_dir(local, upstream)
                     shown.result(upstream)
-            from flows.requantize import requantize, start_ephemeral_server, stop_ephemeral_server
+            from flows.requantize import requantize
+            from flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
             with phase("start Prefect (ephemeral server)"):
                 start_ephemeral_server()
@@ -121,12 +122,14 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
             seaweed.stop(server)
 
 
-def _summary(summary: dict, output: str, server, started_here: bool) -> None:
-    print(f"\ncheckpoint: {output}  ({summary['tensors']} tensors, {summary['jobs']} layer jobs, "
-          f"{summary['skipped']} resumed, verified)")
-    if "evaluation" in summary:
-        ev = summary["evaluation"]
-        print(f"reference: {summary['reference']['output']} ({'reused' if summary['reference']['reused'] else 'converted'})")
+def _summary(summary, output: str, server, started_here: bool) -> None:
+    """``summary``: the requantize flow's RequantizeResult."""
+    conversion = summary.conversion
+    print(f"\ncheckpoint: {output}  ({conversion.tensors} tensors, {conversion.jobs} layer jobs, "
+          f"{conversion.resumed} resumed, verified)")
+    if summary.evaluation is not None:
+        ev = summary.evaluation
+        print(f"reference: {summary.reference.output} ({'reused' if summary.reference.reused else 'converted'})")
         print(f"smoke test: {'passed' if ev['smoke']['passed'] else 'FAILED'} (top-1 agreement "
               f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
         print(ev["table"])

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any
 
 from requant import cli, settings
 from requant.progress import default_log_dir, log_name, phase, quiet_terminal
+from requant.run import ConvertOptions, ConvertSummary
 
 
-def convert_with_flow(**options: Any) -> dict[str, Any]:
+def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptions) -> ConvertSummary:
     """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation. On a
     terminal, one line per phase; Prefect's and Ray's output goes to a log file (requant.progress.default_log_dir)
     whose path is printed. Piped or redirected, everything is written as it comes."""
-    from flows.requantize import requantize, start_ephemeral_server, stop_ephemeral_server  # only for this command
+    from flows.requantize import requantize  # only for this command
+    from flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
     quiet = sys.stderr.isatty() and not settings.VERBOSE.get()
     with quiet_terminal(default_log_dir() / log_name("convert")) if quiet else contextlib.nullcontext():
         with phase("start Prefect (ephemeral server)"):
             start_ephemeral_server()
         try:
-            return requantize(**options, evaluate=False, progress=not quiet and options.get("progress", True))
+            return requantize(upstream=source, output=dest, recipe=recipe, revision=options.revision,
+                              upstream_id=options.upstream_id, device=options.device, threads=options.threads or 1,
+                              quark_version=options.quark_version, fused_excludes=options.fused_excludes,
+                              overwrite=options.overwrite, unverified=options.unverified, evaluate=False,
+                              progress=not quiet and options.progress).conversion
         finally:
             stop_ephemeral_server()
 

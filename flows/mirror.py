@@ -10,9 +10,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
-from flows.requantize import EnvRayTaskRunner
+from flows.runtime import EnvRayTaskRunner
 from requant.io import mirror as mirroring
-from requant.pipeline import human_bytes
+from requant.run import human_bytes
 from tasks.mirror import mirror_file
 
 

@@ -7,10 +7,10 @@ through object storage; only plans and small results go through Ray.
 
 from __future__ import annotations
 
-import os
-import re
+import dataclasses
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -24,16 +24,17 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
-from prefect_ray.task_runners import RayTaskRunner
 from tqdm import tqdm
 
-from requant import pipeline
+from flows.runtime import EnvRayTaskRunner
+from requant import run
 from requant.errors import RequantError, VerifyError
 from requant.io.hf import pin_upstream
 from requant.io.storage import open_storage
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from requant.progress import phase
+from requant.run import ConvertSummary, JobOutcome
 from tasks.convert import (
     Sealed,
     convert_layer,
@@ -45,97 +46,16 @@ from tasks.convert import (
     verify_checkpoint,
 )
 
-# Never copied into Ray's runtime environment (visible in Ray's job metadata and dashboard).
-SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
+@dataclass(frozen=True)
+class RequantizeResult:
+    """What the requantize flow did: the conversion, and with ``evaluate`` the reference's conversion and the
+    evaluation flow's summary; with ``mirror`` the mirror-upstream flow's summary."""
 
-def ray_settings() -> tuple[str | None, dict[str, Any]]:
-    """Ray address and ``ray.init`` arguments from the environment of the flow run (not of the import)."""
-    address = os.environ.get("RAY_ADDRESS") or None
-    # Workers need the object-store endpoint; credentials are expected on the nodes themselves
-    # (instance roles, mounted secrets), so they are not copied into Ray's runtime environment.
-    # The same for the Hub: its endpoint and client settings travel, HF_TOKEN does not.
-    forwarded = {k: v for k, v in os.environ.items()
-                 if (k.startswith(("AWS_ENDPOINT_URL", "REQUANT_", "HF_HUB_")) or k in ("AWS_REGION", "HF_ENDPOINT"))
-                 and not SECRET_NAME.search(k)}
-    init_kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": forwarded},
-                                   "namespace": "prefect"}
-    if not address:
-        # "local": always a fresh instance; a bare ray.init() would attach to any `ray start` cluster on the host
-        init_kwargs["address"] = "local"
-        init_kwargs["include_dashboard"] = False
-        init_kwargs["num_cpus"] = int(os.environ.get("REQUANT_RAY_CPUS", os.cpu_count() or 1))
-        api = ephemeral_api_url()
-        if api:
-            forwarded["PREFECT_API_URL"] = api
-    return address, init_kwargs
-
-
-def ephemeral_api_url() -> str | None:
-    """The URL of the ephemeral Prefect server this process runs its flow against (no ``PREFECT_API_URL``
-    set), if it is running. Local Ray workers are pointed at it: otherwise each worker process starts an
-    ephemeral server of its own on the first task it runs (seconds of start-up and ~7 CPU-seconds each, measured
-    on the layer benchmark; several at once time out)."""
-    server = _ephemeral_server()
-    return server.api_url if server is not None and server.running else None
-
-
-def _ephemeral_server():
-    """Prefect's ephemeral server of this process (the instance its ``get_client()`` starts and reuses), or
-    None when ``PREFECT_API_URL`` names an API."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    return SubprocessASGIServer()
-
-
-# Prefect waits 20 s for its ephemeral server to answer. On a fresh PREFECT_HOME the server first creates and
-# migrates its database: 14 s on an idle 2-core machine here, over 20 s on a loaded one (a CI run failed so).
-EPHEMERAL_STARTUP_S = 120
-
-
-def start_ephemeral_server() -> str | None:
-    """With no ``PREFECT_API_URL``, start this process's ephemeral Prefect server now, waiting for it up to
-    ``EPHEMERAL_STARTUP_S`` (or Prefect's own setting where that is longer); flows the process runs afterwards
-    use this server. Entry points call it before their first flow. Returns its API URL, or None when an API is
-    configured."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    server = _ephemeral_server()
-    if server is None:
-        return None
-    server.start(timeout=max(EPHEMERAL_STARTUP_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-    return server.api_url
-
-
-def stop_ephemeral_server() -> None:
-    """Stop this process's ephemeral server now, while the entry point still owns the terminal (Prefect would stop
-    it at exit and log that after everything else). The flow runs' queued log records are sent to it first."""
-    server = _ephemeral_server()
-    if server is not None:
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=30)
-        server.stop()
-
-
-class EnvRayTaskRunner(RayTaskRunner):
-    """prefect-ray's runner, configured when a flow run enters it: ``RAY_ADDRESS`` (join a cluster) or a
-    local Ray, as the environment says at that moment. Built at import time, the flow would keep whatever
-    Ray the first importer's environment named."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def duplicate(self) -> EnvRayTaskRunner:
-        return type(self)()
-
-    def __enter__(self):
-        self.address, self.init_kwargs = ray_settings()
-        return super().__enter__()
+    conversion: ConvertSummary
+    reference: ConvertSummary | None = None
+    evaluation: dict[str, Any] | None = None
+    mirror: dict[str, Any] | None = None
 
 
 @flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
@@ -146,7 +66,7 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
                engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
                gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
                tp: int = 1, mirror: str | None = None, quark_version: str | None = None,
-               fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> dict[str, Any]:
+               fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> RequantizeResult:
     """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
     ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
 
@@ -175,54 +95,43 @@ def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revi
     if mirrored:
         upstream = mirrored["snapshot"]
     resources_opts = job_resources(device, num_cpus, num_gpus, resources)
-    summary = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress, "requantize",
-                       quark_version, fused_excludes, overwrite, unverified)
-    if mirrored:
-        summary["mirror"] = mirrored
-    if evaluate:
-        from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
+    conversion = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress,
+                          "requantize", quark_version, fused_excludes, overwrite, unverified)
+    if not evaluate:
+        return RequantizeResult(conversion, mirror=mirrored)
+    from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
 
-        reference_output = reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{reference_recipe}"
-        if reference_output.rstrip("/") == output.rstrip("/"):
-            raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
-        summary["reference"] = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
-                                        resources_opts, progress, "reference", quark_version, fused_excludes,
-                                        overwrite, unverified)
-        summary["evaluation"] = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds),
-                                              limit=eval_limit, gsm8k_dir=gsm8k_dir, gate=gate, progress=progress,
-                                              engine_on_ray=engine_on_ray, tp=tp)
-    return summary
+    reference_output = reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{reference_recipe}"
+    if reference_output.rstrip("/") == output.rstrip("/"):
+        raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
+    reference = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
+                         resources_opts, progress, "reference", quark_version, fused_excludes, overwrite, unverified)
+    evaluation = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds), limit=eval_limit,
+                               gsm8k_dir=gsm8k_dir, gate=gate, progress=progress, engine_on_ray=engine_on_ray, tp=tp)
+    return RequantizeResult(conversion, reference, evaluation, mirrored)
 
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
              resources_opts: dict, progress: bool, role: str, quark_version: str | None = None,
-             fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> dict[str, Any]:
-    """One conversion on the flow's Ray runner; a checkpoint already published by the same run key is reused, one
-    of another run replaced (``overwrite``) or refused. Inputs the Hub publishes no digest for are refused here,
-    before any job runs, unless ``unverified``."""
+             fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> ConvertSummary:
+    """One run (requant.run) with its layer jobs on the flow's Ray runner; a checkpoint already published by the
+    same run key is verified and reused."""
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
-    unchecked = pipeline.unverifiable_inputs(open_storage(upstream), pipeline.input_files(plan), unverified)
+    start = run.start_run(plan, open_storage(upstream), output, revision, unverified, overwrite)
     timings = {"plan": time.perf_counter() - started}
-    key = pipeline.run_key(plan, revision)
     options = _ray_options(resources_opts)
-    published = pipeline.published_key(output)
-    if published not in (None, key) and not overwrite:
-        raise RequantError(f"{output}: already holds a converted checkpoint of another run "
-                           f"(pass --overwrite to replace it)")
-    if published == key:
+    if start.published:
         with phase(f"{role}: {recipe}") as shown:
-            summary = _verify(plan, output, options)
+            _verify(plan, output, options)
             shown.result(f"{output} already holds this run (verified), reused")
-        logger.info("%s: %s already holds run %s (verified); reusing it", role, output, key)
-        return {"output": output, "recipe": recipe, "run_key": key, "reused": True, "jobs": len(plan.jobs),
-                "skipped": len(plan.jobs), "tensors": summary["tensors"], "timings": timings,
-                "unverified_inputs": sorted(unchecked)}
-    with pipeline.output_lease(output, key) as lease:  # a second run on this output fails here, naming us
+        logger.info("%s: %s already holds run %s (verified); reusing it", role, output, start.key)
+        return run.summarize(plan, output, start.key, [], None, timings, start.unverified_inputs)
+    with run.output_lease(output, start.key) as lease:  # a second run on this output fails here, naming us
         if lease.took_over:
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
-        return _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options,
+        return _convert_held(plan, start.key, lease, upstream, output, recipe, meta, device, threads, options,
                              progress, role, started, timings, unverified)
 
 
@@ -275,9 +184,9 @@ class AwaitedDigests(Mapping):
 
 
 def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
-                  started, timings, unverified=False) -> dict[str, Any]:
+                  started, timings, unverified=False) -> ConvertSummary:
     logger = get_run_logger()
-    pipeline.begin_run(output)
+    run.begin_run(output)
     logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
     for warning in plan.recipe.warnings:
         logger.warning(warning)
@@ -288,7 +197,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
         futures = [convert_layer.submit(Sealed(job), job.name, upstream, output, key, device=device, threads=threads,
                                         lease_generation=lease.generation)
                    for job in plan.jobs]
-    outcomes: list[pipeline.JobOutcome] = []
+    outcomes: list[JobOutcome] = []
     with (phase(f"{role}: convert {recipe}", total=len(futures), unit="layer jobs") as shown,
           tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar):
         for future in as_completed(futures):
@@ -301,8 +210,8 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     results = [o.result for o in outcomes]
     mark = time.perf_counter()
     with phase(f"{role}: publish and verify") as shown:
-        inputs = pipeline.input_record(upstream, plan, unverified=unverified,
-                                       shards={f: d for group in hashing for f, d in group.result().items()})
+        inputs = run.input_record(upstream, plan, unverified=unverified,
+                                 shards={f: d for group in hashing for f, d in group.result().items()})
         lease.check()
         # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
         manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key},
@@ -312,7 +221,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
         try:
             summary = _verify(plan, output, options)
         except VerifyError:
-            pipeline.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
+            run.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
             raise
         shown.result(f"{output}: {summary['tensors']} tensors in {summary['files']} files, verified")
     timings["verify"] = time.perf_counter() - mark
@@ -321,10 +230,7 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
     timings["upload_sum"] = sum(o.upload_seconds for o in outcomes)
     skipped = sum(o.skipped for o in outcomes)
     _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds, role)
-    return {"output": output, "recipe": recipe, "run_key": key, "reused": False, "jobs": len(outcomes), "skipped": skipped,
-            "nodes": sorted({o.node for o in outcomes}), "tensors": len(manifest["tensors"]),
-            "bytes_in": sum(r.bytes_in for r in results), "bytes_out": sum(r.size for r in results), "timings": timings,
-            "unverified_inputs": manifest.get("unverified_inputs", [])}
+    return dataclasses.replace(run.summarize(plan, output, key, outcomes, manifest, timings), manifest=None)  # it is at the output
 
 
 def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:

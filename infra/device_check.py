@@ -48,7 +48,7 @@ _CONVERT = """
 import json, os, sys, threading, time
 import torch
 import requant.job as job
-from requant.convert import run_local
+import requant
 src, dst, recipe, device, threads, report = sys.argv[1:7]
 busy, lock = [0.0], threading.Lock()
 inner = job._transcode_batch
@@ -65,7 +65,7 @@ if cuda:
     torch.cuda.init()
     torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
-run_local(src, dst, recipe, device=device, progress=False, jobs=1, threads=int(threads))
+requant.convert(src, dst, recipe, device=device, progress=False, jobs=1, threads=int(threads))
 wall = time.perf_counter() - start
 out = {"pid": os.getpid(), "threads": int(threads) or job.available_cores(), "wall_s": wall, "transcode_busy_s": busy[0],
        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else 0}
@@ -73,7 +73,7 @@ open(report, "w").write(json.dumps(out))
 """
 
 # The code these figures measure (results/device-check.json records it with the commit, where git is present).
-MEASURES = (*CONVERSION, *SERVING, "infra/device_check.py", "requant/verify.py", "requant/engines/smoke.py",
+MEASURES = (*CONVERSION, *SERVING, "infra/device_check.py", "requant/verification.py", "requant/engines/smoke.py",
             "requant/bench/serve.py", "requant/bench/conversion.py")
 
 
@@ -126,7 +126,7 @@ def file_digests(out: Path) -> dict[str, str]:
 
 def verified(out: Path) -> tuple[bool, list[str]]:
     from requant.errors import VerifyError
-    from requant.verify import verify
+    from requant.verification import verify
 
     try:
         return verify(str(out))["tensors"] > 0, []
@@ -206,8 +206,8 @@ def conversion_passed(check: dict[str, Any]) -> bool:
 
 
 def serving_checks(work: Path, device: str, decode_len: int, prompts: int) -> dict[str, Any]:
+    import requant
     from requant.bench.serve import model_rates
-    from requant.convert import convert_local
     from requant.engines.engines import launch, load_engines
     from requant.engines.smoke import smoke_test, task_prompts
     from requant.evaluation.gsm8k import TRAINED_TASK
@@ -217,7 +217,7 @@ def serving_checks(work: Path, device: str, decode_len: int, prompts: int) -> di
 
     upstream = synthesize(work / "trained", "trained", seed=0, progress=False)
     ckpt = work / SERVE_RECIPE
-    convert_local(str(upstream), str(ckpt), SERVE_RECIPE, progress=False)
+    requant.convert(str(upstream), str(ckpt), SERVE_RECIPE, progress=False)
     spec = load_engines()["reference"]
     # The CPU server is the reference, the device's the candidate: two servers, each started on its own; on the CPU
     # lane the candidate runs on one torch thread, so its matrix products are not the reference's computation.

@@ -23,7 +23,7 @@ from requant.manifest import (
     UPSTREAM_CARD,
     sealed_bytes,
 )
-from requant.plan import Plan
+from requant.planning import Plan
 from requant.quark_config import output_config
 
 _VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")

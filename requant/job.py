@@ -27,7 +27,7 @@ from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
 from requant.io.storage import Storage
-from requant.plan import LayerJob, TensorTask
+from requant.planning import LayerJob, TensorTask
 
 SNR_SAMPLE_ROWS = 64  # rows per tensor used for the error statistics (evenly spaced, deterministic)
 

@@ -126,11 +126,11 @@ HOME = Setting(
 SCRATCH = Setting(
     "REQUANT_SCRATCH", _path, "a directory", None,
     "where a layer job writing to a local directory stages its shard (checked for free space first)",
-    ("requant/pipeline.py",), default_text="the system temp directory (`TMPDIR`)")
+    ("requant/run/space.py",), default_text="the system temp directory (`TMPDIR`)")
 RAY_CPUS = Setting(
     "REQUANT_RAY_CPUS", _count(1), "a whole number of CPUs, at least 1", None,
     "how many CPUs the fresh local Ray instance of a flow run gets (without `RAY_ADDRESS`)",
-    ("flows/requantize.py",), default_text="every core")
+    ("flows/runtime.py",), default_text="every core")
 S3_RETRY_SECONDS = Setting(
     "REQUANT_S3_RETRY_SECONDS", _seconds(positive=False), "a number of seconds, 0 or more", 120.0,
     "how long connection failures of the object store are retried, with backoff, before a run fails",

@@ -71,7 +71,7 @@ def is_documentation(name: str) -> bool:
 def content_fingerprint(snapshot: str) -> str | None:
     """A digest of what a conversion of ``snapshot`` writes, so that a revision with the same fingerprint as a
     converted one can reuse that output. The plan copies every file but the shards, the index and config.json into
-    the output (requant.plan, ``extra_files``), so every file counts (tokenizer files, chat templates, remote code,
+    the output (requant.planning, ``extra_files``), so every file counts (tokenizer files, chat templates, remote code,
     LICENSE) except the documentation in :data:`DOCUMENTATION`: a revision that changes only those is recorded
     "weights unchanged" and its users get the earlier output, whose copies of those files are stale text that no
     loader, tokenizer or engine reads. LICENSE is not documentation: the output redistributes the weights under the

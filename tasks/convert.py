@@ -12,11 +12,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import BaseAnnotation
 
-from requant import pipeline
+from requant import run
 from requant.io.storage import open_storage
-from requant.plan import LayerJob, Plan, build_plan
+from requant.planning import LayerJob, Plan, build_plan
 from requant.recipe import load_recipe
-from requant.verify import verify
+from requant.verification import verify
 
 
 class Sealed:
@@ -105,8 +105,8 @@ def hash_groups(sizes: list[tuple[str, int]], min_bytes: int = HASH_TASK_BYTES) 
 @task(name="hash-input", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def hash_input(source_uri: str, files: list[str], unverified: bool = False) -> dict[str, dict[str, Any]]:
     """Size and sha256 of each upstream file in ``files`` (checked against a published digest where there is one;
-    see :func:`requant.pipeline.input_digest` for ``unverified``)."""
-    return {f: pipeline.input_digest(source_uri, f, unverified) for f in files}
+    see :func:`requant.run.input_digest` for ``unverified``)."""
+    return {f: run.input_digest(source_uri, f, unverified) for f in files}
 
 
 @task(name="hash-output", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -119,8 +119,8 @@ def hash_output(dest_uri: str, files: list[str]) -> dict[str, str | None]:
 
 @task(name="convert-layer", retries=2, retry_delay_seconds=2, task_run_name="convert-{job_name}", cache_policy=NO_CACHE)
 def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, key: str, device: str = "cpu",
-                  threads: int = 0, lease_generation: int | None = None) -> pipeline.JobOutcome:
-    outcome = pipeline.execute_job(_plain(job), source_uri, dest_uri, key, device=device, threads=task_threads(threads),
+                  threads: int = 0, lease_generation: int | None = None) -> run.JobOutcome:
+    outcome = run.execute_job(_plain(job), source_uri, dest_uri, key, device=device, threads=task_threads(threads),
                                    lease_generation=lease_generation)
     return dataclasses.replace(outcome, node=_node())
 
@@ -128,7 +128,7 @@ def convert_layer(job: LayerJob, job_name: str, source_uri: str, dest_uri: str, 
 @task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str, inputs: dict[str, Any],
                        upstream: dict[str, str], lease_generation: int | None = None) -> dict[str, Any]:
-    return pipeline.publish(_plain(plan), _plain(results), source_uri, dest_uri, inputs, upstream, lease_generation)
+    return run.publish(_plain(plan), _plain(results), source_uri, dest_uri, inputs, upstream, lease_generation)
 
 
 @task(name="verify", cache_policy=NO_CACHE)

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from tensors import engine_fused_names, load_tensors, raw
 
+import requant
 from requant.cli import main
-from requant.convert import convert_local
 from requant.recipe import builtin_names, load_recipe
 
 RECIPES = builtin_names()  # each states its Quark equivalent (tests/conftest.py::quark_exports)
@@ -20,7 +20,7 @@ RECIPES = builtin_names()  # each states its Quark equivalent (tests/conftest.py
 def converted(tmp_path_factory, tiny_upstream):
     root = tmp_path_factory.mktemp("requant")
     for recipe in RECIPES:
-        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(root / recipe), recipe, progress=False)
     return root
 
 
@@ -92,7 +92,7 @@ def test_copies_other_files_verbatim(converted, tiny_upstream):
 
 
 def test_local_conversion_is_deterministic(tmp_path, tiny_upstream, converted):
-    convert_local(str(tiny_upstream), str(tmp_path / "again"), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(tmp_path / "again"), "kimi-k2.6-mxfp4", progress=False)
     first = json.loads((converted / "kimi-k2.6-mxfp4" / "requant-manifest.json").read_text())["outputs"]
     second = json.loads((tmp_path / "again" / "requant-manifest.json").read_text())["outputs"]
     shards = [f for f in first if f.endswith(".safetensors")]
@@ -128,7 +128,7 @@ def test_module_split_across_shards_converts_the_same(tmp_path, tiny_upstream, c
     save_file({name: moved}, str(up / "model-extra.safetensors"), metadata={"format": "pt"})
     index["weight_map"][name] = "model-extra.safetensors"
     (up / "model.safetensors.index.json").write_text(json.dumps(index))
-    convert_local(str(up), str(tmp_path / "out"), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(up), str(tmp_path / "out"), "kimi-k2.6-mxfp4", progress=False)
     ours, reference = load_tensors(tmp_path / "out"), load_tensors(converted / "kimi-k2.6-mxfp4")
     assert sorted(ours) == sorted(reference)
     assert all(raw(ours[k]) == raw(reference[k]) for k in ours)

@@ -76,7 +76,8 @@ def test_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(tmp_path):
 def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
     """Import first, then set RAY_ADDRESS: the runner entering a flow run uses the new value; secret-named
     variables never reach Ray's runtime environment (visible in Ray's job metadata and dashboard)."""
-    from flows.requantize import EnvRayTaskRunner, ray_settings, requantize
+    from flows.requantize import requantize
+    from flows.runtime import EnvRayTaskRunner, ray_settings
 
     assert isinstance(requantize.task_runner, EnvRayTaskRunner)
     for name in [n for n in os.environ if n.startswith("HF_")]:
@@ -116,7 +117,7 @@ import json, os
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect_ray.context import remote_options
-from flows.requantize import EnvRayTaskRunner, start_ephemeral_server
+from flows.runtime import EnvRayTaskRunner, start_ephemeral_server
 from tasks.convert import task_threads
 
 @task

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+import requant
 from requant.cli import main
-from requant.convert import convert_local, parallel_jobs
 from requant.io.safetensors import sha256_file
 from requant.io.storage import LocalDir
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
+from requant.run import parallel_jobs
 
 
 def _shards(out: Path) -> dict[str, str]:
@@ -25,7 +26,7 @@ def test_threads_and_worker_processes_write_the_same_bytes(tiny_upstream, tmp_pa
     runs = {}
     for threads, jobs in ((1, 1), (3, 1), (2, 2)):
         out = tmp_path / f"out-{threads}-{jobs}"
-        manifest = convert_local(str(tiny_upstream), str(out), recipe, progress=False, threads=threads, jobs=jobs)
+        manifest = requant.convert(str(tiny_upstream), str(out), recipe, progress=False, threads=threads, jobs=jobs).manifest
         runs[(threads, jobs)] = (_shards(out), manifest["outputs"], manifest["tensors"])
     first = runs[(1, 1)]
     assert len(first[0]) == 4

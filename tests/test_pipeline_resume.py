@@ -1,4 +1,4 @@
-"""Resume (requant.pipeline.execute_job): a job whose shard is intact is skipped; one whose shard no longer matches
+"""Resume (requant.run.execute_job): a job whose shard is intact is skipped; one whose shard no longer matches
 its record (same size, one byte flipped) is run again and its original bytes come back."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from requant.io.storage import LocalDir
-from requant.pipeline import execute_job, record_path, run_key
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
+from requant.run import execute_job, record_path, run_key
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import ray.cloudpickle
 
 from requant.io.storage import open_storage
 from requant.job import run_job
-from requant.plan import LayerJob, TensorTask, build_plan
+from requant.planning import LayerJob, TensorTask, build_plan
 from requant.recipe import load_recipe
 
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tensors import load_tensors, raw
 
-from requant.convert import convert_local
+import requant
 from requant.formats.int4 import dequantize_int4
 from requant.recipe import load_recipe
 from requant.testing.quark_reference import quark_equivalents
@@ -128,7 +128,7 @@ def adversarial_upstream(tmp_path_factory, tiny_upstream) -> Path:
 def _requant13(upstream: Path, root: Path) -> dict[str, Path]:
     for recipe in RECIPES:
         # Quark's exclude list exactly (the default adds the engines' fused names: test_convert_vs_quark)
-        convert_local(str(upstream), str(root / recipe), recipe, progress=False, quark_version="0.13",
+        requant.convert(str(upstream), str(root / recipe), recipe, progress=False, quark_version="0.13",
                       fused_excludes=False)
     return {recipe: root / recipe for recipe in RECIPES}
 
@@ -200,9 +200,9 @@ def test_config_equals_quark13_export(recipe, pairs):
 def test_the_two_targets_differ_where_quark_does(tiny_upstream, pairs, tmp_path):
     """0.11 and 0.13 outputs of the same input differ in the INT4-derived experts (and FP8 scales' dtype) and agree
     elsewhere; the manifest records the choice and `requant verify` checks the 0.13 output."""
-    from requant.verify import verify
+    from requant.verification import verify
 
-    convert_local(str(tiny_upstream), str(tmp_path / "q11"), "fp8-reference", progress=False)
+    requant.convert(str(tiny_upstream), str(tmp_path / "q11"), "fp8-reference", progress=False)
     q11, q13 = load_tensors(tmp_path / "q11"), load_tensors(pairs["tiny"][0]["fp8-reference"])
     experts = [n for n in q11 if ".mlp.experts." in n and n.endswith(".weight")]
     assert experts and all(q13[f"{n}_scale"].dtype == torch.float32 != q11[f"{n}_scale"].dtype for n in experts)

@@ -13,7 +13,7 @@ from requant.formats.table import WEIGHT_FORMATS
 from requant.quark_config import fused_excludes, is_quark_linear_weight, quantization_config
 from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
 from requant.testing.quark_reference import quark_config_dict
-from requant.verify import verify
+from requant.verification import verify
 
 
 @pytest.mark.parametrize("name", builtin_names())
@@ -144,18 +144,18 @@ def test_overrides_come_first_and_become_quark_patterns_first():
 ])
 def test_a_recipe_that_splits_a_fused_vllm_layer_is_refused_before_converting(tiny_upstream, tmp_path, pattern,
                                                                               target, fused):
-    from requant.convert import convert_local
+    import requant
     from requant.errors import PlanError
 
     data = _recipe_data(name="split", overrides=[{"pattern": pattern, "target": target}])
     path = tmp_path / "split.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(PlanError, match=f"vLLM fuses these modules into one layer .*{fused}"):
-        convert_local(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
+        requant.convert(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
     assert not (tmp_path / "out").exists()
     data["overrides"] = [{"pattern": "*self_attn.[qk]*_a_proj*", "target": "mxfp4"}]  # both parts: allowed
     path.write_text(yaml.safe_dump(data))
-    convert_local(str(tiny_upstream), str(tmp_path / "ok"), str(path), progress=False)
+    requant.convert(str(tiny_upstream), str(tmp_path / "ok"), str(path), progress=False)
     config = json.loads((tmp_path / "ok" / "config.json").read_text())["quantization_config"]
     # an override is written even in the global format: a later class pattern must not catch its modules
     assert config["layer_quant_config"] == {"*self_attn.[qk]*_a_proj*": config["global_quant_config"]}
@@ -164,13 +164,13 @@ def test_a_recipe_that_splits_a_fused_vllm_layer_is_refused_before_converting(ti
 
 
 def test_an_override_may_not_quantize_a_norm(tiny_upstream, tmp_path):
-    from requant.convert import convert_local
+    import requant
     from requant.errors import PlanError
 
     path = tmp_path / "norm.yaml"
     path.write_text(yaml.safe_dump(_recipe_data(overrides=[{"pattern": "*embed_tokens", "target": "mxfp4"}])))
     with pytest.raises(PlanError, match="keeps norms and embeddings unquantized"):
-        convert_local(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
+        requant.convert(str(tiny_upstream), str(tmp_path / "out"), str(path), progress=False)
 
 
 def test_unknown_recipe_names_the_choices():

@@ -31,10 +31,7 @@ EXEMPT = {
 # flows/requantize.py to flows/runtime.py), by variable: the files that may still read it directly, where
 # settings.RAY_CPUS.get() and settings.SCRATCH.get() replace the reads. Remove a variable once no file reads it
 # directly any more (the test below says when).
-PENDING = {
-    "REQUANT_RAY_CPUS": {"flows/requantize.py", "flows/runtime.py"},
-    "REQUANT_SCRATCH": {"requant/pipeline.py", "requant/run/space.py"},
-}
+PENDING: dict[str, set[str]] = {}
 
 @pytest.fixture
 def clean_env(monkeypatch):

@@ -13,7 +13,7 @@ from requant import job as job_module
 from requant.errors import CheckpointError
 from requant.io.safetensors import read_tensor
 from requant.io.storage import LocalDir
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
 
 

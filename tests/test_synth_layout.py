@@ -9,7 +9,7 @@ import pytest
 from transformers import DeepseekV3Config, PreTrainedTokenizerFast
 
 from requant.io.storage import LocalDir
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
 from requant.testing.synth import PROFILES, synthesize
 

@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 
+import requant
 from requant.cli import main
-from requant.convert import convert_local
 from requant.errors import VerifyError
 from requant.evaluation.publish import publish_evaluation
 from requant.manifest import manifest_digest, seal, sealed_as_stored
-from requant.verify import verify
+from requant.verification import verify
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_upstream):
     out = tmp_path_factory.mktemp("verify") / "mx"
-    convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
     return out
 
 
@@ -159,7 +159,7 @@ def test_mixed_formats_are_checked_per_class(tiny_upstream, tmp_path, capsys):
     import hashlib
 
     out = tmp_path / "mixed"
-    convert_local(str(tiny_upstream), str(out), "amd-kimi-k25-mxfp4-attn-fp8", progress=False)
+    requant.convert(str(tiny_upstream), str(out), "amd-kimi-k25-mxfp4-attn-fp8", progress=False)
     assert _verify(out, capsys)[0] == 0
 
     def rewrite(config_edit=None, recipe_edit=None):

@@ -110,7 +110,7 @@ def hub_snapshot(local_hub, tiny_upstream):
 
 def test_the_tests_cover_every_file_the_plan_reads_or_copies(hub_snapshot):
     from requant.io.storage import open_storage
-    from requant.plan import build_plan
+    from requant.planning import build_plan
     from requant.recipe import load_recipe
 
     storage = open_storage(hub_snapshot.snapshot)

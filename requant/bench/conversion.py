@@ -154,7 +154,7 @@ def _run_measured(cmd: list[str]) -> dict[str, float]:
 
 
 BENCH_RECIPE = "kimi-k2.6-mxfp4"  # the seed card's recipe; Quark runs its equivalent (requant.testing.quark_reference)
-IMPORT_BASELINE = "import torch, requant.job, requant.plan"
+IMPORT_BASELINE = "import torch, requant.job, requant.planning"
 
 
 def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers: int | None = None) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def checkpoint_bench(upstream: Path | None, work: Path, with_quark: bool, layers
     import dataclasses
 
     from requant.io.storage import LocalDir
-    from requant.plan import build_plan
+    from requant.planning import build_plan
     from requant.recipe import load_checks, load_recipe
     from requant.testing.quark_reference import file2file_command
     from requant.testing.synth import PROFILES, synthesize

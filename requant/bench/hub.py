@@ -55,7 +55,7 @@ import sys
 from requant.io.ranges import CoalescingReader
 from requant.io.storage import open_storage
 from requant.job import READ_AHEAD, _read_order, write_passes
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
 source, recipe = open_storage(sys.argv[1]), sys.argv[2]
 for job in build_plan(source, load_recipe(recipe)).jobs:
@@ -73,7 +73,7 @@ import sys, tempfile
 from pathlib import Path
 from requant.io.storage import open_storage
 from requant.job import run_job
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
 source, recipe, out = open_storage(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 plan = build_plan(source, load_recipe(recipe))

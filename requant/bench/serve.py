@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+import requant
 from requant.bench.provenance import CONVERSION, SERVING, describe, run_info, write_results
-from requant.convert import convert_local
 from requant.serving.checkpoint import load_checkpoint
 from requant.serving.model import DeepseekV3Text
 from requant.testing.synth import synthesize
@@ -63,7 +63,7 @@ def run_bench_serve(out: str | None = None, prompt_len: int = 512, decode_len: i
         upstream = synthesize(root / "tiny", "tiny", seed=0, progress=False)
         rows = []
         for recipe in VARIANTS:
-            convert_local(str(upstream), str(root / recipe), recipe, progress=False)
+            requant.convert(str(upstream), str(root / recipe), recipe, progress=False)
             model = DeepseekV3Text(load_checkpoint(str(root / recipe)))
             rows.append({"variant": recipe, **model_rates(model, prompt_len, decode_len, repeats)})
         ckpt = load_checkpoint(str(root / "kimi-k2.6-mxfp4"))

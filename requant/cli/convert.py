@@ -14,7 +14,7 @@ from typing import Any
 from requant.constants import QUARK_RELEASES
 from requant.errors import RequantError
 
-ConvertFlow = Callable[..., dict[str, Any]]  # requantize's keyword arguments -> its summary
+ConvertFlow = Callable[[str, str, str, Any], Any]  # (src, dst, recipe, ConvertOptions) -> ConvertSummary
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -61,7 +61,13 @@ def run(args: argparse.Namespace, convert_flow: ConvertFlow | None = None) -> in
 def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: ConvertFlow | None,
             quark_version: str | None, fused_excludes: bool | None, overwrite: bool, device: str, threads: int,
             jobs: int, unverified: bool, upstream_id: str | None, revision: str | None) -> int:
-    """Convert with ``run_local`` (``local``) or ``convert_flow``, and say on the terminal what was written."""
+    """Convert with :func:`requant.convert` (``local``) or ``convert_flow``, and say on the terminal what was
+    written."""
+    import requant
+
+    options = requant.ConvertOptions(quark_version=quark_version, fused_excludes=fused_excludes, device=device,
+                                     threads=threads, jobs=jobs, overwrite=overwrite, unverified=unverified,
+                                     upstream_id=upstream_id, revision=revision)
     if not local:
         if convert_flow is None:
             raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
@@ -69,29 +75,23 @@ def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: Conve
         if jobs:
             raise RequantError("--jobs sizes --local's worker processes; the flow runs one Ray task per layer job "
                                "(give it more CPUs with the flow's num_cpus)")
-        summary = convert_flow(upstream=src, output=dst, recipe=recipe, revision=revision, upstream_id=upstream_id,
-                               device=device, threads=threads or 1, quark_version=quark_version,
-                               fused_excludes=fused_excludes, overwrite=overwrite, unverified=unverified)
-        _warn_unverified(src, summary.get("unverified_inputs", []))
-        print(f"wrote {dst}: {summary['tensors']} tensors, {summary['jobs']} layer jobs ({summary['skipped']} resumed)")
+        summary = convert_flow(src, dst, recipe, options)
+        _warn_unverified(src, summary.unverified_inputs)
+        print(f"wrote {dst}: {summary.tensors} tensors, {summary.jobs} layer jobs ({summary.resumed} resumed)")
         return 0
-    from requant.convert import run_local
-
-    result = run_local(src, dst, recipe, overwrite=overwrite, device=device, upstream_id=upstream_id,
-                       revision=revision, threads=threads, jobs=jobs, quark_version=quark_version,
-                       fused_excludes=fused_excludes, unverified=unverified)
-    manifest = result.manifest
+    summary = requant.convert(src, dst, recipe, options)
+    manifest = summary.manifest
     for warning in manifest["recipe"]["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    _warn_unverified(src, manifest.get("unverified_inputs", []))
-    resumed = (f" ({result.resumed} of {result.jobs} layer jobs resumed from an interrupted run)"
-               if result.resumed else "")
-    print(f"wrote {dst}: {len(manifest['tensors'])} tensors in "
+    _warn_unverified(src, summary.unverified_inputs)
+    resumed = (f" ({summary.resumed} of {summary.jobs} layer jobs resumed from an interrupted run)"
+               if summary.resumed else "")
+    print(f"wrote {dst}: {summary.tensors} tensors in "
           f"{sum(1 for f in manifest['outputs'] if f.endswith('.safetensors'))} shards{resumed}")
     return 0
 
 
-def _warn_unverified(src: str, files: list[str]) -> None:
+def _warn_unverified(src: str, files) -> None:
     """One line on the terminal for a conversion that read inputs unchecked (``--unverified``)."""
     if files:
         print(f"warning: {src}: {len(files)} input files converted unverified (the Hub publishes no digest for "

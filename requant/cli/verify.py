@@ -12,7 +12,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from requant.verify import verify
+    from requant.verification import verify
 
     summary = verify(args.path)
     print(f"ok: {args.path}: {summary['tensors']} tensors, {summary['files']} files, "

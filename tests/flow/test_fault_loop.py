@@ -32,10 +32,10 @@ BUSY = ("ray::convert-layer", "ray::hash-input")
 
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory, tiny_upstream):
-    from requant.convert import convert_local
+    import requant
 
     out = tmp_path_factory.mktemp("faultref") / "mx"
-    convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
     return out
 
 

@@ -35,9 +35,9 @@ def test_object_changed_after_publish_is_unpublished(prefect_api, s3_server, s3_
     """If verification after publishing finds an object that differs from the manifest, the manifest is
     removed again: a prefix that fails verification never looks complete."""
     from flows.requantize import requantize
-    from requant import pipeline
+    from requant import run
 
-    original = pipeline.publish
+    original = run.publish
 
     def publish_then_corrupt(plan, results, source_uri, dest_uri, *args, **kwargs):
         manifest = original(plan, results, source_uri, dest_uri, *args, **kwargs)
@@ -48,7 +48,7 @@ def test_object_changed_after_publish_is_unpublished(prefect_api, s3_server, s3_
         storage.s3.put_object(Bucket=storage.bucket, Key=storage.key(shard), Body=bytes(data))
         return manifest
 
-    monkeypatch.setattr(pipeline, "publish", publish_then_corrupt)
+    monkeypatch.setattr(run, "publish", publish_then_corrupt)
     state = requantize(upstream=s3_tiny, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False,
                        return_state=True)
     assert state.is_failed()
@@ -106,8 +106,8 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
     storage = S3Storage(clean_prefix)
     manifest = json.loads(storage.read_bytes(MANIFEST_FILE))
     inputs = {**manifest["inputs"]["shards"], **manifest["inputs"]["files"]}
-    assert manifest["unverified_inputs"] == summary["unverified_inputs"] == sorted(inputs)
-    assert again["reused"] and again["unverified_inputs"] == sorted(inputs)  # reused: still said
+    assert manifest["unverified_inputs"] == list(summary.conversion.unverified_inputs) == sorted(inputs)
+    assert again.conversion.reused and list(again.conversion.unverified_inputs) == sorted(inputs)  # reused: still said
     assert all(not d["verified_against_published"] and d["unverified"] for d in inputs.values())
     assert "**Unverified inputs:**" in storage.read_bytes("README.md").decode()
 

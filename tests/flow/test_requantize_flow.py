@@ -25,7 +25,7 @@ def _run(**kwargs):
     from flows.requantize import requantize
 
     state = requantize(progress=False, evaluate=False, return_state=True, **kwargs)
-    return state.result(), state.state_details.flow_run_id
+    return state.result(), state.state_details.flow_run_id  # a RequantizeResult
 
 
 def _same_checkpoint(s3_uri: str, local_dir) -> None:
@@ -52,10 +52,10 @@ def _artifacts(flow_run_id):
 
 @pytest.fixture(scope="module")
 def tiny_local_reference(tmp_path_factory, tiny_upstream):
-    from requant.convert import convert_local
+    import requant
 
     out = tmp_path_factory.mktemp("tinyref") / "mx"
-    convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
     return out
 
 
@@ -65,11 +65,11 @@ def test_flow_from_the_hub_equals_local_convert(prefect_api, local_hub, tiny_loc
     token nowhere in what the run leaves: objects, artifacts, logs, the flow run's parameters, Ray's runtime env."""
     from prefect.client.orchestration import get_client
 
-    from flows.requantize import ray_settings
+    from flows.runtime import ray_settings
 
     seen = len(local_hub.server.requests)
     summary, run_id = _run(upstream="hf://testorg/gated@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4")
-    assert summary["jobs"] == 4 and summary["skipped"] == 0
+    assert summary.conversion.jobs == 4 and summary.conversion.resumed == 0
     _same_checkpoint(clean_prefix, tiny_local_reference)
     manifest = json.loads(S3Storage(clean_prefix).read_bytes("requant-manifest.json"))
     commit = local_hub.commits["gated"]
@@ -102,7 +102,7 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
     summary, run_id = _run(upstream=s3_medium, output=clean_prefix, recipe="amd-kimi-mxfp4")
     rows = json.loads(_artifacts(run_id)["requantize-jobs"].data)
     assert len({r["node"] for r in rows}) > 1, rows
-    assert len(summary["nodes"]) > 1
+    assert len(summary.conversion.nodes) > 1
 
 
 def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None):
@@ -175,8 +175,8 @@ def test_killed_flow_resumes_and_skips_finished_jobs(prefect_api, s3_medium, med
     finished = len(_records(clean_prefix))
     assert not S3Storage(clean_prefix).exists("requant-manifest.json")  # never looks complete
     summary, _ = _run(upstream=s3_medium, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
-    assert summary["skipped"] >= finished >= 2
-    assert summary["skipped"] < summary["jobs"]
+    assert summary.conversion.resumed >= finished >= 2
+    assert summary.conversion.resumed < summary.conversion.jobs
     _same_checkpoint(clean_prefix, medium_reference)
 
 
@@ -209,7 +209,7 @@ def test_s3_outage_longer_than_the_retry_budget_fails_clearly(prefect_api, s3_se
     assert "object storage unreachable for 3s" in output, output[-3000:]
     assert not S3Storage(clean_prefix).exists("requant-manifest.json")
     summary, _ = _run(upstream=s3_medium, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
-    assert summary["skipped"] >= 1
+    assert summary.conversion.resumed >= 1
     _same_checkpoint(clean_prefix, medium_reference)
 
 
@@ -247,11 +247,11 @@ def test_verify_reads_s3_and_catches_a_flipped_object(prefect_api, s3_tiny, clea
 
 
 def test_local_directories_as_source_and_destination(prefect_api, tiny_upstream, tiny_local_reference, tmp_path):
-    from requant.verify import verify
+    from requant.verification import verify
 
     out = tmp_path / "flow-out"
     summary, _ = _run(upstream=str(tiny_upstream), output=str(out), recipe="kimi-k2.6-mxfp4")
-    assert verify(str(out))["upstream_tensors"] == 203 and summary["skipped"] == 0
+    assert verify(str(out))["upstream_tensors"] == 203 and summary.conversion.resumed == 0
     ref = json.loads((tiny_local_reference / "requant-manifest.json").read_text())["outputs"]
     got = json.loads((out / "requant-manifest.json").read_text())["outputs"]
     assert all(got[f] == ref[f] for f in ref if f.endswith(".safetensors") or f in COMPARED)
@@ -316,7 +316,7 @@ def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_l
     mirror = f"{clean_prefix}-mirror"
     summary, _ = _run(upstream="hf://testorg/tiny@main", mirror=mirror, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
     commit = local_hub.commits["tiny"]
-    assert summary["mirror"]["commit"] == commit and summary["mirror"]["copied"] == summary["mirror"]["files"] > 10
+    assert summary.mirror["commit"] == commit and summary.mirror["copied"] == summary.mirror["files"] > 10
     _same_checkpoint(clean_prefix, tiny_local_reference)
     manifest = json.loads(S3Storage(clean_prefix).read_bytes("requant-manifest.json"))
     assert manifest["upstream"]["uri"] == f"hf://testorg/tiny@{commit}"
@@ -326,4 +326,4 @@ def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_l
     assert copy.read_bytes(f"snapshots/{commit}/config.json") == (local_hub.root / "testorg/tiny/commits" / commit /
                                                                    "config.json").read_bytes()
     again = mirror_upstream("hf://testorg/tiny@main", mirror)
-    assert again["copied"] == 0 and again["files"] == summary["mirror"]["files"]
+    assert again["copied"] == 0 and again["files"] == summary.mirror["files"]

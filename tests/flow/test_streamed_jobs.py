@@ -10,9 +10,9 @@ from requant.io.s3 import S3Storage
 from requant.io.safetensors import layout
 from requant.io.storage import LocalDir
 from requant.job import write_passes
-from requant.pipeline import execute_job, record_path, run_key
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
+from requant.run import execute_job, record_path, run_key
 
 pytestmark = pytest.mark.services
 

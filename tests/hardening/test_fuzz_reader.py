@@ -30,7 +30,7 @@ from safetensors.torch import save
 from requant.errors import CheckpointError, RequantError
 from requant.io.safetensors import DTYPES, MAX_HEADER_BYTES, header_length, read_header, read_tensor
 from requant.io.storage import LocalDir
-from requant.plan import build_plan
+from requant.planning import build_plan
 from requant.recipe import load_recipe
 
 BASE = save({"a.weight": torch.arange(32, dtype=torch.bfloat16).reshape(4, 8),

@@ -10,13 +10,13 @@ import shutil
 import pytest
 from hardening_support import scale
 
-from requant.convert import convert_local
+import requant
 from requant.errors import CheckpointError, VerifyError
 from requant.io.s3 import S3Storage
 from requant.manifest import MANIFEST_FILE
-from requant.pipeline import input_digest
+from requant.run import input_digest
 from requant.testing import seaweed
-from requant.verify import verify
+from requant.verification import verify
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(tiny_upstream, tmp_path_factory):
     out = tmp_path_factory.mktemp("integrity") / "mx"
-    convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
     return out
 
 

@@ -27,7 +27,7 @@ import pytest
 from hardening_support import MOUNTS, scale, unmount
 from waiting import wait_for
 
-from requant.convert import convert_local
+import requant
 from requant.errors import SystemFailure
 from requant.io.s3 import S3Storage
 from requant.testing import seaweed
@@ -47,7 +47,7 @@ def medium(tmp_path_factory) -> Path:
 def references(medium, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("os-ref")
     for recipe in ("kimi-k2.6-mxfp4", "amd-kimi-mxfp4"):
-        convert_local(str(medium), str(root / recipe), recipe, progress=False)
+        requant.convert(str(medium), str(root / recipe), recipe, progress=False)
     return {recipe: root / recipe for recipe in ("kimi-k2.6-mxfp4", "amd-kimi-mxfp4")}
 
 
@@ -307,9 +307,9 @@ def test_permission_denied(medium, tmp_path, ledger):
 def test_layer_job_scratch_space_missing_or_small(medium, tmp_path, monkeypatch, ledger):
     """A flow worker's layer job checks its scratch space before converting (the flow's workers run this)."""
     from requant.io.storage import LocalDir
-    from requant.pipeline import execute_job
-    from requant.plan import build_plan
+    from requant.planning import build_plan
     from requant.recipe import load_recipe
+    from requant.run import execute_job
 
     job = build_plan(LocalDir(medium), load_recipe("kimi-k2.6-mxfp4")).jobs[2]
     dest = tmp_path / "dest"
@@ -331,7 +331,7 @@ def s3(tmp_path_factory, tiny_upstream):
     try:  # stopped even when the set-up below fails
         with seaweed.exported_env(server):
             out = tmp_path_factory.mktemp("os-s3") / "mx"
-            convert_local(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
+            requant.convert(str(tiny_upstream), str(out), "kimi-k2.6-mxfp4", progress=False)
             dest = S3Storage("s3://published/mx")
             dest.ensure_bucket()
             for path in sorted(out.rglob("*")):
@@ -372,7 +372,7 @@ def test_missing_bucket_is_one_clear_line(s3, ledger):
 
 def test_s3_lease_second_writer_refused_and_stale_lease_taken_over(s3, ledger):
     from requant.lease import Holder, Lease, LeaseHeld, LeaseLost
-    from requant.pipeline import LEASE_DIR, output_lease
+    from requant.run import LEASE_DIR, output_lease
 
     uri = "s3://outputs/leased"
     with output_lease(uri, "run-a") as held:

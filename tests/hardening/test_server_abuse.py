@@ -17,7 +17,7 @@ import psutil
 import pytest
 from hardening_support import scale
 
-from requant.convert import convert_local
+import requant
 from requant.engines.engines import launch, load_engines
 
 KEY = "hardening-key-5d1e"
@@ -26,7 +26,7 @@ KEY = "hardening-key-5d1e"
 @pytest.fixture(scope="module")
 def server(tiny_upstream, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("abuse") / "mx"
-    convert_local(str(tiny_upstream), str(ckpt), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(tiny_upstream), str(ckpt), "kimi-k2.6-mxfp4", progress=False)
     engine = launch(load_engines()["reference"], str(ckpt), served_model_name="mx", api_key=KEY,
                     log_dir=tmp_path_factory.mktemp("abuse-logs"), max_model_len=1024, extra_args=("--body-timeout", "2"))
     yield engine

@@ -87,7 +87,7 @@ def test_planner_refuses_upstream_file_names_outside_the_checkpoint(name, tiny_u
     """An object store can list keys like '<prefix>/../x'; copying such a 'file' would write outside the output."""
     from requant.errors import PlanError
     from requant.io.storage import LocalDir
-    from requant.plan import build_plan
+    from requant.planning import build_plan
     from requant.recipe import load_recipe
 
     class Listing(LocalDir):

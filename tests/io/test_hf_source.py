@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import requant
 from requant.cli import main
-from requant.convert import run_local
 from requant.errors import CheckpointError
 from requant.io.hf import HfStorage, resolve_revision
 from requant.manifest import MANIFEST_FILE
+from requant.run import ConvertSummary
 from requant.testing.hubserver import publish, publish_dir
 
 RECIPE = "kimi-k2.6-mxfp4"
@@ -25,7 +26,7 @@ RECIPE = "kimi-k2.6-mxfp4"
 @pytest.fixture(scope="module")
 def from_directory(tmp_path_factory, tiny_upstream) -> Path:
     out = tmp_path_factory.mktemp("dir") / "mx"
-    run_local(str(tiny_upstream), str(out), RECIPE, progress=False)
+    requant.convert(str(tiny_upstream), str(out), RECIPE, progress=False)
     return out
 
 
@@ -45,7 +46,7 @@ def _cli(capsys, *argv) -> tuple[int, str]:
 def test_convert_from_the_hub_equals_the_directory_and_pins_the_commit(local_hub, from_directory, tmp_path):
     seen = len(local_hub.server.requests)
     out = tmp_path / "mx"
-    manifest = run_local("hf://testorg/gated@main", str(out), RECIPE, progress=False, jobs=1).manifest
+    manifest = requant.convert("hf://testorg/gated@main", str(out), RECIPE, progress=False, jobs=1).manifest
     assert _shards(out) == _shards(from_directory)
     for name in ("config.json", "model.safetensors.index.json"):
         assert (out / name).read_bytes() == (from_directory / name).read_bytes(), name
@@ -222,7 +223,7 @@ def test_a_git_served_upstream_is_checked_against_its_blob_ids(local_hub, tiny_u
     commit = publish_dir(local_hub.root, repo, tiny_upstream, lfs=False)
     assert not [f for f in HfStorage(f"hf://{repo}@{commit}").list_files()
                 if HfStorage(f"hf://{repo}@{commit}").published_digest(f)[0] != "git blob id"]
-    manifest = run_local(f"hf://{repo}@main", str(tmp_path / "clean"), RECIPE, progress=False, jobs=1).manifest
+    manifest = requant.convert(f"hf://{repo}@main", str(tmp_path / "clean"), RECIPE, progress=False, jobs=1).manifest
     inputs = [*manifest["inputs"]["shards"].values(), *manifest["inputs"]["files"].values()]
     assert inputs and all(d["verified_against_published"] for d in inputs)
     with _fault(local_hub, repo, SHARD, "bytes"):  # every read of it, range reads included
@@ -259,13 +260,14 @@ def test_inputs_without_a_published_digest_need_unverified(local_hub, tiny_upstr
 def test_convert_passes_unverified_to_the_flow_and_says_so(capsys, tmp_path):
     seen = {}
 
-    def flow(**options):
-        seen.update(options)
-        return {"tensors": 1, "jobs": 1, "skipped": 0, "unverified_inputs": ["config.json"]}
+    def flow(source, dest, recipe, options):
+        seen["options"] = options
+        return ConvertSummary(output=dest, recipe=recipe, run_key="k", jobs=1, resumed=0, tensors=1,
+                              unverified_inputs=("config.json",))
 
     assert main(["convert", "hf://o/r@main", str(tmp_path / "out"), "--recipe", RECIPE, "--unverified"],
                 convert_flow=flow) == 0
-    assert seen["unverified"] is True
+    assert seen["options"].unverified is True
     assert "warning: hf://o/r@main: 1 input files converted unverified" in capsys.readouterr().err
 
 

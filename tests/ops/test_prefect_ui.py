@@ -86,7 +86,7 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
     from prefect.deployments import run_deployment
 
     from requant.testing.seaweed import load_state
-    from requant.verify import verify
+    from requant.verification import verify
 
     with _client_settings(ui):
         run = run_deployment("requantize/requantize", parameters={"evaluate": False, "progress": False}, timeout=900)

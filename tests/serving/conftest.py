@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from requant.convert import convert_local
+import requant
 from requant.engines.engines import launch, load_engines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +20,7 @@ def tiny_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("variants")
     out = {"upstream": tiny_upstream}
     for recipe in VARIANTS:
-        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(root / recipe), recipe, progress=False)
         out[recipe] = root / recipe
     return out
 

@@ -26,7 +26,7 @@ from functools import cache
 import pytest
 import torch
 
-from requant.convert import convert_local
+import requant
 from requant.quark_config import quantization_config
 from requant.recipe import load_recipe
 from requant.serving.activations import activation_qdq
@@ -175,7 +175,7 @@ def served(tmp_path_factory, tiny_upstream):
     root = tmp_path_factory.mktemp("qdq-served")
     out = {}
     for fmt, (recipe, _) in FORMATS.items():
-        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(root / recipe), recipe, progress=False)
         out[fmt] = root / recipe
     return out
 

@@ -156,8 +156,8 @@ def test_a_mixed_precision_checkpoint_serves_with_each_layers_activation_spec(ti
     so top-1 flips on small perturbations (measured on tiny against bf16-staging: amd-kimi-mxfp4 0.62,
     amd-kimi-k25-mxfp4 0.38, this recipe 0.25, with mean KL 0.009-0.022 nats). A trained model is what gives
     that check meaning."""
+    import requant
     from requant.cli import main
-    from requant.convert import convert_local
     from requant.engines.engines import launch, load_engines
     from requant.evaluation.gsm8k import find_local_gsm8k
     from requant.serving.activations import fp8_per_token_qdq, mxfp4_qdq
@@ -165,7 +165,7 @@ def test_a_mixed_precision_checkpoint_serves_with_each_layers_activation_spec(ti
 
     root = tmp_path_factory.mktemp("mixed")
     for recipe in ("amd-kimi-k25-mxfp4-attn-fp8", "bf16-staging"):
-        convert_local(str(tiny_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(tiny_upstream), str(root / recipe), recipe, progress=False)
     ckpt = load_checkpoint(str(root / "amd-kimi-k25-mxfp4-attn-fp8"))
     by_scheme = {}
     for module, scheme in ckpt.schemes.items():

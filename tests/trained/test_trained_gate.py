@@ -20,8 +20,8 @@ from compressed_tensors.quantization import QuantizationArgs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import requant
 import requant.testing.trained
-from requant.convert import convert_local
 from requant.engines.engines import launch, load_engines
 from requant.errors import RequantError
 from requant.evaluation.gsm8k import TRAINED_TASK, check_gsm8k_dir
@@ -30,7 +30,7 @@ from requant.evaluation.report import format_table
 from requant.recipe import builtins_in
 from requant.testing.synth import int4_fake_quantize, synthesize, trained_assets
 from requant.testing.trained.damage import CATALOG, damage, unseen_rows
-from requant.verify import verify
+from requant.verification import verify
 
 ITEMS = 100          # test items per seed
 PROTOCOL = Protocol(TRAINED_TASK, (42, 1234, 7777), ITEMS)
@@ -44,7 +44,7 @@ def trained_variants(tmp_path_factory, trained_upstream):
     root = tmp_path_factory.mktemp("trained")
     paths = {"int4-upstream": trained_upstream}
     for recipe in RECIPES:
-        convert_local(str(trained_upstream), str(root / recipe), recipe, progress=False)
+        requant.convert(str(trained_upstream), str(root / recipe), recipe, progress=False)
         paths[recipe] = root / recipe
     return paths
 

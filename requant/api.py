@@ -1,0 +1,107 @@
+"""requant's public Python API: what the CLI and the flows call, and what a notebook or script can call.
+
+    import requant
+
+    summary = requant.convert("hf://moonshotai/Kimi-K2.6@main", "out/kimi-k2.6-mxfp4", "kimi-k2.6-mxfp4")
+    requant.verify(summary.output)
+    judgement = requant.evaluate(summary.output, "out/fp8-reference", seeds=(42,), limit=50)
+
+``convert`` runs every layer job on this machine (``requant convert --local``); the same conversion spread over a
+Ray cluster is the ``requantize`` flow (``flows/requantize.py``), which takes the same steps (:mod:`requant.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from requant.io.storage import open_storage
+from requant.planning import Plan, build_plan
+from requant.recipe import Recipe, load_recipe
+from requant.run import ConvertOptions, ConvertSummary, run_local
+from requant.verification import verify as _verify
+
+DEFAULT_RECIPE = "kimi-k2.6-mxfp4"
+
+
+def _options(cls, options, fields: dict[str, Any]):
+    if options is not None and fields:
+        raise TypeError(f"pass either options= or keyword options, not both ({', '.join(sorted(fields))})")
+    return options if options is not None else cls(**fields)
+
+
+def convert(source: str, dest: str, recipe: str = DEFAULT_RECIPE, options: ConvertOptions | None = None,
+            **fields: Any) -> ConvertSummary:
+    """Convert the checkpoint at ``source`` (a directory, ``s3://bucket/prefix`` or ``hf://org/repo@revision``)
+    into the directory ``dest`` with ``recipe`` (a built-in name or a recipe YAML's path), resumably and published
+    atomically. Options are a :class:`ConvertOptions` or its fields as keywords (``progress=False``)."""
+    return run_local(source, dest, recipe, _options(ConvertOptions, options, fields))
+
+
+def verify(checkpoint: str) -> dict[str, Any]:
+    """Check the converted checkpoint at ``checkpoint`` (a directory or s3://) against its manifest: every file's
+    size and sha256, every tensor's header, the index and the config. Raises :class:`requant.errors.VerifyError`
+    listing every problem; returns the counts checked (``tensors``, ``files``, ``upstream_tensors``)."""
+    return _verify(checkpoint)
+
+
+def plan(source: str, recipe: str = DEFAULT_RECIPE, quark_version: str | None = None,
+         fused_excludes: bool | None = None) -> Plan:
+    """The layer jobs converting ``source`` with ``recipe`` would run, every header read and every problem found
+    before any tensor is converted (:class:`requant.errors.PlanError` lists them all)."""
+    return build_plan(open_storage(source), load_recipe(recipe, quark_version, fused_excludes))
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a candidate is judged against its reference: ``engine`` (a name in requant/engines/engines.yaml) serves
+    both; GSM8K runs ``seeds`` with ``num_fewshot`` examples over ``limit`` items (None: all) of ``gsm8k_dir``
+    (None: the copy found beside the checkout; ``requant:trained``: the trained model's task); ``gate``: a gate
+    YAML (None: the built-in one); ``out_dir``: where the servers' logs and lm-eval's outputs go (None: a temporary
+    directory, removed afterwards)."""
+
+    engine: str = "reference"
+    seeds: tuple[int, ...] = (42, 1234, 7777)
+    limit: int | None = None
+    num_fewshot: int = 3
+    gsm8k_dir: str | None = None
+    gate: str | None = None
+    out_dir: str | None = None
+    max_model_len: int = 4096
+
+
+def evaluate(candidate: str, reference: str, options: EvalOptions | None = None, **fields: Any):
+    """Serve ``candidate`` and ``reference`` (checkpoints: directories or s3://), smoke-test the candidate against
+    the reference, and if it passes run GSM8K on both and compare them with the gate. Returns a
+    :class:`requant.evaluation.judge.Judgement` (``smoke``, ``result``, ``comparison``; ``stopped`` when the smoke
+    test failed)."""
+    from requant.engines.engines import launch, load_engines
+    from requant.engines.smoke import load_limits, task_prompts
+    from requant.evaluation.compare import compare, load_gate
+    from requant.evaluation.judge import Protocol, evaluate_reference, judge
+
+    opts = _options(EvalOptions, options, fields)
+    protocol = Protocol(opts.gsm8k_dir, tuple(opts.seeds), opts.limit, opts.num_fewshot)
+    spec = load_engines()[opts.engine]
+    with tempfile.TemporaryDirectory(prefix="requant-evaluate-") as scratch:
+        work = Path(opts.out_dir or scratch)
+        with launch(spec, reference, served_model_name="reference", log_dir=work / "logs" / "reference",
+                    max_model_len=opts.max_model_len) as ref_server:
+            reference_result = evaluate_reference(ref_server, protocol, work / "reference")
+            with launch(spec, candidate, served_model_name="candidate", log_dir=work / "logs" / "candidate",
+                        max_model_len=opts.max_model_len) as server:
+                judgement = judge(server, ref_server, reference_result, protocol, work / "candidate",
+                                  limits=load_limits(),
+                                  prompts=task_prompts(opts.gsm8k_dir) if opts.gsm8k_dir else None,
+                                  checkpoints=(candidate, reference))
+    if judgement.result is not None and opts.gate is not None:
+        judgement = dataclasses.replace(judgement, comparison=compare(judgement.result, reference_result,
+                                                                      load_gate(opts.gate)))
+    return judgement
+
+
+__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "convert",
+           "evaluate", "load_recipe", "open_storage", "plan", "verify"]
