@@ -100,3 +100,95 @@ def test_the_product_finds_the_trained_task_where_the_testing_package_keeps_it()
 
     assert TRAINED_TASK_DIR == ASSETS
     assert (TRAINED_TASK_DIR / "test.jsonl").is_file()
+
+
+ROOT = Path(requant.__file__).parent.parent
+PACKAGES = ("requant", "flows", "tasks", "dev", "infra")
+
+
+def _module_of(name: str) -> str | None:
+    """The repository module ``name`` is, or None when it is not one of ours (a package's ``__init__`` counts)."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    parts = name.split(".")
+    while parts:
+        path = ROOT.joinpath(*parts)
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return ".".join(parts)
+        parts.pop()
+    return None
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every repository module and the repository modules it imports, at module level or inside a function
+    (``from a import b`` names the submodule ``a.b`` where there is one)."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            tree = ast.parse(path.read_text(), str(path))
+            targets: set[str] = set()
+            for node in ast.walk(tree):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [f"{node.module}.{a.name}" for a in node.names] or [node.module]
+                elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                      == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
+                    names = [str(node.args[0].value)]
+                for name in names:
+                    target = _module_of(name)
+                    if target and target != module:
+                        targets.add(target)
+            graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle_anywhere_in_the_repository():
+    """No two modules of requant/, flows/, tasks/, dev/ or infra/ import each other, directly or around a loop, not
+    even inside a function: each layer can be read (and changed) knowing only the ones below it."""
+    graph = _import_graph()
+    assert len(graph) > 100 and "flows.requantize" in graph and "requant.run.execute" in graph
+    assert _cycles(graph) == []
+
+
+def test_the_circle_check_sees_a_lazy_circle():
+    graph = {"flows.a": {"flows.b"}, "flows.b": {"flows.c"}, "flows.c": {"flows.a"}, "flows.d": {"flows.a"}}
+    assert _cycles(graph) == [["flows.a", "flows.b", "flows.c"]]
