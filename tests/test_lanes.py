@@ -9,7 +9,7 @@ from pathlib import Path
 from dev.test_lanes import SERVICES, counts, lanes
 
 TESTS = Path(__file__).resolve().parent
-SERVICE_USE = re.compile(r"\b(s3_server|prefect_api|prefect_test_harness|import ray|ray\.init|seaweed)\b")
+SERVICE_USE = re.compile(r"\b(s3_server|prefect_api|prefect_test_harness|import ray|ray\.init|seaweed\.(start|restart))\b")
 
 
 def _lane_of(path: Path, split: dict[str, list[str]]) -> list[str]:
