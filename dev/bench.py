@@ -132,7 +132,7 @@ from flows.requantize import requantize
 from flows.runtime import start_ephemeral_server
 start_ephemeral_server()
 conversion = requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
-                        evaluate=False).conversion
+                        evaluation={"enabled": False}).conversion
 print("RESULT " + json.dumps(dataclasses.asdict(dataclasses.replace(conversion, manifest=None))))
 """
 

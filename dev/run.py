@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                 with phase("upload it to S3") as shown:
                     upload_dir(local, upstream)
                     shown.result(upstream)
+            from flows.parameters import Conversion, Evaluation
             from flows.requantize import requantize
             from flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
@@ -111,8 +112,9 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                 start_ephemeral_server()
             try:
                 summary = requantize(upstream=upstream, output=output, recipe=args.recipe,
-                                     upstream_id=f"synthetic/{args.profile}", evaluate=not args.no_eval,
-                                     eval_limit=args.eval_limit or None, gsm8k_dir=args.gsm8k_dir,
+                                     conversion=Conversion(upstream_id=f"synthetic/{args.profile}"),
+                                     evaluation=Evaluation(enabled=not args.no_eval, limit=args.eval_limit or None,
+                                                           gsm8k_dir=args.gsm8k_dir),
                                      progress=args.verbose)
             finally:
                 stop_ephemeral_server()

@@ -15,6 +15,7 @@ def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptio
     """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation. On a
     terminal, one line per phase; Prefect's and Ray's output goes to a log file (requant.progress.default_log_dir)
     whose path is printed. Piped or redirected, everything is written as it comes."""
+    from flows.parameters import Cluster, Conversion, Evaluation
     from flows.requantize import requantize  # only for this command
     from flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
@@ -23,11 +24,12 @@ def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptio
         with phase("start Prefect (ephemeral server)"):
             start_ephemeral_server()
         try:
-            return requantize(upstream=source, output=dest, recipe=recipe, revision=options.revision,
-                              upstream_id=options.upstream_id, device=options.device, threads=options.threads or 1,
-                              quark_version=options.quark_version, fused_excludes=options.fused_excludes,
-                              overwrite=options.overwrite, unverified=options.unverified, evaluate=False,
-                              progress=not quiet and options.progress).conversion
+            conversion = Conversion(revision=options.revision, upstream_id=options.upstream_id,
+                                    quark_version=options.quark_version, fused_excludes=options.fused_excludes,
+                                    overwrite=options.overwrite, unverified=options.unverified)
+            return requantize(upstream=source, output=dest, recipe=recipe, conversion=conversion,
+                              cluster=Cluster(device=options.device, threads=options.threads or 1),
+                              evaluation=Evaluation(enabled=False), progress=not quiet and options.progress).conversion
         finally:
             stop_ephemeral_server()
 

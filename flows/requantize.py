@@ -26,8 +26,10 @@ from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
 from tqdm import tqdm
 
+from flows.parameters import Cluster, Conversion, Evaluation
 from flows.runtime import EnvRayTaskRunner
 from requant import run
+from requant.api import DEFAULT_RECIPE
 from requant.errors import RequantError, VerifyError
 from requant.io.hf import pin_upstream
 from requant.io.storage import open_storage
@@ -59,69 +61,58 @@ class RequantizeResult:
 
 
 @flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
-def requantize(upstream: str, output: str, recipe: str = "kimi-k2.6-mxfp4", revision: str | None = None,
-               upstream_id: str | None = None, device: str = "cpu", threads: int = 0, num_cpus: float = 1,
-               num_gpus: float | None = None, resources: dict[str, float] | None = None, progress: bool = True,
-               evaluate: bool = True, reference_recipe: str = "fp8-reference", reference_output: str | None = None,
-               engine: str = "reference", eval_seeds: list[int] = (42, 1234, 7777), eval_limit: int | None = None,
-               gsm8k_dir: str | None = None, gate: str | None = None, engine_on_ray: bool = False,
-               tp: int = 1, mirror: str | None = None, quark_version: str | None = None,
-               fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> RequantizeResult:
-    """Convert ``upstream`` with ``recipe`` into ``output``; then (``evaluate``) produce or reuse the
-    ``reference_recipe`` variant (default: beside ``output``) and run the smoke test and the GSM8K comparison.
+def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, conversion: Conversion = Conversion(),
+               cluster: Cluster = Cluster(), evaluation: Evaluation = Evaluation(),
+               progress: bool = True) -> RequantizeResult:
+    """Convert ``upstream`` (a directory, s3://bucket/prefix or hf://org/repo@revision) with ``recipe`` into
+    ``output`` (a directory or s3://); then, with ``evaluation.enabled``, produce or reuse the reference variant
+    (default: beside ``output``) and run the smoke test and the GSM8K comparison (the evaluate flow).
 
-    Each layer job is a Ray task holding ``num_cpus`` CPUs (and ``num_gpus``, by default 1 with a ``cuda`` device
-    and 0 without; ``resources``); it transcodes on ``threads`` threads, by default (0) as many as its CPUs. An
-    output that holds this run's checkpoint is verified and reused; one that holds another run's is replaced, or
-    with ``overwrite`` False (``requant convert`` without ``--overwrite``) refused before any job runs.
-    An ``hf://`` upstream is pinned to the commit its branch names when the run starts; with ``mirror`` (s3://...
-    or a directory) that revision is first copied there (the mirror-upstream flow, resumable, verified against the
-    Hub's digests) and converted from the copy.
-    ``quark_version`` ("0.11" or "0.13"): the Quark release whose export both checkpoints equal (default: each
-    recipe's own, 0.11); ``fused_excludes`` False: Quark's exclude list exactly, without the names of the fused
-    modules SGLang and vLLM build (default: each recipe's own, with them). ``unverified``: convert files the Hub
-    publishes no digest for (neither an LFS sha256 nor a git blob id), which are refused by default; the manifest
-    (``unverified_inputs``), the model card and the summary name them."""
+    Each layer job is a Ray task reserving what ``cluster`` says. An output that holds this run's checkpoint is
+    verified and reused; one that holds another run's is replaced, or with ``conversion.overwrite`` False refused
+    before any job runs. An ``hf://`` upstream is pinned to the commit its branch names when the run starts; with
+    ``conversion.mirror`` that revision is first copied there (the mirror-upstream flow) and converted from the
+    copy. The groups' fields are described in :mod:`flows.parameters`."""
     mirrored = None
-    if mirror:  # hf:// copied once into object storage, then every conversion reads the copy
+    if conversion.mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
-            raise RequantError(f"mirror={mirror}: mirroring copies a Hub upstream (hf://...), not {upstream}")
+            raise RequantError(f"mirror={conversion.mirror}: mirroring copies a Hub upstream (hf://...), not {upstream}")
         from flows.mirror import mirror_upstream
 
-        mirrored = mirror_upstream(upstream, mirror)
+        mirrored = mirror_upstream(upstream, conversion.mirror)
         upstream = mirrored["source"]  # the commit that was mirrored
-    upstream, revision, upstream_id = pin_upstream(upstream, revision, upstream_id)  # hf://...@main: one commit
+    upstream, revision, upstream_id = pin_upstream(upstream, conversion.revision, conversion.upstream_id)
     meta = {"uri": upstream, "id": upstream_id or upstream.rstrip("/").rsplit("/", 1)[-1], "revision": revision or "unpinned"}
     if mirrored:
         upstream = mirrored["snapshot"]
-    resources_opts = job_resources(device, num_cpus, num_gpus, resources)
-    conversion = _convert(upstream, output, recipe, revision, meta, device, threads, resources_opts, progress,
-                          "requantize", quark_version, fused_excludes, overwrite, unverified)
-    if not evaluate:
-        return RequantizeResult(conversion, mirror=mirrored)
+    result = RequantizeResult(_convert(upstream, output, recipe, revision, meta, conversion, cluster, progress,
+                                       "requantize"), mirror=mirrored)
+    if not evaluation.enabled:
+        return result
     from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
 
-    reference_output = reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{reference_recipe}"
+    reference_output = evaluation.reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{evaluation.reference_recipe}"
     if reference_output.rstrip("/") == output.rstrip("/"):
-        raise RequantError(f"reference output {reference_output} is the candidate's own output; set reference_output")
-    reference = _convert(upstream, reference_output, reference_recipe, revision, meta, device, threads,
-                         resources_opts, progress, "reference", quark_version, fused_excludes, overwrite, unverified)
-    evaluation = evaluate_flow(output, reference_output, engine=engine, seeds=list(eval_seeds), limit=eval_limit,
-                               gsm8k_dir=gsm8k_dir, gate=gate, progress=progress, engine_on_ray=engine_on_ray, tp=tp)
-    return RequantizeResult(conversion, reference, evaluation, mirrored)
+        raise RequantError(f"reference output {reference_output} is the candidate's own output; set "
+                           f"evaluation.reference_output")
+    reference = _convert(upstream, reference_output, evaluation.reference_recipe, revision, meta, conversion, cluster,
+                         progress, "reference")
+    summary = evaluate_flow(output, reference_output, engine=evaluation.engine, seeds=list(evaluation.seeds),
+                            limit=evaluation.limit, gsm8k_dir=evaluation.gsm8k_dir, gate=evaluation.gate,
+                            progress=progress, engine_on_ray=evaluation.engine_on_ray, tp=evaluation.tp)
+    return dataclasses.replace(result, reference=reference, evaluation=summary)
 
 
-def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, device: str, threads: int,
-             resources_opts: dict, progress: bool, role: str, quark_version: str | None = None,
-             fused_excludes: bool | None = None, overwrite: bool = True, unverified: bool = False) -> ConvertSummary:
+def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, conversion: Conversion,
+             cluster: Cluster, progress: bool, role: str) -> ConvertSummary:
     """One run (requant.run) with its layer jobs on the flow's Ray runner; a checkpoint already published by the
     same run key is verified and reused."""
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_checkpoint(upstream, recipe, quark_version, fused_excludes)  # raises PlanError with every problem before any job runs
-    start = run.start_run(plan, open_storage(upstream), output, revision, unverified, overwrite)
+    plan = plan_checkpoint(upstream, recipe, conversion.quark_version, conversion.fused_excludes)  # every problem, before any job
+    start = run.start_run(plan, open_storage(upstream), output, revision, conversion.unverified, conversion.overwrite)
     timings = {"plan": time.perf_counter() - started}
-    options = _ray_options(resources_opts)
+    options = ray_options(cluster)
     if start.published:
         with phase(f"{role}: {recipe}") as shown:
             _verify(plan, output, options)
@@ -131,24 +122,35 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     with run.output_lease(output, start.key) as lease:  # a second run on this output fails here, naming us
         if lease.took_over:
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
-        return _convert_held(plan, start.key, lease, upstream, output, recipe, meta, device, threads, options,
-                             progress, role, started, timings, unverified)
+        held = HeldRun(plan, start.key, lease, upstream, output, meta, role, progress, started, timings)
+        return _convert_held(held, cluster, conversion.unverified, options)
 
 
-def job_resources(device: str, num_cpus: float, num_gpus: float | None, resources: dict[str, float] | None) -> dict:
-    """What Ray reserves for each layer job; a CUDA/ROCm device is visible only to a task that reserves a GPU, so
-    ``num_gpus`` defaults to 1 for one."""
-    if num_gpus is None:
-        num_gpus = 1 if device.startswith("cuda") else 0
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
+@dataclass(frozen=True)
+class HeldRun:
+    """A run that holds its output's lease: what the steps after it need to know."""
+
+    plan: Any
+    key: str
+    lease: Any
+    upstream: str
+    output: str
+    meta: dict[str, str]
+    role: str
+    progress: bool
+    started: float
+    timings: dict[str, float]
 
 
-def _ray_options(resources_opts: dict) -> dict[str, Any]:
-    # SPREAD: layer jobs are I/O heavy, so use every node's network and disk rather than packing them.
-    options = {"num_cpus": resources_opts["num_cpus"], "num_gpus": resources_opts["num_gpus"], "max_retries": 3,
-               "retry_exceptions": False, "scheduling_strategy": "SPREAD"}
-    if resources_opts.get("resources"):
-        options["resources"] = resources_opts["resources"]
+def ray_options(cluster: Cluster) -> dict[str, Any]:
+    """What Ray reserves for each layer job and how it places them. A CUDA/ROCm device is visible only to a task
+    that reserves a GPU, so ``num_gpus`` defaults to 1 for one. SPREAD: layer jobs are I/O heavy, so use every
+    node's network and disk rather than packing them."""
+    num_gpus = cluster.num_gpus if cluster.num_gpus is not None else (1 if cluster.device.startswith("cuda") else 0)
+    options = {"num_cpus": cluster.num_cpus, "num_gpus": num_gpus, "max_retries": 3, "retry_exceptions": False,
+               "scheduling_strategy": "SPREAD"}
+    if cluster.resources:
+        options["resources"] = dict(cluster.resources)
     return options
 
 
@@ -183,9 +185,12 @@ class AwaitedDigests(Mapping):
         return len(self._resolved())
 
 
-def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, threads, options, progress, role,
-                  started, timings, unverified=False) -> ConvertSummary:
+def _convert_held(held: HeldRun, cluster: Cluster, unverified: bool, options: dict[str, Any]) -> ConvertSummary:
+    """The steps of requant.run on Ray, in order: unpublish, the layer jobs and the input hashes as tasks, the
+    inputs' record, publish, verify (unpublishing again if that fails)."""
     logger = get_run_logger()
+    plan, key, lease, output, role, timings = held.plan, held.key, held.lease, held.output, held.role, held.timings
+    recipe = plan.recipe.name
     run.begin_run(output)
     logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
     for warning in plan.recipe.warnings:
@@ -193,47 +198,48 @@ def _convert_held(plan, key, lease, upstream, output, recipe, meta, device, thre
 
     progress_id = create_progress_artifact(0.0, key=f"{role}-progress", description=f"layer jobs of run {key}")
     with remote_options(**options):
-        hashing = [hash_input.submit(upstream, files, unverified) for files in hash_groups(list(plan.input_shards))]
-        futures = [convert_layer.submit(Sealed(job), job.name, upstream, output, key, device=device, threads=threads,
-                                        lease_generation=lease.generation)
+        hashing = [hash_input.submit(held.upstream, files, unverified) for files in hash_groups(list(plan.input_shards))]
+        futures = [convert_layer.submit(Sealed(job), job.name, held.upstream, output, key, device=cluster.device,
+                                        threads=cluster.threads, lease_generation=lease.generation)
                    for job in plan.jobs]
     outcomes: list[JobOutcome] = []
     with (phase(f"{role}: convert {recipe}", total=len(futures), unit="layer jobs") as shown,
-          tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not progress) as bar):
+          tqdm(total=len(futures), desc=f"{role} {recipe}", unit=" jobs", disable=not held.progress) as bar):
         for future in as_completed(futures):
             outcomes.append(future.result())
             bar.update(1)
             shown.advance()
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(futures))
-    convert_seconds = time.perf_counter() - started
+    convert_seconds = time.perf_counter() - held.started
     timings["jobs"] = convert_seconds - timings["plan"]
     results = [o.result for o in outcomes]
     mark = time.perf_counter()
     with phase(f"{role}: publish and verify") as shown:
-        inputs = run.input_record(upstream, plan, unverified=unverified,
-                                 shards={f: d for group in hashing for f, d in group.result().items()})
+        inputs = run.input_record(held.upstream, plan, unverified=unverified,
+                                  shards={f: d for group in hashing for f, d in group.result().items()})
         lease.check()
         # quote(): the plan and results describe ~10^5 tensors; Prefect need not walk them for futures
-        manifest = publish_checkpoint(quote(plan), quote(results), upstream, output, inputs, meta | {"run_key": key},
-                                      lease_generation=lease.generation)
+        manifest = publish_checkpoint(quote(plan), quote(results), held.upstream, output, inputs,
+                                      held.meta | {"run_key": key}, lease_generation=lease.generation)
         timings["publish"] = time.perf_counter() - mark
         mark = time.perf_counter()
         try:
-            summary = _verify(plan, output, options)
+            verified = _verify(plan, output, options)
         except VerifyError:
             run.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
             raise
-        shown.result(f"{output}: {summary['tensors']} tensors in {summary['files']} files, verified")
+        shown.result(f"{output}: {verified['tensors']} tensors in {verified['files']} files, verified")
     timings["verify"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - started
+    timings["total"] = time.perf_counter() - held.started
     timings["transcode_sum"] = sum(o.result.seconds for o in outcomes if not o.skipped)
     timings["upload_sum"] = sum(o.upload_seconds for o in outcomes)
-    skipped = sum(o.skipped for o in outcomes)
-    _artifacts(outcomes, plan, output, key, skipped, summary, time.perf_counter() - started, convert_seconds, role)
-    return dataclasses.replace(run.summarize(plan, output, key, outcomes, manifest, timings), manifest=None)  # it is at the output
+    summary = dataclasses.replace(run.summarize(plan, output, key, outcomes, manifest, timings), manifest=None)
+    _artifacts(outcomes, plan, summary, verified, convert_seconds, role)  # the manifest is at the output
+    return summary
 
 
-def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_seconds, role) -> None:
+def _artifacts(outcomes, plan, summary: ConvertSummary, verified: dict, convert_seconds: float, role: str) -> None:
+    output, key = summary.output, summary.run_key
     rows = []
     tensors = {job.output_file: len(job.specs) for job in plan.jobs}
     for o in sorted(outcomes, key=lambda o: o.result.output_file):
@@ -250,10 +256,10 @@ def _artifacts(outcomes, plan, output, key, skipped, summary, seconds, convert_s
             "",
             f"- checkpoint: `{output}` (manifest `{output.rstrip('/')}/{MANIFEST_FILE}`)",
             f"- upstream: `{plan.source}`",
-            f"- run key: `{key}`; jobs: {len(outcomes)} ({skipped} resumed from an earlier run)",
-            f"- verified: {summary['tensors']} tensors in {summary['files']} files, "
-            f"{summary['upstream_tensors']} upstream tensors accounted for",
-            f"- wall time: {seconds:.1f} s (layer jobs {convert_seconds:.1f} s)",
+            f"- run key: `{key}`; jobs: {summary.jobs} ({summary.resumed} resumed from an earlier run)",
+            f"- verified: {verified['tensors']} tensors in {verified['files']} files, "
+            f"{verified['upstream_tensors']} upstream tensors accounted for",
+            f"- wall time: {summary.timings['total']:.1f} s (layer jobs {convert_seconds:.1f} s)",
             *[f"- **warning:** {w}" for w in plan.recipe.warnings],
         ]),
         key=f"{role}-summary",

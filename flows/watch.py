@@ -34,6 +34,20 @@ def _states(flow_run_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def run_parameters(snapshot: str, revision: str, output: str, recipe: str, upstream: str,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The requantize run's parameters for one revision: what the watcher sets, merged group by group with the
+    deployment's ``extra`` parameters (``{"evaluation": {"limit": 50}}`` keeps the watcher's ``conversion``)."""
+    merged: dict[str, Any] = {"upstream": snapshot, "output": output, "recipe": recipe,
+                              "conversion": {"revision": revision, "upstream_id": upstream}}
+    for name, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
 @flow(name="watch-upstream", log_prints=True)
 def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxfp4",
                    deployment: str = "requantize/requantize", ledger: str | None = None, ref: str = "main",
@@ -62,8 +76,8 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
         watcher = f"{socket.gethostname()}:{os.getpid()}"
         if book.claim(latest.revision, decision.attempt, watcher, fingerprint):
             run = run_deployment(deployment, timeout=0, as_subflow=False,
-                                 parameters={"upstream": latest.snapshot, "revision": latest.revision, "output": output,
-                                             "recipe": recipe, "upstream_id": upstream, **(parameters or {})})
+                                 parameters=run_parameters(latest.snapshot, latest.revision, output, recipe, upstream,
+                                                           parameters))
             book.record_run(latest.revision, decision.attempt, str(run.id), output)
             started = str(run.id)
             logger.info("revision %s: started %s attempt %d (flow run %s)", latest.revision, deployment,

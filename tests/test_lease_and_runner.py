@@ -103,13 +103,14 @@ def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
 
 def test_a_cuda_layer_job_reserves_a_gpu_unless_told_otherwise():
     """Ray hides GPUs from a task that reserves none, so device=cuda without num_gpus would find no GPU."""
-    from flows.requantize import _ray_options, job_resources
+    from flows.parameters import Cluster
+    from flows.requantize import ray_options
 
-    assert _ray_options(job_resources("cuda", 8, None, None))["num_gpus"] == 1
-    assert _ray_options(job_resources("cuda:1", 8, None, None))["num_gpus"] == 1
-    options = _ray_options(job_resources("cuda", 8, 0.5, {"mi350x": 1}))
+    assert ray_options(Cluster(device="cuda", num_cpus=8))["num_gpus"] == 1
+    assert ray_options(Cluster(device="cuda:1", num_cpus=8))["num_gpus"] == 1
+    options = ray_options(Cluster(device="cuda", num_cpus=8, num_gpus=0.5, resources={"mi350x": 1}))
     assert (options["num_cpus"], options["num_gpus"], options["resources"]) == (8, 0.5, {"mi350x": 1})
-    assert _ray_options(job_resources("cpu", 1, None, None))["num_gpus"] == 0
+    assert ray_options(Cluster())["num_gpus"] == 0
 
 
 PROBE_FLOW = """

@@ -163,3 +163,18 @@ def test_the_fingerprint_takes_weights_by_their_published_sha256_without_reading
 def test_no_fingerprint_without_published_weight_digests(tiny_upstream, tmp_path):
     assert content_fingerprint(str(tiny_upstream)) is None        # a plain directory publishes no sha256
     assert content_fingerprint(str(tmp_path / "not-there")) is None
+
+
+def test_the_watchers_run_parameters_merge_the_deployments_group_by_group():
+    """A deployment's extra parameters add to the watcher's groups instead of replacing them: an
+    ``evaluation`` override leaves ``conversion.revision`` set, a ``conversion`` override keeps the revision."""
+    from flows.watch import run_parameters
+
+    params = run_parameters("s3://m/snapshots/abc", "abc", "s3://out/abc/r", "r", "hf://o/m",
+                            {"evaluation": {"limit": 50}, "conversion": {"unverified": True}, "progress": False})
+    assert params == {"upstream": "s3://m/snapshots/abc", "output": "s3://out/abc/r", "recipe": "r", "progress": False,
+                      "conversion": {"revision": "abc", "upstream_id": "hf://o/m", "unverified": True},
+                      "evaluation": {"limit": 50}}
+    from flows.parameters import Conversion, Evaluation
+
+    assert Conversion(**params["conversion"]).revision == "abc" and Evaluation(**params["evaluation"]).limit == 50

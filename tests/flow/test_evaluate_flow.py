@@ -75,7 +75,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
 
     output = f"{clean_prefix}/kimi-k2.6-mxfp4"
     summary = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
-                         eval_limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK)
+                         evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK})
     reference = f"{clean_prefix}/fp8-reference"
     assert summary.reference.output == reference and not summary.reference.reused
     ev = summary.evaluation
@@ -108,7 +108,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
 
     # A second run reuses both published checkpoints (same run keys) and the reference's GSM8K result.
     again = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
-                       eval_limit=EVAL_ITEMS, gsm8k_dir=TRAINED_TASK)
+                       evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK})
     assert again.conversion.reused and again.reference.reused
     assert again.evaluation["scores"] == ev["scores"]
     verify(output)

@@ -23,7 +23,7 @@ def test_corrupted_upstream_object_fails_the_flow_before_publish(prefect_api, s3
     data[-5] ^= 0x10
     storage.s3.put_object(Bucket=storage.bucket, Key=storage.key(victim), Body=bytes(data),
                           Metadata={"sha256": storage.recorded_sha256(victim)})
-    state = requantize(upstream=uri, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False,
+    state = requantize(upstream=uri, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluation={"enabled": False},
                        return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=f"{victim}.*differs from the published"):
@@ -49,7 +49,7 @@ def test_object_changed_after_publish_is_unpublished(prefect_api, s3_server, s3_
         return manifest
 
     monkeypatch.setattr(run, "publish", publish_then_corrupt)
-    state = requantize(upstream=s3_tiny, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluate=False,
+    state = requantize(upstream=s3_tiny, output=clean_prefix, recipe="kimi-k2.6-mxfp4", progress=False, evaluation={"enabled": False},
                        return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="sha256 differs from the manifest"):
@@ -71,7 +71,7 @@ def test_a_git_served_hub_shard_corrupted_on_its_way_fails_the_flow(prefect_api,
     local_hub.server.set_fault(repo, SHARD, "bytes")
     try:
         state = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
-                           progress=False, evaluate=False, return_state=True)
+                           progress=False, evaluation={"enabled": False}, return_state=True)
     finally:
         local_hub.server.set_fault(repo, SHARD, None)
     assert state.is_failed()
@@ -94,13 +94,13 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
     S3Storage(clean_prefix).ensure_bucket()
     try:
         state = requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
-                           progress=False, evaluate=False, return_state=True)
+                           progress=False, evaluation={"enabled": False}, return_state=True)
         assert state.is_failed()
         with pytest.raises(Exception, match="the Hub publishes no digest for it .*pass --unverified"):
             state.result()
         assert not S3Storage(clean_prefix).list_files()  # refused at plan time: nothing written, no lease taken
         summary, again = [requantize(upstream=f"hf://{repo}@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4",
-                                     progress=False, evaluate=False, unverified=True) for _ in range(2)]
+                                     progress=False, evaluation={"enabled": False}, conversion={"unverified": True}) for _ in range(2)]
     finally:
         local_hub.server.state.hide_digests(repo, False)
     storage = S3Storage(clean_prefix)

@@ -24,7 +24,7 @@ COMPARED = ("config.json", "model.safetensors.index.json")
 def _run(**kwargs):
     from flows.requantize import requantize
 
-    state = requantize(progress=False, evaluate=False, return_state=True, **kwargs)
+    state = requantize(progress=False, evaluation={"enabled": False}, return_state=True, **kwargs)
     return state.result(), state.state_details.flow_run_id  # a RequantizeResult
 
 
@@ -107,7 +107,7 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
 
 def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None):
     code = ("import sys; from flows.requantize import requantize; "
-            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluate=False)")
+            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluation={'enabled': False})")
     env = dict(os.environ, PREFECT_API_URL=prefect_api, **(env or {}))
     return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -314,7 +314,8 @@ def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_l
     from flows.mirror import mirror_upstream
 
     mirror = f"{clean_prefix}-mirror"
-    summary, _ = _run(upstream="hf://testorg/tiny@main", mirror=mirror, output=clean_prefix, recipe="kimi-k2.6-mxfp4")
+    summary, _ = _run(upstream="hf://testorg/tiny@main", conversion={"mirror": mirror}, output=clean_prefix,
+                      recipe="kimi-k2.6-mxfp4")
     commit = local_hub.commits["tiny"]
     assert summary.mirror["commit"] == commit and summary.mirror["copied"] == summary.mirror["files"] > 10
     _same_checkpoint(clean_prefix, tiny_local_reference)

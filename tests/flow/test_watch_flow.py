@@ -110,7 +110,7 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
     first = _watch(mirror, out, ledger)
     runs = _runs(deployment)
     assert first["action"] == "submitted" and len(runs) == 1
-    assert runs[0].parameters["revision"] == "rev-a" and runs[0].parameters["upstream"] == f"{mirror}/snapshots/rev-a"
+    assert runs[0].parameters["conversion"]["revision"] == "rev-a" and runs[0].parameters["upstream"] == f"{mirror}/snapshots/rev-a"
     assert runs[0].parameters["output"] == f"{out}/rev-a/kimi-k2.6-mxfp4"
     assert _watch(mirror, out, ledger)["action"] == "wait" and len(_runs(deployment)) == 1      # still scheduled
     _set_state(runs[0].id, Completed())
@@ -120,7 +120,7 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
     (mirror / "refs/main").write_text("rev-b")
     results = _two_watchers_at_once(prefect_api, str(mirror), out, ledger, tmp_path)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
-    new = [r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]
+    new = [r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == "rev-b"]
     assert len(new) == 1
 
     # A failed conversion is retried on the next tick, up to max_attempts (3), then given up, visibly.
@@ -128,12 +128,12 @@ def test_one_run_per_new_revision_even_with_concurrent_watchers(prefect_api, s3_
         _set_state(new[-1].id, Failed())
         retry = _watch(mirror, out, ledger)
         assert retry["action"] == "submitted" and retry["attempt"] == attempt
-        new = sorted([r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"], key=lambda r: r.created)
+        new = sorted([r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == "rev-b"], key=lambda r: r.created)
         assert len(new) == attempt
     _set_state(new[-1].id, Failed())
     gave_up = _watch(mirror, out, ledger)
     assert gave_up["action"] == "give-up" and "3 attempts failed" in gave_up["reason"]
-    assert len([r for r in _runs(deployment) if r.parameters["revision"] == "rev-b"]) == 3
+    assert len([r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == "rev-b"]) == 3
 
 
 def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(prefect_api, local_hub, tiny_upstream,
@@ -148,7 +148,7 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     upstream, out, ledger = "hf://testorg/watched", "s3://outputs/watch-hub", f"s3://ledger/{uuid.uuid4().hex[:8]}"
     first = publish_dir(local_hub.root, "testorg/watched", tiny_upstream)
     result = _watch(upstream, out, ledger)
-    runs = [r for r in _runs(deployment) if r.parameters["revision"] == first]
+    runs = [r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == first]
     assert result["action"] == "submitted" and len(runs) == 1
     assert runs[0].parameters["upstream"] == f"hf://testorg/watched@{first}"
     assert local_hub.token not in json.dumps(runs[0].parameters)
@@ -161,11 +161,11 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     assert (same["revision"], same["action"], same["reason"]) == (docs, "unchanged", f"weights unchanged since {first}")
     assert same["output"] == f"{out}/{first}/kimi-k2.6-mxfp4"
     assert _watch(upstream, out, ledger)["action"] == "unchanged"
-    assert not [r for r in _runs(deployment) if r.parameters["revision"] == docs]
+    assert not [r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == docs]
 
     config = json.loads((tiny_upstream / "config.json").read_text())
     config["text_config"]["rope_theta"] = config["text_config"].get("rope_theta", 10000.0) * 2
     changed = publish(local_hub.root, "testorg/watched", {"config.json": json.dumps(config, indent=2).encode()})
     results = _two_watchers_at_once(prefect_api, upstream, out, ledger, tmp_path)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
-    assert len([r for r in _runs(deployment) if r.parameters["revision"] == changed]) == 1
+    assert len([r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == changed]) == 1

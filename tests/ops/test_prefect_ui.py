@@ -89,7 +89,7 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
     from requant.verification import verify
 
     with _client_settings(ui):
-        run = run_deployment("requantize/requantize", parameters={"evaluate": False, "progress": False}, timeout=900)
+        run = run_deployment("requantize/requantize", parameters={"evaluation": {"enabled": False}, "progress": False}, timeout=900)
     assert run.state.is_completed(), run.state
     for name, value in load_state(ui["state_dir"] / "seaweed.json").env().items():
         monkeypatch.setenv(name, value)                    # restored after the test
@@ -116,11 +116,11 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
 
     with _client_settings(ui):
         watch = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                               parameters={"parameters": {"evaluate": False, "progress": False}})
+                               parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
         assert watch.state.is_completed(), watch.state
         deadline = time.monotonic() + 600
         with get_client(sync_client=True) as client:
-            started = [r for r in client.read_flow_runs() if r.parameters.get("revision") == ui["hub_commit"]]
+            started = [r for r in client.read_flow_runs() if r.parameters.get("conversion", {}).get("revision") == ui["hub_commit"]]
             assert len(started) == 1, started               # the watcher started exactly one conversion
             while True:
                 run = client.read_flow_run(started[0].id)
@@ -131,9 +131,9 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
             assert run.parameters["output"] == f"s3://requant/revisions/trained/{ui['hub_commit']}/kimi-k2.6-mxfp4"
             assert run.parameters["upstream"] == f"hf://synthetic/trained@{ui['hub_commit']}"
             again = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                                   parameters={"parameters": {"evaluate": False, "progress": False}})
+                                   parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
             assert again.state.is_completed()
-            rerun = [r for r in client.read_flow_runs() if r.parameters.get("revision") == ui["hub_commit"]]
+            rerun = [r for r in client.read_flow_runs() if r.parameters.get("conversion", {}).get("revision") == ui["hub_commit"]]
             assert len(rerun) == 1                           # converted: nothing new to start
             snapshot = Path(ui["hub_root"]) / "synthetic/trained/commits" / ui["hub_commit"]
             docs = tmp_path / "docs-only"
@@ -143,9 +143,9 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
                                       "synthetic/trained", str(docs)], capture_output=True, text=True, check=True)
             new_commit = publish.stdout.split()[-1]
             same = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                                  parameters={"parameters": {"evaluate": False, "progress": False}})
+                                  parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
             assert same.state.is_completed()
-            assert not [r for r in client.read_flow_runs() if r.parameters.get("revision") == new_commit]
+            assert not [r for r in client.read_flow_runs() if r.parameters.get("conversion", {}).get("revision") == new_commit]
             ledger = [a for a in client.read_artifacts() if a.key == "upstream-ledger" and a.flow_run_id == same.id]
             assert len(ledger) == 1 and f"weights unchanged since {ui['hub_commit']}" in str(ledger[0].data)
     _page(f"{ui['ui_url']}/artifacts/artifact/{ledger[0].id}", [f"weights unchanged since {ui['hub_commit']}"],
