@@ -130,28 +130,29 @@ def smoke_test(engine: RunningEngine, reference: RunningEngine | None = None,
     checks: list[Check] = []
     started = time.perf_counter()
 
-    def run(name: str, fn) -> None:
+    def run(name: str, fn) -> dict:
+        """Run one check; returns what it measured ({} when it raised, which fails the check)."""
+        measured: dict = {}
         try:
-            passed, detail = fn()
+            passed, detail, *rest = fn()
+            measured = rest[0] if rest else {}
         except (RequantError, httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as exc:
             passed, detail = False, f"{type(exc).__name__}: {exc}"
         checks.append(Check(name, bool(passed), detail))
+        return measured
 
     run("health", lambda: _health(client))
     run("model listed", lambda: _models(client))
-    greedy = {}
-    run("greedy deterministic", lambda: _deterministic(client, greedy))
+    greedy = run("greedy deterministic", lambda: _deterministic(client))
     run("max_tokens honoured", lambda: _max_tokens(client))
-    run("stop honoured", lambda: _stop(client, greedy))
+    run("stop honoured", lambda: _stop(client, greedy.get("text", "")))
     run("concurrent requests", lambda: _concurrent(client, limits.concurrency))
     numeric = None
     if reference is not None:
-        numeric = {}
         ref_client = _Client(reference, limits.timeout_s)
-        run("agreement with reference", lambda: _agreement(client, ref_client, limits, numeric, prompts or PROMPTS))
-        sequence: dict = {}
-        run("sequence agreement with reference",
-            lambda: _sequence_agreement(client, ref_client, limits, sequence, prompts or PROMPTS))
+        numeric = run("agreement with reference", lambda: _agreement(client, ref_client, limits, prompts or PROMPTS))
+        sequence = run("sequence agreement with reference",
+                       lambda: _sequence_agreement(client, ref_client, limits, prompts or PROMPTS))
         numeric["sequence"] = sequence
         coverage = _coverage(ref_client, client, sequence.get("texts", ()), limits)
         numeric["coverage"] = coverage
@@ -178,10 +179,10 @@ def _models(client: _Client):
     return client.engine.served_model_name in ids, f"served: {ids}"
 
 
-def _deterministic(client: _Client, greedy: dict):
+def _deterministic(client: _Client):
     outs = [client.complete(PROMPTS[0], max_tokens=24, temperature=0)["choices"][0]["text"] for _ in range(2)]
-    greedy["text"] = outs[0]
-    return outs[0] == outs[1] and outs[0] != "", f"{len(outs[0])} chars, identical: {outs[0] == outs[1]}"
+    return (outs[0] == outs[1] and outs[0] != "", f"{len(outs[0])} chars, identical: {outs[0] == outs[1]}",
+            {"text": outs[0]})
 
 
 def _max_tokens(client: _Client):
@@ -190,8 +191,8 @@ def _max_tokens(client: _Client):
     return used <= 5 and (used == 5 or finish == "stop"), f"completion_tokens={used} finish_reason={finish}"
 
 
-def _stop(client: _Client, greedy: dict):
-    text = greedy.get("text", "")
+def _stop(client: _Client, text: str):
+    """``text``: the greedy output of the determinism check, from which a stop string is picked."""
     if len(text) < 4:
         return False, f"greedy output too short to pick a stop string ({text!r})"
     start = len(text) // 2
@@ -250,7 +251,7 @@ def next_token_kl(ref: dict[str, float], cand: dict[str, float]) -> float:
     return max(kl, 0.0)
 
 
-def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeric: dict, prompts: tuple[str, ...]):
+def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, prompts: tuple[str, ...]):
     agree, kls, keys = 0, [], set()
     for prompt in prompts:
         cand, ref, key = _tops(client, ref_client, prompt, limits.top_logprobs)
@@ -258,12 +259,12 @@ def _agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, numeri
         agree += max(cand, key=cand.get) == max(ref, key=ref.get)
         kls.append(next_token_kl(ref, cand))
     top1, mean_kl = agree / len(prompts), sum(kls) / len(kls)
-    numeric.update({"prompts": len(prompts), "prompt_source": "built-in" if prompts == PROMPTS else "task",
-                    "top1_agreement": top1, "mean_kl": mean_kl, "kl_per_prompt": kls,
-                    "top_logprobs": limits.top_logprobs, "keys": sorted(keys)})
+    measured = {"prompts": len(prompts), "prompt_source": "built-in" if prompts == PROMPTS else "task",
+                "top1_agreement": top1, "mean_kl": mean_kl, "kl_per_prompt": kls,
+                "top_logprobs": limits.top_logprobs, "keys": sorted(keys)}
     ok = top1 >= limits.min_top1_agreement and mean_kl <= limits.max_mean_kl
     return ok, (f"top-1 agreement {top1:.2f} (min {limits.min_top1_agreement}), mean KL {mean_kl:.4f} nats "
-                f"(max {limits.max_mean_kl}) over {len(prompts)} prompts")
+                f"(max {limits.max_mean_kl}) over {len(prompts)} prompts"), measured
 
 
 def _scored(client: _Client, text: str, k: int, by_id: bool) -> tuple[list[str], list[dict[str, float]]]:
@@ -276,8 +277,7 @@ def _scored(client: _Client, text: str, k: int, by_id: bool) -> tuple[list[str],
     return tokens[:-1], [t for t in tops if t]
 
 
-def _sequence_agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, out: dict,
-                        prompts: tuple[str, ...]):
+def _sequence_agreement(client: _Client, ref_client: _Client, limits: SmokeLimits, prompts: tuple[str, ...]):
     k, stop = limits.top_logprobs, list(limits.stop)
     greedy = {"max_tokens": limits.continuation_tokens, "temperature": 0, "stop": stop}
     texts, per_prompt, agree, confident, positions, exact, keys = [], [], 0, 0, 0, 0, set()
@@ -305,10 +305,11 @@ def _sequence_agreement(client: _Client, ref_client: _Client, limits: SmokeLimit
     mean_kl = sum(p["mean_kl"] for p in per_prompt) / len(per_prompt)
     worst = max(p["mean_kl"] for p in per_prompt)
     rate = exact / len(prompts)
-    out.update({"prompts": len(prompts), "positions": positions, "confident_positions": confident,
-                "top1_agreement": top1, "top1_all_positions": sum(p["top1"] * p["positions"] for p in per_prompt) / positions,
+    measured = {"prompts": len(prompts), "positions": positions, "confident_positions": confident,
+                "top1_agreement": top1,
+                "top1_all_positions": sum(p["top1"] * p["positions"] for p in per_prompt) / positions,
                 "mean_kl": mean_kl, "max_prompt_kl": worst, "exact_match": rate, "per_prompt": per_prompt,
-                "keys": sorted(keys), "texts": texts})
+                "keys": sorted(keys), "texts": texts}
     top1_ok = top1 is None or confident < limits.min_confident_positions or top1 >= limits.min_sequence_top1
     ok = (top1_ok and mean_kl <= limits.max_sequence_mean_kl and worst <= limits.max_sequence_prompt_kl
           and rate >= limits.min_exact_match)
@@ -319,7 +320,7 @@ def _sequence_agreement(client: _Client, ref_client: _Client, limits: SmokeLimit
     return ok, (f"over {positions} positions of {len(prompts)} reference continuations: {top1_text}, mean KL "
                 f"{mean_kl:.4f} (max {limits.max_sequence_mean_kl}), worst prompt KL {worst:.4f} (max "
                 f"{limits.max_sequence_prompt_kl}), greedy continuations equal {exact}/{len(prompts)} "
-                f"(min {limits.min_exact_match})")
+                f"(min {limits.min_exact_match})"), measured
 
 
 def _coverage(ref_client: _Client, client: _Client, texts, limits: SmokeLimits) -> dict:
