@@ -128,8 +128,8 @@ def s3_roofline(upstream: str, scratch: str, files: list[str], local: Path, serv
 MEASURES = (*CONVERSION, *FLOW, "dev/bench.py")
 _RUN_FLOW = """
 import dataclasses, json, sys
-from flows.requantize import requantize
-from flows.runtime import start_ephemeral_server
+from requant.flows.requantize import requantize
+from requant.flows.runtime import start_ephemeral_server
 start_ephemeral_server()
 conversion = requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False,
                         evaluation={"enabled": False}).conversion

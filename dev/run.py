@@ -104,9 +104,9 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                 with phase("upload it to S3") as shown:
                     upload_dir(local, upstream)
                     shown.result(upstream)
-            from flows.parameters import Conversion, Evaluation
-            from flows.requantize import requantize
-            from flows.runtime import start_ephemeral_server, stop_ephemeral_server
+            from requant.flows.parameters import Conversion, Evaluation
+            from requant.flows.requantize import requantize
+            from requant.flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
             with phase("start Prefect (ephemeral server)"):
                 start_ephemeral_server()

@@ -15,9 +15,9 @@ def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptio
     """``requant convert SRC DST`` on Prefect + Ray: the requantize flow without its downstream evaluation. On a
     terminal, one line per phase; Prefect's and Ray's output goes to a log file (requant.progress.default_log_dir)
     whose path is printed. Piped or redirected, everything is written as it comes."""
-    from flows.parameters import Cluster, Conversion, Evaluation
-    from flows.requantize import requantize  # only for this command
-    from flows.runtime import start_ephemeral_server, stop_ephemeral_server
+    from requant.flows.parameters import Cluster, Conversion, Evaluation
+    from requant.flows.requantize import requantize  # only for this command
+    from requant.flows.runtime import start_ephemeral_server, stop_ephemeral_server
 
     quiet = sys.stderr.isatty() and not settings.VERBOSE.get()
     with quiet_terminal(default_log_dir() / log_name("convert")) if quiet else contextlib.nullcontext():

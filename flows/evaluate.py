@@ -38,7 +38,7 @@ from requant.evaluation.report import format_table, table_rows
 from requant.io.transfer import object_url
 from requant.manifest import eval_path
 from requant.progress import phase
-from tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
+from requant.tasks.evaluate import build_report, publish_eval, run_gsm8k_eval, run_smoke_test
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _engine(stack: ExitStack, variant: Variant, serving: Serving, log_dir: Path)
     if variant.base_url:
         return attach(variant.base_url, None, key)
     if serving.on_ray:
-        from flows.engines import ray_engine
+        from requant.flows.engines import ray_engine
 
         return stack.enter_context(ray_engine(serving.engine, serving.engines_file, variant.uri, variant.name,
                                               serving.tp, serving.max_model_len,

@@ -10,10 +10,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
-from flows.runtime import EnvRayTaskRunner
+from requant.flows.runtime import EnvRayTaskRunner
 from requant.io import mirror as mirroring
 from requant.run import human_bytes
-from tasks.mirror import mirror_file
+from requant.tasks.mirror import mirror_file
 
 
 @flow(name="mirror-upstream", task_runner=EnvRayTaskRunner(), log_prints=True)

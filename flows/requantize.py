@@ -26,18 +26,18 @@ from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
 from tqdm import tqdm
 
-from flows.parameters import Cluster, Conversion, Evaluation
-from flows.runtime import EnvRayTaskRunner
 from requant import run
 from requant.api import DEFAULT_RECIPE
 from requant.errors import RequantError, VerifyError
+from requant.flows.parameters import Cluster, Conversion, Evaluation
+from requant.flows.runtime import EnvRayTaskRunner
 from requant.io.hf import pin_upstream
 from requant.io.storage import open_storage
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
 from requant.progress import phase
 from requant.run import ConvertSummary, JobOutcome
-from tasks.convert import (
+from requant.tasks.convert import (
     Sealed,
     convert_layer,
     hash_groups,
@@ -72,12 +72,12 @@ def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, convers
     verified and reused; one that holds another run's is replaced, or with ``conversion.overwrite`` False refused
     before any job runs. An ``hf://`` upstream is pinned to the commit its branch names when the run starts; with
     ``conversion.mirror`` that revision is first copied there (the mirror-upstream flow) and converted from the
-    copy. The groups' fields are described in :mod:`flows.parameters`."""
+    copy. The groups' fields are described in :mod:`requant.flows.parameters`."""
     mirrored = None
     if conversion.mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
             raise RequantError(f"mirror={conversion.mirror}: mirroring copies a Hub upstream (hf://...), not {upstream}")
-        from flows.mirror import mirror_upstream
+        from requant.flows.mirror import mirror_upstream
 
         mirrored = mirror_upstream(upstream, conversion.mirror)
         upstream = mirrored["source"]  # the commit that was mirrored
@@ -89,7 +89,7 @@ def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, convers
                                        "requantize"), mirror=mirrored)
     if not evaluation.enabled:
         return result
-    from flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
+    from requant.flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
 
     reference_output = evaluation.reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{evaluation.reference_recipe}"
     if reference_output.rstrip("/") == output.rstrip("/"):

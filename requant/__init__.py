@@ -3,8 +3,8 @@
 The public API is :mod:`requant.api`, re-exported here: ``requant.convert(...)``, ``requant.verify(...)``,
 ``requant.evaluate(...)``, ``requant.plan(...)``, ``requant.load_recipe(...)``, ``requant.open_storage(...)`` and
 their option and result types. The package is the pure core: format kernels, checkpoint I/O, planning, layer jobs
-and runs (:mod:`requant.run`). Orchestration (Prefect, Ray) lives in ``flows/`` and ``tasks/`` and only calls
-into it.
+and runs (:mod:`requant.run`). Orchestration (Prefect, Ray) lives in ``flows/`` and ``tasks/`` at the top of the
+repository, installed as ``requant.flows`` and ``requant.tasks``; it only calls into the core, which never imports it.
 
 The names are imported on first use, so ``import requant.errors`` (or the CLI's ``--help``) does not import torch.
 """

@@ -76,8 +76,8 @@ def test_heartbeat_keeps_a_long_run_alive_and_notices_a_takeover(tmp_path):
 def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
     """Import first, then set RAY_ADDRESS: the runner entering a flow run uses the new value; secret-named
     variables never reach Ray's runtime environment (visible in Ray's job metadata and dashboard)."""
-    from flows.requantize import requantize
-    from flows.runtime import EnvRayTaskRunner, ray_settings
+    from requant.flows.requantize import requantize
+    from requant.flows.runtime import EnvRayTaskRunner, ray_settings
 
     assert isinstance(requantize.task_runner, EnvRayTaskRunner)
     for name in [n for n in os.environ if n.startswith("HF_")]:
@@ -103,8 +103,8 @@ def test_ray_settings_come_from_the_environment_of_the_run(monkeypatch):
 
 def test_a_cuda_layer_job_reserves_a_gpu_unless_told_otherwise():
     """Ray hides GPUs from a task that reserves none, so device=cuda without num_gpus would find no GPU."""
-    from flows.parameters import Cluster
-    from flows.requantize import ray_options
+    from requant.flows.parameters import Cluster
+    from requant.flows.requantize import ray_options
 
     assert ray_options(Cluster(device="cuda", num_cpus=8))["num_gpus"] == 1
     assert ray_options(Cluster(device="cuda:1", num_cpus=8))["num_gpus"] == 1
@@ -118,8 +118,8 @@ import json, os
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect_ray.context import remote_options
-from flows.runtime import EnvRayTaskRunner, start_ephemeral_server
-from tasks.convert import task_threads
+from requant.flows.runtime import EnvRayTaskRunner, start_ephemeral_server
+from requant.tasks.convert import task_threads
 
 @task
 def probe():
@@ -164,7 +164,7 @@ def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():
 
     from prefect.utilities.collections import visit_collection
 
-    from tasks.convert import Sealed, _plain
+    from requant.tasks.convert import Sealed, _plain
 
     job = {"tasks": [["a", "b"], ["c"]]}
     visited: list = []
@@ -177,7 +177,7 @@ def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():
 
 
 def test_hash_tasks_carry_at_least_a_gib_each_in_order():
-    from tasks.convert import hash_groups
+    from requant.tasks.convert import hash_groups
 
     gib = 1 << 30
     assert hash_groups([("a", 9 * gib), ("b", 9 * gib)]) == [["a"], ["b"]]          # K2.6 shards: one task each

@@ -168,13 +168,13 @@ def test_no_fingerprint_without_published_weight_digests(tiny_upstream, tmp_path
 def test_the_watchers_run_parameters_merge_the_deployments_group_by_group():
     """A deployment's extra parameters add to the watcher's groups instead of replacing them: an
     ``evaluation`` override leaves ``conversion.revision`` set, a ``conversion`` override keeps the revision."""
-    from flows.watch import run_parameters
+    from requant.flows.watch import run_parameters
 
     params = run_parameters("s3://m/snapshots/abc", "abc", "s3://out/abc/r", "r", "hf://o/m",
                             {"evaluation": {"limit": 50}, "conversion": {"unverified": True}, "progress": False})
     assert params == {"upstream": "s3://m/snapshots/abc", "output": "s3://out/abc/r", "recipe": "r", "progress": False,
                       "conversion": {"revision": "abc", "upstream_id": "hf://o/m", "unverified": True},
                       "evaluation": {"limit": 50}}
-    from flows.parameters import Conversion, Evaluation
+    from requant.flows.parameters import Conversion, Evaluation
 
     assert Conversion(**params["conversion"]).revision == "abc" and Evaluation(**params["evaluation"]).limit == 50

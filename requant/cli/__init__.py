@@ -6,7 +6,7 @@ this package takes an ``argparse.Namespace``. :func:`build_parser` is the whole 
 reference from it); :func:`main` runs one command. Errors a user can fix print as one line and exit with status 2.
 
 The library imports no orchestration: ``convert`` without ``--local`` runs the requantize flow through the
-``convert_flow`` callable that the ``requant`` console script (``flows.cli``) passes in.
+``convert_flow`` callable that the ``requant`` console script (``requant.flows.cli``) passes in.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, convert_flow: ConvertFlow | None = None) -> int:
-    """Run one command; ``convert_flow`` runs ``convert`` without ``--local`` (see flows.cli)."""
+    """Run one command; ``convert_flow`` runs ``convert`` without ``--local`` (see requant.flows.cli)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     moved = bench.renamed(argv)
     if moved:

@@ -1,7 +1,7 @@
 """``requant convert``: an upstream checkpoint through a recipe, here (``--local``) or on the requantize flow.
 
-The flow is the ``convert_flow`` callable the console script (``flows.cli``) passes in, so that the library never
-imports orchestration. :func:`convert` is the one place the command calls the library.
+The flow is the ``convert_flow`` callable the console script (``requant.flows.cli``) passes in, so that the library
+never imports orchestration. :func:`convert` is the one place the command calls the library.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: Conve
     if not local:
         if convert_flow is None:
             raise RequantError("convert without --local runs the requantize flow: use the `requant` command "
-                               "(or python -m flows.cli), or pass --local to convert in this process")
+                               "(or python -m requant.flows.cli), or pass --local to convert in this process")
         if jobs:
             raise RequantError("--jobs sizes --local's worker processes; the flow runs one Ray task per layer job "
                                "(give it more CPUs with the flow's num_cpus)")

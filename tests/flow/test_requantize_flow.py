@@ -22,7 +22,7 @@ COMPARED = ("config.json", "model.safetensors.index.json")
 
 
 def _run(**kwargs):
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     state = requantize(progress=False, evaluation={"enabled": False}, return_state=True, **kwargs)
     return state.result(), state.state_details.flow_run_id  # a RequantizeResult
@@ -65,7 +65,7 @@ def test_flow_from_the_hub_equals_local_convert(prefect_api, local_hub, tiny_loc
     token nowhere in what the run leaves: objects, artifacts, logs, the flow run's parameters, Ray's runtime env."""
     from prefect.client.orchestration import get_client
 
-    from flows.runtime import ray_settings
+    from requant.flows.runtime import ray_settings
 
     seen = len(local_hub.server.requests)
     summary, run_id = _run(upstream="hf://testorg/gated@main", output=clean_prefix, recipe="kimi-k2.6-mxfp4")
@@ -106,7 +106,7 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
 
 
 def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None):
-    code = ("import sys; from flows.requantize import requantize; "
+    code = ("import sys; from requant.flows.requantize import requantize; "
             "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluation={'enabled': False})")
     env = dict(os.environ, PREFECT_API_URL=prefect_api, **(env or {}))
     return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe], env=env,
@@ -277,7 +277,7 @@ def test_a_second_run_on_the_same_output_fails_at_once_naming_the_holder(prefect
 
 def test_refused_credentials_fail_the_cli_flow_in_one_line(prefect_api, s3_server, s3_tiny, clean_prefix):
     env = dict(os.environ, PREFECT_API_URL=prefect_api, AWS_SECRET_ACCESS_KEY="not-the-secret")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
+    proc = subprocess.run([sys.executable, "-m", "requant.flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
                            "kimi-k2.6-mxfp4"], env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("requant convert: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
@@ -300,7 +300,7 @@ def test_the_cli_flow_refuses_another_runs_checkpoint_without_overwrite(prefect_
     for extra, message in (([], f"{clean_prefix}: already holds a converted checkpoint of another run (pass "
                                 "--overwrite to replace it)"),
                            (["--overwrite", "--jobs", "2"], "--jobs sizes --local's worker processes")):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
+        proc = subprocess.run([sys.executable, "-m", "requant.flows.cli", "convert", s3_tiny, clean_prefix, "--recipe",
                                "amd-kimi-mxfp4", *extra], env=env, capture_output=True, text=True, timeout=600)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("requant convert: error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
@@ -311,7 +311,7 @@ def test_mirror_once_then_convert_from_the_mirror(prefect_api, local_hub, tiny_l
     """requantize with ``mirror``: the Hub revision is copied into S3 by Ray tasks (each file checked against the
     Hub's digest), converted from the copy to the same bytes, the inputs still verified against the Hub's sha256;
     a second mirror of the revision copies nothing."""
-    from flows.mirror import mirror_upstream
+    from requant.flows.mirror import mirror_upstream
 
     mirror = f"{clean_prefix}-mirror"
     summary, _ = _run(upstream="hf://testorg/tiny@main", conversion={"mirror": mirror}, output=clean_prefix,

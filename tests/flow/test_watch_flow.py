@@ -22,7 +22,7 @@ BARRIER_TIMEOUT_S = 60
 WATCH = f"""
 import json, os, sys, time
 from requant.watch import Ledger
-from flows.watch import watch_upstream
+from requant.flows.watch import watch_upstream
 
 barrier, claim = sys.argv[4], Ledger.claim
 
@@ -71,7 +71,7 @@ def _set_state(run_id, state):
 
 
 def _watch(mirror, out, ledger):
-    from flows.watch import watch_upstream
+    from requant.flows.watch import watch_upstream
 
     return watch_upstream(upstream=str(mirror), output_root=out, ledger=ledger)
 

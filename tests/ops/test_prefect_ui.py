@@ -79,7 +79,7 @@ def test_deploy_registers_three_deployments_with_the_schedule(ui):
         schedules = deployments["watch-upstream"].schedules
         assert [s.schedule.cron for s in schedules] == ["0 */6 * * *"] and schedules[0].active
         assert deployments["requantize"].parameters["recipe"] == "kimi-k2.6-mxfp4"
-        assert deployments["requantize"].entrypoint == "flows.requantize:requantize"
+        assert deployments["requantize"].entrypoint == "requant.flows.requantize:requantize"
 
 
 def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch):
