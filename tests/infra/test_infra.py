@@ -141,17 +141,24 @@ def test_deployments_point_at_real_flows():
 
     from prefect.client.schemas.schedules import CronSchedule
 
+    from requant.flows.watch import run_parameters
+
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    names = {}
+    flows = {}
     for dep in config["deployments"]:
         module, attr = dep["entrypoint"].split(":")
-        flow = getattr(importlib.import_module(module), attr)
-        names[dep["name"]] = flow.name
+        flow = flows[dep["name"]] = getattr(importlib.import_module(module), attr)
         assert set(dep.get("parameters", {})) <= set(flow.parameters.properties), dep["name"]
+        flow.validate_parameters(dep.get("parameters", {}))  # Prefect's own check: every group's fields and types
         for schedule in dep.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))   # Prefect's own validation
-    assert names == {"requantize": "requantize", "evaluate": "evaluate", "watch-upstream": "watch-upstream"}
-    assert {"upstream", "revision", "recipe", "output", "engine"} <= set(config["deployments"][0]["parameters"])
+    assert {name: flow.name for name, flow in flows.items()} == {
+        "requantize": "requantize", "evaluate": "evaluate", "watch-upstream": "watch-upstream"}
+    requantize = config["deployments"][0]["parameters"]
+    assert {"upstream", "output", "recipe", "evaluation"} <= set(requantize) and requantize["evaluation"]["engine"]
+    watcher = config["deployments"][2]["parameters"]  # what each run it starts gets on top of its own groups
+    flows["requantize"].validate_parameters(run_parameters("s3://m/snapshots/abc", "abc", "s3://o", watcher["recipe"],
+                                                           watcher["upstream"], watcher["parameters"]))
 
 
 def test_shell_scripts_parse():
