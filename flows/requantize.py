@@ -47,6 +47,7 @@ from requant.tasks.convert import (
     publish_checkpoint,
     verify_checkpoint,
 )
+from requant.verification import VerifySummary
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _convert_held(held: HeldRun, cluster: Cluster, unverified: bool, options: di
         except VerifyError:
             run.begin_run(output)      # unpublish: a prefix that fails verification must not look complete
             raise
-        shown.result(f"{output}: {verified['tensors']} tensors in {verified['files']} files, verified")
+        shown.result(f"{output}: {verified.tensors} tensors in {verified.files} files, verified")
     timings["verify"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - held.started
     timings["transcode_sum"] = sum(o.result.seconds for o in outcomes if not o.skipped)
@@ -238,7 +239,7 @@ def _convert_held(held: HeldRun, cluster: Cluster, unverified: bool, options: di
     return summary
 
 
-def _artifacts(outcomes, plan, summary: ConvertSummary, verified: dict, convert_seconds: float, role: str) -> None:
+def _artifacts(outcomes, plan, summary: ConvertSummary, verified: VerifySummary, convert_seconds: float, role: str) -> None:
     output, key = summary.output, summary.run_key
     rows = []
     tensors = {job.output_file: len(job.specs) for job in plan.jobs}
@@ -257,8 +258,8 @@ def _artifacts(outcomes, plan, summary: ConvertSummary, verified: dict, convert_
             f"- checkpoint: `{output}` (manifest `{output.rstrip('/')}/{MANIFEST_FILE}`)",
             f"- upstream: `{plan.source}`",
             f"- run key: `{key}`; jobs: {summary.jobs} ({summary.resumed} resumed from an earlier run)",
-            f"- verified: {verified['tensors']} tensors in {verified['files']} files, "
-            f"{verified['upstream_tensors']} upstream tensors accounted for",
+            f"- verified: {verified.tensors} tensors in {verified.files} files, "
+            f"{verified.upstream_tensors} upstream tensors accounted for",
             f"- wall time: {summary.timings['total']:.1f} s (layer jobs {convert_seconds:.1f} s)",
             *[f"- **warning:** {w}" for w in plan.recipe.warnings],
         ]),

@@ -129,7 +129,7 @@ def verified(out: Path) -> tuple[bool, list[str]]:
     from requant.verification import verify
 
     try:
-        return verify(str(out))["tensors"] > 0, []
+        return verify(str(out)).tensors > 0, []
     except VerifyError as exc:
         return False, [str(exc)[:500]]
 

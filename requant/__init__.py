@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "convert",
-           "evaluate", "load_recipe", "open_storage", "plan", "verify"]
+__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "VerifySummary",
+           "convert", "evaluate", "load_recipe", "open_storage", "plan", "verify"]
 
 if TYPE_CHECKING:
     from requant.api import (
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         EvalOptions,
         Plan,
         Recipe,
+        VerifySummary,
         convert,
         evaluate,
         load_recipe,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from requant.io.storage import open_storage
 from requant.planning import Plan, build_plan
 from requant.recipe import Recipe, load_recipe
 from requant.run import ConvertOptions, ConvertSummary, run_local
+from requant.verification import VerifySummary
 from requant.verification import verify as _verify
 
 DEFAULT_RECIPE = "kimi-k2.6-mxfp4"
@@ -41,11 +43,12 @@ def convert(source: str, dest: str, recipe: str = DEFAULT_RECIPE, options: Conve
     return run_local(source, dest, recipe, _options(ConvertOptions, options, fields))
 
 
-def verify(checkpoint: str) -> dict[str, Any]:
+def verify(checkpoint: str, digests: Mapping[str, str | None] | None = None) -> VerifySummary:
     """Check the converted checkpoint at ``checkpoint`` (a directory or s3://) against its manifest: every file's
     size and sha256, every tensor's header, the index and the config. Raises :class:`requant.errors.VerifyError`
-    listing every problem; returns the counts checked (``tensors``, ``files``, ``upstream_tensors``)."""
-    return _verify(checkpoint)
+    listing every problem; returns the counts checked. ``digests``: sha256 by file as read just now elsewhere (the
+    flow hashes the shards in parallel on the cluster); every other file is hashed here."""
+    return _verify(checkpoint, digests)
 
 
 def plan(source: str, recipe: str = DEFAULT_RECIPE, quark_version: str | None = None,
@@ -103,5 +106,5 @@ def evaluate(candidate: str, reference: str, options: EvalOptions | None = None,
     return judgement
 
 
-__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "convert",
-           "evaluate", "load_recipe", "open_storage", "plan", "verify"]
+__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "VerifySummary",
+           "convert", "evaluate", "load_recipe", "open_storage", "plan", "verify"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from requant.errors import CheckpointError, VerifyError
 from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, WEIGHT_FORMATS, weight_formats
@@ -22,7 +23,16 @@ from requant.quark_config import ENGINE_FUSED_MODULES
 from requant.recipe import resolve_target
 
 
-def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
+@dataclass(frozen=True)
+class VerifySummary:
+    """What a verification checked: output ``files``, ``tensors``, and ``upstream_tensors`` accounted for."""
+
+    files: int
+    tensors: int
+    upstream_tensors: int
+
+
+def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> VerifySummary:
     """Check the checkpoint at ``uri`` (a directory or s3://...) against its manifest. ``digests``: sha256 of
     files as read just now elsewhere (the flow reads its shards in parallel on the cluster); every other file is
     hashed here. ``digests`` is consulted last, so a mapping that waits for those reads overlaps them with the
@@ -50,7 +60,7 @@ def verify(uri: str, digests: Mapping[str, str | None] | None = None) -> dict:
     _check_files(storage, manifest, file_problems, {} if digests is None else digests)
     if file_problems or problems:
         raise VerifyError(file_problems + problems)
-    return {"files": len(manifest["outputs"]), "tensors": len(manifest["tensors"]), "upstream_tensors": len(manifest["sources"])}
+    return VerifySummary(len(manifest["outputs"]), len(manifest["tensors"]), len(manifest["sources"]))
 
 
 def _check_files(storage, manifest: dict, problems: list[str], digests: Mapping[str, str | None]) -> None:

@@ -12,11 +12,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import BaseAnnotation
 
+import requant
 from requant import run
 from requant.io.storage import open_storage
-from requant.planning import LayerJob, Plan, build_plan
-from requant.recipe import load_recipe
-from requant.verification import verify
+from requant.planning import LayerJob, Plan
 
 
 class Sealed:
@@ -78,7 +77,7 @@ def _node() -> str:
 def plan_checkpoint(source_uri: str, recipe: str, quark_version: str | None = None,
                     fused_excludes: bool | None = None) -> Plan:
     """Read config, index and every shard header; fail with all problems before any job runs."""
-    return build_plan(open_storage(source_uri), load_recipe(recipe, quark_version, fused_excludes))
+    return requant.plan(source_uri, recipe, quark_version, fused_excludes)
 
 
 HASH_TASK_BYTES = 1 << 30
@@ -132,5 +131,5 @@ def publish_checkpoint(plan: Plan, results: list, source_uri: str, dest_uri: str
 
 
 @task(name="verify", cache_policy=NO_CACHE)
-def verify_checkpoint(dest_uri: str, digests: Mapping[str, str | None] | None = None) -> dict[str, Any]:
-    return verify(dest_uri, _plain(digests))
+def verify_checkpoint(dest_uri: str, digests: Mapping[str, str | None] | None = None) -> requant.VerifySummary:
+    return requant.verify(dest_uri, _plain(digests))

@@ -37,7 +37,7 @@ def test_convert_plan_verify_as_documented(tiny_upstream, tmp_path):
     assert summary.jobs == len(plan.jobs) and summary.resumed == 0 and not summary.reused
     assert summary.tensors == len(summary.manifest["tensors"]) == sum(len(j.specs) for j in plan.jobs)
     assert summary.run_key == summary.manifest["upstream"]["run_key"]
-    assert requant.verify(summary.output)["tensors"] == summary.tensors
+    assert requant.verify(summary.output).tensors == summary.tensors
     assert main(["convert", str(tiny_upstream), str(tmp_path / "cli"), "--recipe", "kimi-k2.6-mxfp4", "--local"]) == 0
     api_files = sorted(p.name for p in (tmp_path / "api").iterdir())
     assert api_files == sorted(p.name for p in (tmp_path / "cli").iterdir())

@@ -211,7 +211,7 @@ def test_the_two_targets_differ_where_quark_does(tiny_upstream, pairs, tmp_path)
     assert all(raw(q11[n]) == raw(q13[n]) for n in same)
     manifest = json.loads((pairs["tiny"][0]["fp8-reference"] / "requant-manifest.json").read_text())
     assert manifest["recipe"]["quark_version"] == "0.13"
-    assert verify(str(pairs["tiny"][0]["fp8-reference"]))["tensors"] == len(q13)
+    assert verify(str(pairs["tiny"][0]["fp8-reference"])).tensors == len(q13)
 
 
 # --- compressed-tensors' current INT4 decode -------------------------------------------------------------------------

@@ -12,9 +12,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from requant.verification import verify
+    import requant
 
-    summary = verify(args.path)
-    print(f"ok: {args.path}: {summary['tensors']} tensors, {summary['files']} files, "
-          f"{summary['upstream_tensors']} upstream tensors accounted for")
+    summary = requant.verify(args.path)
+    print(f"ok: {args.path}: {summary.tensors} tensors, {summary.files} files, "
+          f"{summary.upstream_tensors} upstream tensors accounted for")
     return 0

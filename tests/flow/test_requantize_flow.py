@@ -251,7 +251,7 @@ def test_local_directories_as_source_and_destination(prefect_api, tiny_upstream,
 
     out = tmp_path / "flow-out"
     summary, _ = _run(upstream=str(tiny_upstream), output=str(out), recipe="kimi-k2.6-mxfp4")
-    assert verify(str(out))["upstream_tensors"] == 203 and summary.conversion.resumed == 0
+    assert verify(str(out)).upstream_tensors == 203 and summary.conversion.resumed == 0
     ref = json.loads((tiny_local_reference / "requant-manifest.json").read_text())["outputs"]
     got = json.loads((out / "requant-manifest.json").read_text())["outputs"]
     assert all(got[f] == ref[f] for f in ref if f.endswith(".safetensors") or f in COMPARED)
