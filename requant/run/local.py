@@ -60,7 +60,7 @@ def run_local(source: str, dest: str, recipe: str, options: ConvertOptions | Non
     source, revision, upstream_id = pin_upstream(source, options.revision, options.upstream_id)  # hf://...@main: one commit
     storage = open_storage(source)
     plan = build_plan(storage, load_recipe(recipe, options.quark_version, options.fused_excludes))
-    key = start_run(plan, storage, dest, revision, options.unverified).key  # refusals come before any write
+    key = start_run(plan, storage, None, revision, options.unverified).key  # refusals come before any write
     paths = LocalPaths.for_destination(dest, key)
     if paths.dst.exists() and not options.overwrite:
         raise RequantError(f"{paths.dst}: already exists (pass --overwrite to replace it)")

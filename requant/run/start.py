@@ -25,13 +25,15 @@ class RunStart:
     published: bool
 
 
-def start_run(plan: Plan, source: Storage, output: str, revision: str | None, unverified: bool = False,
+def start_run(plan: Plan, source: Storage, output: str | None, revision: str | None, unverified: bool = False,
               overwrite: bool = True) -> RunStart:
     """Everything decided before a job runs: inputs the Hub publishes no digest for are refused unless
-    ``unverified``; an output holding another run's checkpoint is refused unless ``overwrite``."""
+    ``unverified``; an output holding another run's checkpoint is refused unless ``overwrite``. ``output`` None:
+    the runner stages into a fresh place of its own and decides about the destination itself (the local runner),
+    so its manifest is not read."""
     unchecked = unverifiable_inputs(source, input_files(plan), unverified)
     key = run_key(plan, revision)
-    published = published_key(output)
+    published = published_key(output) if output is not None else None
     if published not in (None, key) and not overwrite:
         raise RequantError(f"{output}: already holds a converted checkpoint of another run "
                            f"(pass --overwrite to replace it)")
