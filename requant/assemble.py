@@ -12,7 +12,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from requant.card import CardFacts, render_card
 from requant.io.safetensors import sha256_file
+from requant.io.storage import LocalDir
 from requant.job import JobResult
 from requant.manifest import (
     CONFIG_FILE,
@@ -54,7 +56,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     """Write everything but the shards (which the jobs wrote) into ``out_dir``: index, config, copied
     files, model card and, last, the manifest. Returns the manifest and the files written before it."""
     out_dir = Path(out_dir)
-    written = [INDEX_FILE, CONFIG_FILE, MODEL_CARD]
+    written = [INDEX_FILE, CONFIG_FILE]
     results = sorted(results, key=lambda r: r.output_file)
     jobs = sorted(plan.jobs, key=lambda j: j.output_file)
     if [r.output_file for r in results] != [j.output_file for j in jobs]:
@@ -71,10 +73,9 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         written.append(name)
     stats = {s.name: _stat(s) for r in results for s in r.stats}
     unverified = unverified_inputs(inputs)
-    (out_dir / MODEL_CARD).write_text(model_card(plan, upstream, stats, unverified))
     outputs = {r.output_file: {"size": r.size, "sha256": r.sha256} for r in results}
     for name in written:
-        outputs[name] = {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
+        outputs[name] = _output(out_dir / name)
     manifest = {
         "requant_manifest": MANIFEST_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -95,8 +96,16 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     }
     if unverified:  # --unverified: the upstream publishes no digest for these, and they were converted unchecked
         manifest["unverified_inputs"] = unverified
+    # the card is rendered from the manifest's facts, then listed in it
+    (out_dir / MODEL_CARD).write_text(render_card(CardFacts.from_checkpoint(LocalDir(out_dir), manifest)))
+    written.insert(2, MODEL_CARD)
+    manifest["outputs"] = dict(sorted({**manifest["outputs"], MODEL_CARD: _output(out_dir / MODEL_CARD)}.items()))
     (out_dir / MANIFEST_FILE).write_bytes(sealed_bytes(manifest))
     return manifest, written
+
+
+def _output(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def unverified_inputs(inputs: dict[str, dict]) -> list[str]:
@@ -108,40 +117,3 @@ def _stat(stat) -> dict[str, Any]:
     exact = math.isinf(stat.snr_db) and stat.snr_db > 0
     return {"target": stat.target, "snr_db": None if exact else round(stat.snr_db, 3), "exact": exact,
             "rows_sampled": stat.rows_sampled, "rows": stat.rows}
-
-
-def model_card(plan: Plan, upstream: dict[str, str], stats: dict[str, dict], unverified: list[str] = ()) -> str:
-    snrs = [s["snr_db"] for s in stats.values() if s["snr_db"] is not None]
-    lines = [
-        f"# {upstream.get('id', 'model')} — {plan.recipe.name}",
-        "",
-        f"Re-quantized by requant from `{upstream.get('id')}` (revision `{upstream.get('revision')}`).",
-        "",
-        "## Recipe",
-        "",
-        plan.recipe.description,
-        "",
-        "| tensor class | target |",
-        "|---|---|",
-        *[f"| {cls} | {target} |" for cls, target in plan.recipe.targets],
-        *[f"| modules matching `{pattern}` | {target} |" for pattern, target in plan.recipe.overrides],
-        "",
-    ]
-    for warning in plan.recipe.warnings:
-        lines += [f"> **Serving note:** {warning}", ""]
-    if snrs:
-        lines += [
-            "## Re-quantization error",
-            "",
-            f"{len(snrs)} quantized modules; SNR against the BF16 weights: min {min(snrs):.2f} dB, "
-            f"mean {sum(snrs) / len(snrs):.2f} dB (details in `{MANIFEST_FILE}`).",
-            "",
-        ]
-    lines += ["## Quality", "", "Not evaluated yet.", "", "## Provenance", "",
-              f"Inputs, outputs, hashes and library versions: `{MANIFEST_FILE}`. "
-              f"The upstream model card is kept verbatim as `{UPSTREAM_CARD}` when present.", ""]
-    if unverified:
-        lines += [f"> **Unverified inputs:** {len(unverified)} upstream files were converted without being checked "
-                  f"against a published digest (the upstream publishes none for them; `--unverified`): "
-                  f"{', '.join(f'`{f}`' for f in unverified)}.", ""]
-    return "\n".join(lines)

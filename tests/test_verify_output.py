@@ -136,10 +136,8 @@ def test_flipped_byte_in_an_eval_report_is_caught(copy, tmp_path):
     (report / "candidate").mkdir(parents=True)
     (report / "report.md").write_text("# GSM8K comparison\n\n| filter | candidate | reference |\n| strict-match | "
                                       "93.6 | 94.0 |\n\nVerdict: pass\n")
-    (report / "report.json").write_text(json.dumps({"comparison": {"verdict": "pass"}}) + "\n")
     (report / "candidate" / "gsm8k.json").write_text(json.dumps({"scores": {"strict-match": {"42": 0.936}}}) + "\n")
-    uploaded = publish_evaluation(str(copy), report, quality="GSM8K strict-match 93.6 vs 94.0: pass.",
-                                  summary={"verdict": "pass"})
+    uploaded = publish_evaluation(str(copy), report, summary={"verdict": "pass"})
     assert "eval/report.md" in uploaded
     verify(str(copy))                                    # the published evaluation verifies as it is
     target = copy / "eval" / "report.md"

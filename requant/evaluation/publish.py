@@ -1,6 +1,7 @@
-"""Attach an evaluation to a published checkpoint: report files under ``eval/``, the model card's Quality
-section, and the manifest, which lists every eval file with its size and sha256 so ``requant verify``
-covers them like the weights. The manifest is rewritten last, as at publish time.
+"""Attach an evaluation to a published checkpoint: report files under ``eval/``, the model card rendered again from
+the checkpoint's facts (:mod:`requant.card`, now with the evaluation), and the manifest, which lists every eval file
+with its size and sha256 so ``requant verify`` covers them like the weights. The manifest is rewritten last, as at
+publish time.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from requant.card import CardFacts, render_card
 from requant.errors import RequantError
-from requant.evaluation.report import fill_quality_section
 from requant.io.safetensors import sha256_file
 from requant.io.storage import open_storage
 from requant.manifest import EVAL_DIR, MANIFEST_FILE, MODEL_CARD, read_manifest, store_manifest
@@ -18,7 +19,9 @@ from requant.manifest import EVAL_DIR, MANIFEST_FILE, MODEL_CARD, read_manifest,
 
 def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
                        summary: dict[str, Any] | None = None, prefix: str = EVAL_DIR) -> list[str]:
-    """Upload ``local_dir`` to ``<uri>/<prefix>/``, replacing an earlier evaluation there; returns object names."""
+    """Upload ``local_dir`` to ``<uri>/<prefix>/``, replacing an earlier evaluation there, and render the model card
+    again; returns object names. ``quality`` is not used any more (the card renders the Quality section from
+    ``eval/report.json`` itself); it stays so that callers passing the old section body keep working."""
     storage = open_storage(uri)
     if not storage.exists(MANIFEST_FILE):
         raise RequantError(f"{storage.uri}: no {MANIFEST_FILE}; evaluate only published checkpoints")
@@ -36,12 +39,11 @@ def publish_evaluation(uri: str, local_dir: Path, quality: str | None = None,
         if name not in uploaded:
             storage.delete(name)
             del outputs[name]
-    if quality is not None:
-        card = fill_quality_section(storage.read_bytes(MODEL_CARD).decode("utf-8"), quality).encode("utf-8")
-        storage.put_bytes(MODEL_CARD, card)
-        outputs[MODEL_CARD] = {"size": len(card), "sha256": hashlib.sha256(card).hexdigest()}
     if summary is not None:
         manifest.setdefault("evaluations", {})[prefix] = summary
+    card = render_card(CardFacts.from_checkpoint(storage, manifest)).encode("utf-8")
+    storage.put_bytes(MODEL_CARD, card)
+    outputs[MODEL_CARD] = {"size": len(card), "sha256": hashlib.sha256(card).hexdigest()}
     manifest["outputs"] = dict(sorted(outputs.items()))
     store_manifest(storage, manifest)
     return uploaded

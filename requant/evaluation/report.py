@@ -1,4 +1,5 @@
-"""Render a :class:`~requant.evaluation.compare.Comparison`: markdown report, table rows, PNG plot, card section.
+"""Render a :class:`~requant.evaluation.compare.Comparison`: markdown report, table rows, PNG plot, card section; and
+read one back from the JSON a report stores (:func:`comparison_from_json`).
 
 Accuracies print as percentages, differences in percentage points (pp). The plot uses matplotlib's Agg
 canvas directly (no pyplot, so no global figure state and nothing ever shown).
@@ -6,8 +7,9 @@ canvas directly (no pyplot, so no global figure state and nothing ever shown).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,6 @@ from matplotlib.figure import Figure
 from requant.errors import RequantError
 from requant.evaluation.compare import PAIRED_TESTS, Comparison, FilterComparison, VariantScores
 
-QUALITY_HEADING = re.compile(r"^## Quality[ \t]*$", re.MULTILINE)
-NEXT_SECTION = re.compile(r"^## ", re.MULTILINE)
 CANDIDATE_COLOR, REFERENCE_COLOR = "#1f77b4", "#9a9a9a"
 
 
@@ -121,7 +121,8 @@ def _verdict_lines(c: Comparison) -> list[str]:
     return lines
 
 
-def _smoke_lines(smoke: dict[str, Any] | None, heading: str) -> list[str]:
+def smoke_lines(smoke: dict[str, Any] | None, heading: str) -> list[str]:
+    """The smoke test's result under a ``heading`` ("##", "###") and one line per check; [] without one."""
     if smoke is None:
         return []
     if not isinstance(smoke, dict) or "passed" not in smoke or not isinstance(smoke.get("checks", []), list):
@@ -144,7 +145,7 @@ def markdown(comparison: Comparison, smoke: dict[str, Any] | None = None) -> str
         for fc in c.filters:
             scores = getattr(fc, v)
             lines.append(f"| {scores.variant} ({v}) | {fc.filter} | {_acc(scores)} | {_per_seed(scores)} |")
-    lines += ["", *_tests_table(c), "", *_verdict_lines(c), *_smoke_lines(smoke, "##")]
+    lines += ["", *_tests_table(c), "", *_verdict_lines(c), *smoke_lines(smoke, "##")]
     return "\n".join(lines) + "\n"
 
 
@@ -162,24 +163,39 @@ def quality_section(comparison: Comparison, smoke: dict[str, Any] | None = None,
     lines += ["", *_verdict_lines(c)]
     if figure:
         lines += ["", f"![GSM8K accuracy per seed]({figure})"]
-    lines += _smoke_lines(smoke, "###")
+    lines += smoke_lines(smoke, "###")
     return "\n".join(lines) + "\n"
 
 
-def fill_quality_section(card_text: str, section_body: str) -> str:
-    """Replace the body of the card's ``## Quality`` section (up to the next ``## `` heading or the end)."""
-    headings = list(QUALITY_HEADING.finditer(card_text))
-    if not headings:
-        raise RequantError("model card has no '## Quality' section to fill; regenerate the card with requant")
-    if len(headings) > 1:
-        raise RequantError(f"model card has {len(headings)} '## Quality' sections; expected exactly one")
-    if NEXT_SECTION.search(section_body):
-        raise RequantError("quality section body contains a '## ' heading; use '###' or deeper inside the section")
-    start = headings[0].end()
-    following = NEXT_SECTION.search(card_text, start)
-    end = following.start() if following else len(card_text)
-    body = "\n\n" + section_body.strip("\n") + "\n" + ("\n" if following else "")
-    return card_text[:start] + body + card_text[end:]
+def comparison_from_json(data: Any, where: str = "report.json") -> Comparison:
+    """The :class:`Comparison` whose :meth:`~Comparison.to_json` is ``data`` (undefined statistics, stored as null,
+    come back as NaN; fields a report of an earlier requant lacks take their defaults)."""
+    try:
+        return _rebuild(Comparison, data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RequantError(f"{where}: not a comparison requant wrote ({type(exc).__name__}: {exc})") from exc
+
+
+def _rebuild(kind: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise TypeError(f"{kind.__name__} needs an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _rebuild(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+                       if f.name in value or f.default is dataclasses.MISSING})
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        return tuple(_rebuild(typing.get_args(kind)[0], v) for v in value)
+    if kind is float:
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return value
 
 
 def table_rows(comparison: Comparison) -> list[dict[str, Any]]:

@@ -270,44 +270,12 @@ def test_plot_writes_a_valid_png(failing, tmp_path):
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 20  # not a blank canvas
 
 
-CARD = """# moonshotai/Kimi-K2.6 — kimi-k2.6-mxfp4
-
-## Recipe
-
-Routed experts MXFP4.
-
-## Quality
-
-Not evaluated yet.
-
-## Provenance
-
-Inputs, outputs, hashes: `requant_manifest.json`.
-"""
-
-
-def test_fill_quality_section_replaces_only_that_section(failing):
-    body = report.quality_section(failing, SMOKE, figure="gsm8k.png")
+def test_quality_section_is_a_card_section_body(failing):
+    """The body the model card (requant.card) puts under its ``## Quality`` heading: no heading of that level."""
+    body = report.quality_section(failing, SMOKE, figure="eval/gsm8k.png")
     assert not any(line.startswith("## ") for line in body.splitlines())
-    filled = report.fill_quality_section(CARD, body)
-    before = CARD.split("## Quality")[0]
-    assert filled.startswith(before + "## Quality\n\nGSM8K against `fp8-reference`")
-    assert filled.endswith("\n\n## Provenance\n\nInputs, outputs, hashes: `requant_manifest.json`.\n")
-    assert "Not evaluated yet." not in filled and "![GSM8K accuracy per seed](gsm8k.png)" in filled
-    assert "### Smoke test: FAILED" in filled
-    # Filling again replaces the previous body instead of stacking.
-    refilled = report.fill_quality_section(filled, "Re-run pending.")
-    assert refilled == CARD.replace("Not evaluated yet.", "Re-run pending.")
-    # Quality as the last section.
-    last = "# card\n\n## Quality\n\nNot evaluated yet.\n"
-    assert report.fill_quality_section(last, "New.\n") == "# card\n\n## Quality\n\nNew.\n"
-
-
-def test_fill_quality_section_errors():
-    with pytest.raises(RequantError, match="no '## Quality' section"):
-        report.fill_quality_section("# card\n\n### Quality\n\n## Quality notes\n", "x")
-    with pytest.raises(RequantError, match="'## ' heading"):
-        report.fill_quality_section(CARD, "text\n\n## Other\n")
+    assert body.startswith("GSM8K against `fp8-reference`") and "![GSM8K accuracy per seed](eval/gsm8k.png)" in body
+    assert "### Smoke test: FAILED" in body and "**Gate: FAIL.**" in body
 
 
 # ---------------------------------------------------------------- floor and power
