@@ -12,7 +12,6 @@ Ray cluster is the ``requantize`` flow (``flows/requantize.py``), which takes th
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,9 +61,9 @@ def plan(source: str, recipe: str = DEFAULT_RECIPE, quark_version: str | None = 
 class EvalOptions:
     """How a candidate is judged against its reference: ``engine`` (a name in requant/engines/engines.yaml) serves
     both; GSM8K runs ``seeds`` with ``num_fewshot`` examples over ``limit`` items (None: all) of ``gsm8k_dir``
-    (None: the copy found beside the checkout; ``requant:trained``: the trained model's task); ``gate``: a gate
-    YAML (None: the built-in one); ``out_dir``: where the servers' logs and lm-eval's outputs go (None: a temporary
-    directory, removed afterwards)."""
+    (None: the copy found beside the checkout, else the hub's; ``requant:trained``: the trained model's task);
+    ``gate``: a gate YAML (None: the built-in one); ``out_dir``: where the servers' logs and lm-eval's outputs go
+    (None: a temporary directory, removed afterwards)."""
 
     engine: str = "reference"
     seeds: tuple[int, ...] = (42, 1234, 7777)
@@ -77,33 +76,24 @@ class EvalOptions:
 
 
 def evaluate(candidate: str, reference: str, options: EvalOptions | None = None, **fields: Any):
-    """Serve ``candidate`` and ``reference`` (checkpoints: directories or s3://), smoke-test the candidate against
-    the reference, and if it passes run GSM8K on both and compare them with the gate. Returns a
-    :class:`requant.evaluation.judge.Judgement` (``smoke``, ``result``, ``comparison``; ``stopped`` when the smoke
-    test failed)."""
-    from requant.engines.engines import launch, load_engines
-    from requant.engines.smoke import load_limits, task_prompts
-    from requant.evaluation.compare import compare, load_gate
-    from requant.evaluation.judge import Protocol, evaluate_reference, judge
+    """What ``requant evaluate`` and the evaluate flow do (:func:`requant.evaluation.run.evaluate_checkpoint`): serve
+    the published checkpoints ``candidate`` and ``reference`` (directories or s3://), smoke-test the candidate
+    against the reference, and if it passes run GSM8K on both (the reference's run reused when it is cached in its
+    ``eval/``) and compare them with the gate; the report is published into the candidate (``eval/``, its manifest,
+    its model card). Returns a :class:`requant.evaluation.run.EvaluationResult` (``smoke``, ``comparison``,
+    ``verdict``, ``scores``, where the report is; ``stopped`` when the smoke test failed). A failed smoke test or
+    gate is returned, not raised; bad input (an unpublished checkpoint, an unknown engine) raises."""
+    from requant.evaluation.downstream import EvalSettings
+    from requant.evaluation.run import Checks, Serving, Variant, default_gsm8k_dir, evaluate_checkpoint
 
     opts = _options(EvalOptions, options, fields)
-    protocol = Protocol(opts.gsm8k_dir, tuple(opts.seeds), opts.limit, opts.num_fewshot)
-    spec = load_engines()[opts.engine]
+    settings = EvalSettings(tuple(opts.seeds), opts.num_fewshot, opts.limit, default_gsm8k_dir(opts.gsm8k_dir))
     with tempfile.TemporaryDirectory(prefix="requant-evaluate-") as scratch:
         work = Path(opts.out_dir or scratch)
-        with launch(spec, reference, served_model_name="reference", log_dir=work / "logs" / "reference",
-                    max_model_len=opts.max_model_len) as ref_server:
-            reference_result = evaluate_reference(ref_server, protocol, work / "reference")
-            with launch(spec, candidate, served_model_name="candidate", log_dir=work / "logs" / "candidate",
-                        max_model_len=opts.max_model_len) as server:
-                judgement = judge(server, ref_server, reference_result, protocol, work / "candidate",
-                                  limits=load_limits(),
-                                  prompts=task_prompts(opts.gsm8k_dir) if opts.gsm8k_dir else None,
-                                  checkpoints=(candidate, reference))
-    if judgement.result is not None and opts.gate is not None:
-        judgement = dataclasses.replace(judgement, comparison=compare(judgement.result, reference_result,
-                                                                      load_gate(opts.gate)))
-    return judgement
+        work.mkdir(parents=True, exist_ok=True)
+        return evaluate_checkpoint(Variant(candidate), Variant(reference), settings, work,
+                                   serving=Serving(opts.engine, max_model_len=opts.max_model_len),
+                                   checks=Checks(opts.gate), progress=False)
 
 
 __all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "VerifySummary",

@@ -1,6 +1,9 @@
 """What the evaluation flow decides for one served candidate: the smoke test, then (only if it passed) GSM8K
-and the gate's comparison. One helper for the measurements (``dev/measure_trained.py``) and the tests, which
-need the same sequence without Prefect; the flow itself (``flows/evaluate.py``) runs the same calls as tasks.
+and the gate's comparison, against a reference server already running and its result already computed, with
+nothing published. One helper for the measurements (``dev/measure_trained.py``) and the trained-model tests, which
+judge many variants against one reference server (and score variants the smoke test stopped). The flow,
+``requant evaluate`` and ``requant.evaluate`` run the whole downstream, publishing included, through
+:func:`requant.evaluation.run.evaluate_checkpoint`.
 """
 
 from __future__ import annotations
