@@ -60,3 +60,13 @@ class Evaluation(_Group):
     gate: str | None = Field(None, description="A gate YAML (default: the built-in gate)")
     engine_on_ray: bool = Field(False, description="Start each engine in a Ray actor on a cluster node")
     tp: int = Field(1, ge=1, description="Tensor parallelism of each engine")
+
+
+class Release(_Group):
+    """How the checkpoint goes to the Hub when the run names ``release_to`` (what `requant release` takes)."""
+
+    private: bool = Field(False, description="Create the repository private (no effect when it exists)")
+    create_pr: bool = Field(False, description="Open a pull request instead of committing to the branch")
+    overwrite: bool = Field(False, description="Replace a branch that holds another model's files")
+    force: str | None = Field(None, description="Release although the evaluation did not PASS, giving the reason the "
+                                                "model card shows (default: refuse)")

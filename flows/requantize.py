@@ -29,7 +29,7 @@ from tqdm import tqdm
 from requant import run
 from requant.api import DEFAULT_RECIPE
 from requant.errors import RequantError, VerifyError
-from requant.flows.parameters import Cluster, Conversion, Evaluation
+from requant.flows.parameters import Cluster, Conversion, Evaluation, Release
 from requant.flows.runtime import EnvRayTaskRunner
 from requant.io.hf import pin_upstream
 from requant.io.storage import open_storage
@@ -59,12 +59,13 @@ class RequantizeResult:
     reference: ConvertSummary | None = None
     evaluation: dict[str, Any] | None = None
     mirror: dict[str, Any] | None = None
+    release: Any = None  # requant.release.ReleaseResult with ``release_to``
 
 
 @flow(name="requantize", task_runner=EnvRayTaskRunner(), log_prints=True)
 def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, conversion: Conversion = Conversion(),
-               cluster: Cluster = Cluster(), evaluation: Evaluation = Evaluation(),
-               progress: bool = True) -> RequantizeResult:
+               cluster: Cluster = Cluster(), evaluation: Evaluation = Evaluation(), release_to: str | None = None,
+               release: Release = Release(), progress: bool = True) -> RequantizeResult:
     """Convert ``upstream`` (a directory, s3://bucket/prefix or hf://org/repo@revision) with ``recipe`` into
     ``output`` (a directory or s3://); then, with ``evaluation.enabled``, produce or reuse the reference variant
     (default: beside ``output``) and run the smoke test and the GSM8K comparison (the evaluate flow).
@@ -73,7 +74,13 @@ def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, convers
     verified and reused; one that holds another run's is replaced, or with ``conversion.overwrite`` False refused
     before any job runs. An ``hf://`` upstream is pinned to the commit its branch names when the run starts; with
     ``conversion.mirror`` that revision is first copied there (the mirror-upstream flow) and converted from the
-    copy. The groups' fields are described in :mod:`requant.flows.parameters`."""
+    copy. With ``release_to`` (``hf://ORG/REPO[@BRANCH]``) a checkpoint whose evaluation PASSed is then released there
+    (requant.release), and a refused one says why beside the checkpoint. The groups' fields are described in
+    :mod:`requant.flows.parameters`."""
+    if release_to:
+        from requant.release import parse_target
+
+        parse_target(release_to)  # a malformed target fails before any job runs
     mirrored = None
     if conversion.mirror:  # hf:// copied once into object storage, then every conversion reads the copy
         if not upstream.startswith("hf://"):
@@ -89,7 +96,7 @@ def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, convers
     result = RequantizeResult(_convert(upstream, output, recipe, revision, meta, conversion, cluster, progress,
                                        "requantize"), mirror=mirrored)
     if not evaluation.enabled:
-        return result
+        return _release(result, output, release_to, release) if release_to else result
     from requant.flows.evaluate import evaluate as evaluate_flow  # scipy, matplotlib, lm-eval: only when evaluating
 
     reference_output = evaluation.reference_output or f"{output.rstrip('/').rsplit('/', 1)[0]}/{evaluation.reference_recipe}"
@@ -98,10 +105,53 @@ def requantize(upstream: str, output: str, recipe: str = DEFAULT_RECIPE, convers
                            f"evaluation.reference_output")
     reference = _convert(upstream, reference_output, evaluation.reference_recipe, revision, meta, conversion, cluster,
                          progress, "reference")
-    summary = evaluate_flow(output, reference_output, engine=evaluation.engine, seeds=list(evaluation.seeds),
-                            limit=evaluation.limit, gsm8k_dir=evaluation.gsm8k_dir, gate=evaluation.gate,
-                            progress=progress, engine_on_ray=evaluation.engine_on_ray, tp=evaluation.tp)
-    return dataclasses.replace(result, reference=reference, evaluation=summary)
+    try:
+        summary = evaluate_flow(output, reference_output, engine=evaluation.engine, seeds=list(evaluation.seeds),
+                                limit=evaluation.limit, gsm8k_dir=evaluation.gsm8k_dir, gate=evaluation.gate,
+                                progress=progress, engine_on_ray=evaluation.engine_on_ray, tp=evaluation.tp)
+    except RequantError as exc:
+        if not release_to:
+            raise
+        if not release.force:
+            _refuse(output, release_to, exc)
+            raise
+        get_run_logger().warning("evaluation stopped (%s); releasing anyway, forced: %s", exc, release.force)
+        summary = {"failed": str(exc)}
+    result = dataclasses.replace(result, reference=reference, evaluation=summary)
+    return _release(result, output, release_to, release) if release_to else result
+
+
+def _release(result: RequantizeResult, output: str, release_to: str, options: Release) -> RequantizeResult:
+    """The release step: after the gate, the checkpoint to the Hub; its commit as an artifact."""
+    from requant.release import ReleaseOptions
+    from requant.tasks.release import release_checkpoint
+
+    with phase(f"release {output} to {release_to}") as shown:
+        released = release_checkpoint(output, release_to, ReleaseOptions(
+            private=options.private, create_pr=options.create_pr, force=options.force, overwrite=options.overwrite))
+        shown.result(released.record.describe())
+    get_run_logger().info("%s: %s", release_to, released.record.describe())
+    create_link_artifact(released.pull_request or released.url, link_text=f"release on the Hub ({release_to})",
+                         key="release", description=f"commit {released.commit}")
+    return dataclasses.replace(result, release=released)
+
+
+def _refuse(output: str, release_to: str, exc: RequantError) -> None:
+    """The evaluation stopped the run: record beside the checkpoint that it was not released, and why."""
+    from requant.release import evaluation_verdict
+    from requant.tasks.release import record_refusal
+
+    try:
+        verdict = evaluation_verdict(_manifest(output))
+    except (RequantError, OSError, ValueError):
+        verdict = "NOT-EVALUATED"
+    record_refusal(output, release_to, verdict, f"evaluation {verdict}: {exc}")
+
+
+def _manifest(output: str) -> dict:
+    from requant.manifest import read_manifest
+
+    return read_manifest(open_storage(output))
 
 
 def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta: dict, conversion: Conversion,

@@ -19,6 +19,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
+from requant.errors import RequantError
+from requant.io.storage import open_storage
+from requant.release.record import latest_record
 from requant.watch import Attempt, Decision, Ledger, content_fingerprint, decide, latest_revision
 
 
@@ -106,12 +109,23 @@ def _converted_twin(book: Ledger, revision: str, fingerprint: str | None, max_at
     return None
 
 
+def _release_state(output: str | None) -> str:
+    """What the run's release step recorded beside its checkpoint: the commit URL, or why it was not released."""
+    if not output:
+        return ""
+    try:
+        record = latest_record(open_storage(output))
+    except (RequantError, OSError, ValueError):
+        return ""
+    return record.describe() if record else ""
+
+
 def _ledger_artifact(book: Ledger) -> None:
     rows = []
     for revision in book.revisions():
         if same := book.unchanged(revision):
             rows.append({"revision": revision, "state": f"weights unchanged since {same['same_as']}", "attempt": 0,
-                         "flow_run": "", "output": same["output"] or "", "claimed_by": "",
+                         "flow_run": "", "output": same["output"] or "", "release": "", "claimed_by": "",
                          "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(same["recorded_at"]))})
             continue
         attempts = book.attempts(revision)
@@ -119,5 +133,6 @@ def _ledger_artifact(book: Ledger) -> None:
         for a in attempts:
             rows.append({"revision": revision, "state": states.get(a.flow_run_id or "", "not started"),
                          "attempt": a.number, "flow_run": a.flow_run_id or "", "output": a.output or "",
+                         "release": _release_state(a.output),
                          "claimed_by": a.watcher, "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.claimed_at))})
     create_table_artifact(rows, key="upstream-ledger", description=f"conversion attempts per upstream revision ({book.uri})")

@@ -29,6 +29,15 @@ def is_run_state(name: str) -> bool:
     return name.startswith(f"{RUN_STATE_DIR}/")
 
 
+HUB_HOUSEKEEPING = (".gitattributes",)  # what a Hub repository holds beside a release (the Hub writes it)
+HUB_DOWNLOAD_STATE = ".cache/huggingface/"  # what huggingface_hub keeps in a download's local_dir
+
+
+def is_hub_housekeeping(name: str) -> bool:
+    """A file a Hub repository or a download of it holds that is no part of the checkpoint."""
+    return name in HUB_HOUSEKEEPING or name.startswith(HUB_DOWNLOAD_STATE)
+
+
 def is_evaluation(name: str) -> bool:
     return name.startswith(f"{EVAL_DIR}/")
 

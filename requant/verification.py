@@ -18,7 +18,7 @@ from requant.errors import CheckpointError, VerifyError
 from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, WEIGHT_FORMATS, weight_formats
 from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
-from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_run_state, sealed_as_stored
+from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_hub_housekeeping, is_run_state, sealed_as_stored
 from requant.quark_config import ENGINE_FUSED_MODULES
 from requant.recipe import resolve_target
 
@@ -76,7 +76,7 @@ def _check_files(storage, manifest: dict, problems: list[str], digests: Mapping[
         elif (digests.get(rel) or storage.sha256(rel)) != info["sha256"]:
             problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
     for rel in sorted(present - set(listed) - {MANIFEST_FILE}):
-        if not is_run_state(rel):
+        if not (is_run_state(rel) or is_hub_housekeeping(rel)):
             problems.append(f"{storage.uri}/{rel}: not listed in the manifest")
 
 

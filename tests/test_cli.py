@@ -41,7 +41,8 @@ def test_the_full_parser_lists_each_command_once():
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     assert list(commands.choices) == ["synth", "convert", "mirror", "hub", "verify", "recipes", "bench", "serve",
-                                      "smoke", "localize", "eval", "engine-probe", "compare"]
+                                      "smoke", "localize", "eval", "evaluate", "release", "engine-probe",
+                                      "compare"]
     assert "requant bench serve" in {name for name, _ in _leaves(parser, "requant")}
 
 

@@ -20,10 +20,12 @@ from requant.cli import (
     convert,
     engine_probe,
     evaluate,
+    evaluate_checkpoint,
     hub,
     localize,
     mirror,
     recipes,
+    release,
     serve,
     smoke,
     synth,
@@ -33,8 +35,8 @@ from requant.cli.convert import ConvertFlow
 from requant.errors import ProblemsError, RequantError
 
 # The commands in the order ``requant --help`` lists them.
-COMMANDS = (synth, convert, mirror, hub, verify, recipes, bench, serve, smoke, localize, evaluate, engine_probe,
-            compare)
+COMMANDS = (synth, convert, mirror, hub, verify, recipes, bench, serve, smoke, localize, evaluate, evaluate_checkpoint,
+            release, engine_probe, compare)
 
 __all__ = ["COMMANDS", "ConvertFlow", "build_parser", "main"]
 

@@ -206,6 +206,12 @@ class S3Storage:
     def read_bytes(self, path: str) -> bytes:
         return self._call(path, lambda: self.s3.get_object(Bucket=self.bucket, Key=self.key(path))["Body"].read())
 
+    def open_body(self, path: str, start: int = 0):
+        """The object from byte ``start`` to its end as a streaming body (``read``, ``close``): one GET, read as it
+        goes (:mod:`requant.io.stream`)."""
+        return self._call(path, lambda: self.s3.get_object(Bucket=self.bucket, Key=self.key(path),
+                                                           Range=f"bytes={start}-")["Body"])
+
     def exists(self, path: str) -> bool:
         return self.head(path) is not None
 
