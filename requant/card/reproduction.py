@@ -1,0 +1,48 @@
+"""The card's Reproduction section: the command that converts the upstream again, and the configuration it writes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from requant.card.derived import FORMAT_LABELS, builtin_recipe
+from requant.card.facts import CardFacts
+from requant.formats.table import DEFAULT_QUARK
+
+
+def convert_command(manifest: dict[str, Any]) -> str:
+    up, recipe = manifest["upstream"], manifest["recipe"]
+    pinned = up.get("uri", "").startswith("hf://") and up.get("revision") not in (None, "local")
+    src = f"hf://{up['id']}@{up['revision']}" if pinned else up.get("uri", "UPSTREAM")
+    builtin = recipe.get("source") == f"builtin:{recipe['name']}"
+    args = ["requant", "convert", src, f"out/{recipe['name']}", "--recipe",
+            recipe["name"] if builtin else recipe.get("source", recipe["name"]),
+            "--quark-version", recipe.get("quark_version", DEFAULT_QUARK)]
+    if not recipe.get("fused_excludes", True):
+        args.append("--no-fused-excludes")
+    if manifest.get("unverified_inputs"):
+        args.append("--unverified")
+    if not pinned:
+        args += ["--upstream-id", up.get("id", "?"), *(["--revision", up["revision"]] if up.get("revision") else [])]
+    return " ".join(args)
+
+
+def section(facts: CardFacts) -> list[str]:
+    m = facts.manifest
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((m.get("versions") or {}).items()))
+    lines = ["## Reproduction", "", f"Upstream: `{m['upstream'].get('id')}` at commit `{m['upstream'].get('revision')}`. "
+             f"Converted with {versions}:", "", "```bash", convert_command(m), "```", "",
+             f"The tensors equal AMD Quark {m['recipe'].get('quark_version', DEFAULT_QUARK)}'s file-to-file export of "
+             "the same upstream byte for byte (requant's tests compare them with Quark's own output)."]
+    quant = facts.config.get("quantization_config")
+    if quant is not None:
+        lines += ["", f"<details><summary>The <code>quantization_config</code> of <code>config.json</code> "
+                      f"({len(quant.get('exclude', ()))} excluded modules)</summary>", "",
+                  "```json", json.dumps(quant, indent=2), "```", "", "</details>"]
+    builtin = builtin_recipe(m["recipe"])
+    if builtin and builtin[1].quark and m["recipe"]["format"] in FORMAT_LABELS:
+        q = builtin[1].quark
+        extra = f", layer_config {dict(q.layer_config)}" if q.layer_config else ""
+        lines += ["", f"The Quark 0.11 equivalent (LLMTemplate `kimi_k25`): scheme `{q.scheme}`, exclude "
+                      f"{', '.join(f'`{p}`' for p in q.exclude)}{extra}."]
+    return lines
