@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-serve device-check device-wheels bench-flow gate-simulation results clean
+.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -188,6 +188,12 @@ bench-layer: install
 bench-hub: install
 	$(BIN)/requant bench hub --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
+# k26-layer (RELEASE_EXPERTS of 384) converted, put in S3 and released to the local Hub against a plain upload of
+# the same files: MB/s, peak RSS and local disk written, results/release.md.
+RELEASE_EXPERTS ?= 48
+bench-release: install
+	$(BIN)/requant bench release --experts $(RELEASE_EXPERTS) --out results $(BENCH_ARGS)
+
 # The GPU path in one run (issue 26): layer jobs with --device cuda vs the CPU (byte-identical, verify, GB/s,
 # memory) and the trained model served on the GPU vs the CPU. On this machine it runs on the CPU. For a bare GPU
 # machine: make device-wheels here, carry .device-wheels, and run there
@@ -206,10 +212,10 @@ bench-flow: install
 	$(BIN)/python -m dev.bench flow --out results
 
 # Every writer of results/ again, one after another (hours; the docs mark a figure whose measured code changed since
-# its commit): make bench (kernels, checkpoint, then the peers), bench-layer, bench-hub, bench-serve, bench-flow,
+# its commit): make bench (kernels, checkpoint, then the peers), bench-layer, bench-hub, bench-release, bench-serve, bench-flow,
 # device-check (its CPU lane on a machine without a GPU), measure-trained, gate-simulation, hardening. A failed one
 # does not stop the rest; they are named at the end.
-RESULTS_TARGETS := bench bench-layer bench-hub bench-serve bench-flow device-check measure-trained gate-simulation \
+RESULTS_TARGETS := bench bench-layer bench-hub bench-release bench-serve bench-flow device-check measure-trained gate-simulation \
   hardening
 results: install
 	@failed=; for t in $(RESULTS_TARGETS); do $(MAKE) --no-print-directory $$t || failed="$$failed $$t"; done; \

@@ -42,6 +42,7 @@ RESULTS = {
     "flow": ("flow.json", "make bench-flow", "dev.bench:render"),
     "serve": ("serve.json", "make bench-serve", "requant.bench.serve:format_results"),
     "hub": ("hub.json", "make bench-hub", "requant.bench.hub:render"),
+    "release": ("release.json", "make bench-release", "requant.bench.release:render"),
     "device-check": ("device-check.json", "make device-check", "infra/device_check.py:table"),
     "trained": ("trained/results.json", "make measure-trained", "dev.measure_trained:table"),
     "gate-simulation": ("gate-simulation.json", "make gate-simulation", "dev.gate_simulation:table"),

@@ -1,4 +1,4 @@
-"""``requant bench conversion|layer|peers|hub|serve``: the library's benchmarks, one subcommand each.
+"""``requant bench conversion|layer|peers|hub|release|serve``: the library's benchmarks, one subcommand each.
 
 Each subcommand owns its options, so none of them is a mode flag of another; the subcommand names the module of
 ``requant.bench`` that measures it. The benchmarks that need the flow (S3 + Ray) are ``python -m dev.bench``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-SUBCOMMANDS = ("conversion", "layer", "peers", "hub", "serve")
+SUBCOMMANDS = ("conversion", "layer", "peers", "hub", "release", "serve")
 # Benchmark modes that were flags or a command of their own, and what replaced them (for a one-line pointer).
 RENAMED = {"bench-serve": "bench serve", "--layer": "bench layer", "--peers": "bench peers", "--hub": "bench hub"}
 
@@ -55,6 +55,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     _out(hu, "hub")
     hu.set_defaults(run=run_hub)
 
+    re = sub.add_parser("release", help="k26-layer released from S3 to requant's local Hub against a plain upload of "
+                                        "the same files: MB/s, peak RSS, local disk written")
+    _experts(re, default=48)
+    re.add_argument("--tmpfs", default="/dev/shm", help="where S3, the Hub and the checkpoint keep their bytes")
+    _out(re, "release")
+    re.set_defaults(run=run_release)
+
     sv = sub.add_parser("serve", help="reference-server tokens/s per variant and lm-eval time per 100 items")
     _out(sv, "serve")
     sv.add_argument("--eval-items", type=int, default=20, help="GSM8K items for the lm-eval timing (0 = skip)")
@@ -63,8 +70,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     sv.set_defaults(run=run_serve)
 
 
-def _experts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experts", type=int, default=96, help="routed experts (384 = a whole K2.6 layer, 10.8 GB)")
+def _experts(p: argparse.ArgumentParser, default: int = 96) -> None:
+    p.add_argument("--experts", type=int, default=default, help="routed experts (384 = a whole K2.6 layer, 10.8 GB)")
 
 
 def _tmpfs(p: argparse.ArgumentParser) -> None:
@@ -113,6 +120,13 @@ def run_hub(args: argparse.Namespace) -> int:
     from requant.bench.hub import run_hub_bench
 
     run_hub_bench(args.experts, args.tmpfs, args.out)
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from requant.bench.release import run_release_bench
+
+    run_release_bench(args.experts, args.tmpfs, args.out)
     return 0
 
 

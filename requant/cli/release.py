@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.changed:
         print(f"unchanged: {result.target.uri} already holds this checkpoint at commit {result.commit} ({result.url})")
         return 0
-    sent = f"{result.files_sent} files sent ({result.bytes_sent / 1e9:.2f} GB by LFS)"
+    sent = f"{len(result.sent)} files sent ({result.bytes_sent / 1e9:.2f} GB by LFS)"
     deleted = f", {len(result.deleted)} stale files deleted" if result.deleted else ""
     if result.pull_request:
         print(f"pull request: {result.pull_request} (commit {result.commit}; {sent}{deleted}), verified")

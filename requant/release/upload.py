@@ -79,7 +79,7 @@ class ReleaseResult:
     changed: bool
     pull_request: str | None = None
     forced: str | None = None
-    files_sent: int = 0
+    sent: tuple[str, ...] = ()      # the files this release read and handed to the Hub (the rest it already held)
     bytes_sent: int = 0
     deleted: tuple[str, ...] = field(default_factory=tuple)
 
@@ -179,7 +179,7 @@ def _release(storage, manifest: dict, gate: GateDecision, target: ReleaseTarget,
     _verify_commit(api, target, commit, files, storage)
     return ReleaseResult(target, commit, info.commit_url, gate.verdict, changed=True,
                          pull_request=info.pr_url if options.create_pr else None, forced=gate.forced,
-                         files_sent=len(operations), bytes_sent=sent, deleted=tuple(deletes))
+                         sent=tuple(op.path_in_repo for op in operations), bytes_sent=sent, deleted=tuple(deletes))
 
 
 def _description(gate: GateDecision) -> str:

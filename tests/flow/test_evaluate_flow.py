@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import requant
 from requant.evaluation.gsm8k import TRAINED_TASK, find_local_gsm8k
 from requant.io.s3 import S3Storage
 from requant.manifest import MANIFEST_FILE
@@ -63,19 +64,25 @@ def _scan_for_secrets(prefixes, secrets) -> list[str]:
     return hits
 
 
-def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, s3_trained, clean_prefix, monkeypatch):
+def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, s3_trained, local_hub, clean_prefix,
+                                                       monkeypatch, tmp_path):
     """The trained model's INT4 upstream on its own task (the flow-run default): the reference answers, so the
     gate decides (PASS or FAIL, never INCONCLUSIVE) and says how small a drop it could have seen. Also with an
     API key on the engines (lm-eval and the smoke test must authenticate). The session's S3 server enforces
     its own identity, so the engines the flow launches read s3:// only if they get the flow's credentials;
-    neither that secret nor the API key may appear in any object, artifact or log afterwards."""
+    neither that secret nor the API key may appear in any object, artifact or log afterwards. With ``release_to``
+    the PASS is released from S3 to the local Hub: the download verifies, its card's numbers are the evaluation's,
+    and the second run releases nothing new."""
+    from huggingface_hub import HfApi, ModelCard, snapshot_download
+
     from requant.flows.requantize import requantize
 
     monkeypatch.setenv("REQUANT_API_KEY", FAKE_API_KEY)
 
     output = f"{clean_prefix}/kimi-k2.6-mxfp4"
+    repo = f"testorg/release-{clean_prefix.rsplit('/', 1)[-1]}"
     summary = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
-                         evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK})
+                         evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK}, release_to=f"hf://{repo}")
     reference = f"{clean_prefix}/fp8-reference"
     assert summary.reference.output == reference and not summary.reference.reused
     ev = summary.evaluation
@@ -106,13 +113,33 @@ def test_requantize_evaluates_against_the_fp8_reference(prefect_api, s3_server, 
     assert len(json.loads(arts["gsm8k-scores"].data)) >= 2
     assert "/eval/gsm8k.png)" in arts["gsm8k-plot"].data
 
-    # A second run reuses both published checkpoints (same run keys) and the reference's GSM8K result.
+    # The release: from S3 to the local Hub, one commit that downloads as the manifest says and verifies.
+    released = summary.release
+    assert released.changed and released.verdict == verdict == "PASS"
+    hub = HfApi(endpoint=local_hub.url, token=local_hub.token)
+    assert [c.commit_id for c in hub.list_repo_commits(repo)][0] == released.commit
+    download = Path(snapshot_download(repo, revision=released.commit, endpoint=local_hub.url, token=local_hub.token,
+                                      local_dir=tmp_path / "release"))
+    verify(str(download))
+    released_manifest = json.loads((download / MANIFEST_FILE).read_text())
+    assert released_manifest["evaluations"]["eval"]["scores"] == ev["scores"]
+    card = ModelCard.load(download / "README.md")
+    assert card.data.base_model_relation == "quantized" and repo in card.text
+    for scores in ev["scores"].values():
+        assert f"{100 * scores['candidate']:.2f}" in card.text and f"{100 * scores['reference']:.2f}" in card.text
+    link = _latest_artifacts(["release"])["release"]
+    assert released.commit in str(link.description) and local_hub.token not in card.text
+
+    # A second run reuses both published checkpoints (same run keys) and the reference's GSM8K result; the candidate
+    # is evaluated again (new report files), so the release commits those and reads or sends no weight shard.
     again = requantize(upstream=s3_trained, output=output, recipe="kimi-k2.6-mxfp4", progress=False,
-                       evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK})
+                       evaluation={"limit": EVAL_ITEMS, "gsm8k_dir": TRAINED_TASK}, release_to=f"hf://{repo}")
     assert again.conversion.reused and again.reference.reused
     assert again.evaluation["scores"] == ev["scores"]
+    assert again.release.changed and not any(name.endswith(".safetensors") for name in again.release.sent)
+    assert [c.commit_id for c in hub.list_repo_commits(repo)][:2] == [again.release.commit, released.commit]
     verify(output)
-    assert _scan_for_secrets([output, reference], (FAKE_API_KEY, s3_server.secret_key)) == []
+    assert _scan_for_secrets([output, reference], (FAKE_API_KEY, s3_server.secret_key, local_hub.token)) == []
 
 
 def test_engines_run_as_ray_actors_on_the_cluster(prefect_api, ray_cluster, tiny_upstream, tmp_path):
@@ -199,6 +226,21 @@ def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, t
     assert "GSM8K gate failed" in state.message and "is significant" in state.message, state.message
     report = json.loads((candidate / "eval" / "report.json").read_text())
     assert report["comparison"]["verdict"] == "FAIL" and report["smoke"]["passed"]
+
+    # the FAIL is not released: one line, nothing on the Hub, the refusal recorded beside the checkpoint
+    from huggingface_hub import HfApi
+
+    from requant.errors import RequantError
+    from requant.release import read_records, release
+    from requant.testing.hubserver import serve_hub
+
+    with serve_hub(tmp_path / "hub") as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", hub.url)
+        mp.setenv("HF_TOKEN", "hf_any_write_token")
+        with pytest.raises(RequantError, match="not released: its GSM8K evaluation failed the gate"):
+            release(str(candidate), "hf://acme/failed")
+        assert not HfApi(endpoint=hub.url, token=False).repo_exists("acme/failed")
+    assert read_records(requant.open_storage(str(candidate)))[-1].refused
 
 
 def test_the_candidate_through_vllm_cpu_against_a_reference_on_requant_serve(prefect_api, tiny_upstream, tmp_path):
