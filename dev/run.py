@@ -7,7 +7,9 @@ instead), runs the requantize flow on ``hf://synthetic/<profile>@main`` (the pat
 with the seed card's recipe (verified), produces or reuses the fp8-reference variant, smoke-tests the candidate on
 the reference server and compares both on GSM8K (the trained profile: on its own GSM8K-format task), then prints
 the comparison table, the verdict with the
-smallest drop it could have detected, and where the report is.
+smallest drop it could have detected, and where the report is. A PASS is then released to the local Hub as
+``requant-local/<profile>-<recipe>`` (one commit, verified; ``--no-release`` skips it) and the release's URL printed.
+The local Hub keeps its repositories in ``.services/hub``; ``requant hub serve .services/hub`` serves them again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from requant.testing.hubserver import publish_dir, serve_hub
 from requant.testing.synth import synthesize
 
 STATE = Path(".services/seaweed.json")
+HUB_ROOT = Path(".services/hub")  # the local Hub's repositories: the upstream and the releases, kept between runs
 EVAL_LIMIT = 50  # items x 3 seeds: the trained model's comparison sees drops of a few points (see its table)
 
 
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="hub", choices=["hub", "s3"],
                         help="where the upstream is read from: the local Hub (hf://, default) or SeaweedFS (s3://)")
     parser.add_argument("--eval-limit", type=int, default=EVAL_LIMIT, help="task items per seed (0 = all)")
-    parser.add_argument("--no-eval", action="store_true", help="convert and verify only")
+    parser.add_argument("--no-eval", action="store_true", help="convert and verify only (nothing is released)")
+    parser.add_argument("--no-release", action="store_true", help="do not release to the local Hub after the gate")
     parser.add_argument("--verbose", action="store_true",
                         help="everything on the terminal (default: one line per phase, the rest in out/logs/)")
     parser.add_argument("--gsm8k-dir", default=None,
@@ -90,20 +94,25 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
             with phase(f"synthesize the {args.profile} upstream") as shown:
                 local = synthesize(tmp / args.profile, args.profile, seed=0, progress=args.verbose)
                 shown.result(str(local))
+            with phase("start a local Hub") as shown:
+                hub = stack.enter_context(serve_hub(HUB_ROOT))
+                os.environ.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
+                                   "HF_HUB_DISABLE_TELEMETRY": "1"})
+                os.environ.setdefault("HF_TOKEN", "hf_requant_local")  # the local Hub takes uploads with any token
+                shown.result(f"{hub.url} ({HUB_ROOT})")
             if args.source == "hub":
                 repo = f"synthetic/{args.profile}"
-                with phase("publish it on a local Hub") as shown:
-                    publish_dir(tmp / "hub", repo, local, message=f"requant synth --profile {args.profile} --seed 0")
-                    hub = stack.enter_context(serve_hub(tmp / "hub"))
-                    os.environ.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
-                                       "HF_HUB_DISABLE_TELEMETRY": "1"})
+                with phase("publish it on the local Hub") as shown:
+                    publish_dir(HUB_ROOT, repo, local, message=f"requant synth --profile {args.profile} --seed 0",
+                                if_changed=True)  # the same upstream as last time: the same commit (run key)
                     upstream = f"hf://{repo}@main"
-                    shown.result(f"{upstream} on {hub.url}")
+                    shown.result(upstream)
             else:
                 upstream = f"s3://{args.bucket}/upstream/{args.profile}"
                 with phase("upload it to S3") as shown:
                     upload_dir(local, upstream)
                     shown.result(upstream)
+            release_to = None if args.no_eval or args.no_release else f"hf://requant-local/{args.profile}-{args.recipe}"
             from requant.flows.parameters import Conversion, Evaluation
             from requant.flows.requantize import requantize
             from requant.flows.runtime import start_ephemeral_server, stop_ephemeral_server
@@ -115,7 +124,7 @@ def _run(args: argparse.Namespace, output: str) -> tuple[dict, seaweed.SeaweedSe
                                      conversion=Conversion(upstream_id=f"synthetic/{args.profile}"),
                                      evaluation=Evaluation(enabled=not args.no_eval, limit=args.eval_limit or None,
                                                            gsm8k_dir=args.gsm8k_dir),
-                                     progress=args.verbose)
+                                     release_to=release_to, progress=args.verbose)
             finally:
                 stop_ephemeral_server()
             return summary, server, started_here
@@ -136,6 +145,9 @@ def _summary(summary, output: str, server, started_here: bool) -> None:
               f"{ev['smoke']['numeric']['top1_agreement']:.2f}, mean KL {ev['smoke']['numeric']['mean_kl']:.4f})")
         print(ev["table"])
         print(f"report: {ev['report']}\nplot:   {ev['plot']}")
+    if summary.release is not None:
+        print(f"release: {summary.release.record.describe()}\n         (the local Hub in .services/hub; serve it again "
+              f"with `requant hub serve .services/hub`, then `hf download {summary.release.target.repo_id}`)")
     if not started_here:
         print(f"S3 endpoint: {server.endpoint} (make services-down stops it)")
 

@@ -27,6 +27,9 @@ from requant.testing import seaweed
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "requant-process"
 HUB_REPO = "synthetic/trained"  # watch-upstream's default upstream in prefect.yaml: hf://synthetic/trained
+# The stack's own Hub token: the local Hub takes uploads (watch-upstream's releases) only with it, and the worker's
+# HF_TOKEN is it, so a token of the user's for the real Hub never reaches the local one.
+LOCAL_HUB_TOKEN = "hf_requant_local_write"
 
 
 def _prefect() -> str:
@@ -86,7 +89,7 @@ def _start_hub(state_dir: Path, port: int, env: dict[str, str]) -> subprocess.Po
     hub_root.mkdir(parents=True, exist_ok=True)
     with open(state_dir / "hub.log", "ab") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("requant")), "hub", "serve", str(hub_root),
-                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 "--port", str(port), "--write-token", LOCAL_HUB_TOKEN], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=ROOT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -114,7 +117,8 @@ def up(state_dir: Path, port: int, hub_port: int = 8090) -> dict:
         server = seaweed.start(state_dir / "seaweed-data")
         seaweed.save_state(server, sw_state)
     env = {**os.environ, **server.env(), **prefect_env(state_dir, port),
-           "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_TOKEN": LOCAL_HUB_TOKEN}
     log = state_dir / "prefect-server.log"
     with open(log, "ab") as out:
         srv = subprocess.Popen([_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -140,6 +144,7 @@ def up(state_dir: Path, port: int, hub_port: int = 8090) -> dict:
         print(f"export {key}={value}")
     print(f"export HF_ENDPOINT={state['hub_url']}   # the local Hub; watch-upstream follows hf://{HUB_REPO}")
     print(f"new upstream revision: requant hub publish {state['hub_root']} {HUB_REPO} DIR")
+    print(f"releases: {state['hub_url']}/api/models/requant-local/Kimi-K2.6-trained-MXFP4 (HF_TOKEN={LOCAL_HUB_TOKEN})")
     return state
 
 

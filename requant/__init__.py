@@ -1,7 +1,7 @@
 """requant: re-quantize Kimi-K2.6-family MoE checkpoints (INT4 -> MXFP4 / FP8 / BF16).
 
 The public API is :mod:`requant.api`, re-exported here: ``requant.convert(...)``, ``requant.verify(...)``,
-``requant.evaluate(...)``, ``requant.plan(...)``, ``requant.load_recipe(...)``, ``requant.open_storage(...)`` and
+``requant.evaluate(...)``, ``requant.release_checkpoint(...)``, ``requant.plan(...)``, ``requant.load_recipe(...)``, ``requant.open_storage(...)`` and
 their option and result types. The package is the pure core: format kernels, checkpoint I/O, planning, layer jobs
 and runs (:mod:`requant.run`). Orchestration (Prefect, Ray) lives in ``flows/`` and ``tasks/`` at the top of the
 repository, installed as ``requant.flows`` and ``requant.tasks``; it only calls into the core, which never imports it.
@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "VerifySummary",
-           "convert", "evaluate", "load_recipe", "open_storage", "plan", "verify"]
+__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "ReleaseOptions",
+           "ReleaseResult", "VerifySummary", "convert", "evaluate", "load_recipe", "open_storage", "plan",
+           "release_checkpoint", "verify"]
 
 if TYPE_CHECKING:
     from requant.api import (
@@ -27,12 +28,15 @@ if TYPE_CHECKING:
         EvalOptions,
         Plan,
         Recipe,
+        ReleaseOptions,
+        ReleaseResult,
         VerifySummary,
         convert,
         evaluate,
         load_recipe,
         open_storage,
         plan,
+        release_checkpoint,
         verify,
     )
 

@@ -4,7 +4,8 @@
 
     summary = requant.convert("hf://moonshotai/Kimi-K2.6@main", "out/kimi-k2.6-mxfp4", "kimi-k2.6-mxfp4")
     requant.verify(summary.output)
-    judgement = requant.evaluate(summary.output, "out/fp8-reference", seeds=(42,), limit=50)
+    result = requant.evaluate(summary.output, "out/fp8-reference", seeds=(42,), limit=50)
+    requant.release_checkpoint(summary.output, "hf://ORG/Kimi-K2.6-MXFP4")   # only a PASS
 
 ``convert`` runs every layer job on this machine (``requant convert --local``); the same conversion spread over a
 Ray cluster is the ``requantize`` flow (``flows/requantize.py``), which takes the same steps (:mod:`requant.run`).
@@ -21,6 +22,7 @@ from typing import Any
 from requant.io.storage import open_storage
 from requant.planning import Plan, build_plan
 from requant.recipe import Recipe, load_recipe
+from requant.release.upload import ReleaseOptions, ReleaseResult
 from requant.run import ConvertOptions, ConvertSummary, run_local
 from requant.verification import VerifySummary
 from requant.verification import verify as _verify
@@ -96,5 +98,17 @@ def evaluate(candidate: str, reference: str, options: EvalOptions | None = None,
                                    checks=Checks(opts.gate), progress=False)
 
 
-__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "VerifySummary",
-           "convert", "evaluate", "load_recipe", "open_storage", "plan", "verify"]
+def release_checkpoint(checkpoint: str, target: str, options: ReleaseOptions | None = None,
+                       **fields: Any) -> ReleaseResult:
+    """Release the published ``checkpoint`` (a directory or s3://) to ``target`` (``hf://ORG/REPO[@BRANCH]``) as one
+    commit verified against its manifest, as ``requant release`` does: only if its evaluation PASSed (else
+    :class:`requant.errors.RequantError`, unless ``force`` gives the reason the card will show). ``options`` (or its
+    fields as keywords): :class:`requant.release.ReleaseOptions`."""
+    from requant.release import release
+
+    return release(checkpoint, target, _options(ReleaseOptions, options, fields))
+
+
+__all__ = ["DEFAULT_RECIPE", "ConvertOptions", "ConvertSummary", "EvalOptions", "Plan", "Recipe", "ReleaseOptions",
+           "ReleaseResult", "VerifySummary", "convert", "evaluate", "load_recipe", "open_storage", "plan",
+           "release_checkpoint", "verify"]

@@ -238,16 +238,19 @@ def publish(root: str | Path, repo: str, files: Mapping[str, bytes | os.PathLike
 
 
 def publish_dir(root: str | Path, repo: str, directory: str | os.PathLike, branch: str = "main",
-                message: str = "Upload checkpoint", lfs: bool = True) -> str:
+                message: str = "Upload checkpoint", lfs: bool = True, if_changed: bool = False) -> str:
     """Commit every file under ``directory`` (hard-linked where possible) as the new head of ``branch``; files of
     the branch's previous head that the directory lacks are removed (``lfs``: see :func:`publish`). Returns the
-    commit id."""
+    commit id; with ``if_changed``, the head's when it already holds exactly these files (no new commit)."""
     src = Path(directory)
     if not src.is_dir():
         raise RequantError(f"{src}: not a directory")
     files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file() and not p.is_symlink()}
     head = _repo_dir(Path(root), repo) / "refs" / _ref_name(branch)
     old = _meta(head.parent.parent / "commits" / f"{head.read_text().strip()}.json")["files"] if head.is_file() else {}
+    if if_changed and old and set(old) == set(files) and all(
+            _describe(path, rel, lfs) == old[rel] for rel, path in files.items()):
+        return head.read_text().strip()
     return publish(root, repo, files, branch=branch, message=message, delete=[rel for rel in old if rel not in files],
                    lfs=lfs)
 

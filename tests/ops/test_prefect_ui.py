@@ -105,18 +105,29 @@ def test_deployment_run_through_the_worker_then_the_ui_shows_it(ui, monkeypatch)
     assert (SCREENSHOTS / "prefect-ui-runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui, tmp_path):
-    """watch-upstream as deployed (the 6-hourly schedule's flow), run by the worker against the local Hub that
-    `make ui` seeds: it starts requantize for the commit of hf://synthetic/trained, which the worker completes;
-    then a README-only commit published with `requant hub publish` is recorded as "weights unchanged", in the UI."""
+RELEASE_REPO = "requant-local/Kimi-K2.6-trained-MXFP4"  # prefect.yaml's watch-upstream release_to
+# The watcher's parameters as deployed, with a shorter GSM8K run (one seed, a few items of the trained model's task).
+WATCHED = {"evaluation": {"limit": 5, "seeds": [42], "gsm8k_dir": "requant:trained"},
+           "release_to": f"hf://{RELEASE_REPO}", "progress": False}
+
+
+def test_scheduled_watcher_deployment_releases_a_new_revision_through_the_worker(ui, tmp_path):
+    """watch-upstream as deployed (the 6-hourly schedule's flow, releasing to the local Hub), run by the worker
+    against the local Hub that `make ui` seeds: it starts requantize for the commit of hf://synthetic/trained, which
+    the worker converts, evaluates (a short GSM8K run) and, on PASS, releases as one commit on the local Hub; the
+    ledger shows that commit's URL. Then a README-only commit published with `requant hub publish` is recorded as
+    "weights unchanged" and released nothing new, in the UI."""
     import time
 
+    from huggingface_hub import HfApi
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    hub = HfApi(endpoint=ui["hub_url"], token=False)
+
     with _client_settings(ui):
         watch = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                               parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
+                               parameters={"parameters": WATCHED})
         assert watch.state.is_completed(), watch.state
         deadline = time.monotonic() + 600
         with get_client(sync_client=True) as client:
@@ -130,11 +141,15 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
             assert run.state.is_completed(), run.state
             assert run.parameters["output"] == f"s3://requant/revisions/trained/{ui['hub_commit']}/kimi-k2.6-mxfp4"
             assert run.parameters["upstream"] == f"hf://synthetic/trained@{ui['hub_commit']}"
+            released = [c.commit_id for c in hub.list_repo_commits(RELEASE_REPO)]
+            assert len(released) == 2                        # the repository's initial commit and the release
             again = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                                   parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
+                                   parameters={"parameters": WATCHED})
             assert again.state.is_completed()
             rerun = [r for r in client.read_flow_runs() if r.parameters.get("conversion", {}).get("revision") == ui["hub_commit"]]
             assert len(rerun) == 1                           # converted: nothing new to start
+            ledger = [a for a in client.read_artifacts() if a.key == "upstream-ledger" and a.flow_run_id == again.id]
+            assert f"released {ui['hub_url']}/{RELEASE_REPO}/commit/{released[0]}" in str(ledger[0].data)
             snapshot = Path(ui["hub_root"]) / "synthetic/trained/commits" / ui["hub_commit"]
             docs = tmp_path / "docs-only"
             shutil.copytree(snapshot, docs)
@@ -143,11 +158,12 @@ def test_scheduled_watcher_deployment_starts_a_conversion_through_the_worker(ui,
                                       "synthetic/trained", str(docs)], capture_output=True, text=True, check=True)
             new_commit = publish.stdout.split()[-1]
             same = run_deployment("watch-upstream/watch-upstream", timeout=600,
-                                  parameters={"parameters": {"evaluation": {"enabled": False}, "progress": False}})
+                                  parameters={"parameters": WATCHED})
             assert same.state.is_completed()
             assert not [r for r in client.read_flow_runs() if r.parameters.get("conversion", {}).get("revision") == new_commit]
             ledger = [a for a in client.read_artifacts() if a.key == "upstream-ledger" and a.flow_run_id == same.id]
             assert len(ledger) == 1 and f"weights unchanged since {ui['hub_commit']}" in str(ledger[0].data)
+            assert [c.commit_id for c in hub.list_repo_commits(RELEASE_REPO)] == released   # no new release
     _page(f"{ui['ui_url']}/artifacts/artifact/{ledger[0].id}", [f"weights unchanged since {ui['hub_commit']}"],
           artifacts_dir("prefect-ui") / "prefect-ui-upstream-ledger.png")
     _page(f"{ui['ui_url']}/deployments/deployment/{run.deployment_id}", ["requantize"],
