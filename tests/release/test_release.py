@@ -15,50 +15,19 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import requant
 from requant.errors import RequantError
-from requant.evaluation.downstream import write_report
-from requant.evaluation.publish import publish_evaluation
-from requant.evaluation.results import FILTERS, GSM8KResult
 from requant.manifest import MANIFEST_FILE
 from requant.release import ReleaseOptions, read_records, release
+from requant.testing.evaluations import attach_evaluation
 from requant.testing.hubserver import publish, serve_hub
 
 WRITE_TOKEN = "hf_requantWRITEtoken7f3a1"
 READ_TOKEN = "hf_requantREADtoken19bd2"
-SEEDS = (42, 1234, 7777)
-
-
-def _result(variant: str, correct: np.ndarray) -> GSM8KResult:
-    items = {f: {str(s): correct.tolist() for s in SEEDS} for f in FILTERS}
-    scores = {f: {str(s): float(correct.mean()) for s in SEEDS} for f in FILTERS}
-    return GSM8KResult(variant=variant, model=variant, base_url="http://127.0.0.1:1/v1", num_fewshot=3, limit=None,
-                       seeds=list(SEEDS), doc_ids=list(range(len(correct))), scores=scores, items=items)
-
-
-def attach_evaluation(checkpoint: Path, verdict: str, work: Path) -> dict:
-    """Publish an evaluation with ``verdict`` into ``checkpoint`` the way the flow does (report, card, manifest);
-    the GSM8K outcomes are made up (200 items), the comparison and gate are the real ones."""
-    rng = np.random.default_rng(0)
-    reference = (rng.random(200) < 0.8).astype(int)
-    candidate = reference.copy()
-    if verdict == "FAIL":
-        candidate[np.flatnonzero(reference)[:60]] = 0
-    if verdict == "INCONCLUSIVE":
-        reference = candidate = (np.arange(200) < 10).astype(int)
-    comparison, quality = write_report(_result("candidate", candidate), _result("fp8-reference", reference), None,
-                                       work / "report")
-    assert comparison.verdict == verdict
-    summary = {"verdict": comparison.verdict, "smoke_passed": True,
-               "scores": {fc.filter: {"candidate": fc.candidate.mean, "reference": fc.reference.mean,
-                                      "delta": fc.delta} for fc in comparison.filters}}
-    publish_evaluation(str(checkpoint), work / "report", quality, summary)
-    return summary
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +110,10 @@ def test_a_release_downloads_as_the_manifest_says_and_verifies(checkpoint, hub, 
     assert (record.commit, record.url, record.refused) == (result.commit, result.url, None)
     assert not any(WRITE_TOKEN in p.read_text(errors="ignore") for p in download.rglob("*") if p.is_file())
 
+    seen = len(hub.requests)
     again = release(str(checkpoint), "hf://acme/tiny-mxfp4")          # identical: no new commit
     assert not again.changed and again.commit == result.commit
+    assert not [r.path for r in hub.requests[seen:] if "/preupload/" in r.path or "/lfs" in r.path]  # nothing sent
     assert commits(hub, "acme/tiny-mxfp4")[0] == result.commit
 
 
