@@ -18,10 +18,8 @@ comes from its own measured process (wall, CPU share, peak RSS):
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,33 +80,8 @@ for job in plan.jobs:
 """
 
 
-def _start_hub(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    requant = str(Path(sys.executable).with_name("requant"))
-    proc = subprocess.Popen([requant, "hub", "serve", str(root), "--port", str(port)], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/api/models/{REPO}", timeout=2)
-            return proc, url
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the local Hub did not start; see {log}")
-
-
 def run_hub_bench(experts: int, base: str, out: str | None) -> dict[str, Any]:
-    from requant.testing.hubserver import publish_dir
+    from requant.testing.hubserver import publish_dir, start_hub_process
     from requant.testing.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="requant-bench-hub-", dir=base or None))
@@ -117,7 +90,7 @@ def run_hub_bench(experts: int, base: str, out: str | None) -> dict[str, Any]:
         upstream = synthesize(work / "upstream", "k26-layer", seed=0, progress=True, experts=experts)
         shard_bytes = sum(p.stat().st_size for p in upstream.glob("*.safetensors"))
         publish_dir(work / "hub", REPO, upstream)
-        hub, url = _start_hub(work / "hub", work / "hub.log")
+        hub, url = start_hub_process(work / "hub", work / "hub.log")
         env_cmd = ["env", f"HF_ENDPOINT={url}", "HF_HUB_DISABLE_XET=1", "HF_HUB_DISABLE_TELEMETRY=1"]
         results: dict[str, Any] = {"run": run_info(measures=MEASURES), "cores": available_cores(), "recipe": RECIPE,
                                    "fixture": {"profile": "k26-layer", "experts": experts, "shard_bytes": shard_bytes,

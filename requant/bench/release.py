@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,31 +62,6 @@ api.create_commit(repo, ops, commit_message="plain upload")
 _IMPORTS = "import requant.flows.cli, requant.release.upload, requant.card, huggingface_hub"
 
 
-def _start_hub(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("requant")), "hub", "serve", str(root), "--port",
-                             str(port), "--write-token", TOKEN], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/api/models/none/none", timeout=2)
-            return proc, url
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the local Hub did not start; see {log}")
-
-
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -97,6 +70,7 @@ def run_release_bench(experts: int, base: str, out: str | None) -> dict[str, Any
     import requant
     from requant.io.transfer import upload_dir
     from requant.testing import seaweed
+    from requant.testing.hubserver import start_hub_process
     from requant.testing.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="requant-bench-release-", dir=base or None))
@@ -114,7 +88,7 @@ def run_release_bench(experts: int, base: str, out: str | None) -> dict[str, Any
         env = {**os.environ, **s3.env(), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": TOKEN}
         os.environ.update(s3.env())
         upload_dir(checkpoint, "s3://bench/checkpoint")
-        hub, url = _start_hub(work / "hub", work / "hub.log")
+        hub, url = start_hub_process(work / "hub", work / "hub.log", write_tokens=[TOKEN])
         env["HF_ENDPOINT"] = url
         results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": RECIPE,
                                    "fixture": {"profile": "k26-layer", "experts": experts, "files": len(files),

@@ -52,6 +52,7 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -1346,3 +1347,30 @@ def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int | None = None
         thread.join(timeout)
         for s in sockets:
             s.close()
+
+
+def start_hub_process(root: str | Path, log: str | Path, write_tokens: Iterable[str] = (),
+                      timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """``requant hub serve ROOT`` as a process of its own on a free loopback port (benchmarks measure the client
+    apart from the server), its output appended to ``log``; returns the process and its URL once it answers."""
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tokens = [arg for token in write_tokens for arg in ("--write-token", token)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("requant")), "hub", "serve", str(root), "--port",
+                                 str(port), *tokens], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            httpx.get(f"{url}/api/models/none/none", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RequantError(f"the local Hub (requant hub serve {root}) did not answer within {timeout:.0f}s; see {log}")
