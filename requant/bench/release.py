@@ -33,15 +33,17 @@ MEASURES = ("requant/release", "requant/io/stream.py", "requant/io/s3.py", "requ
             "requant/bench/release.py", "requant/testing/hubserver.py")
 TOKEN = "hf_requant_bench_write"
 
-# Runs a command in this process's place and records, at exit, what the kernel counted it writing to storage.
+# Runs a module (argv: the file to record into, the module, its arguments) in this process's place and records,
+# at exit, what the kernel counted it writing to storage.
 _COUNTED = """
 import atexit, json, os, runpy, sys
 def _io():
     fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-    with open(os.environ["REQUANT_BENCH_IO"], "w") as f:
+    with open(io_file, "w") as f:
         json.dump({k: int(v) for k, v in fields.items()}, f)
+io_file = sys.argv[1]
 atexit.register(_io)
-sys.argv = sys.argv[1:]
+sys.argv = sys.argv[2:]
 runpy.run_module(sys.argv[0], run_name="__main__")
 """
 
@@ -95,7 +97,7 @@ def run_release_bench(experts: int, base: str, out: str | None) -> dict[str, Any
                                                "bytes": total, "largest_file": max(files.values()),
                                                "where": base or tempfile.gettempdir()}}
         io_file = work / "io.json"
-        counted = [sys.executable, "-c", _COUNTED]
+        counted = [sys.executable, "-c", _COUNTED, str(io_file)]
         runs = {
             "imports": [sys.executable, "-c", _IMPORTS],
             "plain_upload": [sys.executable, "-c", _PLAIN, url, "bench/plain", str(checkpoint)],
@@ -104,8 +106,7 @@ def run_release_bench(experts: int, base: str, out: str | None) -> dict[str, Any
         }
         for name, cmd in runs.items():
             print(f"release bench: {name}", file=sys.stderr)
-            run_env = {**env, "HOME": str(disk_home), "TMPDIR": str(disk_home), "HF_HOME": str(disk_home / "hf"),
-                       "REQUANT_BENCH_IO": str(io_file)}
+            run_env = {**env, "HOME": str(disk_home), "TMPDIR": str(disk_home), "HF_HOME": str(disk_home / "hf")}
             measured = _measured(cmd, run_env)
             if name != "imports":
                 measured["mb_per_s"] = total / measured["seconds"] / 1e6
