@@ -110,10 +110,20 @@ def release(source: str, target: str | ReleaseTarget, options: ReleaseOptions | 
         gate = release_gate(manifest, storage.uri, options.force)
         result = _release(storage, manifest, gate, target, options)
     except RequantError as exc:
-        add_record(storage, ReleaseRecord(target.repo_id, target.branch, evaluation_verdict(manifest), refused=str(exc)))
+        _record(storage, ReleaseRecord(target.repo_id, target.branch, evaluation_verdict(manifest), refused=str(exc)))
         raise
-    add_record(storage, result.record)
+    _record(storage, result.record)
     return result
+
+
+def _record(storage, record: ReleaseRecord) -> None:
+    """Note the release beside the checkpoint; a checkpoint this process may only read keeps no record (the release
+    itself stands: its commit is on the Hub and in the output)."""
+    try:
+        add_record(storage, record)
+    except (RequantError, OSError) as exc:
+        logging.getLogger(__name__).warning("%s: could not record the release beside the checkpoint: %s",
+                                            storage.uri, exc)
 
 
 def _read_checked_manifest(storage) -> dict[str, Any]:
@@ -137,8 +147,8 @@ def release_files(storage, manifest: dict[str, Any], gate: GateDecision, target:
 
     facts = CardFacts.from_checkpoint(storage, manifest, ReleaseFacts(repo_id=target.repo_id, forced=gate.forced))
     card = render_card(facts).encode("utf-8")
-    released = json.loads(json.dumps(manifest))  # a deep copy: the checkpoint's own manifest stays as it is
-    released.pop("digest", None)
+    # the checkpoint's own manifest stays as it is: a copy with its own outputs table (the rest is shared, unchanged)
+    released = {k: v for k, v in manifest.items() if k != "digest"} | {"outputs": dict(manifest["outputs"])}
     released["outputs"][MODEL_CARD] = {"size": len(card), "sha256": hashlib.sha256(card).hexdigest()}
     released["release"] = {"repo": target.repo_id, "verdict": gate.verdict, "forced": gate.forced}
     body = sealed_bytes(released)
