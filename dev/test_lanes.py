@@ -18,10 +18,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # Every test that starts SeaweedFS, Ray or Prefect (grep: s3_server, prefect_api, ray): they share session servers.
-# The release's tests (their own local Hub, engines) share nothing with either lane and go here for balance: the compute
+# The release's tests (their own local Hub, engines) and the source formats' oracles (Quark and compressed-tensors in
+# their own processes) share nothing with either lane and go here for balance: the compute
 # lane is the longer one (measured in a clean-clone run: services 25.0 min, compute 32.7 min with them there).
 SERVICES = ("tests/flow", "tests/ops", "tests/hardening", "tests/test_plan_transport.py", "tests/release",
-            "tests/test_hub_write.py", "tests/test_cli_evaluate.py")
+            "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/test_sources.py")
 
 
 def lanes() -> dict[str, list[str]]:

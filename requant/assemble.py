@@ -86,6 +86,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
                    "fused_excludes": plan.recipe.fused_excludes,
                    "warnings": list(plan.recipe.warnings)},
         "versions": library_versions(),
+        "source": plan.source_format.record(),  # the upstream's format as config.json declares it (checked)
         "inputs": inputs,
         "outputs": dict(sorted(outputs.items())),
         "tensors": {spec.name: {"file": file, "dtype": spec.dtype, "shape": list(spec.shape)} for file, spec in placed},

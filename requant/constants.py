@@ -34,6 +34,11 @@ FP4_PER_BYTE = 2
 # --- FP8 E4M3 "fn" (no Inf; NaN = 0x7F/0xFF), Quark ptpc_fp8 weight format -------------------------
 FP8_E4M3_MAX = 448.0  # 2**8 * 1.75
 
+# --- FP8 block-scaled upstreams (DeepSeek-V3/V3.1/R1, Kimi-K2-Instruct: quantization_config quant_method "fp8") -----
+FP8_E4M3_NAN_BITS = 0x7F  # S.1111.111 is NaN in E4M3 "fn" (either sign); every other code is finite
+FP8_BLOCK_DEFAULT = (128, 128)  # weight_block_size: one FP32 weight_scale_inv per 128x128 block (edges partial)
+UE8M0_SCALE_FMT = "ue8m0"  # DeepSeek-V3.1's scale_fmt: every weight_scale_inv is a power of two
+
 # --- BF16 bit layout (used by the fused INT4 -> MXFP4 path) ----------------------------------------
 BF16_MANT_BITS = 7
 BF16_EXP_MASK = 0xFF

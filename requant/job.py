@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from requant.constants import E8M0_NAN
 from requant.errors import CheckpointError
+from requant.formats.fp8_block import dequantize_fp8_block, fp8_nan_count, non_power_of_two
 from requant.formats.int4 import dequantize_int4
+from requant.formats.mxfp4 import dequantize_mxfp4
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
@@ -280,7 +283,7 @@ def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], 
 
 def _scale_only(task: TensorTask, outputs: frozenset[str]) -> bool:
     fmt = task.format
-    return (task.kind in ("int4", "dense") and fmt is not None and fmt.scale_of is not None
+    return (task.kind != "copy" and fmt is not None and fmt.scale_of is not None
             and task.outputs[0].name not in outputs and task.outputs[1].name in outputs)
 
 
@@ -322,10 +325,14 @@ def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], made: lis
 
 
 def _read_order(task: TensorTask) -> list[TensorEntry]:
-    """The order in which a task's inputs are read: INT4 reads its shape first (checked before the rest)."""
+    """The order in which a task's inputs are read: INT4 reads its shape first (checked before the rest), the
+    other quantized sources their scales."""
     if task.kind == "int4":
         packed_e, scale_e, shape_e = task.inputs
         return [shape_e, scale_e, packed_e]
+    if task.kind in ("fp8_block", "mxfp4"):
+        weight_e, scale_e = task.inputs
+        return [scale_e, weight_e]
     return list(task.inputs)
 
 
@@ -347,6 +354,19 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
             return [None, fmt.scale_from_int4(packed, scale, in_features).cpu()], None
         out = _int4_outputs(task, packed, scale, in_features)
         reference = lambda rows: _int4_decode(task, packed[rows], scale[rows], in_features)  # noqa: E731
+    elif task.kind == "mxfp4" and fmt is not None and fmt.from_mxfp4 is not None and not scale_only:
+        scale, packed = inputs
+        _check_mxfp4(task, scale, uri)
+        out = list(fmt.from_mxfp4(packed.to(device), scale.to(device)))  # the same format: repacked, not requantized
+        reference = lambda rows: dequantize_mxfp4(packed[rows], scale[rows])  # noqa: E731
+    elif task.kind in ("fp8_block", "mxfp4"):
+        weight = decode_source(task, inputs, uri).to(device)
+        if fmt is None:
+            return [weight.cpu()], None
+        if scale_only:
+            return [None, fmt.scale_of(weight).cpu()], None
+        out = list(fmt.encode(weight))
+        reference = lambda rows: weight[rows]  # noqa: E731
     else:
         (entry,), (weight,) = task.inputs, inputs
         _check_finite(weight, f"{uri}/{entry.file}", entry.name)
@@ -366,6 +386,34 @@ def _check_int4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tuple
         raise CheckpointError(f"{uri}/{shape_e.file}", f"weight_shape is {shape.tolist()}, config implies {list(task.shape)}", shape_e.name)
     _check_finite(scale, f"{uri}/{scale_e.file}", scale_e.name)
     return packed, scale
+
+
+def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> torch.Tensor:
+    """The BF16 weight of a module stored as FP8 blocks or MXFP4 upstream, from its inputs as read (scale first),
+    checked first: what Quark's file-to-file export quantizes from the same weights decoded to BF16."""
+    scale, weight = inputs
+    scale_e, weight_e = task.inputs[1], task.inputs[0]
+    if task.kind == "mxfp4":
+        _check_mxfp4(task, scale, uri)
+        decoded = dequantize_mxfp4(weight, scale, torch.bfloat16)  # exact where finite: MXFP4 values are BF16 values
+    else:
+        _check_finite(scale, f"{uri}/{scale_e.file}", scale_e.name)
+        if task.pow2_scales and (bad := non_power_of_two(scale)):
+            raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} scales are not powers of two, but config.json "
+                                  "declares scale_fmt ue8m0", scale_e.name)
+        if nan := fp8_nan_count(weight):
+            raise CheckpointError(f"{uri}/{weight_e.file}", f"{nan} NaN values", weight_e.name)
+        decoded = dequantize_fp8_block(weight, scale, task.block)
+    if not all_finite(decoded):  # e.g. code 6 under E8M0 2**126, or 448 under a huge block scale
+        bad = int((~torch.isfinite(decoded)).sum())
+        raise CheckpointError(f"{uri}/{weight_e.file}", f"{bad} values decode beyond BF16's range (Inf)", weight_e.name)
+    return decoded
+
+
+def _check_mxfp4(task: TensorTask, scale: torch.Tensor, uri: str) -> None:
+    if bad := int(scale.eq(E8M0_NAN).sum()):
+        scale_e = task.inputs[1]
+        raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} E8M0 scales are 0xFF (NaN)", scale_e.name)
 
 
 # Exponent fields by float type, viewed as integers of the same width: all ones means Inf or NaN.

@@ -32,10 +32,14 @@ CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("*norm",)),
     ("attention", ("*.self_attn.*",)),
     ("embedding", ("*embed_tokens",)),
-    ("lm_head", ("*lm_head",)),
+    ("lm_head", ("*lm_head", "*.shared_head.head")),  # the MTP layer's head is an LM head
+    ("mtp_projection", ("*.eh_proj",)),
 )
-TENSOR_CLASSES = tuple(name for name, _ in CLASS_PATTERNS)
-INT4_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+# Classes no recipe can quantize, whatever it says: vLLM and SGLang build the MTP layer's ``eh_proj`` as a plain
+# unquantized Linear, so a quantized one cannot load (and an exclude list that misses it crashes vLLM).
+ENGINE_UNQUANTIZED = ("mtp_projection",)
+# The classes a recipe maps to targets (every one is required in a recipe file).
+TENSOR_CLASSES = tuple(name for name, _ in CLASS_PATTERNS if name not in ENGINE_UNQUANTIZED)
 
 
 # Modules vLLM loads into one fused layer with one quantization method (DeepseekV2/Kimi): the layer's name.
@@ -117,7 +121,7 @@ _REQUIRED_INT = (
 # Upper bounds far above any released model (K2.6: 61 layers, 384 experts, 64 heads, hidden 7168, vocab
 # 163840). The planner enumerates modules from these numbers, so an absurd value in a corrupt or hostile
 # config.json must be refused before it can size a loop or an allocation.
-_COUNT_LIMITS = {"num_hidden_layers": 1024, "n_routed_experts": 1 << 16, "num_attention_heads": 1 << 12,
+_COUNT_LIMITS = {"num_hidden_layers": 1024, "num_nextn_predict_layers": 16, "n_routed_experts": 1 << 16, "num_attention_heads": 1 << 12,
                  "first_k_dense_replace": 1024, "num_experts_per_tok": 1 << 10, "n_shared_experts": 64}
 _SIZE_LIMIT = 1 << 22
 
@@ -130,33 +134,10 @@ def _check_text_config(text: dict[str, Any], file: str) -> None:
         limit = _COUNT_LIMITS.get(key, _SIZE_LIMIT)
         if value > limit:
             raise CheckpointError(file, f"text config field {key!r} = {value} is beyond any plausible model (limit {limit})")
-    for key in ("num_experts_per_tok", "n_shared_experts", "q_lora_rank", "n_group", "topk_group"):
+    for key in ("num_experts_per_tok", "n_shared_experts", "q_lora_rank", "n_group", "topk_group", "num_nextn_predict_layers"):
         value = text.get(key)
         if value is not None and (type(value) is not int or not 0 <= value <= _COUNT_LIMITS.get(key, _SIZE_LIMIT)):
             raise CheckpointError(file, f"text config field {key!r} = {str(value)[:40]} is not a plausible integer")
-
-
-def check_int4_config(quant: dict[str, Any] | None, file: str = "config.json") -> None:
-    """The upstream quantization must be compressed-tensors pack-quantized symmetric INT4, group 32."""
-    if quant is None:
-        return
-    if not isinstance(quant, dict):
-        raise CheckpointError(file, f"quantization_config must be an object, got {type(quant).__name__}")
-    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
-        raise CheckpointError(
-            file, f"quantization_config {quant.get('quant_method')!r}/{quant.get('format')!r} is not compressed-tensors pack-quantized"
-        )
-    groups = quant.get("config_groups") or {}
-    if not isinstance(groups, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights") or {}, dict)
-                                               for g in groups.values()):
-        raise CheckpointError(file, "quantization_config.config_groups must map names to objects with 'weights' objects")
-    for name, group in groups.items():
-        w = group.get("weights") or {}
-        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"), w.get("symmetric"))
-        if got != (4, "int", "group", 32, True):
-            raise CheckpointError(
-                file, f"config group {name}: weights {got} are not (num_bits 4, int, group, group_size 32, symmetric)"
-            )
 
 
 def expected_modules(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -174,8 +155,16 @@ def expected_modules(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not t.get("tie_word_embeddings", False):
         mods[f"{p}lm_head"] = (t["vocab_size"], hidden)
-    for i in range(cfg.num_layers):
+    mtp = t.get("num_nextn_predict_layers") or 0
+    for i in range(cfg.num_layers + mtp):
         L = f"{p}model.layers.{i}"
+        if i >= cfg.num_layers:  # a multi-token-prediction layer (DeepSeek-V3's 61): its own head, then a decoder block
+            mods[f"{L}.embed_tokens"] = (t["vocab_size"], hidden)
+            mods[f"{L}.enorm"] = (hidden,)
+            mods[f"{L}.hnorm"] = (hidden,)
+            mods[f"{L}.eh_proj"] = (hidden, 2 * hidden)
+            mods[f"{L}.shared_head.norm"] = (hidden,)
+            mods[f"{L}.shared_head.head"] = (t["vocab_size"], hidden)
         mods[f"{L}.input_layernorm"] = (hidden,)
         mods[f"{L}.post_attention_layernorm"] = (hidden,)
         a = f"{L}.self_attn"
@@ -204,6 +193,17 @@ def _mlp(mods: dict[str, tuple[int, ...]], base: str, inter: int, hidden: int) -
     mods[f"{base}.gate_proj"] = (inter, hidden)
     mods[f"{base}.up_proj"] = (inter, hidden)
     mods[f"{base}.down_proj"] = (hidden, inter)
+
+
+# Buffers some releases store beside the weights, carried through verbatim (engines recompute and skip them):
+# Kimi-K2-Instruct's rotary embedding frequencies, one per layer.
+CARRIED_BUFFERS = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def is_carried_buffer(name: str, cfg: ModelConfig) -> bool:
+    """Whether ``name`` is a buffer of an existing layer that is copied as it is (:data:`CARRIED_BUFFERS`)."""
+    match = CARRIED_BUFFERS.match(name.removeprefix(cfg.prefix))
+    return bool(match) and int(match.group("layer")) < cfg.num_layers + (cfg.text.get("num_nextn_predict_layers") or 0)
 
 
 def layer_of(name: str, prefix: str) -> int | None:

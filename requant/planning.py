@@ -9,20 +9,28 @@ import gc
 from collections import defaultdict
 from dataclasses import dataclass
 
-from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE
+from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE, UE8M0_SCALE_FMT
 from requant.errors import CheckpointError, PlanError
-from requant.formats.int4 import packed_columns
+from requant.formats.source import (
+    DECODED_DTYPE,
+    MODULE_PARAMS,
+    Source,
+    SourceFormat,
+    detect_source,
+    expected_params,
+    stored_as,
+)
 from requant.formats.table import DEFAULT_QUARK, UNQUANTIZED, WEIGHT_FORMATS, WeightFormat, weight_formats
 from requant.io.paths import check_relative
 from requant.io.safetensors import TensorEntry, TensorSpec, frozen_builder, read_headers
 from requant.io.storage import Storage
 from requant.layout import (
-    INT4_SUFFIXES,
+    ENGINE_UNQUANTIZED,
     ModelConfig,
-    check_int4_config,
     classify,
     expected_modules,
     fused_layer,
+    is_carried_buffer,
     layer_of,
     load_config,
     router_bias_expected,
@@ -39,8 +47,9 @@ NON_LAYER_JOB = "non-layer"
 class TensorTask:
     """One unit of work inside a job: a module to transcode, or one tensor to copy verbatim.
 
-    kind: "copy" (bytes out == bytes in), "int4" (compressed-tensors INT4 module) or "dense"
-    (a high-precision ``weight`` to quantize). ``inputs`` are the upstream tensors it reads.
+    kind: "copy" (bytes out == bytes in), "dense" (a high-precision ``weight`` to quantize), or how the module is
+    stored quantized upstream ("int4", "fp8_block", "mxfp4": ``requant.formats.source.MODULE_PARAMS``).
+    ``inputs`` are the upstream tensors it reads.
     """
 
     name: str
@@ -50,6 +59,8 @@ class TensorTask:
     shape: tuple[int, ...]
     outputs: tuple[TensorSpec, ...]
     quark: str = DEFAULT_QUARK  # the Quark release whose bytes it reproduces (requant.formats.table.QUARK_VERSIONS)
+    block: tuple[int, int] | None = None  # fp8_block: the upstream's weight_block_size
+    pow2_scales: bool = False  # fp8_block: the upstream declares scale_fmt ue8m0 (every scale a power of two)
 
     @property
     def bytes_in(self) -> int:
@@ -93,7 +104,7 @@ class LayerJob:
 def _task_row(task: TensorTask) -> tuple:
     return (task.name, task.kind, task.target, task.shape,
             tuple((e.name, e.file, e.dtype, e.shape, e.start, e.end) for e in task.inputs),
-            tuple((s.name, s.dtype, s.shape) for s in task.outputs), task.quark)
+            tuple((s.name, s.dtype, s.shape) for s in task.outputs), task.quark, task.block, task.pow2_scales)
 
 
 def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJob:
@@ -101,8 +112,9 @@ def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJo
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10^4 objects per job, none of them in a cycle
     try:
-        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs)), quark))
-                      for n, kind, target, shape, inputs, outputs, quark in rows)
+        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs)), quark, block,
+                            pow2))
+                      for n, kind, target, shape, inputs, outputs, quark, block, pow2 in rows)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -118,6 +130,7 @@ class Plan:
     input_shards: tuple[tuple[str, int], ...]  # (file, size)
     extra_files: tuple[str, ...]  # copied byte for byte
     excluded_modules: tuple[str, ...]  # Quark "exclude": linear weights left unquantized
+    source_format: Source = Source(SourceFormat.INT4)  # what config.json declares, checked against the tensors
 
     @property
     def bytes_in(self) -> int:
@@ -135,14 +148,14 @@ def build_plan(storage: Storage, recipe: Recipe) -> Plan:
 def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     where = f"{storage.uri}/{CONFIG_FILE}"
     config = load_config(storage.read_bytes(CONFIG_FILE), where)
-    check_int4_config(config.quantization, where)
+    source = detect_source(config.quantization, where)
     problems: list[str] = []
     weight_map, shards = _weight_map(storage, problems)
     entries, readable = _headers(storage, shards, weight_map, problems)
     # tensors the index puts in a missing or unreadable shard were reported once, with their shard
     unreadable = {name for name, file in weight_map.items() if file not in readable}
     try:
-        tasks = _tasks(config, recipe, entries, unreadable, problems)
+        tasks = _tasks(config, recipe, source, entries, unreadable, problems)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         # config.json is untrusted input; a field of an unexpected type or size surfaces here
         raise CheckpointError(where, f"text config has an unexpected structure ({type(exc).__name__}: {exc})") from exc
@@ -176,7 +189,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         and (recipe.quark_version == DEFAULT_QUARK or len(spec.shape) >= 2)  # 0.13 also checks the shape
     ))
     sizes = tuple((f, readable[f]) for f in shards)
-    return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded)
+    return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded, source)
 
 
 def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -227,7 +240,7 @@ def _add_entries(storage: Storage, file: str, header: dict[str, TensorEntry], we
             entries[name] = entry
 
 
-def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry], unreadable: set[str],
+def _tasks(config: ModelConfig, recipe: Recipe, source: Source, entries: dict[str, TensorEntry], unreadable: set[str],
            problems: list[str]) -> list[TensorTask]:
     by_module: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
     for name, entry in entries.items():
@@ -235,16 +248,18 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
         by_module[module][param] = entry
     expected = expected_modules(config)
     tasks: list[TensorTask] = []
+    consumed: dict[str, set[str]] = {}  # module -> the tensors its task reads
     for module, shape in expected.items():
         params = by_module.get(module)
-        if not params and any(f"{module}.{p}" in unreadable for p in ("weight", *INT4_SUFFIXES)):
+        if not params and any(f"{module}.{p}" in unreadable for names in MODULE_PARAMS.values() for p in names):
             continue
         if not params:
             problems.append(f"{module}: missing (config.json implies a weight of shape {list(shape)})")
             continue
-        task = _module_task(module, shape, params, recipe, problems)
+        task = _module_task(module, shape, params, recipe, source, problems)
         if task:
             tasks.append(task)
+            consumed[module] = {e.name.rpartition(".")[2] for e in task.inputs}
     if router_bias_expected(config):
         for module in (m for m in expected if m.endswith(".mlp.gate")):
             bias = by_module.get(module, {}).get("e_score_correction_bias")
@@ -259,11 +274,15 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
     for module, params in by_module.items():
         known: set[str] = set()
         if module in expected:
-            known = {"weight"} if "weight" in params else set(INT4_SUFFIXES)
+            # a module that was refused reported its own problem; its tensors are not "unexpected" on top of it
+            known = consumed.get(module, set(params))
         if module in expected and module.endswith(".mlp.gate"):
             known.add("e_score_correction_bias")
         for param, entry in params.items():
             if param in known:
+                continue
+            if is_carried_buffer(entry.name, config):
+                tasks.append(_copy_task(entry))
                 continue
             cls = classify(module)
             if module in expected or cls not in ("vision_tower", "mm_projector"):
@@ -273,15 +292,21 @@ def _tasks(config: ModelConfig, recipe: Recipe, entries: dict[str, TensorEntry],
     return tasks
 
 
-def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe, problems: list[str]) -> TensorTask | None:
+def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe,
+                 source: Source, problems: list[str]) -> TensorTask | None:
     cls = classify(module)
     target = recipe.target_for(module, cls)
     if target != UNQUANTIZED and cls in NEVER_QUANTIZED:
         problems.append(f"recipe {recipe.name}: an override targets {module} ({cls}) with {target}; "
                         f"Quark's export keeps norms and embeddings unquantized")
         return None
-    if "weight_packed" in params or "weight_shape" in params or ("weight_scale" in params and "weight" not in params):
-        return _int4_task(module, shape, params, target, problems)
+    if target != UNQUANTIZED and cls in ENGINE_UNQUANTIZED:
+        problems.append(f"recipe {recipe.name}: an override targets {module} ({cls}) with {target}; "
+                        f"vLLM and SGLang build it unquantized")
+        return None
+    kind = stored_as(set(params), {p: e.dtype for p, e in params.items()})
+    if kind != "dense":
+        return _quantized_source_task(module, shape, params, kind, target, source, problems)
     weight = params.get("weight")
     if weight is None:
         problems.append(f"{module}.weight: missing")
@@ -299,36 +324,39 @@ def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEn
     return TensorTask(module, "dense", target, (weight,), shape, _quantized_outputs(module, shape, target, weight.dtype))
 
 
-def _int4_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], target: str, problems: list[str]) -> TensorTask | None:
-    missing = [s for s in INT4_SUFFIXES if s not in params]
+def _quantized_source_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], kind: str,
+                           target: str, source: Source, problems: list[str]) -> TensorTask | None:
+    """A module stored quantized upstream (``kind``: int4, fp8_block, mxfp4), its tensors checked against what the
+    config declares and implies."""
+    names = MODULE_PARAMS[kind]
     anchor = next(iter(params.values()))
-    if missing:
-        have = ", ".join(sorted(params))
-        problems.append(f"{anchor.file}: {module}: has {have} but not {', '.join(missing)}")
+    if kind != source.quantized_kind:
+        problems.append(f"{anchor.file}: {module}: stored as {kind} ({', '.join(sorted(params))}), but config.json "
+                        f"declares {source.format.value} ({source.format.description})")
         return None
-    packed, scale, shape_t = (params[s] for s in INT4_SUFFIXES)
+    missing = [s for s in names if s not in params]
+    if missing:
+        problems.append(f"{anchor.file}: {module}: has {', '.join(sorted(params))} but not {', '.join(missing)}")
+        return None
+    entries = tuple(params[s] for s in names)
     out, inp = shape
     ok = True
-    if inp % INT4_GROUP_SIZE:
-        problems.append(f"{packed.file}: {packed.name}: input dimension {inp} is not a multiple of {INT4_GROUP_SIZE}")
+    group = {"int4": INT4_GROUP_SIZE, "mxfp4": MX_BLOCK_SIZE}.get(kind)
+    if group and inp % group:
+        problems.append(f"{entries[0].file}: {entries[0].name}: input dimension {inp} is not a multiple of {group}")
         ok = False
-    checks = (
-        (packed, "I32", (out, packed_columns(inp))),
-        (scale, "BF16", (out, -(-inp // INT4_GROUP_SIZE))),
-    )
-    for entry, dtype, want in checks:
-        if entry.dtype != dtype or entry.shape != want:
-            problems.append(f"{entry.file}: {entry.name}: {entry.dtype}{list(entry.shape)}, config implies {dtype}{list(want)}")
+    for entry, (dtypes, want) in zip(entries, expected_params(kind, shape, source).values()):
+        if entry.dtype not in dtypes or entry.shape != want:
+            problems.append(f"{entry.file}: {entry.name}: {entry.dtype}{list(entry.shape)}, config implies "
+                            f"{'/'.join(dtypes)}{list(want)}")
             ok = False
-    if shape_t.dtype not in ("I32", "I64") or shape_t.shape != (2,):
-        problems.append(f"{shape_t.file}: {shape_t.name}: {shape_t.dtype}{list(shape_t.shape)}, expected I32/I64[2]")
-        ok = False
     if ok and target != UNQUANTIZED:
-        ok = _quantizable(f"{module}.weight", packed.file, shape, problems)
+        ok = _quantizable(f"{module}.weight", entries[0].file, shape, problems)
     if not ok:
         return None
-    outputs = _quantized_outputs(module, shape, target, "BF16")
-    return TensorTask(module, "int4", target, (packed, scale, shape_t), shape, outputs)
+    outputs = _quantized_outputs(module, shape, target, DECODED_DTYPE)
+    return TensorTask(module, kind, target, entries, shape, outputs, block=source.block,
+                      pow2_scales=source.scale_fmt == UE8M0_SCALE_FMT)
 
 
 def _quantizable(name: str, file: str, shape: tuple[int, ...], problems: list[str]) -> bool:

@@ -92,3 +92,31 @@ def test_preprocessor_config_has_what_the_image_processor_reads(tiny_upstream):
             "in_patch_limit_video"} <= set(media)
     assert media["patch_size"] == raw["vision_config"]["patch_size"]
     assert [media["merge_kernel_size"]] * 2 == raw["vision_config"]["merge_kernel_size"]
+
+
+def test_synth_cli_offers_every_profile_and_source_format():
+    from requant.cli.synth import PROFILE_NAMES, SOURCE_NAMES
+    from requant.formats.source import SourceFormat
+
+    assert sorted(PROFILE_NAMES) == sorted(PROFILES)
+    assert list(SOURCE_NAMES) == [f.value for f in SourceFormat]
+
+
+def test_deepseek_v3_profile_has_its_mtp_layer_in_fp8_blocks(tmp_path):
+    """DeepSeek-V3's layout: text-only, FP8 with 128x128 block scales (partial edge blocks), one MTP layer whose head
+    parts are BF16; transformers reads the config as its own DeepseekV3Config."""
+    from safetensors import safe_open
+
+    up = synthesize(tmp_path / "ds", "deepseek-v3", progress=False)
+    config = json.loads((up / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["quantization_config"]["quant_method"] == "fp8"
+    assert DeepseekV3Config(**config).num_hidden_layers == PROFILES["tiny"].layers
+    dtypes = {}
+    for shard in up.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            dtypes.update({k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()})
+    mtp = f"model.layers.{PROFILES['tiny'].layers}"
+    assert dtypes[f"{mtp}.eh_proj.weight"] == ("BF16", [128, 256])
+    assert dtypes[f"{mtp}.mlp.experts.0.up_proj.weight"][0] == "F8_E4M3"
+    assert dtypes["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"] == ("F32", [5, 1])  # 576 rows
+    assert dtypes["model.layers.1.mlp.gate.weight"][0] == "BF16" and not any(k.startswith("language_model") for k in dtypes)

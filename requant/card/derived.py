@@ -36,6 +36,7 @@ KEPT_WHY = {
     "dense_mlp": "the dense MLP of the first layer(s); excluded by Quark's `kimi_k25` template",
     "vision_tower": "the vision encoder; excluded by every published Kimi recipe (`*vision_tower*`)",
     "mm_projector": "the vision-to-text projector; excluded by every published Kimi recipe (`*mm_projector*`)",
+    "mtp_projection": "the MTP layer's `eh_proj`; vLLM and SGLang build it unquantized",
 }
 
 

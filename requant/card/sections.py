@@ -60,6 +60,7 @@ def overview(facts: CardFacts, by_storage: dict[str, Tally]) -> list[str]:
     base = f"[`{up.get('id')}`]({hub})" if hub else f"`{up.get('id')}`"
     lines += ["| | |", "|---|---|",
               f"| Base model | {base} at `{up.get('revision')}` |",
+              *([f"| Upstream format | `{src['format']}`: {src['description']} |"] if (src := m.get("source")) else []),
               f"| Recipe | `{recipe['name']}` (global format `{recipe['format']}`) |",
               f"| Quantized parameters | {shares} of {total:,} |",
               f"| Weights on disk | {size(weights)} (upstream: {size(upstream)}) |",

@@ -1,16 +1,25 @@
-"""``requant synth``: a synthetic upstream checkpoint with Kimi-K2.6's layout."""
+"""``requant synth``: a synthetic upstream checkpoint with the layout of a Kimi-K2.6 / DeepseekV3-family release."""
 
 from __future__ import annotations
 
 import argparse
 
+# kept here as well as in requant.testing.synth (which imports torch) so that --help stays fast; a test checks both
+PROFILE_NAMES = ("tiny", "trained", "k26-topology", "k26-layer", "deepseek-v3", "kimi-k2-instruct", "kimi-mxfp4",
+                 "kimi-bf16")
+SOURCE_NAMES = ("int4", "fp8-block", "mxfp4", "bf16")
+
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("synth", help="write a synthetic upstream checkpoint with Kimi-K2.6's layout")
+    p = commands.add_parser("synth", help="write a synthetic upstream checkpoint with a Kimi-K2.6 / DeepSeek-V3 layout")
     p.add_argument("dst")
-    p.add_argument("--profile", default="tiny", choices=["tiny", "trained", "k26-topology", "k26-layer"],
-                   help="tiny/k26-topology: random weights; trained: the model make train-model trained (INT4 experts); "
-                        "k26-layer: K2.6's real widths, one dense and one MoE layer (~10.8 GB)")
+    p.add_argument("--profile", default="tiny", choices=PROFILE_NAMES,
+                   help="tiny/k26-topology: K2.6 (INT4 experts), random weights; trained: the model make train-model "
+                        "trained (INT4 experts); k26-layer: K2.6's real widths, one dense and one MoE layer (~10.8 GB); "
+                        "deepseek-v3 (FP8 blocks, MTP layer), kimi-k2-instruct (FP8 blocks), kimi-mxfp4, kimi-bf16: "
+                        "the family's other releases at tiny's sizes")
+    p.add_argument("--source", choices=SOURCE_NAMES,
+                   help="store the profile's weights in this upstream format instead (e.g. k26-layer as fp8-block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experts", type=int, help="routed experts per MoE layer (default: the profile's; k26-layer: 384)")
     p.set_defaults(run=run)
@@ -19,5 +28,5 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from requant.testing.synth import synthesize
 
-    print(synthesize(args.dst, args.profile, args.seed, experts=args.experts))
+    print(synthesize(args.dst, args.profile, args.seed, experts=args.experts, source=args.source))
     return 0

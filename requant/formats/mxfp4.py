@@ -109,3 +109,27 @@ def dequantize_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor, dtype: torc
     blocks = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
     scale = pow2_f64(scale_e8m0.to(torch.int64) - E8M0_BIAS).unsqueeze(-1)
     return (blocks.double() * scale).reshape(values.shape).to(dtype)
+
+
+def positive_zero_codes(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` with every negative-zero element (code 0x8) made +0 (0x0): a copy, values unchanged (-0 == +0).
+    Quark's encoder writes every zero as +0; compressed-tensors' may write -0 for small negative values."""
+    low_negative_zero = (packed & 0x0F) == E2M1_SIGN_BIT
+    high_negative_zero = (packed & 0xF0) == (E2M1_SIGN_BIT << 4)
+    keep = 0xFF - low_negative_zero.to(torch.uint8) * E2M1_SIGN_BIT - high_negative_zero.to(torch.uint8) * (E2M1_SIGN_BIT << 4)
+    return packed & keep
+
+
+def repack_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MXFP4 weight stored by another maker (compressed-tensors' ``mxfp4-pack-quantized``: the same E2M1 codes,
+    nibble order and E8M0 bytes as Quark) in Quark's export: no requantization, every value identical. Quark's
+    "even" scale rule would pick another exponent for a block whose largest code is 6 and drop its 0.5 codes, so
+    re-encoding the decoded values would lose what the upstream's quantization-aware training kept. Negative
+    zeros become +0 (:func:`positive_zero_codes`), as Quark writes zeros."""
+    return positive_zero_codes(packed), scale_e8m0.clone()
+
+
+def repack_mxfp4_q13(packed: torch.Tensor, scale_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`repack_mxfp4` with the scale bytes Quark 0.13 writes (:func:`e8m0_q13`)."""
+    codes, scale = repack_mxfp4(packed, scale_e8m0)
+    return codes, e8m0_q13(scale)

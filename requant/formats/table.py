@@ -27,7 +27,14 @@ from requant.formats.fp8 import (
 )
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
-from requant.formats.mxfp4 import dequantize_mxfp4, e8m0_q13, quantize_mxfp4, quantize_mxfp4_q13
+from requant.formats.mxfp4 import (
+    dequantize_mxfp4,
+    e8m0_q13,
+    quantize_mxfp4,
+    quantize_mxfp4_q13,
+    repack_mxfp4,
+    repack_mxfp4_q13,
+)
 from requant.io.safetensors import TensorSpec
 
 UNQUANTIZED = "unquantized"  # target of a tensor class kept in its upstream precision
@@ -50,6 +57,8 @@ class WeightFormat:
     # from a high-precision weight, and from packed INT4 (packed, group scales, in_features)
     scale_of: Callable[[torch.Tensor], torch.Tensor] | None = None
     scale_from_int4: Callable[..., torch.Tensor] | None = None
+    # a lossless path from an upstream stored in the same format by another maker (packed, scales) -> (weight, scale)
+    from_mxfp4: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, TensorSpec]:
         """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as."""
@@ -65,7 +74,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     for fmt in (
         # OCP MXFP4: E2M1 codes packed two per byte, one E8M0 scale byte per 32 inputs (Quark "mxfp4")
         WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4, dequantize_mxfp4,
-                     int4_to_mxfp4),
+                     int4_to_mxfp4, from_mxfp4=repack_mxfp4),
         # FP8 E4M3 with one scale per output channel in the input's precision (Quark "ptpc_fp8")
         WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, None, None, quantize_fp8_per_channel,
                      dequantize_fp8_per_channel, scale_of=fp8_per_channel_scale,
@@ -89,7 +98,7 @@ QUARK_VERSIONS: dict[str, dict[str, WeightFormat]] = {
         fmt.name: fmt
         for fmt in (
             WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_q13,
-                         dequantize_mxfp4, _mxfp4_from_int4_q13),
+                         dequantize_mxfp4, _mxfp4_from_int4_q13, from_mxfp4=repack_mxfp4_q13),
             WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, "F32", None, quantize_fp8_per_channel_q13,
                          dequantize_fp8_per_channel, _fp8_from_int4_q13, scale_of=fp8_per_channel_scale_q13,
                          scale_from_int4=fp8_per_channel_scale_from_int4_q13),

@@ -22,8 +22,19 @@ import torch
 from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
 from tqdm import tqdm
 
-from requant.constants import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
+from requant.constants import (
+    E2M1_SIGN_BIT,
+    FP8_BLOCK_DEFAULT,
+    FP8_E4M3_MAX,
+    INT4_GROUP_SIZE,
+    INT4_MAX,
+    INT4_MIN,
+    MX_BLOCK_SIZE,
+)
 from requant.errors import RequantError
+from requant.formats.fp8_block import block_grid
+from requant.formats.mxfp4 import pack_fp4, quantize_mxfp4, unpack_fp4
+from requant.formats.source import SourceFormat
 from requant.io.checksums import check_sums
 from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec
 from requant.layout import VLM_TEXT_PREFIX
@@ -52,6 +63,8 @@ class Profile:
     vision_blocks: int
     shards: int
     random_codes: bool = False  # routed experts with random INT4 codes (fast at real widths), not quantized Gaussians
+    architecture: str = "kimi-k25"  # one of ARCHITECTURES: the release whose layout and config it copies
+    source: SourceFormat = SourceFormat.INT4  # how the upstream stores its quantized weights (requant.formats.source)
 
 
 PROFILES = {
@@ -75,10 +88,65 @@ PROFILES = {
                          heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128,
                          vocab=1024, vision_hidden=64, vision_blocks=1, shards=4, random_codes=True),
 }
+# The family's other releases at tiny's sizes: DeepSeek-V3 (FP8 blocks, one MTP layer), Kimi-K2-Instruct (FP8 blocks,
+# text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts) and a BF16 fine-tune of it.
+# ``synth --source`` stores any profile in another source format.
+PROFILES |= {
+    "deepseek-v3": replace(PROFILES["tiny"], architecture="deepseek-v3", source=SourceFormat.FP8_BLOCK),
+    "kimi-k2-instruct": replace(PROFILES["tiny"], architecture="kimi-k2", source=SourceFormat.FP8_BLOCK),
+    "kimi-mxfp4": replace(PROFILES["tiny"], source=SourceFormat.MXFP4),
+    "kimi-bf16": replace(PROFILES["tiny"], source=SourceFormat.BF16),
+}
+
+
+# The releases a profile's layout and config copy: the VLM wrapper with its vision tower (Kimi-K2.5/K2.6), and the
+# text-only DeepseekV3 checkpoints (DeepSeek-V3/R1 with one MTP layer; Kimi-K2-Instruct without, with the rotary
+# embedding's inv_freq buffers stored in every layer).
+ARCHITECTURES = ("kimi-k25", "deepseek-v3", "kimi-k2")
+MTP_LAYERS = {"deepseek-v3": 1}
+MODEL_TYPES = {"kimi-k25": "kimi_k2", "deepseek-v3": "deepseek_v3", "kimi-k2": "kimi_k2"}
+
+
+def quantization_config(p: Profile) -> dict | None:
+    """The ``quantization_config`` a release in ``p.source`` carries (as its publisher writes it; None for BF16)."""
+    if p.source is SourceFormat.FP8_BLOCK:
+        return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    if p.source is SourceFormat.BF16:
+        return None
+    ignore = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
+              "re:.*mlp\\.gate$", "re:vision_tower.*", "re:mm_projector.*"]
+    if p.source is SourceFormat.MXFP4:  # llm-compressor's MXFP4A16 scheme, routed experts only (its Kimi examples)
+        weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": MX_BLOCK_SIZE,
+                   "num_bits": 4, "observer": None, "observer_kwargs": {}, "scale_dtype": "torch.uint8",
+                   "strategy": "group", "symmetric": True, "type": "float", "zp_dtype": None}
+        return {"config_groups": {"MXFP4A16": {"format": "mxfp4-pack-quantized", "input_activations": None,
+                                               "output_activations": None, "targets": ["Linear"], "weights": weights}},
+                "format": "mxfp4-pack-quantized", "global_compression_ratio": None, "ignore": ignore,
+                "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+                "transform_config": {}, "version": "0.19.0"}
+    return {
+        "config_groups": {
+            "group_0": {
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None, "block_structure": None, "dynamic": False, "group_size": INT4_GROUP_SIZE,
+                    "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                    "symmetric": True, "type": "int",
+                },
+            }
+        },
+        "format": "pack-quantized",
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
 
 
 def text_config(p: Profile, bos: int, eos: int) -> dict:
-    return {
+    config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -125,27 +193,12 @@ def text_config(p: Profile, bos: int, eos: int) -> dict:
         "use_cache": True,
         "v_head_dim": p.v_head,
         "vocab_size": p.vocab,
-        "quantization_config": {
-            "config_groups": {
-                "group_0": {
-                    "input_activations": None,
-                    "output_activations": None,
-                    "targets": ["Linear"],
-                    "weights": {
-                        "actorder": None, "block_structure": None, "dynamic": False, "group_size": INT4_GROUP_SIZE,
-                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
-                        "symmetric": True, "type": "int",
-                    },
-                }
-            },
-            "format": "pack-quantized",
-            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
-                       "re:.*mlp\\.gate$", "re:vision_tower.*", "re:mm_projector.*"],
-            "kv_cache_scheme": None,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-        },
     }
+    config["model_type"] = MODEL_TYPES[p.architecture]
+    config["num_nextn_predict_layers"] = MTP_LAYERS.get(p.architecture, 0)
+    if (quant := quantization_config(p)) is not None:
+        config["quantization_config"] = quant
+    return config
 
 
 def model_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
@@ -210,6 +263,37 @@ class _Weights:
         """``count`` INT4 expert matrices: symmetric group-32 min-max quantization of N(0, 1/inp) weights."""
         w = torch.randn(count * out, inp, generator=self.gen) / inp**0.5
         return int4_quantize(w.reshape(count, out, inp))
+
+    def experts(self, source: SourceFormat, count: int, out: int, inp: int) -> list[dict[str, torch.Tensor]]:
+        """``count`` expert matrices of N(0, 1/inp) weights in ``source``'s format, one dict of tensors each."""
+        if source is SourceFormat.INT4:
+            return self.int4_experts(count, out, inp)
+        w = (torch.randn(count * out, inp, generator=self.gen) / inp**0.5).to(torch.bfloat16).reshape(count, out, inp)
+        if source is SourceFormat.FP8_BLOCK:
+            return [dict(zip(("weight", "weight_scale_inv"), fp8_block_quantize(m))) for m in w]
+        if source is SourceFormat.MXFP4:
+            return [dict(zip(("weight_packed", "weight_scale"), mxfp4_quantize(m))) for m in w]
+        return [{"weight": m.clone()} for m in w]
+
+    def random_expert(self, source: SourceFormat, out: int, inp: int) -> dict[str, torch.Tensor]:
+        """One expert matrix with random codes in ``source``'s format (see :meth:`int4_random_codes`)."""
+        if source is SourceFormat.INT4:
+            return self.int4_random_codes(out, inp)
+        if source is SourceFormat.FP8_BLOCK:
+            return dict(zip(("weight", "weight_scale_inv"), self.fp8_random(out, inp)))
+        if source is SourceFormat.MXFP4:
+            packed = torch.from_numpy(np.frombuffer(self.rng.bytes(out * inp // 2), dtype=np.uint8).reshape(out, inp // 2).copy())
+            exponent = np.clip(np.rint(-8 + self.rng.standard_normal((out, inp // MX_BLOCK_SIZE))), -20, 0).astype(np.int16)
+            return {"weight_packed": packed, "weight_scale": torch.from_numpy((exponent + 127).astype(np.uint8))}
+        return {"weight": self.linear(out, inp)}
+
+    def fp8_random(self, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random E4M3 codes (NaN codes replaced) and block scales like DeepSeek's: valid FP8-block data fast."""
+        codes = np.frombuffer(self.rng.bytes(out * inp), dtype=np.uint8).reshape(out, inp).copy()
+        codes[(codes & 0x7F) == 0x7F] ^= 0x01  # 0x7F/0xFF are NaN: make them 0x7E/0xFE (+-448)
+        rows, cols = block_grid((out, inp), FP8_BLOCK_DEFAULT)
+        scale = np.abs(1 + 0.2 * self.rng.standard_normal((rows, cols), dtype=np.float32)) * 3.0 / inp**0.5 / FP8_E4M3_MAX
+        return torch.from_numpy(codes).view(torch.float8_e4m3fn), torch.from_numpy(scale)
 
     def int4_random_codes(self, out: int, inp: int) -> dict[str, torch.Tensor]:
         """One INT4 expert matrix with uniformly random codes (every nibble -8..7) and group scales distributed
@@ -277,12 +361,50 @@ class _Lazy:
 BF16, F32 = torch.bfloat16, torch.float32
 
 
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK_DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's FP8 block quantization of float weights [out, in]: per block (edges partial), the FP32 scale
+    amax / 448 and the weights divided by it, cast to E4M3 (an all-zero block gets scale 1)."""
+    out, inp = w.shape
+    bo, bi = block
+    rows, cols = -(-out // bo), -(-inp // bi)
+    padded = torch.nn.functional.pad(w.float(), (0, cols * bi - inp, 0, rows * bo - out))
+    blocks = padded.view(rows, bo, cols, bi)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_E4M3_MAX)
+    q = (blocks / scale.view(rows, 1, cols, 1)).view(rows * bo, cols * bi)[:out, :inp].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' ``mxfp4-pack-quantized`` of float weights [..., in]: the scale rule and codes of Quark's
+    "even" MXFP4 (the same rule), except that a negative value rounding to zero keeps its sign (code 0x8), as
+    compressed-tensors writes it."""
+    packed, scale = quantize_mxfp4(w)
+    negative_zero = (w.float() < 0) & (unpack_fp4(packed) == 0)
+    codes = unpack_fp4(packed) | (negative_zero.to(torch.uint8) * E2M1_SIGN_BIT)
+    return pack_fp4(codes), scale
+
+
 def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
     """The checkpoint's tensors in order (embeddings, layers in order, final norm and head, vision), unmade."""
-    lm = f"{VLM_TEXT_PREFIX}model"
+    prefix = VLM_TEXT_PREFIX if p.architecture == "kimi-k25" else ""
+    lm = f"{prefix}model"
+    fp8 = p.source is SourceFormat.FP8_BLOCK
 
-    def linear(name: str, out: int, inp: int) -> _Lazy:
-        return _Lazy(name, BF16, (out, inp), lambda: w.linear(out, inp))
+    def linear(name: str, out: int, inp: int, quantized: bool = True) -> Iterator[_Lazy]:
+        """A Linear weight (``name`` ends in .weight); FP8-block upstreams store the decoder layers' as FP8."""
+        if not (fp8 and quantized):
+            yield _Lazy(name, BF16, (out, inp), lambda: w.linear(out, inp))
+            return
+        drawn: dict = {}
+
+        def part(i: int) -> torch.Tensor:
+            if not drawn:
+                drawn["q"] = w.fp8_random(out, inp) if p.random_codes else fp8_block_quantize(w.linear(out, inp))
+            return drawn["q"][i]
+
+        yield _Lazy(name, torch.float8_e4m3fn, (out, inp), partial(part, 0))
+        yield _Lazy(f"{name}_scale_inv", F32, block_grid((out, inp), FP8_BLOCK_DEFAULT), partial(part, 1))
 
     def norm(name: str, n: int) -> _Lazy:
         return _Lazy(name, BF16, (n,), lambda: w.norm(n))
@@ -291,23 +413,32 @@ def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
         return _Lazy(name, BF16, (n,), lambda: torch.zeros(n, dtype=BF16))
 
     def mlp(base: str, inter: int) -> Iterator[_Lazy]:
-        yield linear(f"{base}.gate_proj.weight", inter, p.hidden)
-        yield linear(f"{base}.up_proj.weight", inter, p.hidden)
-        yield linear(f"{base}.down_proj.weight", p.hidden, inter)
+        yield from linear(f"{base}.gate_proj.weight", inter, p.hidden)
+        yield from linear(f"{base}.up_proj.weight", inter, p.hidden)
+        yield from linear(f"{base}.down_proj.weight", p.hidden, inter)
 
-    yield linear(f"{lm}.embed_tokens.weight", p.vocab, p.hidden)
-    for i in range(p.layers):
+    yield from linear(f"{lm}.embed_tokens.weight", p.vocab, p.hidden, quantized=False)
+    for i in range(p.layers + MTP_LAYERS.get(p.architecture, 0)):
         L = f"{lm}.layers.{i}"
         a = f"{L}.self_attn"
+        if i >= p.layers:  # DeepSeek-V3's multi-token-prediction layer: BF16 head parts, then a decoder block
+            yield from linear(f"{L}.embed_tokens.weight", p.vocab, p.hidden, quantized=False)
+            yield norm(f"{L}.enorm.weight", p.hidden)
+            yield norm(f"{L}.hnorm.weight", p.hidden)
+            yield from linear(f"{L}.eh_proj.weight", p.hidden, 2 * p.hidden, quantized=False)
+            yield norm(f"{L}.shared_head.norm.weight", p.hidden)
+            yield from linear(f"{L}.shared_head.head.weight", p.vocab, p.hidden, quantized=False)
         yield norm(f"{L}.input_layernorm.weight", p.hidden)
         yield norm(f"{L}.post_attention_layernorm.weight", p.hidden)
-        yield linear(f"{a}.q_a_proj.weight", p.q_lora_rank, p.hidden)
+        yield from linear(f"{a}.q_a_proj.weight", p.q_lora_rank, p.hidden)
         yield norm(f"{a}.q_a_layernorm.weight", p.q_lora_rank)
-        yield linear(f"{a}.q_b_proj.weight", p.heads * (p.qk_nope + p.qk_rope), p.q_lora_rank)
-        yield linear(f"{a}.kv_a_proj_with_mqa.weight", p.kv_lora_rank + p.qk_rope, p.hidden)
+        yield from linear(f"{a}.q_b_proj.weight", p.heads * (p.qk_nope + p.qk_rope), p.q_lora_rank)
+        yield from linear(f"{a}.kv_a_proj_with_mqa.weight", p.kv_lora_rank + p.qk_rope, p.hidden)
         yield norm(f"{a}.kv_a_layernorm.weight", p.kv_lora_rank)
-        yield linear(f"{a}.kv_b_proj.weight", p.heads * (p.qk_nope + p.v_head), p.kv_lora_rank)
-        yield linear(f"{a}.o_proj.weight", p.hidden, p.heads * p.v_head)
+        yield from linear(f"{a}.kv_b_proj.weight", p.heads * (p.qk_nope + p.v_head), p.kv_lora_rank)
+        yield from linear(f"{a}.o_proj.weight", p.hidden, p.heads * p.v_head)
+        if p.architecture == "kimi-k2":  # Kimi-K2-Instruct ships the rotary embedding's buffer in every layer
+            yield _Lazy(f"{a}.rotary_emb.inv_freq", BF16, (p.qk_rope // 2,), partial(_inv_freq, p.qk_rope))
         if i == 0:
             yield from mlp(f"{L}.mlp", p.intermediate)
             continue
@@ -318,7 +449,9 @@ def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
         yield from mlp(f"{L}.mlp.shared_experts", p.moe_intermediate)
         yield from _experts(f"{L}.mlp.experts", p, w)
     yield norm(f"{lm}.norm.weight", p.hidden)
-    yield linear(f"{VLM_TEXT_PREFIX}lm_head.weight", p.vocab, p.hidden)
+    yield from linear(f"{prefix}lm_head.weight", p.vocab, p.hidden, quantized=False)
+    if p.architecture != "kimi-k25":
+        return
     v, vi = p.vision_hidden, 2 * p.vision_hidden
     yield _Lazy("vision_tower.patch_embed.proj.weight", BF16, (v, 3, VISION_PATCH, VISION_PATCH),
                 lambda: (0.02 * torch.randn(v, 3, VISION_PATCH, VISION_PATCH, generator=w.gen)).to(BF16))
@@ -327,24 +460,41 @@ def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
         B = f"vision_tower.encoder.blocks.{b}"
         yield norm(f"{B}.norm0.weight", v)
         yield zeros(f"{B}.norm0.bias", v)
-        yield linear(f"{B}.wqkv.weight", 3 * v, v)
+        yield from linear(f"{B}.wqkv.weight", 3 * v, v, quantized=False)
         yield zeros(f"{B}.wqkv.bias", 3 * v)
-        yield linear(f"{B}.wo.weight", v, v)
+        yield from linear(f"{B}.wo.weight", v, v, quantized=False)
         yield norm(f"{B}.norm1.weight", v)
-        yield linear(f"{B}.mlp.fc0.weight", vi, v)
-        yield linear(f"{B}.mlp.fc1.weight", v, vi)
+        yield from linear(f"{B}.mlp.fc0.weight", vi, v, quantized=False)
+        yield from linear(f"{B}.mlp.fc1.weight", v, vi, quantized=False)
     yield norm("vision_tower.encoder.final_layernorm.weight", v)
     yield norm("mm_projector.pre_norm.weight", v)
-    yield linear("mm_projector.proj.0.weight", 4 * v, 4 * v)
+    yield from linear("mm_projector.proj.0.weight", 4 * v, 4 * v, quantized=False)
     yield zeros("mm_projector.proj.0.bias", 4 * v)
-    yield linear("mm_projector.proj.2.weight", p.hidden, 4 * v)
+    yield from linear("mm_projector.proj.2.weight", p.hidden, 4 * v, quantized=False)
     yield zeros("mm_projector.proj.2.bias", p.hidden)
 
 
+def _inv_freq(rope_dim: int) -> torch.Tensor:
+    return (1.0 / 50000.0 ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)).to(BF16)
+
+
+# The tensors of one routed expert projection, by source format: (name, dtype, shape from (out, in)).
+EXPERT_PARAMS = {
+    SourceFormat.INT4: (("weight_packed", torch.int32, lambda o, i: (o, -(-i // 8))),
+                        ("weight_scale", BF16, lambda o, i: (o, -(-i // INT4_GROUP_SIZE))),
+                        ("weight_shape", torch.int32, lambda o, i: (2,))),
+    SourceFormat.FP8_BLOCK: (("weight", torch.float8_e4m3fn, lambda o, i: (o, i)),
+                             ("weight_scale_inv", F32, lambda o, i: block_grid((o, i), FP8_BLOCK_DEFAULT))),
+    SourceFormat.MXFP4: (("weight_packed", torch.uint8, lambda o, i: (o, i // 2)),
+                         ("weight_scale", torch.uint8, lambda o, i: (o, i // MX_BLOCK_SIZE))),
+    SourceFormat.BF16: (("weight", BF16, lambda o, i: (o, i)),),
+}
+
+
 def _experts(base: str, p: Profile, w: _Weights) -> Iterator[_Lazy]:
-    """One MoE layer's routed experts, expert by expert (gate, up, down; packed, scale, shape each). Gaussian
-    profiles draw each projection for all experts at once, when the first is made; ``random_codes`` profiles
-    draw one matrix at a time, so a real-width layer never sits in memory."""
+    """One MoE layer's routed experts, expert by expert (gate, up, down; each projection's tensors in its source
+    format). Gaussian profiles draw each projection for all experts at once, when the first is made;
+    ``random_codes`` profiles draw one matrix at a time, so a real-width layer never sits in memory."""
     shapes = {"gate_proj": (p.moe_intermediate, p.hidden), "up_proj": (p.moe_intermediate, p.hidden),
               "down_proj": (p.hidden, p.moe_intermediate)}
     drawn: dict = {}
@@ -352,18 +502,16 @@ def _experts(base: str, p: Profile, w: _Weights) -> Iterator[_Lazy]:
     def part(e: int, proj: str, param: str) -> torch.Tensor:
         if p.random_codes:
             if drawn.get("key") != (e, proj):
-                drawn.update(key=(e, proj), mat=w.int4_random_codes(*shapes[proj]))
+                drawn.update(key=(e, proj), mat=w.random_expert(p.source, *shapes[proj]))
             return drawn["mat"][param]
         if not drawn:
-            drawn.update({name: w.int4_experts(p.experts, *shape) for name, shape in shapes.items()})
+            drawn.update({name: w.experts(p.source, p.experts, *shape) for name, shape in shapes.items()})
         return drawn[proj][e][param]
 
     for e in range(p.experts):
         for proj, (out, inp) in shapes.items():
-            for param, dtype, shape in (("weight_packed", torch.int32, (out, -(-inp // 8))),
-                                        ("weight_scale", BF16, (out, -(-inp // INT4_GROUP_SIZE))),
-                                        ("weight_shape", torch.int32, (2,))):
-                yield _Lazy(f"{base}.{e}.{proj}.{param}", dtype, shape, partial(part, e, proj, param))
+            for param, dtype, shape in EXPERT_PARAMS[p.source]:
+                yield _Lazy(f"{base}.{e}.{proj}.{param}", dtype, shape(out, inp), partial(part, e, proj, param))
 
 
 LICENSE_TEXT = """Synthetic test checkpoint generated by requant.
@@ -445,9 +593,9 @@ def _write_shard(path: Path, group: list[_Lazy], bar: tqdm) -> None:
 
 
 def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, progress: bool = True,
-               experts: int | None = None) -> Path:
+               experts: int | None = None, source: SourceFormat | str | None = None) -> Path:
     """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile; ``experts``
-    replaces its routed expert count. The ``trained`` profile takes its language model and tokenizer from
+    replaces its routed expert count, ``source`` its source format. The ``trained`` profile takes its language model and tokenizer from
     requant/testing/trained/assets. Tensors are made and written one at a time: memory stays at the largest tensor."""
     if isinstance(profile, Profile):
         p, profile = profile, "custom"
@@ -461,6 +609,11 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
         if not p.top_k <= experts:
             raise RequantError(f"--experts {experts}: needs at least top_k = {p.top_k} routed experts")
         p = replace(p, experts=experts)
+    if source is not None:
+        source = SourceFormat(source)
+        if profile == "trained" and source is not SourceFormat.INT4:
+            raise RequantError("--source: the trained profile is published as K2.6 is (int4)")
+        p = replace(p, source=source)
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise RequantError(f"{dst}: exists and is not empty")
@@ -495,17 +648,26 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
             weight_map.update({lazy.name: file for lazy in group})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = model_config(p, ids["[BOS]"], ids["[EOS]"], ids["[PAD]"], ids["<|media_pad|>"])
+    if p.architecture == "kimi-k25":
+        config = model_config(p, ids["[BOS]"], ids["[EOS]"], ids["[PAD]"], ids["<|media_pad|>"])
+    else:
+        config = {**text_config(p, ids["[BOS]"], ids["[EOS]"]),
+                  "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                               "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                               "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # one EOS everywhere: engines stop generation on generation_config's, the reference server on config's
     generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": ids["[EOS]"], "max_length": 262144, "do_sample": True,
                   "temperature": 1.0, "top_p": 0.95}
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
+    if p.architecture == "kimi-k25":
+        (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
     (dst / "LICENSE").write_text(TRAINED_LICENSE_TEXT if profile == "trained" else LICENSE_TEXT)
-    (dst / "configuration_kimi_k25.py").write_text(REMOTE_CODE_STUB)
+    remote_code = "configuration_kimi_k25.py" if p.architecture == "kimi-k25" else "configuration_deepseek.py"
+    (dst / remote_code).write_text(REMOTE_CODE_STUB.replace("configuration_kimi_k25.py", remote_code))
     kind = "Trained language model (INT4 routed experts), random vision tower" if profile == "trained" else \
-        "Random INT4/BF16 weights"
-    (dst / "README.md").write_text(f"# Synthetic Kimi-K2.6 layout ({profile}, seed {seed})\n\n{kind}; see LICENSE.\n")
+        f"Random weights, quantized upstream as {p.source.value} ({p.source.description})"
+    layout = {"kimi-k25": "Kimi-K2.6", "deepseek-v3": "DeepSeek-V3", "kimi-k2": "Kimi-K2-Instruct"}[p.architecture]
+    (dst / "README.md").write_text(f"# Synthetic {layout} layout ({profile}, seed {seed})\n\n{kind}; see LICENSE.\n")
     return dst
 

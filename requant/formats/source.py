@@ -1,0 +1,159 @@
+"""The upstream formats requant reads, one row each: what ``config.json`` declares, how a module's weight is
+stored under it, and how that storage decodes. Planning reads the declaration (:func:`detect_source`) and each
+module's tensors (:func:`stored_as`), and refuses a checkpoint whose tensors are not what it declares, before any
+job runs; the layer job decodes through :data:`ENCODINGS`.
+
+The family's releases, and what each stores quantized:
+
+- ``int4``: compressed-tensors ``pack-quantized`` INT4, group 32 (Kimi-K2-Thinking, K2.5, K2.6: routed experts).
+- ``fp8-block``: ``quant_method: fp8``, E4M3 weights with FP32 ``weight_scale_inv`` per 128x128 block
+  (DeepSeek-V3/V3.1/R1, Kimi-K2-Instruct: every Linear of the decoder layers but the router); V3.1's
+  ``scale_fmt: ue8m0`` holds powers of two only.
+- ``mxfp4``: compressed-tensors ``mxfp4-pack-quantized`` (E2M1 codes two per byte, E8M0 scale per 32), the
+  format of quantization-aware-trained MXFP4 releases.
+- ``bf16``: no ``quantization_config`` (a fine-tune published unquantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from requant.constants import FP8_BLOCK_DEFAULT, INT4_GROUP_SIZE, MX_BLOCK_SIZE, UE8M0_SCALE_FMT
+from requant.errors import CheckpointError
+from requant.formats.fp8_block import block_grid
+from requant.formats.int4 import packed_columns
+
+
+class SourceFormat(StrEnum):
+    """An upstream checkpoint's weight format, as the manifest, the card and ``requant plan`` name it."""
+
+    INT4 = "int4"
+    FP8_BLOCK = "fp8-block"
+    MXFP4 = "mxfp4"
+    BF16 = "bf16"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    SourceFormat.INT4: "compressed-tensors pack-quantized INT4, group 32",
+    SourceFormat.FP8_BLOCK: "FP8 E4M3 with FP32 block scales (weight_scale_inv)",
+    SourceFormat.MXFP4: "compressed-tensors mxfp4-pack-quantized (E2M1, E8M0 scale per 32)",
+    SourceFormat.BF16: "unquantized (BF16)",
+}
+
+# How a module's weight is stored, by task kind: the tensors after the module name, in the task's input order.
+# "dense" is a plain ``weight`` (BF16/F16/F32), which every source format may hold for the modules it leaves alone.
+MODULE_PARAMS: dict[str, tuple[str, ...]] = {
+    "dense": ("weight",),
+    "int4": ("weight_packed", "weight_scale", "weight_shape"),
+    "fp8_block": ("weight", "weight_scale_inv"),
+    "mxfp4": ("weight_packed", "weight_scale"),
+}
+QUANTIZED_KIND = {SourceFormat.INT4: "int4", SourceFormat.FP8_BLOCK: "fp8_block", SourceFormat.MXFP4: "mxfp4"}
+DECODED_DTYPE = "BF16"  # what a quantized upstream weight decodes to (the high-precision dtype of its outputs)
+
+
+@dataclass(frozen=True)
+class Source:
+    """An upstream's declared format and the parameters its tensors are checked against."""
+
+    format: SourceFormat
+    block: tuple[int, int] | None = None  # fp8-block: weight_block_size (rows, columns)
+    scale_fmt: str | None = None  # fp8-block: "ue8m0" when every scale is a power of two
+
+    @property
+    def quantized_kind(self) -> str | None:
+        return QUANTIZED_KIND.get(self.format)
+
+    def record(self) -> dict[str, Any]:
+        """As the manifest stores it."""
+        out: dict[str, Any] = {"format": self.format.value, "description": self.format.description}
+        if self.block is not None:
+            out["weight_block_size"] = list(self.block)
+        if self.scale_fmt is not None:
+            out["scale_fmt"] = self.scale_fmt
+        return out
+
+
+def detect_source(quant: Any, file: str = "config.json") -> Source:
+    """The source format ``config.json``'s ``quantization_config`` declares (None: BF16); anything requant does not
+    read is refused in one line naming the key."""
+    if quant is None:
+        return Source(SourceFormat.BF16)
+    if not isinstance(quant, dict):
+        raise CheckpointError(file, f"quantization_config must be an object, got {type(quant).__name__}")
+    method = quant.get("quant_method")
+    if method == "fp8":
+        return _fp8_block(quant, file)
+    if method == "compressed-tensors":
+        fmt = quant.get("format")
+        if fmt == "pack-quantized":
+            _check_groups(quant, file, (4, "int", "group", INT4_GROUP_SIZE, True), "num_bits 4, int, group, group_size 32, symmetric")
+            return Source(SourceFormat.INT4)
+        if fmt == "mxfp4-pack-quantized":
+            _check_groups(quant, file, (4, "float", "group", MX_BLOCK_SIZE, True), "num_bits 4, float, group, group_size 32, symmetric")
+            return Source(SourceFormat.MXFP4)
+        raise CheckpointError(file, f"quantization_config.format {fmt!r} is not one requant reads "
+                                    "(compressed-tensors pack-quantized INT4 or mxfp4-pack-quantized)")
+    raise CheckpointError(file, f"quantization_config.quant_method {method!r} is not one requant reads "
+                                "(compressed-tensors, fp8; none for BF16)")
+
+
+def _fp8_block(quant: dict[str, Any], file: str) -> Source:
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(file, f"quantization_config.fmt {quant.get('fmt')!r}: only e4m3 FP8 is read")
+    block = quant.get("weight_block_size")
+    if block is None:
+        raise CheckpointError(file, "quantization_config.weight_block_size is missing: per-tensor FP8 is not read, "
+                                    f"block-scaled FP8 (e.g. {list(FP8_BLOCK_DEFAULT)}) is")
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and 0 < b <= 1 << 16 for b in block)):
+        raise CheckpointError(file, f"quantization_config.weight_block_size {str(block)[:40]} is not two positive integers")
+    scale_fmt = quant.get("scale_fmt")
+    if scale_fmt not in (None, UE8M0_SCALE_FMT):
+        raise CheckpointError(file, f"quantization_config.scale_fmt {scale_fmt!r}: only FP32 scales and "
+                                    f"{UE8M0_SCALE_FMT!r} (powers of two) are read")
+    return Source(SourceFormat.FP8_BLOCK, block=(block[0], block[1]), scale_fmt=scale_fmt)
+
+
+def _check_groups(quant: dict[str, Any], file: str, want: tuple, said: str) -> None:
+    groups = quant.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights") or {}, dict)
+                                               for g in groups.values()):
+        raise CheckpointError(file, "quantization_config.config_groups must map names to objects with 'weights' objects")
+    for name, group in groups.items():
+        w = group.get("weights") or {}
+        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"), w.get("symmetric"))
+        if got != want:
+            raise CheckpointError(file, f"quantization_config.config_groups.{name}.weights {got} are not ({said})")
+
+
+def stored_as(params: set[str], dtypes: dict[str, str]) -> str:
+    """The task kind of a module from the names (and dtypes) of its tensors: INT4 and MXFP4 both have a
+    ``weight_packed``, INT4's is I32 and MXFP4's U8."""
+    if "weight_scale_inv" in params:
+        return "fp8_block"
+    if "weight_shape" in params or dtypes.get("weight_packed") == "I32":
+        return "int4"
+    if "weight_packed" in params or ("weight_scale" in params and "weight" not in params):
+        return "mxfp4" if "U8" in (dtypes.get("weight_packed"), dtypes.get("weight_scale")) else "int4"
+    return "dense"
+
+
+def expected_params(kind: str, shape: tuple[int, int], source: Source) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """The dtypes and shape each tensor of a ``kind`` module of ``shape`` (out, in) must have."""
+    out, inp = shape
+    if kind == "int4":
+        return {"weight_packed": (("I32",), (out, packed_columns(inp))),
+                "weight_scale": (("BF16",), (out, -(-inp // INT4_GROUP_SIZE))),
+                "weight_shape": (("I32", "I64"), (2,))}
+    if kind == "fp8_block":
+        return {"weight": (("F8_E4M3",), shape),
+                "weight_scale_inv": (("F32",), block_grid(shape, source.block or FP8_BLOCK_DEFAULT))}
+    if kind == "mxfp4":
+        return {"weight_packed": (("U8",), (out, inp // 2)), "weight_scale": (("U8",), (out, inp // MX_BLOCK_SIZE))}
+    raise ValueError(kind)
