@@ -15,7 +15,6 @@ from requant.formats.source import (
     DECODED_DTYPE,
     MODULE_PARAMS,
     Source,
-    SourceFormat,
     detect_source,
     expected_params,
     stored_as,
@@ -130,7 +129,7 @@ class Plan:
     input_shards: tuple[tuple[str, int], ...]  # (file, size)
     extra_files: tuple[str, ...]  # copied byte for byte
     excluded_modules: tuple[str, ...]  # Quark "exclude": linear weights left unquantized
-    source_format: Source = Source(SourceFormat.INT4)  # what config.json declares, checked against the tensors
+    source_format: Source  # what config.json declares, checked against the tensors
 
     @property
     def bytes_in(self) -> int:
@@ -371,7 +370,7 @@ def _for_quark(task: TensorTask, quark: str) -> TensorTask:
     fmt = weight_formats(quark).get(task.target)
     if fmt is None:
         return dataclasses.replace(task, quark=quark)
-    hp_dtype = "BF16" if task.kind == "int4" else task.inputs[0].dtype
+    hp_dtype = task.inputs[0].dtype if task.kind == "dense" else DECODED_DTYPE  # a quantized source decodes to BF16
     return dataclasses.replace(task, quark=quark, outputs=fmt.output_specs(task.name, task.shape, hp_dtype))
 
 

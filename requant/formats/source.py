@@ -133,14 +133,16 @@ def _check_groups(quant: dict[str, Any], file: str, want: tuple, said: str) -> N
 
 
 def stored_as(params: set[str], dtypes: dict[str, str]) -> str:
-    """The task kind of a module from the names (and dtypes) of its tensors: INT4 and MXFP4 both have a
-    ``weight_packed``, INT4's is I32 and MXFP4's U8."""
+    """The task kind of a module from the names (and dtypes) of its tensors: INT4 and MXFP4 both store a
+    ``weight_packed`` and a ``weight_scale``, INT4's I32 and BF16, MXFP4's U8 and U8 (a module missing one of them is
+    told by the other, and then reported missing)."""
     if "weight_scale_inv" in params:
         return "fp8_block"
-    if "weight_shape" in params or dtypes.get("weight_packed") == "I32":
+    if "weight_shape" in params:
         return "int4"
-    if "weight_packed" in params or ("weight_scale" in params and "weight" not in params):
-        return "mxfp4" if "U8" in (dtypes.get("weight_packed"), dtypes.get("weight_scale")) else "int4"
+    for packed_or_scale in ("weight_packed", "weight_scale"):
+        if packed_or_scale in params and (packed_or_scale == "weight_packed" or "weight" not in params):
+            return "mxfp4" if dtypes[packed_or_scale] == "U8" else "int4"
     return "dense"
 
 
