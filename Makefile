@@ -178,7 +178,7 @@ bench-peers: install quark13-venv llmc-venv
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
 
 # One K2.6 layer at real widths (EXPERTS of 384) on tmpfs, on disk and through S3, against copy rooflines
-# measured in the same run: results/layer.md.
+# measured in the same run, then the same layer published as FP8 blocks against the INT4 path: results/layer.md.
 EXPERTS ?= 96
 bench-layer: install
 	$(BIN)/python -m dev.bench layer --experts $(EXPERTS) --out results $(BENCH_ARGS)

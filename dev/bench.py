@@ -10,7 +10,8 @@ and PUT of the same number of bytes through boto3's transfer manager; then the r
 Ray workers. On one machine the S3 server shares the cores with the conversion, so the S3 runs also record where
 the CPU time went (:mod:`requant.bench.cpu`) and the machine's busy share. From them, a shared-CPU bound for the
 flow: the S3 server's CPU time for moving the bytes (the roofline's) plus the conversion's own (``convert --local``
-on one core), over the cores.
+on one core), over the cores. Last, the same layer synthesized in each other upstream format (``--sources``,
+default FP8 block-scaled) converted on tmpfs, side by side with the INT4 path.
 
 Each configuration runs in a fresh process (a fresh local Ray with that many CPUs) against one
 SeaweedFS server; every run writes to a new output prefix, so nothing is resumed. Each run also records where
@@ -35,6 +36,7 @@ from typing import Any
 from requant.bench.cpu import CpuSampler, ray_part
 from requant.bench.layer import LAYER_RECIPE, _bytes, _shards, run_layer_bench
 from requant.bench.provenance import CONVERSION, FLOW, run_info, write_results
+from requant.formats.source import SourceFormat
 from requant.io.s3 import S3Storage
 from requant.io.transfer import upload_dir
 from requant.job import available_cores
@@ -211,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 flow runs")
     la.add_argument("--workers", default="1,2", help="Ray worker counts for the flow runs")
     la.add_argument("--out", default="results", help="writes layer.json and layer.md here")
+    la.add_argument("--sources", default=SourceFormat.FP8_BLOCK.value,
+                    help="other upstream formats of the same layer, compared with INT4 on tmpfs (comma-separated; '' to skip)")
     args = parser.parse_args(argv)
     if args.command == "layer":
         workers = [int(n) for n in args.workers.split(",")]
         part = (lambda up, work, cpu_s: s3_bench(up, work, workers, args.recipe, cpu_s)) if args.s3 else None
-        run_layer_bench(args.experts, recipe=args.recipe, tmpfs=args.tmpfs, disk=args.disk, out=args.out, s3_part=part)
+        run_layer_bench(args.experts, recipe=args.recipe, tmpfs=args.tmpfs, disk=args.disk, out=args.out, s3_part=part,
+                        sources=tuple(SourceFormat(s) for s in args.sources.split(",") if s))
         return 0
     return flow_bench(args.profile, [int(w) for w in args.workers.split(",")], args.out)
 

@@ -23,7 +23,12 @@ import torch
 
 from requant.constants import E8M0_NAN
 from requant.errors import CheckpointError
-from requant.formats.fp8_block import dequantize_fp8_block, fp8_nan_count, non_power_of_two
+from requant.formats.fp8_block import (
+    dequantize_fp8_block,
+    dequantize_fp8_block_rows,
+    fp8_nan_count,
+    non_power_of_two,
+)
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
@@ -359,6 +364,10 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         _check_mxfp4(task, scale, uri)
         out = list(fmt.from_mxfp4(packed.to(device), scale.to(device)))  # the same format: repacked, not requantized
         reference = lambda rows: dequantize_mxfp4(packed[rows], scale[rows])  # noqa: E731
+    elif task.kind == "fp8_block" and fmt is not None and fmt.from_fp8_block is not None and not scale_only:
+        out = _from_fp8_block(task, inputs, uri, device)
+        scale, weight = inputs
+        reference = lambda rows: dequantize_fp8_block_rows(weight, scale, task.block, rows.cpu())  # noqa: E731
     elif task.kind in ("fp8_block", "mxfp4"):
         weight = decode_source(task, inputs, uri).to(device)
         if fmt is None:
@@ -392,22 +401,38 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     """The BF16 weight of a module stored as FP8 blocks or MXFP4 upstream, from its inputs as read (scale first),
     checked first: what Quark's file-to-file export quantizes from the same weights decoded to BF16."""
     scale, weight = inputs
-    scale_e, weight_e = task.inputs[1], task.inputs[0]
+    weight_e = task.inputs[0]
     if task.kind == "mxfp4":
         _check_mxfp4(task, scale, uri)
         decoded = dequantize_mxfp4(weight, scale, torch.bfloat16)  # exact where finite: MXFP4 values are BF16 values
     else:
-        _check_finite(scale, f"{uri}/{scale_e.file}", scale_e.name)
-        if task.pow2_scales and (bad := non_power_of_two(scale)):
-            raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} scales are not powers of two, but config.json "
-                                  "declares scale_fmt ue8m0", scale_e.name)
-        if nan := fp8_nan_count(weight):
-            raise CheckpointError(f"{uri}/{weight_e.file}", f"{nan} NaN values", weight_e.name)
+        _check_fp8_scales(task, scale, uri)
         decoded = dequantize_fp8_block(weight, scale, task.block)
+        if not all_finite(decoded) and (nan := fp8_nan_count(weight)):
+            raise CheckpointError(f"{uri}/{weight_e.file}", f"{nan} NaN values", weight_e.name)
     if not all_finite(decoded):  # e.g. code 6 under E8M0 2**126, or 448 under a huge block scale
         bad = int((~torch.isfinite(decoded)).sum())
         raise CheckpointError(f"{uri}/{weight_e.file}", f"{bad} values decode beyond BF16's range (Inf)", weight_e.name)
     return decoded
+
+
+def _check_fp8_scales(task: TensorTask, scale: torch.Tensor, uri: str) -> None:
+    scale_e = task.inputs[1]
+    _check_finite(scale, f"{uri}/{scale_e.file}", scale_e.name)
+    if task.pow2_scales and (bad := non_power_of_two(scale)):
+        raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} scales are not powers of two, but config.json "
+                              "declares scale_fmt ue8m0", scale_e.name)
+
+
+def _from_fp8_block(task: TensorTask, inputs: list[torch.Tensor], uri: str, device: str) -> list[torch.Tensor]:
+    """A target's tensors straight from FP8 blocks (the format's fused path), the inputs checked as
+    :func:`decode_source` checks them."""
+    scale, weight = inputs
+    _check_fp8_scales(task, scale, uri)
+    try:
+        return list(task.format.from_fp8_block(weight.to(device), scale.to(device), task.block))
+    except ValueError as e:  # NaN codes, or values beyond BF16's range
+        raise CheckpointError(f"{uri}/{task.inputs[0].file}", str(e), task.inputs[0].name) from None
 
 
 def _check_mxfp4(task: TensorTask, scale: torch.Tensor, uri: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from requant.bench.conversion import _run_measured
 from requant.bench.provenance import CONVERSION, FLOW, describe, run_info, write_results
+from requant.formats.source import SourceFormat
 from requant.job import available_cores
 
 # The code these figures measure; dev/bench.py adds the S3 and flow runs (make bench-layer).
@@ -105,6 +106,7 @@ def render(results: dict[str, Any]) -> str:
         r = results.get(where)
         if r:
             lines.append(f"- {where}: all cores / 1 core {r['all_cores_speedup']:.2f}x; output {r['bytes_out'] / 1e9:.2f} GB")
+    lines += _sources_table(results)
     s3 = results.get("s3")
     if s3:
         roof = s3["roofline"]
@@ -135,6 +137,28 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sources_table(results: dict[str, Any]) -> list[str]:
+    """The same layer from each upstream format, against the INT4 path measured in the same place: the same
+    weights, so a wall-time ratio is a throughput ratio in weights per second."""
+    sources = results.get("sources") or {}
+    if not sources:
+        return []
+    lines = ["", "| upstream format | where | GB in | path | wall s | MB/s in | throughput (weights/s) vs INT4 | "
+                 "peak RSS MB | peak RSS vs INT4 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    rows = [("int4", {"where": w, "bytes": results[w]["bytes_in"], **results[w]}) for w in ("tmpfs", "disk")
+            if w in results][:1] + list(sources.items())
+    int4 = rows[0][1] if rows[0][0] == "int4" else None
+    for name, r in rows:
+        for label, key in ((f"{results['cores']} cores", "requant"), ("1 core", "requant_1_core")):
+            m = r[key]
+            base = int4[key] if int4 and int4["where"] == r["where"] else None
+            speed = f"{base['seconds'] / m['seconds']:.2f}x" if base else ""
+            rss = f"{m['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else ""
+            lines.append(f"| {name} | {r['where']} | {r['bytes'] / 1e9:.2f} | {label} | {m['seconds']:.1f} | "
+                         f"{r['bytes'] / 1e6 / m['seconds']:.0f} | {speed} | {m['peak_rss_mb']:.0f} | {rss} |")
+    return lines
+
+
 def _cpu_cells(run: dict[str, Any]) -> str:
     """Machine busy share, the S3 server's CPU seconds and everyone else's, as table cells."""
     cpu = run.get("cpu")
@@ -146,11 +170,13 @@ def _cpu_cells(run: dict[str, Any]) -> str:
 
 def run_layer_bench(experts: int, recipe: str = LAYER_RECIPE, tmpfs: str | None = "/dev/shm", disk: str | None = ".",
                     out: str | None = None,
-                    s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None) -> dict[str, Any]:
+                    s3_part: Callable[[Path, Path, float], dict[str, Any]] | None = None,
+                    sources: tuple[str, ...] = (SourceFormat.FP8_BLOCK,)) -> dict[str, Any]:
     """k26-layer with ``experts`` routed experts converted with ``recipe`` under ``tmpfs`` and under ``disk`` (each
     skipped when empty); layer.json and layer.md into ``out``. With ``s3_part(upstream, work, convert_cpu_seconds)``
     (the orchestration side's S3 + flow measurement, given the conversion's own CPU seconds on one core) also
-    through S3, on the disk's fixture."""
+    through S3, on the disk's fixture. Then the same layer synthesized in each of ``sources`` (upstream formats
+    other than INT4), converted on tmpfs (else on disk), side by side with the INT4 path's figures there."""
     from requant.testing.synth import synthesize
 
     results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": recipe, "cores": available_cores(),
@@ -169,6 +195,18 @@ def run_layer_bench(experts: int, recipe: str = LAYER_RECIPE, tmpfs: str | None 
             if where == "disk" and s3_part is not None:
                 one_core = results[where]["requant_1_core"]
                 results["s3"] = s3_part(upstream, work, one_core["seconds"] * one_core["cpu_percent"] / 100)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    base = places["tmpfs"] or places["disk"]
+    for source in sources:  # the same layer published in another format, where the INT4 path was measured first
+        work = Path(tempfile.mkdtemp(prefix="requant-bench-layer-", dir=base))
+        try:
+            upstream = synthesize(work / "upstream", "k26-layer", seed=0, progress=True, experts=experts, source=source)
+            print(f"{source} upstream: measuring in {work}", file=sys.stderr)
+            measured = local_bench(upstream, work, recipe)
+            results.setdefault("sources", {})[str(source)] = {
+                "where": "tmpfs" if base == places["tmpfs"] else "disk", "bytes": _bytes(upstream), **measured}
+            _save(results, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(_save(results, out))

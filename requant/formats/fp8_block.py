@@ -7,9 +7,17 @@ scale in FP32, then one rounding to BF16 (DeepSeek's ``weight_dequant`` kernel, 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from requant.constants import FP8_E4M3_NAN_BITS
+from requant.constants import BF16_MANT_BITS, E2M1_SIGN_BIT, E8M0_BIAS, FP8_E4M3_NAN_BITS, MX_BLOCK_SIZE
+from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, shared_exponent
+
+_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)  # code -> value
+_MAGNITUDE = 0x7F  # an E4M3 code without its sign bit: magnitudes grow with it (0x7F itself is NaN)
+E2M1_MAGNITUDE = E2M1_SIGN_BIT - 1
+_CHUNK_ROWS = 32  # rows whose gather index (4 bytes an element) stays in the L2 cache
 
 
 def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
@@ -20,26 +28,126 @@ def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(float8_e4m3fn [out, in], FP32 [ceil(out/bo), ceil(in/bi)]) -> ``dtype`` [out, in]: each element times its
-    block's scale in FP32, then rounded to ``dtype`` once. Whole blocks broadcast the scale without expanding
-    it; a partial edge row or column of blocks is done apart, so nothing is padded or copied twice."""
+    block's scale in FP32, then rounded to ``dtype`` once. Inside a block that is a function of the element's code
+    alone, so each block's 256 products are computed once and the matrix is one gather (NaN codes give NaN)."""
     out, inp = weight.shape
     bo, bi = block
-    scale = scale_inv.to(torch.float32)
-    full_rows, full_cols = out - out % bo, inp - inp % bi
-    result = torch.empty(out, inp, dtype=dtype, device=weight.device)
-    for rows in ((0, full_rows), (full_rows, out)):
-        for cols in ((0, full_cols), (full_cols, inp)):
-            r0, r1 = rows
-            c0, c1 = cols
-            if r1 == r0 or c1 == c0:
-                continue
-            part = weight[r0:r1, c0:c1].to(torch.float32)
-            h, w = -(-(r1 - r0) // bo), -(-(c1 - c0) // bi)
-            s = scale[r0 // bo: r0 // bo + h, c0 // bi: c0 // bi + w]
-            ph, pw = min(bo, r1 - r0), min(bi, c1 - c0)  # the block's extent inside this part
-            product = part.view(h, ph, w, pw) * s.view(h, 1, w, 1)
-            result[r0:r1, c0:c1] = product.view(r1 - r0, c1 - c0).to(dtype)
+    device = weight.device
+    table = (_FP8_VALUES.to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(dtype).reshape(-1)
+    column_offset = (torch.arange(inp, device=device, dtype=torch.int32) // bi) * 256
+    codes = weight.view(torch.uint8)
+    result = torch.empty(out, inp, dtype=dtype, device=device)
+    for r0 in range(0, out, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, out)
+        rows = torch.arange(r0, r1, device=device, dtype=torch.int32) // bo * (scale_inv.shape[1] * 256)
+        index = codes[r0:r1].to(torch.int32).add_(column_offset).add_(rows.unsqueeze(1))
+        torch.index_select(table, 0, index.view(-1), out=result[r0:r1].view(-1))
     return result
+
+
+def dequantize_fp8_block_rows(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                              rows: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """:func:`dequantize_fp8_block` of ``rows`` alone (the same FP32 products, rounded once)."""
+    bo, bi = block
+    values = weight.view(torch.uint8)[rows].view(torch.float8_e4m3fn).to(torch.float32)
+    scale = scale_inv.to(torch.float32)[rows // bo].repeat_interleave(bi, dim=1)[:, :weight.shape[1]]
+    return (values * scale).to(dtype)
+
+
+def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
+                       block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [out, in], FP32 block scales) -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]), equal
+    to ``quantize_mxfp4(dequantize_fp8_block(weight, scale_inv, block))`` for every input, without the BF16 matrix.
+
+    Why tables are exact: inside one FP8 block every element decodes to ``v[c] = bf16(fp8(c) * s)``, a function of
+    its code ``c`` alone (256 values). An MX block (32 inputs) lies inside one FP8 block when the block width is a
+    multiple of 32; its maximum is ``|v[m]|`` for its largest magnitude code ``m`` (each step is monotone), which
+    fixes its exponent ``e``, and each element's E2M1 code is then a function of ``(c, e)``. So a table per FP8
+    block and per exponent its MX blocks use, built with the reference encoder, turns the matrix into one gather
+    per element. Raises ValueError for NaN codes and for values that decode beyond BF16's range, as the decode
+    would produce them."""
+    out, inp = weight.shape
+    bo, bi = block
+    if inp % MX_BLOCK_SIZE or bi % MX_BLOCK_SIZE:
+        return quantize_mxfp4(_checked_decode(weight, scale_inv, block))
+    codes = weight.view(torch.uint8).view(out, inp // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+    largest = codes.bitwise_and(_MAGNITUDE).amax(dim=-1)  # [out, MX blocks]: each block's largest magnitude code
+    if bool(largest.eq(FP8_E4M3_NAN_BITS).any()):
+        raise ValueError(f"{fp8_nan_count(weight)} NaN values")
+    device = weight.device
+    values = (_FP8_VALUES[:128].to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
+    fp8_block = ((torch.arange(out, device=device) // bo).unsqueeze(1) * scale_inv.shape[1]
+                 + (torch.arange(inp // MX_BLOCK_SIZE, device=device) * MX_BLOCK_SIZE // bi).unsqueeze(0))
+    amax = values.view(-1)[fp8_block * 128 + largest.long()].float().abs()
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"{_inf_count(weight, scale_inv, block)} values decode beyond BF16's range (Inf)")
+    exponent = shared_exponent(amax)
+    index, table = _code_tables(values, fp8_block, exponent, amax == 0)
+    packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=device)
+    for r0 in range(0, out, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, out)
+        gather = codes[r0:r1].to(torch.int32).add_(index[r0:r1].unsqueeze(-1))
+        pairs = torch.index_select(table, 0, gather.view(-1)).view(torch.int16)  # two codes, the first low
+        packed[r0:r1] = pairs.bitwise_or(pairs >> 4).view(r1 - r0, -1).to(torch.uint8)
+    return packed, (exponent + E8M0_BIAS).to(torch.uint8)
+
+
+def _code_tables(values: torch.Tensor, fp8_block: torch.Tensor, exponent: torch.Tensor,
+                 zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E2M1 code of each FP8 block's 256 values under each exponent its MX blocks use (uint8
+    [blocks * span * 256]), and each MX block's offset into it. ``values``: the block's values of the 128 codes
+    without a sign bit; code ``c + 128`` is ``-v[c]``, whose E2M1 code is ``c``'s with the sign bit (0 stays +0).
+    An all-zero MX block (exponent -127) reads its FP8 block's first table: +-0 encodes to 0 under any exponent."""
+    blocks = values.shape[0]
+    unused = torch.iinfo(torch.int32).max
+    lowest = torch.full((blocks,), unused, dtype=torch.int32, device=values.device).scatter_reduce(
+        0, fp8_block.reshape(-1), torch.where(zero, unused, exponent).reshape(-1), "amin")
+    lowest = torch.where(lowest == unused, 0, lowest)
+    step = torch.where(zero, 0, exponent - lowest[fp8_block])
+    span = int(step.max()) + 1
+    exponents = lowest.unsqueeze(1) + torch.arange(span, dtype=torch.int32, device=values.device)  # [blocks, span]
+    positive = _e2m1_scaled(values, exponents)  # [blocks, span, 128]
+    negative = torch.where(positive.bitwise_and(E2M1_MAGNITUDE) == 0, 0, positive ^ E2M1_SIGN_BIT)
+    table = torch.cat((positive, negative), dim=-1).reshape(-1)
+    return ((fp8_block * span + step) * 256).to(torch.int32), table
+
+
+def _e2m1_scaled(values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """``e2m1_codes(values / 2**exponents)`` for BF16 ``values`` [blocks, n] and int32 ``exponents`` [blocks, span]
+    -> uint8 [blocks, span, n]. Dividing a normal BF16 value by a power of two moves its exponent field and nothing
+    else, so the code is :func:`_e2m1_of_bf16`'s for the moved bits; below the smallest normal the quotient is under
+    2**-126, which encodes to 0. Subnormal BF16 values (tiny scales only) go through the reference encoder."""
+    bits = values.view(torch.int16).to(torch.int32).unsqueeze(1)
+    magnitude = bits.bitwise_and(0x7FFF)
+    moved = magnitude - (exponents << BF16_MANT_BITS).unsqueeze(-1)
+    normal = magnitude >= 1 << BF16_MANT_BITS
+    lut = _e2m1_of_bf16().to(values.device)
+    codes = lut[moved.clamp(min=0).bitwise_or(bits.bitwise_and(0x8000))]
+    codes = torch.where(normal & (moved >= 1 << BF16_MANT_BITS), codes, 0)
+    subnormal = ~normal & (magnitude != 0)
+    if bool(subnormal.any()):
+        scaled = values.to(torch.float64).unsqueeze(1) * pow2_f64(-exponents).unsqueeze(-1)
+        codes = torch.where(subnormal, e2m1_codes(scaled.to(torch.float32)), codes)
+    return codes
+
+
+@lru_cache(maxsize=1)
+def _e2m1_of_bf16() -> torch.Tensor:
+    """The E2M1 code of every BF16 bit pattern (uint8 [65536]; NaN and Inf patterns unused)."""
+    return e2m1_codes(torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32))
+
+
+def _checked_decode(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    if nan := fp8_nan_count(weight):
+        raise ValueError(f"{nan} NaN values")
+    decoded = dequantize_fp8_block(weight, scale_inv, block)
+    if not bool(torch.isfinite(decoded).all()):
+        raise ValueError(f"{int((~torch.isfinite(decoded)).sum())} values decode beyond BF16's range (Inf)")
+    return decoded
+
+
+def _inf_count(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> int:
+    return int((~torch.isfinite(dequantize_fp8_block(weight, scale_inv, block))).sum())
 
 
 def fp8_nan_count(weight: torch.Tensor) -> int:

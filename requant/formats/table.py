@@ -25,6 +25,7 @@ from requant.formats.fp8 import (
     quantize_fp8_per_channel,
     quantize_fp8_per_channel_q13,
 )
+from requant.formats.fp8_block import fp8_block_to_mxfp4
 from requant.formats.fused import int4_to_mxfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import (
@@ -59,6 +60,9 @@ class WeightFormat:
     scale_from_int4: Callable[..., torch.Tensor] | None = None
     # a lossless path from an upstream stored in the same format by another maker (packed, scales) -> (weight, scale)
     from_mxfp4: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # a fused path from FP8 block-scaled weights (weight, weight_scale_inv, block) -> (weight, scale), equal to
+    # ``encode`` of their BF16 decode
+    from_fp8_block: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, TensorSpec]:
         """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as."""
@@ -74,7 +78,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     for fmt in (
         # OCP MXFP4: E2M1 codes packed two per byte, one E8M0 scale byte per 32 inputs (Quark "mxfp4")
         WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4, dequantize_mxfp4,
-                     int4_to_mxfp4, from_mxfp4=repack_mxfp4),
+                     int4_to_mxfp4, from_mxfp4=repack_mxfp4, from_fp8_block=fp8_block_to_mxfp4),
         # FP8 E4M3 with one scale per output channel in the input's precision (Quark "ptpc_fp8")
         WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, None, None, quantize_fp8_per_channel,
                      dequantize_fp8_per_channel, scale_of=fp8_per_channel_scale,
@@ -88,6 +92,12 @@ def _mxfp4_from_int4_q13(data_packed: torch.Tensor, scale: torch.Tensor, in_feat
     return packed, e8m0_q13(scales)
 
 
+def _mxfp4_from_fp8_block_q13(weight: torch.Tensor, scale_inv: torch.Tensor,
+                              block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    packed, scales = fp8_block_to_mxfp4(weight, scale_inv, block)
+    return packed, e8m0_q13(scales)
+
+
 def _fp8_from_int4_q13(data_packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8_per_channel_q13(dequantize_int4(data_packed, scale, in_features, dtype=torch.float32))
 
@@ -98,7 +108,8 @@ QUARK_VERSIONS: dict[str, dict[str, WeightFormat]] = {
         fmt.name: fmt
         for fmt in (
             WeightFormat("mxfp4", "mxfp4", "fp4", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_q13,
-                         dequantize_mxfp4, _mxfp4_from_int4_q13, from_mxfp4=repack_mxfp4_q13),
+                         dequantize_mxfp4, _mxfp4_from_int4_q13, from_mxfp4=repack_mxfp4_q13,
+                         from_fp8_block=_mxfp4_from_fp8_block_q13),
             WeightFormat("fp8_per_channel", "ptpc_fp8", "fp8_e4m3", "F8_E4M3", 1, "F32", None, quantize_fp8_per_channel_q13,
                          dequantize_fp8_per_channel, _fp8_from_int4_q13, scale_of=fp8_per_channel_scale_q13,
                          scale_from_int4=fp8_per_channel_scale_from_int4_q13),
