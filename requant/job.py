@@ -82,7 +82,7 @@ def result_from_json(raw: bytes) -> JobResult:
 
 
 READ_AHEAD = 2  # spans fetched ahead of use (range GETs in flight on object storage)
-IN_FLIGHT_BYTES = 512 << 20  # input bytes read but not yet written, across the transcode threads
+IN_FLIGHT_BYTES = 512 << 20  # bytes held (TensorTask.bytes_held) read but not yet written, across the threads
 
 
 def available_cores() -> int:
@@ -199,7 +199,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     )
 
 
-BATCH_BYTES = 4 << 20  # tasks go through the threads in batches of at least this much input (or one big task)
+BATCH_BYTES = 4 << 20  # tasks go through the threads in batches holding at least this much (or one big task)
 BATCH_TASKS = 4096
 
 
@@ -211,7 +211,7 @@ def _batches(tasks: list[TensorTask]):
     nbytes = 0
     for task in tasks:
         batch.append(task)
-        nbytes += sum(e.nbytes for e in task.inputs)
+        nbytes += task.bytes_held
         if nbytes >= BATCH_BYTES or len(batch) >= BATCH_TASKS:
             yield batch, nbytes
             batch, nbytes = [], 0

@@ -66,6 +66,12 @@ class TensorTask:
         return sum(e.nbytes for e in self.inputs)
 
     @property
+    def bytes_held(self) -> int:
+        """The memory it holds from read to written: its inputs, and its outputs unless it copies (a copy writes
+        the tensor it read; a decoded FP8 weight is twice its input)."""
+        return self.bytes_in + (0 if self.kind == "copy" else sum(s.nbytes for s in self.outputs))
+
+    @property
     def format(self) -> WeightFormat | None:
         """The format row of its target (None: unquantized)."""
         return weight_formats(self.quark).get(self.target)
