@@ -83,7 +83,7 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "recipe": {"name": plan.recipe.name, "format": plan.recipe.format, "source": plan.recipe.source,
                    "targets": dict(plan.recipe.targets), "overrides": [list(o) for o in plan.recipe.overrides],
                    "min_snr_db": plan.recipe.min_snr_db, "quark_version": plan.recipe.quark_version,
-                   "fused_excludes": plan.recipe.fused_excludes,
+                   "fused_excludes": plan.recipe.fused_excludes, "mtp": plan.recipe.mtp,
                    "warnings": list(plan.recipe.warnings)},
         "versions": library_versions(),
         "source": plan.source_format.record(),  # the upstream's format as config.json declares it (checked)

@@ -168,6 +168,8 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     if recipe.quark_version != DEFAULT_QUARK:
         tasks = [_for_quark(t, recipe.quark_version) for t in tasks]
     covered = {e.name for t in tasks for e in t.inputs}
+    if recipe.mtp == "drop":  # read and checked like every tensor, then left out of the output
+        tasks = [t for t in tasks if (layer_of(t.inputs[0].name, config.prefix) or 0) < config.num_layers]
     if not problems:
         problems += [f"{entries[n].file}: {n}: not covered by recipe {recipe.name}" for n in sorted(entries.keys() - covered)]
     problems = [p if p.startswith(storage.uri) else f"{storage.uri}/{p}" for p in problems]

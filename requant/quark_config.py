@@ -10,8 +10,9 @@ Serving engines do not build every checkpoint module: they fuse some (``mlp.gate
 ``mlp.gate_up_proj``, ``q_a_proj`` + ``kv_a_proj_with_mqa`` into one projection) and ask whether the fused name is
 excluded. SGLang 0.5.13-0.5.23 matches the fused name against the list as it is, so a BF16 dense MLP or shared
 expert is built quantized and its weights fail to load. By default (``Recipe.fused_excludes``) the list also names
-each fused module whose shards are all excluded; those names match no tensor, so Quark's and vLLM's readers decide
-as before. ``--no-fused-excludes`` writes Quark's list exactly.
+each fused module whose shards are all excluded, and the names SGLang's MTP draft model gives the MTP layer's
+excluded modules (``model.eh_proj``, ``model.decoder.*``); those names match no tensor, so Quark's and vLLM's
+readers decide as before. ``--no-fused-excludes`` writes Quark's list exactly.
 """
 
 from __future__ import annotations
@@ -62,13 +63,38 @@ ENGINE_FUSED_MODULES = {
 
 
 def fused_excludes(excluded_modules: list[str]) -> list[str]:
-    """The fused module names to exclude as well: ``X.F`` for each engine fused module ``F`` whose every shard
-    ``X.S`` is excluded (a fused module with one shard quantized must stay quantized, as the engines decide)."""
+    """The engines' names to exclude as well: ``X.F`` for each engine fused module ``F`` whose every shard ``X.S`` is
+    excluded (a fused module with one shard quantized must stay quantized, as the engines decide), then the names
+    SGLang's MTP draft model gives the MTP layers' excluded modules (:func:`mtp_draft_names`)."""
     excluded = set(excluded_modules)
     parents = {name.rsplit(".", 1)[0] for name in excluded if "." in name}
-    return sorted(f"{parent}.{fused}" for parent in parents for fused, shards in ENGINE_FUSED_MODULES.items()
-                  if all(f"{parent}.{shard}" in excluded for shard in shards)
-                  and f"{parent}.{fused}" not in excluded)
+    fused = {f"{parent}.{name}" for parent in parents for name, shards in ENGINE_FUSED_MODULES.items()
+             if all(f"{parent}.{shard}" in excluded for shard in shards)}
+    return sorted((fused | mtp_draft_names(excluded | fused)) - excluded)
+
+
+# SGLang's NextN draft model (``--speculative-algorithm NEXTN``, DeepseekV3ForCausalLMNextN) builds an MTP layer
+# ``model.layers.N`` (N = num_hidden_layers) as ``model.decoder`` (its block) and ``model.eh_proj``; it renames the
+# exclude list's ``model.layers.61`` (DeepSeek-V3/R1's N) to ``model.decoder`` and nothing else, so eh_proj, and any
+# other N, are built quantized unless the list names them as the draft model does.
+MTP_MARKER = "eh_proj"  # a module only MTP layers have
+DRAFT_BLOCK = "decoder"
+
+
+def mtp_draft_names(excluded: set[str]) -> set[str]:
+    """For each MTP layer (a ``P.layers.N`` with an excluded ``eh_proj``): ``P.eh_proj``, and ``P.decoder.X`` for
+    each excluded ``P.layers.N.X`` of its decoder block (its embedding and shared head are never quantized)."""
+    layers = {name.removesuffix(f".{MTP_MARKER}") for name in excluded if name.endswith(f".{MTP_MARKER}")
+              and name.rsplit(".", 3)[-3] == "layers"}
+    names = set()
+    for layer in layers:
+        model = layer.rsplit(".", 2)[0]  # P: "model" (or a VLM's "language_model.model")
+        names.add(f"{model}.{MTP_MARKER}")
+        for name in excluded:
+            rest = name.removeprefix(f"{layer}.")
+            if rest != name and not rest.startswith((MTP_MARKER, "shared_head.", "embed_tokens")):
+                names.add(f"{model}.{DRAFT_BLOCK}.{rest}")
+    return names
 
 
 def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
@@ -92,8 +118,13 @@ def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str
 
 
 def output_config(upstream: dict[str, Any], recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
-    """The output config.json: upstream verbatim, nested quantization configs removed, Quark's added."""
+    """The output config.json: upstream verbatim, nested quantization configs removed, Quark's added; without MTP
+    layers when the recipe drops them."""
     config = strip_quantization_configs(upstream)
+    if recipe.mtp == "drop":
+        for text in (config, config.get("text_config")):
+            if isinstance(text, dict) and text.get("num_nextn_predict_layers"):
+                text["num_nextn_predict_layers"] = 0
     if recipe.quantizes:
         config["quantization_config"] = quantization_config(recipe, excluded_modules)
     return config

@@ -49,6 +49,7 @@ QUARK_PATTERNS: dict[str, tuple[str, ...]] = {
 # "engine" (tests/engine: SGLang's and vLLM's decisions per layer) and "trained" (tests/trained and
 # dev/measure_trained.py: the trained model's smoke test and GSM8K gate).
 LANES = ("engine", "trained")
+MTP_CHOICES = ("keep", "drop")
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -84,6 +85,9 @@ SCHEMA: dict[str, Any] = {
         "quark_version": {"enum": list(QUARK_VERSIONS)},
         # also exclude the engines' fused module names whose shards are all excluded (quark_config.fused_excludes)
         "fused_excludes": {"type": "boolean"},
+        # the multi-token-prediction layers (DeepSeek-V3's layer 61): converted like the others, or left out of the
+        # output with num_nextn_predict_layers set to 0 (engines then serve without MTP speculative decoding)
+        "mtp": {"enum": list(MTP_CHOICES)},
         # --- what the oracle and the test lanes need (RecipeChecks); no part of the conversion ---
         # the Quark 0.11 equivalent: what a Quark user passes to its file-to-file export for the same output
         # (LLMTemplate "kimi_k25"): the template scheme, the exclude patterns and layer_config {pattern: scheme}
@@ -123,6 +127,7 @@ class Recipe:
     overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
     quark_version: str = DEFAULT_QUARK  # the Quark release whose export the output equals (formats.table)
     fused_excludes: bool = True  # exclude also names SGLang's/vLLM's fused modules (quark_config.fused_excludes)
+    mtp: str = "keep"  # the MTP layers: "keep" (converted like the others) or "drop" (left out; MTP_CHOICES)
 
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
@@ -275,6 +280,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         overrides=overrides,
         quark_version=data.get("quark_version", DEFAULT_QUARK),
         fused_excludes=data.get("fused_excludes", True),
+        mtp=data.get("mtp", "keep"),
     )
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from requant.errors import RequantError
 from requant.formats.table import WEIGHT_FORMATS
-from requant.quark_config import fused_excludes, is_quark_linear_weight, quantization_config
+from requant.quark_config import fused_excludes, is_quark_linear_weight, mtp_draft_names, quantization_config
 from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
 from requant.testing.quark_reference import quark_config_dict
 from requant.verification import verify
@@ -72,6 +72,22 @@ def test_quantization_config_matches_quark_key_for_key(recipe):
     assert ours == theirs
     assert list(ours) == list(theirs)
     assert list(ours["global_quant_config"]["weight"]) == list(theirs["global_quant_config"]["weight"])
+
+
+def test_an_mtp_layers_excluded_modules_are_also_named_as_sglangs_draft_model_names_them():
+    """SGLang's NextN draft model builds model.layers.N as model.decoder plus model.eh_proj (SGLang's test lane checks
+    what it decides); a layer without eh_proj is no MTP layer, and the embedding and head get no draft name."""
+    excluded = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
+                "model.layers.3.eh_proj", "model.layers.3.shared_head.head", "model.layers.3.self_attn.o_proj",
+                "model.layers.3.mlp.shared_experts.gate_proj", "model.layers.3.mlp.shared_experts.up_proj"]
+    assert mtp_draft_names(set(excluded)) == {"model.eh_proj", "model.decoder.self_attn.o_proj",
+                                              "model.decoder.mlp.shared_experts.gate_proj",
+                                              "model.decoder.mlp.shared_experts.up_proj"}
+    assert fused_excludes(excluded) == sorted({
+        "model.layers.0.mlp.gate_up_proj", "model.layers.3.mlp.shared_experts.gate_up_proj", "model.eh_proj",
+        "model.decoder.self_attn.o_proj", "model.decoder.mlp.shared_experts.gate_proj",
+        "model.decoder.mlp.shared_experts.up_proj", "model.decoder.mlp.shared_experts.gate_up_proj"})
+    assert mtp_draft_names({"model.layers.3.self_attn.o_proj"}) == set()
 
 
 def test_fused_module_names_are_excluded_only_where_every_shard_is():
@@ -207,3 +223,10 @@ def test_tensor_classes_follow_their_fnmatch_patterns_in_order(tiny_upstream):
                     "model.layers.61.eh_proj", "model.layers.61.shared_head.head", "model.layers.61.shared_head.norm"}
     assert {m: classify(m) for m in modules} == {m: by_fnmatch(m) for m in modules}
     assert {classify(m) for m in modules} >= set(dict(CLASS_PATTERNS)) - {"mm_projector"}
+
+
+def test_the_mtp_key_keeps_by_default_and_takes_keep_or_drop():
+    assert parse_recipe(_recipe_data(), "test").mtp == "keep"
+    assert parse_recipe(_recipe_data(mtp="drop"), "test").mtp == "drop"
+    with pytest.raises(RequantError, match="mtp"):
+        parse_recipe(_recipe_data(mtp="no"), "test")

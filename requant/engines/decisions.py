@@ -7,6 +7,7 @@ decisions side by side with the recipe's targets, given the engine's ``intended(
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,9 +38,16 @@ class Probe:
         return layer.quant_method if layer.scheme is None else f"{layer.quant_method}/{layer.scheme}"
 
 
+# vLLM's DeepSeekMTP names an MTP layer's head ``model.layers.N.head`` (the checkpoint's ``shared_head.head``).
+VLLM_MTP_HEAD = re.compile(r"\.layers\.\d+\.head$")
+
+
 def tensor_class(prefix: str) -> str | None:
-    """requant's tensor class of an engine module, from the checkpoint names its fused layers stand for."""
+    """requant's tensor class of an engine module, from the checkpoint names its fused layers stand for (SGLang's
+    MTP draft names, ``model.decoder.*`` and ``model.eh_proj``, classify as they are)."""
     name = prefix
+    if VLLM_MTP_HEAD.search(name):
+        name = name.removesuffix("head") + "shared_head.head"
     if name.endswith(".mlp.experts"):
         name += ".0.gate_proj"
     parent, _, last = name.rpartition(".")

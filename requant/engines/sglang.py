@@ -43,6 +43,7 @@ class Decision:
     probe: Probe
     load: dict | None        # {"ok": True} or {"ok": False, "error", "where"}; None when not asked
     stand_ins: list[str]
+    draft: Decision | None = None  # the MTP draft model's (speculative NEXTN), for a checkpoint with MTP layers
 
     @property
     def built(self) -> bool:
@@ -87,7 +88,8 @@ def _decision(record: dict) -> Decision:
         stage, error = failure
         probe.stopped = {"stage": stage, "where": (error.get("where") or [""])[-1], "error": error["error"]}
     probe.ready = not failure and bool(record["load"])
-    return Decision(record["checkpoint"], record["sglang"], probe, record["load"], record["stand_ins"])
+    draft = _decision(record["draft"]) if record.get("draft") else None
+    return Decision(record["checkpoint"], record["sglang"], probe, record["load"], record["stand_ins"], draft)
 
 
 def intended(target: str, layer: Layer) -> str:

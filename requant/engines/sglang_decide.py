@@ -169,6 +169,17 @@ class Decider:
         parallel.override_permanently(**unwritten)
 
     def decide(self, checkpoint: str, load: bool) -> dict:
+        """The main model's decisions; for a checkpoint with MTP layers (``num_nextn_predict_layers``) also the
+        draft model's, as ``--speculative-algorithm NEXTN`` builds it from the same checkpoint (``draft``)."""
+        result = self._decide(checkpoint, load, draft=False)
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            config = json.load(f)
+        text = config.get("text_config") or config
+        if text.get("num_nextn_predict_layers"):
+            result["draft"] = self._decide(checkpoint, load, draft=True)
+        return result
+
+    def _decide(self, checkpoint: str, load: bool, draft: bool) -> dict:
         from sglang.srt.configs.load_config import LoadConfig
         from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.model_loader import loader
@@ -179,7 +190,7 @@ class Decider:
                         "stand_ins": self.stand_ins + [f"filled {f}" for f in filled], "layers": [],
                         "build_error": None, "load": None}
         try:
-            model_config = ModelConfig(folder, trust_remote_code=False)
+            model_config = ModelConfig(folder, trust_remote_code=False, is_draft_model=draft)
             model_class, result["architecture"] = get_model_architecture(model_config)
             load_config = LoadConfig()
             quant_config = loader._get_quantization_config(model_config, load_config)

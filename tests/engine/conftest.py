@@ -55,6 +55,20 @@ def engine_variants(tmp_path_factory, tiny_upstream) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def deepseek_variants(tmp_path_factory) -> dict[str, Path]:
+    """The DeepSeek-V3 layout (FP8 blocks, one MTP layer after the decoder layers) converted with every built-in
+    recipe of the lane."""
+    from requant.testing.synth import synthesize
+
+    root = tmp_path_factory.mktemp("deepseek-variants")
+    out = {"upstream": synthesize(root / "upstream", "deepseek-v3", progress=False)}
+    for recipe in RECIPES:
+        requant.convert(str(out["upstream"]), str(root / recipe), recipe, progress=False)
+        out[recipe] = root / recipe
+    return out
+
+
+@pytest.fixture(scope="session")
 def bf16_vllm(vllm_cpu, engine_variants, tmp_path_factory):
     """vLLM serving bf16-staging exactly as requant wrote it, in float32, with the per-layer probe loaded."""
     from requant.engines.vllm_cpu import probe_env

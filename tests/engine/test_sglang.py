@@ -80,3 +80,47 @@ def test_without_the_fused_names_sglang_quantizes_bf16_gate_up_proj(recipe, sgla
     assert not decision.probe.ready
     exclude = json.loads((engine_variants[recipe] / "config.json").read_text())["quantization_config"]["exclude"]
     assert gate_up <= set(exclude)  # what the default output adds, and why SGLang decides right on it
+
+
+@pytest.fixture(scope="module")
+def sglang_deepseek(sglang_python, deepseek_variants, tmp_path_factory) -> dict[str, Decision]:
+    """SGLang's decisions for the DeepSeek-V3 layout's outputs: the main model and the MTP draft model
+    (``--speculative-algorithm NEXTN``), each built on the CPU and fed every tensor; one output again with Quark's
+    exclude list exactly."""
+    paths = {recipe: deepseek_variants[recipe] for recipe in RECIPES}
+    exact = tmp_path_factory.mktemp("deepseek-exact") / "amd-kimi-mxfp4"
+    requant.convert(str(deepseek_variants["upstream"]), str(exact), "amd-kimi-mxfp4", progress=False,
+                    fused_excludes=False)
+    paths["amd-kimi-mxfp4 exact"] = exact
+    return dict(zip(paths, decide(list(paths.values()), load=True, interpreter=sglang_python)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sglang_decides_the_deepseek_v3_layout_and_its_mtp_layer_as_the_recipe_intends(recipe, sglang_deepseek):
+    """The main model and the MTP draft model SGLang builds from the same checkpoint (its ``model.decoder`` block,
+    ``model.eh_proj``, its head) decide every layer as the recipe intends and load every tensor; an MXFP4 router
+    stops loading, as in the Kimi layout."""
+    decision = sglang_deepseek[recipe]
+    assert decision.draft is not None, "no MTP draft model was built"
+    draft_layers = {layer.prefix: layer for layer in decision.draft.probe.layers}
+    assert {"model.decoder.mlp.experts", "model.decoder.self_attn.o_proj"} <= draft_layers.keys()
+    if load_recipe(recipe).quantizes:  # without a quantization config eh_proj is a plain torch Linear
+        assert draft_layers["model.eh_proj"].tensor_class == "mtp_projection"
+        assert decision.draft.probe.decision(draft_layers["model.eh_proj"]) == "UnquantizedLinearMethod"
+    router_quantized = load_recipe(recipe).target("router") != "unquantized"
+    for model in (decision, decision.draft):
+        summary = summarize(model, dict(load_recipe(recipe).targets))
+        mismatched = {m["tensor_class"] for m in summary["mismatches"]}
+        assert mismatched == ({"router"} if router_quantized else set()), summary["mismatches"]
+        if not router_quantized:
+            assert model.load == {"ok": True} and model.probe.ready, model.probe.stopped
+
+
+def test_without_the_draft_names_sglang_quantizes_the_mtp_layers_eh_proj(sglang_deepseek):
+    """SGLang's draft model renames only ``model.layers.61`` to ``model.decoder`` in the exclude list, and never
+    matches ``eh_proj``: with Quark's list exactly, the BF16 eh_proj (and here, at another layer index, the whole
+    BF16 block) is built MXFP4 and its weight does not load."""
+    draft = sglang_deepseek["amd-kimi-mxfp4 exact"].draft
+    layers = {layer.prefix: layer for layer in draft.probe.layers}
+    assert draft.probe.decision(layers["model.eh_proj"]) == "QuarkLinearMethod/QuarkW4A4MXFP4"
+    assert draft.probe.stopped and draft.probe.stopped["stage"] == "load_weights", draft.probe.stopped

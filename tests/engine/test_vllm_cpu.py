@@ -189,3 +189,48 @@ def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine
     assert stopped["stage"] == "load_weights" and stopped["where"].endswith("weight_loader")
     assert stopped["error"] == (f"AssertionError: Tried to load weights of size torch.Size([{p.experts}, "
                                       f"{p.hidden // 2}])to a parameter of size torch.Size([{p.experts}, {p.hidden}])")
+
+
+# vLLM's MTP speculative decoding (DeepSeekMTP drafter) builds the checkpoint's MTP layer from the same files, under
+# the checkpoint's own names (its head as model.layers.N.head; eh_proj a plain torch Linear, never quantized).
+MTP = ("--speculative-config", json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 1}))
+MTP_RECIPES = ("amd-kimi-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8")  # AMD's published recipe; FP8 attention as well
+
+
+@pytest.fixture(scope="module")
+def deepseek_probes(vllm_cpu, deepseek_variants, tmp_path_factory) -> dict[str, tuple[Probe, bool]]:
+    """vLLM with MTP speculative decoding on the DeepSeek-V3 layout: bf16-staging first (served, every layer built,
+    the MTP layer's included), then each of MTP_RECIPES, whose layers not built on this CPU are decided by the live
+    QuarkConfig from the BF16 run's layer list."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = {recipe: tmp_path_factory.mktemp(f"deepseek-probe-{recipe}") for recipe in ("bf16-staging", *MTP_RECIPES)}
+
+    def probe(recipe: str) -> tuple[Probe, bool]:
+        if recipe == "bf16-staging":  # as bf16_vllm: float32, vLLM's reference CPU MLA
+            return probe_checkpoint(vllm_cpu, deepseek_variants[recipe], work[recipe], extra_args=(
+                "--dtype", "float32", "--attention-backend", "CPU_MLA", *MTP))
+        return probe_checkpoint(vllm_cpu, deepseek_variants[recipe], work[recipe], extra_args=MTP,
+                                reference_layers=work["bf16-staging"] / "vllm-probe.jsonl")
+
+    bf16 = probe("bf16-staging")
+    with ThreadPoolExecutor(2) as pool:
+        return {"bf16-staging": bf16, **dict(zip(MTP_RECIPES, pool.map(probe, MTP_RECIPES)))}
+
+
+@pytest.mark.parametrize("recipe", ["bf16-staging", *MTP_RECIPES])
+def test_vllm_decides_the_deepseek_v3_layout_and_its_mtp_layer_as_the_recipe_intends(recipe, deepseek_probes,
+                                                                                    deepseek_variants):
+    probe, served = deepseek_probes[recipe]
+    mtp = f"model.layers.{json.loads((deepseek_variants[recipe] / 'config.json').read_text())['num_hidden_layers']}."
+    mtp_layers = {layer.prefix: layer for layer in probe.layers if layer.prefix.startswith(mtp)}
+    assert {f"{mtp}mlp.experts", f"{mtp}self_attn.o_proj"} <= mtp_layers.keys(), sorted(mtp_layers)
+    if served:  # its head is built after the layers, so only where vLLM gets that far
+        assert mtp_layers[f"{mtp}head"].tensor_class == "lm_head"
+    summary = _decisions(probe, recipe, f"deepseek-v3-mtp-{recipe}", served)
+    assert not summary["mismatches"], summary["mismatches"]
+    if recipe == "bf16-staging":
+        assert served and probe.stopped is None, probe.stopped
+    else:
+        stage, reason = CPU_STOPS[recipe]
+        assert not served and probe.stopped["stage"] == stage and reason in probe.stopped["error"], probe.stopped
