@@ -22,7 +22,16 @@ from prefect.exceptions import ObjectNotFound
 from requant.errors import RequantError
 from requant.io.storage import open_storage
 from requant.release.record import latest_record
-from requant.watch import Attempt, Decision, Ledger, content_fingerprint, decide, latest_revision
+from requant.watch import (
+    Attempt,
+    Decision,
+    Ledger,
+    content_fingerprint,
+    decide,
+    declared_source,
+    latest_revision,
+    source_change,
+)
 
 
 def _states(flow_run_ids: list[str]) -> dict[str, str]:
@@ -61,9 +70,10 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
     latest = latest_revision(upstream, ref)
     book = Ledger(ledger or f"{output_root.rstrip('/')}/.requant-watch")
     attempts = book.attempts(latest.revision)
-    fingerprint = None
+    fingerprint = source = None
     if not attempts and book.unchanged(latest.revision) is None:  # a revision seen for the first time
         fingerprint = content_fingerprint(latest.snapshot)
+        source = declared_source(latest.snapshot)
         if twin := _converted_twin(book, latest.revision, fingerprint, max_attempts):
             book.mark_unchanged(latest.revision, twin.revision, twin.output)
     if same := book.unchanged(latest.revision):
@@ -73,11 +83,13 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
         return {"revision": latest.revision, "action": "unchanged", "attempt": 0, "reason": reason,
                 "flow_run_id": None, "output": same["output"]}
     decision = decide(attempts, _states([a.flow_run_id for a in attempts if a.flow_run_id]), max_attempts, time.time())
+    if source is not None and (change := source_change(book.last_source(latest.revision), source)):
+        decision = Decision(decision.action, decision.attempt, f"{decision.reason}; {change}")
     output = f"{output_root.rstrip('/')}/{latest.revision}/{recipe}"
     started = None
     if decision.action == "submit":
         watcher = f"{socket.gethostname()}:{os.getpid()}"
-        if book.claim(latest.revision, decision.attempt, watcher, fingerprint):
+        if book.claim(latest.revision, decision.attempt, watcher, fingerprint, source):
             run = run_deployment(deployment, timeout=0, as_subflow=False,
                                  parameters=run_parameters(latest.snapshot, latest.revision, output, recipe, upstream,
                                                            parameters))
@@ -92,7 +104,8 @@ def watch_upstream(upstream: str, output_root: str, recipe: str = "kimi-k2.6-mxf
         log("revision %s: %s (%s)", latest.revision, decision.action, decision.reason)
     _ledger_artifact(book)
     return {"revision": latest.revision, "action": decision.action if started is None else "submitted",
-            "attempt": decision.attempt, "reason": decision.reason, "flow_run_id": started, "output": output}
+            "attempt": decision.attempt, "reason": decision.reason, "flow_run_id": started, "output": output,
+            "source": book.source(latest.revision) or source}
 
 
 def _converted_twin(book: Ledger, revision: str, fingerprint: str | None, max_attempts: int) -> Attempt | None:
@@ -124,14 +137,15 @@ def _ledger_artifact(book: Ledger) -> None:
     rows = []
     for revision in book.revisions():
         if same := book.unchanged(revision):
-            rows.append({"revision": revision, "state": f"weights unchanged since {same['same_as']}", "attempt": 0,
+            rows.append({"revision": revision, "source": "", "state": f"weights unchanged since {same['same_as']}", "attempt": 0,
                          "flow_run": "", "output": same["output"] or "", "release": "", "claimed_by": "",
                          "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(same["recorded_at"]))})
             continue
         attempts = book.attempts(revision)
         states = _states([a.flow_run_id for a in attempts if a.flow_run_id])
+        source = book.source(revision) or ""
         for a in attempts:
-            rows.append({"revision": revision, "state": states.get(a.flow_run_id or "", "not started"),
+            rows.append({"revision": revision, "source": source, "state": states.get(a.flow_run_id or "", "not started"),
                          "attempt": a.number, "flow_run": a.flow_run_id or "", "output": a.output or "",
                          "release": _release_state(a.output),
                          "claimed_by": a.watcher, "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.claimed_at))})

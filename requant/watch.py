@@ -20,7 +20,10 @@ import time
 from dataclasses import dataclass
 
 from requant.errors import CheckpointError, RequantError
+from requant.formats.source import detect_source
 from requant.io.storage import open_storage
+from requant.layout import load_config
+from requant.manifest import CONFIG_FILE
 
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Prefect state types: a run in one of these may still finish; the others are final.
@@ -108,6 +111,22 @@ def content_fingerprint(snapshot: str) -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def declared_source(snapshot: str) -> str:
+    """The source format ``snapshot``'s config.json declares (``int4``, ``fp8-block``, ``mxfp4``, ``bf16``), or why
+    requant cannot read it (the conversion would refuse it with the same line)."""
+    where = f"{snapshot.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        storage = open_storage(snapshot)
+        return detect_source(load_config(storage.read_bytes(CONFIG_FILE), where).quantization, where).format.value
+    except (CheckpointError, OSError) as e:
+        return f"unreadable ({str(e)[:200]})"
+
+
+def source_change(before: str | None, after: str) -> str | None:
+    """What a watcher says of a revision whose source format differs from the last one it saw."""
+    return f"source format {before} -> {after}" if before is not None and before != after else None
+
+
 @dataclass(frozen=True)
 class Attempt:
     revision: str
@@ -145,15 +164,31 @@ class Ledger:
         return sorted({name.split("/", 1)[0] for name in self.storage.list_files()
                        if "/attempt-" in name or name.endswith("/unchanged.json")})
 
-    def claim(self, revision: str, number: int, watcher: str, fingerprint: str | None = None) -> bool:
+    def claim(self, revision: str, number: int, watcher: str, fingerprint: str | None = None,
+              source: str | None = None) -> bool:
         body = json.dumps({"revision": revision, "attempt": number, "watcher": watcher, "claimed_at": time.time(),
-                           "fingerprint": fingerprint})
+                           "fingerprint": fingerprint, "source": source})
         return self.storage.put_bytes(f"{revision}/attempt-{number}.json", body.encode(), if_none_match=True)
 
     def fingerprint(self, revision: str) -> str | None:
         """The content fingerprint recorded with the revision's first attempt (None when there is none)."""
         name = f"{revision}/attempt-1.json"
         return json.loads(self.storage.read_bytes(name)).get("fingerprint") if self.storage.exists(name) else None
+
+    def source(self, revision: str) -> str | None:
+        """The source format recorded with the revision's first attempt (None when there is none)."""
+        name = f"{revision}/attempt-1.json"
+        return json.loads(self.storage.read_bytes(name)).get("source") if self.storage.exists(name) else None
+
+    def last_source(self, before: str) -> str | None:
+        """The source format of the revision whose first attempt was claimed last, other than ``before``."""
+        claimed = []
+        for revision in self.revisions():
+            name = f"{revision}/attempt-1.json"
+            if revision != before and self.storage.exists(name):
+                first = json.loads(self.storage.read_bytes(name))
+                claimed.append((first["claimed_at"], first.get("source")))
+        return max(claimed)[1] if claimed else None
 
     def mark_unchanged(self, revision: str, same_as: str, output: str | None) -> None:
         """Record that ``revision`` converts to what ``same_as`` already did (written once; the first one stays)."""

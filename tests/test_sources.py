@@ -24,12 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from tensors import load_tensors, quark13_divergence, raw
 
 import requant
 from requant.cli import main
 from requant.errors import CheckpointError, PlanError
+from requant.layout import VLM_TEXT_PREFIX
 from requant.recipe import builtin_names, load_recipe
 from requant.testing.quark_reference import file2file_command, quark_equivalents
 from requant.testing.synth import synthesize
@@ -164,6 +166,19 @@ def test_bf16_staging_equals_compressed_tensors_decode(source):
 
 
 @pytest.mark.oracle
+def test_the_reference_server_reads_the_upstream_as_compressed_tensors_decodes_it(source):
+    """`requant serve` loads an upstream in any source format: every weight it holds equals compressed-tensors'
+    BF16 decode of the upstream (the reference model runs in FP32; BF16 values are exact in it)."""
+    from requant.serving.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(str(source["upstream"]))
+    decoded = {name.removeprefix(VLM_TEXT_PREFIX): t for name, t in load_tensors(source["decoded"]).items()}
+    assert set(loaded.schemes.values()) >= {"bf16"}
+    for name, weight in loaded.weights.items():
+        assert torch.equal(weight, decoded[name].to(weight.dtype)), name
+
+
+@pytest.mark.oracle
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_equals_quark_export_of_the_decode(source, recipe):
     ours, theirs = load_tensors(source["ours"][recipe]), load_tensors(source["quark"][recipe])
@@ -265,6 +280,35 @@ def test_mxfp4_source_is_repacked_not_requantized(tmp_path):
 
 
 @pytest.mark.oracle
+def test_transformers_fp8_dequantization_agrees_where_it_takes_the_blocks(tmp_path_factory):
+    """transformers' own FP8 dequantization (the Fp8Dequantize conversion of ``FineGrainedFP8Config(dequantize=True)``)
+    gives requant's BF16 decode, byte for byte, for every FP8-block weight of the adversarial DeepSeek-V3 upstream
+    it accepts. transformers 5.24 derives the block from the scale grid and refuses a partial one: DeepSeek-V3's
+    kv_a_proj_with_mqa ([576, H], 5 block rows) cannot be loaded dequantized there at all."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    upstream, _ = _decoded_upstream("deepseek-v3", tmp_path_factory)
+    ours_dir = upstream.parent / "transformers-check"
+    requant.convert(str(upstream), str(ours_dir), "bf16-staging", progress=False)
+    ours, theirs = load_tensors(ours_dir), load_tensors(upstream)
+    agreed, refused = [], []
+    for name, scale in theirs.items():
+        if not name.endswith(".weight_scale_inv"):
+            continue
+        weight = name.removesuffix("_scale_inv")
+        try:
+            decoded = Fp8Dequantize(None)._dequantize_one(theirs[weight], scale, output_dtype=torch.bfloat16)
+        except ValueError as e:
+            assert "not divisible by scale grid" in str(e), e
+            refused.append(weight)
+            continue
+        assert raw(decoded) == raw(ours[weight]), weight
+        agreed.append(weight)
+    assert agreed and all(any(t % 128 for t in theirs[w].shape) for w in refused)
+    assert {w.rsplit(".", 2)[-2] for w in refused} == {"kv_a_proj_with_mqa"}, refused
+
+
+@pytest.mark.oracle
 def test_kimi_k2_instruct_decodes_as_compressed_tensors(tmp_path):
     """Kimi-K2-Instruct's layout (text-only, rotary inv_freq buffers carried through)."""
     upstream = synthesize(tmp_path / "upstream", "kimi-k2-instruct", progress=False)
@@ -283,6 +327,30 @@ def test_manifest_and_card_record_the_source_format(tmp_path):
         manifest = json.loads((out / "requant-manifest.json").read_text())
         assert manifest["source"]["format"] == fmt
         assert f"| Upstream format | `{fmt}`" in (out / "README.md").read_text()
+
+
+def test_a_recipe_may_drop_the_mtp_layer(tmp_path):
+    """``mtp: drop`` leaves the MTP layer's tensors out and sets num_nextn_predict_layers to 0; every other tensor
+    is the default (keep) conversion's, byte for byte, and the exclude list no longer names the layer."""
+    upstream = synthesize(tmp_path / "up", "deepseek-v3", progress=False)
+    recipe = yaml.safe_load((ROOT / "requant/recipes/kimi-k2.6-mxfp4.yaml").read_text())
+    recipe.update(name="kimi-k2.6-mxfp4-no-mtp", mtp="drop")
+    (tmp_path / "no-mtp.yaml").write_text(yaml.safe_dump(recipe))
+    requant.convert(str(upstream), str(tmp_path / "keep"), "kimi-k2.6-mxfp4", progress=False)
+    requant.convert(str(upstream), str(tmp_path / "drop"), str(tmp_path / "no-mtp.yaml"), progress=False)
+    requant.verify(str(tmp_path / "drop"))
+    config = json.loads((tmp_path / "drop/config.json").read_text())
+    mtp = f"model.layers.{config['num_hidden_layers']}."
+    assert config["num_nextn_predict_layers"] == 0
+    assert json.loads((tmp_path / "keep/config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert not any(mtp in name or "model.eh_proj" in name for name in config["quantization_config"]["exclude"])
+    kept, dropped = load_tensors(tmp_path / "keep"), load_tensors(tmp_path / "drop")
+    assert any(name.startswith(mtp) for name in kept)
+    assert set(dropped) == {name for name in kept if not name.startswith(mtp)}
+    for name, tensor in dropped.items():
+        assert torch.equal(tensor.view(torch.uint8), kept[name].view(torch.uint8)), name
+    manifest = json.loads((tmp_path / "drop/requant-manifest.json").read_text())
+    assert manifest["recipe"]["mtp"] == "drop"
 
 
 # --- refusals ------------------------------------------------------------------------------------------------------

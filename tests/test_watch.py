@@ -9,7 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from requant.errors import RequantError
-from requant.watch import Attempt, Ledger, content_fingerprint, decide, is_documentation, latest_revision
+from requant.testing.synth import synthesize
+from requant.watch import (
+    Attempt,
+    Ledger,
+    content_fingerprint,
+    decide,
+    declared_source,
+    is_documentation,
+    latest_revision,
+    source_change,
+)
 
 
 def test_mirror_revision_marker(tmp_path):
@@ -33,6 +43,26 @@ def test_only_one_of_many_concurrent_claims_wins(tmp_path):
     assert [a.number for a in attempts] == [1] and attempts[0].flow_run_id is None
     ledger.record_run("rev1", 1, "run-1", "s3://out/rev1/x")
     assert ledger.attempts("rev1")[0].flow_run_id == "run-1" and ledger.revisions() == ["rev1"]
+
+
+def test_the_ledger_says_which_source_format_changed_into_which(tmp_path):
+    """The source format is recorded with a revision's first claim; the last one claimed before a new revision is
+    what it is compared with. An upstream requant cannot read is recorded with the reason."""
+    ledger = Ledger(str(tmp_path / "ledger"))
+    assert ledger.last_source("a") is None
+    ledger.claim("a", 1, "w", source="int4")
+    ledger.claim("b", 1, "w", source="mxfp4")
+    ledger.claim("b", 2, "w", source=None)  # a retry records nothing new
+    assert (ledger.source("a"), ledger.source("b"), ledger.source("c")) == ("int4", "mxfp4", None)
+    assert ledger.last_source("c") == "mxfp4" and ledger.last_source("b") == "int4"
+    assert source_change("mxfp4", "fp8-block") == "source format mxfp4 -> fp8-block"
+    assert source_change("int4", "int4") is None and source_change(None, "int4") is None
+    upstream = synthesize(tmp_path / "up", "kimi-mxfp4", progress=False)
+    assert declared_source(str(upstream)) == "mxfp4"
+    config = json.loads((upstream / "config.json").read_text())
+    config["text_config"]["quantization_config"] = {"quant_method": "awq"}
+    (upstream / "config.json").write_text(json.dumps(config))
+    assert declared_source(str(upstream)).startswith("unreadable (") and "'awq'" in declared_source(str(upstream))
 
 
 def _attempt(n, run="r", claimed=0.0):

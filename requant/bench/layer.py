@@ -143,19 +143,20 @@ def _sources_table(results: dict[str, Any]) -> list[str]:
     sources = results.get("sources") or {}
     if not sources:
         return []
-    lines = ["", "| upstream format | where | GB in | path | wall s | MB/s in | throughput (weights/s) vs INT4 | "
-                 "peak RSS MB | peak RSS vs INT4 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    rows = [("int4", {"where": w, "bytes": results[w]["bytes_in"], **results[w]}) for w in ("tmpfs", "disk")
+    lines = ["", "| upstream format | where | GB in | path | wall s | MB/s in | MB/s in vs INT4 | weights/s vs INT4 | "
+                 "peak RSS MB | peak RSS vs INT4 |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [("int4", {**results[w], "place": w, "bytes": results[w]["bytes_in"]}) for w in ("tmpfs", "disk")
             if w in results][:1] + list(sources.items())
     int4 = rows[0][1] if rows[0][0] == "int4" else None
     for name, r in rows:
         for label, key in ((f"{results['cores']} cores", "requant"), ("1 core", "requant_1_core")):
             m = r[key]
-            base = int4[key] if int4 and int4["where"] == r["where"] else None
+            base = int4[key] if int4 and int4["place"] == r["place"] else None
             speed = f"{base['seconds'] / m['seconds']:.2f}x" if base else ""
+            mbs = f"{r['bytes'] * base['seconds'] / (int4['bytes'] * m['seconds']):.2f}x" if base else ""
             rss = f"{m['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else ""
-            lines.append(f"| {name} | {r['where']} | {r['bytes'] / 1e9:.2f} | {label} | {m['seconds']:.1f} | "
-                         f"{r['bytes'] / 1e6 / m['seconds']:.0f} | {speed} | {m['peak_rss_mb']:.0f} | {rss} |")
+            lines.append(f"| {name} | {r['place']} | {r['bytes'] / 1e9:.2f} | {label} | {m['seconds']:.1f} | "
+                         f"{r['bytes'] / 1e6 / m['seconds']:.0f} | {mbs} | {speed} | {m['peak_rss_mb']:.0f} | {rss} |")
     return lines
 
 
@@ -205,7 +206,7 @@ def run_layer_bench(experts: int, recipe: str = LAYER_RECIPE, tmpfs: str | None 
             print(f"{source} upstream: measuring in {work}", file=sys.stderr)
             measured = local_bench(upstream, work, recipe)
             results.setdefault("sources", {})[str(source)] = {
-                "where": "tmpfs" if base == places["tmpfs"] else "disk", "bytes": _bytes(upstream), **measured}
+                **measured, "place": "tmpfs" if base == places["tmpfs"] else "disk", "bytes": _bytes(upstream)}
             _save(results, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The upstream formats requant reads, one row each: what ``config.json`` declares, how a module's weight is
 stored under it, and how that storage decodes. Planning reads the declaration (:func:`detect_source`) and each
 module's tensors (:func:`stored_as`), and refuses a checkpoint whose tensors are not what it declares, before any
-job runs; the layer job decodes through :data:`ENCODINGS`.
+job runs. :func:`decode_stored` is each storage's reference decode (the reference server's); the layer job takes
+the same kernels, and the fused paths of :mod:`requant.formats.table` where a target has one.
 
 The family's releases, and what each stores quantized:
 
@@ -20,10 +21,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import torch
+
 from requant.constants import FP8_BLOCK_DEFAULT, INT4_GROUP_SIZE, MX_BLOCK_SIZE, UE8M0_SCALE_FMT
 from requant.errors import CheckpointError
-from requant.formats.fp8_block import block_grid
-from requant.formats.int4 import packed_columns
+from requant.formats.fp8_block import block_grid, dequantize_fp8_block
+from requant.formats.int4 import dequantize_int4, packed_columns
+from requant.formats.mxfp4 import dequantize_mxfp4
+from requant.io.safetensors import TORCH_TO_NAME
 
 
 class SourceFormat(StrEnum):
@@ -159,3 +164,34 @@ def expected_params(kind: str, shape: tuple[int, int], source: Source) -> dict[s
     if kind == "mxfp4":
         return {"weight_packed": (("U8",), (out, inp // 2)), "weight_scale": (("U8",), (out, inp // MX_BLOCK_SIZE))}
     raise ValueError(kind)
+
+
+def stored_shape(kind: str, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """The (out, in) shape of the weight a module stored as ``kind`` holds."""
+    if kind == "int4":
+        out, inp = tensors["weight_shape"].tolist()
+    elif kind == "mxfp4":
+        out, inp = tensors["weight_packed"].shape[0], 2 * tensors["weight_packed"].shape[1]
+    else:
+        out, inp = tensors["weight"].shape
+    return int(out), int(inp)
+
+
+def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source) -> torch.Tensor:
+    """The BF16 weight of a module stored as ``kind`` (a quantized upstream's storage, checked against
+    :func:`expected_params`), decoded as its format's reference does: compressed-tensors' INT4 and MXFP4
+    decompressors, DeepSeek's FP8 block kernel. Raises ValueError naming the parameter whose dtype or shape is
+    wrong."""
+    shape = stored_shape(kind, tensors)
+    for param, (dtypes, want) in expected_params(kind, shape, source).items():
+        got = tensors[param]
+        if TORCH_TO_NAME.get(got.dtype) not in dtypes or tuple(got.shape) != want:
+            raise ValueError(f"{param}: expected {'/'.join(dtypes)} {list(want)}, got {got.dtype} {list(got.shape)}")
+    if kind == "int4":
+        return dequantize_int4(tensors["weight_packed"], tensors["weight_scale"], shape[1])
+    if kind == "fp8_block":
+        return dequantize_fp8_block(tensors["weight"], tensors["weight_scale_inv"], source.block or FP8_BLOCK_DEFAULT)
+    if kind == "mxfp4":
+        return dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], torch.bfloat16)
+    raise ValueError(f"{kind!r} is not a quantized storage")
+

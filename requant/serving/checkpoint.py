@@ -1,8 +1,8 @@
 """Load any variant this project reads or writes for serving: dequantized weights plus activation specs.
 
 Emulation the way vLLM's emulation path runs a quantized checkpoint on hardware without the kernels:
-every quantized weight is dequantized once at load time (INT4 pack-quantized, Quark MXFP4, Quark
-per-channel FP8, or plain BF16), and the layers that the checkpoint's quantization config quantizes
+every quantized weight is dequantized once at load time (an upstream in any format requant reads, Quark MXFP4,
+Quark per-channel FP8, or plain BF16), and the layers that the checkpoint's quantization config quantizes
 with dynamic activations get a quantize-dequantize of their inputs at run time (``activation_qdq``).
 
 Only the text model (``language_model.*`` in the Kimi VLM wrapper) is loaded; the vision tower and
@@ -22,9 +22,9 @@ import torch
 
 from requant.errors import CheckpointError
 from requant.formats.fp8 import dequantize_fp8_per_channel
-from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
-from requant.io.safetensors import bytes_to_tensor, read_header
+from requant.formats.source import MODULE_PARAMS, Source, decode_stored, detect_source, stored_as
+from requant.io.safetensors import TORCH_TO_NAME, bytes_to_tensor, read_header
 from requant.io.storage import open_storage
 from requant.layout import load_config
 from requant.manifest import CONFIG_FILE, INDEX_FILE, SINGLE_SHARD, read_weight_map
@@ -39,7 +39,7 @@ class LoadedCheckpoint:
     text_config: dict[str, Any]
     weights: dict[str, torch.Tensor]              # text-model names without the VLM prefix, e.g. "model.norm.weight"
     activation: dict[str, Callable | None]        # module name -> activation QDQ for quantized modules
-    schemes: dict[str, str]                       # module name -> "bf16" | "int4" | "mxfp4" | "fp8"
+    schemes: dict[str, str]  # module -> "bf16" | "mxfp4" | "fp8" (Quark's) | an upstream's format ("int4", "fp8-block", ...)
     storage: Any
 
     def scheme_counts(self) -> dict[str, int]:
@@ -56,7 +56,8 @@ def load_checkpoint(uri: str, dtype: torch.dtype = torch.float32) -> LoadedCheck
     cfg = load_config(storage.read_bytes(CONFIG_FILE), f"{uri}/{CONFIG_FILE}")
     quant = cfg.raw.get("quantization_config") or cfg.quantization
     raw = _read_text_tensors(storage, uri, cfg.prefix)
-    weights, schemes = _dequantize(raw, uri, dtype)
+    source = detect_source(quant, f"{uri}/{CONFIG_FILE}") if (quant or {}).get("quant_method") != "quark" else None
+    weights, schemes = _dequantize(raw, uri, dtype, source)
     specs = _activation_specs(quant, f"{uri}/{CONFIG_FILE}")
     activation = {m: (specs(cfg.prefix + m) if s in ("mxfp4", "fp8") else None) for m, s in schemes.items()}
     return LoadedCheckpoint(uri, cfg.text, weights, activation, schemes, storage)
@@ -106,8 +107,9 @@ def _read_text_tensors(storage, uri: str, prefix: str) -> dict[str, tuple[torch.
     return tensors
 
 
-def _dequantize(raw: dict[str, tuple[torch.Tensor, str]], uri: str, dtype: torch.dtype):
-    """Group tensors by module and turn each quantized module back into one ``weight`` in ``dtype``."""
+def _dequantize(raw: dict[str, tuple[torch.Tensor, str]], uri: str, dtype: torch.dtype, source: Source | None):
+    """Group tensors by module and turn each quantized module back into one ``weight`` in ``dtype``: an upstream's
+    quantized modules (``source``: its declared format) through the format's reference decode, Quark's here."""
     weights: dict[str, torch.Tensor] = {}
     schemes: dict[str, str] = {}
     modules: dict[str, dict[str, tuple[torch.Tensor, str]]] = defaultdict(dict)
@@ -118,13 +120,19 @@ def _dequantize(raw: dict[str, tuple[torch.Tensor, str]], uri: str, dtype: torch
         def where(leaf: str, parts=parts, module=module) -> str:
             return f"{uri}/{parts[leaf][1]}: {module}.{leaf}"
 
-        if "weight_packed" in parts:                       # compressed-tensors INT4 (the upstream itself)
-            packed, scale, shape = (parts[k][0] for k in ("weight_packed", "weight_scale", "weight_shape"))
-            out_features, in_features = (int(v) for v in shape.tolist())
-            if packed.dtype != torch.int32 or packed.shape[0] != out_features:
-                raise CheckpointError(where("weight_packed"), f"expected int32 [{out_features}, *], got {packed.dtype} {tuple(packed.shape)}")
-            weights[f"{module}.weight"] = dequantize_int4(packed, scale, in_features).to(dtype)
-            schemes[module] = "int4"
+        kind = stored_as(set(parts), {leaf: TORCH_TO_NAME.get(t.dtype, "") for leaf, (t, _) in parts.items()})
+        if kind != "dense":  # an upstream's quantized storage
+            tensors = {leaf: parts[leaf][0] for leaf in MODULE_PARAMS[kind] if leaf in parts}
+            if missing := [leaf for leaf in MODULE_PARAMS[kind] if leaf not in parts]:
+                raise CheckpointError(where(next(iter(parts))), f"stored as {kind} without {', '.join(missing)}")
+            if source is None or source.quantized_kind != kind:
+                declared = source.format.value if source else "Quark's export"
+                raise CheckpointError(where(next(iter(tensors))), f"stored as {kind}, but config.json declares {declared}")
+            try:
+                weights[f"{module}.weight"] = decode_stored(kind, tensors, source).to(dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{uri}/{parts[next(iter(tensors))][1]}", str(e), module) from None
+            schemes[module] = source.format.value
             continue
         for leaf, (tensor, _) in parts.items():
             if leaf == "weight" and tensor.dtype == torch.uint8:

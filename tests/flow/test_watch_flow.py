@@ -169,3 +169,37 @@ def test_new_commits_on_the_hub_are_converted_once_and_doc_only_commits_not(pref
     results = _two_watchers_at_once(prefect_api, upstream, out, ledger, tmp_path)
     assert sorted(r["action"] for r in results) == ["submitted", "wait"]
     assert len([r for r in _runs(deployment) if r.parameters["conversion"]["revision"] == changed]) == 1
+
+
+def test_a_revision_that_changes_its_source_format_is_converted_with_the_same_recipe(prefect_api, local_hub,
+                                                                                    deployment, tmp_path):
+    """hf://testorg/formats publishes INT4, then MXFP4, then FP8 blocks, then INT4 again (K2.6's next release may
+    change format): each revision starts one run with the same recipe, the watcher's reason and the ledger say
+    which format changed into which, and the run's own parameters convert it (the manifest records the format)."""
+    from prefect.states import Completed
+
+    import requant
+    from requant.io.storage import open_storage
+    from requant.manifest import read_manifest
+    from requant.testing.hubserver import publish_dir
+    from requant.testing.synth import synthesize
+    from requant.watch import Ledger
+
+    upstream, out, ledger = "hf://testorg/formats", "s3://outputs/watch-formats", f"s3://ledger/{uuid.uuid4().hex[:8]}"
+    before = None
+    for i, source in enumerate(("int4", "mxfp4", "fp8-block", "int4")):
+        local = synthesize(tmp_path / f"upstream-{i}", "tiny", seed=i, progress=False, source=source)
+        commit = publish_dir(local_hub.root, "testorg/formats", local)
+        result = _watch(upstream, out, ledger)
+        assert (result["revision"], result["action"], result["source"]) == (commit, "submitted", source)
+        change = f"source format {before} -> {source}"
+        assert (change in result["reason"]) == (before is not None), result["reason"]
+        assert Ledger(ledger).source(commit) == source
+        (run,) = [r for r in _runs(deployment) if r.parameters["upstream"] == f"{upstream}@{commit}"]
+        assert run.parameters["recipe"] == "kimi-k2.6-mxfp4"
+        converted = tmp_path / f"converted-{i}"
+        requant.convert(run.parameters["upstream"], str(converted), run.parameters["recipe"], progress=False)
+        requant.verify(str(converted))
+        assert read_manifest(open_storage(str(converted)))["source"]["format"] == source
+        _set_state(run.id, Completed())
+        before = source
