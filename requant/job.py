@@ -242,6 +242,8 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
             written.popleft().result()
 
     for batch, nbytes in _batches(tasks):
+        while transcoding and in_flight + nbytes > IN_FLIGHT_BYTES:  # room for it first: its reads allocate
+            hand_over()
         inputs = [[reader.read(e) for e in _read_order(task)] for task in batch]
         transcoding.append((batch, transcoders.submit(_transcode_batch, batch, inputs, reader.uri, device, outputs),
                             nbytes))

@@ -198,16 +198,17 @@ def test_every_recipe_equals_quark_export_of_the_decode(source, recipe):
     assert config == quark_config
 
 
-@pytest.fixture(scope="module")
-def fp8_quark13(tmp_path_factory):
-    """requant's ``--quark-version 0.13`` conversions of the adversarial FP8-block upstream, and Quark 0.13's own export
-    of its compressed-tensors decode (in .venv-quark13), for every recipe."""
-    upstream, decoded = _decoded_upstream("deepseek-v3", tmp_path_factory)
-    root = tmp_path_factory.mktemp("q13")
+@pytest.fixture(scope="module", params=list(UPSTREAMS))
+def quark13(request, tmp_path_factory):
+    """requant's ``--quark-version 0.13`` conversions of one adversarial upstream, and Quark 0.13's own export of its
+    compressed-tensors decode (in .venv-quark13), for every recipe."""
+    name = request.param
+    upstream, decoded = _decoded_upstream(name, tmp_path_factory)
+    root = tmp_path_factory.mktemp(f"q13-{name}")
     jobs = []
-    for name, quark in quark_equivalents().items():
-        job = quark.job(str(root / "quark" / name))
-        jobs.append({**job, "exclude": job["exclude"] + MTP_EXCLUDES})
+    for recipe, quark in quark_equivalents().items():
+        job = quark.job(str(root / "quark" / recipe))
+        jobs.append({**job, "exclude": job["exclude"] + UPSTREAMS[name][2]})
     if not Q13_PYTHON.exists():
         pytest.fail(f"{Q13_PYTHON} is missing: `make quark13-venv` builds it (make test does)")
     proc = subprocess.run([str(Q13_PYTHON), "-m", "requant.testing.quark_reference", str(decoded), json.dumps(jobs)],
@@ -217,20 +218,41 @@ def fp8_quark13(tmp_path_factory):
         requant.convert(str(upstream), str(root / "requant" / recipe), recipe, progress=False, quark_version="0.13",
                         fused_excludes=False)
     (root / "decoded").symlink_to(decoded)
-    return root
+    return {"name": name, "root": root, "upstream": upstream}
 
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_quark13_target_from_fp8_source_equals_quark13_export(recipe, fp8_quark13):
-    """The second Quark release from an FP8-block source. The one documented difference (tests/tensors.py:
-    quark13_divergence: FP8 rows of amax in (0, ~2**-125)) does not arise here: the decode of the tiniest block scales
-    underflows BF16 to zero rows (checked here), which both write alike, so every byte is equal."""
-    amax = [t.float().abs().amax(dim=1) for t in load_tensors(fp8_quark13 / "decoded").values() if t.dim() == 2]
-    assert not any(((a > 0) & (a < 2.0 ** -125)).any() for a in amax) and any((a == 0).any() for a in amax)
-    ours, theirs = (load_tensors(fp8_quark13 / side / recipe) for side in ("requant", "quark"))
+def test_quark13_target_from_every_source_equals_quark13_export(recipe, quark13):
+    """The second Quark release from each source format. The one documented difference (tests/tensors.py:
+    quark13_divergence: FP8 rows of amax in (0, ~2**-125)) does not arise from the FP8-block source: the decode of
+    the tiniest block scales underflows BF16 to zero rows (checked here), which both write alike. An MXFP4 source's
+    experts in an MXFP4 target are repacked, not re-encoded (test_mxfp4_source_is_repacked_not_requantized): there
+    the codes are the upstream's with -0 made +0, and the scales the upstream's with byte 0 written as 1, as Quark
+    0.13 stores exponent -127."""
+    root, name = quark13["root"], quark13["name"]
+    if name == "deepseek-v3":
+        amax = [t.float().abs().amax(dim=1) for t in load_tensors(root / "decoded").values() if t.dim() == 2]
+        assert not any(((a > 0) & (a < 2.0 ** -125)).any() for a in amax) and any((a == 0).any() for a in amax)
+    ours, theirs = (load_tensors(root / side / recipe) for side in ("requant", "quark"))
+    if _repacks(recipe, {"name": name}):
+        upstream = load_tensors(quark13["upstream"])
+        repacked = [n for n in ours if ".mlp.experts." in n]
+        for tensor in repacked:
+            module, param = tensor.rsplit(".", 1)
+            if param == "weight_scale":
+                scale = upstream[f"{module}.weight_scale"]
+                assert torch.equal(ours[tensor], torch.where(scale == 0, 1, scale).to(torch.uint8)), tensor
+            else:
+                packed = upstream[f"{module}.weight_packed"]
+                low, high = packed & 0x0F, packed >> 4
+                expect = torch.where(low == 8, 0, low) | (torch.where(high == 8, 0, high) << 4)
+                assert torch.equal(ours[tensor], expect.to(torch.uint8)), tensor
+            assert (ours[tensor].dtype, ours[tensor].shape) == (theirs[tensor].dtype, theirs[tensor].shape), tensor
+            ours.pop(tensor), theirs.pop(tensor)
+        assert repacked
     assert quark13_divergence(ours, theirs) == []
-    config, quark_config = (json.loads((fp8_quark13 / side / recipe / "config.json").read_text())
+    config, quark_config = (json.loads((root / side / recipe / "config.json").read_text())
                             for side in ("requant", "quark"))
     if "quantization_config" not in config:
         quark_config.pop("quantization_config")

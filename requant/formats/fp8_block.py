@@ -71,10 +71,16 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
     if inp % MX_BLOCK_SIZE or bi % MX_BLOCK_SIZE:
         return quantize_mxfp4(_checked_decode(weight, scale_inv, block))
     codes = weight.view(torch.uint8).view(out, inp // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
-    largest = codes.bitwise_and(_MAGNITUDE).amax(dim=-1)  # [out, MX blocks]: each block's largest magnitude code
+    device = weight.device
+    rows = min(_CHUNK_ROWS, out)
+    magnitudes = torch.empty(rows, *codes.shape[1:], dtype=torch.uint8, device=device)  # scratch, one chunk
+    largest = torch.empty(codes.shape[:2], dtype=torch.uint8, device=device)  # each MX block's largest magnitude code
+    for r0 in range(0, out, rows):
+        r1 = min(r0 + rows, out)
+        torch.bitwise_and(codes[r0:r1], _MAGNITUDE, out=magnitudes[:r1 - r0])
+        torch.amax(magnitudes[:r1 - r0], dim=-1, out=largest[r0:r1])
     if bool(largest.eq(FP8_E4M3_NAN_BITS).any()):
         raise ValueError(f"{fp8_nan_count(weight)} NaN values")
-    device = weight.device
     values = (_FP8_VALUES[:128].to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
     fp8_block = ((torch.arange(out, device=device) // bo).unsqueeze(1) * scale_inv.shape[1]
                  + (torch.arange(inp // MX_BLOCK_SIZE, device=device) * MX_BLOCK_SIZE // bi).unsqueeze(0))
@@ -84,11 +90,14 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
     exponent = shared_exponent(amax)
     index, table = _code_tables(values, fp8_block, exponent, amax == 0)
     packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=device)
-    for r0 in range(0, out, _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, out)
-        gather = codes[r0:r1].to(torch.int32).add_(index[r0:r1].unsqueeze(-1))
-        pairs = torch.index_select(table, 0, gather.view(-1)).view(torch.int16)  # two codes, the first low
-        packed[r0:r1] = pairs.bitwise_or(pairs >> 4).view(r1 - r0, -1).to(torch.uint8)
+    gather = torch.empty(rows, *codes.shape[1:], dtype=torch.int32, device=device)  # scratch, one chunk
+    selected = torch.empty(rows * inp, dtype=torch.uint8, device=device)
+    for r0 in range(0, out, rows):
+        n = min(r0 + rows, out) - r0
+        gather[:n].copy_(codes[r0:r0 + n]).add_(index[r0:r0 + n].unsqueeze(-1))
+        torch.index_select(table, 0, gather[:n].view(-1), out=selected[:n * inp])
+        pairs = selected[:n * inp].view(torch.int16)  # two codes, the first in the low byte
+        packed[r0:r0 + n] = pairs.bitwise_or_(pairs >> 4).view(n, -1)  # the low byte of each pair
     return packed, (exponent + E8M0_BIAS).to(torch.uint8)
 
 
