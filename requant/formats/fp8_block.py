@@ -16,7 +16,7 @@ from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, shared_e
 
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)  # code -> value
 _MAGNITUDE = 0x7F  # an E4M3 code without its sign bit: magnitudes grow with it (0x7F itself is NaN)
-E2M1_MAGNITUDE = E2M1_SIGN_BIT - 1
+_E2M1_MAGNITUDE = E2M1_SIGN_BIT - 1  # an E2M1 code without its sign bit
 _CHUNK_ROWS = 32  # rows whose gather index (4 bytes an element) stays in the L2 cache
 
 
@@ -47,11 +47,10 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
 
 def dequantize_fp8_block_rows(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                               rows: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """:func:`dequantize_fp8_block` of ``rows`` alone (the same FP32 products, rounded once)."""
-    bo, bi = block
-    values = weight.view(torch.uint8)[rows].view(torch.float8_e4m3fn).to(torch.float32)
-    scale = scale_inv.to(torch.float32)[rows // bo].repeat_interleave(bi, dim=1)[:, :weight.shape[1]]
-    return (values * scale).to(dtype)
+    """:func:`dequantize_fp8_block` of ``rows`` alone: each row is a block of its own height, under its block row's
+    scales."""
+    return dequantize_fp8_block(weight.view(torch.uint8)[rows].view(torch.float8_e4m3fn),
+                                scale_inv[rows // block[0]], (1, block[1]), dtype)
 
 
 def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
@@ -116,7 +115,7 @@ def _code_tables(values: torch.Tensor, fp8_block: torch.Tensor, exponent: torch.
     span = int(step.max()) + 1
     exponents = lowest.unsqueeze(1) + torch.arange(span, dtype=torch.int32, device=values.device)  # [blocks, span]
     positive = _e2m1_scaled(values, exponents)  # [blocks, span, 128]
-    negative = torch.where(positive.bitwise_and(E2M1_MAGNITUDE) == 0, 0, positive ^ E2M1_SIGN_BIT)
+    negative = torch.where(positive.bitwise_and(_E2M1_MAGNITUDE) == 0, 0, positive ^ E2M1_SIGN_BIT)
     table = torch.cat((positive, negative), dim=-1).reshape(-1)
     return ((fp8_block * span + step) * 256).to(torch.int32), table
 
