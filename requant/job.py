@@ -23,12 +23,7 @@ import torch
 
 from requant.constants import E8M0_NAN
 from requant.errors import CheckpointError
-from requant.formats.fp8_block import (
-    dequantize_fp8_block,
-    dequantize_fp8_block_rows,
-    fp8_nan_count,
-    non_power_of_two,
-)
+from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
@@ -407,15 +402,16 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     if task.kind == "mxfp4":
         _check_mxfp4(task, scale, uri)
         decoded = dequantize_mxfp4(weight, scale, torch.bfloat16)  # exact where finite: MXFP4 values are BF16 values
-    else:
-        _check_fp8_scales(task, scale, uri)
-        decoded = dequantize_fp8_block(weight, scale, task.block)
-        if not all_finite(decoded) and (nan := fp8_nan_count(weight)):
-            raise CheckpointError(f"{uri}/{weight_e.file}", f"{nan} NaN values", weight_e.name)
-    if not all_finite(decoded):  # e.g. code 6 under E8M0 2**126, or 448 under a huge block scale
-        bad = int((~torch.isfinite(decoded)).sum())
-        raise CheckpointError(f"{uri}/{weight_e.file}", f"{bad} values decode beyond BF16's range (Inf)", weight_e.name)
-    return decoded
+        if not all_finite(decoded):  # e.g. code 6 under E8M0 2**126
+            bad = int((~torch.isfinite(decoded)).sum())
+            raise CheckpointError(f"{uri}/{weight_e.file}", f"{bad} values decode beyond BF16's range (Inf)",
+                                  weight_e.name)
+        return decoded
+    _check_fp8_scales(task, scale, uri)
+    try:
+        return dequantize_fp8_block_checked(weight, scale, task.block)
+    except ValueError as e:  # NaN codes, or values beyond BF16's range (448 under a huge block scale)
+        raise CheckpointError(f"{uri}/{weight_e.file}", str(e), weight_e.name) from None
 
 
 def _check_fp8_scales(task: TensorTask, scale: torch.Tensor, uri: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from requant.constants import BF16_MANT_BITS, E2M1_SIGN_BIT, E8M0_BIAS, FP8_E4M3_NAN_BITS, MX_BLOCK_SIZE
@@ -26,13 +27,17 @@ def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
 
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         dtype: torch.dtype = torch.bfloat16, compiled: bool = True) -> torch.Tensor:
     """(float8_e4m3fn [out, in], FP32 [ceil(out/bo), ceil(in/bi)]) -> ``dtype`` [out, in]: each element times its
     block's scale in FP32, then rounded to ``dtype`` once. Inside a block that is a function of the element's code
-    alone, so each block's 256 products are computed once and the matrix is one gather (NaN codes give NaN)."""
+    alone, so each block's 256 products are computed once and the matrix is one gather (NaN codes give NaN).
+    ``compiled``: BF16 on a CPU by the compiled kernel (:mod:`requant.formats.fp8_block_cpu`); False: torch's
+    gather, the reference and the path for other devices."""
     out, inp = weight.shape
     bo, bi = block
     device = weight.device
+    if compiled and _decodes_compiled(weight, block, dtype):
+        return _decode_cpu(weight, scale_inv, block)[0]
     table = (_FP8_VALUES.to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(dtype).reshape(-1)
     column_offset = (torch.arange(inp, device=device, dtype=torch.int32) // bi) * 256
     codes = weight.view(torch.uint8)
@@ -53,8 +58,8 @@ def dequantize_fp8_block_rows(weight: torch.Tensor, scale_inv: torch.Tensor, blo
                                 scale_inv[rows // block[0]], (1, block[1]), dtype)
 
 
-def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
-                       block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                       compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn [out, in], FP32 block scales) -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]), equal
     to ``quantize_mxfp4(dequantize_fp8_block(weight, scale_inv, block))`` for every input, without the BF16 matrix.
 
@@ -64,13 +69,17 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
     fixes its exponent ``e``, and each element's E2M1 code is then a function of ``(c, e)``. So a table per FP8
     block and per exponent its MX blocks use, built with the reference encoder, turns the matrix into one gather
     per element. Raises ValueError for NaN codes and for values that decode beyond BF16's range, as the decode
-    would produce them."""
+    would produce them. ``compiled``: on a CPU, the compiled kernel walks the same tables in one pass
+    (:mod:`requant.formats.fp8_block_cpu`; not for subnormal BF16 values); False: torch's ops, the reference."""
     out, inp = weight.shape
     bo, bi = block
     if inp % MX_BLOCK_SIZE or bi % MX_BLOCK_SIZE:
-        return quantize_mxfp4(_checked_decode(weight, scale_inv, block))
-    codes = weight.view(torch.uint8).view(out, inp // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+        return quantize_mxfp4(dequantize_fp8_block_checked(weight, scale_inv, block, compiled))
     device = weight.device
+    values = (_FP8_VALUES[:128].to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
+    if compiled and device.type == "cpu" and not _has_subnormal(values):
+        return _fused_cpu(weight, scale_inv, block, values)
+    codes = weight.view(torch.uint8).view(out, inp // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
     rows = min(_CHUNK_ROWS, out)
     magnitudes = torch.empty(rows, *codes.shape[1:], dtype=torch.uint8, device=device)  # scratch, one chunk
     largest = torch.empty(codes.shape[:2], dtype=torch.uint8, device=device)  # each MX block's largest magnitude code
@@ -80,7 +89,6 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
         torch.amax(magnitudes[:r1 - r0], dim=-1, out=largest[r0:r1])
     if bool(largest.eq(FP8_E4M3_NAN_BITS).any()):
         raise ValueError(f"{fp8_nan_count(weight)} NaN values")
-    values = (_FP8_VALUES[:128].to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
     fp8_block = ((torch.arange(out, device=device) // bo).unsqueeze(1) * scale_inv.shape[1]
                  + (torch.arange(inp // MX_BLOCK_SIZE, device=device) * MX_BLOCK_SIZE // bi).unsqueeze(0))
     amax = values.view(-1)[fp8_block * 128 + largest.long()].float().abs()
@@ -98,6 +106,54 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor,
         pairs = selected[:n * inp].view(torch.int16)  # two codes, the first in the low byte
         packed[r0:r0 + n] = pairs.bitwise_or_(pairs >> 4).view(n, -1)  # the low byte of each pair
     return packed, (exponent + E8M0_BIAS).to(torch.uint8)
+
+
+def _has_subnormal(values: torch.Tensor) -> bool:
+    """Whether any of the BF16 ``values`` is subnormal (tiny block scales only): the CPU kernel's tables take
+    normal values alone, so such a matrix goes through the torch tables and their reference encoder."""
+    magnitude = values.view(torch.int16).bitwise_and(0x7FFF)
+    return bool(((magnitude > 0) & (magnitude < 1 << BF16_MANT_BITS)).any())
+
+
+def _fused_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_block_to_mxfp4` by the compiled CPU kernel, from each FP8 block's ``values`` [blocks, 128]."""
+    from requant.formats import fp8_block_cpu
+
+    out, inp = weight.shape
+    magnitude = values.float().abs()
+    exponents = shared_exponent(magnitude).view(values.shape)
+    slot_of = torch.zeros_like(exponents)  # exponents grow with the code: slots count their changes
+    torch.cumsum(exponents[:, 1:] != exponents[:, :-1], dim=1, out=slot_of[:, 1:])
+    packed = torch.empty(out, inp // 2, dtype=torch.uint8)
+    scales = torch.empty(out, inp // MX_BLOCK_SIZE, dtype=torch.uint8)
+    codes = weight.contiguous().view(torch.uint8).numpy()
+    status = fp8_block_cpu.mxfp4_from_fp8_blocks(
+        codes, codes.view(np.uint16), block[0], block[1], scale_inv.shape[1],
+        values.view(torch.int16).to(torch.int32).numpy(), exponents.numpy(), torch.isfinite(magnitude).numpy(),
+        slot_of.numpy(), int(slot_of.max()) + 1, _e2m1_of_bf16().numpy(), packed.numpy(), scales.numpy())
+    if status == fp8_block_cpu.NAN_CODE:
+        raise ValueError(f"{fp8_nan_count(weight)} NaN values")
+    if status == fp8_block_cpu.BEYOND_BF16:
+        raise ValueError(f"{_inf_count(weight, scale_inv, block)} values decode beyond BF16's range (Inf)")
+    return packed, scales
+
+
+def _decodes_compiled(weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether the compiled CPU kernel decodes ``weight``: BF16 on a CPU, codes read two at a time."""
+    return weight.device.type == "cpu" and dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and block[1] % 2 == 0
+
+
+def _decode_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+    """:func:`dequantize_fp8_block` to BF16 by the compiled CPU kernel, and whether every value is finite."""
+    from requant.formats import fp8_block_cpu
+
+    values = (_FP8_VALUES * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
+    decoded = torch.empty(weight.shape, dtype=torch.bfloat16)
+    finite = fp8_block_cpu.bf16_from_fp8_blocks(weight.contiguous().view(torch.uint8).numpy().view(np.uint16),
+                                                block[0], block[1], scale_inv.shape[1],
+                                                values.view(torch.int16).numpy(), decoded.view(torch.int16).numpy())
+    return decoded, bool(finite)
 
 
 def _code_tables(values: torch.Tensor, fp8_block: torch.Tensor, exponent: torch.Tensor,
@@ -145,11 +201,18 @@ def _e2m1_of_bf16() -> torch.Tensor:
     return e2m1_codes(torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32))
 
 
-def _checked_decode(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    if nan := fp8_nan_count(weight):
-        raise ValueError(f"{nan} NaN values")
-    decoded = dequantize_fp8_block(weight, scale_inv, block)
-    if not bool(torch.isfinite(decoded).all()):
+def dequantize_fp8_block_checked(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                                 compiled: bool = True) -> torch.Tensor:
+    """:func:`dequantize_fp8_block` to BF16, refused where a value is not finite: ValueError naming how many NaN
+    codes there are, or else how many values decode beyond BF16's range (e.g. 448 under a huge block scale)."""
+    if compiled and _decodes_compiled(weight, block, torch.bfloat16):
+        decoded, finite = _decode_cpu(weight, scale_inv, block)
+    else:
+        decoded = dequantize_fp8_block(weight, scale_inv, block, compiled=False)
+        finite = bool(torch.isfinite(decoded).all())
+    if not finite:
+        if nan := fp8_nan_count(weight):
+            raise ValueError(f"{nan} NaN values")
         raise ValueError(f"{int((~torch.isfinite(decoded)).sum())} values decode beyond BF16's range (Inf)")
     return decoded
 

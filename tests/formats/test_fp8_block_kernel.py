@@ -1,4 +1,5 @@
-"""The fused FP8-block -> MXFP4 table kernel and the table decode, against Quark's encoder of the arithmetic decode.
+"""The fused FP8-block -> MXFP4 table kernel and the table decode, against Quark's encoder of the arithmetic decode,
+each in both forms: compiled for the CPU (numba, the default there) and torch's ops (the reference, other devices).
 
 End to end, every recipe from an adversarial FP8-block checkpoint is checked against Quark's file-to-file export
 and compressed-tensors' decoder in ``tests/test_sources.py``; these tests reach the corners one matrix at a time.
@@ -11,7 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from requant.formats.fp8_block import dequantize_fp8_block, dequantize_fp8_block_rows, fp8_block_to_mxfp4
+from requant.formats.fp8_block import (
+    dequantize_fp8_block,
+    dequantize_fp8_block_checked,
+    dequantize_fp8_block_rows,
+    fp8_block_to_mxfp4,
+)
 from requant.testing.quark_reference import quark_quantize_weight
 
 
@@ -30,24 +36,29 @@ def _codes(rows: int, cols: int, seed: int) -> torch.Tensor:
     return codes.view(torch.float8_e4m3fn)
 
 
-def test_matches_quark_on_deepseek_shaped_blocks():
+COMPILED = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+
+
+@COMPILED
+def test_matches_quark_on_deepseek_shaped_blocks(compiled):
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(576, 1024, generator=g) * 0.02).to(torch.float8_e4m3fn)  # a partial row of blocks
     scale = torch.rand(5, 8, generator=g) * 1e-3 + 1e-5
-    fused = fp8_block_to_mxfp4(weight, scale, (128, 128))
+    fused = fp8_block_to_mxfp4(weight, scale, (128, 128), compiled)
     quark = quark_quantize_weight(_arithmetic_decode(weight, scale, (128, 128)), "mxfp4")
     assert torch.equal(fused[0], quark[0]) and torch.equal(fused[1], quark[1])
 
 
+@COMPILED
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape,block", [((300, 200), (128, 128)), ((7, 5), (2, 3)), ((64, 64), (64, 64))])
-def test_table_decode_equals_the_arithmetic_decode(shape, block, dtype):
+def test_table_decode_equals_the_arithmetic_decode(shape, block, dtype, compiled):
     weight = _codes(*shape, seed=1)
     weight.view(torch.uint8)[0, :2] = torch.tensor([0x7F, 0xFF], dtype=torch.uint8)  # NaN codes decode to NaN
     grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
     scale = torch.exp2(torch.randint(-140, 120, grid).float()) * (1 + torch.rand(grid))
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    table = dequantize_fp8_block(weight, scale, block, dtype)
+    table = dequantize_fp8_block(weight, scale, block, dtype, compiled)
     assert torch.equal(table.view(bits), _arithmetic_decode(weight, scale, block, dtype).view(bits))
     rows = torch.tensor([0, shape[0] // 2, shape[0] - 1])
     assert torch.equal(dequantize_fp8_block_rows(weight, scale, block, rows, dtype).view(bits), table[rows].view(bits))
@@ -79,13 +90,15 @@ def test_matches_quark_on_the_decode_for_every_scale_class(seed, data):
     weight = _codes(rows, cols, seed)
     decoded = _arithmetic_decode(weight, scale, block)
     if not bool(torch.isfinite(decoded).all()):
-        with pytest.raises(ValueError, match="decode beyond BF16's range"):
-            fp8_block_to_mxfp4(weight, scale, block)
+        for compiled in (True, False):
+            with pytest.raises(ValueError, match="decode beyond BF16's range"):
+                fp8_block_to_mxfp4(weight, scale, block, compiled)
         return
-    fused = fp8_block_to_mxfp4(weight, scale, block)
     quark = quark_quantize_weight(decoded, "mxfp4")
-    assert torch.equal(fused[1], quark[1])
-    assert torch.equal(fused[0], quark[0])
+    for compiled in (True, False):
+        fused = fp8_block_to_mxfp4(weight, scale, block, compiled)
+        assert torch.equal(fused[1], quark[1]), compiled
+        assert torch.equal(fused[0], quark[0]), compiled
 
 
 def test_block_width_not_a_multiple_of_32_takes_the_decode():
@@ -95,9 +108,27 @@ def test_block_width_not_a_multiple_of_32_takes_the_decode():
     assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])
 
 
-def test_nan_codes_are_refused_with_their_count():
+@COMPILED
+@pytest.mark.parametrize("kernel", [fp8_block_to_mxfp4, dequantize_fp8_block_checked], ids=["mxfp4", "bf16"])
+def test_nan_codes_are_refused_with_their_count(kernel, compiled):
     weight = _codes(8, 64, seed=3)
     weight.view(torch.uint8)[2, 5] = 0xFF
     weight.view(torch.uint8)[7, 60] = 0x7F
     with pytest.raises(ValueError, match="^2 NaN values$"):
-        fp8_block_to_mxfp4(weight, torch.ones(1, 1), (128, 128))
+        kernel(weight, torch.ones(1, 1), (128, 128), compiled=compiled)
+
+
+@COMPILED
+@pytest.mark.parametrize("kernel", [fp8_block_to_mxfp4, dequantize_fp8_block_checked], ids=["mxfp4", "bf16"])
+def test_values_beyond_bf16_are_refused_with_their_count_wherever_they_are(kernel, compiled):
+    """Only the last row's last block overflows (448 under 2**127): a check that stops early or skips a row misses
+    it."""
+    weight = _codes(70, 256, seed=4)
+    scale = torch.ones(3, 2)
+    scale[2, 1] = 2.0**127
+    weight.view(torch.uint8)[64:, 128:] = 0x01  # the smallest subnormal code: 2**118 under this block's scale
+    weight.view(torch.uint8)[69, 255] = 0x7E  # 448 * 2**127
+    with pytest.raises(ValueError, match=r"^1 values decode beyond BF16's range \(Inf\)$"):
+        kernel(weight, scale, (32, 128), compiled=compiled)
+    weight.view(torch.uint8)[69, 255] = 0x01
+    kernel(weight, scale, (32, 128), compiled=compiled)
