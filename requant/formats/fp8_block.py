@@ -120,6 +120,7 @@ def _fused_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     """:func:`fp8_block_to_mxfp4` by the compiled CPU kernel, from each FP8 block's ``values`` [blocks, 128]."""
     from requant.formats import fp8_block_cpu
 
+    _check_grid(weight, scale_inv, block)
     out, inp = weight.shape
     magnitude = values.float().abs()
     exponents = shared_exponent(magnitude).view(values.shape)
@@ -139,6 +140,13 @@ def _fused_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     return packed, scales
 
 
+def _check_grid(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    """The compiled kernels index the scale grid unchecked: its shape is checked here, once."""
+    if tuple(scale_inv.shape) != block_grid(tuple(weight.shape), block):
+        raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not fit weight {tuple(weight.shape)} "
+                         f"in blocks of {tuple(block)}")
+
+
 def _decodes_compiled(weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> bool:
     """Whether the compiled CPU kernel decodes ``weight``: BF16 on a CPU, codes read two at a time."""
     return weight.device.type == "cpu" and dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and block[1] % 2 == 0
@@ -148,6 +156,7 @@ def _decode_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     """:func:`dequantize_fp8_block` to BF16 by the compiled CPU kernel, and whether every value is finite."""
     from requant.formats import fp8_block_cpu
 
+    _check_grid(weight, scale_inv, block)
     values = (_FP8_VALUES * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
     decoded = torch.empty(weight.shape, dtype=torch.bfloat16)
     finite = fp8_block_cpu.bf16_from_fp8_blocks(weight.contiguous().view(torch.uint8).numpy().view(np.uint16),

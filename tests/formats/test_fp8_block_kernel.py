@@ -132,3 +132,9 @@ def test_values_beyond_bf16_are_refused_with_their_count_wherever_they_are(kerne
         kernel(weight, scale, (32, 128), compiled=compiled)
     weight.view(torch.uint8)[69, 255] = 0x01
     kernel(weight, scale, (32, 128), compiled=compiled)
+
+
+@pytest.mark.parametrize("kernel", [fp8_block_to_mxfp4, dequantize_fp8_block_checked], ids=["mxfp4", "bf16"])
+def test_a_scale_grid_that_does_not_fit_is_refused_before_the_compiled_kernel_reads_it(kernel):
+    with pytest.raises(ValueError, match=r"^scale grid \(1, 2\) does not fit weight \(256, 256\) in blocks of"):
+        kernel(_codes(256, 256, seed=5), torch.ones(1, 2), (128, 128))
