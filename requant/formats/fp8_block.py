@@ -26,6 +26,13 @@ def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
+def block_values(scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16, codes: int = 256) -> torch.Tensor:
+    """Each block's decoded value of the first ``codes`` E4M3 codes ([blocks, codes], on the scales' device): the
+    code's value times the block's scale in FP32, rounded to ``dtype`` once; every decode here looks values up in
+    it (the first 128 codes are the magnitudes)."""
+    return (_FP8_VALUES[:codes].to(scale_inv.device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(dtype)
+
+
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                          dtype: torch.dtype = torch.bfloat16, compiled: bool = True) -> torch.Tensor:
     """(float8_e4m3fn [out, in], FP32 [ceil(out/bo), ceil(in/bi)]) -> ``dtype`` [out, in]: each element times its
@@ -38,7 +45,7 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     device = weight.device
     if compiled and _decodes_compiled(weight, block, dtype):
         return _decode_cpu(weight, scale_inv, block)[0]
-    table = (_FP8_VALUES.to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(dtype).reshape(-1)
+    table = block_values(scale_inv, dtype).reshape(-1)
     column_offset = (torch.arange(inp, device=device, dtype=torch.int32) // bi) * 256
     codes = weight.view(torch.uint8)
     result = torch.empty(out, inp, dtype=dtype, device=device)
@@ -76,7 +83,7 @@ def fp8_block_to_mxfp4(weight: torch.Tensor, scale_inv: torch.Tensor, block: tup
     if inp % MX_BLOCK_SIZE or bi % MX_BLOCK_SIZE:
         return quantize_mxfp4(dequantize_fp8_block_checked(weight, scale_inv, block, compiled))
     device = weight.device
-    values = (_FP8_VALUES[:128].to(device) * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
+    values = block_values(scale_inv, codes=128)
     if compiled and device.type == "cpu" and not _has_subnormal(values):
         return _fused_cpu(weight, scale_inv, block, values)
     codes = weight.view(torch.uint8).view(out, inp // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
@@ -157,7 +164,7 @@ def _decode_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     from requant.formats import fp8_block_cpu
 
     _check_grid(weight, scale_inv, block)
-    values = (_FP8_VALUES * scale_inv.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
+    values = block_values(scale_inv)
     decoded = torch.empty(weight.shape, dtype=torch.bfloat16)
     finite = fp8_block_cpu.bf16_from_fp8_blocks(weight.contiguous().view(torch.uint8).numpy().view(np.uint16),
                                                 block[0], block[1], scale_inv.shape[1],
