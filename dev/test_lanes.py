@@ -18,11 +18,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # Every test that starts SeaweedFS, Ray or Prefect (grep: s3_server, prefect_api, ray): they share session servers.
-# The release's tests (their own local Hub, engines) and the source formats' oracles (Quark and compressed-tensors in
-# their own processes) share nothing with either lane and go here for balance: the compute
-# lane is the longer one (measured in a clean-clone run: services 25.0 min, compute 32.7 min with them there).
+# The release's tests (their own local Hub, engines), the source formats' oracles (Quark and compressed-tensors in
+# their own processes) and the reference server's tests (their own session servers, tests/serving/conftest.py) share
+# nothing with either lane and go here for balance: the compute lane is the longer one (measured in a clean-clone run
+# of f1f242c: services 29.0 min, compute 37.0 min, of which tests/serving 4.6 min).
 SERVICES = ("tests/flow", "tests/ops", "tests/hardening", "tests/test_plan_transport.py", "tests/release",
-            "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/test_sources.py")
+            "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/test_sources.py", "tests/serving")
 
 
 def lanes() -> dict[str, list[str]]:
