@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
+.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # pytest runs in two lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, and the rest); SERIAL=1
 # runs them one after the other, PYTEST_ARGS go to both (e.g. PYTEST_ARGS="-x -k gate").
-test: install browser engine-venv quark13-venv sglang-venv
+test: install browser engine-venv quark13-venv sglang-venv llmc-venv
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m dev.test_lanes $(if $(SERIAL),--serial) -- $(PYTEST_ARGS)
@@ -122,6 +122,11 @@ train-model: install
 measure-trained: install
 	$(BIN)/python -m dev.measure_trained
 
+# What NVFP4 global scales that vLLM's fused expert weights do not share cost the trained model, served the way vLLM
+# reads them, against requant's shared ones (~20 min): results/trained/global-scales.md.
+measure-global-scales: install
+	$(BIN)/python -m dev.measure_global_scales
+
 services-up: install
 	$(BIN)/python -m dev.services up
 
@@ -160,7 +165,8 @@ bench: install quark13-venv llmc-venv
 	$(BIN)/requant bench conversion --out results $(BENCH_ARGS)
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results
 
-# llm-compressor 0.14 (model_free_ptq), a peer in make bench-peers, pinned in its own virtualenv (torch 2.13 CPU,
+# llm-compressor 0.14 (model_free_ptq), the oracle of the compressed-tensors targets (tests/test_convert_vs_llmcompressor.py)
+# and a peer in make bench-peers, pinned in its own virtualenv (torch 2.13 CPU,
 # compressed-tensors 0.19, transformers 5.17).
 LLMC_VENV := .venv-llmc
 LLMC_STAMP := $(LLMC_VENV)/.installed

@@ -139,12 +139,12 @@ def recipes_block() -> str:
     order = ["routed_expert", "router", "shared_expert", "dense_mlp", "attention", "lm_head", "embedding", "norm"]
     classes = sorted((cls for cls, _ in recipes[0].targets),
                      key=lambda c: order.index(c) if c in order else len(order))
-    lines = ["| recipe | Quark format | " + " | ".join(f"`{c}`" for c in classes) + " |",
-             "|---|---|" + "---|" * len(classes)]
+    lines = ["| recipe | written as | global format | " + " | ".join(f"`{c}`" for c in classes) + " |",
+             "|---|---|---|" + "---|" * len(classes)]
     for r in recipes:
         targets = dict(r.targets)
         cells = [("BF16" if targets[c] == "unquantized" else f"**{targets[c]}**") for c in classes]
-        lines.append(f"| `{r.name}` | {r.format} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{r.name}` | {r.export} | {r.format} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in recipes:
         extra = ""

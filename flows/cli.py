@@ -26,6 +26,7 @@ def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptio
         try:
             conversion = Conversion(revision=options.revision, upstream_id=options.upstream_id,
                                     quark_version=options.quark_version, fused_excludes=options.fused_excludes,
+                                    shared_global_scale=options.shared_global_scale,
                                     overwrite=options.overwrite, unverified=options.unverified)
             return requantize(upstream=source, output=dest, recipe=recipe, conversion=conversion,
                               cluster=Cluster(device=options.device, threads=options.threads or 1),

@@ -25,6 +25,10 @@ class Conversion(_Group):
                                                         f"({', '.join(QUARK_RELEASES)}; default: each recipe's own)")
     fused_excludes: bool | None = Field(None, description="False: Quark's exclude list exactly, without the fused "
                                                           "modules SGLang and vLLM build (default: each recipe's own)")
+    shared_global_scale: bool | None = Field(None, description="NVFP4: False gives llm-compressor's global scales "
+                                                               "exactly (one per module but for its own fused sets); "
+                                                               "default: each recipe's own (one per set the engines "
+                                                               "fuse)")
     overwrite: bool = Field(True, description="Replace an output holding another run's checkpoint (False: refuse "
                                               "before any job runs); an output holding this run's is verified and "
                                               "reused either way")

@@ -160,7 +160,8 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     same run key is verified and reused."""
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_checkpoint(upstream, recipe, conversion.quark_version, conversion.fused_excludes)  # every problem, before any job
+    plan = plan_checkpoint(upstream, recipe, conversion.quark_version, conversion.fused_excludes,
+                           conversion.shared_global_scale)  # every problem, before any job
     start = run.start_run(plan, open_storage(upstream), output, revision, conversion.unverified, conversion.overwrite)
     timings = {"plan": time.perf_counter() - started}
     options = ray_options(cluster)

@@ -53,10 +53,10 @@ def verify(checkpoint: str, digests: Mapping[str, str | None] | None = None) -> 
 
 
 def plan(source: str, recipe: str = DEFAULT_RECIPE, quark_version: str | None = None,
-         fused_excludes: bool | None = None) -> Plan:
+         fused_excludes: bool | None = None, shared_global_scale: bool | None = None) -> Plan:
     """The layer jobs converting ``source`` with ``recipe`` would run, every header read and every problem found
     before any tensor is converted (:class:`requant.errors.PlanError` lists them all)."""
-    return build_plan(open_storage(source), load_recipe(recipe, quark_version, fused_excludes))
+    return build_plan(open_storage(source), load_recipe(recipe, quark_version, fused_excludes, shared_global_scale))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.card import CardFacts, render_card
+from requant.export.config import output_config
 from requant.io.safetensors import sha256_file
 from requant.io.storage import LocalDir
 from requant.job import JobResult
@@ -26,7 +27,6 @@ from requant.manifest import (
     sealed_bytes,
 )
 from requant.planning import Plan
-from requant.quark_config import output_config
 
 _VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")
 
@@ -83,7 +83,8 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
         "recipe": {"name": plan.recipe.name, "format": plan.recipe.format, "source": plan.recipe.source,
                    "targets": dict(plan.recipe.targets), "overrides": [list(o) for o in plan.recipe.overrides],
                    "min_snr_db": plan.recipe.min_snr_db, "quark_version": plan.recipe.quark_version,
-                   "fused_excludes": plan.recipe.fused_excludes, "mtp": plan.recipe.mtp,
+                   "fused_excludes": plan.recipe.fused_excludes, "mtp": plan.recipe.mtp, "export": plan.recipe.export,
+                   "shared_global_scale": plan.recipe.shared_global_scale,
                    "warnings": list(plan.recipe.warnings)},
         "versions": library_versions(),
         "source": plan.source_format.record(),  # the upstream's format as config.json declares it (checked)

@@ -47,3 +47,6 @@ BF16_EXP_MASK = 0xFF
 # ``--quark-version``); requant.formats.table has one format table for each
 QUARK_RELEASES = ("0.11", "0.13")
 DEFAULT_QUARK = "0.11"  # Quark 0.11.2, which the seed model card pins for serving-stack compatibility
+# The compressed-tensors release whose checkpoints requant's compressed-tensors export equals (as llm-compressor 0.14's
+# model_free_ptq writes them); its config's "version"
+COMPRESSED_TENSORS_VERSION = "0.19.0"

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from requant.constants import E8M0_NAN
+from requant.constants import E8M0_NAN, FP8_E4M3_NAN_BITS
 from requant.errors import CheckpointError
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
+from requant.formats.nvfp4 import dequantize_nvfp4, tensor_amax
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
@@ -268,7 +269,7 @@ def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], 
     groups: dict[tuple, list[int]] = {}
     for i, task in enumerate(batch):
         scale_only = outputs is not None and _scale_only(task, outputs)
-        if task.kind == "int4" and task.bytes_in < STACK_BYTES:
+        if _stackable(task):
             groups.setdefault((task.target, task.shape, scale_only), []).append(i)
         else:
             results[i] = _transcode_inputs(task, inputs[i], uri, device, scale_only)
@@ -281,6 +282,14 @@ def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], 
         for i, result in zip(members, stacked):
             results[i] = result
     return results
+
+
+def _stackable(task: TensorTask) -> bool:
+    """A small INT4 module whose encoding is row by row: not one with a scale over the whole tensor (NVFP4's global
+    scale), whose rows stacked with other modules' would share it."""
+    fmt = task.format
+    return (task.kind == "int4" and task.bytes_in < STACK_BYTES and not task.partners
+            and (fmt is None or fmt.global_scale_name is None))
 
 
 def _scale_only(task: TensorTask, outputs: frozenset[str]) -> bool:
@@ -328,14 +337,16 @@ def _write_outputs(writer: SafetensorsWriter, batch: list[TensorTask], made: lis
 
 def _read_order(task: TensorTask) -> list[TensorEntry]:
     """The order in which a task's inputs are read: INT4 reads its shape first (checked before the rest), the
-    other quantized sources their scales."""
+    other quantized sources their scales; then the inputs of the modules sharing its global scale, if any."""
     if task.kind == "int4":
         packed_e, scale_e, shape_e = task.inputs
-        return [shape_e, scale_e, packed_e]
-    if task.kind in ("fp8_block", "mxfp4"):
+        own = [shape_e, scale_e, packed_e]
+    elif task.kind in ("fp8_block", "mxfp4"):
         weight_e, scale_e = task.inputs
-        return [scale_e, weight_e]
-    return list(task.inputs)
+        own = [scale_e, weight_e]
+    else:
+        own = list(task.inputs)
+    return own + list(task.partners)  # the partners' as stored (MODULE_PARAMS order), after its own
 
 
 def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, device: str = "cpu",
@@ -348,13 +359,18 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         _check_finite(tensor, f"{uri}/{entry.file}", entry.name)
         return [tensor], None
     fmt = task.format
+    if task.partners:
+        inputs, partner_inputs = inputs[:len(task.inputs)], inputs[len(task.inputs):]
+        encode = _shared_encoder(task, partner_inputs, device)
+    else:
+        encode = fmt.encode if fmt is not None else None
     if task.kind == "int4":
         packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
         in_features = task.shape[1]
         if scale_only:
             return [None, fmt.scale_from_int4(packed, scale, in_features).cpu()], None
-        out = _int4_outputs(task, packed, scale, in_features)
+        out = _int4_outputs(task, packed, scale, in_features, encode)
         reference = lambda rows: _int4_decode(task, packed[rows], scale[rows], in_features)  # noqa: E731
     elif task.kind == "mxfp4" and fmt is not None and fmt.from_mxfp4 is not None and not scale_only:
         scale, packed = inputs
@@ -365,13 +381,13 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         out = _from_fp8_block(task, inputs, uri, device)
         scale, weight = inputs
         reference = lambda rows: dequantize_fp8_block_rows(weight, scale, task.block, rows.cpu())  # noqa: E731
-    elif task.kind in ("fp8_block", "mxfp4"):
+    elif task.kind in ("fp8_block", "mxfp4", "nvfp4"):
         weight = decode_source(task, inputs, uri).to(device)
         if fmt is None:
             return [weight.cpu()], None
         if scale_only:
             return [None, fmt.scale_of(weight).cpu()], None
-        out = list(fmt.encode(weight))
+        out = list(encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
     else:
         (entry,), (weight,) = task.inputs, inputs
@@ -379,7 +395,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         weight = weight.to(device)
         if scale_only:
             return [None, fmt.scale_of(weight).cpu()], None
-        out = list(fmt.encode(weight))
+        out = list(encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
     stat = None if task.target == UNQUANTIZED else _error_stat(task, out, reference)
     return [t.cpu() for t in out], stat
@@ -395,10 +411,13 @@ def _check_int4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tuple
 
 
 def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> torch.Tensor:
-    """The BF16 weight of a module stored as FP8 blocks or MXFP4 upstream, from its inputs as read (scale first),
-    checked first: what Quark's file-to-file export quantizes from the same weights decoded to BF16."""
-    scale, weight = inputs
+    """The BF16 weight of a module stored as FP8 blocks, MXFP4 or NVFP4 upstream, from its inputs as read (scale
+    first; NVFP4 as stored), checked first: what Quark's file-to-file export quantizes from the same weights decoded
+    to BF16."""
     weight_e = task.inputs[0]
+    if task.kind == "nvfp4":
+        return _decode_nvfp4(task, inputs, uri)
+    scale, weight = inputs
     if task.kind == "mxfp4":
         _check_mxfp4(task, scale, uri)
         decoded = dequantize_mxfp4(weight, scale, torch.bfloat16)  # exact where finite: MXFP4 values are BF16 values
@@ -412,6 +431,21 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
         return dequantize_fp8_block_checked(weight, scale, task.block)
     except ValueError as e:  # NaN codes, or values beyond BF16's range (448 under a huge block scale)
         raise CheckpointError(f"{uri}/{weight_e.file}", str(e), weight_e.name) from None
+
+
+def _decode_nvfp4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> torch.Tensor:
+    packed, scale, global_scale = inputs
+    packed_e, scale_e, global_e = task.inputs
+    if bad := int((scale.view(torch.uint8) & 0x7F).eq(FP8_E4M3_NAN_BITS).sum()):
+        raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} FP8 scales are NaN", scale_e.name)
+    if not (all_finite(global_scale) and bool((global_scale > 0).all())):
+        raise CheckpointError(f"{uri}/{global_e.file}", f"global scale {global_scale.tolist()} is not a positive "
+                              "finite number", global_e.name)
+    decoded = dequantize_nvfp4(packed, scale, global_scale, torch.bfloat16)
+    if not all_finite(decoded):
+        bad = int((~torch.isfinite(decoded)).sum())
+        raise CheckpointError(f"{uri}/{packed_e.file}", f"{bad} values decode beyond BF16's range (Inf)", packed_e.name)
+    return decoded
 
 
 def _check_fp8_scales(task: TensorTask, scale: torch.Tensor, uri: str) -> None:
@@ -461,20 +495,51 @@ def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
         raise CheckpointError(file, f"{bad} NaN/Inf values", name)
 
 
-def _int4_outputs(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> list[torch.Tensor]:
-    """The output tensors of INT4 rows converted to the task's target (the fused kernel where the format has one).
+def _int4_outputs(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+                  encode: Callable | None = None) -> list[torch.Tensor]:
+    """The output tensors of INT4 rows converted to the task's target (the fused kernel where the format has one;
+    ``encode``: the format's encoder, with the global scale shared with partners bound where there are any).
     Left unquantized, every Quark release stores compressed-tensors' BF16 decode."""
     fmt = task.format
-    if fmt is not None and fmt.from_int4 is not None:
+    if fmt is not None and fmt.from_int4 is not None and not task.partners:
         return list(fmt.from_int4(packed, scale, in_features))
     if fmt is None:
         return [dequantize_int4(packed, scale, in_features)]
-    return list(fmt.encode(_int4_decode(task, packed, scale, in_features)))
+    return list((encode or fmt.encode)(_int4_decode(task, packed, scale, in_features)))
+
+
+def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device: str) -> Callable:
+    """The task's encoder with the largest magnitude over it and the partners sharing its global scale bound: the
+    partners' inputs (``TensorTask.partners``, as stored) are decoded as their own tasks decode them (each partner's
+    task checks them)."""
+    per_module = len(task.inputs)
+    partner_amax = []
+    for k in range(0, len(partner_inputs), per_module):
+        tensors = partner_inputs[k:k + per_module]
+        if task.kind == "int4":
+            packed, scale, _ = tensors
+            weight = _int4_decode(task, packed.to(device), scale.to(device), task.shape[1])
+        elif task.kind == "mxfp4":
+            packed, scale = tensors
+            weight = dequantize_mxfp4(packed.to(device), scale.to(device), torch.bfloat16)
+        elif task.kind == "fp8_block":
+            weight = dequantize_fp8_block_checked(tensors[0].to(device), tensors[1].to(device), task.block)
+        elif task.kind == "nvfp4":
+            weight = dequantize_nvfp4(*(t.to(device) for t in tensors), torch.bfloat16)
+        else:
+            (weight,) = tensors
+        partner_amax.append(tensor_amax(weight.to(device)))
+
+    def encode(weight: torch.Tensor):
+        amax = torch.stack([tensor_amax(weight), *(a.to(weight.dtype) for a in partner_amax)]).amax()
+        return task.format.encode_shared(weight, amax)
+    return encode
 
 
 def _int4_decode(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The INT4 decode the task's Quark release quantizes (BF16 for 0.11, the exact FP32 for 0.13)."""
-    return dequantize_int4(packed, scale, in_features, dtype=INT4_DECODE_DTYPE[task.quark])
+    """The INT4 decode the task's format table quantizes (BF16 for Quark 0.11 and compressed-tensors, the exact FP32
+    for Quark 0.13)."""
+    return dequantize_int4(packed, scale, in_features, dtype=INT4_DECODE_DTYPE[task.table])
 
 
 def _sample_rows(rows: int, device) -> torch.Tensor:
@@ -485,8 +550,9 @@ def _sample_rows(rows: int, device) -> torch.Tensor:
 def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64)."""
     ref = reference(rows).to(torch.float64)
-    sampled = out[0].view(torch.uint8)[rows].view(out[0].dtype)  # as bytes: CPU indexing has no FP8 kernel
-    got = task.format.decode(sampled, out[1][rows]).to(torch.float64)
+    sampled, scales = (t.view(torch.uint8)[rows].view(t.dtype) if t.element_size() == 1 else t[rows]
+                       for t in out[:2])  # one-byte types as bytes: CPU indexing has no FP8 kernel
+    got = task.format.decode(sampled, scales, *out[2:]).to(torch.float64)
     return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
 
 

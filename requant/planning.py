@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE, UE8M0_SCALE_FMT
 from requant.errors import CheckpointError, PlanError
+from requant.export.quark import is_quark_linear_weight
+from requant.formats.nvfp4 import NVFP4_GROUP
 from requant.formats.source import (
     DECODED_DTYPE,
     MODULE_PARAMS,
@@ -19,7 +21,7 @@ from requant.formats.source import (
     expected_params,
     stored_as,
 )
-from requant.formats.table import DEFAULT_QUARK, UNQUANTIZED, WEIGHT_FORMATS, WeightFormat, weight_formats
+from requant.formats.table import DEFAULT_TABLE, FORMAT_TABLES, UNQUANTIZED, WeightFormat
 from requant.io.paths import check_relative
 from requant.io.safetensors import TensorEntry, TensorSpec, frozen_builder, read_headers
 from requant.io.storage import Storage
@@ -34,8 +36,17 @@ from requant.layout import (
     load_config,
     router_bias_expected,
 )
-from requant.manifest import CONFIG_FILE, INDEX_FILE, SINGLE_SHARD, read_weight_map
-from requant.quark_config import is_quark_linear_weight
+from requant.manifest import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    MODEL_CARD,
+    SINGLE_SHARD,
+    UPSTREAM_CARD,
+    is_run_state,
+    read_weight_map,
+)
 from requant.recipe import NEVER_QUANTIZED, Recipe
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -57,9 +68,12 @@ class TensorTask:
     inputs: tuple[TensorEntry, ...]
     shape: tuple[int, ...]
     outputs: tuple[TensorSpec, ...]
-    quark: str = DEFAULT_QUARK  # the Quark release whose bytes it reproduces (requant.formats.table.QUARK_VERSIONS)
+    table: str = DEFAULT_TABLE  # the format table whose bytes it reproduces (requant.formats.table.FORMAT_TABLES)
     block: tuple[int, int] | None = None  # fp8_block: the upstream's weight_block_size
     pow2_scales: bool = False  # fp8_block: the upstream declares scale_fmt ue8m0 (every scale a power of two)
+    # the inputs of the modules that share its global scale (NVFP4), as stored (MODULE_PARAMS order), module by module:
+    # read with its own, only for their largest magnitude
+    partners: tuple[TensorEntry, ...] = ()
 
     @property
     def bytes_in(self) -> int:
@@ -67,14 +81,15 @@ class TensorTask:
 
     @property
     def bytes_held(self) -> int:
-        """The memory it holds from read to written: its inputs, and its outputs unless it copies (a copy writes
-        the tensor it read; a decoded FP8 weight is twice its input)."""
-        return self.bytes_in + (0 if self.kind == "copy" else sum(s.nbytes for s in self.outputs))
+        """The memory it holds from read to written: its inputs (its partners' too), and its outputs unless it copies
+        (a copy writes the tensor it read; a decoded FP8 weight is twice its input)."""
+        return (self.bytes_in + sum(e.nbytes for e in self.partners)
+                + (0 if self.kind == "copy" else sum(s.nbytes for s in self.outputs)))
 
     @property
     def format(self) -> WeightFormat | None:
         """The format row of its target (None: unquantized)."""
-        return weight_formats(self.quark).get(self.target)
+        return FORMAT_TABLES[self.table].get(self.target)
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,8 @@ class LayerJob:
 def _task_row(task: TensorTask) -> tuple:
     return (task.name, task.kind, task.target, task.shape,
             tuple((e.name, e.file, e.dtype, e.shape, e.start, e.end) for e in task.inputs),
-            tuple((s.name, s.dtype, s.shape) for s in task.outputs), task.quark, task.block, task.pow2_scales)
+            tuple((s.name, s.dtype, s.shape) for s in task.outputs), task.table, task.block, task.pow2_scales,
+            tuple((e.name, e.file, e.dtype, e.shape, e.start, e.end) for e in task.partners))
 
 
 def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJob:
@@ -117,9 +133,9 @@ def _unpack_job(index: int, name: str, output_file: str, rows: tuple) -> LayerJo
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10^4 objects per job, none of them in a cycle
     try:
-        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs)), quark, block,
-                            pow2))
-                      for n, kind, target, shape, inputs, outputs, quark, block, pow2 in rows)
+        tasks = tuple(task((n, kind, target, tuple(map(entry, inputs)), shape, tuple(map(spec, outputs)), table, block,
+                            pow2, tuple(map(entry, partners))))
+                      for n, kind, target, shape, inputs, outputs, table, block, pow2, partners in rows)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -165,8 +181,9 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         # config.json is untrusted input; a field of an unexpected type or size surfaces here
         raise CheckpointError(where, f"text config has an unexpected structure ({type(exc).__name__}: {exc})") from exc
     _check_fused(tasks, recipe, problems)
-    if recipe.quark_version != DEFAULT_QUARK:
-        tasks = [_for_quark(t, recipe.quark_version) for t in tasks]
+    if recipe.format_table != DEFAULT_TABLE:
+        tasks = [_for_table(t, recipe.format_table) for t in tasks]
+        tasks = share_global_scales(tasks, recipe)
     covered = {e.name for t in tasks for e in t.inputs}
     if recipe.mtp == "drop":  # read and checked like every tensor, then left out of the output
         tasks = [t for t in tasks if (layer_of(t.inputs[0].name, config.prefix) or 0) < config.num_layers]
@@ -184,7 +201,8 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
             bad_names.append(str(exc))
     if bad_names:
         raise PlanError(bad_names)
-    extra = tuple(sorted(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_FILE, CONFIG_FILE)))
+    extra = tuple(sorted(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_FILE, CONFIG_FILE)
+                         and not _describes_the_upstream_as_output(f, files)))
     stray = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
     if stray:
         raise PlanError([f"{storage.uri}/{f}: shard is not referenced by {INDEX_FILE}" for f in stray])
@@ -193,10 +211,18 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         spec.name.rsplit(".", 1)[0]
         for job in jobs for task in job.tasks if task.target == UNQUANTIZED
         for spec in task.outputs if is_quark_linear_weight(spec.name)
-        and (recipe.quark_version == DEFAULT_QUARK or len(spec.shape) >= 2)  # 0.13 also checks the shape
+        and (recipe.format_table == DEFAULT_TABLE or len(spec.shape) >= 2)  # 0.13 also checks the shape
     ))
     sizes = tuple((f, readable[f]) for f in shards)
     return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded, source)
+
+
+def _describes_the_upstream_as_output(name: str, files: set[str]) -> bool:
+    """A file of an upstream that is itself a requant output (e.g. ct-nvfp4a16 converted again) which describes that
+    output and would be wrong beside the new one: its manifest, run state and evaluation reports, and, when it has
+    a model card of its own, the card of its upstream."""
+    return (name == MANIFEST_FILE or is_run_state(name) or name.startswith(f"{EVAL_DIR}/")
+            or (name == UPSTREAM_CARD and MODEL_CARD in files))
 
 
 def _weight_map(storage: Storage, problems: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -348,7 +374,7 @@ def _quantized_source_task(module: str, shape: tuple[int, ...], params: dict[str
     entries = tuple(params[s] for s in names)
     out, inp = shape
     ok = True
-    group = {"int4": INT4_GROUP_SIZE, "mxfp4": MX_BLOCK_SIZE}.get(kind)
+    group = {"int4": INT4_GROUP_SIZE, "mxfp4": MX_BLOCK_SIZE, "nvfp4": NVFP4_GROUP}.get(kind)
     if group and inp % group:
         problems.append(f"{entries[0].file}: {entries[0].name}: input dimension {inp} is not a multiple of {group}")
         ok = False
@@ -373,18 +399,40 @@ def _quantizable(name: str, file: str, shape: tuple[int, ...], problems: list[st
     return True
 
 
-def _for_quark(task: TensorTask, quark: str) -> TensorTask:
-    """``task`` reproducing another Quark release's bytes: the same work, that release's output tensors."""
-    fmt = weight_formats(quark).get(task.target)
+def _for_table(task: TensorTask, table: str) -> TensorTask:
+    """``task`` reproducing another format table's bytes (another Quark release, or compressed-tensors): the same
+    work, that table's output tensors."""
+    fmt = FORMAT_TABLES[table].get(task.target)
     if fmt is None:
-        return dataclasses.replace(task, quark=quark)
+        return dataclasses.replace(task, table=table)
     hp_dtype = task.inputs[0].dtype if task.kind == "dense" else DECODED_DTYPE  # a quantized source decodes to BF16
-    return dataclasses.replace(task, quark=quark, outputs=fmt.output_specs(task.name, task.shape, hp_dtype))
+    return dataclasses.replace(task, table=table, outputs=fmt.output_specs(task.name, task.shape, hp_dtype))
+
+
+def share_global_scales(tasks: list[TensorTask], recipe: Recipe) -> list[TensorTask]:
+    """Each task of a format with a global scale (NVFP4) given the inputs of the other modules of its group
+    (``requant.export.compressed_tensors.global_scale_groups``: the engines' fused sets by default, llm-compressor's
+    with ``shared_global_scale: false``), in module order; groups of one module stay as they are."""
+    from requant.export.compressed_tensors import global_scale_group
+
+    groups: dict[tuple, list[TensorTask]] = defaultdict(list)
+    for task in tasks:
+        fmt = task.format
+        if task.kind != "copy" and fmt is not None and fmt.encode_shared is not None:
+            key = global_scale_group(task.name, recipe.shared_global_scale)
+            if key is not None:
+                groups[key + (task.target, task.kind)].append(task)
+    partners: dict[str, tuple[TensorEntry, ...]] = {}
+    for members in groups.values():
+        for task in members:
+            partners[task.name] = tuple(e for other in sorted(members, key=lambda t: t.name) if other is not task
+                                        for e in other.inputs)
+    return [dataclasses.replace(t, partners=partners[t.name]) if partners.get(t.name) else t for t in tasks]
 
 
 def _quantized_outputs(module: str, shape: tuple[int, ...], target: str, hp_dtype: str) -> tuple[TensorSpec, ...]:
-    if target in WEIGHT_FORMATS:
-        return WEIGHT_FORMATS[target].output_specs(module, shape, hp_dtype)
+    if target in FORMAT_TABLES[DEFAULT_TABLE]:
+        return FORMAT_TABLES[DEFAULT_TABLE][target].output_specs(module, shape, hp_dtype)
     return (TensorSpec(f"{module}.weight", hp_dtype, shape),)
 
 

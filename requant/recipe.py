@@ -26,10 +26,17 @@ import jsonschema
 import yaml
 
 from requant.errors import RequantError
-from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, QUARK_VERSIONS, UNQUANTIZED, WEIGHT_FORMATS
+from requant.export import ExportFormat, table_key
+from requant.formats.table import (
+    DEFAULT_QUARK,
+    FORMAT_TABLES,
+    NO_FORMAT,
+    QUARK_VERSIONS,
+    UNQUANTIZED,
+)
 from requant.layout import TENSOR_CLASSES, classify
 
-FORMATS = tuple(WEIGHT_FORMATS)
+FORMATS = tuple(dict.fromkeys(name for table in FORMAT_TABLES.values() for name in table))
 TARGETS = (*FORMATS, UNQUANTIZED)
 # Quark's file-to-file export never quantizes norms or embeddings, so a recipe may not either.
 NEVER_QUANTIZED = ("norm", "embedding")
@@ -81,9 +88,15 @@ SCHEMA: dict[str, Any] = {
             "properties": {"min_snr_db": {"type": ["number", "null"]}},
         },
         "warnings": {"type": "array", "items": {"type": "string"}},
-        # whose bytes the output reproduces: Quark 0.11.2's export (default) or Quark 0.13's
+        # the checkpoint format written (requant.export.ExportFormat): AMD Quark's export (default) or
+        # compressed-tensors' as llm-compressor writes it
+        "export": {"enum": [e.value for e in ExportFormat]},
+        # with export quark, whose bytes the output reproduces: Quark 0.11.2's export (default) or Quark 0.13's
         "quark_version": {"enum": list(QUARK_VERSIONS)},
-        # also exclude the engines' fused module names whose shards are all excluded (quark_config.fused_excludes)
+        # NVFP4 (compressed-tensors): one global scale per set of modules the engines fuse (default), or
+        # llm-compressor's (false: one per module but for the dense MLP's gate_proj + up_proj)
+        "shared_global_scale": {"type": "boolean"},
+        # also exclude the engines' fused module names whose shards are all excluded (requant.export.quark.fused_excludes)
         "fused_excludes": {"type": "boolean"},
         # the multi-token-prediction layers (DeepSeek-V3's layer 61): converted like the others, or left out of the
         # output with num_nextn_predict_layers set to 0 (engines then serve without MTP speculative decoding)
@@ -99,6 +112,17 @@ SCHEMA: dict[str, Any] = {
                 "scheme": {"type": "string", "minLength": 1},
                 "exclude": {"type": "array", "items": {"type": "string", "minLength": 1}},
                 "layer_config": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+            },
+        },
+        # with export compressed-tensors, what an llm-compressor 0.14 user passes to model_free_ptq for the same
+        # output: the preset scheme and the ignore list (in llm-compressor's own ``re:`` syntax)
+        "llmcompressor_equivalent": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["scheme", "ignore"],
+            "properties": {
+                "scheme": {"type": "string", "minLength": 1},
+                "ignore": {"type": "array", "items": {"type": "string", "minLength": 1}},
             },
         },
         # the test lanes that load the recipe's output (default: all of LANES)
@@ -126,8 +150,15 @@ class Recipe:
     source: str
     overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
     quark_version: str = DEFAULT_QUARK  # the Quark release whose export the output equals (formats.table)
-    fused_excludes: bool = True  # exclude also names SGLang's/vLLM's fused modules (quark_config.fused_excludes)
+    fused_excludes: bool = True  # exclude also names SGLang's/vLLM's fused modules (requant.export.quark.fused_excludes)
     mtp: str = "keep"  # the MTP layers: "keep" (converted like the others) or "drop" (left out; MTP_CHOICES)
+    export: str = ExportFormat.QUARK.value  # the checkpoint format written (requant.export.ExportFormat)
+    shared_global_scale: bool = True  # NVFP4: one global scale per set the engines fuse (export.compressed_tensors)
+
+    @property
+    def format_table(self) -> str:
+        """The key of the format table whose bytes the output reproduces (requant.formats.table.FORMAT_TABLES)."""
+        return table_key(self.export, self.quark_version)
 
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
@@ -169,14 +200,23 @@ class QuarkEquivalent:
 
 
 @dataclass(frozen=True)
+class LlmCompressorEquivalent:
+    """What an llm-compressor 0.14 user passes to ``model_free_ptq`` for the output a recipe writes."""
+
+    scheme: str              # preset scheme name, e.g. "MXFP4A16"
+    ignore: tuple[str, ...]  # the ignore list, exact names and ``re:`` patterns as llm-compressor takes them
+
+
+@dataclass(frozen=True)
 class RecipeChecks:
     """What the oracle and the test lanes know about a recipe, read from its file; not part of :class:`Recipe`, so
     no part of a conversion or its run key."""
 
     name: str
-    quark: QuarkEquivalent | None  # None: no Quark equivalent stated (every built-in states one)
+    quark: QuarkEquivalent | None  # None: no Quark equivalent stated (every built-in Quark export states one)
     lanes: tuple[str, ...]
     vllm_cpu_stop: tuple[str, str] | None  # (stage, reason); None: vLLM for CPUs serves the output
+    llmcompressor: LlmCompressorEquivalent | None = None  # every built-in compressed-tensors export states one
 
 
 def resolve_target(module: str, targets: dict[str, str], overrides, tensor_class: str | None = None) -> str:
@@ -193,17 +233,24 @@ def builtin_names() -> list[str]:
                   if p.name.endswith(".yaml") and p.name != "quark_schemes.yaml")
 
 
-def load_recipe(name_or_path: str, quark_version: str | None = None, fused_excludes: bool | None = None) -> Recipe:
+def load_recipe(name_or_path: str, quark_version: str | None = None, fused_excludes: bool | None = None,
+                shared_global_scale: bool | None = None) -> Recipe:
     """A built-in recipe by name, or a YAML file by path; ``quark_version`` (``--quark-version``) overrides the
     recipe's own choice of the Quark release whose bytes the output reproduces, ``fused_excludes``
-    (``--no-fused-excludes``) whether the exclude list also names the engines' fused modules."""
+    (``--no-fused-excludes``) whether the exclude list also names the engines' fused modules, ``shared_global_scale``
+    (``--no-shared-global-scale``) whether NVFP4 modules the engines fuse share one global scale."""
     recipe = _load_recipe(name_or_path)
     if quark_version is not None and quark_version != recipe.quark_version:
+        if recipe.export != ExportFormat.QUARK:
+            raise RequantError(f"quark version {quark_version!r}: recipe {recipe.name} writes {recipe.export}, "
+                               "not a Quark export")
         if quark_version not in QUARK_VERSIONS:
             raise RequantError(f"quark version {quark_version!r}: requant reproduces {', '.join(QUARK_VERSIONS)}")
         recipe = dataclasses.replace(recipe, quark_version=quark_version)
     if fused_excludes is not None and fused_excludes != recipe.fused_excludes:
         recipe = dataclasses.replace(recipe, fused_excludes=fused_excludes)
+    if shared_global_scale is not None and shared_global_scale != recipe.shared_global_scale:
+        recipe = dataclasses.replace(recipe, shared_global_scale=shared_global_scale)
     return recipe
 
 
@@ -246,11 +293,13 @@ def _validate(data: Any, source: str) -> None:
 def parse_checks(data: Any, source: str) -> RecipeChecks:
     _validate(data, source)
     quark = data.get("quark_equivalent")
+    llmc = data.get("llmcompressor_equivalent")
     stop = data.get("vllm_cpu_stop")
     return RecipeChecks(
         name=data["name"],
         quark=QuarkEquivalent(quark["scheme"], tuple(quark["exclude"]),
                               tuple(quark.get("layer_config", {}).items())) if quark else None,
+        llmcompressor=LlmCompressorEquivalent(llmc["scheme"], tuple(llmc["ignore"])) if llmc else None,
         lanes=tuple(data.get("lanes", LANES)),
         vllm_cpu_stop=(stop["stage"], stop["reason"]) if stop else None,
     )
@@ -269,6 +318,8 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     for cls in NEVER_QUANTIZED:
         if targets[cls] != UNQUANTIZED:
             raise RequantError(f"recipe {source}: {cls} cannot be quantized (Quark's export keeps norms and embeddings)")
+    export = data.get("export", ExportFormat.QUARK.value)
+    _check_export(data, source, export, used, overrides)
     return Recipe(
         name=data["name"],
         description=data["description"].strip(),
@@ -281,7 +332,30 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         quark_version=data.get("quark_version", DEFAULT_QUARK),
         fused_excludes=data.get("fused_excludes", True),
         mtp=data.get("mtp", "keep"),
+        export=export,
+        shared_global_scale=data.get("shared_global_scale", True),
     )
+
+
+def _check_export(data: dict[str, Any], source: str, export: str, used: set[str], overrides) -> None:
+    """What a recipe's checkpoint format can express: its formats are in its table; a compressed-tensors export
+    takes no Quark release, no overrides (its ignore list is written per tensor class) and one format."""
+    table = FORMAT_TABLES[table_key(export, data.get("quark_version", DEFAULT_QUARK))]
+    if missing := sorted(used - set(table)):
+        raise RequantError(f"recipe {source}: export {export} has no format {', '.join(missing)} "
+                           f"(it writes {', '.join(table)})")
+    if export == ExportFormat.QUARK:
+        if "shared_global_scale" in data:
+            raise RequantError(f"recipe {source}: shared_global_scale applies to compressed-tensors exports (NVFP4)")
+        return
+    for key in ("quark_version", "quark_equivalent", "fused_excludes"):
+        if key in data:
+            raise RequantError(f"recipe {source}: {key} applies to Quark exports, not to export {export}")
+    if overrides:
+        raise RequantError(f"recipe {source}: export {export} takes no overrides (its ignore list is written per "
+                           "tensor class)")
+    if len(used) > 1:
+        raise RequantError(f"recipe {source}: export {export} writes one format, the recipe uses {sorted(used)}")
 
 
 @lru_cache(maxsize=1)

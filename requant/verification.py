@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from requant.errors import CheckpointError, VerifyError
-from requant.formats.table import DEFAULT_QUARK, NO_FORMAT, WEIGHT_FORMATS, weight_formats
+from requant.export import ExportFormat, recorded_table
+from requant.export.compressed_tensors import SCHEMES
+from requant.export.quark import ENGINE_FUSED_MODULES
+from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
 from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
 from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_hub_housekeeping, is_run_state, sealed_as_stored
-from requant.quark_config import ENGINE_FUSED_MODULES
 from requant.recipe import resolve_target
 
 
@@ -107,10 +110,12 @@ def _check_tensors(storage, manifest: dict, problems: list[str]) -> None:
                 problems.append(f"upstream tensor {upstream}: output {out} is missing")
     recipe = manifest["recipe"]
     overrides = [tuple(o) for o in recipe.get("overrides", [])]
+    table = recorded_table(recipe)
     for module, stat in manifest["stats"].items():
-        weight, scale = tensors.get(f"{module}.weight"), tensors.get(f"{module}.weight_scale")
         intended = resolve_target(module, recipe["targets"], overrides)
-        want = weight_formats(recipe.get("quark_version", DEFAULT_QUARK)).get(stat["target"])
+        want = table.get(stat["target"])
+        weight = tensors.get(f"{module}.{want.weight_name}") if want else None
+        scale = tensors.get(f"{module}.weight_scale")
         if stat["target"] != intended or want is None or weight is None or scale is None:
             problems.append(f"{module}: quantized as {stat['target']} but the recipe says {intended}, or outputs are missing")
         elif weight["dtype"] != want.weight_dtype or (want.scale_dtype and scale["dtype"] != want.scale_dtype):
@@ -143,6 +148,9 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
         if quant is not None:
             problems.append(f"{CONFIG_FILE}: recipe {manifest['recipe']['name']} quantizes nothing but a quantization_config is present")
         return
+    if manifest["recipe"].get("export", ExportFormat.QUARK) == ExportFormat.COMPRESSED_TENSORS:
+        _check_compressed_tensors_config(quant, manifest, problems)
+        return
     if not quant or quant.get("quant_method") != "quark":
         problems.append(f"{CONFIG_FILE}: missing Quark quantization_config")
         return
@@ -170,6 +178,37 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
             problems.append(f"{CONFIG_FILE}: exclude lists the fused module {name} but "
                             f"{next(s for s in shards if s in quantized)} is quantized")
             break
+
+
+def _ignored(module: str, ignore: list) -> bool:
+    """compressed-tensors' reading of an ignore list: an exact name, or an ``re:`` pattern matched from the start."""
+    return any(isinstance(entry, str) and (re.match(entry[3:], module) is not None if entry.startswith("re:")
+                                           else entry == module) for entry in ignore)
+
+
+def _check_compressed_tensors_config(quant, manifest: dict, problems: list[str]) -> None:
+    """The config group declares the recipe's format, and the ignore list leaves every quantized module quantized;
+    how compressed-tensors' readers (vLLM, SGLang, transformers) would decide each module."""
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        problems.append(f"{CONFIG_FILE}: missing compressed-tensors quantization_config")
+        return
+    fmt = manifest["recipe"]["format"]
+    want = SCHEMES[fmt][1]["format"] if fmt in SCHEMES else None
+    groups = quant.get("config_groups")
+    formats = {g.get("format") for g in groups.values() if isinstance(g, dict)} if isinstance(groups, dict) else set()
+    if quant.get("format") != want or formats != {want}:
+        problems.append(f"{CONFIG_FILE}: format {quant.get('format')!r} (groups {sorted(map(str, formats))}) does not "
+                        f"match recipe format {fmt} ({want})")
+    ignore = quant.get("ignore") if isinstance(quant.get("ignore"), list) else []
+    if wrongly := sorted(m for m in manifest["stats"] if _ignored(m, ignore)):
+        problems.append(f"{CONFIG_FILE}: ignore matches quantized modules, e.g. {wrongly[0]}")
+    # targets ["Linear"]: a reader builds every other 2-D weight quantized, unless ignored (or a norm)
+    unquantized = sorted(name.removesuffix(".weight") for name, t in manifest["tensors"].items()
+                         if name.endswith(".weight") and len(t["shape"]) == 2
+                         and not name.removesuffix(".weight").endswith("norm"))
+    if missed := [m for m in unquantized if not _ignored(m, ignore)]:
+        problems.append(f"{CONFIG_FILE}: ignore misses unquantized modules that readers would build quantized, "
+                        f"e.g. {missed[0]} ({len(missed)} in all)")
 
 
 def _check_stats(manifest: dict, problems: list[str]) -> None:

@@ -75,9 +75,9 @@ def _node() -> str:
 # costs more than the work, and resume is handled by requant's own job records in object storage.
 @task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def plan_checkpoint(source_uri: str, recipe: str, quark_version: str | None = None,
-                    fused_excludes: bool | None = None) -> Plan:
+                    fused_excludes: bool | None = None, shared_global_scale: bool | None = None) -> Plan:
     """Read config, index and every shard header; fail with all problems before any job runs."""
-    return requant.plan(source_uri, recipe, quark_version, fused_excludes)
+    return requant.plan(source_uri, recipe, quark_version, fused_excludes, shared_global_scale)
 
 
 HASH_TASK_BYTES = 1 << 30

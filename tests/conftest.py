@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from adversarial import adversarial_copy
 
 from requant.testing.quark_reference import file2file_command, quark_equivalents
 from requant.testing.synth import synthesize
@@ -40,6 +41,19 @@ def trained_upstream(tmp_path_factory) -> Path:
     """The INT4 upstream of the shipped trained model (requant/testing/trained/assets), as `requant synth --profile
     trained` writes it."""
     return synthesize(tmp_path_factory.mktemp("upstream") / "trained", "trained", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def adversarial_upstream(tmp_path_factory, tiny_upstream) -> Path:
+    """The tiny INT4 upstream with adversarial values in layer 1 (tests/adversarial.py)."""
+    return adversarial_copy(tiny_upstream, tmp_path_factory.mktemp("adversarial") / "upstream")
+
+
+@pytest.fixture(scope="session")
+def adversarial_bf16_upstream(tmp_path_factory) -> Path:
+    """The tiny checkpoint published as BF16, with adversarial values in layer 1, its routed experts included."""
+    tiny = synthesize(tmp_path_factory.mktemp("upstream") / "tiny-bf16", "tiny", seed=0, progress=False, source="bf16")
+    return adversarial_copy(tiny, tmp_path_factory.mktemp("adversarial-bf16") / "upstream")
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ from tensors import engine_fused_names, load_tensors, raw
 
 import requant
 from requant.cli import main
-from requant.recipe import builtin_names, load_recipe
+from requant.recipe import load_recipe
+from requant.testing.quark_reference import quark_equivalents
 
-RECIPES = builtin_names()  # each states its Quark equivalent (tests/conftest.py::quark_exports)
+RECIPES = list(quark_equivalents())  # every built-in Quark export, each with its Quark equivalent (conftest.py::quark_exports)
 
 
 @pytest.fixture(scope="module")

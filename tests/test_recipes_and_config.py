@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from requant.errors import RequantError
+from requant.export import ExportFormat
+from requant.export.compressed_tensors import ignore_list
+from requant.export.quark import fused_excludes, is_quark_linear_weight, mtp_draft_names, quantization_config
 from requant.formats.table import WEIGHT_FORMATS
-from requant.quark_config import fused_excludes, is_quark_linear_weight, mtp_draft_names, quantization_config
 from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
 from requant.testing.quark_reference import quark_config_dict
 from requant.verification import verify
@@ -23,6 +25,10 @@ def test_every_builtin_recipe_is_one_complete_file(name):
     tests/test_convert_vs_quark.py then compares the bytes with Quark's export) and the test lanes need."""
     recipe, checks = load_recipe(name), load_checks(name)
     assert recipe.name == checks.name == name and recipe.source == f"builtin:{name}"
+    if recipe.export == ExportFormat.COMPRESSED_TENSORS:  # tests/test_convert_vs_llmcompressor.py: its bytes
+        assert checks.llmcompressor is not None and checks.quark is None, name
+        assert checks.llmcompressor.ignore == tuple(ignore_list(recipe))  # the same list, so the same config
+        return
     assert checks.quark is not None, f"requant/recipes/{name}.yaml states no quark_equivalent"
     schemes = {f.quark_scheme for fmt, f in WEIGHT_FORMATS.items() if fmt in recipe.formats}
     if recipe.quantizes:
@@ -61,7 +67,8 @@ def test_builtin_recipes():
     assert not load_recipe("bf16-staging").quantizes
 
 
-@pytest.mark.parametrize("recipe", [name for name in builtin_names() if load_recipe(name).quantizes])
+@pytest.mark.parametrize("recipe", [name for name in builtin_names() if load_recipe(name).quantizes
+                                    and load_recipe(name).export == ExportFormat.QUARK])
 def test_quantization_config_matches_quark_key_for_key(recipe):
     """What Quark builds from the recipe's quark_equivalent, for the same exclude list."""
     excluded = ["language_model.lm_head", "vision_tower.encoder.blocks.0.wo"]
@@ -230,3 +237,20 @@ def test_the_mtp_key_keeps_by_default_and_takes_keep_or_drop():
     assert parse_recipe(_recipe_data(mtp="drop"), "test").mtp == "drop"
     with pytest.raises(RequantError, match="mtp"):
         parse_recipe(_recipe_data(mtp="no"), "test")
+
+
+def test_a_compressed_tensors_recipe_says_what_it_cannot_express():
+    """compressed-tensors export: formats of its table only, one format, no overrides, no Quark-only keys; and
+    --quark-version on it is refused in one line."""
+    base = {**_recipe_data(), "export": "compressed-tensors"}
+    for key in ("quark_equivalent", "vllm_cpu_stop", "lanes"):
+        base.pop(key, None)
+    assert parse_recipe(base, "ct.yaml").format_table == "compressed-tensors"
+    with pytest.raises(RequantError, match="export compressed-tensors has no format fp8_per_channel"):
+        parse_recipe({**base, "targets": {**base["targets"], "attention": "fp8_per_channel"}}, "ct.yaml")
+    with pytest.raises(RequantError, match="quark_version applies to Quark exports"):
+        parse_recipe({**base, "quark_version": "0.13"}, "ct.yaml")
+    with pytest.raises(RequantError, match="takes no overrides"):
+        parse_recipe({**base, "overrides": [{"pattern": "*experts.0.*", "target": "unquantized"}]}, "ct.yaml")
+    with pytest.raises(RequantError, match="recipe ct-mxfp4 writes compressed-tensors, not a Quark export"):
+        load_recipe("ct-mxfp4", quark_version="0.13")

@@ -32,13 +32,13 @@ import requant
 from requant.cli import main
 from requant.errors import CheckpointError, PlanError
 from requant.layout import VLM_TEXT_PREFIX
-from requant.recipe import builtin_names, load_recipe
+from requant.recipe import load_recipe
 from requant.testing.quark_reference import file2file_command, quark_equivalents
 from requant.testing.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 Q13_PYTHON = ROOT / ".venv-quark13" / "bin" / "python"
-RECIPES = builtin_names()
+RECIPES = list(quark_equivalents())  # every built-in Quark export (the compressed-tensors ones: test_convert_vs_llmcompressor)
 # What a Quark user adds to a recipe's exclude list for a DeepSeek-V3 checkpoint: the MTP layer's projection and head,
 # which the engines build unquantized (requant never quantizes them; see requant.layout.ENGINE_UNQUANTIZED).
 MTP_EXCLUDES = ["*eh_proj", "*shared_head.head"]

@@ -179,3 +179,32 @@ def test_mixed_formats_are_checked_per_class(tiny_upstream, tmp_path, capsys):
     assert rc == 2 and "self_attn" in text and "is fp8_per_channel but the config declares it mxfp4 (global_quant_config)" in text
     rc, text = rewrite(recipe_edit=lambda r: r["targets"].update(attention="mxfp4"))
     assert rc == 2 and "quantized as fp8_per_channel but the recipe says mxfp4" in text
+
+
+def test_compressed_tensors_config_is_checked(tiny_upstream, tmp_path, capsys):
+    """ct-mxfp4: the ignore list must leave every quantized module quantized and name every unquantized Linear (a
+    reader builds the rest quantized), and the group must declare the recipe's format, even resealed."""
+    import hashlib
+
+    out = tmp_path / "ct"
+    requant.convert(str(tiny_upstream), str(out), "ct-mxfp4", progress=False)
+    assert _verify(out, capsys)[0] == 0
+
+    def rewrite(config_edit):
+        dst = tmp_path / f"edit-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, dst)
+        manifest = json.loads((dst / "requant-manifest.json").read_text())
+        config = json.loads((dst / "config.json").read_text())
+        config_edit(config["quantization_config"])
+        data = json.dumps(config, indent=2).encode()
+        (dst / "config.json").write_bytes(data)
+        manifest["outputs"]["config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (dst / "requant-manifest.json").write_text(json.dumps(seal(manifest)))
+        return _verify(dst, capsys)
+
+    rc, text = rewrite(lambda q: q["ignore"].remove(r"re:.*shared_experts.*"))
+    assert rc == 2 and "ignore misses unquantized modules" in text and "shared_experts" in text
+    rc, text = rewrite(lambda q: q["ignore"].append(r"re:.*experts\.0\..*"))
+    assert rc == 2 and "ignore matches quantized modules, e.g. language_model.model.layers.1.mlp.experts.0." in text
+    rc, text = rewrite(lambda q: q.update(format="nvfp4-pack-quantized"))
+    assert rc == 2 and "does not match recipe format mxfp4" in text

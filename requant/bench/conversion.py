@@ -118,7 +118,7 @@ def quark_targets(packed: torch.Tensor, scale: torch.Tensor, cols: int) -> dict[
             if f.from_int4 is not None:
                 encoded[version] = f.from_int4(packed, scale, cols)
             else:
-                encoded[version] = f.encode(dequantize_int4(packed, scale, cols, dtype=INT4_DECODE_DTYPE[version]))
+                encoded[version] = f.encode(dequantize_int4(packed, scale, cols, dtype=INT4_DECODE_DTYPE[f"quark-{version}"]))
             error = exact - f.decode(*encoded[version]).double()
             row[f"snr_db_{version}"] = 10 * math.log10(exact.pow(2).sum().item() / error.pow(2).sum().item())
         old, new = (weight_formats(v)[fmt].decode(*encoded[v]) for v in ("0.11", "0.13"))

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # What every conversion figure measures: the layer job, its kernels and formats, the plan and recipes, storage.
 CONVERSION = ("requant/job.py", "requant/formats", "requant/planning.py", "requant/layout.py", "requant/recipe.py",
               "requant/recipes", "requant/run", "requant/api.py", "requant/assemble.py", "requant/manifest.py",
-              "requant/quark_config.py", "requant/io", "requant/testing/synth.py")
+              "requant/export", "requant/io", "requant/testing/synth.py")
 # What every figure of the requantize flow measures, beyond the conversion: the flow, its tasks, S3, verify.
 FLOW = ("flows/requantize.py", "flows/runtime.py", "tasks/convert.py", "requant/verification.py", "requant/lease.py",
         "requant/testing/seaweed.py", "requant/bench/cpu.py")

@@ -11,7 +11,7 @@ from typing import Any
 
 from requant.card.facts import CardFacts
 from requant.errors import RequantError
-from requant.formats.table import DEFAULT_QUARK, weight_formats
+from requant.export import recorded_table
 from requant.io.safetensors import tensor_nbytes
 from requant.layout import classify
 from requant.manifest import MANIFEST_FILE
@@ -54,7 +54,7 @@ def coverage(manifest: dict[str, Any]) -> tuple[dict[str, Tally], dict[tuple[str
     storage): tensors, parameters and bytes, from the manifest's tensors and the recipe it records. A module is
     stored quantized when it has a ``weight_scale``; its format is its target under the recipe."""
     recipe, tensors = manifest["recipe"], manifest["tensors"]
-    formats = weight_formats(recipe.get("quark_version", DEFAULT_QUARK))
+    formats = recorded_table(recipe)
     overrides = [tuple(o) for o in recipe.get("overrides", ())]
     by_storage: dict[str, Tally] = defaultdict(Tally)
     by_class: dict[tuple[str, str], Tally] = defaultdict(Tally)
@@ -62,7 +62,7 @@ def coverage(manifest: dict[str, Any]) -> tuple[dict[str, Tally], dict[tuple[str
         module, _, param = name.rpartition(".")
         found = classify(module)
         cls, fmt = found or "other", None
-        if param in ("weight", "weight_scale") and f"{module}.weight_scale" in tensors:
+        if param in ("weight", "weight_packed", "weight_scale") and f"{module}.weight_scale" in tensors:
             fmt = formats.get(resolve_target(module, recipe["targets"], overrides, found))
             if fmt is None:
                 raise RequantError(f"{MANIFEST_FILE}: {name}: stored with a scale, but recipe {recipe['name']} "
@@ -143,7 +143,8 @@ def hub_url(repo_id: str) -> str | None:
 def metadata(facts: CardFacts, by_storage: dict[str, Tally]) -> dict[str, Any]:
     recipe = facts.manifest["recipe"]
     quantized = [s for s in by_storage if s in FORMAT_LABELS]
-    tags = [*(s.split("_")[0] for s in sorted(quantized)), *(["quark"] if "quantization_config" in facts.config else []),
+    quant_method = (facts.config.get("quantization_config") or {}).get("quant_method")
+    tags = [*(s.split("_")[0] for s in sorted(quantized)), *([quant_method] if isinstance(quant_method, str) else []),
             recipe["name"], "requant", "moe"]
     return {"base_model": facts.manifest["upstream"].get("id"), "base_model_relation": "quantized", **licence(facts),
             "library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(dict.fromkeys(tags))}

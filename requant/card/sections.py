@@ -23,10 +23,10 @@ from requant.card.derived import (
     verdict,
 )
 from requant.card.facts import CardFacts
-from requant.formats.table import DEFAULT_QUARK
+from requant.export import container
+from requant.export.quark import ENGINE_FUSED_MODULES
 from requant.layout import TENSOR_CLASSES, classify
 from requant.manifest import EVAL_DIR, MANIFEST_FILE, UPSTREAM_CARD, eval_path
-from requant.quark_config import ENGINE_FUSED_MODULES
 
 
 def title(facts: CardFacts) -> list[str]:
@@ -46,8 +46,7 @@ def overview(facts: CardFacts, by_storage: dict[str, Tally]) -> list[str]:
     total = sum(t.parameters for t in by_storage.values())
     formats = sorted(s for s in by_storage if s in FORMAT_LABELS)
     shares = ", ".join(f"{label(s)} {100 * by_storage[s].parameters / total:.1f}%" for s in formats) or "none"
-    quark = f"AMD Quark {recipe.get('quark_version', DEFAULT_QUARK)}"
-    what = (f"stored in {quark}'s `real_quantized` export format ({', '.join(label(s) for s in formats)})"
+    what = (f"stored in {container(recipe)} ({', '.join(label(s) for s in formats)})"
             if formats else "dequantized to BF16 (no quantization_config)")
     builtin = builtin_recipe(recipe)
     lines = [f"`{up.get('id')}` (revision `{up.get('revision')}`) re-quantized by requant with the recipe "

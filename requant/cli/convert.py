@@ -28,6 +28,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fused-excludes", dest="fused_excludes", action="store_const", const=False,
                    help="write Quark's exclude list exactly (default: it also names the fused modules SGLang and vLLM "
                         "build from excluded modules, e.g. mlp.gate_up_proj, so that SGLang keeps them BF16)")
+    p.add_argument("--no-shared-global-scale", dest="shared_global_scale", action="store_const", const=False,
+                   help="NVFP4: give each module its own global scale except where llm-compressor shares one (its "
+                        "bytes exactly); default: one per set of modules the engines fuse, e.g. an expert's gate_proj "
+                        "and up_proj, whose shared scale vLLM reads for both")
     p.add_argument("--local", action="store_true",
                    help="run every layer job in this process (default: the Prefect flow on Ray; SRC/DST may be s3://)")
     p.add_argument("--overwrite", action="store_true",
@@ -53,19 +57,22 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, convert_flow: ConvertFlow | None = None) -> int:
     return convert(args.src, args.dst, args.recipe, local=args.local, convert_flow=convert_flow,
-                   quark_version=args.quark_version, fused_excludes=args.fused_excludes, overwrite=args.overwrite,
+                   quark_version=args.quark_version, fused_excludes=args.fused_excludes,
+                   shared_global_scale=args.shared_global_scale, overwrite=args.overwrite,
                    device=args.device, threads=args.threads, jobs=args.jobs, unverified=args.unverified,
                    upstream_id=args.upstream_id, revision=args.revision)
 
 
 def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: ConvertFlow | None,
             quark_version: str | None, fused_excludes: bool | None, overwrite: bool, device: str, threads: int,
+            shared_global_scale: bool | None = None,
             jobs: int, unverified: bool, upstream_id: str | None, revision: str | None) -> int:
     """Convert with :func:`requant.convert` (``local``) or ``convert_flow``, and say on the terminal what was
     written."""
     import requant
 
-    options = requant.ConvertOptions(quark_version=quark_version, fused_excludes=fused_excludes, device=device,
+    options = requant.ConvertOptions(quark_version=quark_version, fused_excludes=fused_excludes,
+                                     shared_global_scale=shared_global_scale, device=device,
                                      threads=threads, jobs=jobs, overwrite=overwrite, unverified=unverified,
                                      upstream_id=upstream_id, revision=revision)
     if not local:

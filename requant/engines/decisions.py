@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from requant.export.quark import ENGINE_FUSED_MODULES
 from requant.layout import classify
-from requant.quark_config import ENGINE_FUSED_MODULES
 
 
 @dataclass(frozen=True)

@@ -102,10 +102,32 @@ def quantize_mxfp4_q13(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return packed, e8m0_q13(scale)
 
 
+def quantize_mxfp4_ct(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_mxfp4` as compressed-tensors 0.19 (llm-compressor's ``MXFP4A16``) writes it: the same block
+    exponents and E2M1 codes, except that a negative value which rounds to zero keeps its sign (code 0x8), as
+    compressed-tensors takes the sign of the quotient ``weight / scale`` computed in the weight's dtype: a quotient
+    that underflows that dtype is -0.0, whose sign it drops, like an exact -0.0 weight's.
+
+    One deliberate difference: a block whose maximum rounds past FP32's largest power of two (|w| >= 1.75 * 2**127)
+    gets exponent 127 here, as in Quark; compressed-tensors takes ``log2(inf)`` and writes a meaningless byte."""
+    packed, scale = quantize_mxfp4(weight)
+    blocks = weight.reshape(*weight.shape[:-1], -1, MX_BLOCK_SIZE)
+    divisor = pow2_f64(scale.to(torch.int64) - E8M0_BIAS).to(weight.dtype).unsqueeze(-1)
+    negative = (blocks / divisor).reshape(weight.shape) < 0
+    codes = unpack_fp4(packed)
+    codes |= ((codes == 0) & negative).to(torch.uint8) * E2M1_SIGN_BIT
+    return pack_fp4(codes), scale
+
+
+def dequantize_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [..., n/2] -> the E2M1 values of its codes, FP32 [..., n] (-0 for code 0x8)."""
+    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
+    return lut[unpack_fp4(packed).long()]
+
+
 def dequantize_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(packed uint8 [..., in/2], E8M0 uint8 [..., in/32]) -> values [..., in]."""
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
-    values = lut[unpack_fp4(packed).long()]
+    values = dequantize_e2m1(packed)
     blocks = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
     scale = pow2_f64(scale_e8m0.to(torch.int64) - E8M0_BIAS).unsqueeze(-1)
     return (blocks.double() * scale).reshape(values.shape).to(dtype)

@@ -12,6 +12,8 @@ The family's releases, and what each stores quantized:
   ``scale_fmt: ue8m0`` holds powers of two only.
 - ``mxfp4``: compressed-tensors ``mxfp4-pack-quantized`` (E2M1 codes two per byte, E8M0 scale per 32), the
   format of quantization-aware-trained MXFP4 releases.
+- ``nvfp4``: compressed-tensors ``nvfp4-pack-quantized`` (E2M1 codes two per byte, FP8 E4M3 scale per 16, FP32
+  global scale per tensor), llm-compressor's NVFP4 releases (and requant's ``ct-nvfp4a16``).
 - ``bf16``: no ``quantization_config`` (a fine-tune published unquantized).
 """
 
@@ -28,6 +30,7 @@ from requant.errors import CheckpointError
 from requant.formats.fp8_block import block_grid, dequantize_fp8_block
 from requant.formats.int4 import dequantize_int4, packed_columns
 from requant.formats.mxfp4 import dequantize_mxfp4
+from requant.formats.nvfp4 import NVFP4_GROUP, dequantize_nvfp4
 from requant.io.safetensors import TORCH_TO_NAME
 
 
@@ -37,6 +40,7 @@ class SourceFormat(StrEnum):
     INT4 = "int4"
     FP8_BLOCK = "fp8-block"
     MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
     BF16 = "bf16"
 
     @property
@@ -48,6 +52,7 @@ _DESCRIPTIONS = {
     SourceFormat.INT4: "compressed-tensors pack-quantized INT4, group 32",
     SourceFormat.FP8_BLOCK: "FP8 E4M3 with FP32 block scales (weight_scale_inv)",
     SourceFormat.MXFP4: "compressed-tensors mxfp4-pack-quantized (E2M1, E8M0 scale per 32)",
+    SourceFormat.NVFP4: "compressed-tensors nvfp4-pack-quantized (E2M1, FP8 scale per 16, FP32 global scale)",
     SourceFormat.BF16: "unquantized (BF16)",
 }
 
@@ -58,8 +63,10 @@ MODULE_PARAMS: dict[str, tuple[str, ...]] = {
     "int4": ("weight_packed", "weight_scale", "weight_shape"),
     "fp8_block": ("weight", "weight_scale_inv"),
     "mxfp4": ("weight_packed", "weight_scale"),
+    "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
 }
-QUANTIZED_KIND = {SourceFormat.INT4: "int4", SourceFormat.FP8_BLOCK: "fp8_block", SourceFormat.MXFP4: "mxfp4"}
+QUANTIZED_KIND = {SourceFormat.INT4: "int4", SourceFormat.FP8_BLOCK: "fp8_block", SourceFormat.MXFP4: "mxfp4",
+                  SourceFormat.NVFP4: "nvfp4"}
 DECODED_DTYPE = "BF16"  # what a quantized upstream weight decodes to (the high-precision dtype of its outputs)
 
 
@@ -103,8 +110,13 @@ def detect_source(quant: Any, file: str = "config.json") -> Source:
         if fmt == "mxfp4-pack-quantized":
             _check_groups(quant, file, (4, "float", "group", MX_BLOCK_SIZE, True), "num_bits 4, float, group, group_size 32, symmetric")
             return Source(SourceFormat.MXFP4)
+        if fmt == "nvfp4-pack-quantized":
+            _check_groups(quant, file, (4, "float", "tensor_group", NVFP4_GROUP, True),
+                          "num_bits 4, float, tensor_group, group_size 16, symmetric")
+            return Source(SourceFormat.NVFP4)
         raise CheckpointError(file, f"quantization_config.format {fmt!r} is not one requant reads "
-                                    "(compressed-tensors pack-quantized INT4 or mxfp4-pack-quantized)")
+                                    "(compressed-tensors pack-quantized INT4, mxfp4-pack-quantized or "
+                                    "nvfp4-pack-quantized)")
     raise CheckpointError(file, f"quantization_config.quant_method {method!r} is not one requant reads "
                                 "(compressed-tensors, fp8; none for BF16)")
 
@@ -143,6 +155,8 @@ def stored_as(params: set[str], dtypes: dict[str, str]) -> str:
     told by the other, and then reported missing)."""
     if "weight_scale_inv" in params:
         return "fp8_block"
+    if "weight_global_scale" in params:
+        return "nvfp4"
     if "weight_shape" in params:
         return "int4"
     for packed_or_scale in ("weight_packed", "weight_scale"):
@@ -163,6 +177,9 @@ def expected_params(kind: str, shape: tuple[int, int], source: Source) -> dict[s
                 "weight_scale_inv": (("F32",), block_grid(shape, source.block or FP8_BLOCK_DEFAULT))}
     if kind == "mxfp4":
         return {"weight_packed": (("U8",), (out, inp // 2)), "weight_scale": (("U8",), (out, inp // MX_BLOCK_SIZE))}
+    if kind == "nvfp4":
+        return {"weight_packed": (("U8",), (out, inp // 2)), "weight_scale": (("F8_E4M3",), (out, inp // NVFP4_GROUP)),
+                "weight_global_scale": (("F32",), (1,))}
     raise ValueError(kind)
 
 
@@ -170,17 +187,19 @@ def stored_shape(kind: str, tensors: dict[str, torch.Tensor]) -> tuple[int, int]
     """The (out, in) shape of the weight a module stored as ``kind`` holds."""
     if kind == "int4":
         out, inp = tensors["weight_shape"].tolist()
-    elif kind == "mxfp4":
+    elif kind in ("mxfp4", "nvfp4"):
         out, inp = tensors["weight_packed"].shape[0], 2 * tensors["weight_packed"].shape[1]
     else:
         out, inp = tensors["weight"].shape
     return int(out), int(inp)
 
 
-def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source) -> torch.Tensor:
-    """The BF16 weight of a module stored as ``kind`` (a quantized upstream's storage, checked against
-    :func:`expected_params`), decoded as its format's reference does: compressed-tensors' INT4 and MXFP4
-    decompressors, DeepSeek's FP8 block kernel. Raises ValueError naming the parameter whose dtype or shape is
+def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The weight of a module stored as ``kind`` (a quantized upstream's storage, checked against
+    :func:`expected_params`), decoded as its format's reference does: compressed-tensors' INT4, MXFP4 and NVFP4
+    decompressors, DeepSeek's FP8 block kernel; BF16 (the others' values are BF16 values; NVFP4's ``e2m1 * (s / g)``
+    is rounded to ``dtype`` once, from FP32). Raises ValueError naming the parameter whose dtype or shape is
     wrong."""
     shape = stored_shape(kind, tensors)
     for param, (dtypes, want) in expected_params(kind, shape, source).items():
@@ -193,5 +212,7 @@ def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source) -
         return dequantize_fp8_block(tensors["weight"], tensors["weight_scale_inv"], source.block or FP8_BLOCK_DEFAULT)
     if kind == "mxfp4":
         return dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], torch.bfloat16)
+    if kind == "nvfp4":
+        return dequantize_nvfp4(tensors["weight_packed"], tensors["weight_scale"], tensors["weight_global_scale"], dtype)
     raise ValueError(f"{kind!r} is not a quantized storage")
 

@@ -32,10 +32,12 @@ from requant.formats.mxfp4 import (
     dequantize_mxfp4,
     e8m0_q13,
     quantize_mxfp4,
+    quantize_mxfp4_ct,
     quantize_mxfp4_q13,
     repack_mxfp4,
     repack_mxfp4_q13,
 )
+from requant.formats.nvfp4 import NVFP4_GROUP, dequantize_nvfp4, quantize_nvfp4
 from requant.io.safetensors import TensorSpec
 
 UNQUANTIZED = "unquantized"  # target of a tensor class kept in its upstream precision
@@ -63,14 +65,22 @@ class WeightFormat:
     # a fused path from FP8 block-scaled weights (weight, weight_scale_inv, block) -> (weight, scale), equal to
     # ``encode`` of their BF16 decode
     from_fp8_block: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    weight_name: str = "weight"  # the stored weight's name after the module's (compressed-tensors: weight_packed)
+    # a third output, an FP32 scale per tensor (NVFP4's weight_global_scale), and the encoder that takes the largest
+    # magnitude of the tensors sharing it: (weight, amax) -> (weight, scale, global scale)
+    global_scale_name: str | None = None
+    encode_shared: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
-    def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, TensorSpec]:
-        """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as."""
+    def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, ...]:
+        """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as (weight, scale[, global scale])."""
         out, inp = shape
         weight_shape = (out, inp // self.elements_per_byte)
         scale_shape = (out, inp // self.scale_block) if self.scale_block else (out,)
-        return (TensorSpec(f"{module}.weight", self.weight_dtype, weight_shape),
-                TensorSpec(f"{module}.weight_scale", self.scale_dtype or hp_dtype, scale_shape))
+        specs = (TensorSpec(f"{module}.{self.weight_name}", self.weight_dtype, weight_shape),
+                 TensorSpec(f"{module}.weight_scale", self.scale_dtype or hp_dtype, scale_shape))
+        if self.global_scale_name:
+            specs += (TensorSpec(f"{module}.{self.global_scale_name}", "F32", (1,)),)
+        return specs
 
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
@@ -118,10 +128,46 @@ QUARK_VERSIONS: dict[str, dict[str, WeightFormat]] = {
 }
 if tuple(QUARK_VERSIONS) != QUARK_RELEASES:  # the CLI offers QUARK_RELEASES without importing this table
     raise ImportError(f"format tables {tuple(QUARK_VERSIONS)} != requant.constants.QUARK_RELEASES {QUARK_RELEASES}")
-# The INT4 decode each version quantizes (None: compressed-tensors' own, rounded to the scale's BF16)
-INT4_DECODE_DTYPE: dict[str, torch.dtype | None] = {"0.11": None, "0.13": torch.float32}
+
+
+def _same_mxfp4(packed: torch.Tensor, scale_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An upstream's compressed-tensors MXFP4 written as it is: the same container, nothing to requantize."""
+    return packed.clone(), scale_e8m0.clone()
+
+
+# compressed-tensors 0.19 as llm-compressor 0.14's model_free_ptq writes it (``mxfp4-pack-quantized``): it quantizes
+# compressed-tensors' BF16 decode of an INT4 upstream, like Quark 0.11. An MXFP4 upstream is carried over code for
+# code (llm-compressor would requantize its decode with the scale rule, losing what quantization-aware training kept).
+COMPRESSED_TENSORS_FORMATS: dict[str, WeightFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        WeightFormat("mxfp4", "", "", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_ct, dequantize_mxfp4,
+                     from_mxfp4=_same_mxfp4, weight_name="weight_packed"),
+        # NVFP4: E2M1 codes two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor (or per
+        # set of tensors the engines fuse: requant.export.compressed_tensors.GLOBAL_SCALE_GROUPS)
+        WeightFormat("nvfp4", "", "", "U8", FP4_PER_BYTE, "F8_E4M3", NVFP4_GROUP, quantize_nvfp4, dequantize_nvfp4,
+                     weight_name="weight_packed", global_scale_name="weight_global_scale", encode_shared=quantize_nvfp4),
+    )
+}
+
+# Every table of formats whose bytes requant reproduces, by the key a task carries (TensorTask.table): one per Quark
+# release, and compressed-tensors'.
+COMPRESSED_TENSORS_TABLE = "compressed-tensors"
+FORMAT_TABLES: dict[str, dict[str, WeightFormat]] = {
+    **{f"quark-{version}": table for version, table in QUARK_VERSIONS.items()},
+    COMPRESSED_TENSORS_TABLE: COMPRESSED_TENSORS_FORMATS,
+}
+DEFAULT_TABLE = f"quark-{DEFAULT_QUARK}"
+# The INT4 decode each table quantizes (None: compressed-tensors' own, rounded to the scale's BF16)
+INT4_DECODE_DTYPE: dict[str, torch.dtype | None] = {"quark-0.11": None, "quark-0.13": torch.float32,
+                                                    COMPRESSED_TENSORS_TABLE: None}
 
 
 def weight_formats(quark: str = DEFAULT_QUARK) -> dict[str, WeightFormat]:
     """The format table of one Quark release (:data:`QUARK_VERSIONS`)."""
     return QUARK_VERSIONS[quark]
+
+
+def quark_table(quark: str) -> str:
+    """The :data:`FORMAT_TABLES` key of one Quark release."""
+    return f"quark-{quark}"

@@ -59,7 +59,8 @@ def run_local(source: str, dest: str, recipe: str, options: ConvertOptions | Non
     options = options or ConvertOptions()
     source, revision, upstream_id = pin_upstream(source, options.revision, options.upstream_id)  # hf://...@main: one commit
     storage = open_storage(source)
-    plan = build_plan(storage, load_recipe(recipe, options.quark_version, options.fused_excludes))
+    plan = build_plan(storage, load_recipe(recipe, options.quark_version, options.fused_excludes,
+                                              options.shared_global_scale))
     key = start_run(plan, storage, None, revision, options.unverified).key  # refusals come before any write
     paths = LocalPaths.for_destination(dest, key)
     if paths.dst.exists() and not options.overwrite:

@@ -12,6 +12,8 @@ class ConvertOptions:
 
     ``quark_version``: the Quark release whose export the output equals byte for byte (default: the recipe's, 0.11);
     ``fused_excludes``: False writes Quark's exclude list without the engines' fused names (default: the recipe's);
+    ``shared_global_scale``: False gives NVFP4 modules llm-compressor's global scales, one per module but for its own
+    fused sets (default: the recipe's; one per set of modules the engines fuse);
     ``device``: torch device for the kernels (cpu, cuda, cuda:1, ...); ``threads``: transcode threads per layer job
     (0: every core this process may use); ``jobs``: layer jobs converted at once in worker processes (0: sized to
     the cores, the memory and the work; local conversions only); ``overwrite``: replace a converted checkpoint
@@ -22,6 +24,7 @@ class ConvertOptions:
 
     quark_version: str | None = None
     fused_excludes: bool | None = None
+    shared_global_scale: bool | None = None
     device: str = "cpu"
     threads: int = 0
     jobs: int = 0

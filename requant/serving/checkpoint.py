@@ -129,7 +129,7 @@ def _dequantize(raw: dict[str, tuple[torch.Tensor, str]], uri: str, dtype: torch
                 declared = source.format.value if source else "Quark's export"
                 raise CheckpointError(where(next(iter(tensors))), f"stored as {kind}, but config.json declares {declared}")
             try:
-                weights[f"{module}.weight"] = decode_stored(kind, tensors, source).to(dtype)
+                weights[f"{module}.weight"] = decode_stored(kind, tensors, source, dtype).to(dtype)
             except ValueError as e:
                 raise CheckpointError(f"{uri}/{parts[next(iter(tensors))][1]}", str(e), module) from None
             schemes[module] = source.format.value

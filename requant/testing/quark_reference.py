@@ -25,14 +25,17 @@ TEMPLATE = "kimi_k25"  # Quark's LLMTemplate for the Kimi K2.5/K2.6 family
 
 
 def quark_equivalents() -> dict[str, QuarkEquivalent]:
-    """Every built-in recipe's Quark equivalent, by name: what its file states as ``quark_equivalent`` (the scheme,
+    """Every built-in Quark export's Quark equivalent, by name: what its file states as ``quark_equivalent`` (the scheme,
     the exclude patterns as AMD writes them and the layer_config a Quark user passes for the same output),
     independent of requant's own class table."""
     from requant.errors import RequantError
-    from requant.recipe import builtin_names, load_checks
+    from requant.export import ExportFormat
+    from requant.recipe import builtin_names, load_checks, load_recipe
 
     out = {}
     for name in builtin_names():
+        if load_recipe(name).export != ExportFormat.QUARK:
+            continue
         quark = load_checks(name).quark
         if quark is None:
             raise RequantError(f"recipe builtin:{name} states no quark_equivalent; every built-in recipe needs one "

@@ -23,7 +23,6 @@ from compressed_tensors.compressors.quantized_compressors.pack_quantized import 
 from tqdm import tqdm
 
 from requant.constants import (
-    E2M1_SIGN_BIT,
     FP8_BLOCK_DEFAULT,
     FP8_E4M3_MAX,
     INT4_GROUP_SIZE,
@@ -33,7 +32,8 @@ from requant.constants import (
 )
 from requant.errors import RequantError
 from requant.formats.fp8_block import block_grid
-from requant.formats.mxfp4 import pack_fp4, quantize_mxfp4, unpack_fp4
+from requant.formats.mxfp4 import quantize_mxfp4_ct
+from requant.formats.nvfp4 import NVFP4_GROUP, quantize_nvfp4
 from requant.formats.source import MODULE_PARAMS, SourceFormat
 from requant.io.checksums import check_sums
 from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec
@@ -89,12 +89,14 @@ PROFILES = {
                          vocab=1024, vision_hidden=64, vision_blocks=1, shards=4, random_codes=True),
 }
 # The family's other releases at tiny's sizes: DeepSeek-V3 (FP8 blocks, one MTP layer), Kimi-K2-Instruct (FP8 blocks,
-# text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts) and a BF16 fine-tune of it.
+# text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts), an NVFP4 one (llm-compressor's
+# NVFP4A16) and a BF16 fine-tune of it.
 # ``synth --source`` stores any profile in another source format.
 PROFILES |= {
     "deepseek-v3": replace(PROFILES["tiny"], architecture="deepseek-v3", source=SourceFormat.FP8_BLOCK),
     "kimi-k2-instruct": replace(PROFILES["tiny"], architecture="kimi-k2", source=SourceFormat.FP8_BLOCK),
     "kimi-mxfp4": replace(PROFILES["tiny"], source=SourceFormat.MXFP4),
+    "kimi-nvfp4": replace(PROFILES["tiny"], source=SourceFormat.NVFP4),
     "kimi-bf16": replace(PROFILES["tiny"], source=SourceFormat.BF16),
 }
 
@@ -115,13 +117,17 @@ def quantization_config(p: Profile) -> dict | None:
         return None
     ignore = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
               "re:.*mlp\\.gate$", "re:vision_tower.*", "re:mm_projector.*"]
-    if p.source is SourceFormat.MXFP4:  # llm-compressor's MXFP4A16 scheme, routed experts only (its Kimi examples)
-        weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": MX_BLOCK_SIZE,
-                   "num_bits": 4, "observer": None, "observer_kwargs": {}, "scale_dtype": "torch.uint8",
-                   "strategy": "group", "symmetric": True, "type": "float", "zp_dtype": None}
-        return {"config_groups": {"MXFP4A16": {"format": "mxfp4-pack-quantized", "input_activations": None,
-                                               "output_activations": None, "targets": ["Linear"], "weights": weights}},
-                "format": "mxfp4-pack-quantized", "global_compression_ratio": None, "ignore": ignore,
+    if p.source in (SourceFormat.MXFP4, SourceFormat.NVFP4):  # llm-compressor's MXFP4A16 / NVFP4A16 schemes, routed
+        # experts only (its Kimi examples)
+        mx = p.source is SourceFormat.MXFP4
+        group, fmt = ("MXFP4A16", "mxfp4-pack-quantized") if mx else ("NVFP4A16", "nvfp4-pack-quantized")
+        weights = {"actorder": None, "block_structure": None, "dynamic": False,
+                   "group_size": MX_BLOCK_SIZE if mx else NVFP4_GROUP, "num_bits": 4, "observer": None,
+                   "observer_kwargs": {}, "scale_dtype": "torch.uint8" if mx else "torch.float8_e4m3fn",
+                   "strategy": "group" if mx else "tensor_group", "symmetric": True, "type": "float", "zp_dtype": None}
+        return {"config_groups": {group: {"format": fmt, "input_activations": None,
+                                          "output_activations": None, "targets": ["Linear"], "weights": weights}},
+                "format": fmt, "global_compression_ratio": None, "ignore": ignore,
                 "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
                 "transform_config": {}, "version": "0.19.0"}
     return {
@@ -272,7 +278,9 @@ class _Weights:
         if source is SourceFormat.FP8_BLOCK:
             return [dict(zip(("weight", "weight_scale_inv"), fp8_block_quantize(m))) for m in w]
         if source is SourceFormat.MXFP4:
-            return [dict(zip(("weight_packed", "weight_scale"), mxfp4_quantize(m))) for m in w]
+            return [dict(zip(("weight_packed", "weight_scale"), quantize_mxfp4_ct(m))) for m in w]
+        if source is SourceFormat.NVFP4:
+            return [dict(zip(MODULE_PARAMS["nvfp4"], quantize_nvfp4(m))) for m in w]
         return [{"weight": m.clone()} for m in w]
 
     def random_expert(self, source: SourceFormat, out: int, inp: int) -> dict[str, torch.Tensor]:
@@ -285,6 +293,12 @@ class _Weights:
             packed = torch.from_numpy(np.frombuffer(self.rng.bytes(out * inp // 2), dtype=np.uint8).reshape(out, inp // 2).copy())
             exponent = np.clip(np.rint(-8 + self.rng.standard_normal((out, inp // MX_BLOCK_SIZE))), -20, 0).astype(np.int16)
             return {"weight_packed": packed, "weight_scale": torch.from_numpy((exponent + 127).astype(np.uint8))}
+        if source is SourceFormat.NVFP4:
+            packed = torch.from_numpy(np.frombuffer(self.rng.bytes(out * inp // 2), dtype=np.uint8).reshape(out, inp // 2).copy())
+            scale = np.minimum(np.abs(1 + 0.3 * self.rng.standard_normal((out, inp // NVFP4_GROUP), dtype=np.float32)) * 200,
+                               FP8_E4M3_MAX)
+            return {"weight_packed": packed, "weight_scale": torch.from_numpy(scale).to(torch.float8_e4m3fn),
+                    "weight_global_scale": torch.tensor([FP8_E4M3_MAX * 6 * inp**0.5 / 3], dtype=torch.float32)}
         return {"weight": self.linear(out, inp)}
 
     def fp8_random(self, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,16 +387,6 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK_DEFAU
     scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_E4M3_MAX)
     q = (blocks / scale.view(rows, 1, cols, 1)).view(rows * bo, cols * bi)[:out, :inp].to(torch.float8_e4m3fn)
     return q.contiguous(), scale
-
-
-def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """compressed-tensors' ``mxfp4-pack-quantized`` of float weights [..., in]: the scale rule and codes of Quark's
-    "even" MXFP4 (the same rule), except that a negative value rounding to zero keeps its sign (code 0x8), as
-    compressed-tensors writes it."""
-    packed, scale = quantize_mxfp4(w)
-    negative_zero = (w.float() < 0) & (unpack_fp4(packed) == 0)
-    codes = unpack_fp4(packed) | (negative_zero.to(torch.uint8) * E2M1_SIGN_BIT)
-    return pack_fp4(codes), scale
 
 
 def _tensors(p: Profile, w: _Weights) -> Iterator[_Lazy]:
@@ -487,6 +491,9 @@ EXPERT_PARAMS = {
                              ("weight_scale_inv", F32, lambda o, i: block_grid((o, i), FP8_BLOCK_DEFAULT))),
     SourceFormat.MXFP4: (("weight_packed", torch.uint8, lambda o, i: (o, i // 2)),
                          ("weight_scale", torch.uint8, lambda o, i: (o, i // MX_BLOCK_SIZE))),
+    SourceFormat.NVFP4: (("weight_packed", torch.uint8, lambda o, i: (o, i // 2)),
+                         ("weight_scale", torch.float8_e4m3fn, lambda o, i: (o, i // NVFP4_GROUP)),
+                         ("weight_global_scale", F32, lambda o, i: (1,))),
     SourceFormat.BF16: (("weight", BF16, lambda o, i: (o, i)),),
 }
 
@@ -562,8 +569,10 @@ def _with_trained_weights(tensors: Iterator[_Lazy], root: Path, source: SourceFo
                 stored[module] = int4_quantize(w.unsqueeze(0))[0]
             elif source is SourceFormat.FP8_BLOCK:
                 stored[module] = dict(zip(MODULE_PARAMS["fp8_block"], fp8_block_quantize(w)))
+            elif source is SourceFormat.NVFP4:
+                stored[module] = dict(zip(MODULE_PARAMS["nvfp4"], quantize_nvfp4(w)))
             else:
-                stored[module] = dict(zip(MODULE_PARAMS["mxfp4"], mxfp4_quantize(w)))
+                stored[module] = dict(zip(MODULE_PARAMS["mxfp4"], quantize_mxfp4_ct(w)))
         return stored[module][param]
 
     def drawn_then(lazy: _Lazy, make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

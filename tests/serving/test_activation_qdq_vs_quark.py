@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import requant
-from requant.quark_config import quantization_config
+from requant.export.quark import quantization_config
 from requant.recipe import load_recipe
 from requant.serving.activations import activation_qdq
 from requant.serving.checkpoint import load_checkpoint

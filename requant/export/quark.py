@@ -30,16 +30,6 @@ def is_quark_linear_weight(tensor_name: str) -> bool:
     return param == "weight" and not module.endswith("norm") and "embed" not in module
 
 
-def strip_quantization_configs(config: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy with every ``quantization_config`` key removed at any depth."""
-    out = {}
-    for key, value in config.items():
-        if key == "quantization_config":
-            continue
-        out[key] = strip_quantization_configs(value) if isinstance(value, dict) else copy.deepcopy(value)
-    return out
-
-
 def _layer_config(scheme: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
     return {"input_tensors": _spec(scheme["input_tensors"], release), "output_tensors": None,
             "weight": _spec(scheme["weight"], release), "bias": None, "target_device": None}
@@ -114,17 +104,4 @@ def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str
                                     for pattern, fmt in recipe.layer_quant_patterns()}
     config["version"] = release["version"]
     config["export"] = dict(data["export"])
-    return config
-
-
-def output_config(upstream: dict[str, Any], recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
-    """The output config.json: upstream verbatim, nested quantization configs removed, Quark's added; without MTP
-    layers when the recipe drops them."""
-    config = strip_quantization_configs(upstream)
-    if recipe.mtp == "drop":
-        for text in (config, config.get("text_config")):
-            if isinstance(text, dict) and text.get("num_nextn_predict_layers"):
-                text["num_nextn_predict_layers"] = 0
-    if recipe.quantizes:
-        config["quantization_config"] = quantization_config(recipe, excluded_modules)
     return config

@@ -1,0 +1,65 @@
+"""NVFP4 (E2M1 elements two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor) as
+compressed-tensors 0.19 writes it for llm-compressor 0.14's ``NVFP4A16`` (``nvfp4-pack-quantized``: ``weight_packed``,
+``weight_scale``, ``weight_global_scale``), on the CPU path, step for step:
+
+1. global scale ``g = 448 * 6 / amax`` in the weight's dtype, where ``amax`` is the largest magnitude of the tensor, or
+   of every tensor that shares it (torch evaluates ``c / t`` as ``c * (1 / t)``: two roundings), and 1 where that
+   is not finite (an all-zero tensor);
+2. group scale ``s = fp8(clamp(g * (amax16 / 6), +-448))`` (``amax16 / 6`` in the weight's dtype, the product in
+   FP32), 0.125 where it is zero;
+3. elements ``e2m1(w / (s / g))`` in FP32, round half to even, saturated at 6; a negative weight that rounds to zero
+   keeps its sign (code 0x8) unless the quotient underflows.
+
+The stored global scale is the multiplier: a weight decodes as ``e2m1 * (s / g)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from requant.constants import E2M1_MAX, E2M1_SIGN_BIT, FP8_E4M3_MAX
+from requant.formats.mxfp4 import dequantize_e2m1, e2m1_codes, pack_fp4
+
+NVFP4_GROUP = 16  # elements sharing one FP8 scale, along the input dimension
+FP8_EPS = 0.125   # the group scale written for an all-zero group (compressed-tensors' eps for FP8)
+
+
+def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of ``weight``, in its dtype (a scalar)."""
+    return weight.abs().amax()
+
+
+def global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The FP32 ``weight_global_scale`` [1] for the largest magnitude ``amax`` (a scalar in the weights' dtype) of
+    the tensors that share it."""
+    amax = amax.clamp(min=torch.finfo(amax.dtype).tiny)
+    scale = amax.reciprocal() * (FP8_E4M3_MAX * E2M1_MAX)
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+
+
+def quantize_nvfp4(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] (in % 16 == 0) -> (packed uint8 [out, in/2], FP8 E4M3 scales [out, in/16], FP32 global
+    scale [1]); ``amax``: the largest magnitude of the tensors sharing the global scale (default: ``weight``'s)."""
+    if weight.dim() != 2 or weight.shape[-1] % NVFP4_GROUP:
+        raise ValueError(f"NVFP4 needs a matrix whose input dimension is a multiple of {NVFP4_GROUP}, "
+                         f"got {tuple(weight.shape)}")
+    g = global_scale(tensor_amax(weight) if amax is None else amax.to(weight.dtype))
+    groups = weight.reshape(weight.shape[0], -1, NVFP4_GROUP)
+    amax16 = groups.abs().amax(dim=-1)
+    scale = g * (amax16 / torch.tensor(E2M1_MAX, dtype=weight.dtype))
+    scale = scale.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    scale = torch.where(scale == 0, torch.tensor(FP8_EPS), scale)
+    quotient = groups.to(torch.float32) / (scale / g).unsqueeze(-1)
+    codes = e2m1_codes(quotient)
+    codes |= ((codes == 0) & (quotient < 0)).to(torch.uint8) * E2M1_SIGN_BIT
+    return pack_fp4(codes.reshape(weight.shape)), scale.to(torch.float8_e4m3fn), g
+
+
+def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale_: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(packed uint8 [out, in/2], FP8 scales [out, in/16], FP32 global scale [1]) -> values [out, in], as
+    compressed-tensors decodes them: ``e2m1 * (s / g)`` in FP32."""
+    values = dequantize_e2m1(packed)
+    groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
+    step = scale.to(torch.float32) / global_scale_.to(torch.float32)
+    return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)
