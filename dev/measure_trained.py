@@ -97,7 +97,8 @@ def _row(j: Judgement) -> dict[str, Any]:
     return row
 
 
-def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool) -> dict[str, Any]:
+def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool,
+            measures: tuple[str, ...] = MEASURES) -> dict[str, Any]:
     spec = load_engines()["reference"]
     limits = load_limits()
     rows: dict[str, Any] = {}
@@ -122,7 +123,7 @@ def measure(paths: dict[str, Path], root: Path, protocol: Protocol, gsm8k: bool)
                 extra = build_damaged(paths, root / "checkpoints", j.smoke["numeric"]["sequence"]["texts"],
                                       protocol.limit)
                 queue += list(extra["paths"].items())
-    return {"info": run_info(measures=MEASURES), "reference": REFERENCE, "seeds": list(protocol.seeds), "limit": protocol.limit,
+    return {"info": run_info(measures=measures), "reference": REFERENCE, "seeds": list(protocol.seeds), "limit": protocol.limit,
             "gsm8k": gsm8k, "reference_gsm8k_seconds": round(ref_seconds, 1) if gsm8k else None,
             "n_items": len(reference.doc_ids) if reference else None,
             "reference_scores": ({k: sum(v.values()) / len(v) for k, v in reference.scores.items()}

@@ -45,6 +45,7 @@ RESULTS = {
     "release": ("release.json", "make bench-release", "requant.bench.release:render"),
     "device-check": ("device-check.json", "make device-check", "infra/device_check.py:table"),
     "trained": ("trained/results.json", "make measure-trained", "dev.measure_trained:table"),
+    "global-scales": ("trained/global-scales.json", "make measure-global-scales", "dev.measure_global_scales:render"),
     "gate-simulation": ("gate-simulation.json", "make gate-simulation", "dev.gate_simulation:table"),
     "hardening": ("hardening.json", "make hardening", "tests/hardening/report.py:table"),
 }

@@ -143,7 +143,7 @@ def test_every_results_writer_declares_paths_that_exist(hooks):
     assert PROVENANCE_ROOT == ROOT
     writers = [importlib.import_module(m).MEASURES for m in (
         "requant.bench.conversion", "requant.bench.peers", "requant.bench.layer", "requant.bench.hub",
-        "requant.bench.serve", "dev.bench", "dev.measure_trained")]
+        "requant.bench.serve", "dev.bench", "dev.measure_trained", "dev.measure_global_scales")]
     writers += [hooks._renderer(f"{path}:MEASURES") for path in ("tests/hardening/report.py", "infra/device_check.py")]
     for measures in writers:
         assert measures and not [p for p in measures if not next(iter(ROOT.glob(p)), None)]

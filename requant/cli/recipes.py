@@ -18,10 +18,10 @@ def run(args: argparse.Namespace) -> int:
 
     recipes = [load_recipe(n) for n in builtin_names()]
     if args.json:
-        print(json.dumps([{"name": r.name, "format": r.format, "targets": dict(r.targets),
+        print(json.dumps([{"name": r.name, "format": r.format, "export": r.export, "targets": dict(r.targets),
                            "overrides": [list(o) for o in r.overrides]} for r in recipes], indent=2))
         return 0
     for r in recipes:
         quantized = [c if t == r.format else f"{c} ({t})" for c, t in r.targets if t != UNQUANTIZED]
-        print(f"{r.name:28s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
+        print(f"{r.name:28s} {r.export:19s} {r.format:16s} quantizes: {', '.join(quantized) or 'nothing'}")
     return 0
