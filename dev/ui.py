@@ -96,10 +96,14 @@ def _start_hub(state_dir: Path, port: int, env: dict[str, str]) -> subprocess.Po
         if proc.poll() is not None:
             raise SystemExit(f"the local Hub exited ({proc.returncode}); see {state_dir / 'hub.log'}")
         try:
-            httpx.get(f"http://127.0.0.1:{port}/api/models/{HUB_REPO}", timeout=2)
-            return proc
+            answer = httpx.get(f"http://127.0.0.1:{port}/api/models/{HUB_REPO}", timeout=2)
         except httpx.HTTPError:
             time.sleep(0.3)
+            continue
+        # the Hub answers JSON (404 before the repository is seeded); anything else is another server on the port
+        if answer.headers.get("content-type", "").startswith("application/json") and proc.poll() is None:
+            return proc
+        time.sleep(0.3)
     raise SystemExit(f"the local Hub did not answer on port {port}; see {state_dir / 'hub.log'}")
 
 
@@ -110,11 +114,18 @@ def up(state_dir: Path, port: int, hub_port: int = 8090) -> dict:
         print(f"already running: {state['ui_url']} (make ui-down stops it)")
         return state
     state_dir.mkdir(parents=True, exist_ok=True)
+    hub_env = {**os.environ, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # the Hub binds its port before SeaweedFS picks free ones, which could otherwise take it
+    hub = _start_hub(state_dir, hub_port, hub_env)
     sw_state = state_dir / "seaweed.json"
     server = seaweed.load_state(sw_state)
     started_seaweed = server is None
     if started_seaweed:
-        server = seaweed.start(state_dir / "seaweed-data")
+        try:
+            server = seaweed.start(state_dir / "seaweed-data")
+        except BaseException:
+            _kill(hub.pid)  # nothing records it yet
+            raise
         seaweed.save_state(server, sw_state)
     env = {**os.environ, **server.env(), **prefect_env(state_dir, port),
            "HF_ENDPOINT": f"http://127.0.0.1:{hub_port}", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -127,7 +138,7 @@ def up(state_dir: Path, port: int, hub_port: int = 8090) -> dict:
              "api_url": env["PREFECT_API_URL"], "started_seaweed": started_seaweed, "worker_pid": None,
              "hub_pid": None, "hub_url": env["HF_ENDPOINT"], "hub_root": str((state_dir / "hub").resolve())}
     state_file.write_text(json.dumps(state))
-    state["hub_pid"] = _start_hub(state_dir, hub_port, env).pid
+    state["hub_pid"] = hub.pid
     state_file.write_text(json.dumps(state))
     _wait(f"http://127.0.0.1:{port}/api/health", 120, srv, log)
     state["hub_commit"] = seed(env, state_dir / "hub")

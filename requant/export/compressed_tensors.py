@@ -25,14 +25,16 @@ from requant.recipe import Recipe
 
 # What llm-compressor's ignore list names for each tensor class, as its Kimi examples write them (regexes on module
 # names; disjoint between classes, and none matches a routed expert). Norms need none: llm-compressor never
-# quantizes a module whose name ends in "norm".
+# quantizes a module whose name ends in "norm". The engines' fused names must be ignored too where they ask for
+# them: vLLM splits a fused layer into its parts, SGLang 0.5.23 matches a dense MLP's ``gate_up_proj`` as it is
+# (the shared experts' and attention's fused names match their class's pattern already).
 IGNORE_PATTERNS: dict[str, tuple[str, ...]] = {
     "vision_tower": (r"re:.*vision_tower.*",),
     "mm_projector": (r"re:.*mm_projector.*",),
     "routed_expert": (r"re:.*mlp\.experts\..*",),
     "shared_expert": (r"re:.*shared_experts.*",),
     "router": (r"re:.*mlp\.gate$",),
-    "dense_mlp": (r"re:.*mlp\.(gate|up|down)_proj$",),
+    "dense_mlp": (r"re:.*mlp\.(gate|up|down|gate_up)_proj$",),  # SGLang asks for the fused gate_up_proj by name
     "norm": (),
     "attention": (r"re:.*self_attn.*",),
     "embedding": (r"re:.*embed_tokens$",),
