@@ -58,6 +58,14 @@ QUARK_PATTERNS: dict[str, tuple[str, ...]] = {
 LANES = ("engine", "trained")
 MTP_CHOICES = ("keep", "drop")
 
+def _equivalent_call(patterns: str, **optional: Any) -> dict[str, Any]:
+    """The schema of what a maker's tool is given for a recipe's output: a scheme, a list of module patterns named
+    ``patterns``, and ``optional`` keys."""
+    return {"type": "object", "additionalProperties": False, "required": ["scheme", patterns],
+            "properties": {"scheme": {"type": "string", "minLength": 1},
+                           patterns: {"type": "array", "items": {"type": "string", "minLength": 1}}, **optional}}
+
+
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -104,27 +112,11 @@ SCHEMA: dict[str, Any] = {
         # --- what the oracle and the test lanes need (RecipeChecks); no part of the conversion ---
         # the Quark 0.11 equivalent: what a Quark user passes to its file-to-file export for the same output
         # (LLMTemplate "kimi_k25"): the template scheme, the exclude patterns and layer_config {pattern: scheme}
-        "quark_equivalent": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["scheme", "exclude"],
-            "properties": {
-                "scheme": {"type": "string", "minLength": 1},
-                "exclude": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "layer_config": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
-            },
-        },
+        "quark_equivalent": _equivalent_call("exclude", layer_config={
+            "type": "object", "additionalProperties": {"type": "string", "minLength": 1}}),
         # with export compressed-tensors, what an llm-compressor 0.14 user passes to model_free_ptq for the same
         # output: the preset scheme and the ignore list (in llm-compressor's own ``re:`` syntax)
-        "llmcompressor_equivalent": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["scheme", "ignore"],
-            "properties": {
-                "scheme": {"type": "string", "minLength": 1},
-                "ignore": {"type": "array", "items": {"type": "string", "minLength": 1}},
-            },
-        },
+        "llmcompressor_equivalent": _equivalent_call("ignore"),
         # the test lanes that load the recipe's output (default: all of LANES)
         "lanes": {"type": "array", "uniqueItems": True, "items": {"enum": list(LANES)}},
         # where vLLM for CPUs stops on the recipe's output (its stage and its message, or part of it); absent: it
