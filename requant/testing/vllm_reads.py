@@ -11,7 +11,6 @@ parallel layers"). :func:`as_vllm_reads` rewrites the global scales that way; no
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -20,28 +19,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from requant.export.compressed_tensors import global_scale_group
 from requant.manifest import MANIFEST_FILE
 
+EXPERT_W13 = 0  # global_scale_group's first set: a routed expert's gate_proj + up_proj
+
 GLOBAL_SCALE = "weight_global_scale"
-EXPERT_W13 = re.compile(r"^(?P<base>.*\.mlp\.experts\.\d+)\.(?P<part>gate|up)_proj$")
-FUSED_LINEAR = re.compile(r"^(?P<base>.*\.mlp(\.shared_experts)?|.*\.self_attn)\.(gate_proj|up_proj|q_a_proj|kv_a_proj_with_mqa)$")
 
 
 def vllm_global_scales(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{module: global scale}`` as vLLM applies them: an expert's up_proj takes its gate_proj's, a fused linear's
-    parts the largest of theirs; every other module its own."""
-    out = dict(scales)
-    fused: dict[str, list[str]] = defaultdict(list)
+    """``{module: global scale}`` as vLLM applies them, over the sets the engines fuse
+    (``requant.export.compressed_tensors.global_scale_group``): an expert's up_proj takes its gate_proj's, a fused
+    linear's parts the largest of theirs; every other module its own."""
+    groups: dict[tuple[int, str], list[str]] = defaultdict(list)
     for module in scales:
-        if match := EXPERT_W13.match(module):
-            if match["part"] == "up" and f"{match['base']}.gate_proj" in scales:
-                out[module] = scales[f"{match['base']}.gate_proj"]
-        elif match := FUSED_LINEAR.match(module):
-            fused[match["base"]].append(module)
-    for parts in fused.values():
-        largest = torch.stack([scales[p] for p in parts]).amax(dim=0)
+        if (key := global_scale_group(module)) is not None:
+            groups[key].append(module)
+    out = dict(scales)
+    for (kind, base), parts in groups.items():
+        if kind == EXPERT_W13 and f"{base}.gate_proj" in scales:
+            applied = scales[f"{base}.gate_proj"]  # w1's, for the whole w13
+        else:
+            applied = torch.stack([scales[p] for p in parts]).amax(dim=0)
         for p in parts:
-            out[p] = largest
+            out[p] = applied
     return out
 
 
