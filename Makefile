@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
+.PHONY: install test-envs docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -15,9 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# pytest runs in two lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, and the rest); SERIAL=1
-# runs them one after the other, PYTEST_ARGS go to both (e.g. PYTEST_ARGS="-x -k gate").
-test: install browser engine-venv quark13-venv sglang-venv llmc-venv
+# pytest runs in three lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, the trained model's,
+# and the rest); SERIAL=1 runs them one after the other, PYTEST_ARGS go to each (e.g. PYTEST_ARGS="-x -k gate").
+# The environments are built side by side first (they wait on downloads and disks more than on the cores), each
+# one's output kept together.
+TEST_ENVS := install browser engine-venv quark13-venv sglang-venv llmc-venv
+
+test-envs: $(TEST_ENVS)
+
+test:
+	$(MAKE) --no-print-directory -j $(words $(TEST_ENVS)) -O test-envs
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m dev.test_lanes $(if $(SERIAL),--serial) -- $(PYTEST_ARGS)
