@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.card import CardFacts, render_card
-from requant.export.config import output_config
+from requant.export.config import output_config, side_files
 from requant.io.safetensors import sha256_file
 from requant.io.storage import LocalDir
 from requant.job import JobResult
@@ -26,7 +26,7 @@ from requant.manifest import (
     UPSTREAM_CARD,
     sealed_bytes,
 )
-from requant.planning import Plan
+from requant.planning import Plan, output_modules
 
 _VERSIONED = ("requant", "torch", "compressed-tensors", "safetensors", "numpy", "transformers")
 
@@ -66,7 +66,11 @@ def assemble(plan: Plan, results: list[JobResult], out_dir: Path, storage, input
     total = sum(spec.nbytes for _, spec in placed)
     write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                pretty=False)
-    write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, list(plan.excluded_modules)))
+    modules = output_modules(plan)
+    write_json(out_dir / CONFIG_FILE, output_config(plan.config.raw, plan.recipe, modules))
+    for name, data in side_files(plan.recipe, modules).items():
+        (out_dir / name).write_bytes(data)
+        written.append(name)
     for file in plan.extra_files:
         name = UPSTREAM_CARD if file == MODEL_CARD else file
         storage.copy_file_to(file, out_dir / name)

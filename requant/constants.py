@@ -50,3 +50,6 @@ DEFAULT_QUARK = "0.11"  # Quark 0.11.2, which the seed model card pins for servi
 # The compressed-tensors release whose checkpoints requant's compressed-tensors export equals (as llm-compressor 0.14's
 # model_free_ptq writes them); its config's "version"
 COMPRESSED_TENSORS_VERSION = "0.19.0"
+# The NVIDIA Model Optimizer release whose unified Hugging Face export requant's Model Optimizer export equals; its
+# hf_quant_config.json's producer version
+MODELOPT_VERSION = "0.47.0"

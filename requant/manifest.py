@@ -15,6 +15,7 @@ from typing import Any
 from requant.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
+HF_QUANT_CONFIG = "hf_quant_config.json"  # NVIDIA Model Optimizer's description of a checkpoint's quantization
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model.safetensors"  # a checkpoint without an index holds exactly this shard
 MANIFEST_FILE = "requant-manifest.json"  # written last: a checkpoint is complete exactly when it exists

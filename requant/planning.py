@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from requant.constants import INT4_GROUP_SIZE, MX_BLOCK_SIZE, UE8M0_SCALE_FMT
 from requant.errors import CheckpointError, PlanError
+from requant.export import OutputModules
+from requant.export.global_scales import global_scale_group
 from requant.export.quark import is_quark_linear_weight
 from requant.formats.nvfp4 import NVFP4_GROUP
 from requant.formats.source import (
@@ -39,6 +41,7 @@ from requant.layout import (
 from requant.manifest import (
     CONFIG_FILE,
     EVAL_DIR,
+    HF_QUANT_CONFIG,
     INDEX_FILE,
     MANIFEST_FILE,
     MODEL_CARD,
@@ -158,6 +161,21 @@ class Plan:
         return sum(size for _, size in self.input_shards)
 
 
+def output_modules(plan: Plan) -> OutputModules:
+    """What the output stores quantized and what it leaves as it is, by module, for the writers' configs."""
+    quantized, unquantized = set(), set()
+    for job in plan.jobs:
+        for task in job.tasks:
+            if task.target != UNQUANTIZED:
+                quantized.add(task.name)
+                continue
+            for spec in task.outputs:
+                module, _, param = spec.name.rpartition(".")
+                if param == "weight" and len(spec.shape) >= 2 and not module.endswith("norm"):
+                    unquantized.add(module)
+    return OutputModules(tuple(sorted(quantized)), plan.excluded_modules, tuple(sorted(unquantized)))
+
+
 def build_plan(storage: Storage, recipe: Recipe) -> Plan:
     plan = _build_plan(storage, recipe)
     # A K2.6 plan is ~10^6 small immutable objects; keep the cyclic GC from rescanning them forever.
@@ -201,7 +219,10 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
             bad_names.append(str(exc))
     if bad_names:
         raise PlanError(bad_names)
-    extra = tuple(sorted(f for f in files if not f.endswith(".safetensors") and f not in (INDEX_FILE, CONFIG_FILE)
+    # an upstream's hf_quant_config.json describes its quantization like config.json's quantization_config does:
+    # never copied (a Model Optimizer export writes its own)
+    extra = tuple(sorted(f for f in files if not f.endswith(".safetensors")
+                         and f not in (INDEX_FILE, CONFIG_FILE, HF_QUANT_CONFIG)
                          and not _describes_the_upstream_as_output(f, files)))
     stray = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
     if stray:
@@ -411,10 +432,8 @@ def _for_table(task: TensorTask, table: str) -> TensorTask:
 
 def share_global_scales(tasks: list[TensorTask], recipe: Recipe) -> list[TensorTask]:
     """Each task of a format with a global scale (NVFP4) given the inputs of the other modules of its group
-    (``requant.export.compressed_tensors.global_scale_groups``: the engines' fused sets by default, llm-compressor's
+    (``requant.export.global_scales.global_scale_group``: the engines' fused sets by default, llm-compressor's
     with ``shared_global_scale: false``), in module order; groups of one module stay as they are."""
-    from requant.export.compressed_tensors import global_scale_group
-
     groups: dict[tuple, list[TensorTask]] = defaultdict(list)
     for task in tasks:
         fmt = task.format

@@ -117,6 +117,10 @@ SCHEMA: dict[str, Any] = {
         # with export compressed-tensors, what an llm-compressor 0.14 user passes to model_free_ptq for the same
         # output: the preset scheme and the ignore list (in llm-compressor's own ``re:`` syntax)
         "llmcompressor_equivalent": _equivalent_call("ignore"),
+        # with export modelopt, what a Model Optimizer 0.47 user passes to mtq.quantize for the same output: the
+        # format (its quant_algo) and the quantizer-name patterns given it, between Model Optimizer's
+        # base_disable_all and default_disabled_quantizers units
+        "modelopt_equivalent": _equivalent_call("enable"),
         # the test lanes that load the recipe's output (default: all of LANES)
         "lanes": {"type": "array", "uniqueItems": True, "items": {"enum": list(LANES)}},
         # where vLLM for CPUs stops on the recipe's output (its stage and its message, or part of it); absent: it
@@ -200,6 +204,14 @@ class LlmCompressorEquivalent:
 
 
 @dataclass(frozen=True)
+class ModelOptEquivalent:
+    """What a Model Optimizer 0.47 user passes to ``mtq.quantize`` for the output a recipe writes."""
+
+    scheme: str              # the quant_algo, e.g. "W4A16_NVFP4"
+    enable: tuple[str, ...]  # quantizer-name patterns given the format, after base_disable_all
+
+
+@dataclass(frozen=True)
 class RecipeChecks:
     """What the oracle and the test lanes know about a recipe, read from its file; not part of :class:`Recipe`, so
     no part of a conversion or its run key."""
@@ -209,6 +221,7 @@ class RecipeChecks:
     lanes: tuple[str, ...]
     vllm_cpu_stop: tuple[str, str] | None  # (stage, reason); None: vLLM for CPUs serves the output
     llmcompressor: LlmCompressorEquivalent | None = None  # every built-in compressed-tensors export states one
+    modelopt: ModelOptEquivalent | None = None  # every built-in Model Optimizer export states one
 
 
 def resolve_target(module: str, targets: dict[str, str], overrides, tensor_class: str | None = None) -> str:
@@ -242,6 +255,9 @@ def load_recipe(name_or_path: str, quark_version: str | None = None, fused_exclu
     if fused_excludes is not None and fused_excludes != recipe.fused_excludes:
         recipe = dataclasses.replace(recipe, fused_excludes=fused_excludes)
     if shared_global_scale is not None and shared_global_scale != recipe.shared_global_scale:
+        if recipe.export != ExportFormat.COMPRESSED_TENSORS:
+            raise RequantError(f"--no-shared-global-scale: recipe {recipe.name} writes {recipe.export}; separate global "
+                               "scales are llm-compressor's (compressed-tensors exports)")
         recipe = dataclasses.replace(recipe, shared_global_scale=shared_global_scale)
     return recipe
 
@@ -286,12 +302,14 @@ def parse_checks(data: Any, source: str) -> RecipeChecks:
     _validate(data, source)
     quark = data.get("quark_equivalent")
     llmc = data.get("llmcompressor_equivalent")
+    mo = data.get("modelopt_equivalent")
     stop = data.get("vllm_cpu_stop")
     return RecipeChecks(
         name=data["name"],
         quark=QuarkEquivalent(quark["scheme"], tuple(quark["exclude"]),
                               tuple(quark.get("layer_config", {}).items())) if quark else None,
         llmcompressor=LlmCompressorEquivalent(llmc["scheme"], tuple(llmc["ignore"])) if llmc else None,
+        modelopt=ModelOptEquivalent(mo["scheme"], tuple(mo["enable"])) if mo else None,
         lanes=tuple(data.get("lanes", LANES)),
         vllm_cpu_stop=(stop["stage"], stop["reason"]) if stop else None,
     )
@@ -343,6 +361,13 @@ def _check_export(data: dict[str, Any], source: str, export: str, used: set[str]
     for key in ("quark_version", "quark_equivalent", "fused_excludes"):
         if key in data:
             raise RequantError(f"recipe {source}: {key} applies to Quark exports, not to export {export}")
+    for key, owner in (("llmcompressor_equivalent", ExportFormat.COMPRESSED_TENSORS),
+                       ("modelopt_equivalent", ExportFormat.MODELOPT)):
+        if key in data and export != owner:
+            raise RequantError(f"recipe {source}: {key} applies to {owner} exports, not to export {export}")
+    if export == ExportFormat.MODELOPT and data.get("shared_global_scale") is False:
+        raise RequantError(f"recipe {source}: export modelopt shares each fused set's weight_scale_2 as Model "
+                           "Optimizer does; shared_global_scale: false applies to compressed-tensors exports")
     if overrides:
         raise RequantError(f"recipe {source}: export {export} takes no overrides (its ignore list is written per "
                            "tensor class)")

@@ -16,13 +16,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from requant.errors import CheckpointError, VerifyError
-from requant.export import ExportFormat, recorded_table
+from requant.export import ExportFormat, modelopt, recorded_export, recorded_table
 from requant.export.compressed_tensors import SCHEMES
 from requant.export.quark import ENGINE_FUSED_MODULES
 from requant.formats.table import NO_FORMAT, WEIGHT_FORMATS
 from requant.io.safetensors import read_headers
 from requant.io.storage import open_storage
-from requant.manifest import CONFIG_FILE, INDEX_FILE, MANIFEST_FILE, is_hub_housekeeping, is_run_state, sealed_as_stored
+from requant.manifest import (
+    CONFIG_FILE,
+    HF_QUANT_CONFIG,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    is_hub_housekeeping,
+    is_run_state,
+    sealed_as_stored,
+)
 from requant.recipe import resolve_target
 
 
@@ -148,8 +156,12 @@ def _check_config(storage, manifest: dict, problems: list[str]) -> None:
         if quant is not None:
             problems.append(f"{CONFIG_FILE}: recipe {manifest['recipe']['name']} quantizes nothing but a quantization_config is present")
         return
-    if manifest["recipe"].get("export", ExportFormat.QUARK) == ExportFormat.COMPRESSED_TENSORS:
+    export = recorded_export(manifest["recipe"])
+    if export == ExportFormat.COMPRESSED_TENSORS:
         _check_compressed_tensors_config(quant, manifest, problems)
+        return
+    if export == ExportFormat.MODELOPT:
+        _check_modelopt_config(storage, quant, manifest, problems)
         return
     if not quant or quant.get("quant_method") != "quark":
         problems.append(f"{CONFIG_FILE}: missing Quark quantization_config")
@@ -203,12 +215,46 @@ def _check_compressed_tensors_config(quant, manifest: dict, problems: list[str])
     if wrongly := sorted(m for m in manifest["stats"] if _ignored(m, ignore)):
         problems.append(f"{CONFIG_FILE}: ignore matches quantized modules, e.g. {wrongly[0]}")
     # targets ["Linear"]: a reader builds every other 2-D weight quantized, unless ignored (or a norm)
-    unquantized = sorted(name.removesuffix(".weight") for name, t in manifest["tensors"].items()
-                         if name.endswith(".weight") and len(t["shape"]) == 2
-                         and not name.removesuffix(".weight").endswith("norm"))
-    if missed := [m for m in unquantized if not _ignored(m, ignore)]:
+    if missed := [m for m in _unquantized_matrices(manifest) if not _ignored(m, ignore)]:
         problems.append(f"{CONFIG_FILE}: ignore misses unquantized modules that readers would build quantized, "
                         f"e.g. {missed[0]} ({len(missed)} in all)")
+
+
+def _unquantized_matrices(manifest: dict) -> list[str]:
+    """The modules whose 2-D ``weight`` the output stores as it is (norms aside): what a reader must be told to
+    leave alone."""
+    return sorted(module for name, t in manifest["tensors"].items()
+                  if name.endswith(".weight") and len(t["shape"]) == 2
+                  and (module := name.removesuffix(".weight")) not in manifest["stats"] and not module.endswith("norm"))
+
+
+def _check_modelopt_config(storage, quant, manifest: dict, problems: list[str]) -> None:
+    """hf_quant_config.json declares the recipe's format and config.json carries it in compressed-tensors' shape; its
+    exclude_modules leave every quantized module quantized and name every unquantized matrix (how vLLM and SGLang
+    decide each module)."""
+    hf = _json(storage, HF_QUANT_CONFIG, problems) if storage.exists(HF_QUANT_CONFIG) else None
+    if hf is None:
+        problems.append(f"{HF_QUANT_CONFIG}: missing or unreadable (a Model Optimizer export declares its format there)")
+        return
+    fmt = manifest["recipe"]["format"]
+    details = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else {}
+    want = modelopt.QUANT_ALGOS.get(fmt)
+    if want is None or (details.get("quant_algo"), details.get("group_size")) != want:
+        problems.append(f"{HF_QUANT_CONFIG}: quant_algo {details.get('quant_algo')!r}, group_size "
+                        f"{details.get('group_size')!r} do not match recipe format {fmt} ({want})")
+        return
+    exclude = details.get("exclude_modules")
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        problems.append(f"{HF_QUANT_CONFIG}: exclude_modules must be a list of strings")
+        return
+    if quant != modelopt.quantization_config(hf):
+        problems.append(f"{CONFIG_FILE}: quantization_config does not carry {HF_QUANT_CONFIG} as Model Optimizer "
+                        "writes it")
+    if wrongly := sorted(m for m in manifest["stats"] if modelopt.excluded(m, exclude)):
+        problems.append(f"{HF_QUANT_CONFIG}: exclude_modules matches quantized modules, e.g. {wrongly[0]}")
+    if missed := [m for m in _unquantized_matrices(manifest) if not modelopt.excluded(m, exclude)]:
+        problems.append(f"{HF_QUANT_CONFIG}: exclude_modules misses unquantized modules that readers would build "
+                        f"quantized, e.g. {missed[0]} ({len(missed)} in all)")
 
 
 def _check_stats(manifest: dict, problems: list[str]) -> None:

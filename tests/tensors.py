@@ -20,7 +20,7 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def raw(t: torch.Tensor) -> bytes:
     """A tensor's bytes, whatever its dtype."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def engine_fused_names(exclude: list[str]) -> list[str]:

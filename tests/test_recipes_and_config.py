@@ -11,6 +11,7 @@ import yaml
 from requant.errors import RequantError
 from requant.export import ExportFormat
 from requant.export.compressed_tensors import ignore_list
+from requant.export.modelopt import QUANT_ALGOS
 from requant.export.quark import fused_excludes, is_quark_linear_weight, mtp_draft_names, quantization_config
 from requant.formats.table import WEIGHT_FORMATS
 from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
@@ -28,6 +29,10 @@ def test_every_builtin_recipe_is_one_complete_file(name):
     if recipe.export == ExportFormat.COMPRESSED_TENSORS:  # tests/test_convert_vs_llmcompressor.py: its bytes
         assert checks.llmcompressor is not None and checks.quark is None, name
         assert checks.llmcompressor.ignore == tuple(ignore_list(recipe))  # the same list, so the same config
+        return
+    if recipe.export == ExportFormat.MODELOPT:  # tests/test_convert_vs_modelopt.py: its bytes
+        assert checks.modelopt is not None and checks.quark is None and checks.llmcompressor is None, name
+        assert checks.modelopt.scheme == QUANT_ALGOS[recipe.format][0]
         return
     assert checks.quark is not None, f"requant/recipes/{name}.yaml states no quark_equivalent"
     schemes = {f.quark_scheme for fmt, f in WEIGHT_FORMATS.items() if fmt in recipe.formats}

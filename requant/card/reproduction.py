@@ -7,8 +7,10 @@ from typing import Any
 
 from requant.card.derived import FORMAT_LABELS, builtin_recipe
 from requant.card.facts import CardFacts
+from requant.constants import MODELOPT_VERSION
 from requant.export import ExportFormat, maker
 from requant.formats.table import DEFAULT_QUARK
+from requant.manifest import HF_QUANT_CONFIG
 
 
 def convert_command(manifest: dict[str, Any]) -> str:
@@ -41,7 +43,8 @@ def section(facts: CardFacts) -> list[str]:
     quant = facts.config.get("quantization_config")
     if quant is not None:
         left = (f"{len(quant['exclude'])} excluded modules" if isinstance(quant.get("exclude"), list) else
-                f"{len(quant.get('ignore') or ())} ignore patterns")
+                f"{len(quant.get('ignore') or ())} ignore patterns" if quant.get("quant_method") != "modelopt" else
+                f"{len(quant.get('ignore') or ())} excluded module patterns, as in {HF_QUANT_CONFIG}")
         lines += ["", f"<details><summary>The <code>quantization_config</code> of <code>config.json</code> "
                       f"({left})</summary>", "",
                   "```json", json.dumps(quant, indent=2), "```", "", "</details>"]
@@ -55,4 +58,10 @@ def section(facts: CardFacts) -> list[str]:
         lc = builtin[1].llmcompressor
         lines += ["", f"The llm-compressor 0.14 equivalent: `model_free_ptq(..., scheme=\"{lc.scheme}\", ignore=[...])` "
                       f"with ignore {', '.join(f'`{p}`' for p in lc.ignore)}."]
+    if builtin and builtin[1].modelopt and m["recipe"]["format"] in FORMAT_LABELS:
+        mo = builtin[1].modelopt
+        lines += ["", f"The Model Optimizer {MODELOPT_VERSION} equivalent: `mtq.quantize(model, config)` (max calibration, "
+                      f"no forward loop) with `quant_cfg` = Model Optimizer's `base_disable_all`, then its {mo.scheme} "
+                      f"weight quantizer for {', '.join(f'`{p}`' for p in mo.enable)}, then "
+                      "`default_disabled_quantizers`; then `export_hf_checkpoint`."]
     return lines

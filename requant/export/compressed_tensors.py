@@ -15,7 +15,6 @@ every nested one, as for Quark (:func:`requant.export.output_config`).
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 from requant.constants import COMPRESSED_TENSORS_VERSION
@@ -66,32 +65,6 @@ SCHEMES: dict[str, tuple[str, dict[str, Any]]] = {
                     "strategy": "tensor_group", "symmetric": True, "type": "float", "zp_dtype": None},
     }),
 }
-
-
-# The modules that share one NVFP4 global scale. vLLM and SGLang load some modules fused into one weight with one
-# global scale: an expert's gate_proj and up_proj (w13; vLLM keeps the gate's scale for both and warns when they
-# differ), the shared experts' and the dense MLP's gate_up_proj and MLA's fused q_a_proj + kv_a_proj_with_mqa (vLLM
-# takes the larger of the two). requant gives each such set one scale by default (``shared_global_scale``).
-# llm-compressor 0.14's model_free_ptq shares it only where its own mapping names the modules: in this layout, the
-# dense MLP's gate_proj and up_proj.
-ENGINE_GLOBAL_SCALE_GROUPS = (
-    re.compile(r"^(?P<base>.*\.mlp\.experts\.\d+)\.(gate|up)_proj$"),
-    re.compile(r"^(?P<base>.*\.mlp\.shared_experts)\.(gate|up)_proj$"),
-    re.compile(r"^(?P<base>.*\.mlp)\.(gate|up)_proj$"),
-    re.compile(r"^(?P<base>.*\.self_attn)\.(q_a_proj|kv_a_proj_with_mqa)$"),
-)
-LLMCOMPRESSOR_GLOBAL_SCALE_GROUPS = (
-    re.compile(r"^(?P<base>.*\.mlp)\.(gate|up)_proj$"),
-)
-
-
-def global_scale_group(module: str, shared: bool = True) -> tuple[int, str] | None:
-    """The set of modules ``module`` shares its global scale with, as a key (None: it has its own): the engines'
-    fused sets when ``shared``, llm-compressor's otherwise."""
-    for i, pattern in enumerate(ENGINE_GLOBAL_SCALE_GROUPS if shared else LLMCOMPRESSOR_GLOBAL_SCALE_GROUPS):
-        if match := pattern.match(module):
-            return i, match["base"]
-    return None
 
 
 def ignore_list(recipe: Recipe) -> list[str]:

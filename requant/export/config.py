@@ -1,11 +1,12 @@
-"""The output's config.json: the upstream's, with the ``quantization_config`` of the recipe's export format."""
+"""The output's config.json and the files its format puts beside it, through the recipe's writer."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from requant.export import ExportFormat, compressed_tensors, quark
+from requant.export import ExportFormat, OutputModules, compressed_tensors, modelopt, quark
+from requant.manifest import HF_QUANT_CONFIG
 from requant.recipe import Recipe
 
 
@@ -19,7 +20,7 @@ def strip_quantization_configs(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def output_config(upstream: dict[str, Any], recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
+def output_config(upstream: dict[str, Any], recipe: Recipe, modules: OutputModules) -> dict[str, Any]:
     """The output config.json: upstream verbatim, nested quantization configs removed (the upstream's describes
     weights that are no longer there), the recipe's export format's own added; without MTP layers when the recipe
     drops them."""
@@ -29,13 +30,26 @@ def output_config(upstream: dict[str, Any], recipe: Recipe, excluded_modules: li
             if isinstance(text, dict) and text.get("num_nextn_predict_layers"):
                 text["num_nextn_predict_layers"] = 0
     if recipe.quantizes:
-        config["quantization_config"] = quantization_config(recipe, excluded_modules)
+        config["quantization_config"] = quantization_config(recipe, modules)
     return config
 
 
-def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
-    """The top-level ``quantization_config`` of the recipe's export format; ``excluded_modules``: the exact names of
-    the linear weights left unquantized (Quark lists them; compressed-tensors writes patterns per class)."""
+def quantization_config(recipe: Recipe, modules: OutputModules) -> dict[str, Any]:
+    """The top-level ``quantization_config`` of the recipe's export format (Quark lists the excluded modules by
+    name, compressed-tensors writes patterns per class, Model Optimizer wildcards over the module names)."""
     if recipe.export == ExportFormat.COMPRESSED_TENSORS:
         return compressed_tensors.quantization_config(recipe)
-    return quark.quantization_config(recipe, excluded_modules)
+    if recipe.export == ExportFormat.MODELOPT:
+        return modelopt.quantization_config(_hf_quant_config(recipe, modules))
+    return quark.quantization_config(recipe, list(modules.excluded))
+
+
+def side_files(recipe: Recipe, modules: OutputModules) -> dict[str, bytes]:
+    """The files the recipe's export format writes beside config.json (Model Optimizer: hf_quant_config.json)."""
+    if recipe.export == ExportFormat.MODELOPT and recipe.quantizes:
+        return {HF_QUANT_CONFIG: modelopt.hf_quant_config_bytes(_hf_quant_config(recipe, modules))}
+    return {}
+
+
+def _hf_quant_config(recipe: Recipe, modules: OutputModules) -> dict[str, Any]:
+    return modelopt.hf_quant_config(recipe, list(modules.unquantized), list(modules.quantized))

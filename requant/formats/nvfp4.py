@@ -1,5 +1,5 @@
-"""NVFP4 (E2M1 elements two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor) as
-compressed-tensors 0.19 writes it for llm-compressor 0.14's ``NVFP4A16`` (``nvfp4-pack-quantized``: ``weight_packed``,
+"""NVFP4 (E2M1 elements two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor) as two makers
+write it. compressed-tensors 0.19 writes it for llm-compressor 0.14's ``NVFP4A16`` (``nvfp4-pack-quantized``: ``weight_packed``,
 ``weight_scale``, ``weight_global_scale``), on the CPU path, step for step:
 
 1. global scale ``g = 448 * 6 / amax`` in the weight's dtype, where ``amax`` is the largest magnitude of the tensor, or
@@ -10,7 +10,18 @@ compressed-tensors 0.19 writes it for llm-compressor 0.14's ``NVFP4A16`` (``nvfp
 3. elements ``e2m1(w / (s / g))`` in FP32, round half to even, saturated at 6; a negative weight that rounds to zero
    keeps its sign (code 0x8) unless the quotient underflows.
 
-The stored global scale is the multiplier: a weight decodes as ``e2m1 * (s / g)``.
+The stored global scale is the divisor: a weight decodes as ``e2m1 * (s / g)``.
+
+NVIDIA Model Optimizer 0.47 (``W4A16_NVFP4``: ``weight``, ``weight_scale``, ``weight_scale_2``) stores the
+reciprocal, the multiplier, and computes in FP32 from the BF16 weight (``NVFP4QTensor`` without TensorRT-LLM):
+
+1. ``weight_scale_2 = amax / 2688`` (FP32, a 0-dim tensor), ``amax`` as above;
+2. group scale ``s = fp8(clamp(amax16 / (6 * weight_scale_2), 2**-9, 448))``, 1 where ``amax16 / ...`` is zero;
+3. elements ``e2m1(w / (s * weight_scale_2))``, rounding as above; a weight decodes as ``e2m1 * s * weight_scale_2``.
+
+One deliberate difference: where ``amax`` is zero (tensors that are zero throughout) Model Optimizer divides zero by
+zero and writes NaN group scales and code 7 (6.0) for every element; requant takes ``weight_scale_2 = 1`` there and
+writes zeros with group scales of 1.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from requant.formats.mxfp4 import dequantize_e2m1, e2m1_codes, pack_fp4
 
 NVFP4_GROUP = 16  # elements sharing one FP8 scale, along the input dimension
 FP8_EPS = 0.125   # the group scale written for an all-zero group (compressed-tensors' eps for FP8)
+FP8_MIN_SCALE = 2.0 ** -9  # Model Optimizer's smallest group scale (the smallest E4M3 subnormal)
 
 
 def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
@@ -40,9 +52,7 @@ def global_scale(amax: torch.Tensor) -> torch.Tensor:
 def quantize_nvfp4(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in] (in % 16 == 0) -> (packed uint8 [out, in/2], FP8 E4M3 scales [out, in/16], FP32 global
     scale [1]); ``amax``: the largest magnitude of the tensors sharing the global scale (default: ``weight``'s)."""
-    if weight.dim() != 2 or weight.shape[-1] % NVFP4_GROUP:
-        raise ValueError(f"NVFP4 needs a matrix whose input dimension is a multiple of {NVFP4_GROUP}, "
-                         f"got {tuple(weight.shape)}")
+    _check_matrix(weight)
     g = global_scale(tensor_amax(weight) if amax is None else amax.to(weight.dtype))
     groups = weight.reshape(weight.shape[0], -1, NVFP4_GROUP)
     amax16 = groups.abs().amax(dim=-1)
@@ -62,4 +72,42 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale_: t
     values = dequantize_e2m1(packed)
     groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
     step = scale.to(torch.float32) / global_scale_.to(torch.float32)
+    return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)
+
+
+def _check_matrix(weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.shape[-1] % NVFP4_GROUP:
+        raise ValueError(f"NVFP4 needs a matrix whose input dimension is a multiple of {NVFP4_GROUP}, "
+                         f"got {tuple(weight.shape)}")
+
+
+def weight_scale_2(amax: torch.Tensor) -> torch.Tensor:
+    """Model Optimizer's FP32 ``weight_scale_2`` (0-dim) for the largest magnitude ``amax`` of the tensors sharing
+    it: ``amax / 2688``, 1 where ``amax`` is zero."""
+    amax = amax.to(torch.float32).reshape(())
+    return torch.where(amax == 0, torch.ones(()), amax / (E2M1_MAX * FP8_E4M3_MAX))
+
+
+def quantize_nvfp4_modelopt(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """weight [out, in] (in % 16 == 0) -> (packed uint8 [out, in/2], FP8 E4M3 scales [out, in/16], FP32
+    ``weight_scale_2`` []), as Model Optimizer 0.47 exports ``W4A16_NVFP4``; ``amax``: the largest magnitude of the
+    tensors sharing ``weight_scale_2`` (default: ``weight``'s)."""
+    _check_matrix(weight)
+    scale_2 = weight_scale_2(tensor_amax(weight) if amax is None else amax)
+    groups = weight.reshape(weight.shape[0], -1, NVFP4_GROUP)
+    scale = groups.abs().amax(dim=-1).to(torch.float32) / (E2M1_MAX * scale_2)
+    scale = torch.where(scale == 0, torch.ones(()), scale).clamp(FP8_MIN_SCALE, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    quotient = groups / (scale.to(torch.float32) * scale_2).unsqueeze(-1)
+    codes = e2m1_codes(quotient)
+    codes |= ((codes == 0) & (quotient < 0)).to(torch.uint8) * E2M1_SIGN_BIT
+    return pack_fp4(codes.reshape(weight.shape)), scale, scale_2
+
+
+def dequantize_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(packed uint8 [out, in/2], FP8 scales [out, in/16], FP32 ``weight_scale_2``) -> values [out, in], as Model
+    Optimizer decodes them: ``e2m1 * (s * weight_scale_2)`` in FP32."""
+    values = dequantize_e2m1(packed)
+    groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
+    step = scale.to(torch.float32) * scale_2.to(torch.float32).reshape(())
     return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)

@@ -37,7 +37,13 @@ from requant.formats.mxfp4 import (
     repack_mxfp4,
     repack_mxfp4_q13,
 )
-from requant.formats.nvfp4 import NVFP4_GROUP, dequantize_nvfp4, quantize_nvfp4
+from requant.formats.nvfp4 import (
+    NVFP4_GROUP,
+    dequantize_nvfp4,
+    dequantize_nvfp4_modelopt,
+    quantize_nvfp4,
+    quantize_nvfp4_modelopt,
+)
 from requant.io.safetensors import TensorSpec
 
 UNQUANTIZED = "unquantized"  # target of a tensor class kept in its upstream precision
@@ -70,6 +76,7 @@ class WeightFormat:
     # magnitude of the tensors sharing it: (weight, amax) -> (weight, scale, global scale)
     global_scale_name: str | None = None
     encode_shared: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    global_scale_shape: tuple[int, ...] = (1,)  # compressed-tensors' [1]; Model Optimizer's a 0-dim tensor
 
     def output_specs(self, module: str, shape: tuple[int, ...], hp_dtype: str) -> tuple[TensorSpec, ...]:
         """The tensors a quantized ``module`` of ``shape`` (out, in) is stored as (weight, scale[, global scale])."""
@@ -79,7 +86,7 @@ class WeightFormat:
         specs = (TensorSpec(f"{module}.{self.weight_name}", self.weight_dtype, weight_shape),
                  TensorSpec(f"{module}.weight_scale", self.scale_dtype or hp_dtype, scale_shape))
         if self.global_scale_name:
-            specs += (TensorSpec(f"{module}.{self.global_scale_name}", "F32", (1,)),)
+            specs += (TensorSpec(f"{module}.{self.global_scale_name}", "F32", self.global_scale_shape),)
         return specs
 
 
@@ -144,23 +151,36 @@ COMPRESSED_TENSORS_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("mxfp4", "", "", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_ct, dequantize_mxfp4,
                      from_mxfp4=_same_mxfp4, weight_name="weight_packed"),
         # NVFP4: E2M1 codes two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor (or per
-        # set of tensors the engines fuse: requant.export.compressed_tensors.GLOBAL_SCALE_GROUPS)
+        # set of tensors the engines fuse: requant.export.global_scales)
         WeightFormat("nvfp4", "", "", "U8", FP4_PER_BYTE, "F8_E4M3", NVFP4_GROUP, quantize_nvfp4, dequantize_nvfp4,
                      weight_name="weight_packed", global_scale_name="weight_global_scale", encode_shared=quantize_nvfp4),
     )
 }
 
+# NVIDIA Model Optimizer 0.47's unified Hugging Face export (``W4A16_NVFP4``: ``weight``, ``weight_scale``,
+# ``weight_scale_2``), from compressed-tensors' BF16 decode of an INT4 upstream (the weights Model Optimizer is given).
+MODELOPT_FORMATS: dict[str, WeightFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        WeightFormat("nvfp4", "", "", "U8", FP4_PER_BYTE, "F8_E4M3", NVFP4_GROUP, quantize_nvfp4_modelopt,
+                     dequantize_nvfp4_modelopt, global_scale_name="weight_scale_2",
+                     encode_shared=quantize_nvfp4_modelopt, global_scale_shape=()),
+    )
+}
+
 # Every table of formats whose bytes requant reproduces, by the key a task carries (TensorTask.table): one per Quark
-# release, and compressed-tensors'.
+# release, compressed-tensors' and Model Optimizer's.
 COMPRESSED_TENSORS_TABLE = "compressed-tensors"
+MODELOPT_TABLE = "modelopt"
 FORMAT_TABLES: dict[str, dict[str, WeightFormat]] = {
     **{f"quark-{version}": table for version, table in QUARK_VERSIONS.items()},
     COMPRESSED_TENSORS_TABLE: COMPRESSED_TENSORS_FORMATS,
+    MODELOPT_TABLE: MODELOPT_FORMATS,
 }
 DEFAULT_TABLE = f"quark-{DEFAULT_QUARK}"
 # The INT4 decode each table quantizes (None: compressed-tensors' own, rounded to the scale's BF16)
 INT4_DECODE_DTYPE: dict[str, torch.dtype | None] = {"quark-0.11": None, "quark-0.13": torch.float32,
-                                                    COMPRESSED_TENSORS_TABLE: None}
+                                                    COMPRESSED_TENSORS_TABLE: None, MODELOPT_TABLE: None}
 
 
 def weight_formats(quark: str = DEFAULT_QUARK) -> dict[str, WeightFormat]:

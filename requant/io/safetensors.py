@@ -384,7 +384,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: streamed tensors must arrive in file order; {name} came early")
         data = tensor.detach().cpu().contiguous()
         if data.numel():
-            view = memoryview(data.view(torch.uint8).reshape(-1).numpy())
+            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             if self._sink is not None:
                 self._sink(view)
             else:

@@ -19,17 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from requant.export.compressed_tensors import global_scale_group
+from requant.export.global_scales import EXPERT_W13, global_scale_group
 from requant.manifest import MANIFEST_FILE
-
-EXPERT_W13 = 0  # global_scale_group's first set: a routed expert's gate_proj + up_proj
 
 GLOBAL_SCALE = "weight_global_scale"
 
 
 def vllm_global_scales(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module: global scale}`` as vLLM applies them, over the sets the engines fuse
-    (``requant.export.compressed_tensors.global_scale_group``): an expert's up_proj takes its gate_proj's, a fused
+    (``requant.export.global_scales.global_scale_group``): an expert's up_proj takes its gate_proj's, a fused
     linear's parts the largest of theirs; every other module its own."""
     groups: dict[tuple[int, str], list[str]] = defaultdict(list)
     for module in scales:

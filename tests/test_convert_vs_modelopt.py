@@ -1,0 +1,166 @@
+"""The Model Optimizer target: ``requant convert`` against NVIDIA Model Optimizer 0.47's own quantization and export of
+the same weights (``requant.testing.modelopt_reference``, in the peers' pinned virtualenv .venv-llmc; ``make test``
+builds it), for every built-in ``modelopt`` recipe, on the tiny INT4 checkpoint, on an adversarial one, and on a BF16
+one whose routed experts are adversarial too (values that round to a signed zero, zero and subnormal blocks).
+
+Where the outputs differ on purpose (docs/recipes.md says the same to users): a set of modules sharing one
+``weight_scale_2`` that is zero throughout, which Model Optimizer writes as NaN scales and code 7 (6.0), requant as
+zeros with ``weight_scale_2`` 1 (``test_zero_weights_are_the_one_deliberate_difference``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from tensors import load_tensors, raw
+
+import requant
+from requant.export import ExportFormat
+from requant.export.modelopt import exclude_modules
+from requant.formats.mxfp4 import unpack_fp4
+from requant.manifest import HF_QUANT_CONFIG
+from requant.recipe import builtin_names, load_checks, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
+RECIPES = [name for name in builtin_names() if load_recipe(name).export == ExportFormat.MODELOPT]
+UPSTREAMS = ("tiny_upstream", "adversarial_upstream", "adversarial_bf16_upstream")
+
+
+def _peers_python() -> str:
+    if not PEERS_PYTHON.exists():
+        pytest.fail(f"{PEERS_PYTHON} is missing: `make llmc-venv` builds it (make test does)")
+    return str(PEERS_PYTHON)
+
+
+def _modelopt(upstream: Path, root: Path, recipes: list[str]) -> dict[str, Path]:
+    jobs = []
+    for name in recipes:
+        equivalent = load_checks(name).modelopt
+        assert equivalent is not None, f"recipe {name} states no modelopt_equivalent"
+        jobs.append({"dst": str(root / "modelopt" / name), "scheme": equivalent.scheme, "enable": list(equivalent.enable)})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([_peers_python(), "-m", "requant.testing.modelopt_reference", str(upstream),
+                           str(root / "jobs.json")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: root / "modelopt" / name for name in recipes}
+
+
+@pytest.fixture(scope="module", params=UPSTREAMS)
+def pair(request, tmp_path_factory) -> tuple[str, Path, dict[str, Path], dict[str, Path]]:
+    """(upstream fixture, upstream, requant's outputs, Model Optimizer's outputs) for every modelopt recipe."""
+    upstream = request.getfixturevalue(request.param)
+    root = tmp_path_factory.mktemp(f"modelopt-{request.param}")
+    ours = {}
+    for name in RECIPES:
+        requant.convert(str(upstream), str(root / "requant" / name), name, progress=False)
+        ours[name] = root / "requant" / name
+    return request.param, upstream, ours, _modelopt(upstream, root, RECIPES)
+
+
+def test_builtins_include_modelopt():
+    assert "modelopt-nvfp4" in RECIPES
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tensors_equal_modelopt(recipe, pair):
+    upstream_name, _, ours, theirs = pair
+    a, b = load_tensors(ours[recipe]), load_tensors(theirs[recipe])
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
+        assert raw(a[name]) == raw(b[name]), name
+    packed = [t for n, t in a.items() if n.endswith("_proj.weight") and ".mlp.experts." in n]
+    assert packed and all(t.dtype.itemsize == 1 for t in packed)
+    if upstream_name == "adversarial_bf16_upstream":  # the signed zeros are exercised, not only possible
+        layer1 = [t for n, t in a.items() if n.endswith("_proj.weight") and ".layers.1.mlp.experts." in n]
+        assert any(bool((unpack_fp4(t) == 0x8).any()) for t in layer1)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_config_and_hf_quant_config_equal_modelopt(recipe, pair):
+    """hf_quant_config.json byte for byte; config.json key for key (Model Optimizer's export writes it through
+    transformers, requant with its own formatting); the index names the same tensors."""
+    _, _, ours, theirs = pair
+    assert (ours[recipe] / HF_QUANT_CONFIG).read_bytes() == (theirs[recipe] / HF_QUANT_CONFIG).read_bytes()
+    a, b = (json.loads((d[recipe] / "config.json").read_text()) for d in (ours, theirs))
+    assert a == b and a["quantization_config"]["quant_method"] == "modelopt"
+    assert list(a["quantization_config"]) == list(b["quantization_config"])
+
+
+@pytest.mark.oracle
+def test_exclude_modules_summarize_as_modelopt_does(tmp_path):
+    """requant's exclude_modules against Model Optimizer's own summary (``_prefix_wildcard_summarize_exclude_modules``)
+    on name sets built to hit each of its cases: a prefix no quantized module shares (``p*``), one that only a longer
+    sibling shares (``p.*``), a module whose parent is quantized, names that are prefixes of others."""
+    import random
+
+    rng = random.Random(5)
+    cases = []
+    for _ in range(40):
+        names = sorted({".".join(rng.choice(("a", "b", "ab", "a1", "mlp", "gate", "gate_proj", "0", "1", "10"))
+                                 for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(2, 14))})
+        quantized = [n for n in names if rng.random() < 0.4]
+        cases.append({"quantized": quantized, "unquantized": [n for n in names if n not in quantized]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    code = ("import json, sys; from modelopt.torch.export.quant_utils import _prefix_wildcard_summarize_exclude_modules "
+            "as s; cases = json.load(open(sys.argv[1])); "
+            "print(json.dumps([sorted(s(c['unquantized'], c['quantized'])) for c in cases]))")
+    proc = subprocess.run([_peers_python(), "-c", code, str(tmp_path / "cases.json")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [exclude_modules(c["unquantized"], c["quantized"]) for c in cases]
+    assert ours == theirs
+    assert any(e.endswith(".*") for case in ours for e in case) and any(e.endswith("*") and not e.endswith(".*")
+                                                                         for case in ours for e in case)
+
+
+@pytest.mark.oracle
+def test_zero_weights_are_the_one_deliberate_difference(tmp_path):
+    """One BF16 expert pair through Model Optimizer and through requant: an all-zero gate_proj + up_proj pair gets NaN
+    scales and code 7 from Model Optimizer, zeros with weight_scale_2 1 from requant; in a pair where only one is zero,
+    the zero one shares its partner's weight_scale_2 and both equal Model Optimizer's; signed zeros and the smallest
+    group scale (2**-9) agree."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from requant.formats.nvfp4 import quantize_nvfp4_modelopt, tensor_amax
+
+    e = "model.layers.1.mlp.experts"
+    w = {f"{e}.0.gate_proj": torch.zeros(2, 32), f"{e}.0.up_proj": torch.zeros(2, 32),
+         f"{e}.1.gate_proj": torch.zeros(2, 32), f"{e}.1.up_proj": torch.linspace(-3, 3, 64).reshape(2, 32)}
+    w[f"{e}.1.up_proj"][0, :4] = torch.tensor([3000.0, -1e-3, -1e-30, 1e-4])  # signed zeros beside a large value
+    w[f"{e}.1.up_proj"][1, 16:] = 1e-3  # a group whose scale is below E4M3's smallest: clamped to 2**-9
+    (tmp_path / "src").mkdir()
+    save_file({f"{k}.weight": v.to(torch.bfloat16) for k, v in w.items()}, str(tmp_path / "src" / "model.safetensors"))
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"architectures": ["X"], "model_type": "x"}))
+    (tmp_path / "jobs.json").write_text(json.dumps([{"dst": str(tmp_path / "dst"), "scheme": "W4A16_NVFP4",
+                                                     "enable": ["*.experts.*weight_quantizer"]}]))
+    proc = subprocess.run([_peers_python(), "-m", "requant.testing.modelopt_reference", str(tmp_path / "src"),
+                           str(tmp_path / "jobs.json")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    theirs = load_file(str(tmp_path / "dst" / "model.safetensors"))
+    for expert in (0, 1):
+        pair = [w[f"{e}.{expert}.{p}_proj"].to(torch.bfloat16) for p in ("gate", "up")]
+        amax = torch.stack([tensor_amax(t) for t in pair]).amax()
+        for proj, weight in zip(("gate", "up"), pair):
+            packed, scale, scale_2 = quantize_nvfp4_modelopt(weight, amax)
+            name = f"{e}.{expert}.{proj}_proj"
+            got = (theirs[f"{name}.weight"], theirs[f"{name}.weight_scale"], theirs[f"{name}.weight_scale_2"])
+            if expert == 0:  # zero throughout: Model Optimizer divides zero by zero
+                assert torch.isnan(got[1].float()).all() and bool((unpack_fp4(got[0]) == 7).all())
+                assert float(got[2]) == 0.0
+                assert not packed.any() and bool((scale.float() == 1).all()) and float(scale_2) == 1.0
+            else:
+                assert [raw(t) for t in (packed, scale, scale_2)] == [raw(t) for t in got], name
+    up = quantize_nvfp4_modelopt(w[f"{e}.1.up_proj"].to(torch.bfloat16))
+    assert unpack_fp4(up[0])[0, 1:3].tolist() == [0x8, 0x8] and float(up[1].float().min()) == 2.0 ** -9
