@@ -173,8 +173,9 @@ bench: install quark13-venv llmc-venv
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results
 
 # llm-compressor 0.14 (model_free_ptq), the oracle of the compressed-tensors targets (tests/test_convert_vs_llmcompressor.py)
-# and a peer in make bench-peers, pinned in its own virtualenv (torch 2.13 CPU,
-# compressed-tensors 0.19, transformers 5.17).
+# and a peer in make bench-peers, and NVIDIA Model Optimizer 0.47, the oracle of the modelopt target
+# (tests/test_convert_vs_modelopt.py), pinned in their own virtualenv (torch 2.13 CPU, compressed-tensors 0.19,
+# transformers 5.17).
 LLMC_VENV := .venv-llmc
 LLMC_STAMP := $(LLMC_VENV)/.installed
 LLMC_LOCK := infra/llmcompressor/requirements.txt
@@ -182,7 +183,7 @@ LLMC_LOCK := infra/llmcompressor/requirements.txt
 llmc-venv: $(LLMC_STAMP)
 
 $(LLMC_STAMP): $(LLMC_LOCK)
-	$(call lock_venv,$(LLMC_VENV),$(LLMC_LOCK),from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer)
+	$(call lock_venv,$(LLMC_VENV),$(LLMC_LOCK),from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer; import modelopt.torch.export.unified_export_hf)
 
 # requant against Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14 on synth k26-layer
 # (PEERS_EXPERTS of 384; 16 = 1.7 GB) on tmpfs, each a whole process tree: results/peers.md.
