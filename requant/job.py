@@ -26,7 +26,7 @@ from requant.errors import CheckpointError
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
-from requant.formats.nvfp4 import dequantize_nvfp4, tensor_amax
+from requant.formats.nvfp4 import dequantize_nvfp4, dequantize_nvfp4_modelopt, tensor_amax
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
@@ -381,7 +381,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         out = _from_fp8_block(task, inputs, uri, device)
         scale, weight = inputs
         reference = lambda rows: dequantize_fp8_block_rows(weight, scale, task.block, rows.cpu())  # noqa: E731
-    elif task.kind in ("fp8_block", "mxfp4", "nvfp4"):
+    elif task.kind in ("fp8_block", "mxfp4", "nvfp4", "nvfp4_modelopt"):
         weight = decode_source(task, inputs, uri).to(device)
         if fmt is None:
             return [weight.cpu()], None
@@ -415,7 +415,7 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     first; NVFP4 as stored), checked first: what Quark's file-to-file export quantizes from the same weights decoded
     to BF16."""
     weight_e = task.inputs[0]
-    if task.kind == "nvfp4":
+    if task.kind in ("nvfp4", "nvfp4_modelopt"):
         return _decode_nvfp4(task, inputs, uri)
     scale, weight = inputs
     if task.kind == "mxfp4":
@@ -434,6 +434,8 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
 
 
 def _decode_nvfp4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> torch.Tensor:
+    """compressed-tensors' NVFP4 (a global scale that divides) or Model Optimizer's (a weight_scale_2 that
+    multiplies), checked first."""
     packed, scale, global_scale = inputs
     packed_e, scale_e, global_e = task.inputs
     if bad := int((scale.view(torch.uint8) & 0x7F).eq(FP8_E4M3_NAN_BITS).sum()):
@@ -441,7 +443,8 @@ def _decode_nvfp4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     if not (all_finite(global_scale) and bool((global_scale > 0).all())):
         raise CheckpointError(f"{uri}/{global_e.file}", f"global scale {global_scale.tolist()} is not a positive "
                               "finite number", global_e.name)
-    decoded = dequantize_nvfp4(packed, scale, global_scale, torch.bfloat16)
+    decode = dequantize_nvfp4_modelopt if task.kind == "nvfp4_modelopt" else dequantize_nvfp4
+    decoded = decode(packed, scale, global_scale, torch.bfloat16)
     if not all_finite(decoded):
         bad = int((~torch.isfinite(decoded)).sum())
         raise CheckpointError(f"{uri}/{packed_e.file}", f"{bad} values decode beyond BF16's range (Inf)", packed_e.name)
@@ -526,6 +529,8 @@ def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device
             weight = dequantize_fp8_block_checked(tensors[0].to(device), tensors[1].to(device), task.block)
         elif task.kind == "nvfp4":
             weight = dequantize_nvfp4(*(t.to(device) for t in tensors), torch.bfloat16)
+        elif task.kind == "nvfp4_modelopt":
+            weight = dequantize_nvfp4_modelopt(*(t.to(device) for t in tensors), torch.bfloat16)
         else:
             (weight,) = tensors
         partner_amax.append(tensor_amax(weight.to(device)))

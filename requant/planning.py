@@ -17,6 +17,7 @@ from requant.export.quark import is_quark_linear_weight
 from requant.formats.nvfp4 import NVFP4_GROUP
 from requant.formats.source import (
     DECODED_DTYPE,
+    DROPPED_PARAMS,
     MODULE_PARAMS,
     Source,
     detect_source,
@@ -203,6 +204,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
         tasks = [_for_table(t, recipe.format_table) for t in tasks]
         tasks = share_global_scales(tasks, recipe)
     covered = {e.name for t in tasks for e in t.inputs}
+    covered |= _dropped(entries, covered, source)
     if recipe.mtp == "drop":  # read and checked like every tensor, then left out of the output
         tasks = [t for t in tasks if (layer_of(t.inputs[0].name, config.prefix) or 0) < config.num_layers]
     if not problems:
@@ -236,6 +238,14 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     ))
     sizes = tuple((f, readable[f]) for f in shards)
     return Plan(storage.uri, recipe, config, jobs, sizes, extra, excluded, source)
+
+
+def _dropped(entries: dict[str, TensorEntry], covered: set[str], source: Source) -> set[str]:
+    """The tensors of converted modules that no target needs (``DROPPED_PARAMS``: a W4A4 release's input_scale),
+    read past and left out of the output."""
+    dropped = DROPPED_PARAMS.get(source.quantized_kind or "", ())
+    modules = {name.rpartition(".")[0] for name in covered}
+    return {name for name in entries if name.rpartition(".")[2] in dropped and name.rpartition(".")[0] in modules}
 
 
 def _describes_the_upstream_as_output(name: str, files: set[str]) -> bool:
@@ -330,6 +340,8 @@ def _tasks(config: ModelConfig, recipe: Recipe, source: Source, entries: dict[st
         if module in expected:
             # a module that was refused reported its own problem; its tensors are not "unexpected" on top of it
             known = consumed.get(module, set(params))
+            if module in consumed:  # what no target needs of its storage (a W4A4 release's input_scale)
+                known = known | set(DROPPED_PARAMS.get(source.quantized_kind or "", ()))
         if module in expected and module.endswith(".mlp.gate"):
             known.add("e_score_correction_bias")
         for param, entry in params.items():
@@ -395,7 +407,7 @@ def _quantized_source_task(module: str, shape: tuple[int, ...], params: dict[str
     entries = tuple(params[s] for s in names)
     out, inp = shape
     ok = True
-    group = {"int4": INT4_GROUP_SIZE, "mxfp4": MX_BLOCK_SIZE, "nvfp4": NVFP4_GROUP}.get(kind)
+    group = {"int4": INT4_GROUP_SIZE, "mxfp4": MX_BLOCK_SIZE, "nvfp4": NVFP4_GROUP, "nvfp4_modelopt": NVFP4_GROUP}.get(kind)
     if group and inp % group:
         problems.append(f"{entries[0].file}: {entries[0].name}: input dimension {inp} is not a multiple of {group}")
         ok = False

@@ -80,3 +80,27 @@ def adversarial_copy(upstream: Path, root: Path) -> Path:
         if changed:
             save_file(tensors, str(shard), metadata=metadata)
     return root
+
+
+def adversarial_nvfp4(directory: Path, seed: int = 3) -> None:
+    """Every NVFP4 weight of a synthetic upstream (compressed-tensors' or Model Optimizer's) rewritten in place:
+    all-zero groups, FP8 scales at both ends (the smallest subnormal, 448), negative zeros beside every other code,
+    global scales anywhere from 2**-20 to 2**20 (compressed-tensors' divisor, Model Optimizer's multiplier)."""
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        for name in [n for n in tensors if n.endswith((".weight_global_scale", ".weight_scale_2"))]:
+            base, _, global_name = name.rpartition(".")
+            packed_name = f"{base}.weight_packed" if global_name == "weight_global_scale" else f"{base}.weight"
+            packed, scale = tensors[packed_name].clone(), tensors[f"{base}.weight_scale"].view(torch.uint8).clone()
+            kind = torch.randint(0, 8, scale.shape, generator=gen)
+            scale[kind == 0], scale[kind == 1] = 0x01, 0x7E
+            negative_zeros = torch.randint(0, 4, packed.shape, generator=gen) == 0
+            packed[negative_zeros] = (packed[negative_zeros] & 0xF0) | 0x08
+            for r, g in (kind == 2).nonzero().tolist():
+                packed[r, g * 8:(g + 1) * 8] = 0
+            tensors[packed_name], tensors[f"{base}.weight_scale"] = packed, scale.view(torch.float8_e4m3fn)
+            tensors[name] = torch.exp2(torch.empty(1).uniform_(-20, 20, generator=gen)).reshape(tensors[name].shape)
+        save_file(tensors, str(shard), metadata={"format": "pt"})

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from adversarial import adversarial_nvfp4
 from tensors import load_tensors, raw
 
 import requant
@@ -162,29 +163,6 @@ def test_the_vllm_view_decodes_up_proj_with_its_gates_scale(tiny_upstream, tmp_p
         assert not (tmp_path / f"view-{shared}" / "requant-manifest.json").exists()
 
 
-def _adversarial_nvfp4(directory: Path, seed: int = 3) -> None:
-    """Every NVFP4 weight of a synthetic upstream rewritten in place: all-zero groups, FP8 scales at both ends (the
-    smallest subnormal, 448), negative zeros beside every other code, global scales anywhere from 2**-20 to 2**20."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    gen = torch.Generator().manual_seed(seed)
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors = load_file(str(shard))
-        for name in [n for n in tensors if n.endswith(".weight_packed")]:
-            base = name.removesuffix(".weight_packed")
-            packed, scale = tensors[name].clone(), tensors[f"{base}.weight_scale"].view(torch.uint8).clone()
-            kind = torch.randint(0, 8, scale.shape, generator=gen)
-            scale[kind == 0], scale[kind == 1] = 0x01, 0x7E
-            negative_zeros = torch.randint(0, 4, packed.shape, generator=gen) == 0
-            packed[negative_zeros] = (packed[negative_zeros] & 0xF0) | 0x08
-            for r, g in (kind == 2).nonzero().tolist():
-                packed[r, g * 8:(g + 1) * 8] = 0
-            tensors[name], tensors[f"{base}.weight_scale"] = packed, scale.view(torch.float8_e4m3fn)
-            tensors[f"{base}.weight_global_scale"] = torch.exp2(torch.empty(1).uniform_(-20, 20, generator=gen))
-        save_file(tensors, str(shard), metadata={"format": "pt"})
-
-
 @pytest.mark.oracle
 def test_an_nvfp4_upstream_decodes_as_compressed_tensors_decodes_it(tmp_path):
     """An NVFP4 upstream (synth kimi-nvfp4, made adversarial): bf16-staging equals compressed-tensors 0.20's own BF16
@@ -197,7 +175,7 @@ def test_an_nvfp4_upstream_decodes_as_compressed_tensors_decodes_it(tmp_path):
 
     q13 = ROOT / ".venv-quark13" / "bin" / "python"
     upstream = synthesize(tmp_path / "upstream", "kimi-nvfp4", progress=False)
-    _adversarial_nvfp4(upstream)
+    adversarial_nvfp4(upstream)
     proc = subprocess.run([str(q13), str(ROOT / "tests" / "ct_decode.py"), str(upstream), str(tmp_path / "ct-bf16")],
                           capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,7 +1,9 @@
 """The Model Optimizer target: ``requant convert`` against NVIDIA Model Optimizer 0.47's own quantization and export of
 the same weights (``requant.testing.modelopt_reference``, in the peers' pinned virtualenv .venv-llmc; ``make test``
-builds it), for every built-in ``modelopt`` recipe, on the tiny INT4 checkpoint, on an adversarial one, and on a BF16
-one whose routed experts are adversarial too (values that round to a signed zero, zero and subnormal blocks).
+builds it), for every built-in ``modelopt`` recipe, on the tiny INT4 checkpoint, on an adversarial one, on a BF16
+one whose routed experts are adversarial too (values that round to a signed zero, zero and subnormal blocks), and on
+an adversarial Model Optimizer NVFP4 (W4A4) release, which requant also reads as an upstream: decoded as Model
+Optimizer's own ``NVFP4QTensor`` decodes it.
 
 Where the outputs differ on purpose (docs/recipes.md says the same to users): a set of modules sharing one
 ``weight_scale_2`` that is zero throughout, which Model Optimizer writes as NaN scales and code 7 (6.0), requant as
@@ -16,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from adversarial import adversarial_nvfp4
 from tensors import load_tensors, raw
 
 import requant
@@ -28,7 +31,18 @@ from requant.recipe import builtin_names, load_checks, load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
 RECIPES = [name for name in builtin_names() if load_recipe(name).export == ExportFormat.MODELOPT]
-UPSTREAMS = ("tiny_upstream", "adversarial_upstream", "adversarial_bf16_upstream")
+UPSTREAMS = ("tiny_upstream", "adversarial_upstream", "adversarial_bf16_upstream", "modelopt_nvfp4_upstream")
+
+
+@pytest.fixture(scope="module")
+def modelopt_nvfp4_upstream(tmp_path_factory) -> Path:
+    """synth kimi-nvfp4-modelopt (NVIDIA's NVFP4 layout, activation scales included), made adversarial."""
+    from requant.testing.synth import synthesize
+
+    upstream = synthesize(tmp_path_factory.mktemp("modelopt-upstream") / "upstream", "kimi-nvfp4-modelopt",
+                          progress=False)
+    adversarial_nvfp4(upstream)
+    return upstream
 
 
 def _peers_python() -> str:
@@ -38,7 +52,7 @@ def _peers_python() -> str:
 
 
 def _modelopt(upstream: Path, root: Path, recipes: list[str]) -> dict[str, Path]:
-    jobs = []
+    jobs = [{"dst": str(root / "modelopt" / "decoded")}]  # the weights Model Optimizer starts from
     for name in recipes:
         equivalent = load_checks(name).modelopt
         assert equivalent is not None, f"recipe {name} states no modelopt_equivalent"
@@ -48,16 +62,17 @@ def _modelopt(upstream: Path, root: Path, recipes: list[str]) -> dict[str, Path]
                            str(root / "jobs.json")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: root / "modelopt" / name for name in recipes}
+    return {name: root / "modelopt" / name for name in [*recipes, "decoded"]}
 
 
 @pytest.fixture(scope="module", params=UPSTREAMS)
 def pair(request, tmp_path_factory) -> tuple[str, Path, dict[str, Path], dict[str, Path]]:
-    """(upstream fixture, upstream, requant's outputs, Model Optimizer's outputs) for every modelopt recipe."""
+    """(upstream fixture, upstream, requant's outputs, Model Optimizer's outputs) for every modelopt recipe, and
+    bf16-staging beside Model Optimizer's starting weights ("decoded")."""
     upstream = request.getfixturevalue(request.param)
     root = tmp_path_factory.mktemp(f"modelopt-{request.param}")
     ours = {}
-    for name in RECIPES:
+    for name in [*RECIPES, "bf16-staging"]:
         requant.convert(str(upstream), str(root / "requant" / name), name, progress=False)
         ours[name] = root / "requant" / name
     return request.param, upstream, ours, _modelopt(upstream, root, RECIPES)
@@ -81,6 +96,29 @@ def test_tensors_equal_modelopt(recipe, pair):
     if upstream_name == "adversarial_bf16_upstream":  # the signed zeros are exercised, not only possible
         layer1 = [t for n, t in a.items() if n.endswith("_proj.weight") and ".layers.1.mlp.experts." in n]
         assert any(bool((unpack_fp4(t) == 0x8).any()) for t in layer1)
+
+
+@pytest.mark.oracle
+def test_bf16_staging_and_the_reference_server_decode_as_modelopt_starts(pair):
+    """requant's BF16 decode of each upstream (bf16-staging) equals the weights Model Optimizer is given (for a Model
+    Optimizer NVFP4 upstream: its own decode, signed zeros as +0 and its activation scales dropped); the reference
+    server's FP32 weights round to them."""
+    import torch
+
+    from requant.serving.checkpoint import load_checkpoint
+
+    upstream_name, upstream, ours, theirs = pair
+    a, b = load_tensors(ours["bf16-staging"]), load_tensors(theirs["decoded"])
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert raw(a[name]) == raw(b[name]), name
+    if upstream_name == "modelopt_nvfp4_upstream":
+        loaded = load_checkpoint(str(upstream))
+        assert set(loaded.schemes.values()) == {"bf16", "nvfp4-modelopt"}
+        for name, weight in loaded.weights.items():
+            decoded = b[f"language_model.{name}"]
+            assert torch.equal(weight.to(decoded.dtype), decoded), name
+        assert not (ours["bf16-staging"] / HF_QUANT_CONFIG).exists()  # the upstream's describes weights now gone
 
 
 @pytest.mark.oracle

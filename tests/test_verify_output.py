@@ -208,3 +208,40 @@ def test_compressed_tensors_config_is_checked(tiny_upstream, tmp_path, capsys):
     assert rc == 2 and "ignore matches quantized modules, e.g. language_model.model.layers.1.mlp.experts.0." in text
     rc, text = rewrite(lambda q: q.update(format="nvfp4-pack-quantized"))
     assert rc == 2 and "does not match recipe format mxfp4" in text
+
+
+def test_modelopt_config_is_checked(tiny_upstream, tmp_path, capsys):
+    """modelopt-nvfp4: hf_quant_config.json's exclude_modules must leave every quantized module quantized and name
+    every unquantized matrix, declare the recipe's format, and be what config.json carries, even resealed."""
+    import hashlib
+
+    out = tmp_path / "modelopt"
+    requant.convert(str(tiny_upstream), str(out), "modelopt-nvfp4", progress=False)
+    assert _verify(out, capsys)[0] == 0
+
+    def rewrite(edit, carry: bool = True):
+        dst = tmp_path / f"edit-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, dst)
+        manifest = json.loads((dst / "requant-manifest.json").read_text())
+        hf = json.loads((dst / "hf_quant_config.json").read_text())
+        edit(hf["quantization"])
+        config = json.loads((dst / "config.json").read_text())
+        if carry:  # config.json carries the edited file, as Model Optimizer would write it
+            config["quantization_config"]["ignore"] = hf["quantization"]["exclude_modules"]
+            config["quantization_config"]["quant_algo"] = hf["quantization"]["quant_algo"]
+        for name, data in (("hf_quant_config.json", json.dumps(hf, indent=4).encode()),
+                           ("config.json", json.dumps(config, indent=2).encode())):
+            (dst / name).write_bytes(data)
+            manifest["outputs"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (dst / "requant-manifest.json").write_text(json.dumps(seal(manifest)))
+        return _verify(dst, capsys)
+
+    shared = "language_model.model.layers.1.mlp.shared_experts*"
+    rc, text = rewrite(lambda q: q["exclude_modules"].remove(shared))
+    assert rc == 2 and "exclude_modules misses unquantized modules" in text and "shared_experts" in text
+    rc, text = rewrite(lambda q: q["exclude_modules"].append("*.experts.0.*"))
+    assert rc == 2 and "exclude_modules matches quantized modules, e.g. language_model.model.layers.1.mlp.experts.0." in text
+    rc, text = rewrite(lambda q: q.update(quant_algo="NVFP4"))
+    assert rc == 2 and "do not match recipe format nvfp4" in text
+    rc, text = rewrite(lambda q: q["exclude_modules"].remove(shared), carry=False)
+    assert rc == 2 and "quantization_config does not carry hf_quant_config.json" in text

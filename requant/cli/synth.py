@@ -6,8 +6,8 @@ import argparse
 
 # kept here as well as in requant.testing.synth (which imports torch) so that --help stays fast; a test checks both
 PROFILE_NAMES = ("tiny", "trained", "k26-topology", "k26-layer", "deepseek-v3", "kimi-k2-instruct", "kimi-mxfp4",
-                 "kimi-nvfp4", "kimi-bf16")
-SOURCE_NAMES = ("int4", "fp8-block", "mxfp4", "nvfp4", "bf16")
+                 "kimi-nvfp4", "kimi-nvfp4-modelopt", "kimi-bf16")
+SOURCE_NAMES = ("int4", "fp8-block", "mxfp4", "nvfp4", "nvfp4-modelopt", "bf16")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -16,7 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="tiny", choices=PROFILE_NAMES,
                    help="tiny/k26-topology: K2.6 (INT4 experts), random weights; trained: the model make train-model "
                         "trained (INT4 experts); k26-layer: K2.6's real widths, one dense and one MoE layer (~10.8 GB); "
-                        "deepseek-v3 (FP8 blocks, MTP layer), kimi-k2-instruct (FP8 blocks), kimi-mxfp4, kimi-nvfp4, kimi-bf16: "
+                        "deepseek-v3 (FP8 blocks, MTP layer), kimi-k2-instruct (FP8 blocks), kimi-mxfp4, kimi-nvfp4, "
+                        "kimi-nvfp4-modelopt (NVIDIA's Model Optimizer NVFP4), kimi-bf16: "
                         "the family's other releases at tiny's sizes")
     p.add_argument("--source", choices=SOURCE_NAMES,
                    help="store the profile's weights in this upstream format instead (e.g. k26-layer as fp8-block)")

@@ -106,8 +106,8 @@ def quantize_nvfp4_modelopt(weight: torch.Tensor, amax: torch.Tensor | None = No
 def dequantize_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(packed uint8 [out, in/2], FP8 scales [out, in/16], FP32 ``weight_scale_2``) -> values [out, in], as Model
-    Optimizer decodes them: ``e2m1 * (s * weight_scale_2)`` in FP32."""
-    values = dequantize_e2m1(packed)
+    Optimizer decodes them: ``e2m1 * (s * weight_scale_2)`` in FP32, code 0x8 as +0 (its table has no -0)."""
+    values = dequantize_e2m1(packed) + 0.0  # -0 + 0 is +0
     groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
     step = scale.to(torch.float32) * scale_2.to(torch.float32).reshape(())
     return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)

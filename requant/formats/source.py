@@ -14,6 +14,10 @@ The family's releases, and what each stores quantized:
   format of quantization-aware-trained MXFP4 releases.
 - ``nvfp4``: compressed-tensors ``nvfp4-pack-quantized`` (E2M1 codes two per byte, FP8 E4M3 scale per 16, FP32
   global scale per tensor), llm-compressor's NVFP4 releases (and requant's ``ct-nvfp4a16``).
+- ``nvfp4-modelopt``: NVIDIA Model Optimizer's ``quant_method: modelopt`` NVFP4 (``weight`` codes two per byte, FP8
+  E4M3 ``weight_scale`` per 16, FP32 ``weight_scale_2`` per tensor, the reciprocal of compressed-tensors' global
+  scale), NVIDIA's NVFP4 releases (``quant_algo: NVFP4``, whose activation ``input_scale`` is left behind: the
+  targets quantize weights only) and requant's ``modelopt-nvfp4`` (``W4A16_NVFP4``).
 - ``bf16``: no ``quantization_config`` (a fine-tune published unquantized).
 """
 
@@ -30,7 +34,7 @@ from requant.errors import CheckpointError
 from requant.formats.fp8_block import block_grid, dequantize_fp8_block
 from requant.formats.int4 import dequantize_int4, packed_columns
 from requant.formats.mxfp4 import dequantize_mxfp4
-from requant.formats.nvfp4 import NVFP4_GROUP, dequantize_nvfp4
+from requant.formats.nvfp4 import NVFP4_GROUP, dequantize_nvfp4, dequantize_nvfp4_modelopt
 from requant.io.safetensors import TORCH_TO_NAME
 
 
@@ -41,6 +45,7 @@ class SourceFormat(StrEnum):
     FP8_BLOCK = "fp8-block"
     MXFP4 = "mxfp4"
     NVFP4 = "nvfp4"
+    NVFP4_MODELOPT = "nvfp4-modelopt"
     BF16 = "bf16"
 
     @property
@@ -53,6 +58,7 @@ _DESCRIPTIONS = {
     SourceFormat.FP8_BLOCK: "FP8 E4M3 with FP32 block scales (weight_scale_inv)",
     SourceFormat.MXFP4: "compressed-tensors mxfp4-pack-quantized (E2M1, E8M0 scale per 32)",
     SourceFormat.NVFP4: "compressed-tensors nvfp4-pack-quantized (E2M1, FP8 scale per 16, FP32 global scale)",
+    SourceFormat.NVFP4_MODELOPT: "Model Optimizer NVFP4 (E2M1, FP8 weight_scale per 16, FP32 weight_scale_2)",
     SourceFormat.BF16: "unquantized (BF16)",
 }
 
@@ -64,9 +70,15 @@ MODULE_PARAMS: dict[str, tuple[str, ...]] = {
     "fp8_block": ("weight", "weight_scale_inv"),
     "mxfp4": ("weight_packed", "weight_scale"),
     "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "nvfp4_modelopt": ("weight", "weight_scale", "weight_scale_2"),
 }
+# Tensors a kind may carry beside MODULE_PARAMS that no target needs, left behind: the activation scale of a
+# Model Optimizer NVFP4 (W4A4) release
+DROPPED_PARAMS: dict[str, tuple[str, ...]] = {"nvfp4_modelopt": ("input_scale",)}
 QUANTIZED_KIND = {SourceFormat.INT4: "int4", SourceFormat.FP8_BLOCK: "fp8_block", SourceFormat.MXFP4: "mxfp4",
-                  SourceFormat.NVFP4: "nvfp4"}
+                  SourceFormat.NVFP4: "nvfp4", SourceFormat.NVFP4_MODELOPT: "nvfp4_modelopt"}
+# The NVFP4 quant_algo values of a Model Optimizer config whose weights requant reads
+MODELOPT_NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")
 DECODED_DTYPE = "BF16"  # what a quantized upstream weight decodes to (the high-precision dtype of its outputs)
 
 
@@ -117,8 +129,24 @@ def detect_source(quant: Any, file: str = "config.json") -> Source:
         raise CheckpointError(file, f"quantization_config.format {fmt!r} is not one requant reads "
                                     "(compressed-tensors pack-quantized INT4, mxfp4-pack-quantized or "
                                     "nvfp4-pack-quantized)")
+    if method == "modelopt":
+        algo, group = quant.get("quant_algo"), _modelopt_group_size(quant)
+        if algo not in MODELOPT_NVFP4_ALGOS or group != NVFP4_GROUP:
+            raise CheckpointError(file, f"quantization_config quant_algo {algo!r}, group_size {group!r}: of Model "
+                                        f"Optimizer's formats requant reads {' and '.join(MODELOPT_NVFP4_ALGOS)} "
+                                        f"with group_size {NVFP4_GROUP}")
+        return Source(SourceFormat.NVFP4_MODELOPT)
     raise CheckpointError(file, f"quantization_config.quant_method {method!r} is not one requant reads "
-                                "(compressed-tensors, fp8; none for BF16)")
+                                "(compressed-tensors, fp8, modelopt; none for BF16)")
+
+
+def _modelopt_group_size(quant: dict[str, Any]) -> Any:
+    """The weights' group size of Model Optimizer's config.json form (its one config group), or of the
+    hf_quant_config.json form (``group_size``)."""
+    groups = quant.get("config_groups")
+    if isinstance(groups, dict) and len(groups) == 1 and isinstance(next(iter(groups.values())), dict):
+        return (next(iter(groups.values())).get("weights") or {}).get("group_size")
+    return quant.get("group_size")
 
 
 def _fp8_block(quant: dict[str, Any], file: str) -> Source:
@@ -157,6 +185,8 @@ def stored_as(params: set[str], dtypes: dict[str, str]) -> str:
         return "fp8_block"
     if "weight_global_scale" in params:
         return "nvfp4"
+    if "weight_scale_2" in params:
+        return "nvfp4_modelopt"
     if "weight_shape" in params:
         return "int4"
     for packed_or_scale in ("weight_packed", "weight_scale"):
@@ -180,6 +210,9 @@ def expected_params(kind: str, shape: tuple[int, int], source: Source) -> dict[s
     if kind == "nvfp4":
         return {"weight_packed": (("U8",), (out, inp // 2)), "weight_scale": (("F8_E4M3",), (out, inp // NVFP4_GROUP)),
                 "weight_global_scale": (("F32",), (1,))}
+    if kind == "nvfp4_modelopt":
+        return {"weight": (("U8",), (out, inp // 2)), "weight_scale": (("F8_E4M3",), (out, inp // NVFP4_GROUP)),
+                "weight_scale_2": (("F32",), ())}
     raise ValueError(kind)
 
 
@@ -189,6 +222,8 @@ def stored_shape(kind: str, tensors: dict[str, torch.Tensor]) -> tuple[int, int]
         out, inp = tensors["weight_shape"].tolist()
     elif kind in ("mxfp4", "nvfp4"):
         out, inp = tensors["weight_packed"].shape[0], 2 * tensors["weight_packed"].shape[1]
+    elif kind == "nvfp4_modelopt":
+        out, inp = tensors["weight"].shape[0], 2 * tensors["weight"].shape[1]
     else:
         out, inp = tensors["weight"].shape
     return int(out), int(inp)
@@ -214,5 +249,7 @@ def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source,
         return dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], torch.bfloat16)
     if kind == "nvfp4":
         return dequantize_nvfp4(tensors["weight_packed"], tensors["weight_scale"], tensors["weight_global_scale"], dtype)
+    if kind == "nvfp4_modelopt":
+        return dequantize_nvfp4_modelopt(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
     raise ValueError(f"{kind!r} is not a quantized storage")
 

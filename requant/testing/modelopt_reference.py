@@ -7,7 +7,8 @@ Model Optimizer quantizes a PyTorch model. The checkpoint's Kimi-K2.6 model is r
 builds the module tree its tensors name (``nn.Linear`` for every matrix but the embedding, ``nn.Embedding`` for it,
 plain modules holding the rest) with the upstream's weights: an upstream with a compressed-tensors
 ``quantization_config`` (Kimi's INT4) decoded by compressed-tensors' own dequantizer to BF16, as a Model Optimizer
-user loading it with transformers gets it; a BF16 upstream as it is. Then Model Optimizer's own code does the rest:
+user loading it with transformers gets it; a Model Optimizer NVFP4 upstream decoded by Model Optimizer's own
+``NVFP4QTensor``; a BF16 upstream as it is. A job without ``scheme`` writes that decode alone. Then Model Optimizer's own code does the rest:
 
 1. ``mtq.quantize`` with ``quant_cfg`` = its ``base_disable_all`` unit, its NVFP4 weight quantizer for each pattern
    of ``enable``, its ``default_disabled_quantizers`` unit (as its ``nvfp4_experts_only`` recipes compose them),
@@ -48,11 +49,32 @@ def _load(src: Path) -> dict[str, Any]:
     for shard in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
     config = json.loads((src / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "modelopt":
+        return _modelopt_decode(tensors)
     if any("quantization_config" in part for part in (config, config.get("text_config") or {})):
         from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 
         tensors = CompressedTensorsDequantizer(str(src)).process(tensors)
     return tensors
+
+
+def _modelopt_decode(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A Model Optimizer NVFP4 upstream's weights through its own ``NVFP4QTensor.dequantize`` to BF16 (what a user
+    re-quantizing its BF16 form starts from); its scales and activation scales dropped."""
+    import torch
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    out = {}
+    for name, tensor in tensors.items():
+        module, _, param = name.rpartition(".")
+        if f"{module}.weight_scale_2" not in tensors:
+            out[name] = tensor
+        elif param == "weight":
+            shape = (tensor.shape[0], tensor.shape[1] * 2)
+            out[name] = NVFP4QTensor(torch.Size(shape), torch.bfloat16, tensor).dequantize(
+                torch.bfloat16, scale=tensors[f"{module}.weight_scale"], double_scale=tensors[f"{module}.weight_scale_2"],
+                block_sizes={-1: 16})
+    return out
 
 
 def _tree(tensors: dict[str, Any]):
@@ -99,6 +121,13 @@ def _place(root, path: str, node) -> None:
 
 
 def run_job(src: Path, tensors: dict[str, Any], job: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    dst = Path(job["dst"])
+    if job.get("scheme") is None:
+        dst.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export.quant_utils import get_quant_config, preprocess_linear_fusion
@@ -131,14 +160,11 @@ def run_job(src: Path, tensors: dict[str, Any], job: dict[str, Any]) -> None:
         for name in quantized:
             _export_quantized_weight(modules[name], torch.bfloat16)
     hf_quant_config = get_quant_config(model)
-    dst = Path(job["dst"])
     dst.mkdir(parents=True, exist_ok=True)
     state = {}
     for name, tensor in model.state_dict().items():
         if "_quantizer" not in name:
             state[name] = tensor.detach().contiguous()
-    from safetensors.torch import save_file
-
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = _without_quantization_configs(json.loads((src / "config.json").read_text()))
     (dst / "config.json").write_text(json.dumps(config, indent=2))

@@ -33,11 +33,12 @@ from requant.constants import (
 from requant.errors import RequantError
 from requant.formats.fp8_block import block_grid
 from requant.formats.mxfp4 import quantize_mxfp4_ct
-from requant.formats.nvfp4 import NVFP4_GROUP, quantize_nvfp4
+from requant.formats.nvfp4 import NVFP4_GROUP, quantize_nvfp4, quantize_nvfp4_modelopt
 from requant.formats.source import MODULE_PARAMS, SourceFormat
 from requant.io.checksums import check_sums
 from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec
 from requant.layout import VLM_TEXT_PREFIX
+from requant.manifest import HF_QUANT_CONFIG
 from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
 
 VISION_PATCH = 14
@@ -89,14 +90,15 @@ PROFILES = {
                          vocab=1024, vision_hidden=64, vision_blocks=1, shards=4, random_codes=True),
 }
 # The family's other releases at tiny's sizes: DeepSeek-V3 (FP8 blocks, one MTP layer), Kimi-K2-Instruct (FP8 blocks,
-# text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts), an NVFP4 one (llm-compressor's
-# NVFP4A16) and a BF16 fine-tune of it.
+# text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts), NVFP4 ones (llm-compressor's
+# NVFP4A16; NVIDIA's Model Optimizer NVFP4, activation scales included) and a BF16 fine-tune of it.
 # ``synth --source`` stores any profile in another source format.
 PROFILES |= {
     "deepseek-v3": replace(PROFILES["tiny"], architecture="deepseek-v3", source=SourceFormat.FP8_BLOCK),
     "kimi-k2-instruct": replace(PROFILES["tiny"], architecture="kimi-k2", source=SourceFormat.FP8_BLOCK),
     "kimi-mxfp4": replace(PROFILES["tiny"], source=SourceFormat.MXFP4),
     "kimi-nvfp4": replace(PROFILES["tiny"], source=SourceFormat.NVFP4),
+    "kimi-nvfp4-modelopt": replace(PROFILES["tiny"], source=SourceFormat.NVFP4_MODELOPT),
     "kimi-bf16": replace(PROFILES["tiny"], source=SourceFormat.BF16),
 }
 
@@ -117,6 +119,14 @@ def quantization_config(p: Profile) -> dict | None:
         return None
     ignore = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
               "re:.*mlp\\.gate$", "re:vision_tower.*", "re:mm_projector.*"]
+    if p.source is SourceFormat.NVFP4_MODELOPT:  # Model Optimizer's NVFP4 (W4A4) for the routed experts, as NVIDIA's
+        # releases carry it in config.json
+        nvfp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_GROUP}
+        return {"config_groups": {"group_0": {"input_activations": dict(nvfp4), "weights": dict(nvfp4),
+                                              "targets": ["Linear"]}},
+                "ignore": ["language_model.lm_head", "language_model.model.embed_tokens", "*self_attn*", "*mlp.gate",
+                           "*shared_experts*", "language_model.model.layers.0*", "mm_projector*", "vision_tower*"],
+                "quant_algo": "NVFP4", "producer": {"name": "modelopt", "version": "0.47.0"}, "quant_method": "modelopt"}
     if p.source in (SourceFormat.MXFP4, SourceFormat.NVFP4):  # llm-compressor's MXFP4A16 / NVFP4A16 schemes, routed
         # experts only (its Kimi examples)
         mx = p.source is SourceFormat.MXFP4
@@ -208,6 +218,13 @@ def text_config(p: Profile, bos: int, eos: int) -> dict:
 
 
 def model_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
+    config = _wrapper_config(p, bos, eos, pad, media)
+    if p.source is SourceFormat.NVFP4_MODELOPT:  # Model Optimizer's export writes it at the top
+        config["quantization_config"] = config["text_config"].pop("quantization_config")
+    return config
+
+
+def _wrapper_config(p: Profile, bos: int, eos: int, pad: int, media: int) -> dict:
     return {
         "architectures": ["KimiK25ForConditionalGeneration"],
         "auto_map": {
@@ -281,6 +298,8 @@ class _Weights:
             return [dict(zip(("weight_packed", "weight_scale"), quantize_mxfp4_ct(m))) for m in w]
         if source is SourceFormat.NVFP4:
             return [dict(zip(MODULE_PARAMS["nvfp4"], quantize_nvfp4(m))) for m in w]
+        if source is SourceFormat.NVFP4_MODELOPT:
+            return [_modelopt_nvfp4(m) for m in w]
         return [{"weight": m.clone()} for m in w]
 
     def random_expert(self, source: SourceFormat, out: int, inp: int) -> dict[str, torch.Tensor]:
@@ -299,6 +318,10 @@ class _Weights:
                                FP8_E4M3_MAX)
             return {"weight_packed": packed, "weight_scale": torch.from_numpy(scale).to(torch.float8_e4m3fn),
                     "weight_global_scale": torch.tensor([FP8_E4M3_MAX * 6 * inp**0.5 / 3], dtype=torch.float32)}
+        if source is SourceFormat.NVFP4_MODELOPT:
+            ct = self.random_expert(SourceFormat.NVFP4, out, inp)
+            return {"weight": ct["weight_packed"], "weight_scale": ct["weight_scale"],
+                    "weight_scale_2": ct["weight_global_scale"].reciprocal().reshape(()), "input_scale": MODELOPT_INPUT_SCALE}
         return {"weight": self.linear(out, inp)}
 
     def fp8_random(self, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,6 +505,16 @@ def _inv_freq(rope_dim: int) -> torch.Tensor:
     return (1.0 / 50000.0 ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)).to(BF16)
 
 
+# A Model Optimizer NVFP4 (W4A4) release's activation scale, the same for every module here (requant leaves it behind)
+MODELOPT_INPUT_SCALE = torch.tensor(0.0625, dtype=torch.float32)
+
+
+def _modelopt_nvfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One matrix as Model Optimizer's NVFP4 (W4A4) stores it: its weights, and an activation scale."""
+    return {**dict(zip(MODULE_PARAMS["nvfp4_modelopt"], quantize_nvfp4_modelopt(weight))),
+            "input_scale": MODELOPT_INPUT_SCALE.clone()}
+
+
 # The tensors of one routed expert projection, by source format: (name, dtype, shape from (out, in)).
 EXPERT_PARAMS = {
     SourceFormat.INT4: (("weight_packed", torch.int32, lambda o, i: (o, -(-i // 8))),
@@ -494,6 +527,9 @@ EXPERT_PARAMS = {
     SourceFormat.NVFP4: (("weight_packed", torch.uint8, lambda o, i: (o, i // 2)),
                          ("weight_scale", torch.float8_e4m3fn, lambda o, i: (o, i // NVFP4_GROUP)),
                          ("weight_global_scale", F32, lambda o, i: (1,))),
+    SourceFormat.NVFP4_MODELOPT: (("weight", torch.uint8, lambda o, i: (o, i // 2)),
+                                  ("weight_scale", torch.float8_e4m3fn, lambda o, i: (o, i // NVFP4_GROUP)),
+                                  ("weight_scale_2", F32, lambda o, i: ()), ("input_scale", F32, lambda o, i: ())),
     SourceFormat.BF16: (("weight", BF16, lambda o, i: (o, i)),),
 }
 
@@ -571,6 +607,8 @@ def _with_trained_weights(tensors: Iterator[_Lazy], root: Path, source: SourceFo
                 stored[module] = dict(zip(MODULE_PARAMS["fp8_block"], fp8_block_quantize(w)))
             elif source is SourceFormat.NVFP4:
                 stored[module] = dict(zip(MODULE_PARAMS["nvfp4"], quantize_nvfp4(w)))
+            elif source is SourceFormat.NVFP4_MODELOPT:
+                stored[module] = _modelopt_nvfp4(w)
             else:
                 stored[module] = dict(zip(MODULE_PARAMS["mxfp4"], quantize_mxfp4_ct(w)))
         return stored[module][param]
@@ -673,6 +711,12 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
                                "AutoModel": "modeling_deepseek.DeepseekV3Model",
                                "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if p.source is SourceFormat.NVFP4_MODELOPT:  # Model Optimizer's own description beside it
+        quant = quantization_config(p)
+        hf_quant = {"producer": quant["producer"], "quantization": {
+            "quant_algo": quant["quant_algo"], "kv_cache_quant_algo": None, "group_size": NVFP4_GROUP,
+            "exclude_modules": quant["ignore"]}}
+        (dst / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))
     # one EOS everywhere: engines stop generation on generation_config's, the reference server on config's
     generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": ids["[EOS]"], "max_length": 262144, "do_sample": True,
                   "temperature": 1.0, "top_p": 0.95}
