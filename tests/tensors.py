@@ -23,6 +23,16 @@ def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def assert_same_tensors(ours: Path, theirs: Path) -> dict[str, torch.Tensor]:
+    """Both checkpoints hold the same tensors, name for name, dtype, shape and byte for byte; returns ours."""
+    a, b = load_tensors(ours), load_tensors(theirs)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
+        assert raw(a[name]) == raw(b[name]), name
+    return a
+
+
 def engine_fused_names(exclude: list[str]) -> list[str]:
     """The names requant adds to Quark's ``exclude`` (written out here, not taken from requant): the fused modules
     SGLang and vLLM build whose every shard Quark excluded."""

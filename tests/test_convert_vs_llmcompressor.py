@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from adversarial import adversarial_nvfp4
-from tensors import load_tensors, raw
+from tensors import assert_same_tensors, load_tensors, raw
 
 import requant
 from requant.export import ExportFormat
@@ -76,11 +76,7 @@ def test_builtins_include_compressed_tensors():
 @pytest.mark.parametrize("recipe", VARIANTS)
 def test_tensors_equal_llmcompressor(recipe, pair):
     upstream_name, _, ours, theirs = pair
-    a, b = load_tensors(ours[recipe]), load_tensors(theirs[recipe])
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
-        assert raw(a[name]) == raw(b[name]), name
+    a = assert_same_tensors(ours[recipe], theirs[recipe])
     if upstream_name == "adversarial_bf16_upstream":  # the signed zeros are exercised, not only possible
         packed = [t for n, t in a.items() if n.endswith(".weight_packed") and ".layers.1." in n]
         assert packed and any(bool((unpack_fp4(p) == 0x8).any()) for p in packed)
