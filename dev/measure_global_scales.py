@@ -5,9 +5,10 @@ Converts the trained INT4 upstream with ct-nvfp4a16 twice, with one global scale
 default) and with llm-compressor's separate ones (--no-shared-global-scale), and makes the second as vLLM 0.32 reads
 it (requant.testing.vllm_reads: every up_proj decoded with its gate's scale). Each is served by `requant serve` and
 judged as the evaluation flow judges it (smoke test, then lm-eval GSM8K on the model's task against fp8-reference),
-ct-mxfp4 and modelopt-nvfp4 (Model Optimizer's NVFP4, whose export shares the same sets' scales) beside them; and, per routed expert up_proj, the SNR of each decode against the exact INT4 weights. Writes
-global-scales.json (with date, commit and machine) and global-scales.md under --out. --weights-only keeps the served
-results of the file already there (with their own date and commit) and measures the weights again (seconds).
+ct-mxfp4 and modelopt-nvfp4 (Model Optimizer's NVFP4, whose export shares the same sets' scales) beside them;
+and, per routed expert up_proj, the SNR of each decode against the exact INT4 weights. Writes global-scales.json
+(with date, commit and machine) and global-scales.md under --out. --weights-only keeps the served results of the
+file already there (with their own date and commit) and measures the weights again (seconds).
 
     python -m dev.measure_global_scales [--limit 100] [--seeds 42 1234 7777] [--out results/trained] [--weights-only]
 """

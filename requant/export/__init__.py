@@ -33,20 +33,18 @@ class ExportFormat(StrEnum):
 
 @dataclass(frozen=True)
 class Maker:
-    """Whose tool writes an export format: its table of formats (None: one per Quark release), its name for people,
-    and the quant_method its config declares."""
+    """Whose tool writes an export format: its table of formats (None: one per Quark release) and its name for
+    people."""
 
     table: str | None
     name: str
-    quant_method: str
 
 
 MAKERS: dict[ExportFormat, Maker] = {
-    ExportFormat.QUARK: Maker(None, "AMD Quark", "quark"),
+    ExportFormat.QUARK: Maker(None, "AMD Quark"),
     ExportFormat.COMPRESSED_TENSORS: Maker(COMPRESSED_TENSORS_TABLE,
-                                           f"llm-compressor 0.14 (compressed-tensors {COMPRESSED_TENSORS_VERSION})",
-                                           "compressed-tensors"),
-    ExportFormat.MODELOPT: Maker(MODELOPT_TABLE, f"NVIDIA Model Optimizer {MODELOPT_VERSION}", "modelopt"),
+                                           f"llm-compressor 0.14 (compressed-tensors {COMPRESSED_TENSORS_VERSION})"),
+    ExportFormat.MODELOPT: Maker(MODELOPT_TABLE, f"NVIDIA Model Optimizer {MODELOPT_VERSION}"),
 }
 
 
