@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# pytest runs in three lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, the trained model's,
-# and the rest); SERIAL=1 runs them one after the other, PYTEST_ARGS go to each (e.g. PYTEST_ARGS="-x -k gate").
+# pytest runs in two lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, and the rest); SERIAL=1
+# runs them one after the other, PYTEST_ARGS go to both (e.g. PYTEST_ARGS="-x -k gate").
 # The environments are built side by side first (they wait on downloads and disks more than on the cores), each
 # one's output kept together.
 TEST_ENVS := install browser engine-venv quark13-venv sglang-venv llmc-venv

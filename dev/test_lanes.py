@@ -1,9 +1,8 @@
-"""make test's pytest run: three lanes at once, since the suite waits (on servers, subprocesses, engines) more than it
-computes. A lane is its own pytest process over tests that share nothing with another lane's: the services lane
+"""make test's pytest run: two lanes at once, since the suite waits (on servers, subprocesses, engines) more than it
+computes. A lane is its own pytest process over tests that share nothing with the other lane's: the services lane
 holds every test that starts S3, Ray or Prefect (they share session-scoped servers, so they stay together), the
-trained lane the trained model's smoke tests and gates, the compute lane the rest (Quark, the engines, the formats).
-Each lane writes its own log and JUnit file under LOG_DIR; a lane's log is printed when it ends, then one closing
-line for all.
+compute lane the rest (Quark, the engines, the trained model, the formats). Each lane writes its own log and JUnit
+file under LOG_DIR; a lane's log is printed when it ends, then one closing line for both.
 
     python -m dev.test_lanes [--serial] [--log-dir DIR] [-- PYTEST ARGS]
 """
@@ -23,19 +22,18 @@ from pathlib import Path
 # their own processes) and the reference server's tests (their own session servers, tests/serving/conftest.py) share
 # nothing with either lane and go here for balance: the compute lane is the longer one (measured in a clean-clone run
 # of f1f242c: services 29.0 min, compute 37.0 min, of which tests/serving 4.6 min).
+# Three lanes (the trained model's tests in their own) were measured slower on two cores, in a clean-clone run of
+# 58f7e22: the lanes starve each other (load average 11), compute 32.0 min, trained 29.4, services past 40.
 SERVICES = ("tests/flow", "tests/ops", "tests/hardening", "tests/test_plan_transport.py", "tests/release",
             "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/test_sources.py", "tests/serving")
-# The trained model's conversions, servers and GSM8K runs (12-15 of the compute lane's 34.0 min in the clean-clone
-# run of 49e9b9a, the longest lane): their own lane, since the suite waits more than it computes.
-TRAINED = ("tests/trained",)
 
 
 def lanes() -> dict[str, list[str]]:
     tests = Path("tests")
     rest = sorted(str(p) for p in tests.iterdir()
                   if (p.is_dir() and p.name not in {"__pycache__", "data"} or p.name.startswith("test_"))
-                  and str(p) not in SERVICES + TRAINED)
-    return {"services": list(SERVICES), "trained": list(TRAINED), "compute": rest}
+                  and str(p) not in SERVICES)
+    return {"services": list(SERVICES), "compute": rest}
 
 
 def counts(junit: Path) -> dict[str, int]:

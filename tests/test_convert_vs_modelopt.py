@@ -51,31 +51,85 @@ def _peers_python() -> str:
     return str(PEERS_PYTHON)
 
 
-def _modelopt(upstream: Path, root: Path, recipes: list[str]) -> dict[str, Path]:
-    jobs = [{"dst": str(root / "modelopt" / "decoded")}]  # the weights Model Optimizer starts from
-    for name in recipes:
+def _equivalent_jobs(src: Path, dst: Path) -> list[dict]:
+    """The oracle's jobs for one upstream: the weights Model Optimizer starts from ("decoded"), and every recipe."""
+    jobs = [{"src": str(src), "dst": str(dst / "decoded")}]
+    for name in RECIPES:
         equivalent = load_checks(name).modelopt
         assert equivalent is not None, f"recipe {name} states no modelopt_equivalent"
-        jobs.append({"dst": str(root / "modelopt" / name), "scheme": equivalent.scheme, "enable": list(equivalent.enable)})
+        jobs.append({"src": str(src), "dst": str(dst / name), "scheme": equivalent.scheme,
+                     "enable": list(equivalent.enable)})
+    return jobs
+
+
+E = "model.layers.1.mlp.experts"
+
+
+def _zero_weights() -> dict:
+    """An all-zero expert pair, a pair with one zero member, signed zeros beside a large value, a group whose scale
+    is below E4M3's smallest (clamped to 2**-9)."""
+    import torch
+
+    w = {f"{E}.0.gate_proj": torch.zeros(2, 32), f"{E}.0.up_proj": torch.zeros(2, 32),
+         f"{E}.1.gate_proj": torch.zeros(2, 32), f"{E}.1.up_proj": torch.linspace(-3, 3, 64).reshape(2, 32)}
+    w[f"{E}.1.up_proj"][0, :4] = torch.tensor([3000.0, -1e-3, -1e-30, 1e-4])
+    w[f"{E}.1.up_proj"][1, 16:] = 1e-3
+    return {k: v.to(torch.bfloat16) for k, v in w.items()}
+
+
+def _summary_cases() -> list[dict]:
+    """Name sets built to hit each case of the exclude summary: a prefix no quantized module shares (``p*``), one
+    that only a longer sibling shares (``p.*``), a module whose parent is quantized, names that prefix others."""
+    import random
+
+    rng = random.Random(5)
+    cases = []
+    for _ in range(40):
+        names = sorted({".".join(rng.choice(("a", "b", "ab", "a1", "mlp", "gate", "gate_proj", "0", "1", "10"))
+                                 for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(2, 14))})
+        quantized = [n for n in names if rng.random() < 0.4]
+        cases.append({"quantized": quantized, "unquantized": [n for n in names if n not in quantized]})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory) -> dict:
+    """Every upstream converted by requant (each modelopt recipe, and bf16-staging) and, in one Model Optimizer
+    process (it takes seconds to import), by Model Optimizer: ``{fixture: (upstream, ours, theirs)}``; and its
+    output for the zero-weights matrix ("zero") and its exclude summaries of the name sets ("summary")."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("modelopt")
+    jobs, out = [], {}
+    for fixture in UPSTREAMS:
+        upstream = request.getfixturevalue(fixture)
+        ours = {}
+        for name in [*RECIPES, "bf16-staging"]:
+            requant.convert(str(upstream), str(root / fixture / "requant" / name), name, progress=False)
+            ours[name] = root / fixture / "requant" / name
+        jobs += _equivalent_jobs(upstream, root / fixture / "modelopt")
+        out[fixture] = (upstream, ours, {j["dst"].rsplit("/", 1)[1]: Path(j["dst"]) for j in jobs[-1 - len(RECIPES):]})
+    zero = root / "zero-src"
+    zero.mkdir()
+    save_file({f"{k}.weight": v for k, v in _zero_weights().items()}, str(zero / "model.safetensors"))
+    (zero / "config.json").write_text(json.dumps({"architectures": ["X"], "model_type": "x"}))
+    jobs.append({"src": str(zero), "dst": str(root / "zero"), "scheme": "W4A16_NVFP4",
+                 "enable": ["*.experts.*weight_quantizer"]})
+    (root / "cases.json").write_text(json.dumps(_summary_cases()))
+    jobs.append({"dst": str(root / "summary.json"), "summarize": str(root / "cases.json")})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([_peers_python(), "-m", "requant.testing.modelopt_reference", str(upstream),
+    proc = subprocess.run([_peers_python(), "-m", "requant.testing.modelopt_reference", jobs[0]["src"],
                            str(root / "jobs.json")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: root / "modelopt" / name for name in [*recipes, "decoded"]}
+    return {**out, "zero": root / "zero", "summary": json.loads((root / "summary.json").read_text())}
 
 
-@pytest.fixture(scope="module", params=UPSTREAMS)
-def pair(request, tmp_path_factory) -> tuple[str, Path, dict[str, Path], dict[str, Path]]:
+@pytest.fixture(params=UPSTREAMS)
+def pair(request, runs) -> tuple[str, Path, dict[str, Path], dict[str, Path]]:
     """(upstream fixture, upstream, requant's outputs, Model Optimizer's outputs) for every modelopt recipe, and
     bf16-staging beside Model Optimizer's starting weights ("decoded")."""
-    upstream = request.getfixturevalue(request.param)
-    root = tmp_path_factory.mktemp(f"modelopt-{request.param}")
-    ours = {}
-    for name in [*RECIPES, "bf16-staging"]:
-        requant.convert(str(upstream), str(root / "requant" / name), name, progress=False)
-        ours[name] = root / "requant" / name
-    return request.param, upstream, ours, _modelopt(upstream, root, RECIPES)
+    return (request.param, *runs[request.param])
 
 
 def test_builtins_include_modelopt():
@@ -130,65 +184,34 @@ def test_config_and_hf_quant_config_equal_modelopt(recipe, pair):
 
 
 @pytest.mark.oracle
-def test_exclude_modules_summarize_as_modelopt_does(tmp_path):
+def test_exclude_modules_summarize_as_modelopt_does(runs):
     """requant's exclude_modules against Model Optimizer's own summary (``_prefix_wildcard_summarize_exclude_modules``)
-    on name sets built to hit each of its cases: a prefix no quantized module shares (``p*``), one that only a longer
-    sibling shares (``p.*``), a module whose parent is quantized, names that are prefixes of others."""
-    import random
-
-    rng = random.Random(5)
-    cases = []
-    for _ in range(40):
-        names = sorted({".".join(rng.choice(("a", "b", "ab", "a1", "mlp", "gate", "gate_proj", "0", "1", "10"))
-                                 for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(2, 14))})
-        quantized = [n for n in names if rng.random() < 0.4]
-        cases.append({"quantized": quantized, "unquantized": [n for n in names if n not in quantized]})
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    code = ("import json, sys; from modelopt.torch.export.quant_utils import _prefix_wildcard_summarize_exclude_modules "
-            "as s; cases = json.load(open(sys.argv[1])); "
-            "print(json.dumps([sorted(s(c['unquantized'], c['quantized'])) for c in cases]))")
-    proc = subprocess.run([_peers_python(), "-c", code, str(tmp_path / "cases.json")], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
-    ours = [exclude_modules(c["unquantized"], c["quantized"]) for c in cases]
-    assert ours == theirs
+    on name sets built to hit each of its cases (``_summary_cases``)."""
+    ours = [exclude_modules(c["unquantized"], c["quantized"]) for c in _summary_cases()]
+    assert ours == runs["summary"]
     assert any(e.endswith(".*") for case in ours for e in case) and any(e.endswith("*") and not e.endswith(".*")
                                                                          for case in ours for e in case)
 
 
 @pytest.mark.oracle
-def test_zero_weights_are_the_one_deliberate_difference(tmp_path):
-    """One BF16 expert pair through Model Optimizer and through requant: an all-zero gate_proj + up_proj pair gets NaN
-    scales and code 7 from Model Optimizer, zeros with weight_scale_2 1 from requant; in a pair where only one is zero,
-    the zero one shares its partner's weight_scale_2 and both equal Model Optimizer's; signed zeros and the smallest
-    group scale (2**-9) agree."""
+def test_zero_weights_are_the_one_deliberate_difference(runs):
+    """One BF16 expert layer through Model Optimizer and through requant's encoder (``_zero_weights``): an all-zero
+    gate_proj + up_proj pair gets NaN scales and code 7 from Model Optimizer, zeros with weight_scale_2 1 from
+    requant; in a pair where only one is zero, the zero one shares its partner's weight_scale_2 and both equal Model
+    Optimizer's; signed zeros and the smallest group scale (2**-9) agree."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from requant.formats.nvfp4 import quantize_nvfp4_modelopt, tensor_amax
 
-    e = "model.layers.1.mlp.experts"
-    w = {f"{e}.0.gate_proj": torch.zeros(2, 32), f"{e}.0.up_proj": torch.zeros(2, 32),
-         f"{e}.1.gate_proj": torch.zeros(2, 32), f"{e}.1.up_proj": torch.linspace(-3, 3, 64).reshape(2, 32)}
-    w[f"{e}.1.up_proj"][0, :4] = torch.tensor([3000.0, -1e-3, -1e-30, 1e-4])  # signed zeros beside a large value
-    w[f"{e}.1.up_proj"][1, 16:] = 1e-3  # a group whose scale is below E4M3's smallest: clamped to 2**-9
-    (tmp_path / "src").mkdir()
-    save_file({f"{k}.weight": v.to(torch.bfloat16) for k, v in w.items()}, str(tmp_path / "src" / "model.safetensors"))
-    (tmp_path / "src" / "config.json").write_text(json.dumps({"architectures": ["X"], "model_type": "x"}))
-    (tmp_path / "jobs.json").write_text(json.dumps([{"dst": str(tmp_path / "dst"), "scheme": "W4A16_NVFP4",
-                                                     "enable": ["*.experts.*weight_quantizer"]}]))
-    proc = subprocess.run([_peers_python(), "-m", "requant.testing.modelopt_reference", str(tmp_path / "src"),
-                           str(tmp_path / "jobs.json")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    theirs = load_file(str(tmp_path / "dst" / "model.safetensors"))
+    w = _zero_weights()
+    theirs = load_file(str(runs["zero"] / "model.safetensors"))
     for expert in (0, 1):
-        pair = [w[f"{e}.{expert}.{p}_proj"].to(torch.bfloat16) for p in ("gate", "up")]
+        pair = [w[f"{E}.{expert}.{p}_proj"] for p in ("gate", "up")]
         amax = torch.stack([tensor_amax(t) for t in pair]).amax()
         for proj, weight in zip(("gate", "up"), pair):
             packed, scale, scale_2 = quantize_nvfp4_modelopt(weight, amax)
-            name = f"{e}.{expert}.{proj}_proj"
+            name = f"{E}.{expert}.{proj}_proj"
             got = (theirs[f"{name}.weight"], theirs[f"{name}.weight_scale"], theirs[f"{name}.weight_scale_2"])
             if expert == 0:  # zero throughout: Model Optimizer divides zero by zero
                 assert torch.isnan(got[1].float()).all() and bool((unpack_fp4(got[0]) == 7).all())
@@ -196,5 +219,5 @@ def test_zero_weights_are_the_one_deliberate_difference(tmp_path):
                 assert not packed.any() and bool((scale.float() == 1).all()) and float(scale_2) == 1.0
             else:
                 assert [raw(t) for t in (packed, scale, scale_2)] == [raw(t) for t in got], name
-    up = quantize_nvfp4_modelopt(w[f"{e}.1.up_proj"].to(torch.bfloat16))
+    up = quantize_nvfp4_modelopt(w[f"{E}.1.up_proj"])
     assert unpack_fp4(up[0])[0, 1:3].tolist() == [0x8, 0x8] and float(up[1].float().min()) == 2.0 ** -9

@@ -1,4 +1,4 @@
-"""make test's pytest lanes (dev/test_lanes.py): they cover the suite once, and every test that starts S3, Ray
+"""make test's two pytest lanes (dev/test_lanes.py): they cover the suite once, and every test that starts S3, Ray
 or Prefect is in the services lane, so no server is started twice at once or shared across processes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dev.test_lanes import SERVICES, TRAINED, counts, lanes
+from dev.test_lanes import SERVICES, counts, lanes
 
 TESTS = Path(__file__).resolve().parent
 SERVICE_USE = re.compile(r"\b(s3_server|prefect_api|prefect_test_harness|import ray|ray\.init|seaweed\.(start|restart))\b")
@@ -27,7 +27,7 @@ def test_every_test_module_is_in_exactly_one_lane_and_services_stay_together(mon
         assert len(found) == 1, (module, found)
         if module != Path(__file__).resolve() and SERVICE_USE.search(module.read_text()):
             assert found == ["services"], f"{module} starts a service but runs in the {found} lane; add it to SERVICES"
-    assert all((TESTS.parent / p).exists() for p in SERVICES + TRAINED)
+    assert all((TESTS.parent / p).exists() for p in SERVICES)
 
 
 def test_counts_come_from_the_junit_file_and_a_missing_one_is_a_failure(tmp_path):

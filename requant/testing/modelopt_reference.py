@@ -1,7 +1,8 @@
 """NVIDIA Model Optimizer 0.47, the reference implementation of the ``modelopt`` export, as the tests (the oracle) run
 it: ``python -m requant.testing.modelopt_reference SRC JOBS_JSON`` in the peers' pinned virtualenv (.venv-llmc,
-``make llmc-venv``) writes, for each ``{"dst", "scheme", "enable"}`` of the JSON list, what Model Optimizer's
-``mtq.quantize`` and unified Hugging Face export make of the upstream's weights, on the CPU.
+``make llmc-venv``) writes, for each ``{"dst", "scheme", "enable"}`` of the JSON list (with ``"src"``: of another
+upstream), what Model Optimizer's ``mtq.quantize`` and unified Hugging Face export make of the upstream's weights,
+on the CPU; a ``{"dst", "summarize"}`` job writes Model Optimizer's ``exclude_modules`` summary of name sets.
 
 Model Optimizer quantizes a PyTorch model. The checkpoint's Kimi-K2.6 model is remote code (never run), so this
 builds the module tree its tensors name (``nn.Linear`` for every matrix but the embedding, ``nn.Embedding`` for it,
@@ -171,13 +172,31 @@ def run_job(src: Path, tensors: dict[str, Any], job: dict[str, Any]) -> None:
     _write_hf_export_config(model, hf_quant_config, dst)
 
 
+def summarize(job: dict[str, Any]) -> None:
+    """Model Optimizer's own ``exclude_modules`` summary of each ``{"unquantized", "quantized"}`` name set of
+    ``job["summarize"]`` (a JSON file), written to ``job["dst"]`` as a JSON list of sorted lists."""
+    from modelopt.torch.export.quant_utils import _prefix_wildcard_summarize_exclude_modules
+
+    cases = json.loads(Path(job["summarize"]).read_text())
+    Path(job["dst"]).write_text(json.dumps(
+        [sorted(_prefix_wildcard_summarize_exclude_modules(c["unquantized"], c["quantized"])) for c in cases]))
+
+
 def run_jobs(src: str, jobs: list[dict[str, Any]]) -> None:
+    """Every job in one process (Model Optimizer takes seconds to import): a job's own ``"src"`` or ``src``, each
+    upstream read once."""
     import torch
 
     torch.set_num_threads(1)
-    tensors = _load(Path(src))
+    loaded: dict[str, dict[str, Any]] = {}
     for job in jobs:
-        run_job(Path(src), tensors, job)
+        if "summarize" in job:
+            summarize(job)
+            continue
+        job_src = job.get("src", src)
+        if job_src not in loaded:
+            loaded[job_src] = _load(Path(job_src))
+        run_job(Path(job_src), loaded[job_src], job)
 
 
 if __name__ == "__main__":
