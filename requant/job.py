@@ -26,7 +26,8 @@ from requant.errors import CheckpointError
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
-from requant.formats.nvfp4 import dequantize_nvfp4, dequantize_nvfp4_modelopt, tensor_amax
+from requant.formats.nvfp4 import tensor_amax
+from requant.formats.source import NVFP4_DECODERS
 from requant.formats.table import INT4_DECODE_DTYPE, UNQUANTIZED
 from requant.io.ranges import CoalescingReader
 from requant.io.safetensors import SafetensorsWriter, TensorEntry, layout
@@ -381,7 +382,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         out = _from_fp8_block(task, inputs, uri, device)
         scale, weight = inputs
         reference = lambda rows: dequantize_fp8_block_rows(weight, scale, task.block, rows.cpu())  # noqa: E731
-    elif task.kind in ("fp8_block", "mxfp4", "nvfp4", "nvfp4_modelopt"):
+    elif task.kind in ("fp8_block", "mxfp4", *NVFP4_DECODERS):
         weight = decode_source(task, inputs, uri).to(device)
         if fmt is None:
             return [weight.cpu()], None
@@ -415,7 +416,7 @@ def decode_source(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     first; NVFP4 as stored), checked first: what Quark's file-to-file export quantizes from the same weights decoded
     to BF16."""
     weight_e = task.inputs[0]
-    if task.kind in ("nvfp4", "nvfp4_modelopt"):
+    if task.kind in NVFP4_DECODERS:
         return _decode_nvfp4(task, inputs, uri)
     scale, weight = inputs
     if task.kind == "mxfp4":
@@ -443,8 +444,7 @@ def _decode_nvfp4(task: TensorTask, inputs: list[torch.Tensor], uri: str) -> tor
     if not (all_finite(global_scale) and bool((global_scale > 0).all())):
         raise CheckpointError(f"{uri}/{global_e.file}", f"global scale {global_scale.tolist()} is not a positive "
                               "finite number", global_e.name)
-    decode = dequantize_nvfp4_modelopt if task.kind == "nvfp4_modelopt" else dequantize_nvfp4
-    decoded = decode(packed, scale, global_scale, torch.bfloat16)
+    decoded = NVFP4_DECODERS[task.kind](packed, scale, global_scale, torch.bfloat16)
     if not all_finite(decoded):
         bad = int((~torch.isfinite(decoded)).sum())
         raise CheckpointError(f"{uri}/{packed_e.file}", f"{bad} values decode beyond BF16's range (Inf)", packed_e.name)
@@ -527,10 +527,8 @@ def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device
             weight = dequantize_mxfp4(packed.to(device), scale.to(device), torch.bfloat16)
         elif task.kind == "fp8_block":
             weight = dequantize_fp8_block_checked(tensors[0].to(device), tensors[1].to(device), task.block)
-        elif task.kind == "nvfp4":
-            weight = dequantize_nvfp4(*(t.to(device) for t in tensors), torch.bfloat16)
-        elif task.kind == "nvfp4_modelopt":
-            weight = dequantize_nvfp4_modelopt(*(t.to(device) for t in tensors), torch.bfloat16)
+        elif task.kind in NVFP4_DECODERS:
+            weight = NVFP4_DECODERS[task.kind](*(t.to(device) for t in tensors), torch.bfloat16)
         else:
             (weight,) = tensors
         partner_amax.append(tensor_amax(weight.to(device)))

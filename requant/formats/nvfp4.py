@@ -59,19 +59,28 @@ def quantize_nvfp4(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tu
     scale = g * (amax16 / torch.tensor(E2M1_MAX, dtype=weight.dtype))
     scale = scale.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
     scale = torch.where(scale == 0, torch.tensor(FP8_EPS), scale)
-    quotient = groups.to(torch.float32) / (scale / g).unsqueeze(-1)
-    codes = e2m1_codes(quotient)
-    codes |= ((codes == 0) & (quotient < 0)).to(torch.uint8) * E2M1_SIGN_BIT
-    return pack_fp4(codes.reshape(weight.shape)), scale.to(torch.float8_e4m3fn), g
+    packed = _signed_e2m1(groups.to(torch.float32) / (scale / g).unsqueeze(-1), weight.shape)
+    return packed, scale.to(torch.float8_e4m3fn), g
 
 
 def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale_: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(packed uint8 [out, in/2], FP8 scales [out, in/16], FP32 global scale [1]) -> values [out, in], as
     compressed-tensors decodes them: ``e2m1 * (s / g)`` in FP32."""
-    values = dequantize_e2m1(packed)
+    return _scaled(dequantize_e2m1(packed), scale.to(torch.float32) / global_scale_.to(torch.float32), dtype)
+
+
+def _signed_e2m1(quotient: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Quotients [out, in/16, 16] -> packed codes [out, in/2]; a negative quotient that rounds to zero keeps its
+    sign (code 0x8), as both makers write it."""
+    codes = e2m1_codes(quotient)
+    codes |= ((codes == 0) & (quotient < 0)).to(torch.uint8) * E2M1_SIGN_BIT
+    return pack_fp4(codes.reshape(shape))
+
+
+def _scaled(values: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """E2M1 values [out, in] times their group's step [out, in/16], in FP32, then ``dtype``."""
     groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
-    step = scale.to(torch.float32) / global_scale_.to(torch.float32)
     return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)
 
 
@@ -97,10 +106,8 @@ def quantize_nvfp4_modelopt(weight: torch.Tensor, amax: torch.Tensor | None = No
     groups = weight.reshape(weight.shape[0], -1, NVFP4_GROUP)
     scale = groups.abs().amax(dim=-1).to(torch.float32) / (E2M1_MAX * scale_2)
     scale = torch.where(scale == 0, torch.ones(()), scale).clamp(FP8_MIN_SCALE, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    quotient = groups / (scale.to(torch.float32) * scale_2).unsqueeze(-1)
-    codes = e2m1_codes(quotient)
-    codes |= ((codes == 0) & (quotient < 0)).to(torch.uint8) * E2M1_SIGN_BIT
-    return pack_fp4(codes.reshape(weight.shape)), scale, scale_2
+    packed = _signed_e2m1(groups / (scale.to(torch.float32) * scale_2).unsqueeze(-1), weight.shape)
+    return packed, scale, scale_2
 
 
 def dequantize_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
@@ -108,6 +115,4 @@ def dequantize_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2
     """(packed uint8 [out, in/2], FP8 scales [out, in/16], FP32 ``weight_scale_2``) -> values [out, in], as Model
     Optimizer decodes them: ``e2m1 * (s * weight_scale_2)`` in FP32, code 0x8 as +0 (its table has no -0)."""
     values = dequantize_e2m1(packed) + 0.0  # -0 + 0 is +0
-    groups = values.reshape(values.shape[0], -1, NVFP4_GROUP)
-    step = scale.to(torch.float32) * scale_2.to(torch.float32).reshape(())
-    return (groups * step.unsqueeze(-1)).reshape(values.shape).to(dtype)
+    return _scaled(values, scale.to(torch.float32) * scale_2.to(torch.float32).reshape(()), dtype)

@@ -77,6 +77,9 @@ MODULE_PARAMS: dict[str, tuple[str, ...]] = {
 DROPPED_PARAMS: dict[str, tuple[str, ...]] = {"nvfp4_modelopt": ("input_scale",)}
 QUANTIZED_KIND = {SourceFormat.INT4: "int4", SourceFormat.FP8_BLOCK: "fp8_block", SourceFormat.MXFP4: "mxfp4",
                   SourceFormat.NVFP4: "nvfp4", SourceFormat.NVFP4_MODELOPT: "nvfp4_modelopt"}
+# How each NVFP4 storage decodes its MODULE_PARAMS (packed, scales, global scale) to ``dtype``: compressed-tensors'
+# global scale divides, Model Optimizer's weight_scale_2 multiplies
+NVFP4_DECODERS = {"nvfp4": dequantize_nvfp4, "nvfp4_modelopt": dequantize_nvfp4_modelopt}
 # The NVFP4 quant_algo values of a Model Optimizer config whose weights requant reads
 MODELOPT_NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")
 DECODED_DTYPE = "BF16"  # what a quantized upstream weight decodes to (the high-precision dtype of its outputs)
@@ -220,10 +223,9 @@ def stored_shape(kind: str, tensors: dict[str, torch.Tensor]) -> tuple[int, int]
     """The (out, in) shape of the weight a module stored as ``kind`` holds."""
     if kind == "int4":
         out, inp = tensors["weight_shape"].tolist()
-    elif kind in ("mxfp4", "nvfp4"):
-        out, inp = tensors["weight_packed"].shape[0], 2 * tensors["weight_packed"].shape[1]
-    elif kind == "nvfp4_modelopt":
-        out, inp = tensors["weight"].shape[0], 2 * tensors["weight"].shape[1]
+    elif kind in ("mxfp4", "nvfp4", "nvfp4_modelopt"):  # E2M1 codes two per byte, in the first parameter
+        packed = tensors[MODULE_PARAMS[kind][0]]
+        out, inp = packed.shape[0], 2 * packed.shape[1]
     else:
         out, inp = tensors["weight"].shape
     return int(out), int(inp)
@@ -247,9 +249,7 @@ def decode_stored(kind: str, tensors: dict[str, torch.Tensor], source: Source,
         return dequantize_fp8_block(tensors["weight"], tensors["weight_scale_inv"], source.block or FP8_BLOCK_DEFAULT)
     if kind == "mxfp4":
         return dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], torch.bfloat16)
-    if kind == "nvfp4":
-        return dequantize_nvfp4(tensors["weight_packed"], tensors["weight_scale"], tensors["weight_global_scale"], dtype)
-    if kind == "nvfp4_modelopt":
-        return dequantize_nvfp4_modelopt(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
+    if kind in NVFP4_DECODERS:
+        return NVFP4_DECODERS[kind](*(tensors[param] for param in MODULE_PARAMS[kind]), dtype)
     raise ValueError(f"{kind!r} is not a quantized storage")
 
