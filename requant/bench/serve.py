@@ -1,6 +1,6 @@
 """``requant bench serve`` (``make bench-serve``): reference-server throughput on the ``tiny`` model, variants side by side.
 
-In-process: prefill tokens/s (one long prompt) and decode tokens/s (greedy, latent KV cache) for the
+In-process: prefill tokens/s (one long prompt) and decode tokens/s (greedy, key/value cache) for the
 BF16 staging, FP8 reference and MXFP4 variants of the same upstream, plus MXFP4 with its activation
 QDQ switched off, which splits MXFP4's cost into weight dequantization (none at run time: done at load)
 and activation quantize-dequantize. Over HTTP: lm-eval GSM8K wall time per 100 items against the server.
@@ -94,7 +94,7 @@ def _lm_eval_rate(checkpoint: Path, items: int, gsm8k_dir: str, root: Path) -> d
 
 def format_results(r: dict[str, Any]) -> str:
     lines = [f"# Reference server throughput (tiny model, {r['threads']} torch threads)", "",
-             f"Prefill: one {r['prompt_len']}-token prompt; decode: {r['decode_len']} greedy tokens with the latent cache.",
+             f"Prefill: one {r['prompt_len']}-token prompt; decode: {r['decode_len']} greedy tokens with the key/value cache.",
              "", "| variant | prefill tok/s | decode tok/s | decode vs BF16 |", "|---|---|---|---|"]
     base = r["model"][0]["decode_tok_s"]
     for row in r["model"]:

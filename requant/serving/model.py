@@ -2,8 +2,8 @@
 
 MLA attention (low-rank q and kv, a shared rotary key, YaRN RoPE with interleaved rotary pairs and the
 mscale attention correction), sigmoid ``noaux_tc`` routing with ``e_score_correction_bias`` and group
-limits, a shared expert, top-k routed experts, RMSNorm. One sequence at a time with a latent KV cache
-(the normalised kv latent and the rotated shared key, which is what MLA caches).
+limits, a shared expert, top-k routed experts, RMSNorm. One sequence at a time with a key/value cache
+(the keys and values decompressed from MLA's latent once per token, as transformers caches them).
 
 Every quantized Linear carries an optional activation QDQ (see ``activations.py``). With BF16 weights
 and no QDQ this matches transformers' ``DeepseekV3ForCausalLM`` (tests/serving/test_model_parity.py).
@@ -144,23 +144,25 @@ class Mlp:
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class LatentCache:
-    """Per-layer MLA cache of one sequence: normalised kv latents [T, kv_lora_rank] and rotated keys [T, rope]."""
+class KVCache:
+    """Per-layer attention cache of one sequence: keys [H, T, nope + rope] and values [H, T, v], as transformers'
+    DeepseekV3 caches them. Each step decompresses only its new latents (kv_b_proj on the new tokens): caching the
+    latents alone would run kv_b_proj over the whole sequence at every decoded token."""
 
     def __init__(self, layers: int):
-        self.latent: list[torch.Tensor | None] = [None] * layers
-        self.rope_key: list[torch.Tensor | None] = [None] * layers
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
 
     @property
     def length(self) -> int:
-        return 0 if self.latent[0] is None else self.latent[0].shape[0]
+        return 0 if self.keys[0] is None else self.keys[0].shape[1]
 
-    def append(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.latent[layer] is not None:
-            latent = torch.cat([self.latent[layer], latent])
-            rope_key = torch.cat([self.rope_key[layer], rope_key])
-        self.latent[layer], self.rope_key[layer] = latent, rope_key
-        return latent, rope_key
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            keys = torch.cat([self.keys[layer], keys], dim=1)
+            values = torch.cat([self.values[layer], values], dim=1)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
 
 
 class DeepseekV3Text:
@@ -209,8 +211,8 @@ class DeepseekV3Text:
                                     for e in range(cfg.experts)]
             self.layers.append(layer)
 
-    def new_cache(self) -> LatentCache:
-        return LatentCache(self.cfg.layers)
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.layers)
 
     # -- pieces -------------------------------------------------------------------------------------
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -223,7 +225,7 @@ class DeepseekV3Text:
             a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    def _attention(self, attn: dict, x: torch.Tensor, positions: torch.Tensor, cache: LatentCache, i: int) -> torch.Tensor:
+    def _attention(self, attn: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, i: int) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
         if cfg.q_lora_rank:
             q = attn["q_b_proj"](rms_norm(attn["q_a_proj"](x), attn["q_a_layernorm"], LORA_NORM_EPS))
@@ -235,11 +237,10 @@ class DeepseekV3Text:
         latent, k_rope = kv.split([cfg.kv_lora_rank, cfg.qk_rope], dim=-1)
         latent = rms_norm(latent, attn["kv_a_layernorm"], LORA_NORM_EPS)
         q_rope, k_rope = self._rotate(q_rope, positions), self._rotate(k_rope, positions)
-        latent, k_rope = cache.append(i, latent, k_rope)
-        S = latent.shape[0]
-        kv_full = attn["kv_b_proj"](latent).view(S, cfg.heads, cfg.qk_nope + cfg.v_head).transpose(0, 1)
-        k_nope, v = kv_full.split([cfg.qk_nope, cfg.v_head], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(0).expand(cfg.heads, -1, -1)], dim=-1)
+        kv = attn["kv_b_proj"](latent).view(T, cfg.heads, cfg.qk_nope + cfg.v_head).transpose(0, 1)
+        k_nope, v = kv.split([cfg.qk_nope, cfg.v_head], dim=-1)
+        k, v = cache.append(i, torch.cat([k_nope, k_rope.unsqueeze(0).expand(cfg.heads, -1, -1)], dim=-1), v)
+        S = k.shape[1]
         scores = torch.cat([q_nope, q_rope], dim=-1) @ k.transpose(1, 2) * self.softmax_scale   # [H, T, S]
         if T > 1:
             causal = torch.arange(S, device=x.device)[None, :] > (S - T + torch.arange(T, device=x.device))[:, None]
@@ -280,7 +281,7 @@ class DeepseekV3Text:
     def is_moe(self, i: int) -> bool:
         return "experts" in self.layers[i]
 
-    def attention_out(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+    def attention_out(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Layer ``i``'s attention branch on the residual stream ``h`` (appends to ``cache``)."""
         layer = self.layers[i]
         return self._attention(layer["attn"], rms_norm(h, layer["input_norm"], self.cfg.eps), positions, cache, i)
@@ -293,7 +294,7 @@ class DeepseekV3Text:
         return layer["mlp"](y) if "mlp" in layer else self._moe(layer, y, counts)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: LatentCache,
+    def forward(self, token_ids: torch.Tensor, cache: KVCache,
                 expert_counts: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """``expert_counts``: per layer, a [experts] tensor to which each MoE layer adds its routed-token counts.
         The logits come back on the CPU whatever the model's device (sampling and logprobs run there)."""

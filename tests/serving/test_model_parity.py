@@ -32,7 +32,7 @@ def test_logits_match_transformers(tiny_variants, dtype, atol):
 
 
 def test_incremental_decode_matches_full_forward(tiny_variants):
-    """The latent KV cache: prefill + one-token steps give the logits of one full pass."""
+    """The key/value cache: prefill + one-token steps give the logits of one full pass."""
     model = DeepseekV3Text(load_checkpoint(str(tiny_variants["kimi-k2.6-mxfp4"])))
     ids = _ids(24, seed=2)
     full = model.forward(ids, model.new_cache())
