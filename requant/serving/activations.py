@@ -13,7 +13,7 @@ import torch
 
 from requant.constants import FP8_E4M3_MAX, MX_BLOCK_SIZE
 from requant.errors import CheckpointError
-from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from requant.formats.mxfp4 import fake_quantize_mxfp4
 
 
 def mxfp4_qdq(x: torch.Tensor) -> torch.Tensor:
@@ -23,8 +23,7 @@ def mxfp4_qdq(x: torch.Tensor) -> torch.Tensor:
     back NaN, as Quark's FP32 quantizer and torchao's MX cast do; without this such a block silently became
     zeros. The weight encoder never sees a NaN (jobs refuse non-finite tensors), so only this path needs it.
     """
-    packed, scale = quantize_mxfp4(x)
-    out = dequantize_mxfp4(packed, scale, torch.float32)
+    out = fake_quantize_mxfp4(x)
     blocks = x.reshape(*x.shape[:-1], -1, MX_BLOCK_SIZE)
     out = out.reshape(blocks.shape).masked_fill(blocks.isnan().any(dim=-1, keepdim=True), float("nan"))
     return out.reshape(x.shape).to(x.dtype)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4, unpack_fp4
+from requant.formats.mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4, unpack_fp4
 from requant.testing.quark_reference import quark_quantize_weight
 
 # A block whose amax is 6.0 gets scale 2**0 (6 = 1.5 * 2**2; 1.5 rounds to one mantissa bit without
@@ -120,6 +120,16 @@ def test_matches_quark_on_adversarial_blocks(weight):
     q_packed, q_scale = quark_quantize_weight(weight, "mxfp4")
     assert torch.equal(scale, q_scale)
     assert torch.equal(packed, q_packed)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(bf16_blocks())
+def test_fake_quantize_is_the_encode_decode_round_trip_bit_for_bit(weight):
+    """The activation QDQ's shortcut (no codes) gives the bits of encoding then decoding: signed zeros, blocks
+    near FP32's largest exponent (values that overflow to inf on the way back) and subnormal scales included."""
+    for x in (weight, weight.float() * 2.0**100, weight.float() * 2.0**-100):
+        expected = dequantize_mxfp4(*quantize_mxfp4(x))
+        assert torch.equal(fake_quantize_mxfp4(x).view(torch.int32), expected.view(torch.int32))
 
 
 def test_decode_roundtrip_of_grid_values():
