@@ -172,3 +172,54 @@ def test_int4_decode_equals_current_compressed_tensors(adversarial_upstream, tmp
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- Quark 0.13's two-stage NVFP4 weight ---------------------------------------------------------------------------
+
+def _nvfp4_matrices() -> dict[str, torch.Tensor]:
+    """BF16 matrices for the two-stage NVFP4 encoder: rows across 2**-30..2**30 with a zero row, tiny, BF16-subnormal
+    and huge rows and zero and tiny 16-groups; a matrix that is zero throughout (both of Quark's epsilon
+    substitutions); one of BF16 subnormals (an FP32-subnormal weight_scale_2); negatives that round to zero beside
+    the tensor's maximum; E2M1's ties of both signs; Gaussians."""
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for i in range(8):
+        w = torch.randn(16, 64, generator=gen) * torch.exp2(torch.empty(16, 1).uniform_(-30, 30, generator=gen))
+        w[0] = 0
+        w[1] *= 2.0 ** -110
+        w[2] = torch.randn(64, generator=gen) * 2.0 ** -128
+        w[3] = torch.randn(64, generator=gen) * 1e30
+        groups = w.view(16, -1, 16)
+        pick = torch.rand(groups.shape[:2], generator=gen)
+        groups[pick < 0.1] = 0
+        groups[(pick >= 0.1) & (pick < 0.2)] *= 2.0 ** -20
+        out[f"adversarial{i}"] = w.to(torch.bfloat16)
+    out["zero"] = torch.zeros(4, 32, dtype=torch.bfloat16)
+    out["subnormal"] = (torch.randn(4, 32, generator=gen) * 2.0 ** -128).to(torch.bfloat16)  # weight_scale_2 too
+    out["rounds-to-signed-zero"] = torch.tensor([[6.0] + [-0.01] * 15 + [-0.0] * 16], dtype=torch.bfloat16)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4).reshape(2, 16)
+    out["ties"] = (ties * torch.tensor([[1.0], [-1.0]])).to(torch.bfloat16)
+    out["gaussian"] = torch.randn(64, 128, generator=gen).to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.oracle
+def test_nvfp4_weight_encoder_equals_quark13s(tmp_path):
+    """requant's two-stage NVFP4 encoder (formats.nvfp4.quantize_nvfp4_quark) against the function Quark 0.13's
+    file-to-file export calls for the template's ``nvfp4`` weight (FP4 per 16, FP8 E4M3 block scales, FP32
+    weight_scale_2): every byte of the codes, the block scales and the global scale."""
+    from safetensors.torch import load_file, save_file
+
+    from requant.formats.nvfp4 import quantize_nvfp4_quark
+
+    matrices = _nvfp4_matrices()
+    save_file(matrices, str(tmp_path / "in.safetensors"))
+    _run(["-m", "requant.testing.quark_reference", "--nvfp4-weights", str(tmp_path / "in.safetensors"),
+          str(tmp_path / "quark.safetensors")])
+    theirs = load_file(str(tmp_path / "quark.safetensors"))
+    for name, weight in matrices.items():
+        ours = dict(zip(("weight", "weight_scale", "weight_scale_2"), quantize_nvfp4_quark(weight)))
+        for part, tensor in ours.items():
+            expected = theirs[f"{name}.{part}"]
+            assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, (name, part)
+            assert raw(tensor) == raw(expected), (name, part)

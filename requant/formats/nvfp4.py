@@ -116,3 +116,29 @@ def dequantize_nvfp4_modelopt(packed: torch.Tensor, scale: torch.Tensor, scale_2
     Optimizer decodes them: ``e2m1 * (s * weight_scale_2)`` in FP32, code 0x8 as +0 (its table has no -0)."""
     values = dequantize_e2m1(packed) + 0.0  # -0 + 0 is +0
     return _scaled(values, scale.to(torch.float32) * scale_2.to(torch.float32).reshape(()), dtype)
+
+
+def quantize_nvfp4_quark(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """weight [out, in] (in % 16 == 0) -> (packed uint8 [out, in/2], FP8 E4M3 scales [out, in/16], FP32
+    ``weight_scale_2`` []), as AMD Quark 0.13's file-to-file export writes its two-stage NVFP4 weight
+    (``FP4Block16ScaleE4M3``: FP4 per 16 with an FP32 scale, that scale quantized to FP8 per tensor); ``amax``: the
+    largest magnitude of the tensors sharing ``weight_scale_2`` (default: ``weight``'s), all in FP32:
+
+    1. ``weight_scale_2 = amax / 2688``, FP32's epsilon where that is zero;
+    2. block scale ``b = amax16 / 6``, epsilon where zero; stored ``fp8(clamp(b / weight_scale_2, +-448))``;
+    3. elements ``e2m1(w / (s * weight_scale_2))`` with ``s`` the stored scale's value (epsilon in place of a product
+       that is zero), round half to even, saturated at 6; a negative weight that rounds to zero is +0, as in Quark's
+       MXFP4 (not Model Optimizer's code 0x8)."""
+    _check_matrix(weight)
+    eps = torch.finfo(torch.float32).eps
+    amax = (tensor_amax(weight) if amax is None else amax).to(torch.float32).reshape(())
+    scale_2 = amax / (E2M1_MAX * FP8_E4M3_MAX)
+    scale_2 = torch.where(scale_2 == 0, torch.tensor(eps), scale_2)
+    groups = weight.reshape(weight.shape[0], -1, NVFP4_GROUP).to(torch.float32)
+    block = groups.abs().amax(dim=-1) / E2M1_MAX
+    block = torch.where(block == 0, torch.tensor(eps), block)
+    step = (block / scale_2).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale_2
+    stored = (step / scale_2).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    step = torch.where(step == 0, torch.tensor(eps), step)
+    packed = pack_fp4(e2m1_codes(groups / step.unsqueeze(-1)).reshape(weight.shape))
+    return packed, stored, scale_2

@@ -7,6 +7,8 @@ only when one of these functions runs.
 * As a script: ``python -m requant.testing.quark_reference SRC JOBS_JSON`` runs Quark's own
   ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` of the JSON list. A separate
   process, because that function sets torch's global default dtype from config.json.
+  ``python -m requant.testing.quark_reference --nvfp4-weights SRC DST`` runs Quark 0.13's two-stage NVFP4 weight
+  quantizer on every tensor of one safetensors file.
 """
 
 from __future__ import annotations
@@ -84,6 +86,16 @@ def quark_quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tens
     return packed, scale.contiguous()
 
 
+def quark_quantize_nvfp4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight bytes, weight_scale, weight_scale_2) of the template's ``nvfp4`` scheme, by the function Quark 0.13's
+    file-to-file export calls for a two-stage scale-quant weight (``_scale_quantize_weight``), on the CPU."""
+    from quark.torch.quantization import file2file_quantization as f2f
+
+    out: dict[str, torch.Tensor] = {}
+    f2f._scale_quantize_weight(weight, "m.weight", "m", _weight_spec("nvfp4"), out, "model.safetensors", "cpu")
+    return out["m.weight"], out["m.weight_scale"], out["m.weight_scale_2"]
+
+
 def quark_available() -> bool:
     try:
         import quark  # noqa: F401
@@ -113,5 +125,21 @@ def file2file_command(src: str, jobs: list[dict[str, Any]]) -> list[str]:
     return [sys.executable, "-m", "requant.testing.quark_reference", src, json.dumps(jobs)]
 
 
+def quark_nvfp4_weights(src: str, dst: str) -> None:
+    """Every tensor of the safetensors file ``src`` through :func:`quark_quantize_nvfp4_weight`, into ``dst`` as
+    ``NAME.weight``, ``NAME.weight_scale`` and ``NAME.weight_scale_2``."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for name, weight in load_file(src).items():
+        packed, scale, scale_2 = quark_quantize_nvfp4_weight(weight)
+        out.update({f"{name}.weight": packed.contiguous(), f"{name}.weight_scale": scale.contiguous(),
+                    f"{name}.weight_scale_2": scale_2.contiguous()})
+    save_file(out, dst)
+
+
 if __name__ == "__main__":
-    quark_file2file(sys.argv[1], json.loads(sys.argv[2]))
+    if sys.argv[1] == "--nvfp4-weights":
+        quark_nvfp4_weights(sys.argv[2], sys.argv[3])
+    else:
+        quark_file2file(sys.argv[1], json.loads(sys.argv[2]))
