@@ -204,18 +204,21 @@ def _nvfp4_matrices() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.oracle
-def test_nvfp4_weight_encoder_equals_quark13s(tmp_path):
-    """requant's two-stage NVFP4 encoder (formats.nvfp4.quantize_nvfp4_quark) against the function Quark 0.13's
-    file-to-file export calls for the template's ``nvfp4`` weight (FP4 per 16, FP8 E4M3 block scales, FP32
-    weight_scale_2): every byte of the codes, the block scales and the global scale."""
+def test_nvfp4_weight_encoder_equals_quark13s(tmp_path, tiny_upstream):
+    """requant's two-stage NVFP4 encoder (formats.nvfp4.quantize_nvfp4_quark) against Quark 0.13 (one process): the
+    function its file-to-file export calls for the template's ``nvfp4`` weight (FP4 per 16, FP8 E4M3 block scales,
+    FP32 weight_scale_2) on the crafted matrices, and that export of the tiny checkpoint's routed experts (decoded
+    from INT4 in FP32, as Quark decodes them): every byte of the codes, the block scales and the global scale."""
     from safetensors.torch import load_file, save_file
 
     from requant.formats.nvfp4 import quantize_nvfp4_quark
 
     matrices = _nvfp4_matrices()
     save_file(matrices, str(tmp_path / "in.safetensors"))
-    _run(["-m", "requant.testing.quark_reference", "--nvfp4-weights", str(tmp_path / "in.safetensors"),
-          str(tmp_path / "quark.safetensors")])
+    experts = ["*self_attn*", "*mlp.gate", "*lm_head", "*shared_experts*", "*layers.0.*", "*vision*", "*mm_projector*"]
+    jobs = [{"nvfp4_weights": str(tmp_path / "in.safetensors"), "dst": str(tmp_path / "quark.safetensors")},
+            {"dst": str(tmp_path / "export"), "scheme": "nvfp4", "exclude": experts}]
+    _run(["-m", "requant.testing.quark_reference", str(tiny_upstream), json.dumps(jobs)])
     theirs = load_file(str(tmp_path / "quark.safetensors"))
     for name, weight in matrices.items():
         ours = dict(zip(("weight", "weight_scale", "weight_scale_2"), quantize_nvfp4_quark(weight)))
@@ -223,3 +226,11 @@ def test_nvfp4_weight_encoder_equals_quark13s(tmp_path):
             expected = theirs[f"{name}.{part}"]
             assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, (name, part)
             assert raw(tensor) == raw(expected), (name, part)
+    upstream, exported = load_tensors(tiny_upstream), load_tensors(tmp_path / "export")
+    modules = sorted(name.removesuffix(".weight_scale_2") for name in exported if name.endswith(".weight_scale_2"))
+    assert len(modules) == 2 * 8 * 3 and all(".mlp.experts." in m for m in modules)  # 2 MoE layers x 8 x 3
+    for module in modules:
+        weight = dequantize_int4(upstream[f"{module}.weight_packed"], upstream[f"{module}.weight_scale"],
+                                 int(upstream[f"{module}.weight_shape"][1]), dtype=torch.float32)
+        for part, tensor in zip(("weight", "weight_scale", "weight_scale_2"), quantize_nvfp4_quark(weight)):
+            assert raw(tensor) == raw(exported[f"{module}.{part}"]), (module, part)

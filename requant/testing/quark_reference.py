@@ -7,8 +7,8 @@ only when one of these functions runs.
 * As a script: ``python -m requant.testing.quark_reference SRC JOBS_JSON`` runs Quark's own
   ``quantize_model_per_safetensor`` for each ``{"dst", "scheme", "exclude", "layer_config"}`` of the JSON list. A separate
   process, because that function sets torch's global default dtype from config.json.
-  ``python -m requant.testing.quark_reference --nvfp4-weights SRC DST`` runs Quark 0.13's two-stage NVFP4 weight
-  quantizer on every tensor of one safetensors file.
+  A job ``{"nvfp4_weights": FILE, "dst": OUT}`` runs Quark 0.13's two-stage NVFP4 weight quantizer on every tensor
+  of one safetensors file instead (:func:`quark_nvfp4_weights`).
 """
 
 from __future__ import annotations
@@ -111,11 +111,14 @@ def quark_config_dict(scheme: str, exclude: list[str], layer_config: dict[str, s
 
 def quark_file2file(src: str, jobs: list[dict[str, Any]]) -> None:
     """Quark's own file-to-file export of ``src`` (or a job's own ``"src"``) for each ``{"dst", "scheme", "exclude",
-    "layer_config"}`` (run in a process of its own: see the module docstring). The same call works for Quark 0.11
-    and 0.13."""
+    "layer_config"}``, or its NVFP4 weights of a file for each ``{"nvfp4_weights", "dst"}`` (run in a process of its
+    own: see the module docstring). The same call works for Quark 0.11 and 0.13 (NVFP4: 0.13)."""
     from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
 
     for job in jobs:
+        if "nvfp4_weights" in job:
+            quark_nvfp4_weights(job["nvfp4_weights"], job["dst"])
+            continue
         config = _config(job["scheme"], job["exclude"], job.get("layer_config"))
         quantize_model_per_safetensor(job.get("src", src), config, job["dst"], device="cpu")
 
@@ -139,7 +142,4 @@ def quark_nvfp4_weights(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--nvfp4-weights":
-        quark_nvfp4_weights(sys.argv[2], sys.argv[3])
-    else:
-        quark_file2file(sys.argv[1], json.loads(sys.argv[2]))
+    quark_file2file(sys.argv[1], json.loads(sys.argv[2]))
