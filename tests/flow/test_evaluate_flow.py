@@ -15,7 +15,7 @@ from requant.manifest import MANIFEST_FILE
 from requant.verification import verify
 
 pytestmark = pytest.mark.services
-EVAL_ITEMS = 20  # per seed, of the trained model's task
+EVAL_ITEMS = 10  # per seed, of the trained model's task: the flow's plumbing, not the gate's power (GATE_ITEMS, tests/trained)
 GATE_ITEMS = 60  # the gate-fail test's items, one seed
 
 
@@ -203,7 +203,7 @@ def test_a_damaged_candidate_is_stopped_at_the_smoke_test_which_says_where(prefe
 def test_a_gate_fail_fails_the_flow_with_its_reason(prefect_api, trained_pair, tmp_path):
     """Embedding rows no smoke text uses, zeroed in the bf16-staging conversion (resealed): the smoke test passes,
     GSM8K drops, and the flow run ends failed with the gate's reason in its state message after publishing the
-    FAIL report. GATE_ITEMS items under one seed: the gate's unit is the item, and the 20 items of the other tests
+    FAIL report. GATE_ITEMS items under one seed: the gate's unit is the item, and the EVAL_ITEMS of the other tests
     cannot make a drop of a few items significant however many seeds repeat them (measured at 20 x 3: -16.7 pp on
     four items, p = 0.125, a PASS; McNemar on the pooled pairs called it significant)."""
     from requant.engines.engines import launch, load_engines

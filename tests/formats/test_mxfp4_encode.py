@@ -122,7 +122,7 @@ def test_matches_quark_on_adversarial_blocks(weight):
     assert torch.equal(packed, q_packed)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(bf16_blocks())
 def test_fake_quantize_is_the_encode_decode_round_trip_bit_for_bit(weight):
     """The activation QDQ's shortcut (no codes) gives the bits of encoding then decoding: signed zeros, blocks
