@@ -83,13 +83,18 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
 
 
+def _block_quotients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., in] (in % 32 == 0) -> (block exponents [..., in/32], FP32 quotients x / 2**exp [..., in/32, 32])."""
+    if x.shape[-1] % MX_BLOCK_SIZE:
+        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK_SIZE}, got {tuple(x.shape)}")
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, MX_BLOCK_SIZE)
+    exp = shared_exponent(blocks.abs().amax(dim=-1))
+    return exp, (blocks.double() * pow2_f64(-exp).unsqueeze(-1)).float()
+
+
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference encoder: weight [..., in] (in % 32 == 0) -> (packed uint8 [..., in/2], E8M0 uint8 [..., in/32])."""
-    if weight.shape[-1] % MX_BLOCK_SIZE:
-        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK_SIZE}, got {tuple(weight.shape)}")
-    x = weight.to(torch.float32).reshape(*weight.shape[:-1], -1, MX_BLOCK_SIZE)
-    exp = shared_exponent(x.abs().amax(dim=-1))
-    scaled = (x.double() * pow2_f64(-exp).unsqueeze(-1)).float()
+    exp, scaled = _block_quotients(weight)
     codes = e2m1_codes(scaled).reshape(weight.shape)
     return pack_fp4(codes), (exp + E8M0_BIAS).to(torch.uint8)
 
@@ -142,14 +147,10 @@ def fake_quantize_mxfp4(x: torch.Tensor) -> torch.Tensor:
     """``dequantize_mxfp4(*quantize_mxfp4(x))`` as FP32 without the codes: the same block exponents, the same
     rounding and the same values (a value that rounds to zero is +0), in a third of the operations. For run-time
     activation QDQ, where nothing is stored."""
-    if x.shape[-1] % MX_BLOCK_SIZE:
-        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK_SIZE}, got {tuple(x.shape)}")
-    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, MX_BLOCK_SIZE)
-    exp = shared_exponent(blocks.abs().amax(dim=-1)).unsqueeze(-1)
-    scaled = (blocks.double() * pow2_f64(-exp)).float()
+    exp, scaled = _block_quotients(x)
     val = e2m1_round(scaled.abs())
     val = torch.where((scaled < 0) & (val != 0), -val, val)
-    return (val.double() * pow2_f64(exp)).reshape(x.shape).float()
+    return (val.double() * pow2_f64(exp).unsqueeze(-1)).reshape(x.shape).float()
 
 
 def positive_zero_codes(packed: torch.Tensor) -> torch.Tensor:
