@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from requant.export import ExportFormat
 from requant.export.quark import ENGINE_FUSED_MODULES
 from requant.layout import classify
 
@@ -54,6 +55,20 @@ def tensor_class(prefix: str) -> str | None:
     if last in ENGINE_FUSED_MODULES:
         name = f"{parent}.{ENGINE_FUSED_MODULES[last][0]}"
     return classify(name)
+
+
+# Model Optimizer's config gives an excluded ParallelLMHead the unquantized linear method (vLLM's and SGLang's alike).
+UNQUANTIZED_LM_HEAD = {ExportFormat.MODELOPT: "UnquantizedLinearMethod"}
+
+
+def embedding_method(target: str, layer: Layer, export: ExportFormat) -> str:
+    """The method vLLM and SGLang give an embedding or lm_head (VocabParallelEmbedding, ParallelLMHead) a recipe of
+    ``export`` maps to ``target``."""
+    if target != "unquantized":
+        return f"a {target} embedding method"
+    if layer.layer_type == "ParallelLMHead":
+        return UNQUANTIZED_LM_HEAD.get(export, "UnquantizedEmbeddingMethod")
+    return "UnquantizedEmbeddingMethod"
 
 
 Intended = Callable[[str, Layer], str]  # (a recipe's target, an engine layer) -> the decision the engine should make

@@ -13,7 +13,9 @@ model (Kimi-K2.5/K2.6 -> DeepseekV3), each layer asking the config for its metho
 reads ``quant_method`` (and the Quark scheme) off every layer. Calling the config class alone gives other answers:
 the model replaces the packed-modules mapping while it is built. With ``--load`` the model is built on the CPU
 (not the meta device) and the checkpoint's tensors are fed to its own ``load_weights`` (SGLang's weight loaders,
-which refuse a tensor whose dtype or shape does not fit the layer it chose); kernels are not prepared.
+which refuse a tensor whose dtype or shape does not fit the layer it chose); kernels are not prepared, but for
+NVFP4 MoE layers (one global scale per gate/up projection), whose ``process_weights_after_loading`` is run to see
+what it makes of the two scales (it keeps one; SGLang's weight-only method refuses experts whose two differ).
 
 SGLang serves on GPUs; on a CPU its model classes need these stand-ins, none of which is read by the decision
 (each is listed in the output):
@@ -22,7 +24,8 @@ SGLang serves on GPUs; on a CPU its model classes need these stand-ins, none of 
 2. ``rotary_embedding.base._is_cpu = True``: off CUDA/HIP, RotaryEmbedding imports vLLM's custom ops for a
    fallback kernel; the flag picks its torch path.
 3. The device capability QuarkConfig (and CompressedTensorsConfig) checks schemes against is ``--capability``
-   (9.5 = MI355X; on a CPU SGLang gets (None, None) and its check raises).
+   (9.5 = MI355X; on a CPU SGLang gets (None, None) and its check raises); from 10.0 (B200) SGLang's own
+   ``override_platform`` also says the machine is a CUDA Blackwell, which its NVFP4 MoE methods require.
 4. SGLang's own test hook publishes default ServerArgs (device cpu), and a one-process gloo group stands for a
    ``--tp 1`` server, the per-process ranks nothing writes without the launcher stamped 0.
 5. Where ``vision_config`` lacks ``vt_hidden_size``/``text_hidden_size`` (SGLang's K2VL projector reads them) they
@@ -149,6 +152,11 @@ class Decider:
         rotary._is_cpu = True
         quark.get_device_capability = lambda device_id=0: capability
         torch.cuda.get_device_capability = lambda device=None: capability  # CompressedTensorsConfig asks torch
+        if capability >= (10, 0):  # an NVIDIA Blackwell GPU (B200/GB200: 10.0): SGLang's own platform override
+            from sglang.srt.runtime_context import override_platform
+
+            override_platform(is_cuda=True, is_blackwell=True, is_sm100=True, device_capability=capability).install()
+            self.stand_ins.append("platform: Blackwell (SGLang's override_platform)")
         self.stand_ins += ["rotary_embedding _is_cpu", f"device capability {capability[0]}.{capability[1]}",
                            "ServerArgs(device=cpu) + one-process gloo group, ranks 0", "trust_remote_code=False"]
         server_args = get_context().override_server_args(device="cpu").install()
@@ -258,7 +266,33 @@ class Decider:
             model.load_weights(tensors())
         except Exception as exc:
             return {"ok": False, **_error(exc, self.root)}
-        return {"ok": True}
+        return {"ok": True, "global_scales": self._global_scales(model)}
+
+    def _global_scales(self, model) -> list[dict]:
+        """Each MoE layer whose fused gate+up weight has one global scale per projection (NVFP4: a [experts, 2]
+        parameter as SGLang's loaders filled it): how many experts' gate and up scales differ, and what SGLang's
+        own kernel preparation (``process_weights_after_loading``, which keeps one scale for both) makes of it:
+        done, or its error (on a CPU, a missing GPU kernel after the scale check is the expected end)."""
+        from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+        out = []
+        for prefix, module in model.named_modules():
+            if not isinstance(module, FusedMoE):
+                continue
+            for name in ("w13_weight_scale_2", "w13_weight_global_scale"):
+                param = getattr(module, name, None)
+                if param is None or param.dim() != 2 or param.shape[1] != 2:
+                    continue
+                differ = int((param[:, 0] != param[:, 1]).sum())
+                record = {"prefix": prefix, "param": name, "experts": int(param.shape[0]), "gate_up_differ": differ}
+                try:
+                    module.quant_method.process_weights_after_loading(module)
+                    record["prepare"] = {"ok": True}
+                except Exception as exc:
+                    record["prepare"] = {"ok": False, **_error(exc, self.root)}
+                out.append(record)
+                break
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

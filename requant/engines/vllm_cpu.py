@@ -8,6 +8,7 @@ requant's recipes use, so a test or ``requant engine-probe`` can compare vLLM's 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,12 +18,24 @@ from requant import settings
 from requant.engines import decisions
 from requant.engines.decisions import Layer, Probe, tensor_class
 from requant.errors import RequantError
+from requant.export import ExportFormat
 
-# vLLM's method (and Quark scheme) for each requant target, by layer kind.
-LINEAR_METHODS = {"unquantized": ("UnquantizedLinearMethod", None), "mxfp4": ("QuarkLinearMethod", "QuarkOCP_MX"),
-                  "fp8_per_channel": ("QuarkLinearMethod", "QuarkW8A8Fp8")}
-EXPERT_METHODS = {"unquantized": "UnquantizedFusedMoEMethod", "mxfp4": "QuarkOCP_MX_MoEMethod",
-                  "fp8_per_channel": "QuarkW8A8Fp8MoEMethod"}
+# vLLM's method for each requant target, by the checkpoint's export format and layer kind (linear layers: the
+# method and, for Quark, its scheme). vLLM 0.32 reads NVFP4A16 experts with its W4A4 NVFP4 MoE method (use_a16).
+LINEAR_METHODS = {
+    ExportFormat.QUARK: {"unquantized": ("UnquantizedLinearMethod", None), "mxfp4": ("QuarkLinearMethod", "QuarkOCP_MX"),
+                         "fp8_per_channel": ("QuarkLinearMethod", "QuarkW8A8Fp8")},
+    ExportFormat.COMPRESSED_TENSORS: {"unquantized": ("UnquantizedLinearMethod", None)},
+    ExportFormat.MODELOPT: {"unquantized": ("UnquantizedLinearMethod", None)},
+}
+EXPERT_METHODS = {
+    ExportFormat.QUARK: {"unquantized": "UnquantizedFusedMoEMethod", "mxfp4": "QuarkOCP_MX_MoEMethod",
+                         "fp8_per_channel": "QuarkW8A8Fp8MoEMethod"},
+    ExportFormat.COMPRESSED_TENSORS: {"unquantized": "UnquantizedFusedMoEMethod",
+                                      "mxfp4": "CompressedTensorsW4A4Mxfp4MoEMethod",
+                                      "nvfp4": "CompressedTensorsW4A4Nvfp4MoEMethod"},
+    ExportFormat.MODELOPT: {"unquantized": "UnquantizedFusedMoEMethod", "nvfp4": "ModelOptNvFp4FusedMoE"},
+}
 
 
 def probe_env(workdir: str | Path, reference_layers: str | Path | None = None) -> tuple[dict[str, str], Path]:
@@ -84,13 +97,14 @@ def read_probe(path: str | Path) -> Probe:
     return probe
 
 
-def intended(target: str, layer: Layer) -> str:
-    """The decision vLLM should make for a layer whose tensors a recipe maps to ``target``."""
+def intended(target: str, layer: Layer, export: ExportFormat = ExportFormat.QUARK) -> str:
+    """The decision vLLM should make for a layer whose tensors a recipe of ``export`` maps to ``target``."""
+    unknown = f"no vLLM method known for {export} {target}"
     if layer.layer_type == "RoutedExperts":
-        return EXPERT_METHODS[target]
+        return EXPERT_METHODS[export].get(target, unknown)
     if layer.layer_type in ("VocabParallelEmbedding", "ParallelLMHead"):
-        return "UnquantizedEmbeddingMethod" if target == "unquantized" else f"a {target} embedding method"
-    method, scheme = LINEAR_METHODS[target]
+        return decisions.embedding_method(target, layer, export)
+    method, scheme = LINEAR_METHODS[export].get(target, (unknown, None))
     return method if scheme is None else f"{method}/{scheme}"
 
 
@@ -112,9 +126,11 @@ def probe_checkpoint(spec, checkpoint: str | Path, workdir: str | Path, *, max_m
     return read_probe(records), served
 
 
-def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None) -> dict:
-    """vLLM's decisions per tensor class against a recipe's ``targets`` (see :func:`decisions.summarize`)."""
-    return decisions.summarize(probe, targets, intended, served)
+def summarize(probe: Probe, targets: dict[str, str], served: bool | None = None,
+              export: ExportFormat = ExportFormat.QUARK) -> dict:
+    """vLLM's decisions per tensor class against the ``targets`` of a recipe of ``export`` (see
+    :func:`decisions.summarize`)."""
+    return decisions.summarize(probe, targets, functools.partial(intended, export=ExportFormat(export)), served)
 
 
 def format_summary(summary: dict) -> str:

@@ -10,6 +10,8 @@ whichever way the server was started. Nothing in vLLM is re-implemented; some of
   quantization method (and Quark scheme) each layer was built with, including the router, which vLLM builds
   without asking the quantization config;
 - ``QuarkConfig.get_quant_method_target``: the weight and activation keys Quark's config chose per prefix;
+- ``get_quant_method`` of compressed-tensors' and Model Optimizer's configs: the method each chose per prefix,
+  also where constructing that method raised (its class is read off the failing constructor's frame);
 - ``BaseModelLoader.load_model`` (in the worker: build layers, load weights, prepare kernels),
   ``Executor.__init__`` and ``EngineCore._initialize_kv_caches`` (profile, warm up): where start-up stops and
   vLLM's own message. The innermost failure is written first.
@@ -17,11 +19,12 @@ whichever way the server was started. Nothing in vLLM is re-implemented; some of
 Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready" | "decided", "pid": ..., ...}``.
 
 Where start-up stops early (on a CPU, at the first layer without a kernel), the layers never built can still be
-decided by the same live ``QuarkConfig`` object, inside the failing loader: with ``REQUANT_VLLM_PROBE_LAYERS``
+decided by the same live config object, inside the failing loader: with ``REQUANT_VLLM_PROBE_LAYERS``
 naming the records of a run that built every layer of the same architecture (e.g. the BF16 variant), each
-layer not built yet gets a ``decided`` record from ``get_quant_method_target`` (and ``get_scheme_cls``) before
-the error propagates. A layer type this run built without consulting the config (vLLM's router) keeps that
-decision.
+layer not built yet gets a ``decided`` record before the error propagates: from ``get_quant_method_target`` (and
+``get_scheme_cls``) of a ``QuarkConfig``; from any other config's own ``get_quant_method``, asked with a layer of
+the same class this run built (or tried to) and the unbuilt layer's prefix. A layer type this run built without
+consulting the config (vLLM's router) keeps that decision.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ STAGES = {
 }
 
 _installed = False
-_live: dict = {"config": None, "layers": {}, "targets": set()}  # this process: QuarkConfig, built layers
+# this process: the quantization config, the layers built (prefix -> class), the prefixes the config was asked
+# about, and one layer object of each class it was asked about (to ask it again for a layer never built)
+_live: dict = {"config": None, "layers": {}, "targets": set(), "samples": {}}
 
 
 def _write(record: dict) -> None:
@@ -113,14 +118,44 @@ def _subclasses(root) -> dict[str, type]:
     return found
 
 
+def _method_in(exc: BaseException) -> str | None:
+    """The quantization method whose constructor raised ``exc``: the ``self`` of the outermost ``__init__`` frame of
+    the traceback that is a vLLM ``QuantizeMethodBase`` (e.g. an NVFP4 MoE method finding no kernel backend)."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), QuantizeMethodBase):
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def _ask(config, layer, prefix: str) -> str | None:
+    """What ``config.get_quant_method`` (unwrapped) decides for ``layer`` under ``prefix``: the method's class, vLLM's
+    unquantized default where it returns None, or the class whose constructor raised."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    ask = getattr(type(config).get_quant_method, "__wrapped__", type(config).get_quant_method)
+    try:
+        method = ask(config, layer, prefix)
+    except Exception as exc:
+        return _method_in(exc)
+    if method is None:  # what LinearBase / RoutedExperts / VocabParallelEmbedding fall back to
+        return ("UnquantizedFusedMoEMethod" if isinstance(layer, RoutedExperts) else
+                "UnquantizedEmbeddingMethod" if "Embedding" in type(layer).__name__ else "UnquantizedLinearMethod")
+    return type(method).__name__
+
+
 def _decide_rest() -> None:
-    """Decide, with this process's live QuarkConfig, every layer of REQUANT_VLLM_PROBE_LAYERS not built here."""
+    """Decide, with this process's live config, every layer of REQUANT_VLLM_PROBE_LAYERS not built here."""
     config, path = _live["config"], os.environ.get(LAYERS_ENV)
     if config is None or not path or not os.path.exists(path):
         return
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
-    from vllm.model_executor.layers.quantization.quark.quark import QuarkLinearMethod
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkConfig, QuarkLinearMethod
 
     types = {**_subclasses(LinearBase), **_subclasses(RoutedExperts)}
     # types this run built without asking the config (e.g. GateLinear): vLLM builds them so everywhere
@@ -134,6 +169,12 @@ def _decide_rest() -> None:
         record = {"kind": "decided", "prefix": prefix, "layer_type": type_name, "scheme": None, "weight_key": None}
         if type_name in unconfigured:
             record["target"] = layer.get("quant_method")
+        elif not isinstance(config, QuarkConfig):
+            sample = _live["samples"].get(type_name)
+            if sample is None:  # no layer of this class was built or tried: nothing to ask the config with
+                record["target"] = None
+            else:
+                record["target"] = _ask(config, sample, prefix)
         else:
             layer_type = types[type_name]
             weight_key, _, method = config.get_quant_method_target(prefix, layer_type)
@@ -142,6 +183,28 @@ def _decide_rest() -> None:
             if method is QuarkLinearMethod:
                 record["scheme"] = config.get_scheme_cls(layer_type, prefix)[2].__name__
         _write(record)
+
+
+def _observe_config(cls) -> None:
+    """Record what ``cls.get_quant_method`` decides per prefix (a ``target`` record), the method class included when
+    its constructor raises; keep the live config and a layer of each class for :func:`_decide_rest`."""
+    original = cls.get_quant_method
+
+    def get_quant_method(self, layer, prefix):
+        _live["config"] = self
+        _live["targets"].add(prefix)
+        _live["samples"].setdefault(type(layer).__name__, layer)
+        record = {"kind": "target", "prefix": prefix, "weight_key": None, "activation_key": None}
+        try:
+            method = original(self, layer, prefix)
+        except Exception as exc:
+            _write({**record, "target": _method_in(exc)})
+            raise
+        _write({**record, "target": _name(method)})
+        return method
+
+    get_quant_method.__wrapped__ = original
+    cls.get_quant_method = get_quant_method
 
 
 def _observe_stage(cls, method: str, default_stage: str, ready: bool, decide_rest: bool = False) -> None:
@@ -195,6 +258,11 @@ def register() -> None:
         return weight_key, activation_key, method
 
     QuarkConfig.get_quant_method_target = get_quant_method_target
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptQuantConfigBase
+
+    for config_cls in (CompressedTensorsConfig, ModelOptQuantConfigBase):
+        _observe_config(config_cls)
     _observe_stage(BaseModelLoader, "load_model", "build_layers", ready=False, decide_rest=True)
     _observe_stage(Executor, "__init__", "build_layers", ready=False)
     _observe_stage(EngineCore, "_initialize_kv_caches", "profile", ready=True)

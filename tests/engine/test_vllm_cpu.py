@@ -23,6 +23,7 @@ from engine_support import RECIPES, ROUTER_ONLY, tree_digest
 from requant.cli import main
 from requant.engines.vllm_cpu import Probe, format_summary, probe_checkpoint, read_probe, summarize
 from requant.evaluation.gsm8k import run_gsm8k
+from requant.export import ExportFormat
 from requant.recipe import load_checks, load_recipe
 from requant.testing.synth import PROFILES
 
@@ -49,7 +50,7 @@ def _decisions(probe: Probe, recipe: str, name: str, served: bool | None = None)
     """vLLM's decisions against the recipe's targets; the summary is kept in the run's artifacts, engine/NAME.json."""
     for layer in probe.layers:
         assert layer.tensor_class is not None, f"vLLM layer {layer.prefix} ({layer.layer_type}) has no tensor class"
-    summary = summarize(probe, dict(load_recipe(recipe).targets), served)
+    summary = summarize(probe, dict(load_recipe(recipe).targets), served, load_recipe(recipe).export)
     (_artifacts() / f"{name}.json").write_text(json.dumps({"recipe": name, **summary}, indent=1) + "\n")
     (_artifacts() / f"{name}.txt").write_text(format_summary(summary) + "\n")
     return summary
@@ -131,13 +132,16 @@ def recipe_probes(vllm_cpu, engine_variants, bf16_vllm, tmp_path_factory) -> dic
 def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, bf16_vllm, engine_variants):
     """Layers vLLM builds before it stops are observed as built; the rest of the same architecture (the layer list
     of the BF16 run) are decided by the live QuarkConfig inside the stopped loader. Every decision must equal the
-    recipe's intent for that tensor class, the router of an MXFP4-router recipe excepted. The checkpoints carry
-    requant's default exclude list, which also names each BF16 fused module (for SGLang's sake)."""
+    recipe's intent for that tensor class, the router of an MXFP4-router recipe excepted. Quark checkpoints carry
+    requant's default exclude list, which also names each BF16 fused module (for SGLang's sake). For
+    compressed-tensors and Model Optimizer checkpoints the method vLLM chose for the layer it stopped at is read
+    off the failing constructor, and the unbuilt layers are asked of the live config with a layer of their class."""
     probe, served = recipe_probes[recipe]
-    exclude = json.loads((engine_variants[recipe] / "config.json").read_text())["quantization_config"]["exclude"]
-    fused_bf16 = {layer.prefix for layer in probe.layers if layer.prefix.endswith((".gate_up_proj", ".fused_qkv_a_proj"))
-                  and load_recipe(recipe).target(layer.tensor_class) == "unquantized"}
-    assert {name for name in exclude if name.endswith((".gate_up_proj", ".fused_qkv_a_proj"))} == fused_bf16
+    if load_recipe(recipe).export == ExportFormat.QUARK:
+        exclude = json.loads((engine_variants[recipe] / "config.json").read_text())["quantization_config"]["exclude"]
+        fused_bf16 = {la.prefix for la in probe.layers if la.prefix.endswith((".gate_up_proj", ".fused_qkv_a_proj"))
+                      and load_recipe(recipe).target(la.tensor_class) == "unquantized"}
+        assert {name for name in exclude if name.endswith((".gate_up_proj", ".fused_qkv_a_proj"))} == fused_bf16
     summary = _decisions(probe, recipe, recipe, served)
     full = {layer.prefix for layer in read_probe(bf16_vllm.records).layers if layer.layer_type != "ParallelLMHead"}
     assert full <= {layer.prefix for layer in probe.layers}                     # every layer has a decision
