@@ -24,6 +24,7 @@ import torch
 from requant.constants import E8M0_NAN, FP8_E4M3_NAN_BITS
 from requant.errors import CheckpointError
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
+from requant.formats.fused_nvfp4 import int4_amax
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
 from requant.formats.nvfp4 import tensor_amax
@@ -508,17 +509,38 @@ def _int4_outputs(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, i
         return list(fmt.from_int4(packed, scale, in_features))
     if fmt is None:
         return [dequantize_int4(packed, scale, in_features)]
+    if fmt.from_int4 is not None and fmt.global_scale_name and isinstance(encode, _SharedEncoder):  # fused, shared amax
+        return list(fmt.from_int4(packed, scale, in_features, amax=encode.amax(int4_amax(packed, scale, in_features))))
     return list((encode or fmt.encode)(_int4_decode(task, packed, scale, in_features)))
 
 
-def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device: str) -> Callable:
+@dataclass(frozen=True)
+class _SharedEncoder:
+    """A task's encoder with the largest magnitude of the partners sharing its global scale bound."""
+
+    task: TensorTask
+    partner_amax: tuple[torch.Tensor, ...]
+
+    def amax(self, own: torch.Tensor) -> torch.Tensor:
+        """The largest magnitude over the task's weight (``own``, its amax) and its partners', in ``own``'s dtype."""
+        return torch.stack([own, *(a.to(own.dtype) for a in self.partner_amax)]).amax()
+
+    def __call__(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.task.format.encode_shared(weight, self.amax(tensor_amax(weight)))
+
+
+def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device: str) -> _SharedEncoder:
     """The task's encoder with the largest magnitude over it and the partners sharing its global scale bound: the
     partners' inputs (``TensorTask.partners``, as stored) are decoded as their own tasks decode them (each partner's
-    task checks them)."""
+    task checks them); INT4 partners of a BF16 decode are not decoded (:func:`int4_amax` reads their groups)."""
     per_module = len(task.inputs)
     partner_amax = []
     for k in range(0, len(partner_inputs), per_module):
         tensors = partner_inputs[k:k + per_module]
+        if task.kind == "int4" and INT4_DECODE_DTYPE[task.table] is None:
+            packed, scale, _ = tensors
+            partner_amax.append(int4_amax(packed.to(device), scale.to(device), task.shape[1]))
+            continue
         if task.kind == "int4":
             packed, scale, _ = tensors
             weight = _int4_decode(task, packed.to(device), scale.to(device), task.shape[1])
@@ -532,11 +554,7 @@ def _shared_encoder(task: TensorTask, partner_inputs: list[torch.Tensor], device
         else:
             (weight,) = tensors
         partner_amax.append(tensor_amax(weight.to(device)))
-
-    def encode(weight: torch.Tensor):
-        amax = torch.stack([tensor_amax(weight), *(a.to(weight.dtype) for a in partner_amax)]).amax()
-        return task.format.encode_shared(weight, amax)
-    return encode
+    return _SharedEncoder(task, tuple(partner_amax))
 
 
 def _int4_decode(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:

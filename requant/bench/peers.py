@@ -11,6 +11,16 @@ converter runs on it as a whole process of its own, in its own virtualenv:
   MXFP4 on the routed experts only, the coverage of recipe amd-kimi-mxfp4), from .venv-llmc (``make llmc-venv``);
 - ``requant convert --local``, for Quark 0.11 and for Quark 0.13 (``--quark-version 0.13``).
 
+The other vendors' targets (issue 38), each raced against the tools that write its format, on the same input:
+
+- ``ct-mxfp4`` and ``ct-nvfp4a16``: llm-compressor 0.14's ``model_free_ptq`` with the recipe's own
+  ``llmcompressor_equivalent`` (scheme and ignore list, ``max_workers`` = cores), against requant (for
+  ``ct-nvfp4a16`` also with ``--no-shared-global-scale``, llm-compressor's bytes);
+- ``modelopt-nvfp4``: NVIDIA Model Optimizer 0.47's ``mtq.quantize`` and unified export
+  (``requant.testing.modelopt_reference``, every thread), against requant.
+
+Each requant run of a target is measured against that target's fastest and lightest peer.
+
 Each figure is the whole process tree's: wall time, CPU time over wall, and peak RSS, the sum over every process of
 the tree sampled from /proc (``conversion._run_measured`` reads ``getrusage(RUSAGE_CHILDREN).ru_maxrss``, which is
 the largest single process's peak: right for one process, an undercount for Quark 0.13's workers; the tree
@@ -28,11 +38,13 @@ are compared with Quark 0.11.2's under that one rename.
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +53,16 @@ from requant.errors import RequantError
 from requant.job import available_cores
 
 RECIPE = "amd-kimi-mxfp4"
+# RECIPE (Quark's MXFP4) and the other vendors' targets, each raced by the tools that write its format, in this order;
+# `requant bench peers --targets` picks some.
+TARGETS = (RECIPE, "ct-mxfp4", "ct-nvfp4a16", "modelopt-nvfp4")
 # The code these figures measure: requant, the Quark 0.11 reference, the peers' launchers and their locks.
 MEASURES = (*CONVERSION, "requant/bench/peers.py", "requant/bench/conversion.py", "requant/testing/quark_reference.py",
-            "infra/quark13", "infra/llmcompressor")
+            "requant/testing/modelopt_reference.py", "infra/quark13", "infra/llmcompressor")
 ROOT = Path(__file__).resolve().parents[2]
 # The virtualenvs of the peers, and the make target that builds each.
 ENVS = {"quark13": (".venv-quark13", "make quark13-venv"), "llmc": (".venv-llmc", "make llmc-venv")}
-PACKAGES = ("torch", "amd-quark", "compressed-tensors", "llmcompressor", "transformers")
+PACKAGES = ("torch", "amd-quark", "compressed-tensors", "llmcompressor", "nvidia-modelopt", "transformers")
 TARGET_SPEEDUP = 5.0  # issue 24: requant at >= 5x the fastest peer, at a peak RSS no higher than the lightest peer's
 SAMPLE_SECONDS = 0.1
 
@@ -170,6 +185,15 @@ model_free_ptq(model_stub=src, save_directory=dst, scheme="MXFP4", ignore=[sys.a
                device="cpu", converter=CompressedTensorsDequantizer(src))
 """
 LLMC_IGNORE = r"re:^(?!.*\.mlp\.experts\.)"  # every module but the routed experts
+# The same call with a recipe's llmcompressor_equivalent: scheme, then the ignore list as JSON.
+_LLMC_RECIPE = """
+import json, sys
+from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
+from llmcompressor import model_free_ptq
+src, dst, workers, scheme, ignore = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+model_free_ptq(model_stub=src, save_directory=dst, scheme=scheme, ignore=ignore, max_workers=workers, device="cpu",
+               converter=CompressedTensorsDequantizer(src))
+"""
 
 
 def env_python(env: str, root: Path = ROOT) -> str:
@@ -219,7 +243,7 @@ def compare_tensors(a: Path, b: Path, rename: dict[str, str] | None = None) -> d
         return name
 
     def raw(t: torch.Tensor) -> tuple:
-        return t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes()
+        return t.dtype, tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
     ours, theirs = index(a), index(b)
     mapped = {renamed(n): n for n in ours}
@@ -255,14 +279,46 @@ def llmc_output(path: Path) -> dict[str, Any]:
             "upstream_text_config_format": (kept or {}).get("format")}
 
 
+@dataclass
+class _Race:
+    """One bench run's state: the input, the scratch folder, the peers' interpreters and what was measured so far."""
+
+    src: Path
+    work: Path
+    pythons: dict[str, str]
+    cores: int
+    results: dict[str, Any]
+    out: str | None
+
+    def measure(self, name: str, tool: str, variant: str, env: str, cmd: list[str], peer: bool = True,
+                target: str = RECIPE) -> Path:
+        """One run of ``target``, recorded under ``name``; ``cmd`` writes its output to work/name, returned."""
+        print(f"peers bench: {target}: {tool}, {variant}", file=sys.stderr)
+        row = {"tool": tool, "variant": variant, "env": env, "peer": peer, "target": target,
+               **_measure(cmd, self.work / "logs" / f"{name}.log")}
+        row["rss_over_baseline_mb"] = row["peak_rss_mb"] - self.results["envs"][env]["torch_baseline"]["peak_rss_mb"]
+        self.results["runs"][name] = row
+        _save(self.results, self.out)
+        return self.work / name
+
+    def requant(self, name: str, *options: str, recipe: str = RECIPE) -> list[str]:
+        """``requant convert --local`` of the input into work/name."""
+        return [sys.executable, "-m", "requant.cli", "convert", str(self.src), str(self.work / name), "--recipe",
+                recipe, "--local", *options]
+
+    def same_as(self, name: str, other: str, compared: dict[str, Any]) -> None:
+        self.results["runs"][name]["same_as"] = {"run": other, **compared}
+
+
 def run_peers_bench(experts: int | None, base: str, out: str | None, profile: str = "k26-layer",
-                    upstream: str | None = None) -> dict[str, Any]:
-    """Every converter on the same input (``upstream``, or ``synth --profile profile --experts experts`` made
-    under ``base``), results/peers.json and peers.md into ``out``."""
-    from requant.recipe import load_checks
-    from requant.testing.quark_reference import file2file_command
+                    upstream: str | None = None, targets: tuple[str, ...] = TARGETS) -> dict[str, Any]:
+    """Every converter of each of ``targets`` on the same input (``upstream``, or ``synth --profile profile
+    --experts experts`` made under ``base``), results/peers.json and peers.md into ``out``."""
     from requant.testing.synth import synthesize
 
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise RequantError(f"bench peers: unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
     pythons = {"project": sys.executable, **{env: env_python(env) for env in ENVS}}  # fail before any work
     cores = available_cores()
     work = Path(tempfile.mkdtemp(prefix="requant-bench-peers-", dir=base or None))
@@ -272,10 +328,8 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
             src = Path(upstream)
         else:
             src = synthesize(work / "upstream", profile, seed=0, progress=True, experts=experts)
-        quark = load_checks(RECIPE).quark
-        job = {"scheme": quark.scheme, "exclude": list(quark.exclude), "layer_config": dict(quark.layer_config) or None}
         results: dict[str, Any] = {
-            "run": run_info(measures=MEASURES), "cores": cores, "recipe": RECIPE,
+            "run": run_info(measures=MEASURES), "cores": cores, "recipe": RECIPE, "targets": list(targets),
             "fixture": {"profile": None if upstream else profile, "experts": None if upstream else experts,
                         "upstream": str(src),
                         "shard_bytes": sum(p.stat().st_size for p in _shards(src)), "where": str(work.parent)},
@@ -285,51 +339,10 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
             results["envs"][env] = {"python": python, "versions": _versions(python),
                                     "torch_baseline": _measure([python, "-c", "import torch"],
                                                                work / "logs" / f"baseline-{env}.log")}
-
-        def measure(name: str, tool: str, variant: str, env: str, cmd: list[str], peer: bool = True) -> Path:
-            """One run, recorded under ``name``; ``cmd`` writes its output to work/name, which is returned."""
-            print(f"peers bench: {tool}, {variant}", file=sys.stderr)
-            row = {"tool": tool, "variant": variant, "env": env, "peer": peer,
-                   **_measure(cmd, work / "logs" / f"{name}.log")}
-            row["rss_over_baseline_mb"] = row["peak_rss_mb"] - results["envs"][env]["torch_baseline"]["peak_rss_mb"]
-            results["runs"][name] = row
-            _save(results, out)
-            return work / name
-
-        def requant(name: str, *options: str) -> list[str]:
-            return [sys.executable, "-m", "requant.cli", "convert", str(src), str(work / name), "--recipe", RECIPE,
-                    "--local", *options]
-
-        py13, llmc = pythons["quark13"], pythons["llmc"]
-        path13 = ["env", f"PYTHONPATH={ROOT}"]
-
-        # Quark 0.11.2, requant for 0.11 and llm-compressor; then their outputs go (tmpfs holds a few at a time).
-        q11 = measure("quark-0.11", "Quark 0.11.2", "file-to-file, 1 process", "project",
-                      file2file_command(str(src), [{"dst": str(work / "quark-0.11"), **job}]))
-        r11 = measure("requant-0.11", "requant", "convert --local (Quark 0.11 target)", "project",
-                      requant("requant-0.11"), peer=False)
-        results["runs"]["requant-0.11"]["same_as"] = {"run": "quark-0.11", **compare_tensors(r11, q11)}
-        lc = measure("llmc", "llm-compressor 0.14", f"model_free_ptq MXFP4, max_workers={cores} (threads)", "llmc",
-                     ["env", "HF_HUB_OFFLINE=1", llmc, "-c", _LLMC, str(src), str(work / "llmc"), str(cores),
-                      LLMC_IGNORE])
-        results["llmc_output"] = llmc_output(lc)
-        results["runs"]["llmc"]["same_as"] = {"run": "quark-0.11", "rename": {".weight_packed": ".weight"},
-                                              **compare_tensors(lc, q11, {".weight_packed": ".weight"})}
-        for d in (q11, r11, lc):
-            shutil.rmtree(d)
-        _save(results, out)
-
-        # Quark 0.13 in one process and in one worker per core, then requant for 0.13.
-        q13 = measure("quark-0.13", "Quark 0.13", "file-to-file, 1 process", "quark13",
-                      [*path13, py13, *file2file_command(str(src), [{"dst": str(work / "quark-0.13"), **job}])[1:]])
-        q13n = measure("quark-0.13-workers", "Quark 0.13", f"file-to-file, {cores} worker processes", "quark13",
-                       [*path13, py13, "-c", _QUARK13_WORKERS, str(src), str(work / "quark-0.13-workers"),
-                        str(cores), json.dumps(job)])
-        results["runs"]["quark-0.13-workers"]["same_as"] = {"run": "quark-0.13", **compare_files(q13n, q13)}
-        shutil.rmtree(q13n)
-        r13 = measure("requant-0.13", "requant", "convert --local --quark-version 0.13", "project",
-                      requant("requant-0.13", "--quark-version", "0.13"), peer=False)
-        results["runs"]["requant-0.13"]["same_as"] = {"run": "quark-0.13", **compare_tensors(r13, q13)}
+        race = _Race(src, work, pythons, cores, results, out)
+        for target in TARGETS:
+            if target in targets:
+                RACES[target](race)
         results["ratios"] = ratios(results["runs"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -337,19 +350,116 @@ def run_peers_bench(experts: int | None, base: str, out: str | None, profile: st
     return results
 
 
+def _race_quark(race: _Race) -> None:
+    """amd-kimi-mxfp4: Quark 0.11.2, Quark 0.13 (one process, one worker per core) and llm-compressor's MXFP4 against
+    requant for each Quark release; each output removed once compared (tmpfs holds a few at a time)."""
+    from requant.recipe import load_checks
+    from requant.testing.quark_reference import file2file_command
+
+    quark = load_checks(RECIPE).quark
+    job = {"scheme": quark.scheme, "exclude": list(quark.exclude), "layer_config": dict(quark.layer_config) or None}
+    src, work, cores, py13, llmc = race.src, race.work, race.cores, race.pythons["quark13"], race.pythons["llmc"]
+    path13 = ["env", f"PYTHONPATH={ROOT}"]
+    q11 = race.measure("quark-0.11", "Quark 0.11.2", "file-to-file, 1 process", "project",
+                       file2file_command(str(src), [{"dst": str(work / "quark-0.11"), **job}]))
+    r11 = race.measure("requant-0.11", "requant", "convert --local (Quark 0.11 target)", "project",
+                       race.requant("requant-0.11"), peer=False)
+    race.same_as("requant-0.11", "quark-0.11", compare_tensors(r11, q11))
+    lc = race.measure("llmc", "llm-compressor 0.14", f"model_free_ptq MXFP4, max_workers={cores} (threads)", "llmc",
+                      ["env", "HF_HUB_OFFLINE=1", llmc, "-c", _LLMC, str(src), str(work / "llmc"), str(cores),
+                       LLMC_IGNORE])
+    race.results["llmc_output"] = llmc_output(lc)
+    race.same_as("llmc", "quark-0.11", {"rename": {".weight_packed": ".weight"},
+                                        **compare_tensors(lc, q11, {".weight_packed": ".weight"})})
+    for d in (q11, r11, lc):
+        shutil.rmtree(d)
+    q13 = race.measure("quark-0.13", "Quark 0.13", "file-to-file, 1 process", "quark13",
+                       [*path13, py13, *file2file_command(str(src), [{"dst": str(work / "quark-0.13"), **job}])[1:]])
+    q13n = race.measure("quark-0.13-workers", "Quark 0.13", f"file-to-file, {cores} worker processes", "quark13",
+                        [*path13, py13, "-c", _QUARK13_WORKERS, str(src), str(work / "quark-0.13-workers"),
+                         str(cores), json.dumps(job)])
+    race.same_as("quark-0.13-workers", "quark-0.13", compare_files(q13n, q13))
+    shutil.rmtree(q13n)
+    r13 = race.measure("requant-0.13", "requant", "convert --local --quark-version 0.13", "project",
+                       race.requant("requant-0.13", "--quark-version", "0.13"), peer=False)
+    race.same_as("requant-0.13", "quark-0.13", compare_tensors(r13, q13))
+    for d in (q13, r13):
+        shutil.rmtree(d)
+
+
+def _race_llmc(target: str, race: _Race) -> None:
+    """A compressed-tensors target: llm-compressor's model_free_ptq given the recipe's llmcompressor_equivalent,
+    against requant (for NVFP4 also with llm-compressor's separate global scales, --no-shared-global-scale)."""
+    from requant.recipe import load_checks
+
+    equivalent = load_checks(target).llmcompressor
+    name = f"llmc-{target}"
+    lc = race.measure(name, "llm-compressor 0.14", f"model_free_ptq {equivalent.scheme}, max_workers={race.cores} "
+                      "(threads)", "llmc",
+                      ["env", "HF_HUB_OFFLINE=1", race.pythons["llmc"], "-c", _LLMC_RECIPE, str(race.src),
+                       str(race.work / name), str(race.cores), equivalent.scheme, json.dumps(list(equivalent.ignore))],
+                      target=target)
+    variants = [(f"requant-{target}", "convert --local", ())]
+    if "nvfp4" in equivalent.scheme.lower():
+        variants.append((f"requant-{target}-separate", "convert --local --no-shared-global-scale",
+                         ("--no-shared-global-scale",)))
+    for run, variant, options in variants:
+        ours = race.measure(run, "requant", variant, "project", race.requant(run, *options, recipe=target), peer=False,
+                            target=target)
+        race.same_as(run, name, compare_tensors(ours, lc))
+        shutil.rmtree(ours)
+    shutil.rmtree(lc)
+
+
+def _race_modelopt(target: str, race: _Race) -> None:
+    """A Model Optimizer target: its mtq.quantize and unified export of the decoded weights
+    (requant.testing.modelopt_reference, every core's thread), against requant."""
+    from requant.recipe import load_checks
+
+    equivalent = load_checks(target).modelopt
+    name = f"modelopt-{target}"
+    jobs = race.work / f"{name}.json"
+    jobs.write_text(json.dumps([{"dst": str(race.work / name), "scheme": equivalent.scheme,
+                                 "enable": list(equivalent.enable), "threads": race.cores}]))
+    mo = race.measure(name, "Model Optimizer 0.47", f"mtq.quantize + unified export ({equivalent.scheme}), "
+                      f"{race.cores} threads", "llmc",
+                      ["env", f"PYTHONPATH={ROOT}", "HF_HUB_OFFLINE=1", race.pythons["llmc"], "-m",
+                       "requant.testing.modelopt_reference", str(race.src), str(jobs)], target=target)
+    run = f"requant-{target}"
+    ours = race.measure(run, "requant", "convert --local", "project", race.requant(run, recipe=target), peer=False,
+                        target=target)
+    race.same_as(run, name, compare_tensors(ours, mo))
+    for d in (mo, ours):
+        shutil.rmtree(d)
+
+
+RACES = {RECIPE: _race_quark, "ct-mxfp4": functools.partial(_race_llmc, "ct-mxfp4"),
+         "ct-nvfp4a16": functools.partial(_race_llmc, "ct-nvfp4a16"),
+         "modelopt-nvfp4": functools.partial(_race_modelopt, "modelopt-nvfp4")}
+
+
+def _target(row: dict[str, Any]) -> str:
+    return row.get("target", RECIPE)  # results recorded before the other targets were raced had only RECIPE's
+
+
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each requant run against the fastest peer (wall) and the lightest (peak RSS), and whether it meets the target."""
-    peers = {name: r for name, r in runs.items() if r["peer"]}
-    fastest = min(peers, key=lambda n: peers[n]["seconds"])
-    lightest = min(peers, key=lambda n: peers[n]["peak_rss_mb"])
-    out: dict[str, Any] = {"fastest_peer": fastest, "lightest_peer": lightest}
-    for name, r in runs.items():
-        if r["peer"]:
+    """Each requant run against its target's fastest peer (wall) and lightest (peak RSS), and whether it meets the
+    target; ``targets`` names each target's fastest and lightest peer."""
+    out: dict[str, Any] = {"targets": {}}
+    for target in dict.fromkeys(_target(r) for r in runs.values()):
+        peers = {name: r for name, r in runs.items() if r["peer"] and _target(r) == target}
+        if not peers:
             continue
-        speedup = peers[fastest]["seconds"] / r["seconds"]
-        rss = r["peak_rss_mb"] / peers[lightest]["peak_rss_mb"]
-        out[name] = {"speedup_vs_fastest": speedup, "rss_vs_lightest": rss,
-                     "target_met": speedup >= TARGET_SPEEDUP and rss <= 1.0}
+        fastest = min(peers, key=lambda n: peers[n]["seconds"])
+        lightest = min(peers, key=lambda n: peers[n]["peak_rss_mb"])
+        out["targets"][target] = {"fastest_peer": fastest, "lightest_peer": lightest}
+        for name, r in runs.items():
+            if r["peer"] or _target(r) != target:
+                continue
+            speedup = peers[fastest]["seconds"] / r["seconds"]
+            rss = r["peak_rss_mb"] / peers[lightest]["peak_rss_mb"]
+            out[name] = {"target": target, "speedup_vs_fastest": speedup, "rss_vs_lightest": rss,
+                         "target_met": speedup >= TARGET_SPEEDUP and rss <= 1.0}
     return out
 
 
@@ -381,30 +491,34 @@ def render(r: dict[str, Any]) -> str:
     if f.get("experts"):
         fixture += f" --experts {f['experts']}"
     lines = [f"# requant and its peers ({fixture}: {f['shard_bytes'] / 1e9:.2f} GB of shards, outputs on {f['where']}, "
-             f"{r['cores']} cores, recipe {r['recipe']})", "",
-             "| tool | variant | wall s | CPU % | processes | peak RSS MB | RSS over torch baseline MB | "
-             "output identical to |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    runs = r["runs"]
-    for m in runs.values():
-        lines.append(f"| {m['tool']} | {m['variant']} | {m['seconds']:.1f} | {m['cpu_percent']:.0f} | "
-                     f"{m['processes']} | {m['peak_rss_mb']:.0f} | {m['rss_over_baseline_mb']:.0f} | "
-                     f"{_same_cell(m, runs)} |")
+             f"{r['cores']} cores)"]
+    runs, ratio = r["runs"], r.get("ratios") or {}
+    for target in dict.fromkeys(_target(m) for m in runs.values()):
+        lines += ["", f"## {target}", "",
+                  "| tool | variant | wall s | CPU % | processes | peak RSS MB | RSS over torch baseline MB | "
+                  "output identical to |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for m in runs.values():
+            if _target(m) == target:
+                lines.append(f"| {m['tool']} | {m['variant']} | {m['seconds']:.1f} | {m['cpu_percent']:.0f} | "
+                             f"{m['processes']} | {m['peak_rss_mb']:.0f} | {m['rss_over_baseline_mb']:.0f} | "
+                             f"{_same_cell(m, runs)} |")
+        best = ratio.get("targets", {}).get(target)
+        if not best:
+            continue
+        fastest, lightest = runs[best["fastest_peer"]], runs[best["lightest_peer"]]
+        lines += ["", f"Fastest peer: {fastest['tool']} ({fastest['variant']}), {fastest['seconds']:.1f} s; lightest: "
+                      f"{lightest['tool']} ({lightest['variant']}), {lightest['peak_rss_mb']:.0f} MB. Target: "
+                      f">= {TARGET_SPEEDUP:g}x the fastest at a peak RSS no higher than the lightest's.", ""]
+        for name, q in ratio.items():
+            if name != "targets" and q["target"] == target:
+                lines.append(f"- {runs[name]['tool']} {runs[name]['variant']}: {q['speedup_vs_fastest']:.2f}x the "
+                             f"fastest peer, peak RSS {q['rss_vs_lightest']:.2f} of the lightest peer's: target "
+                             f"{'met' if q['target_met'] else 'not met'}")
     lines += ["", "Peak RSS: every process of the run's tree, added up (sampled every "
                   f"{SAMPLE_SECONDS:g} s; never below the kernel's peak of its largest process). The baseline is "
                   "`python -c \"import torch\"` in the same virtualenv: " +
               ", ".join(f"{env} {e['torch_baseline']['peak_rss_mb']:.0f} MB (torch {e['versions']['torch']})"
                         for env, e in r["envs"].items()) + "."]
-    ratio = r.get("ratios")
-    if ratio:
-        fastest, lightest = runs[ratio["fastest_peer"]], runs[ratio["lightest_peer"]]
-        lines += ["", f"Fastest peer: {fastest['tool']} ({fastest['variant']}), {fastest['seconds']:.1f} s; lightest: "
-                      f"{lightest['tool']} ({lightest['variant']}), {lightest['peak_rss_mb']:.0f} MB. Target: "
-                      f">= {TARGET_SPEEDUP:g}x the fastest at a peak RSS no higher than the lightest's.", ""]
-        for name, q in ratio.items():
-            if isinstance(q, dict):
-                lines.append(f"- {runs[name]['tool']} {runs[name]['variant']}: {q['speedup_vs_fastest']:.2f}x the "
-                             f"fastest peer, peak RSS {q['rss_vs_lightest']:.2f} of the lightest peer's: target "
-                             f"{'met' if q['target_met'] else 'not met'}")
     lc = r.get("llmc_output")
     if lc:
         kept = (f"keeps the upstream's INT4 quantization_config ({lc['upstream_text_config_format']}) under "
@@ -412,8 +526,8 @@ def render(r: dict[str, Any]) -> str:
                 "has no quantization_config left under text_config")
         lines += ["", f"llm-compressor writes compressed-tensors' {lc['format']} (quant_method {lc['quant_method']}, "
                       f"version {lc['ct_version']}): a top-level quantization_config, and its config.json {kept}. Its "
-                      "packed weights are named weight_packed where Quark's are weight, so its files cannot equal "
-                      "Quark's; the comparison reads those names as Quark's."]
+                      f"packed weights are named weight_packed where Quark's are weight, so its files cannot equal "
+                      f"Quark's; the comparison with {RECIPE}'s Quark outputs reads those names as Quark's."]
     lines += ["", f"Measured {describe(r['run'])}.", "",
               "Virtualenvs: " + "; ".join(f"{env}: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v)
                                           for env, e in r["envs"].items()) + "."]

@@ -39,10 +39,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     _out(la, "layer")
     la.set_defaults(run=run_layer)
 
-    pe = sub.add_parser("peers", help="requant against Quark 0.11.2, Quark 0.13 (1 process and one worker per core) "
-                                      "and llm-compressor 0.14's model_free_ptq on synth k26-layer, each a whole "
-                                      "process tree: wall, peak RSS, outputs checked against each other")
+    pe = sub.add_parser("peers", help="requant against the tools that write each target's format, on synth "
+                                      "k26-layer, each a whole process tree: Quark 0.11.2, Quark 0.13 (1 process and "
+                                      "one worker per core) and llm-compressor 0.14's model_free_ptq for "
+                                      "amd-kimi-mxfp4; llm-compressor for ct-mxfp4 and ct-nvfp4a16; Model Optimizer "
+                                      "0.47 for modelopt-nvfp4: wall, peak RSS, outputs checked against each other")
     _experts(pe)
+    from requant.bench.peers import TARGETS
+
+    pe.add_argument("--targets", default=",".join(TARGETS),
+                    help=f"comma-separated recipes to race (default: all of {', '.join(TARGETS)})")
     pe.add_argument("--tmpfs", default="/dev/shm", help="where the input and the outputs are written")
     pe.add_argument("--upstream", help="an existing upstream to convert (default: synthesize k26-layer)")
     _out(pe, "peers")
@@ -112,7 +118,8 @@ def run_layer(args: argparse.Namespace) -> int:
 def run_peers(args: argparse.Namespace) -> int:
     from requant.bench.peers import run_peers_bench
 
-    run_peers_bench(args.experts, args.tmpfs, args.out, upstream=args.upstream)
+    run_peers_bench(args.experts, args.tmpfs, args.out, upstream=args.upstream,
+                    targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
     return 0
 
 

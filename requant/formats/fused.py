@@ -13,6 +13,9 @@ The exact decode Quark 0.13 quantizes (``exact=True``: ``w = q * s`` in FP32, no
 structure, even more simply: every element is ``q * M`` times the power of two, so one more pair of tables
 (built without the two BF16 roundings) makes it exact too.
 
+compressed-tensors' MXFP4 (``negative_zero=True``) has Quark's codes but one: a negative value that rounds to zero
+keeps its sign (code 0x8), which its tables say as well.
+
 Blocks whose scale is so small or large that products go subnormal/overflow or the E8M0 exponent
 clamps (never the case in real checkpoints, but reachable by adversarial input) are re-encoded by
 the reference path, so the result is bit-exact for every input.
@@ -28,13 +31,14 @@ import torch
 from requant.constants import (
     BF16_EXP_MASK,
     BF16_MANT_BITS,
+    E2M1_SIGN_BIT,
     E8M0_BIAS,
     INT4_GROUP_SIZE,
     INT4_OFFSET,
     MX_BLOCK_SIZE,
 )
 from requant.formats.int4 import dequantize_int4, group_maxabs, packed_columns
-from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, shared_exponent
+from requant.formats.mxfp4 import e2m1_codes, pow2_f64, quantize_mxfp4, quantize_mxfp4_ct, shared_exponent
 
 _MANTISSAS = 1 << BF16_MANT_BITS  # 128 BF16 mantissas
 _MAXABS = 9  # max |q| in 0..8
@@ -46,7 +50,7 @@ _SAFE_EXP_MIN, _SAFE_EXP_MAX = 3, 240
 
 
 @lru_cache(maxsize=8)
-def _tables(device: str, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(device: str, exact: bool = False, negative_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(byte table uint8 [CLASSES * 256], exponent offset int32 [CLASSES]) built by the reference encoder.
 
     Class index = (sign * 128 + mantissa) * 9 + m. The offset k - 2 is the block exponent relative to
@@ -67,6 +71,8 @@ def _tables(device: str, exact: bool = False) -> tuple[torch.Tensor, torch.Tenso
     if not exact:
         values = values.to(torch.bfloat16).to(torch.float32)
     codes = e2m1_codes((values.double() * pow2_f64(-exp).unsqueeze(1)).float())  # [CLASSES, 16 nibbles]
+    if negative_zero:  # compressed-tensors: the quotient's sign (never an underflow where the tables are used)
+        codes |= ((codes == 0) & (values < 0)).to(codes.dtype) * E2M1_SIGN_BIT
     byte = torch.arange(256)
     table = codes[:, byte & 0xF] | (codes[:, byte >> 4] << 4)  # [CLASSES, 256]
     zero = maxabs == 0
@@ -82,6 +88,7 @@ def int4_to_mxfp4(
     rows_per_block: int | None = None,
     threads: int = 1,
     exact: bool = False,
+    negative_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
 
@@ -89,6 +96,7 @@ def int4_to_mxfp4(
     beyond the output is a few bytes per element of one row block. ``threads > 1`` converts row blocks concurrently (torch releases the GIL in its
     ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription. ``exact``:
     quantize the exact FP32 decode (Quark 0.13) instead of compressed-tensors' BF16 decode (Quark 0.11).
+    ``negative_zero``: compressed-tensors' codes (:func:`~requant.formats.mxfp4.quantize_mxfp4_ct`).
     """
     if scale.dtype != torch.bfloat16:
         raise ValueError(f"fused INT4->MXFP4 needs BF16 group scales, got {scale.dtype}")
@@ -103,7 +111,7 @@ def int4_to_mxfp4(
     device = data_packed.device
     if rows_per_block is None:  # CPU: blocks that stay in cache; GPU: one launch set per matrix
         rows_per_block = 256 if device.type == "cpu" else max(out_features, 1)
-    table, exp_offset = _tables(str(device), exact)
+    table, exp_offset = _tables(str(device), exact, negative_zero)
     packed_out = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
     scale_out = torch.empty(out_features, n_blocks, dtype=torch.uint8, device=device)
     nibble_bytes = data_packed.contiguous().view(torch.uint8)  # little-endian: low nibble first
@@ -125,7 +133,8 @@ def int4_to_mxfp4(
 
         unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
         if bool(unsafe.any()):
-            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out, exact)
+            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out, exact,
+                             negative_zero)
 
     starts = range(0, out_features, rows_per_block)
     if threads > 1 and len(starts) > 1:
@@ -151,11 +160,12 @@ def _reencode_blocks(
     packed_out: torch.Tensor,
     scale_out: torch.Tensor,
     exact: bool = False,
+    negative_zero: bool = False,
 ) -> None:
     """Reference path for the rows holding blocks outside the table's exact range."""
     rows = unsafe.any(dim=1).nonzero().flatten() + r0
     weight = dequantize_int4(data_packed[rows], scale[rows], in_features, dtype=torch.float32 if exact else None)
-    packed, scales = quantize_mxfp4(weight)
+    packed, scales = (quantize_mxfp4_ct if negative_zero else quantize_mxfp4)(weight)
     packed_out[rows] = packed
     scale_out[rows] = scales
 

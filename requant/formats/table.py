@@ -10,6 +10,7 @@ byte 1 (see the ``*_q13`` functions).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from requant.formats.fp8 import (
 )
 from requant.formats.fp8_block import fp8_block_to_mxfp4
 from requant.formats.fused import int4_to_mxfp4
+from requant.formats.fused_nvfp4 import int4_to_nvfp4
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import (
     dequantize_mxfp4,
@@ -61,7 +63,9 @@ class WeightFormat:
     scale_block: int | None  # inputs sharing one scale; None: one scale per output channel
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # BF16/F32 weight -> (weight, scale)
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, scale) -> F32 weight
-    from_int4: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # fused path from packed INT4
+    # a fused path from packed INT4 (packed, group scales, in_features[, amax= of the tensors sharing a global
+    # scale]), equal to ``encode`` (``encode_shared``) of the format table's INT4 decode
+    from_int4: Callable[..., tuple[torch.Tensor, ...]] | None = None
     # the scale alone, where it comes before the weight in the file (a streamed shard's first pass needs only it):
     # from a high-precision weight, and from packed INT4 (packed, group scales, in_features)
     scale_of: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -149,11 +153,13 @@ COMPRESSED_TENSORS_FORMATS: dict[str, WeightFormat] = {
     fmt.name: fmt
     for fmt in (
         WeightFormat("mxfp4", "", "", "U8", FP4_PER_BYTE, "U8", MX_BLOCK_SIZE, quantize_mxfp4_ct, dequantize_mxfp4,
-                     from_mxfp4=_same_mxfp4, weight_name="weight_packed"),
+                     functools.partial(int4_to_mxfp4, negative_zero=True), from_mxfp4=_same_mxfp4,
+                     weight_name="weight_packed"),
         # NVFP4: E2M1 codes two per byte, an FP8 E4M3 scale per 16 inputs, an FP32 global scale per tensor (or per
         # set of tensors the engines fuse: requant.export.global_scales)
         WeightFormat("nvfp4", "", "", "U8", FP4_PER_BYTE, "F8_E4M3", NVFP4_GROUP, quantize_nvfp4, dequantize_nvfp4,
-                     weight_name="weight_packed", global_scale_name="weight_global_scale", encode_shared=quantize_nvfp4),
+                     functools.partial(int4_to_nvfp4, encode=quantize_nvfp4), weight_name="weight_packed",
+                     global_scale_name="weight_global_scale", encode_shared=quantize_nvfp4),
     )
 }
 
@@ -163,8 +169,9 @@ MODELOPT_FORMATS: dict[str, WeightFormat] = {
     fmt.name: fmt
     for fmt in (
         WeightFormat("nvfp4", "", "", "U8", FP4_PER_BYTE, "F8_E4M3", NVFP4_GROUP, quantize_nvfp4_modelopt,
-                     dequantize_nvfp4_modelopt, global_scale_name="weight_scale_2",
-                     encode_shared=quantize_nvfp4_modelopt, global_scale_shape=()),
+                     dequantize_nvfp4_modelopt, functools.partial(int4_to_nvfp4, encode=quantize_nvfp4_modelopt),
+                     global_scale_name="weight_scale_2", encode_shared=quantize_nvfp4_modelopt,
+                     global_scale_shape=()),
     )
 }
 

@@ -1,8 +1,9 @@
 """NVIDIA Model Optimizer 0.47, the reference implementation of the ``modelopt`` export, as the tests (the oracle) run
 it: ``python -m requant.testing.modelopt_reference SRC JOBS_JSON`` in the peers' pinned virtualenv (.venv-llmc,
 ``make llmc-venv``) writes, for each ``{"dst", "scheme", "enable"}`` of the JSON list (with ``"src"``: of another
-upstream), what Model Optimizer's ``mtq.quantize`` and unified Hugging Face export make of the upstream's weights,
-on the CPU; a ``{"dst", "summarize"}`` job writes Model Optimizer's ``exclude_modules`` summary of name sets.
+upstream; ``"threads"``: torch's thread count, default 1), what Model Optimizer's ``mtq.quantize`` and unified
+Hugging Face export make of the upstream's weights, on the CPU; a ``{"dst", "summarize"}`` job writes Model
+Optimizer's ``exclude_modules`` summary of name sets.
 
 Model Optimizer quantizes a PyTorch model. The checkpoint's Kimi-K2.6 model is remote code (never run), so this
 builds the module tree its tensors name (``nn.Linear`` for every matrix but the embedding, ``nn.Embedding`` for it,
@@ -187,9 +188,9 @@ def run_jobs(src: str, jobs: list[dict[str, Any]]) -> None:
     upstream read once."""
     import torch
 
-    torch.set_num_threads(1)
     loaded: dict[str, dict[str, Any]] = {}
     for job in jobs:
+        torch.set_num_threads(job.get("threads", 1))  # the tests: one; requant bench peers: every core
         if "summarize" in job:
             summarize(job)
             continue

@@ -57,7 +57,7 @@ def test_render_has_every_run_the_checks_and_the_ratios():
     results = _recorded()
     text = render(results)
     assert text.startswith("# requant and its peers (synth --profile k26-layer --experts 16: 1.70 GB of shards, outputs "
-                           "on /dev/shm, 2 cores, recipe amd-kimi-mxfp4)")
+                           "on /dev/shm, 2 cores)\n\n## amd-kimi-mxfp4\n")
     assert "| Quark 0.11.2 | file-to-file, 1 process | 120.0 | 180 | 1 | 3100 | 2700 |  |" in text
     assert "Quark 0.11.2 (file-to-file, 1 process): all 120 tensors byte-identical |" in text
     assert "| Quark 0.13 | file-to-file, 2 worker processes | 50.0 | 180 | 3 | 4200 | 3800 | Quark 0.13 (file-to-file, " \
@@ -67,8 +67,8 @@ def test_render_has_every_run_the_checks_and_the_ratios():
     assert "2 of 120 tensors differ, 0 on one side only (first: a.weight, b.weight) with .weight_packed read as " \
            ".weight" in text
     # fastest peer: Quark 0.13 with workers (50 s); lightest: llm-compressor (2500 MB)
-    assert results["ratios"]["fastest_peer"] == "quark-0.13-workers"
-    assert results["ratios"]["lightest_peer"] == "llmc"
+    assert results["ratios"]["targets"] == {"amd-kimi-mxfp4": {"fastest_peer": "quark-0.13-workers",
+                                                               "lightest_peer": "llmc"}}
     assert "convert --local (Quark 0.11 target): 4.17x the fastest peer, peak RSS 0.36 of the lightest peer's: " \
            "target not met" in text
     assert "convert --local --quark-version 0.13: 5.56x the fastest peer, peak RSS 0.38 of the lightest peer's: " \
@@ -90,7 +90,34 @@ def test_render_of_a_run_cut_short_has_what_was_measured():
 
 def test_ratios_target():
     runs = {"peer": _run("p", "v", "project", 50.0, 1000), "requant": _run("r", "v", "project", 10.0, 1000, peer=False)}
-    assert ratios(runs)["requant"] == {"speedup_vs_fastest": 5.0, "rss_vs_lightest": 1.0, "target_met": True}
+    assert ratios(runs)["requant"] == {"target": "amd-kimi-mxfp4", "speedup_vs_fastest": 5.0, "rss_vs_lightest": 1.0,
+                                       "target_met": True}
+
+
+def test_each_target_is_raced_against_its_own_peers():
+    """A requant run of ct-nvfp4a16 is measured against llm-compressor's NVFP4A16 run, not the Quark target's peers;
+    each target has its own section, fastest and lightest peer."""
+    results = _recorded()
+    results["runs"].update({
+        "llmc-ct-nvfp4a16": _run("llm-compressor 0.14", "model_free_ptq NVFP4A16", "llmc", 40.0, 2000,
+                                 target="ct-nvfp4a16"),
+        "requant-ct-nvfp4a16": _run("requant", "convert --local", "project", 10.0, 900, peer=False,
+                                    target="ct-nvfp4a16",
+                                    same_as={"run": "llmc-ct-nvfp4a16", "tensors": 120, "differ": 32,
+                                             "first_differ": ["e.weight_global_scale"], "only_one_side": 0,
+                                             "first_only_one_side": [], "identical": False})})
+    results["ratios"] = ratios(results["runs"])
+    assert results["ratios"]["targets"]["ct-nvfp4a16"] == {"fastest_peer": "llmc-ct-nvfp4a16",
+                                                           "lightest_peer": "llmc-ct-nvfp4a16"}
+    assert results["ratios"]["requant-ct-nvfp4a16"]["speedup_vs_fastest"] == 4.0  # 40 s / 10 s, not 50 s / 10 s
+    assert results["ratios"]["requant-0.13"]["speedup_vs_fastest"] == 50.0 / 9.0   # unchanged by the new target
+    text = render(results)
+    section = text.split("## ct-nvfp4a16\n", 1)[1]
+    assert "## amd-kimi-mxfp4" in text.split("## ct-nvfp4a16", 1)[0]
+    assert "| llm-compressor 0.14 | model_free_ptq NVFP4A16 | 40.0 |" in section and "| Quark" not in section
+    assert "32 of 120 tensors differ" in section
+    assert "- requant convert --local: 4.00x the fastest peer, peak RSS 0.45 of the lightest peer's: target not met" \
+        in section
 
 
 # Two children that each hold ~150 MB at the same time: the tree's peak is their sum, the kernel's largest

@@ -1,4 +1,6 @@
-"""The fused INT4 -> MXFP4 table kernel against the reference path and against Quark."""
+"""The fused INT4 -> MXFP4 table kernel against the reference path and against Quark; its compressed-tensors codes;
+the fused INT4 -> NVFP4 class-table kernel against both NVFP4 encoders (which the oracle tests hold equal to
+llm-compressor and Model Optimizer)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from requant.formats.fused import int4_to_mxfp4
+from requant.formats.fused_nvfp4 import int4_amax, int4_to_nvfp4
 from requant.formats.int4 import dequantize_int4
-from requant.formats.mxfp4 import quantize_mxfp4
+from requant.formats.mxfp4 import quantize_mxfp4, quantize_mxfp4_ct
+from requant.formats.nvfp4 import quantize_nvfp4, quantize_nvfp4_modelopt, tensor_amax
 from requant.testing.quark_reference import quark_quantize_weight
 
 
@@ -90,3 +94,51 @@ def test_rejects_inconsistent_inputs(bad):
         packed = packed[:, :-1]
     with pytest.raises(ValueError):
         int4_to_mxfp4(packed, scale, 64)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.data())
+def test_compressed_tensors_codes_for_every_scale_class(seed, data):
+    """negative_zero: compressed-tensors' MXFP4 (a negative value that rounds to zero keeps its sign), equal to
+    quantize_mxfp4_ct of the BF16 decode, through the tables and their fallback alike."""
+    rows, cols = 6, 128
+    packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=data.draw(scale_patterns(rows * cols // 32)))
+    fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, negative_zero=True)
+    reference = quantize_mxfp4_ct(dequantize_int4(packed, scale, cols))
+    assert torch.equal(fused[1], reference[1]) and torch.equal(fused[0], reference[0])
+
+
+def _same(ours: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b)
+
+
+NVFP4_ENCODERS = [quantize_nvfp4, quantize_nvfp4_modelopt]
+
+
+@pytest.mark.parametrize("encode", NVFP4_ENCODERS, ids=lambda f: f.__name__)
+def test_nvfp4_matches_its_encoder_on_kimi_shaped_rows(encode):
+    """int4_to_nvfp4 equals the encoder (compressed-tensors' or Model Optimizer's) run on the BF16 decode, its own
+    amax and a larger one shared with partners; int4_amax equals the decode's largest magnitude."""
+    packed, scale, _ = _random_int4(96, 7168, seed=1)
+    weight = dequantize_int4(packed, scale, 7168)
+    assert torch.equal(int4_amax(packed, scale, 7168), tensor_amax(weight))
+    _same(int4_to_nvfp4(packed, scale, 7168, encode, rows_per_block=40), encode(weight, tensor_amax(weight)))
+    shared = tensor_amax(weight) * 3
+    _same(int4_to_nvfp4(packed, scale, 7168, encode, amax=shared), encode(weight, shared))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.data(), st.sampled_from(NVFP4_ENCODERS))
+def test_nvfp4_matches_its_encoder_for_every_scale_class(seed, data, encode):
+    """Zero, subnormal, negative, tiny and huge BF16 group scales (FP8 group scales that underflow or saturate)."""
+    rows, cols = 6, 128
+    packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=data.draw(scale_patterns(rows * cols // 32)))
+    weight = dequantize_int4(packed, scale, cols)
+    if not torch.isfinite(weight).all():  # a huge scale times 8 overflows BF16: the job refuses such input
+        return
+    assert torch.equal(int4_amax(packed, scale, cols), tensor_amax(weight))
+    _same(int4_to_nvfp4(packed, scale, cols, encode, rows_per_block=4), encode(weight, tensor_amax(weight)))
