@@ -185,8 +185,10 @@ llmc-venv: $(LLMC_STAMP)
 $(LLMC_STAMP): $(LLMC_LOCK)
 	$(call lock_venv,$(LLMC_VENV),$(LLMC_LOCK),from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer; import modelopt.torch.export.unified_export_hf)
 
-# requant against Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14 on synth k26-layer
-# (PEERS_EXPERTS of 384; 16 = 1.7 GB) on tmpfs, each a whole process tree: results/peers.md.
+# requant against the tools that write each target's format on synth k26-layer (PEERS_EXPERTS of 384; 16 = 1.7 GB) on
+# tmpfs, each a whole process tree: Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14
+# for amd-kimi-mxfp4; llm-compressor for ct-mxfp4 and ct-nvfp4a16; Model Optimizer 0.47 for modelopt-nvfp4:
+# results/peers.md (BENCH_ARGS="--targets ct-nvfp4a16" races some).
 PEERS_EXPERTS ?= 16
 bench-peers: install quark13-venv llmc-venv
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
