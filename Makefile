@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test-envs docs docs-serve quark13-venv sglang-venv llmc-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
+.PHONY: install test-envs docs docs-serve quark13-venv sglang-venv llmc-venv autoround-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -168,7 +168,7 @@ convert-local: install
 
 # The kernels and a whole checkpoint against Quark 0.11.2 (results/bench.md), then the peers raced
 # (make bench-peers: results/peers.md).
-bench: install quark13-venv llmc-venv
+bench: install quark13-venv llmc-venv autoround-venv
 	$(BIN)/requant bench conversion --out results $(BENCH_ARGS)
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results
 
@@ -185,12 +185,23 @@ llmc-venv: $(LLMC_STAMP)
 $(LLMC_STAMP): $(LLMC_LOCK)
 	$(call lock_venv,$(LLMC_VENV),$(LLMC_LOCK),from llmcompressor import model_free_ptq; from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer; import modelopt.torch.export.unified_export_hf)
 
+# auto-round 0.16 (its model-free mode writes compressed-tensors MXFP4 from Kimi's INT4), a peer of ct-mxfp4 in
+# make bench-peers, in its own virtualenv: llm-compressor 0.14 (.venv-llmc) pins auto-round 0.15.1.
+AUTOROUND_VENV := .venv-autoround
+AUTOROUND_STAMP := $(AUTOROUND_VENV)/.installed
+AUTOROUND_LOCK := infra/autoround/requirements.txt
+
+autoround-venv: $(AUTOROUND_STAMP)
+
+$(AUTOROUND_STAMP): $(AUTOROUND_LOCK)
+	$(call lock_venv,$(AUTOROUND_VENV),$(AUTOROUND_LOCK),from auto_round.compressors.model_free import ModelFreeCompressor)
+
 # requant against the tools that write each target's format on synth k26-layer (PEERS_EXPERTS of 384; 16 = 1.7 GB) on
 # tmpfs, each a whole process tree: Quark 0.11.2, Quark 0.13 (1 process, one worker per core) and llm-compressor 0.14
-# for amd-kimi-mxfp4; llm-compressor for ct-mxfp4 and ct-nvfp4a16; Model Optimizer 0.47 for modelopt-nvfp4:
-# results/peers.md (BENCH_ARGS="--targets ct-nvfp4a16" races some).
+# for amd-kimi-mxfp4; llm-compressor for ct-mxfp4 and ct-nvfp4a16, auto-round 0.16 for ct-mxfp4; Model Optimizer 0.47
+# for modelopt-nvfp4: results/peers.md (BENCH_ARGS="--targets ct-nvfp4a16" races some).
 PEERS_EXPERTS ?= 16
-bench-peers: install quark13-venv llmc-venv
+bench-peers: install quark13-venv llmc-venv autoround-venv
 	$(BIN)/requant bench peers --experts $(PEERS_EXPERTS) --out results $(BENCH_ARGS)
 
 # One K2.6 layer at real widths (EXPERTS of 384) on tmpfs, on disk and through S3, against copy rooflines

@@ -15,7 +15,8 @@ The other vendors' targets (issue 38), each raced against the tools that write i
 
 - ``ct-mxfp4`` and ``ct-nvfp4a16``: llm-compressor 0.14's ``model_free_ptq`` with the recipe's own
   ``llmcompressor_equivalent`` (scheme and ignore list, ``max_workers`` = cores), against requant (for
-  ``ct-nvfp4a16`` also with ``--no-shared-global-scale``, llm-compressor's bytes);
+  ``ct-nvfp4a16`` also with ``--no-shared-global-scale``, llm-compressor's bytes); for ``ct-mxfp4`` also
+  auto-round 0.16's model-free mode (its command line, .venv-autoround: ``make autoround-venv``);
 - ``modelopt-nvfp4``: NVIDIA Model Optimizer 0.47's ``mtq.quantize`` and unified export
   (``requant.testing.modelopt_reference``, every thread), against requant.
 
@@ -61,8 +62,10 @@ MEASURES = (*CONVERSION, "requant/bench/peers.py", "requant/bench/conversion.py"
             "requant/testing/modelopt_reference.py", "infra/quark13", "infra/llmcompressor")
 ROOT = Path(__file__).resolve().parents[2]
 # The virtualenvs of the peers, and the make target that builds each.
-ENVS = {"quark13": (".venv-quark13", "make quark13-venv"), "llmc": (".venv-llmc", "make llmc-venv")}
-PACKAGES = ("torch", "amd-quark", "compressed-tensors", "llmcompressor", "nvidia-modelopt", "transformers")
+ENVS = {"quark13": (".venv-quark13", "make quark13-venv"), "llmc": (".venv-llmc", "make llmc-venv"),
+        "autoround": (".venv-autoround", "make autoround-venv")}
+PACKAGES = ("torch", "amd-quark", "compressed-tensors", "llmcompressor", "nvidia-modelopt", "auto-round",
+            "transformers")
 TARGET_SPEEDUP = 5.0  # issue 24: requant at >= 5x the fastest peer, at a peak RSS no higher than the lightest peer's
 SAMPLE_SECONDS = 0.1
 
@@ -387,6 +390,22 @@ def _race_quark(race: _Race) -> None:
         shutil.rmtree(d)
 
 
+# auto-round 0.16's model-free mode as its command line runs it: MXFP4 weights (round to nearest), written in
+# compressed-tensors' format, from Kimi's INT4 (which it dequantizes itself); these layers ignored, so that, beside
+# its own defaults (embeddings, lm_head, vision, routers, MTP), only the routed experts are quantized, as in ct-mxfp4.
+AUTOROUND_IGNORE = "self_attn,shared_experts,mlp.gate_proj,mlp.up_proj,mlp.down_proj,mlp.gate$"
+
+
+def _race_autoround(target: str, race: _Race) -> Path:
+    """auto-round's model-free MXFP4 of the input; its output folder."""
+    name = f"autoround-{target}"
+    bin_dir = Path(race.pythons["autoround"]).parent
+    return race.measure(name, "auto-round 0.16", "model-free MXFP4, --format llm_compressor", "autoround",
+                 ["env", "HF_HUB_OFFLINE=1", str(bin_dir / "auto-round"), str(race.src), "--model_free",
+                  "--scheme", "MXFP4", "--format", "llm_compressor", "--device", "cpu",
+                  "--ignore_layers", AUTOROUND_IGNORE, "--output_dir", str(race.work / name)], target=target)
+
+
 def _race_llmc(target: str, race: _Race) -> None:
     """A compressed-tensors target: llm-compressor's model_free_ptq given the recipe's llmcompressor_equivalent,
     against requant (for NVFP4 also with llm-compressor's separate global scales, --no-shared-global-scale)."""
@@ -407,6 +426,10 @@ def _race_llmc(target: str, race: _Race) -> None:
         ours = race.measure(run, "requant", variant, "project", race.requant(run, *options, recipe=target), peer=False,
                             target=target)
         race.same_as(run, name, compare_tensors(ours, lc))
+        if target == "ct-mxfp4":  # auto-round writes this format too
+            theirs = _race_autoround(target, race)
+            race.same_as(f"autoround-{target}", run, compare_tensors(theirs, ours))
+            shutil.rmtree(theirs)
         shutil.rmtree(ours)
     shutil.rmtree(lc)
 
