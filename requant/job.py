@@ -505,11 +505,11 @@ def _int4_outputs(task: TensorTask, packed: torch.Tensor, scale: torch.Tensor, i
     ``encode``: the format's encoder, with the global scale shared with partners bound where there are any).
     Left unquantized, every Quark release stores compressed-tensors' BF16 decode."""
     fmt = task.format
-    if fmt is not None and fmt.from_int4 is not None and not task.partners:
-        return list(fmt.from_int4(packed, scale, in_features))
     if fmt is None:
         return [dequantize_int4(packed, scale, in_features)]
-    if fmt.from_int4 is not None and fmt.global_scale_name and isinstance(encode, _SharedEncoder):  # fused, shared amax
+    if fmt.from_int4 is not None and not task.partners:
+        return list(fmt.from_int4(packed, scale, in_features))
+    if fmt.from_int4 is not None and isinstance(encode, _SharedEncoder):  # the fused path, given the set's amax
         return list(fmt.from_int4(packed, scale, in_features, amax=encode.amax(int4_amax(packed, scale, in_features))))
     return list((encode or fmt.encode)(_int4_decode(task, packed, scale, in_features)))
 

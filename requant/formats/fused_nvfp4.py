@@ -51,8 +51,12 @@ def int4_amax(data_packed: torch.Tensor, scale: torch.Tensor, in_features: int) 
     :func:`~requant.formats.nvfp4.tensor_amax` of the decode): ``bf16(max |q| * |s|)`` over the groups."""
     _check(data_packed, scale, in_features)
     groups = data_packed.contiguous().view(torch.uint8).view(data_packed.shape[0], -1, INT4_GROUP_SIZE // 2)
-    maxabs = group_maxabs(groups).to(torch.float32)
-    return (maxabs * scale.to(torch.float32).abs()).to(torch.bfloat16).amax()
+    return _amax(group_maxabs(groups), scale)
+
+
+def _amax(maxabs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``bf16(max |q| * |s|)`` over the INT4 groups, from each group's max |q| [out, in/32]."""
+    return (maxabs.to(torch.float32) * scale.to(torch.float32).abs()).to(torch.bfloat16).amax()
 
 
 def _class_tables(keys: torch.Tensor, amax: torch.Tensor, encode: Encoder) -> tuple[torch.Tensor, torch.Tensor,
@@ -79,11 +83,11 @@ def int4_to_nvfp4(data_packed: torch.Tensor, scale: torch.Tensor, in_features: i
     [out, in/2], FP8 scales [out, in/16], global scale), byte for byte; ``amax``: the largest magnitude of the
     tensors sharing the global scale (default: this one's, :func:`int4_amax`)."""
     _check(data_packed, scale, in_features)
-    if amax is None:
-        amax = int4_amax(data_packed, scale, in_features)
     out_features, n_groups = data_packed.shape[0], in_features // NVFP4_GROUP
     nibble_bytes = data_packed.contiguous().view(torch.uint8).view(out_features, n_groups, _GROUP_BYTES)
     maxabs = group_maxabs(nibble_bytes).to(torch.int32)  # [out, groups of 16]
+    if amax is None:  # an INT4 group's max |q| is the larger of its two halves'
+        amax = _amax(maxabs.view(out_features, -1, 2).amax(dim=-1), scale)
     bits = (scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF).repeat_interleave(2, dim=1)
     key = bits.mul_(_MAXABS).add_(maxabs)
     device = data_packed.device
