@@ -215,5 +215,10 @@ def layer_of(name: str, prefix: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
+def in_mtp_layer(name: str, cfg: ModelConfig) -> bool:
+    """Whether a tensor or module belongs to a multi-token-prediction layer (a decoder layer past num_hidden_layers)."""
+    return (layer_of(name, cfg.prefix) or 0) >= cfg.num_layers
+
+
 def router_bias_expected(cfg: ModelConfig) -> bool:
     return cfg.text.get("topk_method") == "noaux_tc"

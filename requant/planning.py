@@ -34,6 +34,7 @@ from requant.layout import (
     classify,
     expected_modules,
     fused_layer,
+    in_mtp_layer,
     is_carried_buffer,
     layer_of,
     load_config,
@@ -206,7 +207,7 @@ def _build_plan(storage: Storage, recipe: Recipe) -> Plan:
     covered = {e.name for t in tasks for e in t.inputs}
     covered |= _dropped(entries, covered, source)
     if recipe.mtp == "drop":  # read and checked like every tensor, then left out of the output
-        tasks = [t for t in tasks if (layer_of(t.inputs[0].name, config.prefix) or 0) < config.num_layers]
+        tasks = [t for t in tasks if not in_mtp_layer(t.inputs[0].name, config)]
     if not problems:
         problems += [f"{entries[n].file}: {n}: not covered by recipe {recipe.name}" for n in sorted(entries.keys() - covered)]
     problems = [p if p.startswith(storage.uri) else f"{storage.uri}/{p}" for p in problems]
@@ -320,7 +321,7 @@ def _tasks(config: ModelConfig, recipe: Recipe, source: Source, entries: dict[st
         if not params:
             problems.append(f"{module}: missing (config.json implies a weight of shape {list(shape)})")
             continue
-        task = _module_task(module, shape, params, recipe, source, problems)
+        task = _module_task(module, shape, params, recipe, source, problems, in_mtp_layer(module, config))
         if task:
             tasks.append(task)
             consumed[module] = {e.name.rpartition(".")[2] for e in task.inputs}
@@ -359,9 +360,9 @@ def _tasks(config: ModelConfig, recipe: Recipe, source: Source, entries: dict[st
 
 
 def _module_task(module: str, shape: tuple[int, ...], params: dict[str, TensorEntry], recipe: Recipe,
-                 source: Source, problems: list[str]) -> TensorTask | None:
+                 source: Source, problems: list[str], mtp: bool = False) -> TensorTask | None:
     cls = classify(module)
-    target = recipe.target_for(module, cls)
+    target = recipe.target_for(module, cls, in_mtp_layer=mtp)
     if target != UNQUANTIZED and cls in NEVER_QUANTIZED:
         problems.append(f"recipe {recipe.name}: an override targets {module} ({cls}) with {target}; "
                         f"Quark's export keeps norms and embeddings unquantized")

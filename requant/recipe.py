@@ -56,7 +56,10 @@ QUARK_PATTERNS: dict[str, tuple[str, ...]] = {
 # "engine" (tests/engine: SGLang's and vLLM's decisions per layer) and "trained" (tests/trained and
 # dev/measure_trained.py: the trained model's smoke test and GSM8K gate).
 LANES = ("engine", "trained")
-MTP_CHOICES = ("keep", "drop")
+# What a recipe does with a DeepSeek-V3/R1 multi-token-prediction layer (a decoder layer past num_hidden_layers):
+# "keep" converts it like the others; "unquantized" keeps it with every tensor unquantized (as NVIDIA's Model
+# Optimizer releases ship it: SGLang's NEXTN draft drops a Model Optimizer config for it); "drop" leaves it out.
+MTP_CHOICES = ("keep", "unquantized", "drop")
 
 def _equivalent_call(patterns: str, **optional: Any) -> dict[str, Any]:
     """The schema of what a maker's tool is given for a recipe's output: a scheme, a list of module patterns named
@@ -106,8 +109,9 @@ SCHEMA: dict[str, Any] = {
         "shared_global_scale": {"type": "boolean"},
         # also exclude the engines' fused module names whose shards are all excluded (requant.export.quark.fused_excludes)
         "fused_excludes": {"type": "boolean"},
-        # the multi-token-prediction layers (DeepSeek-V3's layer 61): converted like the others, or left out of the
-        # output with num_nextn_predict_layers set to 0 (engines then serve without MTP speculative decoding)
+        # the multi-token-prediction layers (DeepSeek-V3's layer 61): converted like the others, kept with every
+        # tensor unquantized, or left out of the output with num_nextn_predict_layers set to 0 (engines then serve
+        # without MTP speculative decoding); MTP_CHOICES
         "mtp": {"enum": list(MTP_CHOICES)},
         # --- what the oracle and the test lanes need (RecipeChecks); no part of the conversion ---
         # the Quark 0.11 equivalent: what a Quark user passes to its file-to-file export for the same output
@@ -147,7 +151,7 @@ class Recipe:
     overrides: tuple[tuple[str, str], ...] = ()  # (module name pattern, target), first match wins
     quark_version: str = DEFAULT_QUARK  # the Quark release whose export the output equals (formats.table)
     fused_excludes: bool = True  # exclude also names SGLang's/vLLM's fused modules (requant.export.quark.fused_excludes)
-    mtp: str = "keep"  # the MTP layers: "keep" (converted like the others) or "drop" (left out; MTP_CHOICES)
+    mtp: str = "keep"  # the MTP layers: converted like the others, kept unquantized, or left out (MTP_CHOICES)
     export: str = ExportFormat.QUARK.value  # the checkpoint format written (requant.export.ExportFormat)
     shared_global_scale: bool = True  # NVFP4: one global scale per set the engines fuse (export.compressed_tensors)
 
@@ -159,8 +163,11 @@ class Recipe:
     def target(self, tensor_class: str) -> str:
         return dict(self.targets)[tensor_class]
 
-    def target_for(self, module: str, tensor_class: str | None = None) -> str:
-        """The target of one module: its first matching override, else its tensor class's target."""
+    def target_for(self, module: str, tensor_class: str | None = None, in_mtp_layer: bool = False) -> str:
+        """The target of one module: unquantized in an MTP layer the recipe keeps unquantized, else its first
+        matching override, else its tensor class's target."""
+        if in_mtp_layer and self.mtp == "unquantized":
+            return UNQUANTIZED
         return resolve_target(module, dict(self.targets), self.overrides, tensor_class)
 
     @property
@@ -371,6 +378,9 @@ def _check_export(data: dict[str, Any], source: str, export: str, used: set[str]
     if overrides:
         raise RequantError(f"recipe {source}: export {export} takes no overrides (its ignore list is written per "
                            "tensor class)")
+    if export == ExportFormat.COMPRESSED_TENSORS and data.get("mtp") == "unquantized":
+        raise RequantError(f"recipe {source}: mtp: unquantized applies to Quark and Model Optimizer exports, whose "
+                           "exclude lists name modules; compressed-tensors' ignore list is written per tensor class")
     if len(used) > 1:
         raise RequantError(f"recipe {source}: export {export} writes one format, the recipe uses {sorted(used)}")
 

@@ -11,8 +11,9 @@ import yaml
 from requant.errors import RequantError
 from requant.export import ExportFormat
 from requant.export.compressed_tensors import ignore_list
+from requant.export.draft_names import mtp_draft_names
 from requant.export.modelopt import QUANT_ALGOS
-from requant.export.quark import fused_excludes, is_quark_linear_weight, mtp_draft_names, quantization_config
+from requant.export.quark import fused_excludes, is_quark_linear_weight, quantization_config
 from requant.formats.table import WEIGHT_FORMATS
 from requant.recipe import LANES, builtin_names, load_checks, load_recipe, parse_checks, parse_recipe
 from requant.testing.quark_reference import quark_config_dict
@@ -237,9 +238,14 @@ def test_tensor_classes_follow_their_fnmatch_patterns_in_order(tiny_upstream):
     assert {classify(m) for m in modules} >= set(dict(CLASS_PATTERNS)) - {"mm_projector"}
 
 
-def test_the_mtp_key_keeps_by_default_and_takes_keep_or_drop():
+def test_the_mtp_key_keeps_by_default_and_takes_keep_unquantized_or_drop():
     assert parse_recipe(_recipe_data(), "test").mtp == "keep"
     assert parse_recipe(_recipe_data(mtp="drop"), "test").mtp == "drop"
+    kept_bf16 = parse_recipe(_recipe_data(mtp="unquantized"), "test")
+    assert kept_bf16.target_for("model.layers.61.mlp.experts.0.gate_proj", in_mtp_layer=True) == "unquantized"
+    assert kept_bf16.target_for("model.layers.3.mlp.experts.0.gate_proj") == "mxfp4"
+    assert parse_recipe(_recipe_data(), "test").target_for("model.layers.61.mlp.experts.0.gate_proj",
+                                                            in_mtp_layer=True) == "mxfp4"
     with pytest.raises(RequantError, match="mtp"):
         parse_recipe(_recipe_data(mtp="no"), "test")
 
@@ -257,5 +263,7 @@ def test_a_compressed_tensors_recipe_says_what_it_cannot_express():
         parse_recipe({**base, "quark_version": "0.13"}, "ct.yaml")
     with pytest.raises(RequantError, match="takes no overrides"):
         parse_recipe({**base, "overrides": [{"pattern": "*experts.0.*", "target": "unquantized"}]}, "ct.yaml")
+    with pytest.raises(RequantError, match="mtp: unquantized applies to Quark and Model Optimizer exports"):
+        parse_recipe({**base, "mtp": "unquantized"}, "ct.yaml")
     with pytest.raises(RequantError, match="recipe ct-mxfp4 writes compressed-tensors, not a Quark export"):
         load_recipe("ct-mxfp4", quark_version="0.13")

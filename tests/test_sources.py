@@ -375,6 +375,31 @@ def test_a_recipe_may_drop_the_mtp_layer(tmp_path):
     assert manifest["recipe"]["mtp"] == "drop"
 
 
+def test_a_model_optimizer_export_keeps_the_mtp_layer_bf16_as_nvidia_ships_it(tmp_path):
+    """modelopt-nvfp4 (``mtp: unquantized``) leaves every tensor of the MTP layer as the upstream decoded to BF16,
+    the other layers as without an MTP layer; Model Optimizer's exclude list names the layer with a wildcard, as
+    NVIDIA's releases do (``model.layers.61*``), and SGLang's draft head name; verify passes."""
+    from requant.export.modelopt import excluded
+
+    upstream = synthesize(tmp_path / "up", "deepseek-v3", progress=False)
+    requant.convert(str(upstream), str(tmp_path / "out"), "modelopt-nvfp4", progress=False)
+    requant.verify(str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    mtp = f"model.layers.{config['num_hidden_layers']}."
+    tensors = load_tensors(tmp_path / "out")
+    in_mtp = {name: t for name, t in tensors.items() if name.startswith(mtp)}
+    assert any(".mlp.experts." in name for name in in_mtp)
+    weights = {name: t.dtype for name, t in in_mtp.items() if not name.endswith("e_score_correction_bias")}
+    assert set(weights.values()) == {torch.bfloat16} and all(n.endswith(".weight") for n in weights), weights
+    assert any(name.endswith("weight_scale_2") for name in tensors)  # the other layers' experts are NVFP4
+    exclude = json.loads((tmp_path / "out/hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert f"{mtp.rstrip('.')}*" in exclude and config["quantization_config"]["ignore"] == exclude
+    assert excluded("model.shared_head.head", exclude)  # SGLang's NEXTN draft model asks about its head so
+    manifest = json.loads((tmp_path / "out/requant-manifest.json").read_text())
+    assert manifest["recipe"]["mtp"] == "unquantized"
+    assert not any(name.startswith(mtp) for name in manifest["stats"])
+
+
 # --- refusals ------------------------------------------------------------------------------------------------------
 
 def _edit_config(upstream: Path, edit) -> None:

@@ -72,20 +72,55 @@ def embedding_method(target: str, layer: Layer, export: ExportFormat) -> str:
 
 
 Intended = Callable[[str, Layer], str]  # (a recipe's target, an engine layer) -> the decision the engine should make
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def summarize(probe: Probe, targets: dict[str, str], intended: Intended, served: bool | None = None) -> dict:
-    """Per tensor class: the recipe's target, the engine's layer types and decisions, the intended decisions; and
-    every layer where the two differ. ``targets`` maps tensor classes to targets (a manifest's recipe targets)."""
+@dataclass(frozen=True)
+class Targets:
+    """A recipe's targets for an engine's layers: its tensor classes' (``classes``, a manifest's recipe targets),
+    but unquantized for every layer of an MTP layer the recipe keeps so (``mtp: unquantized``). ``mtp_from``: the
+    checkpoint's ``num_hidden_layers``, the first MTP layer's index; ``draft``: the layers are SGLang's MTP draft
+    model's, all of them the MTP layer's."""
+
+    classes: dict[str, str]
+    mtp: str = "keep"
+    mtp_from: int | None = None
+    draft: bool = False
+
+    @classmethod
+    def of(cls, recipe: dict, config: dict, draft: bool = False) -> Targets:
+        """From a recipe as a manifest records it and the checkpoint's config.json."""
+        text = config.get("text_config") or config
+        return cls(dict(recipe["targets"]), recipe.get("mtp", "keep"), text.get("num_hidden_layers"), draft)
+
+    def in_unquantized_mtp(self, layer: Layer) -> bool:
+        if self.mtp != "unquantized":
+            return False
+        index = LAYER_INDEX.search(layer.prefix + ".")
+        return self.draft or (index is not None and self.mtp_from is not None and int(index[1]) >= self.mtp_from)
+
+    def target(self, layer: Layer) -> str:
+        if self.in_unquantized_mtp(layer):
+            return "unquantized"
+        return self.classes.get(layer.tensor_class or "", "unquantized")
+
+
+def summarize(probe: Probe, targets: Targets | dict[str, str], intended: Intended, served: bool | None = None) -> dict:
+    """Per tensor class (an unquantized MTP layer's apart): the recipe's target, the engine's layer types and
+    decisions, the intended decisions; and every layer where the two differ. ``targets``: :class:`Targets`, or a
+    manifest's recipe targets per tensor class."""
+    if not isinstance(targets, Targets):
+        targets = Targets(dict(targets))
     classes: dict[str, dict] = {}
     mismatches = []
     for layer in probe.layers:
-        target = targets.get(layer.tensor_class or "", "unquantized")
+        target = targets.target(layer)
         want = intended(target, layer)
         # A layer whose constructor failed still had its method chosen by the config (``target``).
         got = probe.decision(layer) if layer.error is None else (layer.target or "none")
-        row = classes.setdefault(layer.tensor_class or "unknown", {"target": target, "layers": 0, "not_built": 0,
-                                                                   "types": [], "decisions": [], "intended": []})
+        row_name = (layer.tensor_class or "unknown") + (" (MTP)" if targets.in_unquantized_mtp(layer) else "")
+        row = classes.setdefault(row_name, {"target": target, "layers": 0, "not_built": 0,
+                                            "types": [], "decisions": [], "intended": []})
         row["layers"] += 1
         row["not_built"] += not layer.built
         shown = got if layer.error is None else f"{got}, not built: {layer.error.split(':', 1)[0]}"
@@ -102,12 +137,13 @@ def summarize(probe: Probe, targets: dict[str, str], intended: Intended, served:
 def format_summary(summary: dict, engine: str, ready: str = "served") -> str:
     """The per-class table; the last line says whether the engine got to ``ready`` (served, loaded) or where it
     stopped."""
-    lines = [f"{'tensor class':14s} {'recipe':16s} {'layers':>6s} {'built':>5s}  {engine}'s decision (layer types)"]
+    width = max([14, *map(len, summary["classes"])])
+    lines = [f"{'tensor class':{width}s} {'recipe':16s} {'layers':>6s} {'built':>5s}  {engine}'s decision (layer types)"]
     for name, row in summary["classes"].items():
         chosen = {d.split(", not built")[0] for d in row["decisions"]}
         flag = "" if chosen <= set(row["intended"]) else "   <-- differs from the recipe"
         built = row["layers"] - row["not_built"]
-        lines.append(f"{name:14s} {row['target']:16s} {row['layers']:6d} {built:5d}  {', '.join(row['decisions'])} "
+        lines.append(f"{name:{width}s} {row['target']:16s} {row['layers']:6d} {built:5d}  {', '.join(row['decisions'])} "
                      f"({', '.join(row['types'])}){flag}")
     stopped = summary["stopped"]
     if any(row["not_built"] for row in summary["classes"].values()):

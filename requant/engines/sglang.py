@@ -153,7 +153,7 @@ def capability_for(targets: dict[str, str]) -> str:
     return BLACKWELL if "nvfp4" in targets.values() else MI355X
 
 
-def summarize(decision: Decision, targets: dict[str, str], export: ExportFormat = ExportFormat.QUARK) -> dict:
+def summarize(decision: Decision, targets: decisions.Targets | dict[str, str], export: ExportFormat = ExportFormat.QUARK) -> dict:
     """SGLang's decisions per tensor class against the ``targets`` of a recipe of ``export`` (see
     :func:`decisions.summarize`)."""
     summary = decisions.summarize(decision.probe, targets, functools.partial(intended, export=ExportFormat(export)))

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from requant.export import ExportFormat, OutputModules, compressed_tensors, modelopt, quark
+from requant.export.draft_names import draft_head_names
 from requant.manifest import HF_QUANT_CONFIG
 from requant.recipe import Recipe
 
@@ -52,4 +53,7 @@ def side_files(recipe: Recipe, modules: OutputModules) -> dict[str, bytes]:
 
 
 def _hf_quant_config(recipe: Recipe, modules: OutputModules) -> dict[str, Any]:
-    return modelopt.hf_quant_config(recipe, list(modules.unquantized), list(modules.quantized))
+    """Model Optimizer's exclude list names every unquantized module, and also the head of an unquantized MTP layer
+    as SGLang's draft model asks about it (which Model Optimizer does not write; requant.export.draft_names)."""
+    unquantized = set(modules.unquantized)
+    return modelopt.hf_quant_config(recipe, sorted(unquantized | draft_head_names(unquantized)), list(modules.quantized))

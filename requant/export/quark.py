@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from requant.export.draft_names import mtp_draft_names
 from requant.recipe import Recipe, quark_schemes
 
 
@@ -55,36 +56,12 @@ ENGINE_FUSED_MODULES = {
 def fused_excludes(excluded_modules: list[str]) -> list[str]:
     """The engines' names to exclude as well: ``X.F`` for each engine fused module ``F`` whose every shard ``X.S`` is
     excluded (a fused module with one shard quantized must stay quantized, as the engines decide), then the names
-    SGLang's MTP draft model gives the MTP layers' excluded modules (:func:`mtp_draft_names`)."""
+    SGLang's MTP draft model gives the MTP layers' excluded modules (:func:`requant.export.draft_names.mtp_draft_names`)."""
     excluded = set(excluded_modules)
     parents = {name.rsplit(".", 1)[0] for name in excluded if "." in name}
     fused = {f"{parent}.{name}" for parent in parents for name, shards in ENGINE_FUSED_MODULES.items()
              if all(f"{parent}.{shard}" in excluded for shard in shards)}
     return sorted((fused | mtp_draft_names(excluded | fused)) - excluded)
-
-
-# SGLang's NextN draft model (``--speculative-algorithm NEXTN``, DeepseekV3ForCausalLMNextN) builds an MTP layer
-# ``model.layers.N`` (N = num_hidden_layers) as ``model.decoder`` (its block) and ``model.eh_proj``; it renames the
-# exclude list's ``model.layers.61`` (DeepSeek-V3/R1's N) to ``model.decoder`` and nothing else, so eh_proj, and any
-# other N, are built quantized unless the list names them as the draft model does.
-MTP_MARKER = "eh_proj"  # a module only MTP layers have
-DRAFT_BLOCK = "decoder"
-
-
-def mtp_draft_names(excluded: set[str]) -> set[str]:
-    """For each MTP layer (a ``P.layers.N`` with an excluded ``eh_proj``): ``P.eh_proj``, and ``P.decoder.X`` for
-    each excluded ``P.layers.N.X`` of its decoder block (its embedding and shared head are never quantized)."""
-    layers = {name.removesuffix(f".{MTP_MARKER}") for name in excluded if name.endswith(f".{MTP_MARKER}")
-              and name.rsplit(".", 3)[-3] == "layers"}
-    names = set()
-    for layer in layers:
-        model = layer.rsplit(".", 2)[0]  # P: "model" (or a VLM's "language_model.model")
-        names.add(f"{model}.{MTP_MARKER}")
-        for name in excluded:
-            rest = name.removeprefix(f"{layer}.")
-            if rest != name and not rest.startswith((MTP_MARKER, "shared_head.", "embed_tokens")):
-                names.add(f"{model}.{DRAFT_BLOCK}.{rest}")
-    return names
 
 
 def quantization_config(recipe: Recipe, excluded_modules: list[str]) -> dict[str, Any]:
