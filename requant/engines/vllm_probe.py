@@ -16,7 +16,12 @@ whichever way the server was started. Nothing in vLLM is re-implemented; some of
   ``Executor.__init__`` and ``EngineCore._initialize_kv_caches`` (profile, warm up): where start-up stops and
   vLLM's own message. The innermost failure is written first.
 
-Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready" | "decided", "pid": ..., ...}``.
+Each record is one JSON line: ``{"kind": "layer" | "target" | "stopped" | "ready" | "decided" | "failed" |
+"done", "pid": ..., ...}``.
+
+Run as a script (``python requant_vllm_probe.py JOBS.json``), it starts vLLM's engine on several checkpoints in
+turn in its own process (:func:`probe_many`): vLLM is imported once for all of them, and no engine-core or worker
+process is started, where ``vllm serve`` starts three processes that each import vLLM for every checkpoint.
 
 Where start-up stops early (on a CPU, at the first layer without a kernel), the layers never built can still be
 decided by the same live config object, inside the failing loader: with ``REQUANT_VLLM_PROBE_LAYERS``
@@ -228,6 +233,66 @@ def _observe_stage(cls, method: str, default_stage: str, ready: bool, decide_res
     setattr(cls, method, wrapped)
 
 
+def _reset() -> None:
+    """Forget the previous checkpoint's config and layers (several checkpoints in one process: :func:`probe_many`)."""
+    _live.update(config=None, layers={}, targets=set(), samples={})
+
+
+def _register_kernel_overrides_once() -> None:
+    """vLLM registers its platform's kernel overrides when a worker starts, once per worker process, by scanning
+    every loaded module. Here every job's worker is this process: register them once, first, then skip it. Later,
+    Kimi-K2.5's image preprocessor (vLLM's model config) loads numba, whose llvmlite objects that scan cannot read
+    (vLLM 0.32: "'_lib_fn_wrapper' object has no attribute 'get'"); a server's worker never loads numba."""
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    current_platform.register_triton_kernel_overrides()
+    platform.register_triton_kernel_overrides = classmethod(lambda cls: None)
+
+
+def probe_many(jobs: list[dict]) -> None:
+    """Build vLLM's engine for each job's checkpoint in turn, in this process, as ``vllm serve`` would from the
+    job's ``argv`` (the server's own argument parser reads it), writing the job's ``records`` (``layers``: its
+    REQUANT_VLLM_PROBE_LAYERS). Where start-up fails the hooks record where and why, and the next job goes on; a
+    failure no hook saw (the arguments, the config) is a ``failed`` record. Each job ends with a ``done`` record."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    _register_kernel_overrides_once()
+    os.environ[ENV] = jobs[0]["records"]
+    register()
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    for job in jobs:
+        os.environ[ENV] = job["records"]
+        if job.get("layers"):
+            os.environ[LAYERS_ENV] = job["layers"]
+        else:
+            os.environ.pop(LAYERS_ENV, None)
+        _reset()
+        argv = list(job["argv"])
+        if "--distributed-executor-backend" not in argv:  # the worker in this process too
+            argv += ["--distributed-executor-backend", "uni"]
+        engine = None
+        try:
+            args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+            validate_parsed_serve_args(args)
+            engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+        except BaseException as exc:  # argparse exits with SystemExit
+            seen = os.path.exists(job["records"]) and any(
+                json.loads(line)["kind"] == "stopped" for line in open(job["records"]) if line.strip())
+            if not seen:
+                _write({"kind": "failed", "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]})
+        finally:
+            if engine is not None:
+                engine.engine_core.shutdown()
+            del engine
+            cleanup_dist_env_and_memory()
+        _write({"kind": "done"})
+
+
 def register() -> None:
     """The plugin entry point; vLLM calls it in each of its processes. Does nothing without REQUANT_VLLM_PROBE."""
     global _installed
@@ -266,3 +331,12 @@ def register() -> None:
     _observe_stage(BaseModelLoader, "load_model", "build_layers", ready=False, decide_rest=True)
     _observe_stage(Executor, "__init__", "build_layers", ready=False)
     _observe_stage(EngineCore, "_initialize_kv_caches", "profile", ready=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import requant_vllm_probe  # this file under the name vLLM's plugin loader imports it by: one set of hooks
+
+    with open(sys.argv[1]) as f:
+        requant_vllm_probe.probe_many(json.load(f))

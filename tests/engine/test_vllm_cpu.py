@@ -18,12 +18,14 @@ import httpx
 import pytest
 import torch
 from artifacts import artifacts_dir
-from engine_support import RECIPES, ROUTER_ONLY, tree_digest
+from engine_support import RECIPES, ROUTER_ONLY, checkpoint_targets, tree_digest
 
 from requant.cli import main
-from requant.engines.vllm_cpu import Probe, format_summary, probe_checkpoint, read_probe, summarize
+from requant.engines.vllm_cpu import Probe, ProbeJob, format_summary, probe_checkpoints, read_probe, summarize
+from requant.errors import RequantError
 from requant.evaluation.gsm8k import run_gsm8k
 from requant.export import ExportFormat
+from requant.manifest import MANIFEST_FILE
 from requant.recipe import load_checks, load_recipe
 from requant.testing.synth import PROFILES
 
@@ -46,11 +48,13 @@ def _complete(engine, prompt: str) -> dict:
     return r.json()["choices"][0]
 
 
-def _decisions(probe: Probe, recipe: str, name: str, served: bool | None = None) -> dict:
-    """vLLM's decisions against the recipe's targets; the summary is kept in the run's artifacts, engine/NAME.json."""
+def _decisions(probe: Probe, checkpoint: Path, name: str, served: bool | None = None) -> dict:
+    """vLLM's decisions against the targets of the recipe the checkpoint's manifest records; the summary is kept in
+    the run's artifacts, engine/NAME.json."""
     for layer in probe.layers:
         assert layer.tensor_class is not None, f"vLLM layer {layer.prefix} ({layer.layer_type}) has no tensor class"
-    summary = summarize(probe, dict(load_recipe(recipe).targets), served, load_recipe(recipe).export)
+    targets = checkpoint_targets(checkpoint)
+    summary = summarize(probe, targets, served, json.loads((checkpoint / MANIFEST_FILE).read_text())["recipe"]["export"])
     (_artifacts() / f"{name}.json").write_text(json.dumps({"recipe": name, **summary}, indent=1) + "\n")
     (_artifacts() / f"{name}.txt").write_text(format_summary(summary) + "\n")
     return summary
@@ -63,7 +67,7 @@ def _mismatched_classes(summary: dict) -> set[str]:
 def test_bf16_staging_loads_unedited_with_every_layer_unquantized(bf16_vllm, engine_variants):
     probe = read_probe(bf16_vllm.records)
     assert probe.ready and probe.stopped is None
-    summary = _decisions(probe, "bf16-staging", "bf16-staging")
+    summary = _decisions(probe, engine_variants["bf16-staging"], "bf16-staging")
     assert summary["mismatches"] == []
     assert BUILT_BEFORE_LAYERS_END | {"lm_head"} <= summary["classes"].keys(), summary["classes"].keys()
     assert tree_digest(engine_variants["bf16-staging"]) == bf16_vllm.digest_before  # served as written
@@ -116,16 +120,9 @@ CPU_STOPS = {recipe: load_checks(recipe).vllm_cpu_stop for recipe in RECIPES if 
 
 @pytest.fixture(scope="module")
 def recipe_probes(vllm_cpu, engine_variants, bf16_vllm, tmp_path_factory) -> dict[str, tuple[Probe, bool]]:
-    """vLLM's probe of every recipe's output, two vLLM processes at a time: each spends its start-up importing and
-    initializing on one core, so two overlap on this machine's two cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def probe(recipe: str) -> tuple[Probe, bool]:
-        return probe_checkpoint(vllm_cpu, engine_variants[recipe], tmp_path_factory.mktemp(f"probe-{recipe}"),
-                                reference_layers=bf16_vllm.records)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(CPU_STOPS, pool.map(probe, CPU_STOPS)))
+    """vLLM's probe of every recipe's output, one after the other in one vLLM process (vLLM imported once)."""
+    jobs = [ProbeJob(recipe, engine_variants[recipe], reference_layers=bf16_vllm.records) for recipe in CPU_STOPS]
+    return dict(zip(CPU_STOPS, probe_checkpoints(vllm_cpu, jobs, tmp_path_factory.mktemp("recipe-probes"))))
 
 
 @pytest.mark.parametrize("recipe", list(CPU_STOPS))
@@ -142,7 +139,7 @@ def test_vllm_decides_per_layer_what_the_recipe_intends(recipe, recipe_probes, b
         fused_bf16 = {la.prefix for la in probe.layers if la.prefix.endswith((".gate_up_proj", ".fused_qkv_a_proj"))
                       and load_recipe(recipe).target(la.tensor_class) == "unquantized"}
         assert {name for name in exclude if name.endswith((".gate_up_proj", ".fused_qkv_a_proj"))} == fused_bf16
-    summary = _decisions(probe, recipe, recipe, served)
+    summary = _decisions(probe, engine_variants[recipe], recipe, served)
     full = {layer.prefix for layer in read_probe(bf16_vllm.records).layers if layer.layer_type != "ParallelLMHead"}
     assert full <= {layer.prefix for layer in probe.layers}                     # every layer has a decision
     assert BUILT_BEFORE_LAYERS_END <= summary["classes"].keys(), summary["classes"].keys()
@@ -195,31 +192,32 @@ def test_an_mxfp4_router_is_refused_when_vllm_loads_its_weights(vllm_cpu, engine
                                       f"{p.hidden // 2}])to a parameter of size torch.Size([{p.experts}, {p.hidden}])")
 
 
+def test_a_start_up_failure_no_hook_sees_is_an_error_naming_the_log(vllm_cpu, engine_variants, tmp_path):
+    """Arguments vLLM's own parser refuses are not a probe result: the probe says so in one line, with its log."""
+    job = ProbeJob("refused", engine_variants["bf16-staging"], ("--max-num-seqs", "many"))
+    with pytest.raises(RequantError, match=r"vLLM did not start: SystemExit: 2; see .*vllm-probe\.log"):
+        probe_checkpoints(vllm_cpu, [job], tmp_path)
+    assert "--max-num-seqs" in (tmp_path / "vllm-probe.log").read_text()
+
+
 # vLLM's MTP speculative decoding (DeepSeekMTP drafter) builds the checkpoint's MTP layer from the same files, under
 # the checkpoint's own names (its head as model.layers.N.head; eh_proj a plain torch Linear, never quantized).
 MTP = ("--speculative-config", json.dumps({"method": "deepseek_mtp", "num_speculative_tokens": 1}))
-MTP_RECIPES = ("amd-kimi-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8")  # AMD's published recipe; FP8 attention as well
+# AMD's published recipe; FP8 attention as well; Model Optimizer's, whose MTP layer stays BF16 (mtp: unquantized)
+MTP_RECIPES = ("amd-kimi-mxfp4", "amd-kimi-k25-mxfp4-attn-fp8", "modelopt-nvfp4")
 
 
 @pytest.fixture(scope="module")
 def deepseek_probes(vllm_cpu, deepseek_variants, tmp_path_factory) -> dict[str, tuple[Probe, bool]]:
     """vLLM with MTP speculative decoding on the DeepSeek-V3 layout: bf16-staging first (served, every layer built,
     the MTP layer's included), then each of MTP_RECIPES, whose layers not built on this CPU are decided by the live
-    QuarkConfig from the BF16 run's layer list."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    work = {recipe: tmp_path_factory.mktemp(f"deepseek-probe-{recipe}") for recipe in ("bf16-staging", *MTP_RECIPES)}
-
-    def probe(recipe: str) -> tuple[Probe, bool]:
-        if recipe == "bf16-staging":  # as bf16_vllm: float32, vLLM's reference CPU MLA
-            return probe_checkpoint(vllm_cpu, deepseek_variants[recipe], work[recipe], extra_args=(
-                "--dtype", "float32", "--attention-backend", "CPU_MLA", *MTP))
-        return probe_checkpoint(vllm_cpu, deepseek_variants[recipe], work[recipe], extra_args=MTP,
-                                reference_layers=work["bf16-staging"] / "vllm-probe.jsonl")
-
-    bf16 = probe("bf16-staging")
-    with ThreadPoolExecutor(2) as pool:
-        return {"bf16-staging": bf16, **dict(zip(MTP_RECIPES, pool.map(probe, MTP_RECIPES)))}
+    QuarkConfig from the BF16 run's layer list; all in one vLLM process."""
+    work = tmp_path_factory.mktemp("deepseek-probes")
+    # as bf16_vllm: float32, vLLM's reference CPU MLA
+    bf16 = ProbeJob("bf16-staging", deepseek_variants["bf16-staging"],
+                    ("--dtype", "float32", "--attention-backend", "CPU_MLA", *MTP))
+    jobs = [bf16, *(ProbeJob(recipe, deepseek_variants[recipe], MTP, bf16.records(work)) for recipe in MTP_RECIPES)]
+    return dict(zip(("bf16-staging", *MTP_RECIPES), probe_checkpoints(vllm_cpu, jobs, work)))
 
 
 @pytest.mark.parametrize("recipe", ["bf16-staging", *MTP_RECIPES])
@@ -231,7 +229,7 @@ def test_vllm_decides_the_deepseek_v3_layout_and_its_mtp_layer_as_the_recipe_int
     assert {f"{mtp}mlp.experts", f"{mtp}self_attn.o_proj"} <= mtp_layers.keys(), sorted(mtp_layers)
     if served:  # its head is built after the layers, so only where vLLM gets that far
         assert mtp_layers[f"{mtp}head"].tensor_class == "lm_head"
-    summary = _decisions(probe, recipe, f"deepseek-v3-mtp-{recipe}", served)
+    summary = _decisions(probe, deepseek_variants[recipe], f"deepseek-v3-mtp-{recipe}", served)
     assert not summary["mismatches"], summary["mismatches"]
     if recipe == "bf16-staging":
         assert served and probe.stopped is None, probe.stopped
