@@ -18,14 +18,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # Every test that starts SeaweedFS, Ray or Prefect (grep: s3_server, prefect_api, ray): they share session servers.
-# The release's tests (their own local Hub, engines), the source formats' oracles (Quark and compressed-tensors in
-# their own processes) and the reference server's tests (their own session servers, tests/serving/conftest.py) share
-# nothing with either lane and go here for balance: the compute lane is the longer one (measured in a clean-clone run
-# of f1f242c: services 29.0 min, compute 37.0 min, of which tests/serving 4.6 min).
+# The release's tests (their own local Hub, engines) and the reference server's tests (their own session servers,
+# tests/serving/conftest.py) share nothing with either lane and go here for balance. The source formats' oracles
+# (tests/test_sources.py, 4.7 min) moved to the compute lane once the vLLM probes ran in one process (clean-clone
+# run of a833e26: services 37.9 min, compute 39.7 min, of which the vLLM lane 13.8 min; 2.5 min since).
 # Three lanes (the trained model's tests in their own) were measured slower on two cores, in a clean-clone run of
 # 58f7e22: the lanes starve each other (load average 11), compute 32.0 min, trained 29.4, services past 40.
 SERVICES = ("tests/flow", "tests/ops", "tests/hardening", "tests/test_plan_transport.py", "tests/release",
-            "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/test_sources.py", "tests/serving")
+            "tests/test_hub_write.py", "tests/test_cli_evaluate.py", "tests/serving")
 
 
 def lanes() -> dict[str, list[str]]:
