@@ -9,15 +9,10 @@ OUT ?= out
 
 install: $(STAMP)
 
-# pip compiles every installed module to bytecode by default; Python compiles the ones a process imports, once, on
-# first import. Measured on a clean clone (2 cores): the project's environment in 132 s instead of 206 s, and the
-# tests import a fraction of what torch, vLLM and SGLang install.
-PIP_NO_BYTECODE := --no-compile
-
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_NO_BYTECODE) -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 # pytest runs in two lanes at once (dev/test_lanes.py: the tests that start S3/Ray/Prefect, and the rest); SERIAL=1
@@ -57,11 +52,11 @@ define lock_venv
 	$(1)/bin/pip install --quiet --upgrade pip
 	@torch=$$(grep -m1 '^torch==.*+cpu' $(2)); [ -z "$$torch" ] || \
 	$(1)/bin/pip install --quiet --dry-run --no-deps "$$torch" >/dev/null 2>&1 || \
-	$(1)/bin/pip install --quiet $(PIP_NO_BYTECODE) --no-deps --retries 1 --timeout 30 --extra-index-url "$(TORCH_CPU_INDEX)" "$$torch" \
+	$(1)/bin/pip install --quiet --no-deps --retries 1 --timeout 30 --extra-index-url "$(TORCH_CPU_INDEX)" "$$torch" \
 	  >/dev/null 2>&1 || { echo "error: $$torch (pinned by $(2)) is not on PyPI and pip found it neither in its \
 	own configuration nor at TORCH_CPU_INDEX=$(TORCH_CPU_INDEX): set TORCH_CPU_INDEX to a reachable PyTorch CPU \
 	wheel index or PIP_FIND_LINKS to a folder holding the wheel, then run make again" >&2; exit 1; }
-	$(1)/bin/pip install --quiet $(PIP_NO_BYTECODE) --no-deps -r $(2)
+	$(1)/bin/pip install --quiet --no-deps -r $(2)
 	$(1)/bin/python -c "$(3)"
 	touch $(1)/.installed
 endef
