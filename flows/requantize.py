@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from prefect_ray.context import remote_options
 from tqdm import tqdm
 
-from requant import run
+from requant import run, stages
 from requant.api import DEFAULT_RECIPE
 from requant.errors import RequantError, VerifyError
 from requant.flows.parameters import Cluster, Conversion, Evaluation, Release
@@ -284,6 +284,7 @@ def _convert_held(held: HeldRun, cluster: Cluster, unverified: bool, options: di
     timings["verify"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - held.started
     timings["transcode_sum"] = sum(o.result.seconds for o in outcomes if not o.skipped)
+    timings.update(stages.totals(o.result.stages for o in outcomes if not o.skipped))
     timings["upload_sum"] = sum(o.upload_seconds for o in outcomes)
     summary = dataclasses.replace(run.summarize(plan, output, key, outcomes, manifest, timings), manifest=None)
     _artifacts(outcomes, plan, summary, verified, convert_seconds, role)  # the manifest is at the output
@@ -312,6 +313,8 @@ def _artifacts(outcomes, plan, summary: ConvertSummary, verified: VerifySummary,
             f"- verified: {verified.tensors} tensors in {verified.files} files, "
             f"{verified.upstream_tensors} upstream tensors accounted for",
             f"- wall time: {summary.timings['total']:.1f} s (layer jobs {convert_seconds:.1f} s)",
+            *([f"- the jobs' stages, summed over their threads: {spent}"] if (spent := stages.describe(summary.timings))
+              else []),
             *[f"- **warning:** {w}" for w in plan.recipe.warnings],
         ]),
         key=f"{role}-summary",

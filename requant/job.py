@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from requant import stages
 from requant.constants import E8M0_NAN, FP8_E4M3_NAN_BITS
 from requant.errors import CheckpointError
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
@@ -64,19 +65,23 @@ class JobResult:
     host: str
     stats: tuple[TensorStat, ...] = ()
     etag: str = ""  # the object store's ETag of the shard when it was streamed there (see pipeline.completed)
+    stages: tuple[tuple[str, float], ...] = ()  # seconds per stage, summed over threads (requant.stages)
 
 
 def result_to_json(result: JobResult) -> bytes:
     # fields one level deep by hand: dataclasses.asdict deep-copies every tensor entry of the job first
     data = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     data["stats"] = [dict(vars(s), snr_db=None if math.isinf(s.snr_db) else s.snr_db) for s in result.stats]
+    data["stages"] = dict(result.stages)
     return json.dumps(data, sort_keys=True).encode()
 
 
 def result_from_json(raw: bytes) -> JobResult:
     data = json.loads(raw)
     stats = tuple(TensorStat(**dict(s, snr_db=math.inf if s["snr_db"] is None else s["snr_db"])) for s in data.pop("stats"))
-    return JobResult(**{f.name: data[f.name] for f in dataclasses.fields(JobResult) if f.name in data}, stats=stats)
+    stages_seconds = tuple(sorted(data.pop("stages", {}).items()))
+    return JobResult(**{f.name: data[f.name] for f in dataclasses.fields(JobResult) if f.name in data}, stats=stats,
+                     stages=stages_seconds)
 
 
 READ_AHEAD = 2  # spans fetched ahead of use (range GETs in flight on object storage)
@@ -167,14 +172,14 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     stats: dict[str, TensorStat] = {}
     reader = None
     try:
-        with _torch_threads(1 if workers > 1 else None):
+        with _torch_threads(1 if workers > 1 else None), stages.measuring() as clock:
             for stretch in passes:
                 tasks = list(stretch.tasks)
                 reader = CoalescingReader(source, [e for t in tasks for e in t.inputs],
                                           order=[e for t in tasks for e in _read_order(t)], ahead=READ_AHEAD)
                 _pipeline(tasks, reader, transcoders, writing, writer, stats, device, workers, stretch.outputs)
                 reader.close()
-        digest = writer.close(fsync=fsync)
+            digest = writer.close(fsync=fsync)
     except BaseException:
         for pool in (transcoders, writing):
             pool.shutdown(wait=True, cancel_futures=True)
@@ -194,6 +199,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
         seconds=time.perf_counter() - start,
         host=socket.gethostname(),
         stats=tuple(stats.values()),
+        stages=tuple(sorted(clock.seconds.items())),
     )
 
 
@@ -230,19 +236,22 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
     def hand_over() -> None:
         nonlocal in_flight
         batch, future, nbytes = transcoding.popleft()
-        results = future.result()
+        with stages.timed("wait_transcode"):
+            results = future.result()
         written.append(writing.submit(_write_outputs, writer, batch, [made for made, _ in results], outputs))
         in_flight -= nbytes
         for _, stat in results:
             if stat is not None:
                 stats.setdefault(stat.name, stat)
         while len(written) > 2 * workers:  # results waiting for the disk hold memory too
-            written.popleft().result()
+            with stages.timed("wait_write"):
+                written.popleft().result()
 
     for batch, nbytes in _batches(tasks):
         while transcoding and in_flight + nbytes > IN_FLIGHT_BYTES:  # room for it first: its reads allocate
             hand_over()
-        inputs = [[reader.read(e) for e in _read_order(task)] for task in batch]
+        with stages.timed("wait_read"):
+            inputs = [[reader.read(e) for e in _read_order(task)] for task in batch]
         transcoding.append((batch, transcoders.submit(_transcode_batch, batch, inputs, reader.uri, device, outputs),
                             nbytes))
         in_flight += nbytes
@@ -250,8 +259,9 @@ def _pipeline(tasks: list[TensorTask], reader: CoalescingReader, transcoders: Th
             hand_over()
     while transcoding:
         hand_over()
-    while written:
-        written.popleft().result()
+    with stages.timed("wait_write"):
+        while written:
+            written.popleft().result()
 
 
 STACK_BYTES = 1 << 20  # INT4 modules below this much input are transcoded stacked with their like (see below)
@@ -267,6 +277,12 @@ def _transcode_batch(batch: list[TensorTask], inputs: list[list[torch.Tensor]], 
     through the kernels stacked along their rows, one call for many: every INT4 conversion is row by row, so the
     bytes are those of one call each, without paying a dozen torch dispatches per module. A real expert (7 MB of
     INT4) fills a batch alone and takes the single-module path."""
+    with stages.timed("transcode"):
+        return _transcode_each(batch, inputs, uri, device, outputs)
+
+
+def _transcode_each(batch: list[TensorTask], inputs: list[list[torch.Tensor]], uri: str, device: str,
+                    outputs: frozenset[str] | None) -> list:
     results: list = [None] * len(batch)
     groups: dict[tuple, list[int]] = {}
     for i, task in enumerate(batch):
@@ -570,11 +586,12 @@ def _sample_rows(rows: int, device) -> torch.Tensor:
 
 def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64)."""
-    ref = reference(rows).to(torch.float64)
-    sampled, scales = (t.view(torch.uint8)[rows].view(t.dtype) if t.element_size() == 1 else t[rows]
-                       for t in out[:2])  # one-byte types as bytes: CPU indexing has no FP8 kernel
-    got = task.format.decode(sampled, scales, *out[2:]).to(torch.float64)
-    return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
+    with stages.timed("snr"):
+        ref = reference(rows).to(torch.float64)
+        sampled, scales = (t.view(torch.uint8)[rows].view(t.dtype) if t.element_size() == 1 else t[rows]
+                           for t in out[:2])  # one-byte types as bytes: CPU indexing has no FP8 kernel
+        got = task.format.decode(sampled, scales, *out[2:]).to(torch.float64)
+        return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
 
 
 def _snr(signal: float, noise: float) -> float:

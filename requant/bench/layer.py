@@ -4,9 +4,13 @@ measured in the same run.
 The fixture is ``synth --profile k26-layer`` (layer 0 dense with intermediate 18432, one MoE layer of 2048x7168
 INT4 experts, real MLA). Per location (a disk directory, tmpfs):
 
-- roofline: copy the input shards, fsync and sha256 the copies (requant fsyncs each shard too), with the same sha256 requant uses (OpenSSL through
-  hashlib) and, for reference, coreutils ``cp`` + ``sha256sum`` (several times slower on CPUs with SHA
-  extensions: it does not use them);
+- the roofline: what any conversion of these shards must do at least, done with nothing else: read every input
+  byte and hash it, write as many bytes and hash them, fsync the copies (requant fsyncs each shard too), with the
+  fastest SHA-256 here (OpenSSL through hashlib, SHA-NI where the CPU has it, the one requant uses), the shards
+  spread over one thread per core, largest first. Output bytes are taken equal to the input's (requant writes
+  ~0.96 of them), so the roofline is, if anything, slower than the true bound;
+- for reference: the same copy and hash on one thread, input only (the roofline of earlier results), and coreutils
+  ``cp`` + ``sha256sum`` (which uses no SHA extensions);
 - ``requant convert --local`` with default settings (every core) and pinned to one core.
 
 Every measured command runs in its own process: wall time, CPU time and its own peak RSS. The same layer through
@@ -16,6 +20,7 @@ which passes its measurement in as ``s3_part``; this module only renders it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -33,6 +38,38 @@ from requant.job import available_cores
 MEASURES = (*CONVERSION, *FLOW, "requant/bench/layer.py", "requant/bench/conversion.py", "dev/bench.py")
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
 
+# the roofline: each shard read once, its bytes hashed as the input's and, written out, as an output's digest
+_ROOFLINE = """
+import hashlib, json, os, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+src, dst, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+dst.mkdir(parents=True, exist_ok=True)
+def copy_and_hash(f):
+    read_digest, written_digest = hashlib.sha256(), hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(f, "rb", buffering=0) as fin, open(dst / f.name, "wb", buffering=0) as fout:
+        while n := fin.readinto(buf):
+            read_digest.update(view[:n])
+            fout.write(view[:n])
+            written_digest.update(view[:n])
+        os.fsync(fout.fileno())
+    return read_digest.hexdigest(), written_digest.hexdigest()
+shards = sorted(src.glob("*.safetensors"), key=lambda p: -p.stat().st_size)
+with ThreadPoolExecutor(threads) as pool:
+    print(json.dumps(dict(zip((p.name for p in shards), pool.map(copy_and_hash, shards)))))
+"""
+# one conversion in this process, its jobs one at a time on ``threads`` transcode threads: its stage seconds
+_STAGE_PROFILE = """
+import json, sys, time
+import requant
+src, dst, recipe, threads, out = sys.argv[1:6]
+start = time.perf_counter()
+summary = requant.convert(src, dst, recipe, threads=int(threads), jobs=1, overwrite=True, progress=False)
+with open(out, "w") as f:
+    json.dump({"wall": time.perf_counter() - start, **summary.timings}, f)
+"""
 _COPY_SHA = """
 import hashlib, os, shutil, sys
 from pathlib import Path
@@ -61,7 +98,9 @@ def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[
     size = _bytes(upstream)
     out: dict[str, Any] = {"bytes_in": size, "where": str(work)}
     copy = work / "copy"
-    out["roofline"] = _run_measured([sys.executable, "-c", _COPY_SHA, str(upstream), str(copy)])
+    out["roofline"] = _run_measured([sys.executable, "-c", _ROOFLINE, str(upstream), str(copy), str(available_cores())])
+    shutil.rmtree(copy)
+    out["roofline_one_thread"] = _run_measured([sys.executable, "-c", _COPY_SHA, str(upstream), str(copy)])
     shutil.rmtree(copy)
     files = " ".join(f"'{f}'" for f in _shards(upstream))
     out["roofline_coreutils"] = _run_measured(["bash", "-c", f"mkdir -p '{copy}' && cp {files} '{copy}/' && "
@@ -78,27 +117,64 @@ def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[
         r = out[name]
         r["mb_per_s_in"] = size / 1e6 / r["seconds"]
         r["of_roofline"] = out["roofline"]["seconds"] / r["seconds"]
-        r["of_roofline_coreutils"] = out["roofline_coreutils"]["seconds"] / r["seconds"]
     out["all_cores_speedup"] = out["requant_1_core"]["seconds"] / out["requant"]["seconds"]
+    out["stages"] = {}
+    for threads in sorted({1, available_cores()}):
+        profile = work / f"stages-{threads}.json"
+        _run_measured([sys.executable, "-c", _STAGE_PROFILE, str(upstream), str(work / "out"), recipe, str(threads),
+                       str(profile)])
+        out["stages"][str(threads)] = json.loads(profile.read_text())
+        shutil.rmtree(work / "out")
     return out
+
+
+# the stage rows of the profile table, with what each means (requant.stages)
+STAGE_ROWS = (("hash_inputs", "hash the input shards (their own thread, beside the jobs)"),
+              ("stage_read", "read input spans (read-ahead threads)"),
+              ("stage_transcode", "transcode: decode, encode, checks (transcode threads)"),
+              ("stage_snr", "  of which: sampled SNR of each quantized tensor"),
+              ("stage_write", "write output bytes, fsync (writer thread)"),
+              ("stage_hash_out", "SHA-256 of the output (writer thread)"),
+              ("stage_wait_read", "coordinator waiting for reads"),
+              ("stage_wait_transcode", "coordinator waiting for transcodes"),
+              ("stage_wait_write", "coordinator waiting for the writer"))
+
+
+def _stages_table(where: str, r: dict[str, Any]) -> list[str]:
+    """Seconds per stage summed over threads (and threads kept busy: seconds / wall), per thread count."""
+    profiles = r.get("stages") or {}
+    if not profiles:
+        return []
+    counts = sorted(profiles, key=int)
+    head = " | ".join(f"{n} thread{'s' if n != '1' else ''}: s (busy)" for n in counts)
+    lines = ["", f"Where a conversion's time goes ({where}; `convert` with its jobs one at a time, seconds summed over "
+                 "the threads of each stage, and in brackets that over the wall time: the threads it kept busy):", "",
+             f"| stage | {head} |", "|---|" + "---:|" * len(counts)]
+    lines.append("| wall | " + " | ".join(f"{profiles[n]['wall']:.1f}" for n in counts) + " |")
+    for key, label in STAGE_ROWS:
+        cells = [f"{profiles[n].get(key, 0.0):.1f} ({profiles[n].get(key, 0.0) / profiles[n]['wall']:.2f})"
+                 for n in counts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
     f = results["fixture"]
     lines = [f"## One Kimi-K2.6 layer at real widths: {f['experts']} routed experts, {f['bytes'] / 1e9:.2f} GB in, "
              f"recipe {results['recipe']}", "",
-             "| where | path | wall s | MB/s in | CPU % | peak RSS MB | of roofline (OpenSSL sha256) | "
-             "of roofline (cp + sha256sum) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| where | path | wall s | MB/s in | CPU % | peak RSS MB | of roofline |", "|---|---|---:|---:|---:|---:|---:|"]
     for where in ("tmpfs", "disk"):
         r = results.get(where)
         if not r:
             continue
-        for label, key in (("copy + sha256 (roofline)", "roofline"), ("cp + coreutils sha256sum", "roofline_coreutils"),
+        for label, key in ((f"roofline: read + SHA-256 in, write + SHA-256 out, {results['cores']} threads", "roofline"),
+                           ("copy + SHA-256 of the input, one thread (reference)", "roofline_one_thread"),
+                           ("cp + coreutils sha256sum (reference)", "roofline_coreutils"),
                            (f"requant convert --local ({results['cores']} cores)", "requant"),
                            ("requant convert --local (1 core)", "requant_1_core")):
             m = r[key]
             mbs = r["bytes_in"] / 1e6 / m["seconds"]
-            share = (f"{m['of_roofline']:.2f} | {m['of_roofline_coreutils']:.2f}" if "of_roofline" in m else " | ")
+            share = f"{m['of_roofline']:.2f}" if "of_roofline" in m else ""
             lines.append(f"| {where} | {label} | {m['seconds']:.1f} | {mbs:.0f} | {m['cpu_percent']:.0f} | "
                          f"{m['peak_rss_mb']:.0f} | {share} |")
     lines.append("")
@@ -106,6 +182,9 @@ def render(results: dict[str, Any]) -> str:
         r = results.get(where)
         if r:
             lines.append(f"- {where}: all cores / 1 core {r['all_cores_speedup']:.2f}x; output {r['bytes_out'] / 1e9:.2f} GB")
+    for where in ("tmpfs", "disk"):
+        if results.get(where):
+            lines += _stages_table(where, results[where])
     lines += _sources_table(results)
     s3 = results.get("s3")
     if s3:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from requant import stages
 from requant.io.safetensors import DTYPES, TensorEntry
 
 MAX_SPAN = 64 * 1024 * 1024
@@ -99,12 +100,13 @@ class CoalescingReader:
 
     def _fetch(self, file: str, start: int, end: int) -> bytearray:
         self.requests += 1
-        read_into = getattr(self.storage, "read_into", None)
-        if read_into is None:
-            return bytearray(self.storage.read_range(file, start, end))
-        buf = bytearray(end - start)
-        read_into(file, start, buf)
-        return buf
+        with stages.timed("read"):
+            read_into = getattr(self.storage, "read_into", None)
+            if read_into is None:
+                return bytearray(self.storage.read_range(file, start, end))
+            buf = bytearray(end - start)
+            read_into(file, start, buf)
+            return buf
 
     def _span_bytes(self, span: Span) -> bytearray:
         if self._pool is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from requant import stages
 from requant.errors import CheckpointError, os_failure
 
 # safetensors dtype name -> (torch dtype, bytes per element)
@@ -385,16 +386,18 @@ class SafetensorsWriter:
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
-            if self._sink is not None:
-                self._sink(view)
-            else:
-                try:
-                    self._file.seek(self._base + offset)
-                    self._file.write(view)
-                except OSError as exc:
-                    raise os_failure(self.path, exc, f"writing tensor {name}") from exc
+            with stages.timed("write"):
+                if self._sink is not None:
+                    self._sink(view)
+                else:
+                    try:
+                        self._file.seek(self._base + offset)
+                        self._file.write(view)
+                    except OSError as exc:
+                        raise os_failure(self.path, exc, f"writing tensor {name}") from exc
             if in_order:
-                self._digest.update(view)
+                with stages.timed("hash_out"):
+                    self._digest.update(view)
         if self._hashed < len(self._order) and self._order[self._hashed] == name:
             self._hashed += 1
         self._written.add(name)
@@ -412,10 +415,11 @@ class SafetensorsWriter:
         ``fsync``: on stable storage before returning (a resumable run records the shard as done next)."""
         if self._file is not None:
             try:
-                self._file.flush()
-                if fsync:
-                    os.fsync(self._file.fileno())
-                self._file.close()
+                with stages.timed("write"):
+                    self._file.flush()
+                    if fsync:
+                        os.fsync(self._file.fileno())
+                    self._file.close()
             except OSError as exc:
                 raise os_failure(self.path, exc, "finishing the output shard") from exc
         missing = sorted(set(self._offsets) - self._written)
@@ -425,7 +429,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
         if self._hashed < len(self._order):  # read back what arrived after the first out-of-order tensor
             start = self._base + self._offsets[self._order[self._hashed]][0]
-            with open(self.path, "rb") as f:
+            with open(self.path, "rb") as f, stages.timed("hash_out"):
                 f.seek(start)
                 while block := f.read(8 << 20):
                     self._digest.update(block)

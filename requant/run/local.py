@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from requant import stages
 from requant.errors import RequantError, SystemFailure, os_failure
 from requant.io.hf import pin_upstream
 from requant.io.storage import LocalDir, open_storage
@@ -103,7 +105,7 @@ def _convert(plan, storage, paths: LocalPaths, key: str, upstream: dict[str, str
     # the inputs' digests are computed on their own thread while the jobs run (hashing releases the GIL)
     hashing = ThreadPoolExecutor(1, thread_name_prefix="requant-hash-inputs")
     try:
-        inputs_future = hashing.submit(input_record, storage, plan, unverified=options.unverified)
+        inputs_future = hashing.submit(_timed, input_record, storage, plan, unverified=options.unverified)
         outcomes = [JobOutcome(r, True) for r in done.values() if r is not None]
         with tqdm(total=sum(j.bytes_in for j in plan.jobs), desc=f"convert {plan.recipe.name}", unit="B",
                   unit_scale=True, disable=not options.progress) as bar:
@@ -113,7 +115,8 @@ def _convert(plan, storage, paths: LocalPaths, key: str, upstream: dict[str, str
             for outcome in execute_jobs(todo, storage, staged, key, options.device, options.threads, options.jobs):
                 outcomes.append(outcome)
                 bar.update(outcome.result.bytes_in)
-        manifest = publish(plan, [o.result for o in outcomes], storage, staged, inputs_future.result(), upstream)
+        inputs, hash_seconds = inputs_future.result()
+        manifest = publish(plan, [o.result for o in outcomes], storage, staged, inputs, upstream)
         lease.check()
         shutil.rmtree(paths.staging / RUN_STATE_DIR)
         if paths.dst.exists():
@@ -130,4 +133,11 @@ def _convert(plan, storage, paths: LocalPaths, key: str, upstream: dict[str, str
         raise
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
-    return summarize(plan, str(paths.dst), key, outcomes, manifest)
+    timings = {"hash_inputs": hash_seconds, **stages.totals(o.result.stages for o in outcomes if not o.skipped)}
+    return summarize(plan, str(paths.dst), key, outcomes, manifest, timings)
+
+
+def _timed(function, *args, **kwargs):
+    """``function``'s result and its wall seconds."""
+    start = time.perf_counter()
+    return function(*args, **kwargs), time.perf_counter() - start
