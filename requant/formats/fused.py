@@ -26,6 +26,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from requant.constants import (
@@ -89,6 +90,7 @@ def int4_to_mxfp4(
     threads: int = 1,
     exact: bool = False,
     negative_zero: bool = False,
+    compiled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 [out, in/8] int32 + BF16 scale [out, in/32] -> MXFP4 (uint8 [out, in/2], E8M0 uint8 [out, in/32]).
 
@@ -97,6 +99,8 @@ def int4_to_mxfp4(
     ops); the caller should then keep torch's own intra-op threads at 1 to avoid oversubscription. ``exact``:
     quantize the exact FP32 decode (Quark 0.13) instead of compressed-tensors' BF16 decode (Quark 0.11).
     ``negative_zero``: compressed-tensors' codes (:func:`~requant.formats.mxfp4.quantize_mxfp4_ct`).
+    ``compiled``: on a CPU, the compiled kernel walks the same tables in one pass (:mod:`requant.formats.fused_cpu`);
+    False: torch's ops, the reference and the path for other devices.
     """
     if scale.dtype != torch.bfloat16:
         raise ValueError(f"fused INT4->MXFP4 needs BF16 group scales, got {scale.dtype}")
@@ -115,26 +119,20 @@ def int4_to_mxfp4(
     packed_out = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
     scale_out = torch.empty(out_features, n_blocks, dtype=torch.uint8, device=device)
     nibble_bytes = data_packed.contiguous().view(torch.uint8)  # little-endian: low nibble first
-    scale_bits = scale.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    scale_bits = scale.contiguous().view(torch.int16)
+    compiled = compiled and device.type == "cpu"
 
     def convert_rows(r0: int) -> None:
         r1 = min(r0 + rows_per_block, out_features)
-        blocks = nibble_bytes[r0:r1].view(r1 - r0, n_blocks, _BYTES_PER_BLOCK)
-        maxabs = group_maxabs(blocks).to(torch.int32)
-
-        bits = scale_bits[r0:r1]
-        exponent = (bits >> BF16_MANT_BITS) & BF16_EXP_MASK
-        cls = ((bits >> 15) * _MANTISSAS + (bits & (_MANTISSAS - 1))) * _MAXABS + maxabs
-        # index = class * 256 + input byte; int32 arithmetic in place (mixed-dtype broadcasts are slow)
-        index = blocks.to(torch.int32).add_((cls * 256).unsqueeze(-1))
-        torch.index_select(table, 0, index.view(-1), out=packed_out[r0:r1].view(-1))
-        block_exp = exponent - E8M0_BIAS + exp_offset[cls]
-        scale_out[r0:r1] = torch.where(maxabs == 0, 0, block_exp + E8M0_BIAS).to(torch.uint8)
-
-        unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
-        if bool(unsafe.any()):
-            _reencode_blocks(data_packed, scale, in_features, r0, r1, unsafe, packed_out, scale_out, exact,
-                             negative_zero)
+        if compiled:
+            unsafe_rows = _compiled_rows(nibble_bytes[r0:r1], scale_bits[r0:r1], table, exp_offset,
+                                         packed_out[r0:r1], scale_out[r0:r1])
+        else:
+            unsafe_rows = _table_rows(nibble_bytes[r0:r1], scale_bits[r0:r1], table, exp_offset, n_blocks,
+                                      packed_out[r0:r1], scale_out[r0:r1])
+        if unsafe_rows is not None:
+            _reencode_rows(data_packed, scale, in_features, unsafe_rows + r0, packed_out, scale_out, exact,
+                           negative_zero)
 
     starts = range(0, out_features, rows_per_block)
     if threads > 1 and len(starts) > 1:
@@ -150,22 +148,49 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="requant-fused")
 
 
-def _reencode_blocks(
+def _table_rows(nibble_bytes: torch.Tensor, scale_bits: torch.Tensor, table: torch.Tensor, exp_offset: torch.Tensor,
+                n_blocks: int, packed_out: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor | None:
+    """Rows of the matrix through the tables by torch's ops, into ``packed_out`` and ``scale_out`` (the same rows);
+    the indices of the rows holding blocks outside the tables' exact range (None: none)."""
+    rows = nibble_bytes.shape[0]
+    blocks = nibble_bytes.view(rows, n_blocks, _BYTES_PER_BLOCK)
+    maxabs = group_maxabs(blocks).to(torch.int32)
+    bits = scale_bits.to(torch.int32) & 0xFFFF
+    exponent = (bits >> BF16_MANT_BITS) & BF16_EXP_MASK
+    cls = ((bits >> 15) * _MANTISSAS + (bits & (_MANTISSAS - 1))) * _MAXABS + maxabs
+    # index = class * 256 + input byte; int32 arithmetic in place (mixed-dtype broadcasts are slow)
+    index = blocks.to(torch.int32).add_((cls * 256).unsqueeze(-1))
+    torch.index_select(table, 0, index.view(-1), out=packed_out.view(-1))
+    block_exp = exponent - E8M0_BIAS + exp_offset[cls]
+    scale_out.copy_(torch.where(maxabs == 0, 0, block_exp + E8M0_BIAS).to(torch.uint8))
+    unsafe = ((exponent < _SAFE_EXP_MIN) | (exponent > _SAFE_EXP_MAX)) & (maxabs > 0)
+    return unsafe.any(dim=1).nonzero().flatten() if bool(unsafe.any()) else None
+
+
+def _compiled_rows(nibble_bytes: torch.Tensor, scale_bits: torch.Tensor, table: torch.Tensor,
+                   exp_offset: torch.Tensor, packed_out: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor | None:
+    """:func:`_table_rows` by the compiled CPU kernel (:mod:`requant.formats.fused_cpu`)."""
+    from requant.formats import fused_cpu
+
+    unsafe = torch.zeros(nibble_bytes.shape[0], dtype=torch.bool)
+    marked = fused_cpu.mxfp4_from_int4(nibble_bytes.numpy(), scale_bits.numpy().view(np.uint16), table.numpy(),
+                                       exp_offset.numpy(), _SAFE_EXP_MIN, _SAFE_EXP_MAX, packed_out.numpy(),
+                                       scale_out.numpy(), unsafe.numpy())
+    return unsafe.nonzero().flatten() if marked else None
+
+
+def _reencode_rows(
     data_packed: torch.Tensor,
     scale: torch.Tensor,
     in_features: int,
-    r0: int,
-    r1: int,
-    unsafe: torch.Tensor,
+    rows: torch.Tensor,
     packed_out: torch.Tensor,
     scale_out: torch.Tensor,
     exact: bool = False,
     negative_zero: bool = False,
 ) -> None:
-    """Reference path for the rows holding blocks outside the table's exact range."""
-    rows = unsafe.any(dim=1).nonzero().flatten() + r0
+    """Reference path for ``rows``, those holding blocks outside the table's exact range."""
     weight = dequantize_int4(data_packed[rows], scale[rows], in_features, dtype=torch.float32 if exact else None)
     packed, scales = (quantize_mxfp4_ct if negative_zero else quantize_mxfp4)(weight)
     packed_out[rows] = packed
     scale_out[rows] = scales
-

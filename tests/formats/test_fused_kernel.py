@@ -1,4 +1,4 @@
-"""The fused INT4 -> MXFP4 table kernel against the reference path and against Quark; its compressed-tensors codes;
+"""The fused INT4 -> MXFP4 table kernel (compiled and torch's) against the reference path and against Quark; its compressed-tensors codes;
 the fused INT4 -> NVFP4 class-table kernel against both NVFP4 encoders (which the oracle tests hold equal to
 llm-compressor and Model Optimizer)."""
 
@@ -32,24 +32,29 @@ def _random_int4(rows, cols, seed, scale_bits=None):
     return pack_to_int32(q, num_bits=4), scale, q
 
 
-def test_matches_reference_and_quark_on_kimi_shaped_rows():
+COMPILED = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_matches_reference_and_quark_on_kimi_shaped_rows(compiled):
     packed, scale, _ = _random_int4(96, 7168, seed=0)
-    fused = int4_to_mxfp4(packed, scale, 7168, rows_per_block=40)  # ragged last row block
-    threaded = int4_to_mxfp4(packed, scale, 7168, rows_per_block=16, threads=2)
+    fused = int4_to_mxfp4(packed, scale, 7168, rows_per_block=40, compiled=compiled)  # ragged last row block
+    threaded = int4_to_mxfp4(packed, scale, 7168, rows_per_block=16, threads=2, compiled=compiled)
     reference = _reference(packed, scale, 7168)
     quark = quark_quantize_weight(dequantize_int4(packed, scale, 7168), "mxfp4")
     for ours, par, ref, q in zip(fused, threaded, reference, quark):
         assert torch.equal(ours, ref) and torch.equal(ours, q) and torch.equal(par, ours)
 
 
-def test_all_zero_and_single_value_blocks():
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_all_zero_and_single_value_blocks(compiled):
     q = torch.zeros(4, 64, dtype=torch.int8)
     q[1, 3] = -8  # max |q| = 8 from the negative side
     q[2, 40] = 7
     q[3, :] = 1
     scale = torch.full((4, 2), 0.0107421875, dtype=torch.bfloat16)
     packed = pack_to_int32(q, num_bits=4)
-    fused = int4_to_mxfp4(packed, scale, 64)
+    fused = int4_to_mxfp4(packed, scale, 64, compiled=compiled)
     assert fused[1][0].tolist() == [0, 0]  # all-zero blocks: scale byte 0, codes 0
     for ours, ref in zip(fused, _reference(packed, scale, 64)):
         assert torch.equal(ours, ref)
@@ -79,10 +84,14 @@ def test_matches_reference_for_every_scale_class(seed, data):
     rows, cols = 6, 128
     bits = data.draw(scale_patterns(rows * cols // 32))
     packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=bits)
-    fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4)
     reference = _reference(packed, scale, cols)
-    assert torch.equal(fused[1], reference[1])
-    assert torch.equal(fused[0], reference[0])
+    exact = quantize_mxfp4(dequantize_int4(packed, scale, cols, dtype=torch.float32))  # Quark 0.13's decode
+    for compiled in (True, False):
+        fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, compiled=compiled)
+        assert torch.equal(fused[1], reference[1]), compiled
+        assert torch.equal(fused[0], reference[0]), compiled
+        fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, exact=True, compiled=compiled)
+        assert torch.equal(fused[1], exact[1]) and torch.equal(fused[0], exact[0]), compiled
 
 
 @pytest.mark.parametrize("bad", ["scale_dtype", "shape"])
@@ -103,9 +112,10 @@ def test_compressed_tensors_codes_for_every_scale_class(seed, data):
     quantize_mxfp4_ct of the BF16 decode, through the tables and their fallback alike."""
     rows, cols = 6, 128
     packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=data.draw(scale_patterns(rows * cols // 32)))
-    fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, negative_zero=True)
     reference = quantize_mxfp4_ct(dequantize_int4(packed, scale, cols))
-    assert torch.equal(fused[1], reference[1]) and torch.equal(fused[0], reference[0])
+    for compiled in (True, False):
+        fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, negative_zero=True, compiled=compiled)
+        assert torch.equal(fused[1], reference[1]) and torch.equal(fused[0], reference[0]), compiled
 
 
 def _same(ours: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
