@@ -24,6 +24,7 @@ import torch
 from requant import stages
 from requant.constants import E8M0_NAN, FP8_E4M3_NAN_BITS
 from requant.errors import CheckpointError
+from requant.formats.finite import all_finite
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
 from requant.formats.fused_nvfp4 import int4_amax
 from requant.formats.int4 import dequantize_int4
@@ -156,8 +157,8 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     core this process may use).
 
     The stages overlap: spans are read ahead of use on their own threads, tensors are transcoded in parallel
-    (each on one torch thread), and one writer thread writes and hashes the results in the output file's
-    order (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
+    (each on one torch thread), and one writer thread writes the results in the output file's order while
+    another hashes them (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
     The bytes are those of a sequential run: each tensor's result does not depend on the others.
     ``sink``: stream the shard's bytes to it instead of writing the file, in ``write_passes`` (a file is written in
     one pass, each tensor at its offset).
@@ -165,7 +166,7 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
     start = time.perf_counter()
     workers = threads if threads > 0 else available_cores()
     path = Path(out_dir) / job.output_file
-    writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name}, sink=sink)
+    writer = SafetensorsWriter(path, job.specs, metadata={"requant_job": job.name}, sink=sink, hash_thread=True)
     passes = write_passes(job) if sink is not None else [WritePass(tuple(task_order(job)), frozenset(s.name for s in job.specs))]
     transcoders = ThreadPoolExecutor(workers, thread_name_prefix="requant-transcode")
     writing = ThreadPoolExecutor(1, thread_name_prefix="requant-write")
@@ -493,22 +494,6 @@ def _check_mxfp4(task: TensorTask, scale: torch.Tensor, uri: str) -> None:
         raise CheckpointError(f"{uri}/{scale_e.file}", f"{bad} E8M0 scales are 0xFF (NaN)", scale_e.name)
 
 
-# Exponent fields by float type, viewed as integers of the same width: all ones means Inf or NaN.
-_EXPONENT_MASKS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                   torch.float32: (torch.int32, 0x7F800000)}
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``. On the raw bits for BF16/FP16/FP32 (the largest masked exponent field is
-    below all-ones): several times faster than ``torch.isfinite``, which widens every element first."""
-    if not tensor.is_floating_point() or not tensor.numel():
-        return True
-    if tensor.dtype in _EXPONENT_MASKS and tensor.is_contiguous():
-        view, mask = _EXPONENT_MASKS[tensor.dtype]
-        return int(tensor.view(view).bitwise_and(mask).max()) < mask
-    return bool(torch.isfinite(tensor).all())
-
-
 def _check_finite(tensor: torch.Tensor, file: str, name: str) -> None:
     if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
@@ -591,7 +576,7 @@ def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, r
         sampled, scales = (t.view(torch.uint8)[rows].view(t.dtype) if t.element_size() == 1 else t[rows]
                            for t in out[:2])  # one-byte types as bytes: CPU indexing has no FP8 kernel
         got = task.format.decode(sampled, scales, *out[2:]).to(torch.float64)
-        return ref.pow(2).sum(dim=1), (ref - got).pow(2).sum(dim=1)
+        return ref.square().sum(dim=1), (ref - got).square_().sum(dim=1)
 
 
 def _snr(signal: float, noise: float) -> float:

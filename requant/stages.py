@@ -4,8 +4,8 @@ own (:attr:`requant.job.JobResult.stages`); ``requant bench layer`` shows them o
 
 Stages: ``read`` (input spans from storage, on the read-ahead threads), ``transcode`` (a batch's decode, encode
 and checks, on the transcode threads; ``snr`` is the part spent sampling each quantized tensor's error),
-``write`` (output bytes into the file) and ``hash_out`` (the output's sha256), on the writer thread; and the job's
-coordinating thread blocked: ``wait_read``, ``wait_transcode``, ``wait_write``.
+``write`` (output bytes into the file, on the writer thread) and ``hash_out`` (the output's sha256, on a hashing
+thread beside it); and the job's coordinating thread blocked: ``wait_read``, ``wait_transcode``, ``wait_write``.
 
 One clock per process at a time (:func:`measuring`): a process runs one layer job at a time (the local runner's
 workers, the flow's Ray tasks). Timing a stage costs two ``perf_counter`` calls and a lock.

@@ -14,8 +14,9 @@ import math
 import operator
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,6 +328,43 @@ def layout(specs: list[TensorSpec]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: (_DTYPE_RANK[s.dtype], s.name))
 
 
+class OrderedDigest:
+    """A SHA-256 fed in order, on a thread of its own where asked (``threaded``): its caller then writes a tensor
+    while the previous ones are hashed (hashlib releases the GIL), so writing a shard costs the slower of the two,
+    not their sum. At most ``PENDING`` updates wait; each holds its bytes until it is hashed."""
+
+    PENDING = 4
+
+    def __init__(self, head: bytes, threaded: bool = False):
+        self._sha = hashlib.sha256(head)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="requant-hash-out") if threaded else None
+        self._pending: deque[Future] = deque()
+
+    def update(self, data: memoryview) -> None:
+        if self._pool is None:
+            self._hash(data)
+            return
+        while len(self._pending) >= self.PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._hash, data))
+
+    def _hash(self, data: memoryview) -> None:
+        with stages.timed("hash_out"):
+            self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        """The digest of everything updated so far (waits for the updates in flight)."""
+        while self._pending:
+            self._pending.popleft().result()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        """Stop hashing (an update in flight finishes; waiting ones are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose layout is fixed up front (all shapes come from the plan).
 
@@ -337,9 +375,10 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None,
-                 sink: Callable[[memoryview], None] | None = None):
+                 sink: Callable[[memoryview], None] | None = None, hash_thread: bool = False):
         """``sink``: stream the file instead of writing ``path`` (which then only names it in errors): every byte
-        goes to ``sink`` in file order, so tensors must arrive in ``order()``."""
+        goes to ``sink`` in file order, so tensors must arrive in ``order()``. ``hash_thread``: hash on a thread
+        of its own, beside the writes (:class:`OrderedDigest`)."""
         self.path = Path(path)
         self._sink = sink
         header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -356,7 +395,7 @@ class SafetensorsWriter:
         self._written: set[str] = set()
         self._order = [spec.name for spec in layout(specs)]
         head = struct.pack("<Q", len(blob)) + blob
-        self._digest = hashlib.sha256(head)
+        self._digest = OrderedDigest(head, threaded=hash_thread)
         self._hashed = 0  # tensors of self._order already in self._digest
         self._file = None
         if sink is not None:
@@ -366,6 +405,7 @@ class SafetensorsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
         except OSError as exc:
+            self._digest.close()
             raise os_failure(self.path, exc, "creating the output shard") from exc
         try:
             self._file.write(head)
@@ -386,6 +426,8 @@ class SafetensorsWriter:
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+            if in_order:
+                self._digest.update(view)
             with stages.timed("write"):
                 if self._sink is not None:
                     self._sink(view)
@@ -395,9 +437,6 @@ class SafetensorsWriter:
                         self._file.write(view)
                     except OSError as exc:
                         raise os_failure(self.path, exc, f"writing tensor {name}") from exc
-            if in_order:
-                with stages.timed("hash_out"):
-                    self._digest.update(view)
         if self._hashed < len(self._order) and self._order[self._hashed] == name:
             self._hashed += 1
         self._written.add(name)
@@ -413,6 +452,12 @@ class SafetensorsWriter:
     def close(self, fsync: bool = False) -> str:
         """Finish the file and return its sha256; raises (and deletes the file) if a tensor is missing.
         ``fsync``: on stable storage before returning (a resumable run records the shard as done next)."""
+        try:
+            return self._close(fsync)
+        finally:
+            self._digest.close()
+
+    def _close(self, fsync: bool) -> str:
         if self._file is not None:
             try:
                 with stages.timed("write"):
@@ -429,15 +474,16 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
         if self._hashed < len(self._order):  # read back what arrived after the first out-of-order tensor
             start = self._base + self._offsets[self._order[self._hashed]][0]
-            with open(self.path, "rb") as f, stages.timed("hash_out"):
+            with open(self.path, "rb") as f:
                 f.seek(start)
                 while block := f.read(8 << 20):
-                    self._digest.update(block)
+                    self._digest.update(memoryview(block))
         return self._digest.hexdigest()
 
     def abort(self) -> None:
         """Close and delete the partial file. Never raises: it runs while another error is on its way out
         (closing flushes buffered bytes, which fails again on a full disk), and must not replace it."""
+        self._digest.close()
         if self._file is None:
             return
         try:

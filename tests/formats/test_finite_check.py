@@ -1,12 +1,12 @@
-"""The input finite check on raw exponent bits (requant.job.all_finite) agrees with torch.isfinite on every
-BF16 and FP16 bit pattern, wherever it sits in a tensor, and on FP32's special values."""
+"""The input finite check on raw exponent bits (requant.formats.finite.all_finite, the compiled loop on a CPU) agrees
+with torch.isfinite on every BF16 and FP16 bit pattern, wherever it sits in a tensor, and on FP32's special values."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from requant.job import all_finite
+from requant.formats.finite import all_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,10 +1,11 @@
-"""Coalesced range reads return exactly the tensors single reads return, with far fewer requests."""
+"""Coalesced range reads return exactly the tensors single reads return, with far fewer requests; span buffers are
+reused only once nothing views them."""
 
 from __future__ import annotations
 
 import torch
 
-from requant.io.ranges import CoalescingReader, plan_spans
+from requant.io.ranges import CoalescingReader, SpanBuffers, plan_spans
 from requant.io.safetensors import TensorEntry, read_header, read_tensor
 from requant.io.storage import LocalDir
 
@@ -64,3 +65,46 @@ def test_read_ahead_in_a_known_order_returns_the_same_tensors_and_frees_spans(ti
     spans = {reader.spans[e.name] for e in entries if e.nbytes <= 64 * 1024}
     assert reader.requests == CountingStorage.calls == len(spans) + len(big) and len(spans) > 10
     assert held <= 2 + 2 and not reader._cache
+
+
+def test_a_span_buffer_is_lent_again_only_once_nothing_views_it():
+    size = SpanBuffers.MIN_BYTES
+    pool = SpanBuffers(keep=2)
+    first = pool.take(4 * size)
+    view = torch.frombuffer(memoryview(first)[8:16], dtype=torch.uint8)
+    del first
+    second = pool.take(4 * size)  # the first is still viewed: a new one
+    assert len(pool._buffers) == 1 + 2
+    del second
+    assert isinstance(pool.take(size), bytearray)  # the idle second is too large for it: a new one
+    third = pool.take(3 * size)  # the idle second
+    assert isinstance(third, memoryview) and len(third) == 3 * size and len(pool._buffers) == 1 + 3
+    del view, third
+    assert isinstance(pool.take(4 * size), memoryview) and len(pool._buffers) == 1 + 3
+    assert isinstance(pool.take(10), bytearray) and len(pool._buffers) == 1 + 3  # below MIN_BYTES: never pooled
+
+
+def test_tensors_held_past_their_span_keep_their_bytes_while_buffers_are_reused(tiny_upstream, monkeypatch):
+    """Every span pooled (MIN_BYTES lowered): tensors kept while the reader goes on must not see a reused buffer's
+    new bytes, and buffers must still be reused (fewer than spans)."""
+    monkeypatch.setattr(SpanBuffers, "MIN_BYTES", 1)
+    storage = LocalDir(tiny_upstream)
+    entries = []
+    for shard in sorted(p.name for p in tiny_upstream.glob("*.safetensors")):
+        entries += list(read_header(storage, shard)[0].values())
+    order = sorted(entries, key=lambda e: (e.file, e.name))
+    reader = CoalescingReader(storage, entries, order=order, ahead=2, max_span=64 * 1024)
+    try:
+        kept = {}
+        for i, entry in enumerate(order):
+            tensor = reader.read(entry)
+            if i % 3 == 0:  # the rest released on the way
+                kept[entry.name] = tensor
+        del tensor
+        for entry in order:
+            if entry.name in kept:
+                assert torch.equal(kept[entry.name].view(torch.uint8), read_tensor(storage, entry).view(torch.uint8))
+    finally:
+        reader.close()
+    spans = {reader.spans[e.name] for e in entries if e.nbytes <= 64 * 1024}
+    assert len(reader._buffers._buffers) - 1 < len(spans)
