@@ -67,8 +67,10 @@ import requant
 src, dst, recipe, threads, out = sys.argv[1:6]
 start = time.perf_counter()
 summary = requant.convert(src, dst, recipe, threads=int(threads), jobs=1, overwrite=True, progress=False)
+wall = time.perf_counter() - start
+largest = max(summary.manifest["jobs"], key=lambda job: job["bytes_in"])
 with open(out, "w") as f:
-    json.dump({"wall": time.perf_counter() - start, **summary.timings}, f)
+    json.dump({"wall": wall, "largest_job": {k: largest[k] for k in ("job", "bytes_in", "seconds")}, **summary.timings}, f)
 """
 _COPY_SHA = """
 import hashlib, os, shutil, sys
@@ -134,7 +136,7 @@ STAGE_ROWS = (("hash_inputs", "hash the input shards (their own thread, beside t
               ("stage_transcode", "transcode: decode, encode, checks (transcode threads)"),
               ("stage_snr", "  of which: sampled SNR of each quantized tensor"),
               ("stage_write", "write output bytes, fsync (writer thread)"),
-              ("stage_hash_out", "SHA-256 of the output (writer thread)"),
+              ("stage_hash_out", "SHA-256 of the output (its own thread)"),
               ("stage_wait_read", "coordinator waiting for reads"),
               ("stage_wait_transcode", "coordinator waiting for transcodes"),
               ("stage_wait_write", "coordinator waiting for the writer"))
@@ -151,6 +153,14 @@ def _stages_table(where: str, r: dict[str, Any]) -> list[str]:
                  "the threads of each stage, and in brackets that over the wall time: the threads it kept busy):", "",
              f"| stage | {head} |", "|---|" + "---:|" * len(counts)]
     lines.append("| wall | " + " | ".join(f"{profiles[n]['wall']:.1f}" for n in counts) + " |")
+    if all("largest_job" in profiles[n] for n in counts):  # the MoE layer's job alone, against the roofline's rate
+        roofline_rate = r["bytes_in"] / r["roofline"]["seconds"]
+        cells = []
+        for n in counts:
+            job = profiles[n]["largest_job"]
+            rate = job["bytes_in"] / job["seconds"]
+            cells.append(f"{job['seconds']:.1f} ({rate / 1e6:.0f} MB/s in, {rate / roofline_rate:.2f} of the roofline's)")
+        lines.append(f"| its largest job ({profiles[counts[0]]['largest_job']['job']}) alone | " + " | ".join(cells) + " |")
     for key, label in STAGE_ROWS:
         cells = [f"{profiles[n].get(key, 0.0):.1f} ({profiles[n].get(key, 0.0) / profiles[n]['wall']:.2f})"
                  for n in counts]

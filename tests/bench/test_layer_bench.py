@@ -38,13 +38,17 @@ def test_the_table_divides_by_the_parallel_roofline_and_shows_the_stages():
              "roofline": _measured(2.0), "roofline_one_thread": _measured(3.0), "roofline_coreutils": _measured(6.0),
              "requant": {**_measured(5.0), "of_roofline": 0.4}, "requant_1_core": {**_measured(8.0), "of_roofline": 0.25},
              "all_cores_speedup": 1.6,
-             "stages": {"1": {"wall": 8.0, "hash_inputs": 1.5, "stage_transcode": 5.0, "stage_write": 0.5},
-                        "2": {"wall": 5.0, "hash_inputs": 1.5, "stage_transcode": 5.5, "stage_write": 0.6}}}
+             "stages": {"1": {"wall": 8.0, "hash_inputs": 1.5, "stage_transcode": 5.0, "stage_write": 0.5,
+                              "largest_job": {"job": "layer-001", "bytes_in": 1_500_000_000, "seconds": 3.0}},
+                        "2": {"wall": 5.0, "hash_inputs": 1.5, "stage_transcode": 5.5, "stage_write": 0.6,
+                              "largest_job": {"job": "layer-001", "bytes_in": 1_500_000_000, "seconds": 2.5}}}}
     text = render({"fixture": {"experts": 32, "bytes": 2_000_000_000}, "recipe": "amd-kimi-mxfp4", "cores": 2,
                    "note": "test", "tmpfs": place})
     assert "| tmpfs | roofline: read + SHA-256 in, write + SHA-256 out, 2 threads | 2.0 | 1000 | 150 | 900 |  |" in text
     assert "| tmpfs | requant convert --local (2 cores) | 5.0 | 400 | 150 | 900 | 0.40 |" in text
     assert "| wall | 8.0 | 5.0 |" in text
+    assert ("| its largest job (layer-001) alone | 3.0 (500 MB/s in, 0.50 of the roofline's) | "
+            "2.5 (600 MB/s in, 0.60 of the roofline's) |") in text
     assert "| transcode: decode, encode, checks (transcode threads) | 5.0 (0.62) | 5.5 (1.10) |" in text
 
 
