@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test-envs docs docs-serve quark13-venv sglang-venv llmc-venv autoround-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
+.PHONY: install test-envs docs docs-serve quark13-venv sglang-venv llmc-venv autoround-venv bench-peers engine-venv engine-check train-model measure-trained measure-global-scales test test-shuffled browser hardening flow-run ui ui-down deploy services-up services-down convert-local bench bench-layer bench-cluster bench-hub bench-release bench-serve device-check device-wheels bench-flow gate-simulation results clean
 
 install: $(STAMP)
 
@@ -210,6 +210,11 @@ EXPERTS ?= 96
 bench-layer: install
 	$(BIN)/python -m dev.bench layer --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
+# Kimi-K2.6's real plan (synth k26 --layout-only: headers over holes) on 8 to 512 workers, its MoE layer jobs whole
+# and split into expert groups, at the per-worker rate of results/layer.json: results/cluster.md.
+bench-cluster: install
+	$(BIN)/requant bench cluster --out results $(BENCH_ARGS)
+
 # Layer jobs reading k26-layer (EXPERTS of 384) from the local Hub against a plain download of the same bytes:
 # results/hub.md.
 bench-hub: install
@@ -242,7 +247,7 @@ bench-flow: install
 # its commit): make bench (kernels, checkpoint, then the peers), bench-layer, bench-hub, bench-release, bench-serve, bench-flow,
 # device-check (its CPU lane on a machine without a GPU), measure-trained, gate-simulation, hardening. A failed one
 # does not stop the rest; they are named at the end.
-RESULTS_TARGETS := bench bench-layer bench-hub bench-release bench-serve bench-flow device-check measure-trained gate-simulation \
+RESULTS_TARGETS := bench bench-layer bench-cluster bench-hub bench-release bench-serve bench-flow device-check measure-trained gate-simulation \
   hardening
 results: install
 	@failed=; for t in $(RESULTS_TARGETS); do $(MAKE) --no-print-directory $$t || failed="$$failed $$t"; done; \

@@ -39,6 +39,7 @@ RESULTS = {
     "bench-targets": ("bench.json", "make bench", "requant.bench.conversion:render_targets"),
     "peers": ("peers.json", "make bench-peers", "requant.bench.peers:render"),
     "layer": ("layer.json", "make bench-layer", "requant.bench.layer:render"),
+    "cluster": ("cluster.json", "make bench-cluster", "requant.bench.cluster:render"),
     "flow": ("flow.json", "make bench-flow", "dev.bench:render"),
     "serve": ("serve.json", "make bench-serve", "requant.bench.serve:format_results"),
     "hub": ("hub.json", "make bench-hub", "requant.bench.hub:render"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ from requant.recipe import NEVER_QUANTIZED, Recipe
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 NON_LAYER_JOB = "non-layer"
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -510,3 +512,28 @@ def _jobs(tasks: list[TensorTask], config: ModelConfig) -> tuple[LayerJob, ...]:
         ordered = tuple(sorted(groups[key], key=lambda t: t.name))
         jobs.append(LayerJob(i, name, f"model-{i + 1:05d}-of-{total:05d}.safetensors", ordered))
     return tuple(jobs)
+
+
+def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
+    """Each job holding routed experts cut into ``parts`` jobs of consecutive experts (as even in count as whole
+    experts allow; the layer's other tensors stay with the first), every job renumbered with its own output shard:
+    the same tasks in more, smaller jobs, so more workers than layers stay busy. Other jobs are kept whole."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+    pieces: list[tuple[str, tuple[TensorTask, ...]]] = []
+    for job in jobs:
+        experts = sorted({int(m.group(1)) for t in job.tasks if (m := _ROUTED_EXPERT.search(t.name))})
+        if parts == 1 or len(experts) < 2:
+            pieces.append((job.name, job.tasks))
+            continue
+        groups = [experts[len(experts) * k // parts:len(experts) * (k + 1) // parts] for k in range(parts)]
+        groups = [g for g in groups if g]
+        group_of = {e: k for k, group in enumerate(groups) for e in group}
+        members: list[list[TensorTask]] = [[] for _ in groups]
+        for task in job.tasks:
+            m = _ROUTED_EXPERT.search(task.name)
+            members[group_of[int(m.group(1))] if m else 0].append(task)
+        pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
+    total = len(pieces)
+    return tuple(LayerJob(i, name, f"model-{i + 1:05d}-of-{total:05d}.safetensors", tasks)
+                 for i, (name, tasks) in enumerate(pieces))

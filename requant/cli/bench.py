@@ -1,4 +1,4 @@
-"""``requant bench conversion|layer|peers|hub|release|serve``: the library's benchmarks, one subcommand each.
+"""``requant bench conversion|layer|peers|hub|release|serve|cluster``: the library's benchmarks, one subcommand each.
 
 Each subcommand owns its options, so none of them is a mode flag of another; the subcommand names the module of
 ``requant.bench`` that measures it. The benchmarks that need the flow (S3 + Ray) are ``python -m dev.bench``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-SUBCOMMANDS = ("conversion", "layer", "peers", "hub", "release", "serve")
+SUBCOMMANDS = ("conversion", "layer", "peers", "hub", "release", "serve", "cluster")
 # Benchmark modes that were flags or a command of their own, and what replaced them (for a one-line pointer).
 RENAMED = {"bench-serve": "bench serve", "--layer": "bench layer", "--peers": "bench peers", "--hub": "bench hub"}
 
@@ -74,6 +74,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     sv.add_argument("--gsm8k-dir", help="offline GSM8K for the lm-eval timing (default: $REQUANT_GSM8K_DIR or "
                                         "shared/data/gsm8k)")
     sv.set_defaults(run=run_serve)
+
+    cl = sub.add_parser("cluster", help="Kimi-K2.6's real plan (synth k26 --layout-only) on 8 to 512 workers, its "
+                                        "MoE layer jobs whole and split into expert groups, simulated at the "
+                                        "per-worker rate make bench-layer measured")
+    cl.add_argument("--layer-results", default="results/layer.json",
+                    help="make bench-layer's results, whose MoE layer job rate each worker is given")
+    cl.add_argument("--rate", type=float, help="MB/s in per worker instead (then --layer-results is not read)")
+    _out(cl, "cluster")
+    cl.set_defaults(run=run_cluster)
 
 
 def _experts(p: argparse.ArgumentParser, default: int = 96) -> None:
@@ -143,4 +152,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     gsm8k = args.gsm8k_dir or find_local_gsm8k()
     print(format_results(run_bench_serve(args.out, eval_items=args.eval_items, gsm8k_dir=gsm8k and str(gsm8k))))
+    return 0
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from requant.bench.cluster import rate_from_layer_results, render, run_cluster_bench
+
+    if args.rate is not None:
+        rate, rate_from = args.rate, "given with --rate"
+    else:
+        rate, rate_from = rate_from_layer_results(Path(args.layer_results))
+    print(render(run_cluster_bench(rate, rate_from, out=args.out)))
     return 0

@@ -328,6 +328,21 @@ def layout(specs: list[TensorSpec]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: (_DTYPE_RANK[s.dtype], s.name))
 
 
+def file_head(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> tuple[bytes, list[tuple[TensorSpec, int]]]:
+    """The first bytes of a safetensors file holding ``specs`` (the header's length, the header padded to 8 bytes)
+    and each tensor's data offset, in file order (:func:`layout`)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offsets = []
+    offset = 0
+    for spec in layout(specs):
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offsets.append((spec, offset))
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offsets
+
+
 class OrderedDigest:
     """A SHA-256 fed in order, on a thread of its own where asked (``threaded``): its caller then writes a tensor
     while the previous ones are hashed (hashlib releases the GIL), so writing a shard costs the slower of the two,
@@ -381,20 +396,12 @@ class SafetensorsWriter:
         of its own, beside the writes (:class:`OrderedDigest`)."""
         self.path = Path(path)
         self._sink = sink
-        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        self._offsets: dict[str, tuple[int, TensorSpec]] = {}
-        for spec in layout(specs):
-            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-            self._offsets[spec.name] = (offset, spec)
-            offset += spec.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._base = HEADER_PREFIX + len(blob)
-        self.size = self._base + offset
+        head, offsets = file_head(specs, metadata)
+        self._offsets = {spec.name: (offset, spec) for spec, offset in offsets}
+        self._base = len(head)
+        self.size = self._base + sum(spec.nbytes for spec in specs)
         self._written: set[str] = set()
         self._order = [spec.name for spec in layout(specs)]
-        head = struct.pack("<Q", len(blob)) + blob
         self._digest = OrderedDigest(head, threaded=hash_thread)
         self._hashed = 0  # tensors of self._order already in self._digest
         self._file = None

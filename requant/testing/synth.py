@@ -36,7 +36,7 @@ from requant.formats.mxfp4 import quantize_mxfp4_ct
 from requant.formats.nvfp4 import NVFP4_GROUP, quantize_nvfp4, quantize_nvfp4_modelopt
 from requant.formats.source import MODULE_PARAMS, SourceFormat
 from requant.io.checksums import check_sums
-from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec
+from requant.io.safetensors import TORCH_TO_NAME, SafetensorsWriter, TensorSpec, file_head
 from requant.layout import VLM_TEXT_PREFIX
 from requant.manifest import HF_QUANT_CONFIG
 from requant.tokenizer import SPECIAL_TOKENS, write_tokenizer
@@ -89,6 +89,10 @@ PROFILES = {
                          heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128,
                          vocab=1024, vision_hidden=64, vision_blocks=1, shards=4, random_codes=True),
 }
+# The whole of K2.6 at its real sizes (61 layers, 384 experts, vocabulary 163840, 64 shards; the vision tower stays
+# small), for planning only: ``synth --layout-only`` writes its headers over holes, and a plan of it has the real
+# model's jobs and bytes (``requant bench cluster``).
+PROFILES["k26"] = replace(PROFILES["k26-layer"], layers=61, vocab=163840, shards=64)
 # The family's other releases at tiny's sizes: DeepSeek-V3 (FP8 blocks, one MTP layer), Kimi-K2-Instruct (FP8 blocks,
 # text-only), an MXFP4 release of K2.6's layout (quantization-aware-trained experts), NVFP4 ones (llm-compressor's
 # NVFP4A16; NVIDIA's Model Optimizer NVFP4, activation scales included) and a BF16 fine-tune of it.
@@ -633,10 +637,19 @@ def _with_trained_weights(tensors: Iterator[_Lazy], root: Path, source: SourceFo
         yield replace(lazy, make=drawn_then(lazy, partial(value.to, lazy.dtype)))
 
 
-def _write_shard(path: Path, group: list[_Lazy], bar: tqdm) -> None:
+def _write_shard(path: Path, group: list[_Lazy], bar: tqdm, layout_only: bool = False) -> None:
     """One shard, one tensor in memory at a time: the header is known from the shapes, each tensor is made in
-    stream order and written at its offset (the same bytes as safetensors' save_file)."""
-    writer = SafetensorsWriter(path, [TensorSpec(t.name, TORCH_TO_NAME[t.dtype], t.shape) for t in group])
+    stream order and written at its offset (the same bytes as safetensors' save_file). ``layout_only``: the header
+    alone, the data a hole of its size (a sparse file: no disk used, zeros if read)."""
+    specs = [TensorSpec(t.name, TORCH_TO_NAME[t.dtype], t.shape) for t in group]
+    if layout_only:
+        head, _ = file_head(specs)
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + sum(spec.nbytes for spec in specs))
+        bar.update(sum(t.nbytes for t in group))
+        return
+    writer = SafetensorsWriter(path, specs)
     try:
         for lazy in group:
             tensor = lazy.make()
@@ -651,9 +664,11 @@ def _write_shard(path: Path, group: list[_Lazy], bar: tqdm) -> None:
 
 
 def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, progress: bool = True,
-               experts: int | None = None, source: SourceFormat | str | None = None) -> Path:
+               experts: int | None = None, source: SourceFormat | str | None = None, layout_only: bool = False) -> Path:
     """Write a synthetic upstream into ``dst``; ``profile`` is a name from PROFILES or a Profile; ``experts``
-    replaces its routed expert count, ``source`` its source format. The ``trained`` profile takes its language model and tokenizer from
+    replaces its routed expert count, ``source`` its source format; ``layout_only``: every file but the shards'
+    data, which are holes (sparse files of the right sizes: enough to plan a conversion, e.g. the ``k26`` profile's
+    600 GB, not to run one). The ``trained`` profile takes its language model and tokenizer from
     requant/testing/trained/assets. Tensors are made and written one at a time: memory stays at the largest tensor."""
     if isinstance(profile, Profile):
         p, profile = profile, "custom"
@@ -699,7 +714,7 @@ def synthesize(dst: str | Path, profile: str | Profile = "tiny", seed: int = 0, 
     with tqdm(total=total, desc=f"synth {profile}", unit="B", unit_scale=True, disable=not progress) as bar:
         for i, group in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors"
-            _write_shard(dst / file, group, bar)
+            _write_shard(dst / file, group, bar, layout_only)
             weight_map.update({lazy.name: file for lazy in group})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
