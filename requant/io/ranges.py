@@ -58,8 +58,9 @@ class SpanBuffers:
         fits = next((buf for buf in idle if size <= len(buf) <= size * self.SLACK), None)
         if fits is not None:
             return memoryview(fits)[:size]
-        for buf in idle[self._keep:]:  # idle buffers of other sizes beyond ``keep``: let them go
-            self._buffers.remove(buf)
+        drop = {id(buf) for buf in idle[self._keep:]}  # idle buffers of other sizes beyond ``keep``: let them go
+        if drop:  # by identity: bytearrays compare equal by their bytes
+            self._buffers = [buf for buf in self._buffers if id(buf) not in drop]
         del idle
         buf = bytearray(size)
         self._buffers.append(buf)

@@ -84,6 +84,18 @@ def test_a_span_buffer_is_lent_again_only_once_nothing_views_it():
     assert isinstance(pool.take(10), bytearray) and len(pool._buffers) == 1 + 3  # below MIN_BYTES: never pooled
 
 
+
+def test_idle_buffers_beyond_keep_are_let_go_by_identity_not_by_their_bytes():
+    size = SpanBuffers.MIN_BYTES
+    pool = SpanBuffers(keep=0)
+    used = pool.take(4 * size)  # in use, all zeros
+    idle = pool.take(4 * size)  # all zeros too, then idle
+    del idle
+    new = pool.take(8 * size)  # nothing fits: the idle one goes, not the one in use that compares equal to it
+    assert any(buf is used for buf in pool._buffers) and any(buf is new for buf in pool._buffers)
+    assert len(pool._buffers) == 1 + 2
+
+
 def test_tensors_held_past_their_span_keep_their_bytes_while_buffers_are_reused(tiny_upstream, monkeypatch):
     """Every span pooled (MIN_BYTES lowered): tensors kept while the reader goes on must not see a reused buffer's
     new bytes, and buffers must still be reused (fewer than spans)."""
