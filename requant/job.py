@@ -158,8 +158,8 @@ def run_job(job: LayerJob, source: Storage, out_dir: Path, device: str = "cpu", 
 
     The stages overlap: spans are read ahead of use on their own threads, tensors are transcoded in parallel
     (each on one torch thread), and one writer thread writes the results in the output file's order while
-    another hashes them (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read and written.
-    The bytes are those of a sequential run: each tensor's result does not depend on the others.
+    another hashes them (so the shard is never read back). At most ``IN_FLIGHT_BYTES`` of input is between read
+    and written. The bytes are those of a sequential run: each tensor's result does not depend on the others.
     ``sink``: stream the shard's bytes to it instead of writing the file, in ``write_passes`` (a file is written in
     one pass, each tensor at its offset).
     """

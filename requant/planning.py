@@ -510,8 +510,13 @@ def _jobs(tasks: list[TensorTask], config: ModelConfig) -> tuple[LayerJob, ...]:
     for i, key in enumerate(keys):
         name = NON_LAYER_JOB if key is None else f"layer-{key:03d}"
         ordered = tuple(sorted(groups[key], key=lambda t: t.name))
-        jobs.append(LayerJob(i, name, f"model-{i + 1:05d}-of-{total:05d}.safetensors", ordered))
+        jobs.append(LayerJob(i, name, shard_name(i, total), ordered))
     return tuple(jobs)
+
+
+def shard_name(index: int, total: int) -> str:
+    """The output shard of job ``index`` (from 0) of ``total``, as save_pretrained names its shards."""
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
 def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
@@ -535,5 +540,4 @@ def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
             members[group_of[int(m.group(1))] if m else 0].append(task)
         pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
     total = len(pieces)
-    return tuple(LayerJob(i, name, f"model-{i + 1:05d}-of-{total:05d}.safetensors", tasks)
-                 for i, (name, tasks) in enumerate(pieces))
+    return tuple(LayerJob(i, name, shard_name(i, total), tasks) for i, (name, tasks) in enumerate(pieces))
