@@ -29,7 +29,8 @@ def convert_with_flow(source: str, dest: str, recipe: str, options: ConvertOptio
                                     shared_global_scale=options.shared_global_scale,
                                     overwrite=options.overwrite, unverified=options.unverified)
             return requantize(upstream=source, output=dest, recipe=recipe, conversion=conversion,
-                              cluster=Cluster(device=options.device, threads=options.threads or 1),
+                              cluster=Cluster(device=options.device, threads=options.threads or 1,
+                                              expert_groups=options.expert_groups),
                               evaluation=Evaluation(enabled=False), progress=not quiet and options.progress).conversion
         finally:
             stop_ephemeral_server()

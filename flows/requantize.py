@@ -30,13 +30,15 @@ from requant import run, stages
 from requant.api import DEFAULT_RECIPE
 from requant.errors import RequantError, VerifyError
 from requant.flows.parameters import Cluster, Conversion, Evaluation, Release
-from requant.flows.runtime import EnvRayTaskRunner
+from requant.flows.runtime import EnvRayTaskRunner, worker_slots
 from requant.io.hf import pin_upstream
 from requant.io.storage import open_storage
 from requant.io.transfer import object_url
 from requant.manifest import MANIFEST_FILE
+from requant.planning import Plan, split_plan
 from requant.progress import phase
 from requant.run import ConvertSummary, JobOutcome
+from requant.sizing import expert_groups_for
 from requant.tasks.convert import (
     Sealed,
     convert_layer,
@@ -162,9 +164,10 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
     started = time.perf_counter()
     plan = plan_checkpoint(upstream, recipe, conversion.quark_version, conversion.fused_excludes,
                            conversion.shared_global_scale)  # every problem, before any job
+    options = ray_options(cluster)
+    plan = _sized(plan, cluster, options, role)
     start = run.start_run(plan, open_storage(upstream), output, revision, conversion.unverified, conversion.overwrite)
     timings = {"plan": time.perf_counter() - started}
-    options = ray_options(cluster)
     if start.published:
         with phase(f"{role}: {recipe}") as shown:
             _verify(plan, output, options)
@@ -176,6 +179,19 @@ def _convert(upstream: str, output: str, recipe: str, revision: str | None, meta
             logger.warning("%s: took over the lease of a dead run (%s)", output, lease.took_over.describe())
         held = HeldRun(plan, start.key, lease, upstream, output, meta, role, progress, started, timings)
         return _convert_held(held, cluster, conversion.unverified, options)
+
+
+def _sized(plan: Plan, cluster: Cluster, options: dict[str, Any], role: str) -> Plan:
+    """The plan with its MoE layers cut into ``cluster.expert_groups``, else into as many expert groups as the Ray
+    cluster's slots call for (whole unless they outnumber the jobs)."""
+    groups = cluster.expert_groups
+    if groups is None:
+        slots = worker_slots(options)
+        groups = expert_groups_for(plan.jobs, slots)
+        if groups > 1:
+            get_run_logger().info("%s: the cluster holds %d layer jobs at once, more than the plan's %d: each MoE "
+                                  "layer's job cut into %d expert groups", role, slots, len(plan.jobs), groups)
+    return split_plan(plan, groups)
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,7 @@ def _convert_held(held: HeldRun, cluster: Cluster, unverified: bool, options: di
     logger = get_run_logger()
     plan, key, lease, output, role, timings = held.plan, held.key, held.lease, held.output, held.role, held.timings
     recipe = plan.recipe.name
-    run.begin_run(output)
+    run.begin_run(output, shards={job.output_file for job in plan.jobs})
     logger.info("%s run %s: %d layer jobs, %.1f MB in, recipe %s", role, key, len(plan.jobs), plan.bytes_in / 1e6, recipe)
     for warning in plan.recipe.warnings:
         logger.warning(warning)

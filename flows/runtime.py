@@ -103,3 +103,22 @@ class EnvRayTaskRunner(RayTaskRunner):
     def __enter__(self):
         self.address, self.init_kwargs = ray_settings()
         return super().__enter__()
+
+
+def worker_slots(reserved: dict[str, Any]) -> int:
+    """How many layer jobs the Ray cluster this flow runs on can hold at once, each reserving ``reserved`` (the
+    layer jobs' ``ray_options``): on each alive node, the fewest of its CPUs, GPUs and custom resources over what a
+    job takes of each; 0 outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    needs = {"CPU": reserved.get("num_cpus") or 0, "GPU": reserved.get("num_gpus") or 0,
+             **(reserved.get("resources") or {})}
+    needs = {name: amount for name, amount in needs.items() if amount > 0}
+    slots = 0
+    for node in ray.nodes():
+        if node.get("Alive") and needs:
+            have = node.get("Resources", {})
+            slots += min(int(have.get(name, 0) / amount + 1e-9) for name, amount in needs.items())
+    return slots

@@ -215,6 +215,15 @@ def layer_of(name: str, prefix: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def routed_expert(name: str) -> int | None:
+    """The routed expert a tensor or module belongs to (``...mlp.experts.7.down_proj.weight``: 7), else None."""
+    m = _ROUTED_EXPERT.search(name if name.endswith(".") else f"{name}.")
+    return int(m.group(1)) if m else None
+
+
 def in_mtp_layer(name: str, cfg: ModelConfig) -> bool:
     """Whether a tensor or module belongs to a multi-token-prediction layer (a decoder layer past num_hidden_layers)."""
     return (layer_of(name, cfg.prefix) or 0) >= cfg.num_layers

@@ -39,6 +39,7 @@ from requant.layout import (
     is_carried_buffer,
     layer_of,
     load_config,
+    routed_expert,
     router_bias_expected,
 )
 from requant.manifest import (
@@ -57,7 +58,6 @@ from requant.recipe import NEVER_QUANTIZED, Recipe
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 NON_LAYER_JOB = "non-layer"
-_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ class Plan:
     extra_files: tuple[str, ...]  # copied byte for byte
     excluded_modules: tuple[str, ...]  # Quark "exclude": linear weights left unquantized
     source_format: Source  # what config.json declares, checked against the tensors
+    expert_groups: int = 1  # each MoE layer's job cut into this many jobs of consecutive experts (split_plan)
 
     @property
     def bytes_in(self) -> int:
@@ -180,8 +181,10 @@ def output_modules(plan: Plan) -> OutputModules:
     return OutputModules(tuple(sorted(quantized)), plan.excluded_modules, tuple(sorted(unquantized)))
 
 
-def build_plan(storage: Storage, recipe: Recipe) -> Plan:
-    plan = _build_plan(storage, recipe)
+def build_plan(storage: Storage, recipe: Recipe, expert_groups: int = 1) -> Plan:
+    """The plan converting ``storage`` with ``recipe``: every header read and every problem found before any tensor
+    is converted; ``expert_groups`` > 1 cuts each MoE layer's job into that many (:func:`split_plan`)."""
+    plan = split_plan(_build_plan(storage, recipe), expert_groups)
     # A K2.6 plan is ~10^6 small immutable objects; keep the cyclic GC from rescanning them forever.
     gc.collect()
     gc.freeze()
@@ -519,25 +522,93 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` (relative to the output) is named as :func:`shard_name` names an output shard."""
+    return _SHARD_NAME.fullmatch(name) is not None
+
+
+def split_plan(plan: Plan, expert_groups: int) -> Plan:
+    """``plan`` with each MoE layer's job cut into ``expert_groups`` jobs (:func:`split_jobs`): the same tensors in
+    more, smaller jobs and output shards, so that more workers than layers stay busy. The split is part of the run's
+    identity (its key), since it names the shards."""
+    if expert_groups == plan.expert_groups:
+        return plan
+    if plan.expert_groups != 1:
+        raise ValueError(f"the plan is already split into {plan.expert_groups} expert groups")
+    return dataclasses.replace(plan, jobs=split_jobs(plan.jobs, expert_groups), expert_groups=expert_groups)
+
+
+def expert_groups_of(experts: list[int], parts: int) -> list[list[int]]:
+    """``experts`` (sorted) in at most ``parts`` groups of consecutive experts, as even in count as whole experts
+    allow (none empty)."""
+    groups = [experts[len(experts) * k // parts:len(experts) * (k + 1) // parts] for k in range(parts)]
+    return [g for g in groups if g]
+
+
+def _splittable(job: LayerJob) -> list[int]:
+    """The routed experts of ``job`` when it can be split (two or more), else []."""
+    experts = sorted({e for t in job.tasks if (e := routed_expert(t.name)) is not None})
+    return experts if len(experts) >= 2 else []
+
+
 def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
-    """Each job holding routed experts cut into ``parts`` jobs of consecutive experts (as even in count as whole
-    experts allow; the layer's other tensors stay with the first), every job renumbered with its own output shard:
-    the same tasks in more, smaller jobs, so more workers than layers stay busy. Other jobs are kept whole."""
+    """Each job holding routed experts cut into ``parts`` jobs of consecutive experts (:func:`expert_groups_of`;
+    the layer's other tensors stay with the first), every job renumbered with its own output shard. Other jobs are
+    kept whole."""
     if parts < 1:
-        raise ValueError(f"parts must be at least 1, got {parts}")
+        raise ValueError(f"expert groups must be at least 1, got {parts}")
     pieces: list[tuple[str, tuple[TensorTask, ...]]] = []
     for job in jobs:
-        experts = sorted({int(m.group(1)) for t in job.tasks if (m := _ROUTED_EXPERT.search(t.name))})
-        if parts == 1 or len(experts) < 2:
+        experts = _splittable(job) if parts > 1 else []
+        if not experts:
             pieces.append((job.name, job.tasks))
             continue
-        groups = [experts[len(experts) * k // parts:len(experts) * (k + 1) // parts] for k in range(parts)]
-        groups = [g for g in groups if g]
+        groups = expert_groups_of(experts, parts)
         group_of = {e: k for k, group in enumerate(groups) for e in group}
         members: list[list[TensorTask]] = [[] for _ in groups]
         for task in job.tasks:
-            m = _ROUTED_EXPERT.search(task.name)
-            members[group_of[int(m.group(1))] if m else 0].append(task)
+            expert = routed_expert(task.name)
+            members[0 if expert is None else group_of[expert]].append(task)
         pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
     total = len(pieces)
     return tuple(LayerJob(i, name, shard_name(i, total), tasks) for i, (name, tasks) in enumerate(pieces))
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """A job's input bytes as :func:`split_jobs` divides them: outside its routed experts, and per expert in order."""
+
+    rest: int
+    experts: tuple[int, ...]
+
+
+def job_shapes(jobs: tuple[LayerJob, ...]) -> list[JobShape]:
+    shapes = []
+    for job in jobs:
+        per_expert: dict[int, int] = defaultdict(int)
+        rest = 0
+        splittable = set(_splittable(job))
+        for task in job.tasks:
+            expert = routed_expert(task.name)
+            if expert in splittable:
+                per_expert[expert] += task.bytes_in
+            else:
+                rest += task.bytes_in
+        shapes.append(JobShape(rest, tuple(per_expert[e] for e in sorted(per_expert))))
+    return shapes
+
+
+def split_sizes(shapes: list[JobShape], parts: int) -> list[int]:
+    """The input bytes of each job ``split_jobs(jobs, parts)`` makes, in order, from ``job_shapes(jobs)``: what a
+    scheduler needs to weigh a split without building its jobs."""
+    sizes = []
+    for shape in shapes:
+        if parts == 1 or not shape.experts:
+            sizes.append(shape.rest + sum(shape.experts))
+            continue
+        groups = expert_groups_of(list(range(len(shape.experts))), parts)
+        sizes += [sum(shape.experts[i] for i in g) + (shape.rest if k == 0 else 0) for k, g in enumerate(groups)]
+    return sizes

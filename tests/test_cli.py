@@ -28,7 +28,7 @@ def _leaves(parser: argparse.ArgumentParser, prefix: str):
 
 
 def test_every_command_module_is_wired_and_registers_runnable_commands():
-    modules = {m.name for m in pkgutil.iter_modules([str(CLI_DIR)])} - {"__main__"}
+    modules = {m.name for m in pkgutil.iter_modules([str(CLI_DIR)]) if not m.name.startswith("_")}  # _: helpers
     assert {c.__name__.rsplit(".", 1)[1] for c in COMMANDS} == modules
     for command in COMMANDS:
         parser = argparse.ArgumentParser(prog="requant")
@@ -40,7 +40,7 @@ def test_every_command_module_is_wired_and_registers_runnable_commands():
 def test_the_full_parser_lists_each_command_once():
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert list(commands.choices) == ["synth", "convert", "mirror", "hub", "verify", "recipes", "bench", "serve",
+    assert list(commands.choices) == ["synth", "plan", "convert", "mirror", "hub", "verify", "recipes", "bench", "serve",
                                       "smoke", "localize", "eval", "evaluate", "release", "engine-probe",
                                       "compare"]
     assert "requant bench serve" in {name for name, _ in _leaves(parser, "requant")}

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from requant.bench.cluster import best_split, candidate_parts, simulate
 from requant.io.storage import LocalDir
 from requant.job import run_job
-from requant.planning import build_plan, split_jobs
+from requant.planning import build_plan, job_shapes, split_jobs, split_plan, split_sizes
 from requant.recipe import load_recipe
+from requant.sizing import best_split, candidate_parts, expert_groups_for, simulate
 from requant.testing.synth import synthesize
 
 
@@ -93,3 +93,67 @@ def test_the_best_split_is_the_shortest_simulated_wall_and_the_fewest_groups_amo
     assert best_split(sizes, workers=2, rate=1.0)[0] == 2  # 2 s with 2 or 4 groups: the fewer
     parts, schedule = best_split(sizes, workers=1, rate=1.0)
     assert parts == 1 and schedule.makespan == 4.0
+
+
+def test_split_sizes_are_the_bytes_of_the_jobs_split_jobs_makes(plan):
+    shapes = job_shapes(plan.jobs)
+    assert [len(s.experts) for s in shapes] == [0, 0, 8, 8]  # tiny: non-layer, a dense layer, two MoE layers
+    for parts in (1, 2, 3, 5, 8, 9):
+        assert split_sizes(shapes, parts) == [job.bytes_in for job in split_jobs(plan.jobs, parts)], parts
+
+
+@pytest.fixture(scope="module")
+def k26_six_layers(tmp_path_factory):
+    """k26-topology's layout cut to 6 layers (as the flow tests' medium upstream): 5 MoE layers of 384 experts."""
+    import dataclasses
+
+    from requant.testing.synth import PROFILES
+
+    profile = dataclasses.replace(PROFILES["k26-topology"], layers=6, shards=6)
+    layout = synthesize(tmp_path_factory.mktemp("k26-6") / "k26-6", profile, seed=1, progress=False, layout_only=True)
+    return build_plan(LocalDir(layout), load_recipe("amd-kimi-mxfp4"))
+
+
+def test_the_split_is_chosen_only_when_the_workers_outnumber_the_jobs(plan, k26_six_layers):
+    jobs = k26_six_layers.jobs
+    assert len(jobs) == 7 and [expert_groups_for(jobs, w) for w in (0, 1, 3, 7)] == [1, 1, 1, 1]
+    chosen = {w: expert_groups_for(jobs, w) for w in (8, 12, 16, 32)}
+    assert chosen == {8: 1, 12: 2, 16: 3, 32: 7}  # on 8 no split finishes sooner than whole
+    shapes = job_shapes(jobs)
+    for w, parts in chosen.items():  # no other candidate finishes sooner on w workers, none as soon with fewer groups
+        best = simulate(split_sizes(shapes, parts), w).makespan
+        for p in candidate_parts(w, 5):
+            wall = simulate(split_sizes(shapes, p), w).makespan
+            assert wall >= best * (1 - 1e-9) and (p >= parts or wall > best * (1 + 1e-9)), (w, p)
+    # tiny's experts are a sliver of each layer: no split shortens its wall, so it stays whole on any cluster
+    assert {expert_groups_for(plan.jobs, w) for w in (5, 8, 64)} == {1}
+
+
+def test_a_split_plan_is_another_run_and_cannot_be_split_twice(plan):
+    from requant.run.records import run_key
+
+    split = split_plan(plan, 3)
+    assert split.expert_groups == 3 and split_plan(plan, 1) is plan and split_plan(split, 3) is split
+    assert [j.name for j in split.jobs] == [j.name for j in split_jobs(plan.jobs, 3)]
+    assert run_key(split, "r") != run_key(plan, "r") != run_key(split_plan(plan, 2), "r")
+    with pytest.raises(ValueError, match="already split"):
+        split_plan(split, 2)
+
+
+def test_convert_local_with_expert_groups_publishes_a_verified_checkpoint_of_the_same_tensors(tiny_upstream,
+                                                                                           tmp_path, capsys):
+    import json
+
+    import requant
+    from requant.cli import main
+
+    assert main(["convert", str(tiny_upstream), str(tmp_path / "split"), "--recipe", "amd-kimi-mxfp4", "--local",
+                 "--expert-groups", "3"]) == 0
+    assert "in 8 shards" in capsys.readouterr().out
+    whole = requant.convert(str(tiny_upstream), str(tmp_path / "whole"), "amd-kimi-mxfp4", progress=False)
+    split = json.loads((tmp_path / "split" / "requant-manifest.json").read_text())
+    assert requant.verify(str(tmp_path / "split")).files == requant.verify(whole.output).files + 4
+    assert split["upstream"]["run_key"] != whole.run_key
+    assert split["tensors"].keys() == whole.manifest["tensors"].keys()
+    whole_tensors, split_tensors = _tensors(tmp_path / "whole"), _tensors(tmp_path / "split")
+    assert all(torch.equal(t.view(torch.uint8), split_tensors[n].view(torch.uint8)) for n, t in whole_tensors.items())

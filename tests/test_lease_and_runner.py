@@ -118,7 +118,7 @@ import json, os
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect_ray.context import remote_options
-from requant.flows.runtime import EnvRayTaskRunner, start_ephemeral_server
+from requant.flows.runtime import EnvRayTaskRunner, start_ephemeral_server, worker_slots
 from requant.tasks.convert import task_threads
 
 @task
@@ -129,6 +129,8 @@ def probe():
 def run():
     with remote_options(num_cpus=1):
         seen = probe.submit().result()
+    seen["slots"] = [worker_slots(reserved) for reserved in ({"num_cpus": 1}, {"num_cpus": 0.5, "num_gpus": 0},
+                     {"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "resources": {"mi350x": 1}})]
     with get_client(sync_client=True) as client:
         return seen, str(client.api_url)
 
@@ -141,7 +143,8 @@ print("RESULT " + json.dumps([*run(), started]))
 def test_local_ray_workers_use_the_flows_ephemeral_prefect_server_and_their_cpus(tmp_path):
     """No PREFECT_API_URL (``make flow-run``): the flow runs on Prefect's ephemeral server, and local Ray workers
     report to that one instead of each starting their own. A layer job's default thread count is the CPUs Ray
-    reserved for its task (1 here: neither the local cluster's 3 CPUs nor the machine's cores). The entry points
+    reserved for its task (1 here: neither the local cluster's 3 CPUs nor the machine's cores); the cluster holds as
+    many layer jobs at once as its nodes have of what each job reserves. The entry points
     start that server first, allowing it the time a fresh PREFECT_HOME needs on a loaded machine (over Prefect's
     20 s once in CI)."""
     import os
@@ -155,6 +158,7 @@ def test_local_ray_workers_use_the_flows_ephemeral_prefect_server_and_their_cpus
     assert driver_api.startswith("http://127.0.0.1:") and driver_api.rstrip("/").endswith("/api")
     assert seen["api"].rstrip("/") == driver_api.rstrip("/") == started.rstrip("/")  # the server started first
     assert seen["threads"] == 1 and seen["pinned"] == 3
+    assert seen["slots"] == [3, 6, 0, 0]  # layer jobs the cluster holds at once (no GPU, no mi350x node here)
 
 
 def test_sealed_job_is_not_walked_by_prefect_and_pickles_whole():

@@ -1,5 +1,6 @@
 """Resume (requant.run.execute_job): a job whose shard is intact is skipped; one whose shard no longer matches
-its record (same size, one byte flipped) is run again and its original bytes come back."""
+its record (same size, one byte flipped) is run again and its original bytes come back; layer jobs whole and split
+into expert groups alike."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from requant.recipe import load_recipe
 from requant.run import execute_job, record_path, run_key
 
 
-@pytest.fixture(scope="module")
-def planned(tiny_upstream):
-    plan = build_plan(LocalDir(tiny_upstream), load_recipe("kimi-k2.6-mxfp4"))
+@pytest.fixture(scope="module", params=[1, 3], ids=["whole", "expert-groups"])
+def planned(tiny_upstream, request):
+    plan = build_plan(LocalDir(tiny_upstream), load_recipe("kimi-k2.6-mxfp4"), expert_groups=request.param)
     job = next(j for j in plan.jobs if any(t.target == "mxfp4" for t in j.tasks))   # a layer with MXFP4 experts
     return plan, job, run_key(plan, None)
 

@@ -7,70 +7,36 @@ the published model. Each job is then given to the first free worker in plan ord
 them to Ray, and takes its input bytes over the per-worker rate measured by ``make bench-layer`` (the MoE layer's job
 on every core of this machine, ``results/layer.json``). The simulation assumes that rate holds for every job and
 that storage keeps up with every worker at once; what it shows is how the plan's shape sets the critical path and
-the idle share as workers are added, with the layers whole and split as the simulation finds fastest.
+the idle share as workers are added, with the layers whole and split as the flow splits them.
 """
 
 from __future__ import annotations
 
-import heapq
-import json
+import dataclasses
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from requant.bench.provenance import describe, run_info, write_results
+from requant.estimate import Estimate, Fleet, Measured, estimate, sized_for
+from requant.sizing import expert_groups_for, simulate
 
-MEASURES = ("requant/planning.py", "requant/bench/cluster.py", "requant/testing/synth.py", "requant/layout.py")
+MEASURES = ("requant/planning.py", "requant/sizing.py", "requant/estimate.py", "requant/bench/cluster.py", "requant/testing/synth.py",
+            "requant/layout.py")
 WORKERS = (8, 16, 32, 61, 64, 128, 256, 512)
 RECIPE = "amd-kimi-mxfp4"
+# Fleets for the estimate (requant plan --estimate): MI350X nodes of 96 cores (infra/), each layer job on 16 or 8 of
+# them; storage as a pool, from one node's NVMe to a parallel filesystem or object store; None: it keeps up.
+FLEETS = ((6, 16, 10.0), (48, 16, 40.0), (96, 8, 40.0), (96, 16, 80.0), (384, 16, 200.0), (384, 16, None))
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """A plan's jobs run on ``workers``: when the last finishes, the longest job, and the workers' idle share."""
-
-    workers: int
-    jobs: int
-    makespan: float
-    longest_job: float
-    idle_share: float
-
-
-def simulate(seconds: list[float], workers: int) -> Schedule:
-    """Jobs of the given durations, each started in order on the first worker free (a worker takes one job at a
-    time): the finish time of the last, and the share of worker time spent idle until then."""
-    free = [0.0] * workers
-    heapq.heapify(free)
-    finish = 0.0
-    for duration in seconds:
-        start = heapq.heappop(free)
-        heapq.heappush(free, start + duration)
-        finish = max(finish, start + duration)
-    busy = sum(seconds)
-    idle = 1 - busy / (workers * finish) if finish else 0.0
-    return Schedule(workers, len(seconds), finish, max(seconds, default=0.0), idle)
-
-
-def best_split(sizes: dict[int, list[int]], workers: int, rate: float) -> tuple[int, Schedule]:
-    """Of the splits in ``sizes`` (expert groups per MoE layer -> the jobs' input bytes, in plan order), the one whose
-    simulated wall time on ``workers`` at ``rate`` bytes/s is shortest (the fewest groups among equals)."""
-    schedules = {parts: simulate([b / rate for b in jobs], workers) for parts, jobs in sizes.items()}
-    parts = min(schedules, key=lambda p: (round(schedules[p].makespan, 6), p))
-    return parts, schedules[parts]
-
-
-def candidate_parts(workers: int, moe_layers: int) -> range:
-    """Expert groups per MoE layer worth simulating on ``workers``: up to twice what gives every worker a job."""
-    return range(1, 2 * -(-workers // moe_layers) + 1)
-
-
-def run_cluster_bench(rate_mb_s: float, rate_from: str, out: str | None = None,
-                      workers: tuple[int, ...] = WORKERS, upstream: Path | None = None) -> dict[str, Any]:
+def run_cluster_bench(measured: Measured, out: str | None = None, workers: tuple[int, ...] = WORKERS,
+                      upstream: Path | None = None, fleets: tuple = FLEETS) -> dict[str, Any]:
     """The simulation over K2.6's plan (``upstream``: a ``k26 --layout-only`` synth, made in a temporary directory
-    when None) at ``rate_mb_s`` per worker; cluster.json and cluster.md into ``out``."""
+    when None) at the per-worker rate ``measured`` on every core, and the estimate for each of ``fleets``
+    (workers, cores, storage GB/s); cluster.json and cluster.md into ``out``."""
     from requant.io.storage import LocalDir
-    from requant.planning import build_plan, split_jobs
+    from requant.planning import build_plan, job_shapes, split_jobs
     from requant.recipe import load_recipe
     from requant.testing.synth import synthesize
 
@@ -78,25 +44,29 @@ def run_cluster_bench(rate_mb_s: float, rate_from: str, out: str | None = None,
         if upstream is None:
             upstream = synthesize(Path(tmp) / "k26", "k26", progress=False, layout_only=True)
         plan = build_plan(LocalDir(upstream), load_recipe(RECIPE))
-    moe_layers = sum(1 for job in plan.jobs if any(".mlp.experts." in t.name for t in job.tasks))
+    moe_layers = sum(1 for shape in job_shapes(plan.jobs) if shape.experts)
     sizes: dict[int, list[int]] = {}
     largest: dict[int, str] = {}  # expert groups -> the name of the largest job
+    rate_mb_s = measured.job_mb_s_n
     rate = rate_mb_s * 1e6
     rows = []
     for w in workers:
-        for parts in candidate_parts(w, moe_layers):
-            if parts not in sizes:
-                jobs = split_jobs(plan.jobs, parts)
-                sizes[parts] = [job.bytes_in for job in jobs]
-                largest[parts] = max(jobs, key=lambda job: job.bytes_in).name
-        whole = simulate([b / rate for b in sizes[1]], w)
-        parts, split = best_split({p: sizes[p] for p in candidate_parts(w, moe_layers)}, w, rate)
+        parts = expert_groups_for(plan.jobs, w)  # as the flow chooses
+        for k in {1, parts} - set(sizes):
+            jobs = split_jobs(plan.jobs, k)
+            sizes[k] = [job.bytes_in for job in jobs]
+            largest[k] = max(jobs, key=lambda job: job.bytes_in).name
+        whole, split = (simulate([b / rate for b in sizes[k]], w) for k in (1, parts))
         rows.append({"workers": w, "parts": parts, **{label: {
             "jobs": s.jobs, "makespan_s": s.makespan, "longest_job_s": s.longest_job, "longest_job": largest[k],
             "idle_share": s.idle_share} for label, s, k in (("whole", whole, 1), ("split", split, parts))}})
-    results = {"run": run_info(measures=MEASURES), "recipe": RECIPE, "rate_mb_s": rate_mb_s, "rate_from": rate_from,
+    estimates = [estimate(sized_for(plan, w), Fleet(w, c, b), measured) for w, c, b in fleets]
+    results = {"run": run_info(measures=MEASURES), "recipe": RECIPE, "rate_mb_s": rate_mb_s,
+               "rate_from": f"the MoE layer's job on {measured.threads} cores, tmpfs, {measured.where}",
                "bytes_in": sum(sizes[1]), "jobs": len(sizes[1]), "moe_layers": moe_layers,
-               "largest_job_bytes": max(sizes[1]), "rows": rows}
+               "largest_job_bytes": max(sizes[1]), "rows": rows, "measured": dataclasses.asdict(measured),
+               "estimates": [_estimate_row(e) for e in estimates],
+               "assumptions": list(estimates[0].assumptions[1:]) if estimates else []}
     write_results(out, "cluster", results, render(results))
     return results
 
@@ -117,17 +87,39 @@ def render(results: dict[str, Any]) -> str:
                      f"({split['longest_job']}) | {100 * whole['idle_share']:.0f}% | {100 * split['idle_share']:.0f}% |")
     lines += ["", f"Each worker converts at {results['rate_mb_s']:.0f} MB/s in ({results['rate_from']}); storage is "
                   "taken to keep up with every worker; jobs start in plan order on the first free worker, as the flow "
-                  "submits them. Split: each MoE layer cut into the number of expert groups (1 to twice what gives "
-                  "every worker a job) whose simulated wall time is shortest.", "",
+                  "submits them. Split: as the flow splits (requant.sizing.expert_groups_for): whole while the jobs "
+                  "outnumber the workers, else each MoE layer cut into the number of expert groups (1 to twice what "
+                  "gives every worker a job) whose simulated wall time is shortest.", "",
+              *_render_estimates(results),
               f"Planned {describe(results['run'])}" if "run" in results else ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def rate_from_layer_results(path: Path) -> tuple[float, str]:
-    """The per-worker rate ``make bench-layer`` measured: the MoE layer's job alone on every core, on tmpfs."""
-    data = json.loads(path.read_text())
-    profiles = data["tmpfs"]["stages"]
-    cores = str(max(map(int, profiles)))
-    job = profiles[cores]["largest_job"]
-    return job["bytes_in"] / job["seconds"] / 1e6, (f"the MoE layer's job on {cores} cores, tmpfs, "
-                                                     f"results/layer.json of {data['run']['date'][:10]}")
+def _estimate_row(e: Estimate) -> dict[str, Any]:
+    return {"workers": e.fleet.workers, "cores": e.fleet.cores, "storage_gb_s": e.fleet.storage_gb_s,
+            "expert_groups": e.expert_groups, "jobs": e.jobs, "wall_s": e.wall_s, "longest_job_s": e.longest_job_s,
+            "worker_mb_s": e.worker_mb_s, "storage_bound_share": e.storage_bound_share, "idle_share": e.idle_share,
+            "peak_memory_gb": e.peak_memory_gb}
+
+
+def _render_estimates(results: dict[str, Any]) -> list[str]:
+    if not results.get("estimates"):
+        return []
+    m = Measured(**results["measured"])
+    lines = ["### The estimate: `requant plan --estimate`", "",
+             "| workers × cores | storage GB/s | expert groups | jobs | wall | longest job | per worker MB/s | "
+             "storage-bound | idle | peak memory per worker |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in results["estimates"]:
+        storage = f"{e['storage_gb_s']:g}" if e["storage_gb_s"] else "keeps up"
+        lines.append(f"| {e['workers']} × {e['cores']} | {storage} | {e['expert_groups']} | {e['jobs']} | "
+                     f"{e['wall_s'] / 60:.1f} min | {e['longest_job_s']:.0f} s | {e['worker_mb_s']:.0f} | "
+                     f"{100 * e['storage_bound_share']:.0f}% | {100 * e['idle_share']:.0f}% | "
+                     f"{e['peak_memory_gb']:.1f} GB |")
+    lines += ["", f"A worker's rate on C cores by Amdahl's law with a parallel share of {m.parallel_share:.2f}: the "
+                  f"MoE layer's job at {m.job_mb_s_1:.0f} MB/s in on 1 thread and {m.job_mb_s_n:.0f} on "
+                  f"{m.threads} ({m.where}).", ""]
+    lines += [f"- {a}" for a in results["assumptions"]]
+    return [*lines, ""]
+
+

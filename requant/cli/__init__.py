@@ -24,6 +24,7 @@ from requant.cli import (
     hub,
     localize,
     mirror,
+    plan,
     recipes,
     release,
     serve,
@@ -35,7 +36,7 @@ from requant.cli.convert import ConvertFlow
 from requant.errors import ProblemsError, RequantError
 
 # The commands in the order ``requant --help`` lists them.
-COMMANDS = (synth, convert, mirror, hub, verify, recipes, bench, serve, smoke, localize, evaluate, evaluate_checkpoint,
+COMMANDS = (synth, plan, convert, mirror, hub, verify, recipes, bench, serve, smoke, localize, evaluate, evaluate_checkpoint,
             release, engine_probe, compare)
 
 __all__ = ["COMMANDS", "ConvertFlow", "build_parser", "main"]

@@ -79,8 +79,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                         "MoE layer jobs whole and split into expert groups, simulated at the "
                                         "per-worker rate make bench-layer measured")
     cl.add_argument("--layer-results", default="results/layer.json",
-                    help="make bench-layer's results, whose MoE layer job rate each worker is given")
-    cl.add_argument("--rate", type=float, help="MB/s in per worker instead (then --layer-results is not read)")
+                    help="make bench-layer's results: the MoE layer job's rates on 1 thread and every core, and the "
+                         "peak memory")
     _out(cl, "cluster")
     cl.set_defaults(run=run_cluster)
 
@@ -158,11 +158,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from requant.bench.cluster import rate_from_layer_results, render, run_cluster_bench
+    from requant.bench.cluster import render, run_cluster_bench
+    from requant.estimate import measured_from_layer_results
 
-    if args.rate is not None:
-        rate, rate_from = args.rate, "given with --rate"
-    else:
-        rate, rate_from = rate_from_layer_results(Path(args.layer_results))
-    print(render(run_cluster_bench(rate, rate_from, out=args.out)))
+    print(render(run_cluster_bench(measured_from_layer_results(Path(args.layer_results)), out=args.out)))
     return 0

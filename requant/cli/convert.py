@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from requant.cli._arguments import positive_int
 from requant.constants import QUARK_RELEASES
 from requant.errors import RequantError
 
@@ -46,6 +47,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=0,
                    help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
                         "as memory holds at 2.5 GiB each, and only with at least 4 jobs per worker)")
+    p.add_argument("--expert-groups", type=positive_int, metavar="N",
+                   help="cut each MoE layer's job into N jobs of consecutive experts, each writing its own shard, so "
+                        "that more workers than layers stay busy (default: the flow splits when its Ray cluster holds "
+                        "more jobs at once than there are layers; --local keeps layers whole)")
     p.add_argument("--unverified", action="store_true",
                    help="convert upstream files the Hub publishes no digest for (neither an LFS sha256 nor a git blob "
                         "id), unchecked; the terminal, the manifest (unverified_inputs) and the model card say so "
@@ -60,12 +65,12 @@ def run(args: argparse.Namespace, convert_flow: ConvertFlow | None = None) -> in
                    quark_version=args.quark_version, fused_excludes=args.fused_excludes,
                    shared_global_scale=args.shared_global_scale, overwrite=args.overwrite,
                    device=args.device, threads=args.threads, jobs=args.jobs, unverified=args.unverified,
-                   upstream_id=args.upstream_id, revision=args.revision)
+                   upstream_id=args.upstream_id, revision=args.revision, expert_groups=args.expert_groups)
 
 
 def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: ConvertFlow | None,
             quark_version: str | None, fused_excludes: bool | None, overwrite: bool, device: str, threads: int,
-            shared_global_scale: bool | None = None,
+            shared_global_scale: bool | None = None, expert_groups: int | None = None,
             jobs: int, unverified: bool, upstream_id: str | None, revision: str | None) -> int:
     """Convert with :func:`requant.convert` (``local``) or ``convert_flow``, and say on the terminal what was
     written."""
@@ -74,7 +79,7 @@ def convert(src: str, dst: str, recipe: str, *, local: bool, convert_flow: Conve
     options = requant.ConvertOptions(quark_version=quark_version, fused_excludes=fused_excludes,
                                      shared_global_scale=shared_global_scale, device=device,
                                      threads=threads, jobs=jobs, overwrite=overwrite, unverified=unverified,
-                                     upstream_id=upstream_id, revision=revision)
+                                     upstream_id=upstream_id, revision=revision, expert_groups=expert_groups)
     if not local:
         if convert_flow is None:
             raise RequantError("convert without --local runs the requantize flow: use the `requant` command "

@@ -62,7 +62,7 @@ def run_local(source: str, dest: str, recipe: str, options: ConvertOptions | Non
     source, revision, upstream_id = pin_upstream(source, options.revision, options.upstream_id)  # hf://...@main: one commit
     storage = open_storage(source)
     plan = build_plan(storage, load_recipe(recipe, options.quark_version, options.fused_excludes,
-                                              options.shared_global_scale))
+                                           options.shared_global_scale), options.expert_groups or 1)
     key = start_run(plan, storage, None, revision, options.unverified).key  # refusals come before any write
     paths = LocalPaths.for_destination(dest, key)
     if paths.dst.exists() and not options.overwrite:

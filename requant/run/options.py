@@ -16,7 +16,10 @@ class ConvertOptions:
     fused sets (default: the recipe's; one per set of modules the engines fuse);
     ``device``: torch device for the kernels (cpu, cuda, cuda:1, ...); ``threads``: transcode threads per layer job
     (0: every core this process may use); ``jobs``: layer jobs converted at once in worker processes (0: sized to
-    the cores, the memory and the work; local conversions only); ``overwrite``: replace a converted checkpoint
+    the cores, the memory and the work; local conversions only); ``expert_groups``: each MoE layer's job cut
+    into this many jobs of consecutive experts, each writing its own shard (None: as the runner's workers call for,
+    :func:`requant.sizing.expert_groups_for`: whole unless they outnumber the jobs, so always whole locally, where
+    worker processes never outnumber the jobs); ``overwrite``: replace a converted checkpoint
     already at the destination; ``unverified``: convert upstream files the Hub publishes no digest for (refused by
     default), saying so in the manifest and the model card; ``upstream_id`` and ``revision``: what the manifest
     records as the upstream (default: the directory name, the Hub commit); ``progress``: a progress bar.
@@ -28,6 +31,7 @@ class ConvertOptions:
     device: str = "cpu"
     threads: int = 0
     jobs: int = 0
+    expert_groups: int | None = None
     overwrite: bool = False
     unverified: bool = False
     upstream_id: str | None = None

@@ -8,9 +8,12 @@ complete exactly when its manifest exists.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from requant.io.storage import WritableStorage, open_storage
 from requant.lease import Lease, LeaseLost, current_generation
 from requant.manifest import MANIFEST_FILE, RUN_STATE_DIR, is_evaluation, read_manifest
+from requant.planning import is_shard_name
 
 LEASE_DIR = f"{RUN_STATE_DIR}/lease"
 
@@ -44,12 +47,15 @@ def published_key(dest_uri: str) -> str | None:
         return None
 
 
-def begin_run(dest_uri: str) -> None:
-    """Unpublish: whatever sits at the destination is incomplete until this run writes its manifest."""
+def begin_run(dest_uri: str, shards: Collection[str] | None = None) -> None:
+    """Unpublish: whatever sits at the destination is incomplete until this run writes its manifest. ``shards``:
+    the output shards this run writes; any other shard there (an earlier run's, cut otherwise) is removed, so that
+    the published prefix holds exactly what its manifest lists."""
     dest = open_storage(dest_uri, create=True)
     dest.ensure_bucket()
     if dest.exists(MANIFEST_FILE):
         dest.delete(MANIFEST_FILE)
     for name in dest.list_files():
-        if is_evaluation(name):                     # evaluations of the previous contents are stale now
+        stale_shard = shards is not None and is_shard_name(name) and name not in shards
+        if is_evaluation(name) or stale_shard:      # evaluations of the previous contents are stale now
             dest.delete(name)

@@ -22,12 +22,14 @@ from requant.planning import LayerJob, Plan
 
 
 def run_key(plan: Plan, revision: str | None) -> str:
-    """Same upstream bytes, recipe and library versions -> same key -> resumable outputs."""
+    """Same upstream bytes, recipe, split and library versions -> same key -> resumable outputs (the split names
+    the shards, so a run split otherwise is another run)."""
     identity = {
         "source": plan.source,
         "revision": revision,
         "shards": plan.input_shards,
         "recipe": dataclasses.asdict(plan.recipe) | {"source": None},
+        "expert_groups": plan.expert_groups,
         "versions": library_versions(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

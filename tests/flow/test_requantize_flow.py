@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from waiting import wait_for
 
 from requant.errors import PlanError
@@ -105,11 +106,12 @@ def test_jobs_run_on_more_than_one_ray_node(prefect_api, s3_medium, clean_prefix
     assert len(summary.conversion.nodes) > 1
 
 
-def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None):
-    code = ("import sys; from requant.flows.requantize import requantize; "
-            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, evaluation={'enabled': False})")
+def _flow_subprocess(prefect_api, upstream, output, recipe="kimi-k2.6-mxfp4", env=None, cluster=None):
+    code = ("import json, sys; from requant.flows.requantize import requantize; "
+            "requantize(upstream=sys.argv[1], output=sys.argv[2], recipe=sys.argv[3], progress=False, "
+            "evaluation={'enabled': False}, cluster=json.loads(sys.argv[4]))")
     env = dict(os.environ, PREFECT_API_URL=prefect_api, **(env or {}))
-    return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe], env=env,
+    return subprocess.Popen([sys.executable, "-c", code, upstream, output, recipe, json.dumps(cluster or {})], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -182,6 +184,49 @@ def test_killed_flow_resumes_and_skips_finished_jobs(prefect_api, s3_medium, med
     assert summary.conversion.resumed >= finished >= 2
     assert summary.conversion.resumed < summary.conversion.jobs
     _same_checkpoint(clean_prefix, medium_reference)
+
+
+def _tensor_bytes(directory) -> dict[str, bytes]:
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({name: f.get_tensor(name).view(-1).view(torch.uint8).numpy().tobytes() for name in f.keys()})
+    return out
+
+
+def test_split_jobs_resume_and_equal_the_local_split(prefect_api, s3_medium, medium_upstream, medium_reference,
+                                                     clean_prefix, tmp_path):
+    """A cluster holding more jobs at once than the plan has (3 nodes of 1 CPU, 0.25 CPU per job: 12 > 7): the flow
+    cuts each MoE layer into expert groups; killed mid-run, a rerun takes over the dead run's lease, skips the split
+    jobs it finished and publishes what ``requant convert --local --expert-groups`` writes, byte for byte, every
+    tensor as the whole layers write it, and no shard of the earlier whole-layer checkpoint left in the prefix."""
+    import requant
+
+    upload_dir(medium_reference, clean_prefix)          # an earlier run's checkpoint, its layers whole
+    cluster = {"num_cpus": 0.25}
+    proc = _flow_subprocess(prefect_api, s3_medium, clean_prefix, cluster=cluster)
+    _wait_for(lambda: len(_records(clean_prefix)) >= 2, 300, "two finished layer jobs")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # let Ray cancel the dead driver's tasks
+    finished = len(_records(clean_prefix))
+    summary, run_id = _run(upstream=s3_medium, output=clean_prefix, recipe="kimi-k2.6-mxfp4", cluster=cluster)
+    assert summary.conversion.jobs == 12 and summary.conversion.resumed >= finished >= 2  # 5 MoE layers in 2 groups
+    assert summary.conversion.resumed < summary.conversion.jobs
+    rows = json.loads(_artifacts(run_id)["requantize-jobs"].data)
+    assert sum(r["job"].startswith("layer-001-experts-") for r in rows) == 2
+
+    local = tmp_path / "split"
+    requant.convert(str(medium_upstream), str(local), "kimi-k2.6-mxfp4", progress=False, expert_groups=2)
+    _same_checkpoint(clean_prefix, local)
+    manifest = json.loads(S3Storage(clean_prefix).read_bytes("requant-manifest.json"))
+    assert manifest["upstream"]["run_key"] == summary.conversion.run_key
+    shards = sorted(f for f in S3Storage(clean_prefix).list_files() if f.endswith(".safetensors"))
+    assert shards == sorted(f for f in manifest["outputs"] if f.endswith(".safetensors"))
+    assert all(f.endswith("-of-00012.safetensors") for f in shards)
+    assert _tensor_bytes(local) == _tensor_bytes(medium_reference)
 
 
 def test_s3_restart_during_a_run(prefect_api, s3_server, s3_medium, medium_reference, clean_prefix):
