@@ -47,7 +47,8 @@ class Cluster(_Group):
     resources: dict[str, float] | None = Field(None, description="Custom Ray resources each layer job reserves "
                                                                  "(e.g. {\"mi350x\": 1})")
     expert_groups: int | None = Field(None, ge=1, description="Cut each MoE layer's job into this many jobs of "
-                                                              "consecutive experts, each writing its own shard "
+                                                              "consecutive experts, and the non-layer job into up "
+                                                              "to as many by whole tensors, each writing its own shard "
                                                               "(default: whole unless the cluster holds more jobs "
                                                               "at once than there are layers; then the split whose "
                                                               "simulated wall time is shortest)")

@@ -190,7 +190,7 @@ def _sized(plan: Plan, cluster: Cluster, options: dict[str, Any], role: str) -> 
         groups = expert_groups_for(plan.jobs, slots)
         if groups > 1:
             get_run_logger().info("%s: the cluster holds %d layer jobs at once, more than the plan's %d: each MoE "
-                                  "layer's job cut into %d expert groups", role, slots, len(plan.jobs), groups)
+                                  "layer's job cut into %d expert groups (the non-layer job by tensors)", role, slots, len(plan.jobs), groups)
     return split_plan(plan, groups)
 
 

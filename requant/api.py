@@ -56,7 +56,8 @@ def plan(source: str, recipe: str = DEFAULT_RECIPE, quark_version: str | None = 
          fused_excludes: bool | None = None, shared_global_scale: bool | None = None, expert_groups: int = 1) -> Plan:
     """The layer jobs converting ``source`` with ``recipe`` would run, every header read and every problem found
     before any tensor is converted (:class:`requant.errors.PlanError` lists them all); ``expert_groups`` > 1 cuts
-    each MoE layer's job into that many jobs of consecutive experts (:func:`requant.planning.split_plan`)."""
+    each MoE layer's job into that many jobs of consecutive experts, and the non-layer job into up to as many by
+    whole tensors (:func:`requant.planning.split_plan`)."""
     return build_plan(open_storage(source), load_recipe(recipe, quark_version, fused_excludes, shared_global_scale),
                       expert_groups)
 

@@ -125,7 +125,8 @@ def estimate(plan: Plan, fleet: Fleet, measured: Measured) -> Estimate:
          f"storage: {fleet.storage_gb_s:g} GB/s shared evenly by the jobs running, each moving its input and its "
          f"output"),
         "jobs start in plan order on the first worker free, as the requantize flow submits them; "
-        + (f"each MoE layer in {plan.expert_groups} expert groups" if plan.expert_groups > 1 else "layers whole"),
+        + (f"each MoE layer in {plan.expert_groups} expert groups, the non-layer job in up to as many parts"
+           if plan.expert_groups > 1 else "layers whole"),
         f"peak memory per worker: {measured.peak_rss_mb_1:.0f} MB measured on 1 thread, "
         f"{measured.peak_rss_mb(2) - measured.peak_rss_mb_1:+.0f} MB per further thread, whatever the job's size",
     )

@@ -531,9 +531,10 @@ def is_shard_name(name: str) -> bool:
 
 
 def split_plan(plan: Plan, expert_groups: int) -> Plan:
-    """``plan`` with each MoE layer's job cut into ``expert_groups`` jobs (:func:`split_jobs`): the same tensors in
-    more, smaller jobs and output shards, so that more workers than layers stay busy. The split is part of the run's
-    identity (its key), since it names the shards."""
+    """``plan`` with each MoE layer's job cut into ``expert_groups`` jobs of consecutive experts, and the non-layer
+    job into as many by whole tensors (:func:`split_jobs`): the same tensors in more, smaller jobs and output shards,
+    so that more workers than layers stay busy. The split is part of the run's identity (its key): it names the
+    shards."""
     if expert_groups == plan.expert_groups:
         return plan
     if plan.expert_groups != 1:
@@ -548,6 +549,18 @@ def expert_groups_of(experts: list[int], parts: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+def tensor_bins(sizes: list[int], parts: int) -> list[list[int]]:
+    """The indices of ``sizes`` in at most ``parts`` bins of about equal sums (largest first into the lightest bin,
+    the first among equals), each bin in index order, none empty."""
+    bins: list[list[int]] = [[] for _ in range(max(1, min(parts, len(sizes))))]
+    sums = [0] * len(bins)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = sums.index(min(sums))
+        bins[k].append(i)
+        sums[k] += sizes[i]
+    return [sorted(b) for b in bins if b]
+
+
 def _splittable(job: LayerJob) -> list[int]:
     """The routed experts of ``job`` when it can be split (two or more), else []."""
     experts = sorted({e for t in job.tasks if (e := routed_expert(t.name)) is not None})
@@ -555,39 +568,48 @@ def _splittable(job: LayerJob) -> list[int]:
 
 
 def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
-    """Each job holding routed experts cut into ``parts`` jobs of consecutive experts (:func:`expert_groups_of`;
-    the layer's other tensors stay with the first), every job renumbered with its own output shard. Other jobs are
-    kept whole."""
+    """Each job holding routed experts cut into ``parts`` jobs of consecutive experts (:func:`expert_groups_of`; the
+    layer's other tensors stay with the first), the non-layer job (embeddings, head, vision tower) into up to
+    ``parts`` jobs of whole tensors (:func:`tensor_bins`), every job renumbered with its own output shard. Other jobs
+    are kept whole."""
     if parts < 1:
         raise ValueError(f"expert groups must be at least 1, got {parts}")
     pieces: list[tuple[str, tuple[TensorTask, ...]]] = []
     for job in jobs:
         experts = _splittable(job) if parts > 1 else []
-        if not experts:
+        if experts:
+            groups = expert_groups_of(experts, parts)
+            group_of = {e: k for k, group in enumerate(groups) for e in group}
+            members: list[list[TensorTask]] = [[] for _ in groups]
+            for task in job.tasks:
+                expert = routed_expert(task.name)
+                members[0 if expert is None else group_of[expert]].append(task)
+            pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
+        elif parts > 1 and job.name == NON_LAYER_JOB and len(job.tasks) > 1:
+            bins = tensor_bins([t.bytes_in for t in job.tasks], parts)
+            pieces += [(f"{job.name}-{k + 1}-of-{len(bins)}", tuple(job.tasks[i] for i in b)) for k, b in enumerate(bins)]
+        else:
             pieces.append((job.name, job.tasks))
-            continue
-        groups = expert_groups_of(experts, parts)
-        group_of = {e: k for k, group in enumerate(groups) for e in group}
-        members: list[list[TensorTask]] = [[] for _ in groups]
-        for task in job.tasks:
-            expert = routed_expert(task.name)
-            members[0 if expert is None else group_of[expert]].append(task)
-        pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
     total = len(pieces)
     return tuple(LayerJob(i, name, shard_name(i, total), tasks) for i, (name, tasks) in enumerate(pieces))
 
 
 @dataclass(frozen=True)
 class JobShape:
-    """A job's input bytes as :func:`split_jobs` divides them: outside its routed experts, and per expert in order."""
+    """A job's input bytes as :func:`split_jobs` divides them: outside its routed experts, per expert in order, and
+    for the non-layer job per tensor in order."""
 
     rest: int
     experts: tuple[int, ...]
+    tensors: tuple[int, ...] = ()
 
 
 def job_shapes(jobs: tuple[LayerJob, ...]) -> list[JobShape]:
     shapes = []
     for job in jobs:
+        if job.name == NON_LAYER_JOB and len(job.tasks) > 1:
+            shapes.append(JobShape(0, (), tuple(t.bytes_in for t in job.tasks)))
+            continue
         per_expert: dict[int, int] = defaultdict(int)
         rest = 0
         splittable = set(_splittable(job))
@@ -606,9 +628,11 @@ def split_sizes(shapes: list[JobShape], parts: int) -> list[int]:
     scheduler needs to weigh a split without building its jobs."""
     sizes = []
     for shape in shapes:
-        if parts == 1 or not shape.experts:
-            sizes.append(shape.rest + sum(shape.experts))
-            continue
-        groups = expert_groups_of(list(range(len(shape.experts))), parts)
-        sizes += [sum(shape.experts[i] for i in g) + (shape.rest if k == 0 else 0) for k, g in enumerate(groups)]
+        if parts > 1 and shape.experts:
+            groups = expert_groups_of(list(range(len(shape.experts))), parts)
+            sizes += [sum(shape.experts[i] for i in g) + (shape.rest if k == 0 else 0) for k, g in enumerate(groups)]
+        elif parts > 1 and shape.tensors:
+            sizes += [sum(shape.tensors[i] for i in b) for b in tensor_bins(list(shape.tensors), parts)]
+        else:
+            sizes.append(shape.rest + sum(shape.experts) + sum(shape.tensors))
     return sizes

@@ -26,7 +26,8 @@ def test_split_jobs_cut_each_moe_layer_into_expert_groups_holding_every_task_onc
     split = split_jobs(plan.jobs, 3)
     whole = {job.name: job for job in plan.jobs}
     moe = [name for name, job in whole.items() if any(".mlp.experts." in t.name for t in job.tasks)]
-    assert moe and len(split) == len(plan.jobs) + 2 * len(moe)  # tiny: 8 experts in groups of 2, 3, 3
+    # tiny: 8 experts in groups of 2, 3, 3; the non-layer job's 19 tensors in 3 parts
+    assert moe and len(split) == len(plan.jobs) + 2 * len(moe) + 2
     assert [job.index for job in split] == list(range(len(split)))
     assert len({job.output_file for job in split}) == len(split)
     assert all(job.output_file.endswith(f"-of-{len(split):05d}.safetensors") for job in split)
@@ -36,11 +37,17 @@ def test_split_jobs_cut_each_moe_layer_into_expert_groups_holding_every_task_onc
         assert sorted(t.name for job in parts for t in job.tasks) == sorted(t.name for t in whole[name].tasks)
         assert all(".mlp.experts." in t.name for job in parts[1:] for t in job.tasks)  # the rest with the first
         assert any(".self_attn." in t.name for t in parts[0].tasks)
+    rest = [job for job in split if job.name.startswith("non-layer-")]
+    assert [job.name for job in rest] == ["non-layer-1-of-3", "non-layer-2-of-3", "non-layer-3-of-3"]
+    assert sorted(t.name for job in rest for t in job.tasks) == sorted(t.name for t in whole["non-layer"].tasks)
+    sums = [job.bytes_in for job in rest]
+    assert max(sums) - min(sums) <= max(t.bytes_in for t in whole["non-layer"].tasks)  # about even, by whole tensors
     for job in split:
-        if job.name in whole:  # jobs without experts are kept whole
+        if job.name in whole:  # the dense layer is kept whole
             assert job.tasks == whole[job.name].tasks
     assert [job.name for job in split_jobs(plan.jobs, 1)] == list(whole)
-    assert len(split_jobs(plan.jobs, 100)) == len(plan.jobs) + 7 * len(moe)  # at most one group per expert
+    # at most one group per expert, one part per tensor
+    assert len(split_jobs(plan.jobs, 100)) == len(plan.jobs) + 7 * len(moe) + len(whole["non-layer"].tasks) - 1
     with pytest.raises(ValueError):
         split_jobs(plan.jobs, 0)
 
@@ -118,7 +125,7 @@ def test_the_split_is_chosen_only_when_the_workers_outnumber_the_jobs(plan, k26_
     jobs = k26_six_layers.jobs
     assert len(jobs) == 7 and [expert_groups_for(jobs, w) for w in (0, 1, 3, 7)] == [1, 1, 1, 1]
     chosen = {w: expert_groups_for(jobs, w) for w in (8, 12, 16, 32)}
-    assert chosen == {8: 1, 12: 2, 16: 3, 32: 7}  # on 8 no split finishes sooner than whole
+    assert chosen == {8: 4, 12: 2, 16: 6, 32: 13}
     shapes = job_shapes(jobs)
     for w, parts in chosen.items():  # no other candidate finishes sooner on w workers, none as soon with fewer groups
         best = simulate(split_sizes(shapes, parts), w).makespan
@@ -149,10 +156,10 @@ def test_convert_local_with_expert_groups_publishes_a_verified_checkpoint_of_the
 
     assert main(["convert", str(tiny_upstream), str(tmp_path / "split"), "--recipe", "amd-kimi-mxfp4", "--local",
                  "--expert-groups", "3"]) == 0
-    assert "in 8 shards" in capsys.readouterr().out
+    assert "in 10 shards" in capsys.readouterr().out
     whole = requant.convert(str(tiny_upstream), str(tmp_path / "whole"), "amd-kimi-mxfp4", progress=False)
     split = json.loads((tmp_path / "split" / "requant-manifest.json").read_text())
-    assert requant.verify(str(tmp_path / "split")).files == requant.verify(whole.output).files + 4
+    assert requant.verify(str(tmp_path / "split")).files == requant.verify(whole.output).files + 6
     assert split["upstream"]["run_key"] != whole.run_key
     assert split["tensors"].keys() == whole.manifest["tensors"].keys()
     whole_tensors, split_tensors = _tensors(tmp_path / "whole"), _tensors(tmp_path / "split")

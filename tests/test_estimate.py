@@ -61,7 +61,7 @@ def test_the_estimate_splits_as_the_flow_would(k26_six_layers_layout):
     whole = build_plan(LocalDir(k26_six_layers_layout), load_recipe("amd-kimi-mxfp4"))
     assert sized_for(whole, 7) is whole
     split = sized_for(whole, 12)
-    assert split.expert_groups == 2 and len(split.jobs) == 12
+    assert split.expert_groups == 2 and len(split.jobs) == 13  # 5 MoE layers and the non-layer job in 2
     assert estimate(split, Fleet(12, 1), MEASURED).wall_s < estimate(whole, Fleet(12, 1), MEASURED).wall_s
 
 
@@ -92,7 +92,7 @@ def test_requant_plan_estimate_prints_the_projection_and_its_assumptions(tiny_up
     for line in ("wall time", "per worker", "storage-bound", "assumptions:", "Amdahl", "peak memory per worker"):
         assert line in out, line
     assert main(["plan", str(tiny_upstream), "--recipe", "amd-kimi-mxfp4", "--expert-groups", "3"]) == 0
-    assert "8 jobs with recipe amd-kimi-mxfp4, each MoE layer in 3 expert groups" in capsys.readouterr().out
+    assert "10 jobs with recipe amd-kimi-mxfp4, split in 3 (each MoE layer by experts" in capsys.readouterr().out
 
 
 def test_requant_plan_refuses_missing_or_foreign_results_in_one_line(tiny_upstream, tmp_path, capsys):

@@ -48,7 +48,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="--local: layer jobs converted at once in worker processes (default 0: one per core, as many "
                         "as memory holds at 2.5 GiB each, and only with at least 4 jobs per worker)")
     p.add_argument("--expert-groups", type=positive_int, metavar="N",
-                   help="cut each MoE layer's job into N jobs of consecutive experts, each writing its own shard, so "
+                   help="cut each MoE layer's job into N jobs of consecutive experts and the non-layer job into up to N by "
+                        "whole tensors, each writing its own shard, so "
                         "that more workers than layers stay busy (default: the flow splits when its Ray cluster holds "
                         "more jobs at once than there are layers; --local keeps layers whole)")
     p.add_argument("--unverified", action="store_true",

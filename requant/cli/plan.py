@@ -16,7 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                "config, index and shard headers are read)")
     p.add_argument("--recipe", required=True, help="built-in recipe name or path to a recipe YAML")
     p.add_argument("--expert-groups", type=positive_int, metavar="N",
-                   help="cut each MoE layer's job into N jobs of consecutive experts (default: as the flow would for "
+                   help="cut each MoE layer's job into N jobs of consecutive experts, the non-layer job into up to N by "
+                        "whole tensors (default: as the flow would for "
                         "--workers, else whole)")
     p.add_argument("--estimate", action="store_true",
                    help="project the wall time and each worker's peak memory on --workers workers of --cores cores")
@@ -42,6 +43,7 @@ def plan(src: str, recipe: str, *, expert_groups: int | None, estimate: bool, wo
     import requant
     from requant.estimate import measured_from_layer_results
     from requant.planning import split_plan
+    from requant.run import human_bytes
 
     # the measurements first: a missing file fails before the headers are read
     measured = measured_from_layer_results(Path(layer_results)) if estimate else None
@@ -54,11 +56,11 @@ def plan(src: str, recipe: str, *, expert_groups: int | None, estimate: bool, wo
         planned = sized_for(planned, workers)  # as the flow would split it for that many workers
     groups = planned.expert_groups
     largest = max(planned.jobs, key=lambda job: job.bytes_in)
-    print(f"{src}: {len(planned.jobs)} jobs with recipe {planned.recipe.name}"
-          f"{f', each MoE layer in {groups} expert groups' if groups > 1 else ''}: "
-          f"{sum(j.bytes_in for j in planned.jobs) / 1e9:.1f} GB in, {sum(j.bytes_out for j in planned.jobs) / 1e9:.1f} "
-          f"GB out, {sum(len(j.specs) for j in planned.jobs)} tensors; the largest job {largest.name} "
-          f"({largest.bytes_in / 1e9:.2f} GB in)")
+    split = f", split in {groups} (each MoE layer by experts, the non-layer job by tensors)" if groups > 1 else ""
+    print(f"{src}: {len(planned.jobs)} jobs with recipe {planned.recipe.name}{split}: "
+          f"{human_bytes(sum(j.bytes_in for j in planned.jobs))} in, {human_bytes(sum(j.bytes_out for j in planned.jobs))} "
+          f"out, {sum(len(j.specs) for j in planned.jobs)} tensors; the largest job {largest.name} "
+          f"({human_bytes(largest.bytes_in)} in)")
     for warning in planned.recipe.warnings:
         print(f"warning: {warning}")
     if measured is not None:

@@ -17,7 +17,8 @@ class ConvertOptions:
     ``device``: torch device for the kernels (cpu, cuda, cuda:1, ...); ``threads``: transcode threads per layer job
     (0: every core this process may use); ``jobs``: layer jobs converted at once in worker processes (0: sized to
     the cores, the memory and the work; local conversions only); ``expert_groups``: each MoE layer's job cut
-    into this many jobs of consecutive experts, each writing its own shard (None: as the runner's workers call for,
+    into this many jobs of consecutive experts, the non-layer job into up to as many by whole tensors, each writing
+    its own shard (None: as the runner's workers call for,
     :func:`requant.sizing.expert_groups_for`: whole unless they outnumber the jobs, so always whole locally, where
     worker processes never outnumber the jobs); ``overwrite``: replace a converted checkpoint
     already at the destination; ``unverified``: convert upstream files the Hub publishes no digest for (refused by
