@@ -210,8 +210,9 @@ EXPERTS ?= 96
 bench-layer: install
 	$(BIN)/python -m dev.bench layer --experts $(EXPERTS) --out results $(BENCH_ARGS)
 
-# Kimi-K2.6's real plan (synth k26 --layout-only: headers over holes) on 8 to 512 workers, its MoE layer jobs whole
-# and split into expert groups, at the per-worker rate of results/layer.json: results/cluster.md.
+# Kimi-K2.6's real plan (synth k26 --layout-only: headers over holes) on 8 to 512 workers, whole and split as the
+# flow splits it, at the per-worker rate of results/layer.json, and requant plan --estimate for a few fleets:
+# results/cluster.md.
 bench-cluster: install
 	$(BIN)/requant bench cluster --out results $(BENCH_ARGS)
 

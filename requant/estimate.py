@@ -173,8 +173,8 @@ def render(result: Estimate) -> str:
     f = result.fleet
     storage = f"{f.storage_gb_s:g} GB/s of storage" if f.storage_gb_s else "storage that keeps up"
     lines = [f"estimate: {f.workers} workers of {f.cores} cores, {storage}",
-             f"  wall time       {_duration(result.wall_s)} ({result.jobs} jobs, {result.bytes_in / 1e9:.1f} GB in, "
-             f"{result.bytes_out / 1e9:.1f} GB out; the longest job {_duration(result.longest_job_s)})",
+             f"  wall time       {duration(result.wall_s)} ({result.jobs} jobs, {result.bytes_in / 1e9:.1f} GB in, "
+             f"{result.bytes_out / 1e9:.1f} GB out; the longest job {duration(result.longest_job_s)})",
              f"  per worker      {result.worker_mb_s:.0f} MB/s in, peak memory {result.peak_memory_gb:.1f} GB",
              f"  storage-bound   {100 * result.storage_bound_share:.0f}% of the time; workers idle "
              f"{100 * result.idle_share:.0f}%",
@@ -183,7 +183,10 @@ def render(result: Estimate) -> str:
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: s, min or h."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

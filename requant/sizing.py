@@ -58,7 +58,7 @@ def candidate_parts(workers: int, moe_layers: int) -> range:
 
 
 def moe_layers(jobs: Sequence[LayerJob]) -> int:
-    """The jobs holding routed experts that :func:`requant.planning.split_jobs` would cut."""
+    """The jobs holding routed experts, which :func:`requant.planning.split_jobs` cuts into expert groups."""
     return sum(1 for shape in job_shapes(tuple(jobs)) if shape.experts)
 
 
@@ -67,8 +67,8 @@ def expert_groups_for(jobs: Sequence[LayerJob], workers: int) -> int:
     outnumber the jobs, else the split whose simulated wall time is shortest."""
     if workers <= len(jobs):
         return 1
-    shapes = job_shapes(tuple(jobs))
-    moe = sum(1 for shape in shapes if shape.experts)
+    moe = moe_layers(jobs)
     if not moe:
         return 1
+    shapes = job_shapes(tuple(jobs))
     return best_split({p: split_sizes(shapes, p) for p in candidate_parts(workers, moe)}, workers)[0]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from requant.bench.provenance import describe, run_info, write_results
-from requant.estimate import Estimate, Fleet, Measured, estimate, sized_for
-from requant.sizing import expert_groups_for, simulate
+from requant.estimate import Estimate, Fleet, Measured, duration, estimate, sized_for
+from requant.sizing import expert_groups_for, moe_layers, simulate
 
 MEASURES = ("requant/planning.py", "requant/sizing.py", "requant/estimate.py", "requant/bench/cluster.py", "requant/testing/synth.py",
             "requant/layout.py")
@@ -36,7 +36,7 @@ def run_cluster_bench(measured: Measured, out: str | None = None, workers: tuple
     when None) at the per-worker rate ``measured`` on every core, and the estimate for each of ``fleets``
     (workers, cores, storage GB/s); cluster.json and cluster.md into ``out``."""
     from requant.io.storage import LocalDir
-    from requant.planning import build_plan, job_shapes, split_jobs
+    from requant.planning import build_plan, split_jobs
     from requant.recipe import load_recipe
     from requant.testing.synth import synthesize
 
@@ -44,7 +44,7 @@ def run_cluster_bench(measured: Measured, out: str | None = None, workers: tuple
         if upstream is None:
             upstream = synthesize(Path(tmp) / "k26", "k26", progress=False, layout_only=True)
         plan = build_plan(LocalDir(upstream), load_recipe(RECIPE))
-    moe_layers = sum(1 for shape in job_shapes(plan.jobs) if shape.experts)
+    moe = moe_layers(plan.jobs)
     sizes: dict[int, list[int]] = {}
     largest: dict[int, str] = {}  # expert groups -> the name of the largest job
     rate_mb_s = measured.job_mb_s_n
@@ -63,10 +63,9 @@ def run_cluster_bench(measured: Measured, out: str | None = None, workers: tuple
     estimates = [estimate(sized_for(plan, w), Fleet(w, c, b), measured) for w, c, b in fleets]
     results = {"run": run_info(measures=MEASURES), "recipe": RECIPE, "rate_mb_s": rate_mb_s,
                "rate_from": f"the MoE layer's job on {measured.threads} cores, tmpfs, {measured.where}",
-               "bytes_in": sum(sizes[1]), "jobs": len(sizes[1]), "moe_layers": moe_layers,
+               "bytes_in": sum(sizes[1]), "jobs": len(sizes[1]), "moe_layers": moe,
                "largest_job_bytes": max(sizes[1]), "rows": rows, "measured": dataclasses.asdict(measured),
-               "estimates": [_estimate_row(e) for e in estimates],
-               "assumptions": list(estimates[0].assumptions[1:]) if estimates else []}
+               "estimates": [_estimate_row(e) for e in estimates]}
     write_results(out, "cluster", results, render(results))
     return results
 
@@ -113,13 +112,19 @@ def _render_estimates(results: dict[str, Any]) -> list[str]:
     for e in results["estimates"]:
         storage = f"{e['storage_gb_s']:g}" if e["storage_gb_s"] else "keeps up"
         lines.append(f"| {e['workers']} × {e['cores']} | {storage} | {e['expert_groups']} | {e['jobs']} | "
-                     f"{e['wall_s'] / 60:.1f} min | {e['longest_job_s']:.0f} s | {e['worker_mb_s']:.0f} | "
+                     f"{duration(e['wall_s'])} | {duration(e['longest_job_s'])} | {e['worker_mb_s']:.0f} | "
                      f"{100 * e['storage_bound_share']:.0f}% | {100 * e['idle_share']:.0f}% | "
                      f"{e['peak_memory_gb']:.1f} GB |")
-    lines += ["", f"A worker's rate on C cores by Amdahl's law with a parallel share of {m.parallel_share:.2f}: the "
-                  f"MoE layer's job at {m.job_mb_s_1:.0f} MB/s in on 1 thread and {m.job_mb_s_n:.0f} on "
-                  f"{m.threads} ({m.where}).", ""]
-    lines += [f"- {a}" for a in results["assumptions"]]
-    return [*lines, ""]
+    lines += ["", "Workers of C cores on MI350X-sized nodes (96 cores, `infra/`), storage as one pool. The estimate's "
+                  "assumptions, as `requant plan --estimate` prints them:", "",
+              f"- a worker's rate on C cores by Amdahl's law with a parallel share of {m.parallel_share:.2f}: the MoE "
+              f"layer's job at {m.job_mb_s_1:.0f} MB/s in on 1 thread and {m.job_mb_s_n:.0f} on {m.threads} "
+              f"({m.where});",
+              "- storage: the GB/s given, shared evenly by the jobs running, each moving its input and its output "
+              "(\"keeps up\": no limit); a job runs at the slower of its worker's rate and its share;",
+              "- jobs start in plan order on the first worker free, split as the flow splits them for that many workers;",
+              f"- peak memory per worker: {m.peak_rss_mb_1:.0f} MB measured on 1 thread, "
+              f"{m.peak_rss_mb(2) - m.peak_rss_mb_1:+.0f} MB per further thread, whatever the job's size.", ""]
+    return lines
 
 
