@@ -26,6 +26,7 @@ from requant.constants import E8M0_NAN, FP8_E4M3_NAN_BITS
 from requant.errors import CheckpointError
 from requant.formats.finite import all_finite
 from requant.formats.fp8_block import dequantize_fp8_block_checked, dequantize_fp8_block_rows, non_power_of_two
+from requant.formats.fused import int4_mxfp4_error_sums
 from requant.formats.fused_nvfp4 import int4_amax
 from requant.formats.int4 import dequantize_int4
 from requant.formats.mxfp4 import dequantize_mxfp4
@@ -338,7 +339,8 @@ def _transcode_int4_stack(tasks: list[TensorTask], inputs: list[list[torch.Tenso
     if task0.target != UNQUANTIZED:
         sample = _sample_rows(rows, device)
         picked = (torch.arange(len(tasks), device=device) * rows).unsqueeze(1).add(sample).flatten()
-        signal, noise = _error_sums(task0, out, picked, lambda r: _int4_decode(task0, packed[r], scale[r], in_features))
+        signal, noise = _error_sums(task0, out, picked, lambda r: _int4_decode(task0, packed[r], scale[r], in_features),
+                                    int4=(packed, scale))
         signal, noise = signal.view(len(tasks), -1).sum(dim=1).tolist(), noise.view(len(tasks), -1).sum(dim=1).tolist()
         stats = [TensorStat(t.name, t.target, _snr(s, n), len(sample), rows) for t, s, n in zip(tasks, signal, noise)]
     chunks = [t.cpu().split(rows) for t in out]
@@ -383,6 +385,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
         encode = _shared_encoder(task, partner_inputs, device)
     else:
         encode = fmt.encode if fmt is not None else None
+    int4 = None  # an INT4 source's (packed, scale), for its error statistics
     if task.kind == "int4":
         packed, scale = _check_int4(task, inputs, uri)
         packed, scale = packed.to(device), scale.to(device)
@@ -391,6 +394,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
             return [None, fmt.scale_from_int4(packed, scale, in_features).cpu()], None
         out = _int4_outputs(task, packed, scale, in_features, encode)
         reference = lambda rows: _int4_decode(task, packed[rows], scale[rows], in_features)  # noqa: E731
+        int4 = (packed, scale)
     elif task.kind == "mxfp4" and fmt is not None and fmt.from_mxfp4 is not None and not scale_only:
         scale, packed = inputs
         _check_mxfp4(task, scale, uri)
@@ -416,7 +420,7 @@ def _transcode_inputs(task: TensorTask, inputs: list[torch.Tensor], uri: str, de
             return [None, fmt.scale_of(weight).cpu()], None
         out = list(encode(weight))
         reference = lambda rows: weight[rows]  # noqa: E731
-    stat = None if task.target == UNQUANTIZED else _error_stat(task, out, reference)
+    stat = None if task.target == UNQUANTIZED else _error_stat(task, out, reference, int4)
     return [t.cpu() for t in out], stat
 
 
@@ -569,9 +573,15 @@ def _sample_rows(rows: int, device) -> torch.Tensor:
     return torch.arange(0, rows, max(1, rows // SNR_SAMPLE_ROWS), device=device)[:SNR_SAMPLE_ROWS]
 
 
-def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64)."""
+def _error_sums(task: TensorTask, out: list[torch.Tensor], rows: torch.Tensor, reference,
+                int4: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``rows``: the squared high-precision weights and the squared error of their encoding (FP64).
+    ``int4``: the INT4 source's (packed, scale), whose MXFP4 encoding on a CPU is measured by the compiled kernel in
+    one pass (the same sums as the decodes below, bit for bit)."""
     with stages.timed("snr"):
+        if int4 is not None and task.format.name == "mxfp4" and out[0].device.type == "cpu":
+            exact = INT4_DECODE_DTYPE[task.table] == torch.float32
+            return int4_mxfp4_error_sums(*int4, out[0], out[1], rows, exact)
         ref = reference(rows).to(torch.float64)
         sampled, scales = (t.view(torch.uint8)[rows].view(t.dtype) if t.element_size() == 1 else t[rows]
                            for t in out[:2])  # one-byte types as bytes: CPU indexing has no FP8 kernel
@@ -583,8 +593,8 @@ def _snr(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
 
 
-def _error_stat(task: TensorTask, out: list[torch.Tensor], reference) -> TensorStat:
+def _error_stat(task: TensorTask, out: list[torch.Tensor], reference, int4=None) -> TensorStat:
     rows = task.shape[0]
     sample = _sample_rows(rows, out[0].device)
-    signal, noise = _error_sums(task, out, sample, reference)
+    signal, noise = _error_sums(task, out, sample, reference, int4)
     return TensorStat(task.name, task.target, _snr(float(signal.sum()), float(noise.sum())), len(sample), rows)

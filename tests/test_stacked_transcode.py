@@ -17,9 +17,9 @@ from requant.planning import build_plan
 from requant.recipe import load_recipe
 
 
-def _int4_tasks(upstream, recipe):
+def _int4_tasks(upstream, recipe, quark_version=None):
     storage = LocalDir(upstream)
-    plan = build_plan(storage, load_recipe(recipe))
+    plan = build_plan(storage, load_recipe(recipe, quark_version))
     layer = max(plan.jobs, key=lambda j: sum(t.kind == "int4" for t in j.tasks))
     tasks = [t for t in layer.tasks if t.kind == "int4"]
     inputs = [[read_tensor(storage, e) for e in job_module._read_order(t)] for t in tasks]
@@ -53,6 +53,30 @@ def test_stacked_modules_equal_one_call_each(tiny_upstream, recipe, monkeypatch)
         else:
             assert (stat.name, stat.target, stat.rows_sampled, stat.rows) == (task.name, task.target, alone_stat.rows_sampled, alone_stat.rows)
             assert stat.snr_db == alone_stat.snr_db or math.isclose(stat.snr_db, alone_stat.snr_db, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("quark_version", ["0.11", "0.13"])
+def test_the_error_statistics_are_the_snr_of_the_reference_decodes(tiny_upstream, quark_version):
+    """Each INT4 module's SNR (stacked or alone, measured by the compiled kernel for MXFP4 on a CPU) is that of its
+    sampled rows decoded by the reference decoders: the INT4 decode Quark's release quantizes (BF16 for 0.11, the
+    exact FP32 for 0.13) against the decode of the MXFP4 written."""
+    from requant.formats.int4 import dequantize_int4
+    from requant.formats.mxfp4 import dequantize_mxfp4
+
+    tasks, inputs = _int4_tasks(tiny_upstream, "kimi-k2.6-mxfp4", quark_version)
+    dtype = torch.float32 if quark_version == "0.13" else torch.bfloat16
+    checked = 0
+    for task, task_inputs, (outputs, stat) in zip(tasks, inputs, job_module._transcode_batch(tasks, inputs, "up", "cpu")):
+        if task.target != "mxfp4":
+            continue
+        _, scale, packed = task_inputs
+        rows = job_module._sample_rows(task.shape[0], "cpu")
+        x = dequantize_int4(packed[rows], scale[rows], task.shape[1], dtype=dtype).double()
+        y = dequantize_mxfp4(outputs[0][rows], outputs[1][rows]).double()
+        expected = 10 * math.log10(float(x.square().sum()) / float((x - y).square().sum()))
+        assert math.isclose(stat.snr_db, expected, rel_tol=1e-9), task.name
+        checked += 1
+    assert checked == 24  # tiny: 8 experts x 3 projections in its largest layer
 
 
 @pytest.mark.parametrize("which", ["scale", "shape"])

@@ -179,6 +179,23 @@ def _compiled_rows(nibble_bytes: torch.Tensor, scale_bits: torch.Tensor, table: 
     return unsafe.nonzero().flatten() if marked else None
 
 
+def int4_mxfp4_error_sums(data_packed: torch.Tensor, scale: torch.Tensor, packed_out: torch.Tensor,
+                          scale_out: torch.Tensor, rows: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``rows`` (CPU tensors): the sum of the squared INT4 decodes of an INT4 matrix (``exact``: the FP32
+    decode, else compressed-tensors' BF16) and the sum of their squared errors against its MXFP4 encoding
+    (``packed_out``, ``scale_out``), both FP64, by the compiled kernel in one pass (the error statistics of a layer
+    job; :func:`requant.formats.fused_cpu.int4_mxfp4_error_sums`)."""
+    from requant.formats import fused_cpu
+
+    signal = torch.empty(len(rows), dtype=torch.float64)
+    noise = torch.empty(len(rows), dtype=torch.float64)
+    fused_cpu.int4_mxfp4_error_sums(data_packed.contiguous().view(torch.uint8).numpy(),
+                                    scale.contiguous().view(torch.int16).numpy().view(np.uint16),
+                                    packed_out.numpy(), scale_out.numpy(), rows.numpy(), exact, signal.numpy(),
+                                    noise.numpy())
+    return signal, noise
+
+
 def _reencode_rows(
     data_packed: torch.Tensor,
     scale: torch.Tensor,

@@ -69,3 +69,41 @@ def mxfp4_from_int4(codes: np.ndarray, scale_bits: np.ndarray, table: np.ndarray
             unsafe_rows[r] = True
             marked += 1
     return marked
+
+
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_F32_EXPONENT = np.uint32(0x7F800000)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def int4_mxfp4_error_sums(codes: np.ndarray, scale_bits: np.ndarray, packed: np.ndarray, scales: np.ndarray,
+                          rows: np.ndarray, exact: bool, signal: np.ndarray, noise: np.ndarray) -> None:
+    """For each row ``rows[i]`` of an INT4 matrix (codes uint8 [out, in/2] and BF16 scale bits uint16 [out, in/32],
+    as :func:`mxfp4_from_int4` reads them) and its MXFP4 encoding (``packed`` uint8 [out, in/2], E8M0 ``scales``
+    uint8 [out, in/32]): ``signal[i]`` = sum of x^2 and ``noise[i]`` = sum of (x - y)^2 in FP64, x the INT4 decode
+    (q * scale rounded to BF16 as compressed-tensors multiplies, or the exact FP32 product with ``exact``) and y the
+    MXFP4 decode rounded to FP32, as :func:`requant.formats.int4.dequantize_int4` and
+    :func:`requant.formats.mxfp4.dequantize_mxfp4` give them. One pass, no decoded copy of the rows."""
+    word = np.empty(1, dtype=np.float32)
+    word_bits = word.view(np.uint32)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        s = 0.0
+        e = 0.0
+        for g in range(codes.shape[1] // _GROUP_BYTES):
+            word_bits[0] = np.uint32(scale_bits[r, g]) << 16
+            scale = word[0]
+            block = np.ldexp(1.0, np.int64(scales[r, g]) - 127)
+            for k in range(g * _GROUP_BYTES, (g + 1) * _GROUP_BYTES):
+                byte, code = codes[r, k], packed[r, k]
+                for shift in (0, 4):
+                    word[0] = np.float32(np.int64((byte >> shift) & _NIBBLE) - INT4_OFFSET) * scale  # exact
+                    if not exact and (word_bits[0] & _F32_EXPONENT) != _F32_EXPONENT:  # round to BF16, to nearest even
+                        bits = word_bits[0]
+                        word_bits[0] = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                    x = np.float64(word[0])
+                    y = np.float64(np.float32(_E2M1[(code >> shift) & _NIBBLE] * block))
+                    s += x * x
+                    e += (x - y) * (x - y)
+        signal[i] = s
+        noise[i] = e

@@ -10,10 +10,10 @@ from compressed_tensors.compressors.quantized_compressors.pack_quantized import 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from requant.formats.fused import int4_to_mxfp4
+from requant.formats.fused import int4_mxfp4_error_sums, int4_to_mxfp4
 from requant.formats.fused_nvfp4 import int4_amax, int4_to_nvfp4
 from requant.formats.int4 import dequantize_int4
-from requant.formats.mxfp4 import quantize_mxfp4, quantize_mxfp4_ct
+from requant.formats.mxfp4 import dequantize_mxfp4, quantize_mxfp4, quantize_mxfp4_ct
 from requant.formats.nvfp4 import quantize_nvfp4, quantize_nvfp4_modelopt, tensor_amax
 from requant.testing.quark_reference import quark_quantize_weight
 
@@ -92,6 +92,25 @@ def test_matches_reference_for_every_scale_class(seed, data):
         assert torch.equal(fused[0], reference[0]), compiled
         fused = int4_to_mxfp4(packed, scale, cols, rows_per_block=4, exact=True, compiled=compiled)
         assert torch.equal(fused[1], exact[1]) and torch.equal(fused[0], exact[0]), compiled
+
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.data(), st.booleans())
+def test_the_compiled_error_sums_equal_the_decodes_bit_for_bit(seed, data, exact):
+    """A layer job's error statistics of INT4 -> MXFP4 in one compiled pass: the same FP64 sums as decoding both
+    sides with the reference decoders (dequantize_int4 in compressed-tensors' BF16 or the exact FP32; dequantize_mxfp4)
+    and summing the squares, for every scale class (zero, subnormal, out-of-table, negative), infinities and NaNs
+    included."""
+    rows, cols = 6, 128
+    packed, scale, _ = _random_int4(rows, cols, seed, scale_bits=data.draw(scale_patterns(rows * cols // 32)))
+    packed_out, scale_out = int4_to_mxfp4(packed, scale, cols, exact=exact)
+    picked = torch.tensor(data.draw(st.lists(st.integers(0, rows - 1), min_size=1, max_size=rows)))
+    x = dequantize_int4(packed[picked], scale[picked], cols, dtype=torch.float32 if exact else None).double()
+    y = dequantize_mxfp4(packed_out[picked], scale_out[picked]).double()
+    signal, noise = int4_mxfp4_error_sums(packed, scale, packed_out, scale_out, picked, exact)
+    for ours, theirs in ((signal, x.square().sum(dim=1)), (noise, (x - y).square().sum(dim=1))):
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=0, equal_nan=True), (ours, theirs)
 
 
 @pytest.mark.parametrize("bad", ["scale_dtype", "shape"])
