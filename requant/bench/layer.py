@@ -142,6 +142,23 @@ STAGE_ROWS = (("hash_inputs", "hash the input shards (their own thread, beside t
               ("stage_wait_write", "coordinator waiting for the writer"))
 
 
+def work_bound(r: dict[str, Any], cores: int | None) -> dict[str, float] | None:
+    """What no conversion of the layer can beat on this machine: the roofline's CPU time (every byte read, hashed,
+    written, hashed) plus the transcode's time on one thread (from the stage profile), spread perfectly over every
+    core, with no process start, planning or waiting. None without a 1-thread stage profile."""
+    try:
+        roofline = r["roofline"]
+        transcode = r["stages"]["1"]["stage_transcode"]
+    except (KeyError, TypeError):
+        return None
+    if not cores:
+        return None
+    cpu = roofline["seconds"] * roofline["cpu_percent"] / 100
+    seconds = max(roofline["seconds"], (cpu + transcode) / cores)
+    return {"seconds": seconds, "of_roofline": roofline["seconds"] / seconds, "roofline_cpu_s": cpu,
+            "transcode_s": transcode}
+
+
 def _stages_table(where: str, r: dict[str, Any]) -> list[str]:
     """Seconds per stage summed over threads (and threads kept busy: seconds / wall), per thread count."""
     profiles = r.get("stages") or {}
@@ -192,6 +209,11 @@ def render(results: dict[str, Any]) -> str:
         r = results.get(where)
         if r:
             lines.append(f"- {where}: all cores / 1 core {r['all_cores_speedup']:.2f}x; output {r['bytes_out'] / 1e9:.2f} GB")
+            if (bound := work_bound(r, results.get("cores"))) is not None:
+                lines.append(f"- {where}: the most a conversion can reach here: {bound['of_roofline']:.2f} of the "
+                             f"roofline ({bound['seconds']:.1f} s: the roofline's {bound['roofline_cpu_s']:.1f} CPU s "
+                             f"and the transcode's {bound['transcode_s']:.1f} s on one thread, over "
+                             f"{results['cores']} cores, nothing else; requant: {r['requant']['of_roofline']:.2f})")
     for where in ("tmpfs", "disk"):
         if results.get(where):
             lines += _stages_table(where, results[where])

@@ -50,6 +50,9 @@ def test_the_table_divides_by_the_parallel_roofline_and_shows_the_stages():
     assert ("| its largest job (layer-001) alone | 3.0 (500 MB/s in, 0.50 of the roofline's) | "
             "2.5 (600 MB/s in, 0.60 of the roofline's) |") in text
     assert "| transcode: decode, encode, checks (transcode threads) | 5.0 (0.62) | 5.5 (1.10) |" in text
+    # the roofline's 2.0 s at 150% CPU (3.0 CPU s) and the 5.0 s transcode on one thread, over 2 cores: 4.0 s
+    assert ("- tmpfs: the most a conversion can reach here: 0.50 of the roofline (4.0 s: the roofline's 3.0 CPU s and "
+            "the transcode's 5.0 s on one thread, over 2 cores, nothing else; requant: 0.40)") in text
 
 
 def test_a_conversion_reports_where_its_time_went(tiny_upstream, tmp_path):
