@@ -36,6 +36,7 @@ from requant.job import available_cores
 
 # The code these figures measure; dev/bench.py adds the S3 and flow runs (make bench-layer).
 MEASURES = (*CONVERSION, *FLOW, "requant/bench/layer.py", "requant/bench/conversion.py", "dev/bench.py")
+REPEATS = 3  # rounds of the roofline and the conversions; each figure is the median
 LAYER_RECIPE = "amd-kimi-mxfp4"  # AMD's published recipe: every routed expert to MXFP4, attention and dense MLP kept
 
 # the roofline: each shard read once, its bytes hashed as the input's and, written out, as an output's digest
@@ -95,26 +96,36 @@ def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in _shards(path))
 
 
-def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE) -> dict[str, Any]:
-    """Roofline and conversions of ``upstream`` with outputs under ``work`` (same file system as measured)."""
+def local_bench(upstream: Path, work: Path, recipe: str = LAYER_RECIPE, repeats: int = REPEATS) -> dict[str, Any]:
+    """Roofline and conversions of ``upstream`` with outputs under ``work`` (same file system as measured): the
+    roofline and both conversions ``repeats`` times, interleaved so that each round measures them side by side, each
+    figure the run of median time (every run's seconds beside it); the references and the stage profiles once."""
     size = _bytes(upstream)
-    out: dict[str, Any] = {"bytes_in": size, "where": str(work)}
+    out: dict[str, Any] = {"bytes_in": size, "where": str(work), "repeats": repeats}
     copy = work / "copy"
-    out["roofline"] = _run_measured([sys.executable, "-c", _ROOFLINE, str(upstream), str(copy), str(available_cores())])
-    shutil.rmtree(copy)
+    convert = [sys.executable, "-m", "requant.cli", "convert", str(upstream), str(work / "out"), "--recipe", recipe,
+               "--local", "--overwrite"]
+    measures = {
+        "roofline": [sys.executable, "-c", _ROOFLINE, str(upstream), str(copy), str(available_cores())],
+        "requant": convert,
+        "requant_1_core": ["taskset", "-c", str(min(os.sched_getaffinity(0))), *convert],
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, command in measures.items():
+            runs[name].append(_run_measured(command))
+            if name == "requant":
+                out["bytes_out"] = _bytes(work / "out")
+            shutil.rmtree(copy if name == "roofline" else work / "out")
+    for name, measured in runs.items():
+        median = sorted(measured, key=lambda r: r["seconds"])[len(measured) // 2]
+        out[name] = {**median, "runs_s": [r["seconds"] for r in measured]}
     out["roofline_one_thread"] = _run_measured([sys.executable, "-c", _COPY_SHA, str(upstream), str(copy)])
     shutil.rmtree(copy)
     files = " ".join(f"'{f}'" for f in _shards(upstream))
     out["roofline_coreutils"] = _run_measured(["bash", "-c", f"mkdir -p '{copy}' && cp {files} '{copy}/' && "
                                                              f"sync '{copy}'/*.safetensors && sha256sum '{copy}'/*.safetensors > /dev/null"])
     shutil.rmtree(copy)
-    convert = [sys.executable, "-m", "requant.cli", "convert", str(upstream), str(work / "out"), "--recipe", recipe,
-               "--local", "--overwrite"]
-    out["requant"] = _run_measured(convert)
-    out["bytes_out"] = _bytes(work / "out")
-    shutil.rmtree(work / "out")
-    out["requant_1_core"] = _run_measured(["taskset", "-c", str(min(os.sched_getaffinity(0))), *convert])
-    shutil.rmtree(work / "out")
     for name in ("requant", "requant_1_core"):
         r = out[name]
         r["mb_per_s_in"] = size / 1e6 / r["seconds"]
@@ -209,6 +220,10 @@ def render(results: dict[str, Any]) -> str:
         r = results.get(where)
         if r:
             lines.append(f"- {where}: all cores / 1 core {r['all_cores_speedup']:.2f}x; output {r['bytes_out'] / 1e9:.2f} GB")
+            if "runs_s" in r["requant"]:
+                lines.append(f"- {where}: seconds of each run, in rounds side by side: " + "; ".join(
+                    f"{label} {' / '.join(f'{x:.1f}' for x in r[key]['runs_s'])}" for label, key in (
+                        ("roofline", "roofline"), (f"{results['cores']} cores", "requant"), ("1 core", "requant_1_core"))))
             if (bound := work_bound(r, results.get("cores"))) is not None:
                 lines.append(f"- {where}: the most a conversion can reach here: {bound['of_roofline']:.2f} of the "
                              f"roofline ({bound['seconds']:.1f} s: the roofline's {bound['roofline_cpu_s']:.1f} CPU s "
@@ -292,7 +307,8 @@ def run_layer_bench(experts: int, recipe: str = LAYER_RECIPE, tmpfs: str | None 
     from requant.testing.synth import synthesize
 
     results: dict[str, Any] = {"run": run_info(measures=MEASURES), "recipe": recipe, "cores": available_cores(),
-                               "note": "each figure from one run; ratios are side by side in that run"}
+                               "note": f"the roofline and the conversions: the median of {REPEATS} interleaved runs "
+                                       f"(each run's seconds in runs_s); references and stage profiles: one run"}
     places = {"tmpfs": Path(tmpfs) if tmpfs else None, "disk": Path(disk) if disk else None}
     for where, base in places.items():
         if base is None:
