@@ -107,3 +107,15 @@ def test_requant_plan_refuses_missing_or_foreign_results_in_one_line(tiny_upstre
     with pytest.raises(SystemExit):
         main(["plan", str(tiny_upstream), "--recipe", "amd-kimi-mxfp4", "--workers", "0"])
     assert "--workers: must be at least 1" in capsys.readouterr().err
+
+
+def test_requant_plan_reads_a_hub_upstream_by_its_headers_alone(local_hub, tiny_upstream, capsys):
+    seen = len(local_hub.server.requests)
+    assert main(["plan", "hf://testorg/tiny@main", "--recipe", "amd-kimi-mxfp4", "--estimate", "--workers", "2",
+                 "--layer-results", str(LAYER_RESULTS)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hf://testorg/tiny@main: 4 jobs with recipe amd-kimi-mxfp4") and "wall time" in out
+    shard_reads = [r for r in local_hub.server.requests[seen:] if r.path.startswith("/lfs-storage/")]
+    assert shard_reads and all(r.range is not None for r in shard_reads)  # headers only, never a whole shard
+    assert sum(int(r.range.split("-")[1]) - int(r.range.split("=")[1].split("-")[0]) + 1 for r in shard_reads) < \
+        sum(p.stat().st_size for p in tiny_upstream.glob("*.safetensors")) / 4
