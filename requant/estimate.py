@@ -97,6 +97,8 @@ class Fleet:
 
 @dataclass(frozen=True)
 class Estimate:
+    """What converting a plan on a fleet is projected to take, and the assumptions the projection rests on."""
+
     fleet: Fleet
     jobs: int
     expert_groups: int
