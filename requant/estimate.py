@@ -56,6 +56,16 @@ class Measured:
         """A worker's peak RSS on ``cores`` threads, growing by the measured amount per thread."""
         return self.peak_rss_mb_1 + (self.peak_rss_mb_n - self.peak_rss_mb_1) / (self.threads - 1) * (cores - 1)
 
+    def rate_basis(self) -> str:
+        """Where a worker's rate comes from, in words."""
+        return (f"Amdahl's law with a parallel share of {self.parallel_share:.2f} (the MoE layer's job at "
+                f"{self.job_mb_s_1:.0f} MB/s in on 1 thread, {self.job_mb_s_n:.0f} on {self.threads}; {self.where})")
+
+    def memory_basis(self) -> str:
+        """Where a worker's peak memory comes from, in words."""
+        return (f"{self.peak_rss_mb_1:.0f} MB measured on 1 thread, {self.peak_rss_mb(2) - self.peak_rss_mb_1:+.0f} MB "
+                f"per further thread, whatever the job's size")
+
 
 def measured_from_layer_results(path: Path) -> Measured:
     """The figures of a ``results/layer.json`` (``make bench-layer``): its tmpfs runs on 1 thread and every core.
@@ -120,17 +130,14 @@ def estimate(plan: Plan, fleet: Fleet, measured: Measured) -> Estimate:
     storage = fleet.storage_gb_s * 1e9 if fleet.storage_gb_s else None
     wall, longest, bound, idle = _run(plan, fleet.workers, rate, storage)
     assumptions = (
-        f"per worker {measured.rate_mb_s(fleet.cores):.0f} MB/s in on {fleet.cores} cores: Amdahl's law with a "
-        f"parallel share of {measured.parallel_share:.2f} (the MoE layer's job at {measured.job_mb_s_1:.0f} MB/s on "
-        f"1 thread, {measured.job_mb_s_n:.0f} on {measured.threads}; {measured.where})",
+        f"per worker {measured.rate_mb_s(fleet.cores):.0f} MB/s in on {fleet.cores} cores: {measured.rate_basis()}",
         ("storage keeps up with every worker" if storage is None else
          f"storage: {fleet.storage_gb_s:g} GB/s shared evenly by the jobs running, each moving its input and its "
          f"output"),
         "jobs start in plan order on the first worker free, as the requantize flow submits them; "
         + (f"each MoE layer in {plan.expert_groups} expert groups, the non-layer job in up to as many parts"
            if plan.expert_groups > 1 else "layers whole"),
-        f"peak memory per worker: {measured.peak_rss_mb_1:.0f} MB measured on 1 thread, "
-        f"{measured.peak_rss_mb(2) - measured.peak_rss_mb_1:+.0f} MB per further thread, whatever the job's size",
+        f"peak memory per worker: {measured.memory_basis()}",
     )
     return Estimate(fleet, len(plan.jobs), plan.expert_groups, sum(j.bytes_in for j in plan.jobs),
                     sum(j.bytes_out for j in plan.jobs), wall, longest, rate / 1e6, bound / wall if wall else 0.0,

@@ -561,6 +561,11 @@ def tensor_bins(sizes: list[int], parts: int) -> list[list[int]]:
     return [sorted(b) for b in bins if b]
 
 
+def _split_by_tensors(job: LayerJob) -> bool:
+    """Whether :func:`split_jobs` cuts ``job`` by whole tensors: the non-layer job, when it holds more than one."""
+    return job.name == NON_LAYER_JOB and len(job.tasks) > 1
+
+
 def _splittable(job: LayerJob) -> list[int]:
     """The routed experts of ``job`` when it can be split (two or more), else []."""
     experts = sorted({e for t in job.tasks if (e := routed_expert(t.name)) is not None})
@@ -585,7 +590,7 @@ def split_jobs(jobs: tuple[LayerJob, ...], parts: int) -> tuple[LayerJob, ...]:
                 expert = routed_expert(task.name)
                 members[0 if expert is None else group_of[expert]].append(task)
             pieces += [(f"{job.name}-experts-{g[0]:03d}-{g[-1]:03d}", tuple(tasks)) for g, tasks in zip(groups, members)]
-        elif parts > 1 and job.name == NON_LAYER_JOB and len(job.tasks) > 1:
+        elif parts > 1 and _split_by_tensors(job):
             bins = tensor_bins([t.bytes_in for t in job.tasks], parts)
             pieces += [(f"{job.name}-{k + 1}-of-{len(bins)}", tuple(job.tasks[i] for i in b)) for k, b in enumerate(bins)]
         else:
@@ -607,7 +612,7 @@ class JobShape:
 def job_shapes(jobs: tuple[LayerJob, ...]) -> list[JobShape]:
     shapes = []
     for job in jobs:
-        if job.name == NON_LAYER_JOB and len(job.tasks) > 1:
+        if _split_by_tensors(job):
             shapes.append(JobShape(0, (), tuple(t.bytes_in for t in job.tasks)))
             continue
         per_expert: dict[int, int] = defaultdict(int)

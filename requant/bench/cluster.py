@@ -117,14 +117,11 @@ def _render_estimates(results: dict[str, Any]) -> list[str]:
                      f"{e['peak_memory_gb']:.1f} GB |")
     lines += ["", "Workers of C cores on MI350X-sized nodes (96 cores, `infra/`), storage as one pool. The estimate's "
                   "assumptions, as `requant plan --estimate` prints them:", "",
-              f"- a worker's rate on C cores by Amdahl's law with a parallel share of {m.parallel_share:.2f}: the MoE "
-              f"layer's job at {m.job_mb_s_1:.0f} MB/s in on 1 thread and {m.job_mb_s_n:.0f} on {m.threads} "
-              f"({m.where});",
+              f"- a worker's rate on C cores: {m.rate_basis()};",
               "- storage: the GB/s given, shared evenly by the jobs running, each moving its input and its output "
               "(\"keeps up\": no limit); a job runs at the slower of its worker's rate and its share;",
               "- jobs start in plan order on the first worker free, split as the flow splits them for that many workers;",
-              f"- peak memory per worker: {m.peak_rss_mb_1:.0f} MB measured on 1 thread, "
-              f"{m.peak_rss_mb(2) - m.peak_rss_mb_1:+.0f} MB per further thread, whatever the job's size.", ""]
+              f"- peak memory per worker: {m.memory_basis()}.", ""]
     return lines
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from requant.constants import BF16_MANT_BITS, INT4_GROUP_SIZE, INT4_OFFSET
+from requant.constants import BF16_MANT_BITS, E2M1_VALUES, INT4_GROUP_SIZE, INT4_OFFSET
 
 _GROUP_BYTES = INT4_GROUP_SIZE // 2  # 16 bytes: 32 INT4 codes, an MX block
 _MANTISSA = (1 << BF16_MANT_BITS) - 1
@@ -71,7 +71,7 @@ def mxfp4_from_int4(codes: np.ndarray, scale_bits: np.ndarray, table: np.ndarray
     return marked
 
 
-_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_E2M1 = np.array(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))  # by code: sign bit 3, as dequantize_e2m1 reads it
 _F32_EXPONENT = np.uint32(0x7F800000)
 
 
